@@ -1,0 +1,211 @@
+"""The model against transformers' LlamaForCausalLM on the same random weights, every layout."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import model
+from ckpt_utils import VARIANTS, hf_model, meta_params_for, meta_state_dict, write_hf, write_meta
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def tokens_for(variant, B=2, T=37, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VARIANTS[variant]["args"].vocab_size, (B, T), generator=g)
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def reference(request):
+    hf = hf_model(request.param)
+    tokens = tokens_for(request.param)
+    with torch.no_grad():
+        logits = hf(tokens).logits
+    return request.param, hf, tokens, logits
+
+
+def _layout(kind, variant, hf, path):
+    sd = meta_state_dict(hf)
+    # Llama 2 checkpoints carry rope.freqs, Llama 3 params.json may say vocab_size -1.
+    if kind == "meta":
+        return write_meta(sd, meta_params_for(variant), path, extra={"rope.freqs": torch.zeros(8)})
+    if kind == "meta-mp2":
+        emb_dim = 1 if variant == "llama2" else 0
+        return write_meta(sd, meta_params_for(variant, vocab_size=-1), path, n_shards=2, embedding_dim=emb_dim)
+    if kind == "hf":
+        return write_hf(hf, path)
+    if kind == "hf-classic-indexed":
+        return write_hf(hf, path, max_shard_size="60KB", classic_config=True)
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["meta", "meta-mp2", "hf", "hf-classic-indexed"])
+def test_logits_match_transformers(reference, kind, tmp_path):
+    variant, hf, tokens, ref = reference
+    path = _layout(kind, variant, hf, tmp_path / kind)
+    if kind == "hf-classic-indexed":
+        assert os.path.exists(os.path.join(path, "model.safetensors.index.json"))
+    m = model.load(path)
+    assert m.tied == VARIANTS[variant]["tied"]
+    assert m.args.hidden_dim == hf.config.intermediate_size
+    with torch.no_grad():
+        out = m(tokens)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_loss_matches_transformers(reference, tmp_path):
+    variant, hf, tokens, _ = reference
+    m = model.load(_layout("meta", variant, hf, tmp_path / "m"))
+    targets = tokens.roll(-1, dims=1)
+    targets[:, -1] = -100
+    targets[0, :5] = -100  # masked prompt tokens
+    with torch.no_grad():
+        ours = m(tokens, targets)
+        logits = hf(tokens).logits
+        ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    assert abs(ours.item() - ref.item()) / ref.item() < 1e-5
+
+
+def test_kv_cache_decoding_equals_full_forward(reference, tmp_path):
+    variant, hf, tokens, _ = reference
+    m = model.load(_layout("meta", variant, hf, tmp_path / "m"))
+    with torch.no_grad():
+        full = m(tokens)
+        m.setup_cache(max_batch_size=4, max_seq_len=64)
+        # a prompt chunk, then a multi-token chunk after a filled cache, then one token at a time
+        steps = [m(tokens[:, :20], start_pos=0), m(tokens[:, 20:30], start_pos=20)]
+        steps += [m(tokens[:, t : t + 1], start_pos=t) for t in range(30, tokens.shape[1])]
+    assert rel_err(torch.cat(steps, dim=1), full) < 1e-5
+
+
+def test_save_load_round_trip(reference, tmp_path):
+    variant, hf, tokens, ref = reference
+    m = model.load(_layout("hf", variant, hf, tmp_path / "hf"))
+    model.save(m, tmp_path / "out")
+    params = json.loads((tmp_path / "out" / "params.json").read_text())
+    assert "use_scaled_rope" in params or variant == "llama2"
+    assert sorted(os.listdir(tmp_path / "out")) == ["consolidated.00.pth", "params.json"]
+    m2 = model.load(tmp_path / "out")
+    assert m2.tied == m.tied
+    with torch.no_grad():
+        assert torch.equal(m2(tokens), m(tokens))
+    # Meta's own loader reads this with a plain torch.load
+    sd = torch.load(tmp_path / "out" / "consolidated.00.pth", weights_only=True)
+    assert "output.weight" in sd and "tok_embeddings.weight" in sd
+
+
+def test_rope_scaling_changes_frequencies():
+    base = model.ModelArgs(dim=256, n_heads=2, rope_theta=500000.0)
+    f = model.rope_frequencies(base)
+    s8 = model.rope_frequencies(model.ModelArgs(dim=256, n_heads=2, rope_theta=500000.0, use_scaled_rope=True))
+    assert torch.equal(f[:10], s8[:10])  # high frequencies untouched
+    assert torch.allclose(s8[-1], f[-1] / 8)  # the lowest slowed by the factor
+
+
+def test_ffn_hidden_dim_arithmetic():
+    # Meta's published shapes: Llama 2 7B, Llama 3 8B, Llama 3.2 1B, Llama 3.1 70B
+    assert model.ModelArgs(dim=4096, multiple_of=256).hidden_dim == 11008
+    assert model.ModelArgs(dim=4096, multiple_of=1024, ffn_dim_multiplier=1.3).hidden_dim == 14336
+    assert model.ModelArgs(dim=2048, multiple_of=256, ffn_dim_multiplier=1.5).hidden_dim == 8192
+    assert model.ModelArgs(dim=8192, multiple_of=4096, ffn_dim_multiplier=1.3).hidden_dim == 28672
+
+
+def test_dtype_default_and_override(tmp_path):
+    hf = hf_model("llama3.2")
+    path = write_hf(hf, tmp_path / "hf")
+    assert model.load(path).tok_embeddings.weight.dtype == torch.float32
+    m = model.load(path, dtype="bf16")
+    assert m.layers[0].attention.wq.weight.dtype == torch.bfloat16
+    assert m(tokens_for("llama3.2")).dtype == torch.float32
+    with pytest.raises(ValueError, match="--dtype"):
+        model.load(path, dtype="fp8")
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+def test_missing_directory_and_weights(tmp_path):
+    with pytest.raises(model.CheckpointError, match="no such checkpoint directory"):
+        model.load(tmp_path / "nope")
+    with pytest.raises(model.CheckpointError, match="neither params.json"):
+        model.load(tmp_path)
+    (tmp_path / "params.json").write_text(json.dumps(meta_params_for("llama2")))
+    with pytest.raises(model.CheckpointError, match="no consolidated"):
+        model.load(tmp_path)
+
+
+def test_params_that_disagree_with_weights(tmp_path):
+    hf = hf_model("llama3.1")
+    sd = meta_state_dict(hf)
+    params = meta_params_for("llama3.1")
+    params["n_kv_heads"] = 4  # the weights have 2
+    write_meta(sd, params, tmp_path)
+    with pytest.raises(model.CheckpointError, match=r"params.json disagrees with the weights: .*wk"):
+        model.load(tmp_path)
+
+
+def test_corrupt_weights_file(tmp_path):
+    hf = hf_model("llama2")
+    write_meta(meta_state_dict(hf), meta_params_for("llama2"), tmp_path)
+    path = tmp_path / "consolidated.00.pth"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(model.CheckpointError, match="consolidated.00.pth: cannot read"):
+        model.load(tmp_path)
+    (tmp_path / "params.json").write_text("{not json")
+    with pytest.raises(model.CheckpointError, match="params.json: cannot read"):
+        model.load(tmp_path)
+
+
+# -- memory ---------------------------------------------------------------------------------------
+
+_PEAK = r"""
+import os, sys, torch, model
+def rss_hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) * 1024
+before = rss_hwm()
+m = model.load(sys.argv[1], dtype=torch.float32)
+print(before, rss_hwm())
+"""
+
+
+@pytest.mark.parametrize("layout", ["meta", "hf"])
+def test_peak_memory_while_loading(tmp_path, layout):
+    """Loading holds one copy of the weights: peak resident memory grows by under 1.3x the file."""
+    args = model.ModelArgs(dim=1024, n_layers=6, n_heads=8, n_kv_heads=2, vocab_size=32000, multiple_of=256)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        m = model.Transformer(args)
+    m = m.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.02)
+    path = tmp_path / layout
+    if layout == "meta":
+        model.save(m, path)
+        size = os.path.getsize(path / "consolidated.00.pth")
+    else:
+        from safetensors.torch import save_file
+        from transformers import LlamaForCausalLM
+        from ckpt_utils import hf_config
+        hf = LlamaForCausalLM(hf_config(args, tied=False))
+        hf.save_pretrained(path, safe_serialization=True)
+        size = os.path.getsize(path / "model.safetensors")
+        del hf
+    del m
+    out = subprocess.run([sys.executable, "-c", _PEAK, str(path)], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.returncode == 0, out.stderr
+    before, peak = map(int, out.stdout.split())
+    assert size > 150e6
+    assert peak - before < 1.3 * size, f"peak grew {(peak - before) / size:.2f}x the checkpoint"
