@@ -1,0 +1,235 @@
+"""Sample from a Llama checkpoint with a KV cache, temperature and top-p (Meta's semantics).
+
+    python generate.py --ckpt_dir ~/llama/Llama3.1-8B-Instruct --chat --prompt "What is HbA1c?"
+    python generate.py --ckpt_dir ~/llama/Llama3.1-8B --adapter out/notes/adapter --prompt "Assessment:"
+    python generate.py                      # samples from the demo model that `python train.py` makes
+
+stdout holds only the completion (streamed as it is produced for a single prompt; one JSON line per
+prompt for --prompts_file); timings and notes go to stderr.
+"""
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+import model as llama
+import tokenizer as llama_tokenizer
+from cli import UsageError, run
+
+DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "demo")
+
+
+def sample_top_p(probs, p, generator=None):
+    """Meta's nucleus sampling: keep the most likely tokens while the mass before each is <= p
+    (so the token that crosses p is kept), renormalise, draw one."""
+    probs_sort, order = torch.sort(probs, dim=-1, descending=True)
+    mass_before = torch.cumsum(probs_sort, dim=-1) - probs_sort
+    probs_sort = probs_sort.masked_fill(mass_before > p, 0.0)
+    probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)
+    choice = torch.multinomial(probs_sort, num_samples=1, generator=generator)
+    return torch.gather(order, -1, choice).squeeze(-1)
+
+
+def next_token(logits, temperature, top_p, generator=None):
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return sample_top_p(probs, top_p, generator)
+
+
+@torch.inference_mode()
+def generate(model, prompts, max_new_tokens, temperature=0.6, top_p=0.9, stop_ids=(), generator=None,
+             on_token=None, timings=None):
+    """Complete each prompt (a list of token ids); returns the new tokens of each, stop token excluded.
+
+    Prompts of different lengths share one KV cache: decoding starts after the shortest prompt, and
+    for rows whose prompt is longer the prompt's own token is written instead of the sample (Meta's
+    scheme), so every row sees exactly its own tokens. on_token(row, token) is called as tokens come;
+    a dict passed as timings receives the seconds spent on the prompt ("prefill") and after ("decode").
+    """
+    B, context = len(prompts), model.args.max_seq_len
+    lens = [len(p) for p in prompts]
+    if min(lens) == 0:
+        raise UsageError("a prompt is empty (it needs at least the BOS token)")
+    if max(lens) >= context:
+        raise UsageError(f"a prompt of {max(lens)} tokens does not fit the context of {context} "
+                         f"tokens (--max_seq_len); shorten it")
+    total = min(context, max(lens) + max_new_tokens)
+    device = model.tok_embeddings.weight.device
+    tokens = torch.zeros(B, total, dtype=torch.long, device=device)
+    is_prompt = torch.zeros(B, total, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(p[:total], dtype=torch.long)
+        is_prompt[i, : len(p)] = True
+    last = torch.tensor([min(n + max_new_tokens, total) for n in lens], device=device)  # exclusive
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+
+    model.setup_cache(B, total)
+    prev = 0
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    try:
+        for cur in range(min(lens), total):
+            if cur == min(lens) + 1 and timings is not None:
+                sync()
+                timings["prefill"] = time.perf_counter() - t0
+            logits = model(tokens[:, prev:cur], start_pos=prev)[:, -1]
+            tok = next_token(logits, temperature, top_p, generator)
+            tok = torch.where(is_prompt[:, cur], tokens[:, cur], tok)
+            new = ~is_prompt[:, cur] & ~done
+            tokens[:, cur] = tok
+            done |= new & torch.isin(tok, stop)
+            if on_token is not None:
+                for row in new.nonzero().flatten().tolist():
+                    if not done[row]:
+                        on_token(row, tok[row].item())
+            done |= cur + 1 >= last
+            prev = cur
+            if done.all():
+                break
+    finally:
+        model.clear_cache()
+    if timings is not None:
+        sync()
+        timings.setdefault("prefill", time.perf_counter() - t0)
+        timings["decode"] = time.perf_counter() - t0 - timings["prefill"]
+
+    out = []
+    for i, n in enumerate(lens):
+        row = tokens[i, n : int(last[i])].tolist()
+        cut = next((j for j, t in enumerate(row) if t in stop_ids), len(row))
+        out.append(row[:cut])
+    return out
+
+
+class Streamer:
+    """Prints a completion as it grows. Decoding the whole tail each time (not token by token) keeps
+    multi-byte characters and sentencepiece's word-initial spaces right; a trailing U+FFFD means the
+    last token ended mid-character, so that part waits for the next token."""
+
+    def __init__(self, tok, out=sys.stdout):
+        self.tok, self.out, self.ids, self.printed = tok, out, [], 0
+
+    def __call__(self, row, token):
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return
+        self.out.write(text[self.printed :])
+        self.out.flush()
+        self.printed = len(text)
+
+    def finish(self):
+        text = self.tok.decode(self.ids)
+        self.out.write(text[self.printed :] + "\n")
+        self.out.flush()
+
+
+def find_tokenizer(ckpt_dir, tokenizer_path=None):
+    if tokenizer_path:
+        return llama_tokenizer.load(tokenizer_path)
+    for candidate in ("tokenizer.model", os.path.join("original", "tokenizer.model")):
+        path = os.path.join(ckpt_dir, candidate)
+        if os.path.exists(path):
+            return llama_tokenizer.load(path)
+    raise UsageError(f"{ckpt_dir}: no tokenizer.model (give --tokenizer PATH)")
+
+
+def main(ckpt_dir: str = None, prompt: str = None, prompts_file: str = None, adapter: str = None,
+         chat: bool = False, system: str = None, temperature: float = 0.6, top_p: float = 0.9,
+         max_new_tokens: int = 256, max_seq_len: int = None, seed: int = None, tokenizer: str = None,
+         device: str = None, dtype: str = None):
+    """Sample completions.
+
+    Args:
+        ckpt_dir: Meta (params.json + consolidated.NN.pth) or HF (config.json + safetensors)
+            checkpoint; default out/demo, the model `python train.py` makes.
+        prompt: the text to complete (with --chat: the user's message). Default: an empty document.
+        prompts_file: one prompt per line, completed as a batch; prints one JSON line per prompt.
+        adapter: a LoRA adapter directory saved by train.py (merged into the weights for speed).
+        chat: lay the prompt out as a dialog (Llama 3 headers or Llama 2 [INST]) for instruct models.
+        system: a system message for --chat.
+        temperature: 0 is greedy; Meta's default 0.6.
+        top_p: nucleus mass (Meta's semantics); 1.0 samples from the whole distribution.
+        max_new_tokens: stop after this many new tokens per prompt.
+        max_seq_len: the context (prompt + completion) to allocate; default the model's.
+        seed: makes sampling reproducible.
+        tokenizer: a tokenizer.model to use instead of the one in ckpt_dir.
+        device: cuda or cpu (default: cuda when available).
+        dtype: bf16, fp16 or fp32 (default bf16 on CUDA, fp32 on CPU).
+    """
+    if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
+        raise UsageError("need --temperature >= 0, 0 < --top_p <= 1 and --max_new_tokens >= 1")
+    if prompt is not None and prompts_file is not None:
+        raise UsageError("give --prompt or --prompts_file, not both")
+    if system is not None and not chat:
+        raise UsageError("--system only applies with --chat")
+    if ckpt_dir is None:
+        if not os.path.isdir(DEMO_DIR):
+            raise UsageError("no --ckpt_dir given and no demo model in out/demo (run `python train.py` first)")
+        ckpt_dir = DEMO_DIR
+    if not os.path.isdir(os.path.expanduser(ckpt_dir)):
+        raise UsageError(f"--ckpt_dir {ckpt_dir}: no such checkpoint directory")
+    ckpt_dir = os.path.expanduser(ckpt_dir)
+    if prompts_file is not None:
+        try:
+            with open(prompts_file, encoding="utf-8") as f:
+                texts = [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as e:
+            raise UsageError(f"--prompts_file {prompts_file}: {e.strerror}") from None
+        if not texts:
+            raise UsageError(f"--prompts_file {prompts_file}: no prompts in it")
+    else:
+        texts = [prompt or ""]
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.perf_counter()
+    tok = find_tokenizer(ckpt_dir, tokenizer)
+    model = llama.load(ckpt_dir, device=device, dtype=dtype, max_seq_len=max_seq_len)
+    if model.args.vocab_size < tok.n_words:
+        raise UsageError(f"the tokenizer has {tok.n_words} tokens but the model only {model.args.vocab_size}")
+    if adapter is not None:
+        import lora  # only adapters need it
+
+        lora.load_adapter(model, adapter)
+        lora.merge_lora(model)
+    print(f"loaded {ckpt_dir} in {time.perf_counter() - t0:.1f}s ({device}, "
+          f"{model.tok_embeddings.weight.dtype})", file=sys.stderr)
+
+    def encode(text):
+        if chat:
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": text}]
+            return tok.encode_dialog(messages)
+        return tok.encode(text, bos=True, eos=False)
+
+    prompts = [encode(t) for t in texts]
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+        torch.manual_seed(seed)
+    streamer = Streamer(tok) if len(prompts) == 1 else None
+
+    timings = {}
+    completions = generate(model, prompts, max_new_tokens, temperature, top_p, tok.stop_ids, generator,
+                           on_token=streamer, timings=timings)
+
+    if streamer is not None:
+        streamer.finish()
+    else:
+        for text, ids in zip(texts, completions):
+            print(json.dumps({"prompt": text, "completion": tok.decode(ids)}, ensure_ascii=False))
+    n_prompt, n_new = sum(map(len, prompts)), sum(map(len, completions))
+    prefill, decode = timings["prefill"], max(timings["decode"], 1e-9)
+    print(f"prompt: {n_prompt} tokens in {prefill:.2f}s ({n_prompt / prefill:.1f} tokens/s); "
+          f"decode: {n_new} tokens in {decode:.2f}s ({max(n_new - len(prompts), 0) / decode:.1f} tokens/s)",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run(main, prog="generate.py")
