@@ -1,0 +1,291 @@
+"""Tokenizers: Llama 3 (tiktoken BPE) and Llama 2 / custom (sentencepiece), plus the chat layouts.
+
+    tok = tokenizer.load("~/llama/Llama3.1-8B/tokenizer.model")   # or the directory holding it
+    ids = tok.encode("Pt c/o SOB", bos=True, eos=False)
+    ids = tok.encode_dialog([{"role": "user", "content": "Hi"}])  # ends with an open assistant turn
+
+Both classes expose the same small interface: encode, decode, encode_dialog, encode_dialog_targets,
+bos_id, eos_id, stop_ids, n_words, path, sha256, kind.
+
+Security rule for both: text that merely *looks* like a control token ("<|eot_id|>", "<s>") is
+encoded as ordinary text. Only encode_dialog / encode(bos=, eos=) ever emit control tokens, so a
+user cannot end a turn or fake a system header by typing one.
+"""
+
+import base64
+import hashlib
+import os
+
+import sentencepiece
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that is missing or unreadable; the message is one line naming the file."""
+
+
+def load(path):
+    """Open a tokenizer.model (or a directory holding one), choosing the format by content."""
+    path = os.path.expanduser(str(path))
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.model")
+    if not os.path.isfile(path):
+        raise TokenizerError(f"tokenizer file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise TokenizerError(f"cannot read tokenizer file {path}: {e.strerror}") from None
+    sha256 = hashlib.sha256(data).hexdigest()
+    # A file name says nothing (Meta ships both formats as "tokenizer.model"), so sniff the bytes:
+    # tiktoken files are text lines "base64 rank", sentencepiece files are a binary protobuf.
+    if _looks_like_tiktoken(data):
+        return Llama3Tokenizer(path, sha256)
+    return SentencePieceTokenizer(path, sha256)
+
+
+def _looks_like_tiktoken(data):
+    first = data[:4096].split(b"\n", 1)[0].strip()
+    parts = first.split()
+    if len(parts) != 2 or not parts[1].isdigit():
+        return False
+    try:
+        base64.b64decode(parts[0], validate=True)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_messages(messages, roles):
+    if not isinstance(messages, (list, tuple)):
+        raise ValueError("a dialog is a list of {'role', 'content'} messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i} must be a dict with a string 'content'")
+        if m.get("role") not in roles:
+            raise ValueError(f"message {i} has role {m.get('role')!r}; expected one of {sorted(roles)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Llama 3: tiktoken BPE over 128000 ranks, then 256 special tokens.
+
+# Meta's pre-tokenizer: contractions, words with one leading non-letter, numbers in groups of at
+# most 3 digits, punctuation runs (taking trailing newlines), and whitespace runs that leave their
+# last space to the next word.
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Llama 3.1 names; 3.0 called ids 128004, 128005, 128008, 128010 reserved tokens, same ids.
+LLAMA3_SPECIALS = [
+    "<|begin_of_text|>", "<|end_of_text|>",
+    "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>", "<|step_id|>",
+    "<|start_header_id|>", "<|end_header_id|>",
+    "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+]
+LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(LLAMA3_SPECIALS))]
+
+# tiktoken's regex engine gives up (a Rust panic, not an exception you can catch well) on
+# whitespace runs somewhere past ~500k chars, so text goes to it in windows of at most this many
+# chars -- Meta's limit.
+MAX_ENCODE_CHARS = 400_000
+
+
+class Llama3Tokenizer:
+    kind = "llama3"
+
+    def __init__(self, path, sha256):
+        self.path, self.sha256 = path, sha256
+        try:
+            # expected_hash matters: tiktoken caches files under /tmp keyed by *path*, and without
+            # the hash a different file later written at the same path would load the stale copy.
+            ranks = load_tiktoken_bpe(path, expected_hash=sha256)
+        except Exception as e:
+            raise TokenizerError(f"cannot read tiktoken file {path}: {e}".splitlines()[0]) from None
+        n_base = len(ranks)
+        self.special = {tok: n_base + i for i, tok in enumerate(LLAMA3_SPECIALS)}
+        self.model = tiktoken.Encoding(
+            name=os.path.basename(path), pat_str=LLAMA3_PATTERN,
+            mergeable_ranks=ranks, special_tokens=self.special,
+        )
+        self.n_words = self.model.n_vocab
+        self.bos_id = self.special["<|begin_of_text|>"]
+        self.eos_id = self.special["<|end_of_text|>"]
+        self.eot_id = self.special["<|eot_id|>"]
+        self.start_header_id = self.special["<|start_header_id|>"]
+        self.end_header_id = self.special["<|end_header_id|>"]
+        # A base model ends with end_of_text; chat models end a turn with eot, or eom when the
+        # turn hands over to a tool.
+        self.stop_ids = frozenset({self.eos_id, self.special["<|eom_id|>"], self.eot_id})
+
+    def encode(self, text, bos, eos):
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects str, got {type(text).__name__}")
+        ids = [self.bos_id] if bos else []
+        for piece in _split_long(text):
+            # allowed_special=set(): special-token text is plain text; disallowed_special=(): and
+            # that is not an error either (tiktoken's default would raise on it).
+            ids.extend(self.model.encode(piece, allowed_special=set(), disallowed_special=()))
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, ids):
+        return self.model.decode(list(ids))
+
+    # Meta's ChatFormat: <|start_header_id|>role<|end_header_id|>\n\n content <|eot_id|>
+    def _header(self, role):
+        return [self.start_header_id] + self.encode(role, False, False) + [self.end_header_id] + \
+            self.encode("\n\n", False, False)
+
+    def _dialog(self, messages):
+        """ids and mask of begin_of_text + every message; mask marks assistant content + its eot."""
+        ids, mask = [self.bos_id], [0]
+        for m in messages:
+            head = self._header(m["role"])
+            body = self.encode(m["content"].strip(), False, False) + [self.eot_id]
+            target = 1 if m["role"] == "assistant" else 0
+            ids += head + body
+            mask += [0] * len(head) + [target] * len(body)
+        return ids, mask
+
+    def encode_dialog(self, messages):
+        _check_messages(messages, {"system", "user", "assistant", "ipython"})
+        if messages and messages[-1]["role"] == "assistant":
+            raise ValueError("encode_dialog: the last message must not be from the assistant "
+                             "(the layout ends with an open assistant turn)")
+        ids, _ = self._dialog(messages)
+        return ids + self._header("assistant")
+
+    def encode_dialog_targets(self, messages):
+        """(ids, mask) for training. Every message is laid out as in encode_dialog, so the ids are
+        exactly encode_dialog(messages[:-1]) followed by the last answer and <|eot_id|>. mask is 1
+        on each assistant message's content tokens and its <|eot_id|> (the model must learn to end
+        its turn), 0 on begin_of_text, headers, and system/user text."""
+        _check_messages(messages, {"system", "user", "assistant", "ipython"})
+        if not messages or messages[-1]["role"] != "assistant":
+            raise ValueError("encode_dialog_targets: the last message must be from the assistant")
+        return self._dialog(messages)
+
+
+def _split_long(text):
+    """Cut text into windows of at most MAX_ENCODE_CHARS that encode to the same ids as the whole.
+
+    Meta cuts blindly every 400k chars, and also every run of more than 25k whitespace or
+    non-whitespace chars because tiktoken's BPE was quadratic in piece length (100k letters: ~5 s
+    before tiktoken 0.13, ~0.02 s since). Both cuts can change the ids, so here a window ends at
+    the last point where the pre-tokenizer always splits anyway; only a window without one (400k
+    chars with no space after a word nor newline after a letter or digit) is cut blindly."""
+    start = 0
+    while len(text) - start > MAX_ENCODE_CHARS:
+        end = start + MAX_ENCODE_CHARS
+        cut = next((p for p in range(end, start, -1) if _exact_cut(text, p)), end)
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def _exact_cut(text, p):
+    """True if no regex piece spans text[p-1:p+1], so text[:p] and text[p:] encode independently.
+    Pieces cross from whitespace into non-whitespace (" word"), but back only as punctuation
+    followed by newlines ("!\n"); the lookahead in \s+(?!\S) never looks past a non-space."""
+    a, b = text[p - 1], text[p]
+    return (b in " \t" and not a.isspace()) or (b in "\r\n" and a.isascii() and a.isalnum())
+
+
+# ---------------------------------------------------------------------------------------------
+# Llama 2 and custom vocabularies: sentencepiece.
+
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+
+
+class SentencePieceTokenizer:
+    kind = "sentencepiece"
+
+    def __init__(self, path, sha256):
+        self.path, self.sha256 = path, sha256
+        try:
+            self.model = sentencepiece.SentencePieceProcessor(model_file=path)
+            n = self.model.vocab_size()
+        except Exception as e:
+            raise TokenizerError(f"{path} is neither a tiktoken nor a sentencepiece model "
+                                 f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        if n <= 0:
+            raise TokenizerError(f"{path} is neither a tiktoken nor a sentencepiece model (empty vocabulary)")
+        self.n_words = n
+        self.bos_id, self.eos_id = self.model.bos_id(), self.model.eos_id()
+        # Every document is laid out BOS ... EOS, so a vocabulary without them is unusable here.
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise TokenizerError(f"sentencepiece model {path} has no bos/eos pieces")
+        self.stop_ids = frozenset({self.eos_id})
+
+    def encode(self, text, bos, eos):
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects str, got {type(text).__name__}")
+        # sentencepiece never matches control pieces (<s>, </s>) from text, so "<s>" typed by a
+        # user becomes ordinary pieces; no escaping is needed.
+        ids = self.model.encode(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids):
+        return self.model.decode(list(ids))
+
+    def _turns(self, messages):
+        """Meta's Llama 2 chat rules: fold the system prompt into the first user message, then
+        roles must alternate user, assistant, user, ... Returns the list of contents."""
+        _check_messages(messages, {"system", "user", "assistant"})
+        if messages and messages[0]["role"] == "system":
+            if len(messages) < 2 or messages[1]["role"] != "user":
+                raise ValueError("a system message must be followed by a user message")
+            first = B_SYS + messages[0]["content"] + E_SYS + messages[1]["content"]
+            messages = [{"role": "user", "content": first}] + list(messages[2:])
+        for i, m in enumerate(messages):
+            want = "user" if i % 2 == 0 else "assistant"
+            if m["role"] != want:
+                raise ValueError(f"Llama 2 dialogs alternate user/assistant after an optional "
+                                 f"system message; turn {i} is {m['role']!r}, expected {want!r}")
+        return [m["content"].strip() for m in messages]
+
+    def _prompt(self, user):
+        return self.encode(f"{B_INST} {user} {E_INST}", True, False)
+
+    def _pair(self, user, answer):
+        """ids and mask of one finished exchange: BOS [INST] user [/INST] answer EOS.
+
+        The pair is encoded as one string, as Meta does, so the ids of earlier turns are exactly
+        what encode_dialog produces. The mask starts where those ids leave the bare prompt's ids:
+        with sentencepiece's whitespace splitting (the default, and Llama 2's) the prompt is always
+        a prefix, so the targets are the answer pieces (starting with the "▁" that follows
+        [/INST]), Meta's trailing space piece and EOS -- what generation appends to _prompt."""
+        ids = self.encode(f"{B_INST} {user} {E_INST} {answer} ", True, True)
+        prompt = self._prompt(user)
+        k = 0
+        while k < min(len(ids), len(prompt)) and ids[k] == prompt[k]:
+            k += 1
+        return ids, [0] * k + [1] * (len(ids) - k)
+
+    def encode_dialog(self, messages):
+        turns = self._turns(messages)
+        if len(turns) % 2 == 0:
+            raise ValueError("encode_dialog: the last message must be from the user "
+                             "(the layout ends with an open assistant turn)")
+        ids = []
+        for user, answer in zip(turns[0::2], turns[1::2]):
+            ids += self._pair(user, answer)[0]
+        return ids + self._prompt(turns[-1])
+
+    def encode_dialog_targets(self, messages):
+        """(ids, mask) for training: every exchange laid out as in encode_dialog; mask is 1 on each
+        answer's tokens and its EOS, 0 on BOS and the [INST] ... [/INST] prompt."""
+        turns = self._turns(messages)
+        if not turns or len(turns) % 2:
+            raise ValueError("encode_dialog_targets: the last message must be from the assistant")
+        ids, mask = [], []
+        for user, answer in zip(turns[0::2], turns[1::2]):
+            i, m = self._pair(user, answer)
+            ids += i
+            mask += m
+        return ids, mask
