@@ -6,6 +6,7 @@ Read top to bottom:
   Attention        grouped-query attention with a preallocated KV cache for decoding
   FeedForward      SwiGLU
   Transformer      the stack, returning logits or the mean cross-entropy
+  Fused kernels    Triton twins of rms_norm, apply_rope, swiglu and output layer + cross-entropy
   load / save      Meta (params.json + consolidated.NN.pth) and HF (config.json + safetensors) layouts
 """
 
@@ -88,6 +89,8 @@ class RMSNorm(nn.Module):
 
 
 def rms_norm(x, weight, eps):
+    if use_triton(x):
+        return _RMSNorm.apply(x, weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return xf.type_as(x) * weight  # Meta rounds to the input dtype before the weight multiply
@@ -129,6 +132,8 @@ def apply_rope(x, rope):
     Meta treats each pair as a complex number and multiplies by e^{i*angle}; this is the same
     arithmetic written with reals, in fp32.
     """
+    if use_triton(x):
+        return _RoPE.apply(x, rope)
     B, T, H, D = x.shape
     xp = x.float().reshape(B, T, H, D // 2, 2)
     if rope.dim() == 3:
@@ -140,6 +145,8 @@ def apply_rope(x, rope):
 
 
 def swiglu(a, b):
+    if use_triton(a):
+        return _SwiGLU.apply(a, b)
     return F.silu(a) * b
 
 
@@ -308,6 +315,256 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if targets is None:
             return self.output(h).float()
-        logits = self.output(h).float()
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100,
-                               reduction=reduction)
+        if type(self.output) is not nn.Linear:  # wrapped (e.g. by an adapter): more than h @ W.T
+            logits = self.output(h).float()
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction=reduction)
+        # The Triton path never holds the (B*T, vocab) logits at once (see linear_cross_entropy).
+        return linear_cross_entropy(h, self.output.weight, targets, reduction=reduction)
+
+
+# -----------------------------------------------------------------------------------------------
+# Checkpoints: Meta layout (params.json + consolidated.NN.pth) and HF layout (config.json + safetensors)
+
+# Meta's model-parallel split: column-parallel weights are cut along their output rows (dim 0),
+# row-parallel ones along their input columns (dim 1); norms are replicated on every shard.
+_JOIN_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
+
+_HF_NAMES = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3",
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype, device) -> torch.dtype:
+    """None -> bf16 on CUDA, fp32 elsewhere; accepts torch dtypes or names like 'bf16'."""
+    if dtype is None:
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype) not in _DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
+    return _DTYPES[str(dtype)]
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from None
+
+
+def _meta_checkpoint(ckpt_dir):
+    args = ModelArgs.from_dict(_read_json(os.path.join(ckpt_dir, "params.json")))
+    paths = sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
+    if not paths:
+        raise CheckpointError(f"{ckpt_dir}: params.json but no consolidated.NN.pth weights")
+    shards = []
+    for p in paths:
+        try:  # mmap: the weights stay in the page cache, not copied into our heap
+            shards.append(torch.load(p, map_location="cpu", mmap=True, weights_only=True))
+        except Exception as e:  # a truncated or foreign file: torch raises many kinds
+            raise CheckpointError(f"{p}: cannot read ({type(e).__name__}: {e})") from None
+    tied = "output.weight" not in shards[0] or (
+        shards[0]["output.weight"].untyped_storage().data_ptr()
+        == shards[0]["tok_embeddings.weight"].untyped_storage().data_ptr())
+
+    def tensors():
+        for name, first in shards[0].items():
+            if name == "output.weight" and tied:
+                continue
+            parts = [s[name] for s in shards]
+            kind = name.split(".")[-2]
+            if len(parts) == 1 or name.endswith("norm.weight"):
+                yield name, first
+            elif name == "tok_embeddings.weight":
+                # Llama 2 splits the embedding along dim (ParallelEmbedding), Llama 3 along the
+                # vocabulary (VocabParallelEmbedding): the shard's width tells which.
+                yield name, torch.cat(parts, dim=0 if first.shape[1] == args.dim else 1)
+            elif kind in _JOIN_DIM:
+                yield name, torch.cat(parts, dim=_JOIN_DIM[kind])
+            else:
+                yield name, first  # unknown keys (e.g. rope.freqs) are dropped by the caller
+
+    if args.vocab_size <= 0:
+        emb = shards[0]["tok_embeddings.weight"]
+        args.vocab_size = emb.shape[0] * (len(shards) if emb.shape[1] == args.dim else 1)
+    return args, tensors(), tied, os.path.join(ckpt_dir, "params.json")
+
+
+def _hf_args(config: dict, path: str) -> ModelArgs:
+    if config.get("model_type", "llama") != "llama":
+        raise CheckpointError(f"{path}: model_type {config.get('model_type')!r} is not llama")
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        raise CheckpointError(f"{path}: attention_bias / mlp_bias are not part of Llama")
+    dim, n_heads = config["hidden_size"], config["num_attention_heads"]
+    if config.get("head_dim") not in (None, dim // n_heads):
+        raise CheckpointError(f"{path}: head_dim {config['head_dim']} != hidden_size / heads")
+    # transformers < 5 keeps rope_theta at the top and rope_scaling beside it; transformers 5 puts
+    # both into rope_parameters.
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise CheckpointError(f"{path}: rope type {rope_type!r} is not supported (default, llama3)")
+    args = ModelArgs(
+        dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
+        n_kv_heads=config.get("num_key_value_heads", n_heads), vocab_size=config["vocab_size"],
+        norm_eps=config.get("rms_norm_eps", 1e-5),
+        rope_theta=config.get("rope_theta", rope.get("rope_theta", 10000.0)),
+        max_seq_len=config.get("max_position_embeddings", 4096))
+    if rope_type == "llama3":
+        args.use_scaled_rope = True
+        args.rope_scaling_factor = rope["factor"]
+        args.rope_low_freq_factor = rope.get("low_freq_factor", 1.0)
+        args.rope_high_freq_factor = rope.get("high_freq_factor", 4.0)
+        args.rope_original_max_seq_len = rope.get("original_max_position_embeddings", 8192)
+    # HF states the FFN width outright; express it in Meta's terms so params.json stays readable by
+    # Meta's code: with multiple_of = width, the round-up lands exactly on it.
+    hidden, base = config["intermediate_size"], int(2 * 4 * dim / 3)
+    args.multiple_of = hidden
+    args.ffn_dim_multiplier = None if base <= hidden else hidden / base
+    assert args.hidden_dim == hidden
+    return args
+
+
+def _hf_checkpoint(ckpt_dir):
+    from safetensors import safe_open  # only the HF layout needs it
+
+    config_path = os.path.join(ckpt_dir, "config.json")
+    args = _hf_args(_read_json(config_path), config_path)
+    index = os.path.join(ckpt_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        files = sorted(set(_read_json(index)["weight_map"].values()))
+        paths = [os.path.join(ckpt_dir, f) for f in files]
+    else:
+        paths = sorted(glob.glob(os.path.join(ckpt_dir, "*.safetensors")))
+    if not paths:
+        raise CheckpointError(f"{ckpt_dir}: config.json but no *.safetensors weights")
+    handles = []
+    for p in paths:
+        try:
+            handles.append((p, safe_open(p, framework="pt", device="cpu")))
+        except Exception as e:
+            raise CheckpointError(f"{p}: cannot read ({type(e).__name__}: {e})") from None
+    names = {k for _, h in handles for k in h.keys()}
+    tied = "lm_head.weight" not in names
+
+    def unpermute(w, n_heads):
+        # HF stores q/k rows per head as [all first halves, all second halves] so its RoPE can
+        # rotate halves; Meta's RoPE rotates adjacent pairs. Interleave the halves back.
+        rows, cols = w.shape
+        return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+    def tensors():
+        for p, h in handles:
+            for hf_name in h.keys():
+                name = hf_name
+                for old, new in _HF_NAMES.items():
+                    name = name.replace(old, new)
+                name = name.replace("model.layers.", "layers.")
+                t = h.get_tensor(hf_name)
+                if name.endswith("attention.wq.weight"):
+                    t = unpermute(t, args.n_heads)
+                elif name.endswith("attention.wk.weight"):
+                    t = unpermute(t, args.kv_heads)
+                yield name, t
+
+    return args, tensors(), tied, config_path
+
+
+def load(ckpt_dir, device="cpu", dtype=None, max_seq_len: Optional[int] = None) -> Transformer:
+    """Load a Meta- or HF-layout checkpoint directory into a Transformer, one tensor at a time.
+
+    The model is built on the meta device (no memory) and each weight is assigned as it is read,
+    so at no point do two full copies of the weights exist.
+    """
+    ckpt_dir = os.path.expanduser(str(ckpt_dir))
+    if not os.path.isdir(ckpt_dir):
+        raise CheckpointError(f"{ckpt_dir}: no such checkpoint directory")
+    if os.path.exists(os.path.join(ckpt_dir, "params.json")):
+        args, tensors, tied, config_path = _meta_checkpoint(ckpt_dir)
+    elif os.path.exists(os.path.join(ckpt_dir, "config.json")):
+        args, tensors, tied, config_path = _hf_checkpoint(ckpt_dir)
+    else:
+        raise CheckpointError(f"{ckpt_dir}: neither params.json (Meta) nor config.json (HF) found")
+    if max_seq_len:
+        args.max_seq_len = max_seq_len
+    elif not os.path.exists(os.path.join(ckpt_dir, "config.json")) and "max_seq_len" not in _read_json(config_path):
+        # Meta's params.json leaves the context to the caller: Llama 2 was trained at 4096,
+        # Llama 3 at 8192, 3.1 and 3.2 extend it to 131072.
+        args.max_seq_len = 131072 if args.use_scaled_rope else 8192 if args.vocab_size >= 128000 else 4096
+    dtype = resolve_dtype(dtype, device)
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    if tied:
+        model.tie_weights()
+    expected = dict(model.state_dict())
+    if tied:
+        expected.pop("output.weight")
+    state = {}
+    for name, t in tensors:
+        if name not in expected:
+            continue  # stray keys such as rope.freqs or rotary_emb.inv_freq
+        if t.shape != expected[name].shape:
+            raise CheckpointError(f"{config_path} disagrees with the weights: {name} is {tuple(t.shape)} "
+                                  f"in the checkpoint but {tuple(expected[name].shape)} by the config")
+        state[name] = t.to(device=device, dtype=dtype)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"{ckpt_dir}: weights missing from the checkpoint: {', '.join(missing[:4])}"
+                              + (" ..." if len(missing) > 4 else ""))
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    model.reset_rope()
+    return model.eval()
+
+
+def meta_params(args: ModelArgs) -> dict:
+    """params.json as Meta writes it: Llama 2 keys always, Llama 3 keys only where they apply, so
+    both generations of Meta's code read it back."""
+    p = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.kv_heads,
+         "vocab_size": args.vocab_size, "multiple_of": args.multiple_of,
+         "ffn_dim_multiplier": args.ffn_dim_multiplier, "norm_eps": args.norm_eps,
+         "max_seq_len": args.max_seq_len}
+    if args.rope_theta != 10000.0:
+        p["rope_theta"] = args.rope_theta
+    if args.use_scaled_rope:
+        p["use_scaled_rope"] = True
+        defaults = ModelArgs()
+        for k in ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                  "rope_original_max_seq_len"):
+            if getattr(args, k) != getattr(defaults, k):
+                p[k] = getattr(args, k)
+    return p
+
+
+def save(model: Transformer, out_dir) -> None:
+    """Write the Meta layout (params.json + consolidated.00.pth), atomically: a kill mid-write leaves
+    the previous checkpoint, never a torn one. A tied output is stored as the same tensor, which
+    torch.save keeps as one storage and load() recognises."""
+    out_dir = os.path.expanduser(str(out_dir))
+    os.makedirs(out_dir, exist_ok=True)
+    weights = os.path.join(out_dir, "consolidated.00.pth")
+    torch.save({k: v.detach() for k, v in model.state_dict().items()}, weights + ".tmp")
+    with open(os.path.join(out_dir, "params.json.tmp"), "w") as f:
+        json.dump(meta_params(model.args), f, indent=2)
+    os.replace(weights + ".tmp", weights)
+    os.replace(os.path.join(out_dir, "params.json.tmp"), os.path.join(out_dir, "params.json"))
+    for stale in glob.glob(os.path.join(out_dir, "consolidated.*.pth")):
+        if stale != weights:  # left by an earlier, sharded checkpoint in the same place
+            os.remove(stale)
