@@ -1,0 +1,624 @@
+"""Corpora -> token shards (format: data/shards.py).
+
+    python -m data.prepare --input notes/ --out shards/notes --tokenizer ~/llama/Llama3.1-8B
+    python -m data.prepare --input qa.jsonl --out shards/qa --vocab_size 8192 --format instruct
+    python -m data.prepare --demo                 # ICD-10-CM tabular list -> shards/icd10cm
+
+Input: a file, a directory (searched recursively) or a glob. .txt/.md files are one document
+each; .jsonl files hold one record per line (.json: JSON lines, or one array of records, which
+is read whole). A record is {"text"} (plain text), {"instruction","input","output"} or an alias
+pair (question/answer, prompt/response, prompt/completion, input/output) (instruct), or
+{"messages": [{"role","content"}]} / ShareGPT {"conversations": [{"from","value"}]} (chat).
+--format auto decides per record; text, instruct or chat insists on one kind (jsonl = text).
+
+Text documents become BOS tokens EOS with every token a target. Instruct and chat records go
+through the tokenizer's chat layout (encode_dialog_targets): only assistant content and its end
+token are targets. Mask files are written for every shard when at least one token of the
+dataset is not a target, and for none otherwise (readers treat a missing mask as all ones).
+Shards hold exactly --shard_tokens tokens (the last one fewer): documents run across shard
+boundaries, and each mask file matches its shard token for token.
+
+Each document goes to val when a seeded hash of its content falls below --val_fraction, so the
+split streams, does not depend on --workers, and exact duplicates never straddle it. If that
+leaves a split empty, the document nearest the threshold is moved over.
+Everything is written to DIR.tmp-* and renamed to DIR at the end.
+"""
+import argparse
+import glob
+import hashlib
+import json
+import multiprocessing
+import os
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections import deque, namedtuple
+
+import numpy as np
+
+from data import shards
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXT_EXTS = (".txt", ".md")
+JSON_EXTS = (".jsonl", ".json")
+INSTRUCT_KEYS = [("instruction", "output"), ("question", "answer"), ("prompt", "response"),
+                 ("prompt", "completion"), ("input", "output")]
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+FORMAT_VERSION = 1
+
+# One document on its way to the tokenizer: where it came from (for messages), its record kind
+# (text / instruct / chat) and what to encode: a string, or a list of chat messages.
+Doc = namedtuple("Doc", "where kind payload")
+
+
+class PrepareError(Exception):
+    """A problem the user can fix; main() prints it as one line and exits 1."""
+
+
+class BadRecord(Exception):
+    pass
+
+
+def log(msg):
+    print(f"prepare: {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading records
+
+
+def list_files(path):
+    if os.path.isfile(path):
+        return [path]
+    if os.path.isdir(path):
+        found = []
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            found += [os.path.join(dirpath, f) for f in filenames
+                      if not f.startswith(".") and f.endswith(TEXT_EXTS + JSON_EXTS)]
+        if not found:
+            raise PrepareError(f"--input {path}: no .txt, .md, .json or .jsonl files in it")
+        return sorted(found)
+    found = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
+    if not found:
+        raise PrepareError(f"--input {path}: no such file or directory, and no file matches it as a glob")
+    return found
+
+
+def _text(rec, key, required=True):
+    value = rec.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise BadRecord(f"field '{key}' is {'missing' if value is None else 'not a string'}")
+    if required and not value.strip():
+        raise BadRecord(f"field '{key}' is empty")
+    return value
+
+
+def record_to_doc(rec, fmt, where):
+    """(kind, payload) of one JSON record, or BadRecord."""
+    if not isinstance(rec, dict):
+        raise BadRecord("record is not a JSON object")
+    if fmt == "auto":
+        if "messages" in rec or "conversations" in rec:
+            fmt = "chat"
+        elif "text" in rec:
+            fmt = "text"
+        elif any(q in rec and a in rec for q, a in INSTRUCT_KEYS):
+            fmt = "instruct"
+        else:
+            raise BadRecord(f"no 'text', 'messages' or instruction/output fields (keys: {', '.join(list(rec)[:8])})")
+    if fmt in ("text", "jsonl"):
+        return Doc(where, "text", _text(rec, "text"))
+    if fmt == "instruct":
+        pair = next(((q, a) for q, a in INSTRUCT_KEYS if q in rec and a in rec), None)
+        if pair is None:
+            raise BadRecord("no instruction/output (or question/answer, prompt/response, prompt/completion) fields")
+        prompt, answer = _text(rec, pair[0]), _text(rec, pair[1])
+        if pair[0] == "instruction" and _text(rec, "input", required=False).strip():
+            prompt += "\n\n" + rec["input"]
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        if _text(rec, "system", required=False).strip():
+            messages.insert(0, {"role": "system", "content": rec["system"]})
+        return Doc(where, "instruct", messages)
+    # chat
+    sharegpt = "messages" not in rec
+    turns = rec.get("conversations" if sharegpt else "messages")
+    if not isinstance(turns, list) or not turns:
+        raise BadRecord(f"'{'conversations' if sharegpt else 'messages'}' is missing, empty or not a list")
+    messages = []
+    if _text(rec, "system", required=False).strip():
+        messages.append({"role": "system", "content": rec["system"]})
+    role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise BadRecord(f"message {i} is not an object")
+        role = SHAREGPT_ROLES.get(turn.get(role_key)) if sharegpt else turn.get(role_key)
+        if role not in ("system", "user", "assistant"):
+            raise BadRecord(f"message {i} has role {turn.get(role_key)!r}")
+        if not isinstance(turn.get(content_key), str):
+            raise BadRecord(f"message {i} has no string '{content_key}'")
+        messages.append({"role": role, "content": turn[content_key]})
+    if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
+        raise BadRecord("dialog does not end with a non-empty assistant message")
+    return Doc(where, "chat", messages)
+
+
+class Corpus:
+    """Documents from files, read lazily; iterate docs() as many times as needed."""
+
+    def __init__(self, path, fmt="auto", skip_bad=False):
+        self.files, self.fmt, self.skip_bad = list_files(path), fmt, skip_bad
+        self.skipped = 0
+
+    def bad(self, where, reason, quiet):
+        if not self.skip_bad:
+            raise PrepareError(f"{where}: {reason}")
+        if not quiet:
+            self.skipped += 1
+            if self.skipped <= 3:
+                log(f"skipping {where}: {reason}")
+
+    def docs(self, quiet=False):
+        """quiet: a dry pass (vocab training) that neither counts nor reports skipped records."""
+        for path in self.files:
+            if not path.endswith(JSON_EXTS):
+                if self.fmt not in ("auto", "text", "jsonl"):
+                    self.bad(path, f"plain-text file but --format {self.fmt}", quiet)
+                    continue
+                with open(path, "rb") as f:
+                    raw = f.read()
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    self.bad(path, f"not UTF-8 text (byte {e.start})", quiet)
+                    continue
+                if text.strip():
+                    yield Doc(path, "text", text)
+                else:
+                    self.bad(path, "empty text", quiet)
+                continue
+            for where, rec in self._records(path, quiet):
+                try:
+                    yield record_to_doc(rec, self.fmt, where)
+                except BadRecord as e:
+                    self.bad(where, str(e), quiet)
+
+    def _records(self, path, quiet):
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip()
+            f.seek(0)
+            if path.endswith(".json") and head.startswith(b"["):
+                try:
+                    records = json.load(f)
+                except (ValueError, UnicodeDecodeError) as e:
+                    raise PrepareError(f"{path}: malformed JSON ({e})") from None
+                for i, rec in enumerate(records):
+                    yield f"{path}: record {i}", rec
+                return
+            for lineno, line in enumerate(f, 1):  # JSON lines: stream, one record at a time
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except UnicodeDecodeError:
+                    self.bad(f"{path}:{lineno}", "not UTF-8 text", quiet)
+                    continue
+                except ValueError as e:
+                    self.bad(f"{path}:{lineno}", f"malformed JSON ({e.msg} at column {e.colno})", quiet)
+                    continue
+                yield f"{path}:{lineno}", rec
+
+
+# ---------------------------------------------------------------------------------------------
+# the ICD-10-CM demo corpus
+
+
+class DemoCorpus(Corpus):
+    """One document per ICD-10-CM code (chapters, blocks, categories, subcategories)."""
+
+    def __init__(self):
+        self.skip_bad, self.skipped = False, 0
+
+    def docs(self, quiet=False):
+        import simple_icd_10_cm as icd
+
+        def section(title, items):
+            items = [items] if isinstance(items, str) else items
+            items = [line for item in items for line in item.split("\n") if line.strip()]
+            return [f"{title}:"] + [f"- {line}" for line in items] if items else []
+
+        for code in icd.get_all_codes(with_dots=True):
+            head = f"Chapter {code}: " if icd.is_chapter(code) else f"{code} "
+            lines = [head + icd.get_description(code)]
+            if not icd.is_chapter(code) and icd.get_parent(code):
+                parent = icd.get_parent(code)
+                lines.append(f"Parent: {parent} {icd.get_description(parent)}")
+            lines += section("Includes", icd.get_includes(code))
+            lines += section("Inclusion terms", icd.get_inclusion_term(code))
+            lines += section("Excludes1", icd.get_excludes1(code))
+            lines += section("Excludes2", icd.get_excludes2(code))
+            lines += section("Code first", icd.get_code_first(code))
+            lines += section("Code also", icd.get_code_also(code))
+            lines += section("Use additional code", icd.get_use_additional_code(code))
+            lines += section("Notes", icd.get_notes(code))
+            yield Doc(f"icd10cm:{code}", "text", "\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizing (in worker processes)
+
+_tok = None
+
+
+def _init_worker(tokenizer_path, in_pool=False):
+    global _tok
+    import tokenizer
+
+    if in_pool:  # Ctrl-C is the parent's to handle; workers would each print a traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _tok = tokenizer.load(tokenizer_path)
+
+
+def _encode_batch(docs, seed):
+    """Tokenize a batch of Docs. Returns ([(split_hash, n_tokens, n_masked, error)], ids, mask):
+    ids (uint32) and mask (uint8) are the batch's documents end to end -- two arrays pickle back
+    to the parent far faster than thousands of small ones. split_hash is uniform in [0, 1)."""
+    info, ids, masks = [], [], []
+    for doc in docs:
+        if doc.kind == "text":
+            key = doc.payload.encode("utf-8")
+        else:
+            key = json.dumps(doc.payload, sort_keys=True, ensure_ascii=False).encode("utf-8")
+        digest = hashlib.blake2b(key, digest_size=8, key=str(seed).encode()).digest()
+        u = int.from_bytes(digest, "little") / 2**64
+        try:
+            if doc.kind == "text":
+                doc_ids = _tok.encode(doc.payload, bos=True, eos=True)
+                doc_mask = np.ones(len(doc_ids), dtype=np.uint8)
+            else:
+                doc_ids, doc_mask = _tok.encode_dialog_targets(doc.payload)
+                doc_mask = np.asarray(doc_mask, dtype=np.uint8)
+        except Exception as e:  # e.g. a dialog layout the tokenizer refuses: a bad record, not a crash
+            info.append((u, 0, 0, f"{type(e).__name__}: {e}"))
+            continue
+        info.append((u, len(doc_ids), len(doc_mask) - int(doc_mask.sum()), None))
+        ids.append(np.asarray(doc_ids, dtype=np.uint32))
+        masks.append(doc_mask)
+    if not ids:
+        return info, np.zeros(0, np.uint32), np.zeros(0, np.uint8)
+    return info, np.concatenate(ids), np.concatenate(masks)
+
+
+def _batches(docs, max_docs=256, max_chars=1 << 20):
+    batch, chars = [], 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc.payload) if doc.kind == "text" else sum(len(m["content"]) for m in doc.payload)
+        if len(batch) >= max_docs or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _unbatch(batch, result):
+    info, ids, mask = result
+    start = 0
+    for doc, (u, n, masked, error) in zip(batch, info):
+        yield doc, u, ids[start:start + n], mask[start:start + n], masked, error
+        start += n
+
+
+def encode_all(docs, tokenizer_path, workers, seed):
+    """Yield (doc, split_hash, ids, mask, n_masked, error) in input order, tokenizing on
+    `workers` processes."""
+    if workers <= 1:
+        _init_worker(tokenizer_path)
+        for batch in _batches(docs):
+            yield from _unbatch(batch, _encode_batch(batch, seed))
+        return
+    with multiprocessing.Pool(workers, _init_worker, (tokenizer_path, True)) as pool:
+        # Pool.imap would read the whole corpus ahead into its task queue; a bounded window of
+        # in-flight batches keeps memory flat while preserving order.
+        pending = deque()
+        for batch in _batches(docs):
+            pending.append((batch, pool.apply_async(_encode_batch, (batch, seed))))
+            if len(pending) >= 2 * workers:
+                batch, result = pending.popleft()
+                yield from _unbatch(batch, result.get())
+        while pending:
+            batch, result = pending.popleft()
+            yield from _unbatch(batch, result.get())
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+class SplitWriter:
+    """Appends documents to DIR/SPLIT_NNNNNN.bin (+ .mask), starting a new shard every shard_tokens."""
+
+    def __init__(self, out_dir, split, vocab_size, shard_tokens, buffer_tokens=1 << 20):
+        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
+        self.magic, self.version, self.dtype = shards.token_format(vocab_size)
+        self.shards, self.documents, self.tokens, self.masked = [], 0, 0, 0
+        self.files, self.count = None, 0
+        self.buffer, self.buffered, self.buffer_tokens = [], 0, buffer_tokens
+
+    def add(self, ids, mask, masked):
+        self.documents += 1
+        self.tokens += len(ids)
+        self.masked += masked
+        # Buffered because many small writes cost more than one big one; copied because a slice
+        # would keep its whole tokenized batch alive until the buffer is flushed.
+        self.buffer.append((ids.copy(), mask.copy()))
+        self.buffered += len(ids)
+        if self.buffered >= self.buffer_tokens:
+            self._flush()
+
+    def _flush(self):
+        if not self.buffer:
+            return
+        ids = np.concatenate([i for i, _ in self.buffer]).astype(self.dtype)
+        mask = np.concatenate([m for _, m in self.buffer])
+        self.buffer, self.buffered = [], 0
+        start = 0
+        while start < len(ids):
+            if self.files is None:
+                self._open()
+            n = min(len(ids) - start, self.shard_tokens - self.count)
+            self.files[0].write(ids[start:start + n].tobytes())
+            self.files[1].write(mask[start:start + n].tobytes())
+            self.count += n
+            start += n
+            if self.count == self.shard_tokens:
+                self._close()
+
+    def _open(self):
+        name = f"{self.split}_{len(self.shards):06d}"
+        self.names = [os.path.join(self.out_dir, name + ext) for ext in (".bin", ".mask")]
+        self.files = [open(p, "wb") for p in self.names]
+        for f in self.files:  # placeholder header, rewritten once the count is known
+            f.write(shards.make_header(0, 0, 0))
+        self.count = 0
+
+    def _close(self):
+        formats = [(self.magic, self.version), (shards.MAGIC_MASK, shards.VERSION_MASK)]
+        for f, (magic, version) in zip(self.files, formats):
+            f.seek(0)
+            f.write(shards.make_header(magic, version, self.count))
+            f.close()
+        self.shards.append({"file": os.path.basename(self.names[0]), "tokens": self.count})
+        self.files = None
+
+    def finish(self):
+        self._flush()
+        if self.files is not None:
+            self._close()
+        return {"documents": self.documents, "tokens": self.tokens, "masked_tokens": self.masked, "shards": self.shards}
+
+
+def train_vocab(corpus, model_path, vocab_size, seed=0, input_sentence_size=1_000_000):
+    """Train a Llama 2 style sentencepiece BPE vocabulary on the corpus text."""
+    import sentencepiece as spm
+
+    failure, count, t0 = [], [0], time.time()
+    max_lines = 10 * input_sentence_size  # sentencepiece samples input_sentence_size of these
+
+    def lines():
+        try:
+            for doc in corpus.docs(quiet=True):
+                texts = [doc.payload] if doc.kind == "text" else [m["content"] for m in doc.payload]
+                for text in texts:
+                    for line in text.split("\n"):
+                        if line.strip():
+                            count[0] += 1
+                            yield line
+                if count[0] >= max_lines:
+                    return
+        except Exception as e:  # sentencepiece would turn it into a RuntimeError; keep the original
+            failure.append(e)
+
+    spm.set_random_generator_seed(seed)  # sentence sampling; otherwise seeded from the clock
+    with open(model_path, "wb") as f:
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=lines(), model_writer=f, model_type="bpe", vocab_size=vocab_size,
+                byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+                remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+                unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=0.99995,
+                input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
+                max_sentence_length=1 << 16, minloglevel=2,
+                # the trainer records num_threads in the model file: a constant keeps its sha256
+                # the same on every machine
+                num_threads=16)
+        except RuntimeError as e:
+            if failure:
+                raise failure[0] from None
+            if count[0] == 0:
+                raise PrepareError("no documents in the input") from None
+            reason = str(e).strip().splitlines()[0]
+            raise PrepareError(f"--vocab_size {vocab_size}: sentencepiece training failed: {reason}") from None
+    if failure:
+        raise failure[0]
+    log(f"trained a {vocab_size}-token sentencepiece BPE vocabulary on {min(count[0], input_sentence_size):,} "
+        f"lines in {time.time() - t0:.1f}s")
+
+
+def prepare(corpus, out, tokenizer_path=None, vocab_size=None, val_fraction=0.005, seed=0,
+            shard_tokens=100_000_000, workers=None, overwrite=False, command=""):
+    """Tokenize corpus into shards under out; returns the meta dict written to out/meta.json."""
+    import tokenizer
+
+    workers = workers or len(os.sched_getaffinity(0))
+    out = os.path.abspath(out)
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise PrepareError(f"--out {out}: exists and is not empty (pass --overwrite to replace it)")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise PrepareError(f"--out {out}: exists and is not a directory")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=os.path.dirname(out))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
+    t0 = time.time()
+    try:
+        model_path = os.path.join(tmp, "tokenizer.model")
+        if vocab_size:
+            train_vocab(corpus, model_path, vocab_size, seed)
+        else:
+            try:
+                source = os.path.abspath(tokenizer.load(tokenizer_path).path)
+            except tokenizer.TokenizerError as e:
+                raise PrepareError(f"--tokenizer {tokenizer_path}: {e}") from None
+            shutil.copyfile(source, model_path)
+        tok = tokenizer.load(model_path)
+        t_tok = time.time()
+        writers = {s: SplitWriter(tmp, s, tok.n_words, shard_tokens) for s in shards.SPLITS}
+        kinds = {"text": 0, "instruct": 0, "chat": 0}
+        # Each split holds back its document nearest the threshold (train: lowest hash, val:
+        # highest) so that one can be moved if the other split ends up empty.
+        held, assigned = {"train": None, "val": None}, {"train": 0, "val": 0}
+        done_docs, done_tokens, last_log = 0, 0, time.time()
+        for doc, u, ids, mask, masked, error in encode_all(corpus.docs(), model_path, workers, seed):
+            if error:
+                corpus.bad(doc.where, error, quiet=False)
+                continue
+            kinds[doc.kind] += 1
+            split = "val" if u < val_fraction else "train"
+            assigned[split] += 1
+            done_docs, done_tokens = done_docs + 1, done_tokens + len(ids)
+            item, h = (u, ids, mask, masked), held[split]
+            if h is None or (u < h[0] if split == "train" else u > h[0]):
+                held[split], item = item, h
+            if item is not None:
+                writers[split].add(*item[1:])
+            if time.time() - last_log > 3:
+                last_log = time.time()
+                log(f"{done_docs:,} documents, {done_tokens:,} tokens, {done_tokens / (last_log - t_tok):,.0f} tokens/s")
+        total = sum(assigned.values())
+        if total < 2:
+            raise PrepareError(f"{'no documents' if total == 0 else 'only one document'} in the input; "
+                               "need at least two (one for train, one for val)")
+        if assigned["val"] == 0:
+            held["val"], held["train"] = held["train"], None
+        elif assigned["train"] == 0:
+            held["train"], held["val"] = held["val"], None
+        for split, h in held.items():
+            if h is not None:
+                writers[split].add(*h[1:])
+        stats = {s: w.finish() for s, w in writers.items()}
+        has_mask = any(st["masked_tokens"] for st in stats.values())
+        if not has_mask:
+            for st in stats.values():
+                for shard in st["shards"]:
+                    os.remove(os.path.join(tmp, shard["file"][: -len(".bin")] + ".mask"))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "vocab_size": tok.n_words, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+            "dtype": np.dtype(shards.token_format(tok.n_words)[2]).name, "has_mask": has_mask,
+            "tokenizer": {"kind": tok.kind, "sha256": tok.sha256, "file": "tokenizer.model",
+                          "source": f"trained (--vocab_size {vocab_size})" if vocab_size else source},
+            "documents": sum(st["documents"] for st in stats.values()),
+            "tokens": sum(st["tokens"] for st in stats.values()),
+            "masked_tokens": sum(st["masked_tokens"] for st in stats.values()),
+            "records": kinds, "skipped_records": corpus.skipped,
+            "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
+            "splits": stats, "command": command,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+        if os.path.exists(out):  # --overwrite: swap in the new directory, then drop the old one
+            old = tempfile.mkdtemp(prefix=os.path.basename(out) + ".old-", dir=os.path.dirname(out))
+            os.rename(out, os.path.join(old, "x"))
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    t_end = time.time()
+    tr, va = stats["train"], stats["val"]
+    log(f"wrote {out}: train {tr['tokens']:,} tokens / {tr['documents']:,} docs in {len(tr['shards'])} shard(s), "
+        f"val {va['tokens']:,} tokens / {va['documents']:,} docs; {meta['masked_tokens']:,} masked tokens; "
+        f"{corpus.skipped} skipped records; {t_end - t0:.1f}s in all, "
+        f"{meta['tokens'] / (t_end - t_tok):,.0f} tokens/s tokenizing")
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + message; we want one line
+        print(f"prepare: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv):
+    p = _Parser(prog="python -m data.prepare", allow_abbrev=False,
+                description="Tokenize a corpus into token shards (see data/prepare.py).")
+    p.add_argument("--input", help="file, directory or glob")
+    p.add_argument("--out", help="output directory (default for --demo: shards/icd10cm)")
+    p.add_argument("--tokenizer", help="tokenizer.model, or a checkpoint directory holding one")
+    p.add_argument("--vocab_size", type=int, help="train a sentencepiece BPE vocabulary of this size")
+    p.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "instruct", "chat"],
+                   help="record kind; auto decides per record (default), jsonl = text")
+    p.add_argument("--val_fraction", type=float, default=0.005, help="share of documents in val (default 0.005)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the split and the vocabulary's sampling")
+    p.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard (default 1e8)")
+    p.add_argument("--skip_bad", action="store_true", help="skip bad records (and count them) instead of stopping")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--demo", action="store_true", help="build the ICD-10-CM demo corpus")
+    args = p.parse_args(argv)
+    if args.demo:
+        if args.input:
+            p.error("--demo builds its own corpus; drop --input")
+        if not args.tokenizer and not args.vocab_size:
+            args.vocab_size = 4096
+        args.out = args.out or os.path.join(ROOT, "shards", "icd10cm")
+    elif not args.input or not args.out:
+        p.error("--input and --out are required (or --demo)")
+    if bool(args.tokenizer) == bool(args.vocab_size):
+        p.error("give exactly one of --tokenizer and --vocab_size")
+    if args.vocab_size is not None and args.vocab_size < 260:
+        p.error("--vocab_size must be at least 260 (256 byte pieces + unk/bos/eos + one more)")
+    if not 0 < args.val_fraction < 1:
+        p.error("--val_fraction must be between 0 and 1 (exclusive)")
+    if args.shard_tokens < 1 or (args.workers is not None and args.workers < 1):
+        p.error("--shard_tokens and --workers must be positive")
+    return args
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    try:
+        corpus = DemoCorpus() if args.demo else Corpus(args.input, args.format, args.skip_bad)
+        prepare(corpus, args.out, tokenizer_path=args.tokenizer, vocab_size=args.vocab_size,
+                val_fraction=args.val_fraction, seed=args.seed, shard_tokens=args.shard_tokens,
+                workers=args.workers, overwrite=args.overwrite,
+                command=shlex.join(["python", "-m", "data.prepare"] + list(argv)))
+    except (PrepareError, OSError) as e:  # OSError: an unreadable input, a full disk
+        print(f"prepare: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("prepare: interrupted; nothing written", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""Token shards: the on-disk format, a validator, and the distributed loader.
+
+Format (llm.c's, so its tools and ours read each other's files): a header of 256
+little-endian int32 ([0] magic, [1] version, [2] token count), then the tokens.
+
+    magic 20240520, version 1: uint16 tokens (vocab <= 65536: Llama 2, small sentencepiece)
+    magic 20240801, version 7: uint32 tokens (Llama 3)
+    magic 20241123, version 1: NAME.mask sidecar, one uint8 per token, 1 = training target
+
+A split is the concatenation of its shards in name order (train_000000.bin, train_000001.bin,
+...); documents may run across a shard boundary. A dataset has mask files for every shard or
+for none (none = every token is a target). DIR/meta.json describes the whole thing.
+"""
+import json
+import os
+from collections import namedtuple
+
+import numpy as np
+
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+MAGIC_U16, VERSION_U16 = 20240520, 1
+MAGIC_U32, VERSION_U32 = 20240801, 7
+MAGIC_MASK, VERSION_MASK = 20241123, 1
+# (magic, version) -> element type of the payload
+FORMATS = {
+    (MAGIC_U16, VERSION_U16): np.dtype("<u2"),
+    (MAGIC_U32, VERSION_U32): np.dtype("<u4"),
+    (MAGIC_MASK, VERSION_MASK): np.dtype("u1"),
+}
+SPLITS = ("train", "val")
+
+
+class ShardError(ValueError):
+    """A shard directory that cannot be trained on; the message names the file."""
+
+
+def token_format(vocab_size):
+    """(magic, version, dtype) for token ids below vocab_size."""
+    if vocab_size <= 65536:
+        return MAGIC_U16, VERSION_U16, FORMATS[MAGIC_U16, VERSION_U16]
+    return MAGIC_U32, VERSION_U32, FORMATS[MAGIC_U32, VERSION_U32]
+
+
+def make_header(magic, version, count):
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = magic, version, count
+    return header.tobytes()
+
+
+def read_header(path):
+    """(magic, version, count, dtype) of a shard or mask file, checked against its size."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise ShardError(f"{path}: cannot read ({e.strerror})") from None
+    if len(raw) < HEADER_BYTES:
+        raise ShardError(f"{path}: too short for a shard header ({len(raw)} bytes)")
+    magic, version, count = (int(v) for v in np.frombuffer(raw, dtype="<i4", count=3))
+    dtype = FORMATS.get((magic, version))
+    if dtype is None:
+        raise ShardError(f"{path}: unknown magic/version {magic}/{version}")
+    expected = HEADER_BYTES + count * dtype.itemsize
+    if count < 0 or size != expected:
+        raise ShardError(f"{path}: header says {count} tokens ({expected} bytes) but the file has {size} bytes")
+    return magic, version, count, dtype
+
+
+def _write_atomic(path, header, payload):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(header)
+        f.write(payload.tobytes())
+    os.replace(tmp, path)  # a reader never sees a half-written shard
+
+
+def write_shard(path, tokens, vocab_size):
+    """Write token ids (any int array) as one shard, uint16 or uint32 depending on vocab_size."""
+    magic, version, dtype = token_format(vocab_size)
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise ShardError(f"{path}: token ids outside [0, {vocab_size})")
+    _write_atomic(path, make_header(magic, version, tokens.size), tokens.astype(dtype))
+
+
+def write_mask(path, mask):
+    mask = np.asarray(mask, dtype=np.uint8)
+    _write_atomic(path, make_header(MAGIC_MASK, VERSION_MASK, mask.size), mask)
+
+
+def open_shard(path):
+    """The payload of a shard or mask file as a read-only memmap (header checked)."""
+    _, _, count, dtype = read_header(path)
+    if count == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def load_meta(data_dir):
+    path = os.path.join(data_dir, "meta.json")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        meta["splits"]["train"], meta["vocab_size"], meta["bos_id"]  # the keys everything relies on
+    except FileNotFoundError:
+        raise ShardError(f"{path}: missing (is {data_dir} a directory made by data.prepare?)") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ShardError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    return meta
+
+
+def shard_paths(data_dir, meta, split):
+    """[(tokens_path, mask_path or None)] of a split, in order, as meta.json lists them."""
+    if split not in meta["splits"]:
+        raise ShardError(f"{data_dir}/meta.json: no '{split}' split")
+    out = []
+    for shard in meta["splits"][split]["shards"]:
+        path = os.path.join(data_dir, shard["file"])
+        out.append((path, path[: -len(".bin")] + ".mask" if meta.get("has_mask") else None))
+    return out
+
+
+def validate(data_dir, split=None, vocab_size=None, tokenizer_sha256=None):
+    """Check every file of data_dir (or of one split) before training starts; return meta.
+
+    Checks meta.json, each shard's magic/version/size, that the dtype fits the vocabulary, that
+    mask files exist where meta says so and align token for token, that every id is below
+    vocab_size (the model's; default the tokenizer's from meta.json) and, when given, that the
+    shards were made with the tokenizer whose file has sha256 tokenizer_sha256.
+    Raises ShardError naming the offending file.
+    """
+    meta = load_meta(data_dir)
+    meta_path = os.path.join(data_dir, "meta.json")
+    made_with = meta.get("tokenizer", {}).get("sha256")
+    if tokenizer_sha256 is not None and made_with != tokenizer_sha256:
+        raise ShardError(
+            f"{meta_path}: shards were made with tokenizer sha256 {str(made_with)[:12]}..., "
+            f"not the given tokenizer's {tokenizer_sha256[:12]}...; re-run data.prepare with it"
+        )
+    limit = vocab_size if vocab_size is not None else meta["vocab_size"]
+    expected_magic = token_format(meta["vocab_size"])[0]
+    for name in [split] if split else SPLITS:
+        paths = shard_paths(data_dir, meta, name)
+        if not paths:
+            raise ShardError(f"{meta_path}: split '{name}' has no shards")
+        for (path, mask_path), info in zip(paths, meta["splits"][name]["shards"]):
+            magic, _, count, _ = read_header(path)
+            if magic != expected_magic:
+                raise ShardError(f"{path}: magic {magic} does not match vocab size {meta['vocab_size']} (want {expected_magic})")
+            if count != info["tokens"]:
+                raise ShardError(f"{path}: {count} tokens but meta.json says {info['tokens']}")
+            tokens = open_shard(path)
+            top = int(tokens.max()) if count else 0
+            if top >= limit:
+                raise ShardError(f"{path}: token id {top} is beyond the vocabulary size {limit}")
+            if mask_path is not None:
+                mask_magic, _, mask_count, _ = read_header(mask_path)
+                if mask_magic != MAGIC_MASK:
+                    raise ShardError(f"{mask_path}: magic {mask_magic} is not a mask's ({MAGIC_MASK})")
+                if mask_count != count:
+                    raise ShardError(f"{mask_path}: {mask_count} mask entries for {count} tokens in {os.path.basename(path)}")
+                if mask_count and int(open_shard(mask_path).max()) > 1:
+                    raise ShardError(f"{mask_path}: mask values must be 0 or 1")
+    return meta
+
+
+Batch = namedtuple("Batch", "inputs targets positions")
+Batch.__doc__ = """inputs, targets, positions: int64 tensors of shape (batch_size, seq_len)."""
+
+
+class DataLoader:
+    """Deterministic, resumable, rank-strided batches from a shard directory.
+
+    The data: the split's shards concatenated into one stream of N tokens, cut into
+    n_windows = (N - 1) // seq_len windows; window w is tokens [w*seq_len, w*seq_len + seq_len + 1)
+    (neighbours share one token, so every token but the first is a target once per epoch).
+    Global sequence g is window order_e[g % n_windows] with e = g // n_windows, where order_e is
+    a permutation seeded by (seed, e) for train and the identity for val.
+
+    The loader keeps one counter, `seq`, shared by all ranks: next_batch() takes the global
+    sequences g = seq + i*world_size + rank for i in 0..batch_size-1, then advances seq by
+    world_size*batch_size. So row i of rank r is row i*world_size + r of a world_size=1 loader
+    with batch_size*world_size rows; and k micro-steps of batch B cover the same sequences as
+    one step of batch k*B. Hence an optimizer step of (micro-batch B, world size W, K micro-steps)
+    consumes sequences [s*K*W*B, (s+1)*K*W*B) -- the same set for any factorisation of K*W*B.
+
+    next_batch() returns Batch(inputs, targets, positions), int64 (batch_size, seq_len) CPU tensors:
+    targets are the next tokens, -100 where the target token's mask is 0; positions count from 0
+    at the start of each row and restart at 0 on every BOS token (document start; Llama 2 chat
+    layouts put a BOS before every exchange, so there they restart per exchange). Use them for
+    RoPE positions and/or a document mask (a new document starts wherever positions == 0).
+    state_dict() holds `seq`; restoring it on any rank continues with the very next sequence.
+    """
+
+    def __init__(self, data_dir, split, batch_size, seq_len, rank=0, world_size=1, seed=0, shuffle=None):
+        import torch  # imported here so data.prepare (which uses this module's format code) starts fast
+
+        self._torch = torch
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        self.data_dir, self.split = data_dir, split
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle = (split == "train") if shuffle is None else shuffle
+        meta = load_meta(data_dir)
+        self.bos_id = meta["bos_id"]
+        self.tokens, self.masks = [], []
+        for path, mask_path in shard_paths(data_dir, meta, split):
+            self.tokens.append(open_shard(path))
+            self.masks.append(open_shard(mask_path) if mask_path else None)
+            if mask_path and len(self.masks[-1]) != len(self.tokens[-1]):
+                raise ShardError(f"{mask_path}: length differs from {path}")
+        # starts[i] = offset of shard i in the concatenated stream
+        self.starts = np.cumsum([0] + [len(t) for t in self.tokens])
+        self.n_tokens = int(self.starts[-1])
+        self.n_windows = (self.n_tokens - 1) // seq_len
+        if self.n_windows < 1:
+            raise ShardError(f"{data_dir}: split '{split}' has {self.n_tokens} tokens, fewer than seq_len+1 = {seq_len + 1}")
+        self.seq = 0
+        self._orders = {}
+
+    def _order(self, epoch):
+        if not self.shuffle:
+            return None
+        if epoch not in self._orders:
+            if len(self._orders) >= 2:  # a batch spans at most two epochs
+                self._orders.pop(min(self._orders))
+            self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+        return self._orders[epoch]
+
+    def _read(self, arrays, start, n):
+        """n items from the concatenated stream at start, crossing shard boundaries."""
+        parts, i = [], int(np.searchsorted(self.starts, start, side="right")) - 1
+        while n > 0:
+            lo = start - self.starts[i]
+            chunk = arrays[i][lo : lo + n]
+            parts.append(chunk)
+            start, n, i = start + len(chunk), n - len(chunk), i + 1
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def window(self, g):
+        """(tokens, mask or None) of global sequence g: seq_len + 1 items each."""
+        epoch, idx = divmod(g, self.n_windows)
+        order = self._order(epoch)
+        w = int(order[idx]) if order is not None else idx
+        start, n = w * self.seq_len, self.seq_len + 1
+        mask = self._read(self.masks, start, n) if self.masks[0] is not None else None
+        return self._read(self.tokens, start, n), mask
+
+    def next_batch(self):
+        B, T = self.batch_size, self.seq_len
+        buf = np.empty((B, T + 1), dtype=np.int64)
+        targets = np.empty((B, T), dtype=np.int64)
+        for i in range(B):
+            tokens, mask = self.window(self.seq + i * self.world_size + self.rank)
+            buf[i] = tokens
+            targets[i] = tokens[1:]
+            if mask is not None:
+                targets[i][mask[1:] == 0] = -100
+        self.seq += B * self.world_size
+        inputs = buf[:, :T]
+        idx = np.broadcast_to(np.arange(T), (B, T))
+        # position = distance to the latest BOS at or before it (or to the row start)
+        last_start = np.maximum.accumulate(np.where(inputs == self.bos_id, idx, 0), axis=1)
+        positions = idx - last_start
+        t = self._torch.from_numpy
+        return Batch(t(np.ascontiguousarray(inputs)), t(targets), t(positions))
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()
+
+    @property
+    def epoch(self):
+        return self.seq // self.n_windows
+
+    def reset(self):
+        """Back to the first sequence (for repeated evaluation over the val split)."""
+        self.seq = 0
+
+    def state_dict(self):
+        return {"seq": self.seq, "split": self.split, "seq_len": self.seq_len,
+                "n_windows": self.n_windows, "seed": self.seed, "shuffle": self.shuffle}
+
+    def load_state_dict(self, state):
+        for key in ("split", "seq_len", "n_windows", "seed", "shuffle"):
+            if state[key] != getattr(self, key):
+                raise ShardError(f"{self.data_dir}: cannot resume: saved {key}={state[key]!r}, now {getattr(self, key)!r}")
+        self.seq = int(state["seq"])
