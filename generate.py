@@ -196,7 +196,7 @@ def main(ckpt_dir: str = None, prompt: str = None, prompts_file: str = None, ada
     if adapter is not None:
         import lora  # only adapters need it
 
-        lora.load_adapter(model, adapter)
+        lora.load_adapter(model, adapter, tokenizer_sha256=tok.sha256)
         lora.merge_lora(model)
     print(f"loaded {ckpt_dir} in {time.perf_counter() - t0:.1f}s ({device}, "
           f"{model.tok_embeddings.weight.dtype})", file=sys.stderr)

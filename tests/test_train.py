@@ -217,3 +217,14 @@ def test_mlflow_tracks_params_and_metrics(text_data, tmp_path):
     runs = mlflow.search_runs(experiment_names=["llama"])
     assert len(runs) == 1
     assert runs.iloc[0]["params.dim"] == "32" and runs.iloc[0]["metrics.val_loss"] > 0
+
+
+def test_generate_takes_the_trained_adapter(base_ckpt, instruct_data, tmp_path):
+    train("--ckpt_dir", base_ckpt, "--data", instruct_data, "--out_dir", tmp_path, "--lora_rank", "2",
+          "--max_steps", "2", "--eval_every", "2", "--eval_steps", "1", "--batch_size", "2", "--seq_len", "32",
+          "--mlflow", "false")
+    out = subprocess.run([sys.executable, "generate.py", "--ckpt_dir", str(base_ckpt), "--adapter",
+                          str(tmp_path / "adapter"), "--prompt", "What is 3 plus 3?", "--chat", "--temperature", "0",
+                          "--max_new_tokens", "5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "tokens/s" in out.stderr
