@@ -323,6 +323,358 @@ class Transformer(nn.Module):
 
 
 # -----------------------------------------------------------------------------------------------
+# Fused Triton kernels
+#
+# The hot paths above are chains of small PyTorch ops, each reading and writing whole tensors in GPU
+# memory. All of them are memory-bound, so doing a chain in one pass over the data is the speed-up,
+# and saving fewer intermediates for backward is the memory saving. Each kernel has its backward as
+# a torch.autograd.Function, and its PyTorch twin above is the reference it is tested against.
+#   rms_norm     square, mean, rsqrt, scale, cast and weight multiply: one read of x, one write.
+#                Backward keeps only x and 1/rms per row; each program sums its band of rows' weight
+#                gradient in registers, and torch adds the few partial sums.
+#   apply_rope   the fp32 copy, pair split, four products and stack: one read, one write, with cos and
+#                sin loaded once per position for all heads. Backward is the rotation by -angle.
+#   swiglu       silu(a) * b without a silu(a) tensor; backward recomputes the sigmoid, cheaper than
+#                storing it.
+#   linear_cross_entropy  Llama 3's vocabulary is 128256 wide: 8k tokens of fp32 logits and their
+#                gradient are 8 GB. Rows go in chunks: a matmul makes one chunk of logits, a kernel
+#                turns it in place into d(loss)/d(logits) (logsumexp, loss, softmax - onehot), and the
+#                two backward matmuls use it at once, so one chunk (~256 MB) is all that ever exists.
+#                Gradients are ready after forward; backward only scales them.
+# Not fused: the residual add before each norm. It would save one elementwise pass per norm but needs
+# a two-output norm and a different block forward, at a cost to the reading.
+#
+# LLAMA_KERNELS=triton|torch forces a path (set_kernels() in code); unset, Triton runs on CUDA tensors
+# and PyTorch elsewhere. On the CPU, Triton runs in its interpreter when TRITON_INTERPRET=1 (slow: the
+# tests use it). Forcing Triton where it cannot run raises KernelError, never a silent fallback.
+# triton is imported and each kernel compiled on first use, so `import model` needs no triton and
+# TRITON_INTERPRET counts if it is set any time before the first launch.
+
+_KERNELS = (os.environ.get("LLAMA_KERNELS") or "").strip().lower() or None
+
+
+class KernelError(RuntimeError):
+    """LLAMA_KERNELS=triton where Triton cannot run."""
+
+
+def set_kernels(name: Optional[str]) -> Optional[str]:
+    """Pick "triton", "torch" or None (the default: Triton on CUDA tensors); returns the previous."""
+    global _KERNELS
+    if name not in (None, "triton", "torch"):
+        raise ValueError(f"kernels {name!r}: expected 'triton', 'torch' or None")
+    previous, _KERNELS = _KERNELS, name
+    return previous
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether the Triton path runs for this tensor; KernelError if it is forced and cannot."""
+    if _KERNELS not in (None, "triton", "torch"):
+        raise KernelError(f"LLAMA_KERNELS={_KERNELS}: expected triton or torch")
+    if _KERNELS == "torch" or (_KERNELS is None and not x.is_cuda):
+        return False
+    if _triton() is None:
+        if _KERNELS is None:
+            return False  # the default, on CUDA without triton installed
+        raise KernelError("LLAMA_KERNELS=triton but triton cannot be imported: "
+                          "install it or set LLAMA_KERNELS=torch")
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "yes", "on"):
+        raise KernelError(f"LLAMA_KERNELS=triton on a {x.device.type} tensor: Triton needs CUDA, or "
+                          "TRITON_INTERPRET=1 for its (slow) CPU interpreter; or set LLAMA_KERNELS=torch")
+    return True
+
+
+class tl:
+    """Stands in for triton.language until triton is imported, so that kernel signatures can say
+    `BLOCK: tl.constexpr`, the spelling triton (and its interpreter, which re-reads the source) needs."""
+    constexpr = "constexpr"
+
+
+_triton_module = False  # not imported yet; None when it cannot be
+
+
+def _triton():
+    global _triton_module, tl
+    if _triton_module is False:
+        try:
+            import triton
+            import triton.language as tl
+            _triton_module = triton
+        except ImportError:
+            _triton_module = None
+    return _triton_module
+
+
+class _kernel:
+    """@_kernel: a Triton kernel, jit-compiled on its first launch, kernel[grid](args...)."""
+
+    def __init__(self, fn):
+        self.fn, self.jitted = fn, None
+
+    def __getitem__(self, grid):
+        if self.jitted is None:
+            self.jitted = _triton().jit(self.fn)
+        return self.jitted[grid]
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _warps(block: int) -> int:
+    return min(16, max(4, block // 512))  # a handful of a row's elements per thread
+
+
+def _programs(device) -> int:
+    """Programs that each walk a band of rows: a few per SM, so every SM stays busy."""
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+@_kernel
+def _rms_norm_fwd(X, W, Y, RSTD, N, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # one row per program; int64 so row * N cannot overflow
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(X + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
+    tl.store(RSTD + row, rstd)
+    xhat = (x * rstd).to(X.dtype.element_ty)  # rounded to the input dtype before the weight, as Meta does
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * N + cols, (xhat.to(tl.float32) * w).to(Y.dtype.element_ty), mask=mask)
+
+
+@_kernel
+def _rms_norm_bwd(DY, X, W, RSTD, DX, DW, M, N, rows_per_program, BLOCK: tl.constexpr):
+    # Each program walks a band of rows (the last one's tail masked off), summing its share of the
+    # weight gradient in registers.
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(0, rows_per_program):
+        row = pid.to(tl.int64) * rows_per_program + i
+        mask = cols < tl.where(row < M, N, 0)
+        x = tl.load(X + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row, mask=row < M, other=0.0)
+        xhat = x * rstd
+        dw += dy * xhat.to(X.dtype.element_ty).to(tl.float32)
+        # y = xhat * w, xhat = x * mean(x^2)^-1/2  =>  dx = rstd * (g - xhat * mean(g * xhat)), g = dy * w
+        g = dy * w
+        dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / N))
+        tl.store(DX + row * N + cols, dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DW + pid * N + cols, dw, mask=cols < N)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        (M, N), block = x2.shape, _pow2(x2.shape[1])
+        y = torch.empty(M, N, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+        rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+        _rms_norm_fwd[(M,)](x2, weight, y, rstd, N, eps, BLOCK=block, num_warps=_warps(block))
+        ctx.save_for_backward(x2, weight, rstd)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        (M, N), block = x2.shape, _pow2(x2.shape[1])
+        rows = -(-M // _programs(x2.device))
+        programs = -(-M // rows)
+        dx = torch.empty_like(x2)
+        dw = torch.empty(programs, N, dtype=torch.float32, device=x2.device)  # one partial sum per program
+        _rms_norm_bwd[(programs,)](dy.reshape(M, N).contiguous(), x2, weight, rstd, dx, dw, M, N, rows,
+                                   BLOCK=block, num_warps=_warps(block))
+        return dx.view(dy.shape), dw.sum(0).to(weight.dtype), None
+
+
+@_kernel
+def _rope(X, ROPE, Y, T, H, P, rope_rows, stride_b, stride_t, stride_h, sign,
+          BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+    # One (batch, position) per program, all its heads at once: cos and sin are loaded once.
+    # Pair p is columns (2p, 2p+1). sign=-1 rotates by -angle: the backward pass.
+    row = tl.program_id(0)
+    b, t = row // T, row % T
+    p = tl.arange(0, BLOCK_P)
+    cs = ROPE + (row % rope_rows).to(tl.int64) * 2 * P + 2 * p  # rope_rows: T, or B*T per-row positions
+    cos = tl.load(cs, mask=p < P, other=0.0).to(tl.float32)[None, :]
+    sin = sign * tl.load(cs + 1, mask=p < P, other=0.0).to(tl.float32)[None, :]
+    h = tl.arange(0, BLOCK_H)[:, None]
+    p = p[None, :]
+    mask = (h < H) & (p < P)
+    x = X + b.to(tl.int64) * stride_b + t.to(tl.int64) * stride_t + h * stride_h + 2 * p
+    x0 = tl.load(x, mask=mask, other=0.0).to(tl.float32)
+    x1 = tl.load(x + 1, mask=mask, other=0.0).to(tl.float32)
+    y = Y + row.to(tl.int64) * H * 2 * P + h * 2 * P + 2 * p
+    tl.store(y, (x0 * cos - x1 * sin).to(Y.dtype.element_ty), mask=mask)
+    tl.store(y + 1, (x0 * sin + x1 * cos).to(Y.dtype.element_ty), mask=mask)
+
+
+def _rope_launch(x, rope, sign):
+    B, T, H, D = x.shape
+    if rope.shape[-3:] != (T, D // 2, 2) or (rope.dim() == 4 and rope.shape[0] not in (1, B)):
+        raise ValueError(f"rope table {tuple(rope.shape)} does not fit x {tuple(x.shape)}")
+    x = x if x.stride(-1) == 1 else x.contiguous()  # other strides are the kernel's arguments
+    rope = rope.contiguous()
+    y = torch.empty(B, T, H, D, dtype=x.dtype, device=x.device)
+    _rope[(B * T,)](x, rope, y, T, H, D // 2, rope.numel() // D, x.stride(0), x.stride(1), x.stride(2),
+                    sign, BLOCK_H=_pow2(H), BLOCK_P=_pow2(D // 2))
+    return y
+
+
+class _RoPE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, rope):
+        ctx.save_for_backward(rope)
+        return _rope_launch(x, rope, 1.0)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _rope_launch(dy, ctx.saved_tensors[0], -1.0), None
+
+
+@_kernel
+def _swiglu_fwd(A, B, Y, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    a = tl.load(A + offs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + offs, (a * tl.sigmoid(a) * b).to(Y.dtype.element_ty), mask=mask)
+
+
+@_kernel
+def _swiglu_bwd(DY, A, B, DA, DB, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(A + offs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
+    s = tl.sigmoid(a)  # recomputed: cheaper than a saved silu(a)
+    tl.store(DA + offs, (dy * b * s * (1 + a * (1 - s))).to(DA.dtype.element_ty), mask=mask)  # silu'(a)
+    tl.store(DB + offs, (dy * a * s).to(DB.dtype.element_ty), mask=mask)
+
+
+class _SwiGLU(torch.autograd.Function):
+    BLOCK = 1024
+
+    @staticmethod
+    def forward(ctx, a, b):
+        if a.shape != b.shape:
+            raise ValueError(f"swiglu: a {tuple(a.shape)} and b {tuple(b.shape)} differ")
+        a, b = a.contiguous(), b.contiguous()
+        y = torch.empty(a.shape, dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
+        grid = (-(-a.numel() // _SwiGLU.BLOCK),)
+        _swiglu_fwd[grid](a, b, y, a.numel(), BLOCK=_SwiGLU.BLOCK)
+        ctx.save_for_backward(a, b)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        a, b = ctx.saved_tensors
+        da, db = torch.empty_like(a), torch.empty_like(b)
+        grid = (-(-a.numel() // _SwiGLU.BLOCK),)
+        _swiglu_bwd[grid](dy.contiguous(), a, b, da, db, a.numel(), BLOCK=_SwiGLU.BLOCK)
+        return da, db
+
+
+_CE_CHUNK_BYTES = 256 * 2**20  # one chunk of logits: ~1000 rows of Llama 3's 128256-wide vocab in bf16
+_CE_BLOCK = 8192  # vocabulary columns per step of the kernel's sweeps
+
+
+@_kernel
+def _cross_entropy(LOGITS, stride, TARGETS, LOSS, SCALE, V, ignore_index,
+                   WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    # One row per program, two sweeps over the vocabulary: an online logsumexp (a running max and a
+    # sum rescaled whenever the max grows, so exp never overflows), then d(loss)/d(logits) =
+    # (softmax - onehot) * scale written over the logits, in fp32 until the store.
+    row = tl.program_id(0).to(tl.int64)
+    logits = LOGITS + row * stride
+    target = tl.load(TARGETS + row)
+    cols = tl.arange(0, BLOCK)
+    if target == ignore_index:  # no loss and no gradient from this row
+        tl.store(LOSS + row, 0.0)
+        if WRITE_GRAD:
+            for start in range(0, V, BLOCK):
+                tl.store(logits + start + cols, 0.0, mask=start + cols < V)
+        return
+    m = float("-inf")
+    d = 0.0
+    x_target = 0.0
+    for start in range(0, V, BLOCK):
+        c = start + cols
+        x = tl.load(logits + c, mask=c < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+        x_target += tl.sum(tl.where(c == target, x, 0.0), axis=0)  # no indexed load: never out of bounds
+    lse = m + tl.log(d)
+    tl.store(LOSS + row, lse - x_target)
+    if WRITE_GRAD:
+        scale = tl.load(SCALE)
+        for start in range(0, V, BLOCK):
+            c = start + cols
+            x = tl.load(logits + c, mask=c < V, other=0.0).to(tl.float32)
+            grad = (tl.exp(x - lse) - tl.where(c == target, 1.0, 0.0)) * scale
+            tl.store(logits + c, grad.to(LOGITS.dtype.element_ty), mask=c < V)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, ignore_index, reduction, chunk_size):
+        (N, _), V = h.shape, weight.shape[0]
+        need_dh, need_dw = ctx.needs_input_grad[:2]  # LoRA freezes the weight; eval needs neither
+        dh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_dh else None
+        # fp32: summed over chunks in bf16 it would round once per chunk
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_dw else None
+        losses = torch.empty(N, dtype=torch.float32, device=h.device)
+        n_targets = (targets != ignore_index).sum()
+        # On the device, so no sync: 1/n for mean (1 when n is 0: all-zero gradients and loss 0), 1 for sum.
+        scale = (1.0 / n_targets.clamp(min=1) if reduction == "mean" else torch.ones((), device=h.device)).view(1)
+        chunk = chunk_size or max(1, _CE_CHUNK_BYTES // (V * h.element_size()))
+        block = min(_pow2(V), _CE_BLOCK)
+        for s in range(0, N, chunk):
+            hc = h[s : s + chunk]
+            logits = hc @ weight.t()  # h's dtype, as F.linear gives (the matmul accumulates in fp32)
+            _cross_entropy[(hc.shape[0],)](logits, logits.stride(0), targets[s : s + chunk],
+                                           losses[s : s + chunk], scale, V, ignore_index,
+                                           WRITE_GRAD=need_dh or need_dw, BLOCK=block, num_warps=_warps(block))
+            # logits now holds d(loss)/d(logits) for these rows
+            if need_dh:
+                torch.mm(logits, weight, out=dh[s : s + chunk])
+            if need_dw:
+                dw += logits.t() @ hc
+        ctx.save_for_backward(dh, dw)
+        ctx.weight_dtype = weight.dtype
+        return losses.sum() * scale[0]
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dh, dw = ctx.saved_tensors
+        # grad_loss stays fp32 here: torch multiplies a bf16 tensor by an fp32 scalar in fp32
+        dh = None if dh is None else dh * grad_loss
+        dw = None if dw is None else (dw * grad_loss).to(ctx.weight_dtype)
+        return dh, dw, None, None, None, None
+
+
+def linear_cross_entropy(h, weight, targets, ignore_index: int = -100, reduction: str = "mean",
+                         chunk_size: Optional[int] = None):
+    """cross_entropy(h @ weight.T, targets) for h (..., dim), weight (vocab, dim), targets (...).
+
+    "mean" averages over targets != ignore_index and is 0, with zero gradients, when there are none
+    (not NaN as F.cross_entropy gives); "sum" adds them up. The Triton path makes the logits
+    chunk_size rows at a time (default: about _CE_CHUNK_BYTES of them), never all at once.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction {reduction!r}: expected 'mean' or 'sum'")
+    h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1).contiguous()
+    if use_triton(h):
+        return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, reduction, chunk_size)
+    loss = F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=ignore_index, reduction="sum")
+    return loss if reduction == "sum" else loss / (targets != ignore_index).sum().clamp(min=1)
+
+
+# -----------------------------------------------------------------------------------------------
 # Checkpoints: Meta layout (params.json + consolidated.NN.pth) and HF layout (config.json + safetensors)
 
 # Meta's model-parallel split: column-parallel weights are cut along their output rows (dim 0),
