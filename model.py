@@ -150,13 +150,40 @@ def swiglu(a, b):
     return F.silu(a) * b
 
 
-def document_mask(positions):
+def document_mask(positions, flex: Optional[bool] = None):
     """Block-causal mask for packed rows: token i sees token j when j <= i in the same document.
-    Documents are numbered by counting the position resets (0) along the row. (B, 1, T, T) bool."""
+    Documents are numbered by counting the position resets (0) along the row.
+
+    On CUDA this is a FlexAttention BlockMask: the attention kernel then skips whole blocks that
+    lie outside every document instead of computing and discarding them, and no (T, T) mask exists.
+    Elsewhere (or with flex=False) a dense (B, 1, T, T) bool mask for SDPA.
+    """
     doc = (positions == 0).cumsum(dim=1)
-    T = positions.shape[1]
+    B, T = positions.shape
+    if flex is None:
+        flex = positions.is_cuda and os.environ.get("LLAMA_FLEX_ATTENTION", "1") != "0"
+    if flex:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_doc_causal(b, h, q, kv):
+            return (doc[b, q] == doc[b, kv]) & (kv <= q)
+
+        return create_block_mask(same_doc_causal, B, None, T, T, device=positions.device)
     causal = torch.ones(T, T, dtype=torch.bool, device=positions.device).tril()
     return ((doc[:, :, None] == doc[:, None, :]) & causal).unsqueeze(1)
+
+
+_flex_attention = None
+
+
+def flex_attention(q, k, v, block_mask, enable_gqa):
+    """FlexAttention, compiled once on CUDA (uncompiled it runs a slow reference implementation)."""
+    global _flex_attention
+    if _flex_attention is None:
+        from torch.nn.attention.flex_attention import flex_attention as fa
+
+        _flex_attention = torch.compile(fa, dynamic=False) if q.is_cuda else fa
+    return _flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
 class Attention(nn.Module):
@@ -189,6 +216,8 @@ class Attention(nn.Module):
         gqa = self.n_kv_heads != self.n_heads
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        elif not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask (packed documents)
+            out = flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))

@@ -209,3 +209,31 @@ def test_peak_memory_while_loading(tmp_path, layout):
     before, peak = map(int, out.stdout.split())
     assert size > 150e6
     assert peak - before < 1.3 * size, f"peak grew {(peak - before) / size:.2f}x the checkpoint"
+
+
+# -- packed documents -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flex", [False, True])
+def test_document_masking_equals_each_document_alone(tmp_path, monkeypatch, flex):
+    """Packed rows with positions restarting per document give each document exactly the logits
+    and loss it gets on its own: attention never crosses a boundary, RoPE restarts at 0."""
+    import functools
+    import warnings
+
+    m = model.load(write_hf(hf_model("llama3.1"), tmp_path))
+    monkeypatch.setattr(model, "document_mask", functools.partial(model.document_mask, flex=flex))
+    g = torch.Generator().manual_seed(5)
+    docs = [torch.randint(0, 384, (n,), generator=g) for n in (11, 23, 7)]
+    row = torch.cat(docs)[None]
+    positions = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    targets = torch.cat([torch.cat([d[1:], torch.tensor([-100])]) for d in docs])[None]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FlexAttention warns that it is not compiled on the CPU
+        packed = m(row, positions=positions)
+        alone = torch.cat([m(d[None]) for d in docs], dim=1)
+        assert rel_err(packed, alone) < 1e-5
+        assert not torch.allclose(m(row)[:, 11:], alone[:, 11:], atol=1e-3)  # without: different
+        loss = m(row, targets, positions=positions, reduction="sum")
+        ref = sum(torch.nn.functional.cross_entropy(m(d[None])[0, :-1], d[1:], reduction="sum") for d in docs)
+    assert abs(loss.item() - ref.item()) / ref.item() < 1e-5
