@@ -365,9 +365,9 @@ def _train(c):
               f"{c.device}; global batch {c.batch_size * c.grad_accum * c.world} x {c.seq_len} tokens; "
               f"doc_mask {c.doc_mask}; writing {c.out_dir}", file=sys.stderr)
 
-    # Ctrl-C: finish the step in flight, save, exit (a second Ctrl-C while saving is ignored).
+    # Ctrl-C (or a scheduler's SIGTERM): finish the step in flight, save, exit.
     interrupted = []
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    previous = {sig: signal.signal(sig, lambda *_: interrupted.append(True)) for sig in (signal.SIGINT, signal.SIGTERM)}
     step, last_saved, t_start = start_step, start_step, time.time()
     step_tokens = c.batch_size * c.seq_len * c.grad_accum * c.world
     raw.train()
@@ -411,7 +411,8 @@ def _train(c):
                     save_checkpoint(c.out_dir, c.kind, raw, optimizer, step, train_loader, config, tok_path)
                 last_saved = step
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if step > last_saved or step == 0:
         check_finite(c, step, weights=all(bool(torch.isfinite(p).all()) for p in raw.parameters()))
     if master and (step > last_saved or step == 0):

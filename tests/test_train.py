@@ -106,7 +106,8 @@ def test_token_weighted_accumulation_equals_one_large_batch(instruct_data, tmp_p
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), name
 
 
-def test_ctrl_c_then_resume_continues_exactly(text_data, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_then_resume_continues_exactly(text_data, tmp_path, sig):
     common = [*TINY, "--data", text_data, "--max_steps", "150", "--eval_every", "50", "--save_every", "1000",
               "--batch_size", "2"]
     train(*common, "--out_dir", tmp_path / "straight")
@@ -116,7 +117,7 @@ def test_ctrl_c_then_resume_continues_exactly(text_data, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and (not logfile.exists() or len(logfile.read_text().splitlines()) < 10):
         time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     if proc.returncode == 0:
         pytest.skip("the run finished before Ctrl-C arrived")
