@@ -194,9 +194,11 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
-        self.cache_k = self.cache_v = None  # (B_max, n_kv_heads, max_seq_len, head_dim) when decoding
+        # The KV cache, (B_max, n_kv_heads, cache_len, head_dim) while decoding (setup_cache).
+        self.register_buffer("cache_k", None, persistent=False)
+        self.register_buffer("cache_v", None, persistent=False)
 
-    def forward(self, x, rope, start_pos=None, mask=None):
+    def forward(self, x, rope, cache_pos=None, mask=None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -204,12 +206,13 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
 
-        if start_pos is not None:
-            # Decoding: write this chunk's keys and values into the cache, attend over all so far.
-            self.cache_k[:B, :, start_pos : start_pos + T] = k
-            self.cache_v[:B, :, start_pos : start_pos + T] = v
-            k = self.cache_k[:B, :, : start_pos + T]
-            v = self.cache_v[:B, :, : start_pos + T]
+        if cache_pos is not None:
+            # Decoding: store this chunk's keys and values at their positions, then attend over the
+            # whole cache; the mask hides the slots not written yet. Every step then has the same
+            # shapes, which is what lets torch.compile / CUDA graphs capture one decode step.
+            self.cache_k[:B].index_copy_(2, cache_pos, k.to(self.cache_k.dtype))
+            self.cache_v[:B].index_copy_(2, cache_pos, v.to(self.cache_v.dtype))
+            k, v = self.cache_k[:B], self.cache_v[:B]
 
         # Grouped-query attention: each group of n_heads/n_kv_heads query heads shares one key/value
         # head; SDPA broadcasts them (enable_gqa) instead of us copying k and v.
@@ -244,8 +247,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, rope, start_pos=None, mask=None):
-        h = x + self.attention(self.attention_norm(x), rope, start_pos, mask)
+    def forward(self, x, rope, cache_pos=None, mask=None):
+        h = x + self.attention(self.attention_norm(x), rope, cache_pos, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -308,39 +311,45 @@ class Transformer(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------
 
-    def forward(self, tokens, targets=None, start_pos: Optional[int] = None, positions=None,
-                reduction: str = "mean"):
+    def forward(self, tokens, targets=None, start_pos=None, positions=None, reduction: str = "mean"):
         """tokens (B, T) int64 -> logits (B, T, vocab), or the cross-entropy over targets != -100
         (mean, or with reduction="sum" the sum, which the trainer normalises across micro-steps).
 
-        start_pos: None for a plain causal pass (training, scoring); an int when decoding with the
-        KV cache (setup_cache first): the tokens sit at positions start_pos .. start_pos+T-1.
+        start_pos: None for a plain causal pass (training, scoring); when decoding with the KV cache
+        (setup_cache first), the position of tokens[:, 0] (an int, or a tensor so that a compiled
+        decode step is not specialised to each position).
         positions: (B, T) position of each token inside its own document, restarting at 0 where a
         document starts (packed training rows); attention then stays inside each document.
         """
         B, T = tokens.shape
-        first = start_pos or 0
-        if first + T > self.args.max_seq_len:
-            raise ValueError(f"sequence of {first + T} tokens exceeds max_seq_len {self.args.max_seq_len}")
         if self.rope.device != tokens.device or self.rope.is_meta:
             self.reset_rope()
-        mask = None
-        if positions is not None:
+        mask, cache_pos = None, None
+        if start_pos is not None:
+            cache = self.layers[0].attention.cache_k
+            if cache is None:
+                raise RuntimeError("decoding with start_pos needs setup_cache() first")
+            if isinstance(start_pos, int) and start_pos + T > cache.shape[2]:
+                raise ValueError(f"positions up to {start_pos + T} exceed the KV cache of {cache.shape[2]}")
+            cache_pos = start_pos + torch.arange(T, device=tokens.device)
+            rope = self.rope[cache_pos]
+            # query at position p sees cache slots 0..p
+            mask = torch.arange(cache.shape[2], device=tokens.device)[None, :] <= cache_pos[:, None]
+        elif positions is not None:
             rope = self.rope[positions]  # (B, T, head_dim/2, 2): each document starts at angle 0
             mask = document_mask(positions)
         else:
-            rope = self.rope[first : first + T]
-        if start_pos is not None and start_pos > 0 and T > 1:
-            # A chunk after a filled cache: query i sees every cached key and keys up to itself.
-            mask = torch.ones(T, first + T, dtype=torch.bool, device=tokens.device).tril(diagonal=first)
+            if T > self.args.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.args.max_seq_len}")
+            rope = self.rope[:T]
 
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
                 # keep only each layer's input; recompute its insides during backward
-                h = torch.utils.checkpoint.checkpoint(layer, h, rope, start_pos, mask, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(layer, h, rope, cache_pos, mask, use_reentrant=False)
             else:
-                h = layer(h, rope, start_pos, mask)
+                h = layer(h, rope, cache_pos, mask)
         h = self.norm(h)
         if targets is None:
             return self.output(h).float()

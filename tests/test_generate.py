@@ -145,3 +145,16 @@ def test_cli_bad_input_is_one_clear_line(llama3_ckpt, args, message):
     assert "Traceback" not in out.stderr
     lines = [line for line in out.stderr.splitlines() if line.startswith("generate.py:")]
     assert len(lines) == 1 and message in lines[0], out.stderr
+
+
+def test_compiled_decode_step_gives_the_same_tokens(tiny):
+    _, m = tiny
+    prompts = [[5, 17, 99], [1, 2, 3, 4, 5, 6, 7]]
+    eager = generate.generate(m, prompts, max_new_tokens=8, temperature=0)
+    previous = model.set_kernels(None)
+    try:
+        step = generate.compile_decode_step(m)
+        compiled = generate.generate(m, prompts, max_new_tokens=8, temperature=0, decode_step=step)
+    finally:
+        model.set_kernels(previous)
+    assert compiled == eager
