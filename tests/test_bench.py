@@ -1,0 +1,107 @@
+"""bench.py's harness on the CPU at tiny shapes: every subcommand runs, prints its table (our figure, the
+reference's and the ratio) and writes --json that parses. Nothing here asserts a speed: CPU figures are
+not claims, and the GPU figures live in BENCHMARKS.md."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROW_KEYS = {"case", "metric", "ours", "vs", "reference", "ratio"}
+HF = all(importlib.util.find_spec(m) is not None for m in ("transformers", "peft"))
+TINY_KERNELS = ["kernels", "--tokens", "16", "--dim", "64", "--hidden", "128", "--heads", "4", "--kv_heads", "2",
+                "--head_dim", "16", "--vocab", "512", "--ce_tokens", "16", "--warmup", "0", "--iters", "1"]
+
+
+def bench(tmp_path, *argv, env=None):
+    out = tmp_path / "rows.json"
+    environ = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LLAMA_KERNELS")}
+    proc = subprocess.run([sys.executable, "bench.py", *argv, "--json", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**environ, **(env or {})})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    lines = proc.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("case"))
+    columns = header.split()
+    assert columns[:3] == ["case", "metric", "ours"] and columns[-1] == "ratio" and "reference" in columns
+    assert {"subcommand", "command", "device", "versions", "date", "claims", "rows", "notes"} <= set(record)
+    assert record["subcommand"] == argv[0] and record["claims"] is False
+    assert record["rows"] and all(ROW_KEYS <= set(row) for row in record["rows"])
+    for row in record["rows"]:  # each row is printed, naming its reference stack
+        assert any(line.startswith(row["case"]) and row["vs"] in line for line in lines)
+    assert "not claims" in proc.stdout
+    return proc.stdout, record
+
+
+def number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def test_train(tmp_path):
+    stdout, record = bench(tmp_path, "train", "--model", "tiny", "--seq_len", "32", "--steps", "2", "--warmup", "1",
+                           "--iters", "1")
+    rows = {row["metric"]: row for row in record["rows"]}
+    assert {"tokens/s", "step ms", "MFU % of measured matmul", "peak GiB"} <= set(rows)
+    assert rows["tokens/s"]["vs"] == "transformers+peft" and number(rows["tokens/s"]["ours"])
+    if HF:
+        assert number(rows["tokens/s"]["reference"]) and number(rows["tokens/s"]["ratio"])
+    else:
+        assert "not installed" in rows["tokens/s"]["reference"]
+    assert "FLOPs/token = 4N" in stdout and "12*L*H*Q*T" in stdout
+
+
+def test_train_full_without_reference(tmp_path):
+    _, record = bench(tmp_path, "train", "--model", "tiny", "--full", "--seq_len", "16", "--steps", "1",
+                      "--warmup", "0", "--iters", "1", "--no_reference")
+    row = record["rows"][0]
+    assert row["vs"] == "transformers" and number(row["ours"]) and row["ratio"] is None
+    assert "not run" in row["reference"]
+
+
+def test_decode(tmp_path):
+    stdout, record = bench(tmp_path, "decode", "--model", "tiny", "--new_tokens", "16", "--prompt_len", "8",
+                           "--warmup", "0", "--iters", "1")
+    rows = {row["metric"]: row for row in record["rows"]}
+    assert set(rows) == {"decode tokens/s", "% of roofline"} and number(rows["decode tokens/s"]["ours"])
+    reference = rows["decode tokens/s"]["reference"]
+    if HF:  # transformers' decode time is a difference of two timings: a loaded CPU may swamp it
+        assert number(reference) and number(rows["decode tokens/s"]["ratio"]) or reference.startswith("n/a")
+    assert "roofline = batch x copy bandwidth / weight bytes" in stdout
+
+
+def test_kernels_triton_interpreter(tmp_path):
+    _, record = bench(tmp_path, *TINY_KERNELS, env={"TRITON_INTERPRET": "1"})
+    cases = {row["case"] for row in record["rows"]}
+    for op in ("rmsnorm", "rope", "swiglu"):
+        assert {f"{op} fwd T=16", f"{op} bwd T=16"} <= cases
+    assert "linear+CE N=16 V=512 D=64" in cases
+    for row in record["rows"]:
+        if row["metric"] != "peak MiB":  # memory is measured on CUDA only
+            assert number(row["ours"]) and number(row["reference"]) and number(row["ratio"])
+    assert all(number(row["% copy"]) for row in record["rows"] if row["metric"] == "ms")
+
+
+def test_kernels_without_triton_times_the_references_only(tmp_path):
+    stdout, record = bench(tmp_path, *TINY_KERNELS)
+    assert all(row["ours"] is None and row["ratio"] is None for row in record["rows"])
+    assert all(number(row["reference"]) for row in record["rows"] if row["metric"] != "peak MiB")
+    assert "Triton path not run" in stdout
+
+
+def test_prepare(tmp_path):
+    stdout, record = bench(tmp_path, "prepare", "--mb", "0.2", "--workers", "2", "--warmup", "0", "--iters", "1")
+    row = record["rows"][0]
+    assert row["metric"] == "tokens/s" and "tiktoken" in row["vs"]
+    assert number(row["ours"]) and number(row["reference"]) and number(row["ratio"])
+    assert "token counts agree" in stdout
+
+
+def test_bad_flags_stop_with_one_line():
+    for argv in (["train", "--bogus", "1"], ["decode", "--model", "llama9"], [], ["kernels", "--tokens", "x"]):
+        proc = subprocess.run([sys.executable, "bench.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 2, (argv, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("bench.py: ")
+        assert proc.stdout == ""
