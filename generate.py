@@ -124,17 +124,26 @@ def compile_decode_step(model):
     return torch.compile(model, mode=mode, fullgraph=True, dynamic=False)
 
 
+def completion_text(tok, prompt, ids):
+    """The text the new tokens add to the prompt. Decoded after the prompt, not alone: sentencepiece
+    drops a word-initial space at the start of a decode, so " with" would print as "with"."""
+    return tok.decode(list(prompt) + list(ids))[len(tok.decode(list(prompt))) :]
+
+
 class Streamer:
     """Prints a completion as it grows. Decoding the whole tail each time (not token by token) keeps
-    multi-byte characters and sentencepiece's word-initial spaces right; a trailing U+FFFD means the
-    last token ended mid-character, so that part waits for the next token."""
+    multi-byte characters and word-initial spaces right; a trailing U+FFFD means the last token
+    ended mid-character, so that part waits for the next token."""
 
-    def __init__(self, tok, out=sys.stdout):
-        self.tok, self.out, self.ids, self.printed = tok, out, [], 0
+    def __init__(self, tok, prompt, out=sys.stdout):
+        self.tok, self.out, self.printed = tok, out, 0
+        self.context = list(prompt[-8:])  # a few prompt tokens are enough context for the spacing
+        self.ids = list(self.context)
+        self.offset = len(tok.decode(self.context))
 
     def __call__(self, row, token):
         self.ids.append(token)
-        text = self.tok.decode(self.ids)
+        text = self.tok.decode(self.ids)[self.offset :]
         if text.endswith("\ufffd"):
             return
         self.out.write(text[self.printed :])
@@ -142,7 +151,7 @@ class Streamer:
         self.printed = len(text)
 
     def finish(self):
-        text = self.tok.decode(self.ids)
+        text = self.tok.decode(self.ids)[self.offset :]
         self.out.write(text[self.printed :] + "\n")
         self.out.flush()
 
@@ -232,7 +241,7 @@ def main(ckpt_dir: str = None, prompt: str = None, prompts_file: str = None, ada
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
         torch.manual_seed(seed)
-    streamer = Streamer(tok) if len(prompts) == 1 else None
+    streamer = Streamer(tok, prompts[0]) if len(prompts) == 1 else None
 
     timings = {}
     step = compile_decode_step(model) if compile else None
@@ -242,8 +251,8 @@ def main(ckpt_dir: str = None, prompt: str = None, prompts_file: str = None, ada
     if streamer is not None:
         streamer.finish()
     else:
-        for text, ids in zip(texts, completions):
-            print(json.dumps({"prompt": text, "completion": tok.decode(ids)}, ensure_ascii=False))
+        for text, prompt, ids in zip(texts, prompts, completions):
+            print(json.dumps({"prompt": text, "completion": completion_text(tok, prompt, ids)}, ensure_ascii=False))
     n_prompt, n_new = sum(map(len, prompts)), sum(map(len, completions))
     prefill, decode = timings["prefill"], max(timings["decode"], 1e-9)
     print(f"prompt: {n_prompt} tokens in {prefill:.2f}s ({n_prompt / prefill:.1f} tokens/s); "

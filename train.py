@@ -35,7 +35,7 @@ DEMO_OUT = os.path.join(ROOT, "out", "demo")
 # The demo model: small enough for 2 CPU cores to train in a few minutes, big enough to learn the
 # structure of ICD-10-CM entries.
 DEMO = dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, seq_len=256, batch_size=8, max_steps=800,
-            lr=2e-3, eval_every=100, eval_steps=10, save_every=200, sample_prompt="E11.9")
+            lr=2e-3, eval_every=100, eval_steps=10, save_every=200, sample_prompt="J45 Asthma")
 # bf16 dense peak of the GPUs we know, for MFU; other devices print no MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
 
@@ -249,6 +249,7 @@ def main(ckpt_dir: str = None, data: str = None, out_dir: str = None, lora_rank:
          eval_every: int = 100, eval_steps: int = 20, sample_prompt: str = None, save_every: int = 500,
          resume: bool = False, seed: int = 1337, doc_mask: bool = None, activation_checkpointing: bool = False,
          compile: bool = False, mlflow: bool = True, mlflow_experiment: str = "llama", device: str = None,
+         overwrite: bool = False,
          dim: int = 512, n_layers: int = 8, n_heads: int = 8, n_kv_heads: int = None, multiple_of: int = 64,
          ffn_dim_multiplier: float = None, norm_eps: float = 1e-5, rope_theta: float = 10000.0):
     """Train a Llama.
@@ -270,6 +271,7 @@ def main(ckpt_dir: str = None, data: str = None, out_dir: str = None, lora_rank:
         sample_prompt: if given, also print a short greedy sample at each evaluation.
         save_every: checkpoint every N steps (and always at the end and on Ctrl-C).
         resume: continue from the checkpoint in --out_dir exactly where it stopped.
+        overwrite: start afresh even though --out_dir holds a checkpoint (the demo always does).
         doc_mask: keep attention inside each document (default: on for instruction/chat shards).
         activation_checkpointing: recompute each layer in backward to save memory.
         compile: torch.compile the model.
@@ -280,7 +282,7 @@ def main(ckpt_dir: str = None, data: str = None, out_dir: str = None, lora_rank:
     if c.demo:  # the demo's data and sizes, except where the user set a flag
         given = {a[2:].split("=")[0].replace("-", "_") for a in sys.argv[1:] if a.startswith("--")}
         vars(c).update({k: v for k, v in DEMO.items() if k not in given})
-        c.data, c.out_dir = DEMO_DATA, out_dir or DEMO_OUT
+        c.data, c.out_dir, c.overwrite = DEMO_DATA, out_dir or DEMO_OUT, True
     if c.data is None:
         raise UsageError("--data is required with --ckpt_dir (token shards from python -m data.prepare)")
     if c.lora_rank and not c.ckpt_dir:
@@ -295,6 +297,9 @@ def main(ckpt_dir: str = None, data: str = None, out_dir: str = None, lora_rank:
     if c.warmup_steps is None:
         c.warmup_steps = max(1, c.max_steps // 20)
 
+    if not c.resume and not c.overwrite and find_checkpoint(c.out_dir, c.kind):
+        raise UsageError(f"{os.path.join(c.out_dir, c.kind)} holds a checkpoint: --resume to continue it, "
+                         f"--overwrite to start afresh, or another --out_dir")
     if c.demo and not os.path.exists(os.path.join(c.data, "meta.json")):
         from data import prepare
 
@@ -480,12 +485,12 @@ def resume(c, raw, optimizer, train_loader):
 
 
 def sample(raw, tok, prompt, max_new_tokens=48):
-    from generate import generate
+    from generate import completion_text, generate
 
-    ids = generate(raw, [tok.encode(prompt, bos=True, eos=False)], max_new_tokens, temperature=0,
-                   stop_ids=tok.stop_ids)[0]
+    prompt_ids = tok.encode(prompt, bos=True, eos=False)
+    ids = generate(raw, [prompt_ids], max_new_tokens, temperature=0, stop_ids=tok.stop_ids)[0]
     raw.train()
-    return (prompt + tok.decode(ids)).replace("\n", " / ")
+    return (prompt + completion_text(tok, prompt_ids, ids)).replace("\n", " / ")
 
 
 if __name__ == "__main__":

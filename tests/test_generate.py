@@ -109,7 +109,7 @@ def test_cli_greedy_prints_only_the_completion(llama3_ckpt):
     m = model.load(llama3_ckpt)
     ids = generate.generate(m, [tok.encode("Pt c/o SOB", bos=True, eos=False)], 8, temperature=0,
                             stop_ids=tok.stop_ids)[0]
-    assert out.stdout == tok.decode(ids) + "\n"
+    assert out.stdout == generate.completion_text(tok, tok.encode("Pt c/o SOB", bos=True, eos=False), ids) + "\n"
     assert "tokens/s" in out.stderr
 
 

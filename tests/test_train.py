@@ -229,3 +229,25 @@ def test_generate_takes_the_trained_adapter(base_ckpt, instruct_data, tmp_path):
                           "--max_new_tokens", "5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "tokens/s" in out.stderr
+
+
+def test_demo_runs_out_of_the_box(tmp_path):
+    """`python train.py` with no data or checkpoint: the ICD-10-CM demo (prepared on first use),
+    here cut to a few steps; generate.py then samples from what it saved."""
+    out = train("--max_steps", "3", "--eval_every", "3", "--eval_steps", "1", "--out_dir", tmp_path, "--mlflow", "false")
+    assert "from scratch" in out.stderr and "sample:" in out.stdout
+    assert os.path.exists(os.path.join(ROOT, "shards", "icd10cm", "meta.json"))
+    records = log(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3] and "val_loss" in records[-1]
+    gen = subprocess.run([sys.executable, "generate.py", "--ckpt_dir", str(tmp_path / "model"), "--prompt", "E11",
+                          "--max_new_tokens", "8", "--seed", "0"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert gen.returncode == 0, gen.stderr
+
+
+def test_an_existing_checkpoint_is_not_overwritten_by_accident(text_data, tmp_path):
+    common = [*TINY, "--data", text_data, "--out_dir", tmp_path, "--max_steps", "2", "--eval_every", "2"]
+    train(*common)
+    before = (tmp_path / "model" / "consolidated.00.pth").read_bytes()
+    _one_line_error(train(*common, "--lr", "1e-2", check=False), "--resume to continue it")
+    assert (tmp_path / "model" / "consolidated.00.pth").read_bytes() == before
+    train(*common, "--overwrite")
