@@ -214,7 +214,7 @@ def evaluate(model, loader, steps, world, autocast, doc_mask):
 # The run
 
 
-def build_model(ckpt_dir, data_meta, arch, seq_len, device, lora_cfg, seed):
+def build_model(ckpt_dir, data_meta, arch, seq_len, device, lora_cfg):
     """Returns (model, tokenizer_path). A checkpoint is loaded as is; otherwise a fresh model with
     the vocabulary of the shards."""
     if ckpt_dir:
@@ -230,7 +230,6 @@ def build_model(ckpt_dir, data_meta, arch, seq_len, device, lora_cfg, seed):
             raise UsageError(f"--ckpt_dir {ckpt_dir}: no tokenizer.model beside the weights")
     else:
         args = llama.ModelArgs(vocab_size=data_meta["vocab_size"], max_seq_len=seq_len, **arch)
-        torch.manual_seed(seed)
         m = llama.Transformer(args).to(device)
         m.init_weights()
         tok_path = None
@@ -327,7 +326,15 @@ def _train(c):
     arch = dict(dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
                 multiple_of=c.multiple_of, ffn_dim_multiplier=c.ffn_dim_multiplier, norm_eps=c.norm_eps,
                 rope_theta=c.rope_theta)
-    raw, tok_path = build_model(c.ckpt_dir, data_meta, arch, c.seq_len, c.device, lora_cfg, c.seed)
+    resume_from = None
+    if c.resume:
+        resume_from = find_checkpoint(c.out_dir, c.kind)
+        if resume_from is None:
+            raise UsageError(f"--resume: no checkpoint in {os.path.join(c.out_dir, c.kind)}")
+    # a full or from-scratch run resumes from its own saved weights: no need to read the base too
+    source = resume_from if c.kind == "model" and resume_from else c.ckpt_dir
+    torch.manual_seed(c.seed)  # the same initial weights (and LoRA A matrices) on every rank
+    raw, tok_path = build_model(source, data_meta, arch, c.seq_len, c.device, lora_cfg)
     tok_path = tok_path or os.path.join(c.data, "tokenizer.model")
     tok = llama_tokenizer.load(tok_path)
     # shards made with another tokenizer than the checkpoint's are refused here, before any step
@@ -343,10 +350,10 @@ def _train(c):
     optimizer = make_optimizer(raw, c.lr, c.weight_decay, (c.beta1, c.beta2), c.device)
 
     start_step = 0
-    if c.resume:
-        start_step = resume(c, raw, optimizer, train_loader)
+    if resume_from:
+        start_step = resume(c, resume_from, raw, optimizer, train_loader)
         if master:
-            print(f"resuming at step {start_step}", file=sys.stderr)
+            print(f"resuming from {resume_from} at step {start_step}", file=sys.stderr)
 
     model = torch.compile(raw) if c.compile else raw
     if c.world > 1:
@@ -384,6 +391,9 @@ def _train(c):
             lr_now = lr_at(step, c.max_steps, c.lr, c.warmup_steps, c.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr_now
+            # Dropout draws from a generator seeded by (seed, rank, step): a resumed run, on any
+            # number of ranks, draws exactly what an uninterrupted one would.
+            torch.manual_seed(hash((c.seed, c.rank, step)) & 0xFFFF_FFFF)
             loss_value, n_targets = train_step(c, model, train_loader, autocast)
             trainable = [p for p in raw.parameters() if p.requires_grad]
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, c.grad_clip if c.grad_clip > 0 else float("inf"))
@@ -465,19 +475,14 @@ def train_step(c, model, loader, autocast):
     return all_reduce_sum(loss_sum, c.world).item() / max(n_targets, 1), n_targets
 
 
-def resume(c, raw, optimizer, train_loader):
-    path = find_checkpoint(c.out_dir, c.kind)
-    if path is None:
-        raise UsageError(f"--resume: no checkpoint in {os.path.join(c.out_dir, c.kind)}")
+def resume(c, path, raw, optimizer, train_loader):
+    """Restore optimizer, loader position and RNG (and a LoRA run's adapter; a full run's weights
+    were loaded from the checkpoint already); returns the step to continue from."""
     state = torch.load(os.path.join(path, "train_state.pt"), map_location=c.device, weights_only=True)
     if c.kind == "adapter":
         import lora
 
         lora.load_adapter(raw, path)
-    else:
-        saved = llama.load(path, device=c.device, dtype=raw.tok_embeddings.weight.dtype)
-        raw.load_state_dict(saved.state_dict())
-        del saved
     optimizer.load_state_dict(state["optimizer"])
     train_loader.load_state_dict(state["loader"])
     set_rng_state(state["rng"])

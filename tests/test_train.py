@@ -106,10 +106,12 @@ def test_token_weighted_accumulation_equals_one_large_batch(instruct_data, tmp_p
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), name
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_then_resume_continues_exactly(text_data, tmp_path, sig):
+@pytest.mark.parametrize("sig, lora", [(signal.SIGINT, False), (signal.SIGTERM, True)])
+def test_ctrl_c_then_resume_continues_exactly(text_data, base_ckpt, tmp_path, sig, lora):
     common = [*TINY, "--data", text_data, "--max_steps", "150", "--eval_every", "50", "--save_every", "1000",
               "--batch_size", "2"]
+    if lora:  # an adapter on a frozen base, with dropout: the RNG state must come back too
+        common += ["--ckpt_dir", base_ckpt, "--lora_rank", "4", "--lora_dropout", "0.1"]
     train(*common, "--out_dir", tmp_path / "straight")
     proc = subprocess.Popen([sys.executable, "train.py", *map(str, common), "--out_dir", str(tmp_path / "cut")],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -125,7 +127,7 @@ def test_ctrl_c_then_resume_continues_exactly(text_data, tmp_path, sig):
     assert "continue with --resume" in err
     stopped = len(losses(tmp_path / "cut"))
     assert 10 <= stopped < 150
-    state = torch.load(tmp_path / "cut" / "model" / "train_state.pt", weights_only=True)
+    state = torch.load(tmp_path / "cut" / ("adapter" if lora else "model") / "train_state.pt", weights_only=True)
     assert state["step"] == stopped
     train(*common, "--out_dir", tmp_path / "cut", "--resume")
     assert losses(tmp_path / "cut") == losses(tmp_path / "straight")
