@@ -299,15 +299,17 @@ def main(ckpt_dir: str = None, data: str = None, out_dir: str = None, lora_rank:
     if not c.resume and not c.overwrite and find_checkpoint(c.out_dir, c.kind):
         raise UsageError(f"{os.path.join(c.out_dir, c.kind)} holds a checkpoint: --resume to continue it, "
                          f"--overwrite to start afresh, or another --out_dir")
-    if c.demo and not os.path.exists(os.path.join(c.data, "meta.json")):
-        from data import prepare
-
-        print(f"preparing the demo corpus in {c.data} ...", file=sys.stderr)
-        if prepare.main(["--demo", "--out", c.data]) not in (None, 0):
-            raise TrainingError("preparing the demo corpus failed")
 
     c.rank, c.world, c.device = setup_distributed(c.device)
     try:
+        if c.demo and not os.path.exists(os.path.join(c.data, "meta.json")):
+            if c.rank == 0:  # one rank writes the corpus, the others wait for it
+                from data import prepare
+
+                print(f"preparing the demo corpus in {c.data} ...", file=sys.stderr)
+                prepare.main(["--demo", "--out", c.data])
+            if c.world > 1:
+                dist.barrier()
         _train(c)
     finally:
         if c.world > 1 and dist.is_initialized():
