@@ -2,13 +2,16 @@
 
 Shapes are small and deliberately awkward (dims that are not powers of two, row counts that are not
 multiples of any block, several chunks with a partial last one), since the interpreter is slow.
+On a GPU machine, LLAMA_TEST_DEVICE=cuda runs the same checks with the compiled kernels on CUDA.
 """
 
 import os
 
-# Before any kernel is compiled: model.py jit-compiles each kernel on its first launch, and that is
-# when triton reads TRITON_INTERPRET, so this holds even if another module imported triton first.
-os.environ["TRITON_INTERPRET"] = "1"
+DEVICE = os.environ.get("LLAMA_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    # Before any kernel is compiled: model.py jit-compiles each kernel on its first launch, and that
+    # is when triton reads TRITON_INTERPRET, so this holds even if another module imported triton first.
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import importlib.util  # noqa: E402
 import subprocess  # noqa: E402
@@ -42,10 +45,10 @@ def run(kind, fn, inputs, dy=None, grad=None):
     previous = model.set_kernels(kind)
     try:
         grad = grad or [x.is_floating_point() for x in inputs]
-        leaves = [x.detach().clone().requires_grad_(g) for x, g in zip(inputs, grad)]
+        leaves = [x.detach().to(DEVICE).clone().requires_grad_(g) for x, g in zip(inputs, grad)]
         out = fn(*leaves)
-        out.backward(torch.ones_like(out) if dy is None else dy.to(out.dtype))
-        return [out.detach()] + [x.grad for x, g in zip(leaves, grad) if g]
+        out.backward(torch.ones_like(out) if dy is None else dy.to(out.device, out.dtype))
+        return [out.detach().cpu()] + [x.grad.cpu() for x, g in zip(leaves, grad) if g]
     finally:
         model.set_kernels(previous)
 
@@ -97,7 +100,8 @@ def test_rms_norm(dtypes):
     x, w = 3 * torch.randn(2, 37, 100, generator=g), 1 + 0.1 * torch.randn(100, generator=g)
     check(lambda x, w: model.rms_norm(x, w, 1e-5), [x, w], dtypes)
     # the interpreter really ran: kernels were compiled with TRITON_INTERPRET=1 in effect
-    assert type(model._rms_norm_fwd.jitted).__name__ == "InterpretedFunction"
+    if DEVICE == "cpu":
+        assert type(model._rms_norm_fwd.jitted).__name__ == "InterpretedFunction"
 
 
 def _rope_table():
@@ -110,11 +114,11 @@ def _rope_table():
 @pytest.mark.parametrize("layout", ["table", "positions", "strided"])
 def test_rope(dtype, layout):
     g = torch.Generator().manual_seed(1)
-    table = _rope_table()
+    table = _rope_table().to(DEVICE)
     if layout == "table":  # a window of positions, as when decoding after a cache
         x, fn = torch.randn(2, 37, 3, 24, generator=g), lambda x: model.apply_rope(x, table[5:42])
     elif layout == "positions":  # packed rows: each token's own position
-        rope = table[torch.randint(0, 128, (2, 37), generator=g)]
+        rope = table[torch.randint(0, 128, (2, 37), generator=g).to(DEVICE)]
         x, fn = torch.randn(2, 37, 3, 24, generator=g), lambda x: model.apply_rope(x, rope)
     else:  # a transposed view in, and a transposed gradient back, as attention gives
         x = torch.randn(2, 3, 37, 24, generator=g)
@@ -136,7 +140,7 @@ def _ce_inputs(seed=3, V=1000):
     targets = torch.randint(0, V, (2, 37), generator=g)
     targets[0, :9] = -100  # prompt tokens
     targets[1, -1] = -100
-    return h, w, targets
+    return h, w, targets.to(DEVICE)
 
 
 def _twin_ce(targets, reduction):
@@ -166,6 +170,7 @@ def test_linear_cross_entropy_frozen_and_no_grad():
         assert len(got) == 2 and all(rel_err(g, r) < 1e-5 for g, r in zip(got, ref))
     model.set_kernels("triton")
     with torch.no_grad():  # evaluation: the kernel writes no gradient
+        h, w = h.to(DEVICE), w.to(DEVICE)
         assert rel_err(fused(h, w), twin(h, w)) < 1e-5
 
 
@@ -174,7 +179,7 @@ def test_all_targets_ignored(kind):
     """A batch with no targets (a micro-step of prompt tokens only): mean is 0, not NaN, with zero
     gradients; sum is 0."""
     h, w, _ = _ce_inputs(V=300)
-    targets = torch.full((2, 37), -100)
+    targets = torch.full((2, 37), -100, device=DEVICE)
     for reduction in ("mean", "sum"):
         fn = lambda h, w: model.linear_cross_entropy(h, w, targets, reduction=reduction, chunk_size=32)  # noqa: E731
         loss, dh, dw = run(kind, fn, [h, w])
@@ -185,6 +190,7 @@ def test_all_targets_ignored(kind):
 @pytest.mark.parametrize("kind", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_sum_is_mean_times_targets(kind):
     h, w, targets = _ce_inputs(V=300)
+    h, w = h.to(DEVICE), w.to(DEVICE)
     model.set_kernels(kind)
     n = (targets != -100).sum()
     mean = model.linear_cross_entropy(h, w, targets)
@@ -202,7 +208,7 @@ def test_model_loss_and_every_gradient(variant, packed):
     """Transformer(tokens, targets): the loss and every parameter's gradient agree between
     LLAMA_KERNELS=torch and triton (llama3.2 adds the tied output and packed-row positions)."""
     torch.manual_seed(0)
-    m = model.Transformer(VARIANTS[variant]["args"])
+    m = model.Transformer(VARIANTS[variant]["args"]).to(DEVICE)
     if VARIANTS[variant]["tied"]:
         m.tie_weights()
     m.init_weights(std=0.08)
@@ -218,6 +224,8 @@ def test_model_loss_and_every_gradient(variant, packed):
     if packed:  # two documents in row 0: positions restart at 0
         kwargs["positions"] = torch.cat([torch.arange(20), torch.arange(17)]).repeat(2, 1)
         kwargs["positions"][1] = torch.arange(37)
+    tokens, targets = tokens.to(DEVICE), targets.to(DEVICE)
+    kwargs = {k: v.to(DEVICE) for k, v in kwargs.items()}
 
     results = {}
     for kind in ("torch", "triton"):
