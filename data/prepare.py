@@ -15,8 +15,13 @@ Text documents become BOS tokens EOS with every token a target. Instruct and cha
 through the tokenizer's chat layout (encode_dialog_targets): only assistant content and its end
 token are targets. Mask files are written for every shard when at least one token of the
 dataset is not a target, and for none otherwise (readers treat a missing mask as all ones).
+Docs files (NAME.docs, 1 where a document starts) are written for every shard exactly when mask
+files are, i.e. when the data holds instruction or chat records: Llama 2's chat layout puts a
+BOS before every exchange, so there BOS does not mark where a dialog starts. Plain text datasets
+get none (readers then start a document at each BOS, which is exact for text), so their
+files are exactly as before. meta.json says which: "has_mask", "has_docs".
 Shards hold exactly --shard_tokens tokens (the last one fewer): documents run across shard
-boundaries, and each mask file matches its shard token for token.
+boundaries, and each mask and docs file matches its shard token for token.
 
 Each document goes to val when a seeded hash of its content falls below --val_fraction, so the
 split streams, does not depend on --workers, and exact duplicates never straddle it. If that
@@ -340,8 +345,12 @@ def encode_all(docs, tokenizer_path, workers, seed):
 # writing
 
 
+SIDECARS = (".mask", ".docs")  # written beside every shard, removed at the end if not needed
+
+
 class SplitWriter:
-    """Appends documents to DIR/SPLIT_NNNNNN.bin (+ .mask), starting a new shard every shard_tokens."""
+    """Appends documents to DIR/SPLIT_NNNNNN.bin (+ .mask, .docs), starting a new shard every
+    shard_tokens."""
 
     def __init__(self, out_dir, split, vocab_size, shard_tokens, buffer_tokens=1 << 20):
         self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
@@ -366,6 +375,8 @@ class SplitWriter:
             return
         ids = np.concatenate([i for i, _ in self.buffer]).astype(self.dtype)
         mask = np.concatenate([m for _, m in self.buffer])
+        docs = np.zeros(len(ids), dtype=np.uint8)
+        docs[np.cumsum([0] + [len(i) for i, _ in self.buffer[:-1]])] = 1  # documents are never empty
         self.buffer, self.buffered = [], 0
         start = 0
         while start < len(ids):
@@ -374,6 +385,7 @@ class SplitWriter:
             n = min(len(ids) - start, self.shard_tokens - self.count)
             self.files[0].write(ids[start:start + n].tobytes())
             self.files[1].write(mask[start:start + n].tobytes())
+            self.files[2].write(docs[start:start + n].tobytes())
             self.count += n
             start += n
             if self.count == self.shard_tokens:
@@ -381,14 +393,15 @@ class SplitWriter:
 
     def _open(self):
         name = f"{self.split}_{len(self.shards):06d}"
-        self.names = [os.path.join(self.out_dir, name + ext) for ext in (".bin", ".mask")]
+        self.names = [os.path.join(self.out_dir, name + ext) for ext in (".bin",) + SIDECARS]
         self.files = [open(p, "wb") for p in self.names]
         for f in self.files:  # placeholder header, rewritten once the count is known
             f.write(shards.make_header(0, 0, 0))
         self.count = 0
 
     def _close(self):
-        formats = [(self.magic, self.version), (shards.MAGIC_MASK, shards.VERSION_MASK)]
+        formats = [(self.magic, self.version), (shards.MAGIC_MASK, shards.VERSION_MASK),
+                   (shards.MAGIC_DOCS, shards.VERSION_DOCS)]
         for f, (magic, version) in zip(self.files, formats):
             f.seek(0)
             f.write(shards.make_header(magic, version, self.count))
@@ -511,15 +524,19 @@ def prepare(corpus, out, tokenizer_path=None, vocab_size=None, val_fraction=0.00
             if h is not None:
                 writers[split].add(*h[1:])
         stats = {s: w.finish() for s, w in writers.items()}
-        has_mask = any(st["masked_tokens"] for st in stats.values())
+        # Instruction and chat records always mask their prompt, so has_mask says whether there
+        # are any, and docs files go with the masks.
+        has_mask = has_docs = any(st["masked_tokens"] for st in stats.values())
         if not has_mask:
             for st in stats.values():
                 for shard in st["shards"]:
-                    os.remove(os.path.join(tmp, shard["file"][: -len(".bin")] + ".mask"))
+                    for ext in SIDECARS:
+                        os.remove(os.path.join(tmp, shard["file"][: -len(".bin")] + ext))
         meta = {
             "format_version": FORMAT_VERSION,
             "vocab_size": tok.n_words, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
             "dtype": np.dtype(shards.token_format(tok.n_words)[2]).name, "has_mask": has_mask,
+            "has_docs": has_docs,
             "tokenizer": {"kind": tok.kind, "sha256": tok.sha256, "file": "tokenizer.model",
                           "source": f"trained (--vocab_size {vocab_size})" if vocab_size else source},
             "documents": sum(st["documents"] for st in stats.values()),

@@ -6,10 +6,15 @@ little-endian int32 ([0] magic, [1] version, [2] token count), then the tokens.
     magic 20240520, version 1: uint16 tokens (vocab <= 65536: Llama 2, small sentencepiece)
     magic 20240801, version 7: uint32 tokens (Llama 3)
     magic 20241123, version 1: NAME.mask sidecar, one uint8 per token, 1 = training target
+    magic 20241124, version 1: NAME.docs sidecar, one uint8 per token, 1 = a document starts here
 
 A split is the concatenation of its shards in name order (train_000000.bin, train_000001.bin,
 ...); documents may run across a shard boundary. A dataset has mask files for every shard or
-for none (none = every token is a target). DIR/meta.json describes the whole thing.
+for none (none = every token is a target), and likewise docs files (none = a document starts at
+every BOS token). A document is a whole record: a text, an instruction record or a whole dialog.
+Docs files exist because BOS is not always a document start: Llama 2's chat layout puts a BOS
+before every exchange of a dialog. DIR/meta.json describes the whole thing ("has_mask",
+"has_docs").
 """
 import json
 import os
@@ -22,11 +27,13 @@ HEADER_BYTES = HEADER_INTS * 4
 MAGIC_U16, VERSION_U16 = 20240520, 1
 MAGIC_U32, VERSION_U32 = 20240801, 7
 MAGIC_MASK, VERSION_MASK = 20241123, 1
+MAGIC_DOCS, VERSION_DOCS = 20241124, 1
 # (magic, version) -> element type of the payload
 FORMATS = {
     (MAGIC_U16, VERSION_U16): np.dtype("<u2"),
     (MAGIC_U32, VERSION_U32): np.dtype("<u4"),
     (MAGIC_MASK, VERSION_MASK): np.dtype("u1"),
+    (MAGIC_DOCS, VERSION_DOCS): np.dtype("u1"),
 }
 SPLITS = ("train", "val")
 
@@ -49,7 +56,7 @@ def make_header(magic, version, count):
 
 
 def read_header(path):
-    """(magic, version, count, dtype) of a shard or mask file, checked against its size."""
+    """(magic, version, count, dtype) of a shard, mask or docs file, checked against its size."""
     try:
         with open(path, "rb") as f:
             raw = f.read(HEADER_BYTES)
@@ -90,8 +97,14 @@ def write_mask(path, mask):
     _write_atomic(path, make_header(MAGIC_MASK, VERSION_MASK, mask.size), mask)
 
 
+def write_docs(path, docs):
+    """docs: one 0/1 per token of the shard, 1 where a document starts."""
+    docs = np.asarray(docs, dtype=np.uint8)
+    _write_atomic(path, make_header(MAGIC_DOCS, VERSION_DOCS, docs.size), docs)
+
+
 def open_shard(path):
-    """The payload of a shard or mask file as a read-only memmap (header checked)."""
+    """The payload of a shard, mask or docs file as a read-only memmap (header checked)."""
     _, _, count, dtype = read_header(path)
     if count == 0:
         return np.zeros(0, dtype=dtype)
@@ -112,21 +125,38 @@ def load_meta(data_dir):
 
 
 def shard_paths(data_dir, meta, split):
-    """[(tokens_path, mask_path or None)] of a split, in order, as meta.json lists them."""
+    """[(tokens_path, mask_path or None, docs_path or None)] of a split, in order, as meta.json
+    lists them."""
     if split not in meta["splits"]:
         raise ShardError(f"{data_dir}/meta.json: no '{split}' split")
     out = []
     for shard in meta["splits"][split]["shards"]:
         path = os.path.join(data_dir, shard["file"])
-        out.append((path, path[: -len(".bin")] + ".mask" if meta.get("has_mask") else None))
+        stem = path[: -len(".bin")]
+        out.append((path, stem + ".mask" if meta.get("has_mask") else None,
+                    stem + ".docs" if meta.get("has_docs") else None))
     return out
+
+
+def _check_sidecar(path, magic, what, count, shard_path):
+    """Open a mask or docs file that must hold `count` 0/1 values, one per token of shard_path."""
+    got, _, got_count, _ = read_header(path)
+    if got != magic:
+        raise ShardError(f"{path}: magic {got} is not a {what} file's ({magic})")
+    if got_count != count:
+        raise ShardError(f"{path}: {got_count} {what} entries for {count} tokens in {os.path.basename(shard_path)}")
+    values = open_shard(path)
+    if count and int(values.max()) > 1:
+        raise ShardError(f"{path}: {what} values must be 0 or 1")
+    return values
 
 
 def validate(data_dir, split=None, vocab_size=None, tokenizer_sha256=None):
     """Check every file of data_dir (or of one split) before training starts; return meta.
 
     Checks meta.json, each shard's magic/version/size, that the dtype fits the vocabulary, that
-    mask files exist where meta says so and align token for token, that every id is below
+    mask and docs files exist where meta says so, align token for token and hold only 0/1 (and
+    that each split's stream starts a document), that every id is below
     vocab_size (the model's; default the tokenizer's from meta.json) and, when given, that the
     shards were made with the tokenizer whose file has sha256 tokenizer_sha256.
     Raises ShardError naming the offending file.
@@ -145,7 +175,7 @@ def validate(data_dir, split=None, vocab_size=None, tokenizer_sha256=None):
         paths = shard_paths(data_dir, meta, name)
         if not paths:
             raise ShardError(f"{meta_path}: split '{name}' has no shards")
-        for (path, mask_path), info in zip(paths, meta["splits"][name]["shards"]):
+        for k, ((path, mask_path, docs_path), info) in enumerate(zip(paths, meta["splits"][name]["shards"])):
             magic, _, count, _ = read_header(path)
             if magic != expected_magic:
                 raise ShardError(f"{path}: magic {magic} does not match vocab size {meta['vocab_size']} (want {expected_magic})")
@@ -156,13 +186,11 @@ def validate(data_dir, split=None, vocab_size=None, tokenizer_sha256=None):
             if top >= limit:
                 raise ShardError(f"{path}: token id {top} is beyond the vocabulary size {limit}")
             if mask_path is not None:
-                mask_magic, _, mask_count, _ = read_header(mask_path)
-                if mask_magic != MAGIC_MASK:
-                    raise ShardError(f"{mask_path}: magic {mask_magic} is not a mask's ({MAGIC_MASK})")
-                if mask_count != count:
-                    raise ShardError(f"{mask_path}: {mask_count} mask entries for {count} tokens in {os.path.basename(path)}")
-                if mask_count and int(open_shard(mask_path).max()) > 1:
-                    raise ShardError(f"{mask_path}: mask values must be 0 or 1")
+                _check_sidecar(mask_path, MAGIC_MASK, "mask", count, path)
+            if docs_path is not None:
+                docs = _check_sidecar(docs_path, MAGIC_DOCS, "docs", count, path)
+                if k == 0 and count and docs[0] != 1:
+                    raise ShardError(f"{docs_path}: the split's first token does not start a document")
     return meta
 
 
@@ -188,9 +216,11 @@ class DataLoader:
 
     next_batch() returns Batch(inputs, targets, positions), int64 (batch_size, seq_len) CPU tensors:
     targets are the next tokens, -100 where the target token's mask is 0; positions count from 0
-    at the start of each row and restart at 0 on every BOS token (document start; Llama 2 chat
-    layouts put a BOS before every exchange, so there they restart per exchange). Use them for
-    RoPE positions and/or a document mask (a new document starts wherever positions == 0).
+    at the start of each row and restart at 0 at every document start: where the docs files say
+    one starts, or, for datasets without docs files (plain text, and datasets made before them),
+    on every BOS token. (Llama 2 chat layouts put a BOS before every exchange of a dialog; the
+    docs files keep a whole dialog one document.) Use them for RoPE positions and/or a document
+    mask (a new document starts wherever positions == 0).
     state_dict() holds `seq`; restoring it on any rank continues with the very next sequence.
     """
 
@@ -206,12 +236,13 @@ class DataLoader:
         self.shuffle = (split == "train") if shuffle is None else shuffle
         meta = load_meta(data_dir)
         self.bos_id = meta["bos_id"]
-        self.tokens, self.masks = [], []
-        for path, mask_path in shard_paths(data_dir, meta, split):
+        self.tokens, self.masks, self.docs = [], [], []
+        for path, mask_path, docs_path in shard_paths(data_dir, meta, split):
             self.tokens.append(open_shard(path))
-            self.masks.append(open_shard(mask_path) if mask_path else None)
-            if mask_path and len(self.masks[-1]) != len(self.tokens[-1]):
-                raise ShardError(f"{mask_path}: length differs from {path}")
+            for side_path, sides in ((mask_path, self.masks), (docs_path, self.docs)):
+                sides.append(open_shard(side_path) if side_path else None)
+                if side_path and len(sides[-1]) != len(self.tokens[-1]):
+                    raise ShardError(f"{side_path}: length differs from {path}")
         # starts[i] = offset of shard i in the concatenated stream
         self.starts = np.cumsum([0] + [len(t) for t in self.tokens])
         self.n_tokens = int(self.starts[-1])
@@ -241,29 +272,32 @@ class DataLoader:
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def window(self, g):
-        """(tokens, mask or None) of global sequence g: seq_len + 1 items each."""
+        """(tokens, mask or None, docs or None) of global sequence g: seq_len + 1 items each."""
         epoch, idx = divmod(g, self.n_windows)
         order = self._order(epoch)
         w = int(order[idx]) if order is not None else idx
         start, n = w * self.seq_len, self.seq_len + 1
         mask = self._read(self.masks, start, n) if self.masks[0] is not None else None
-        return self._read(self.tokens, start, n), mask
+        docs = self._read(self.docs, start, n) if self.docs[0] is not None else None
+        return self._read(self.tokens, start, n), mask, docs
 
     def next_batch(self):
         B, T = self.batch_size, self.seq_len
         buf = np.empty((B, T + 1), dtype=np.int64)
         targets = np.empty((B, T), dtype=np.int64)
+        doc_start = np.empty((B, T), dtype=bool)
         for i in range(B):
-            tokens, mask = self.window(self.seq + i * self.world_size + self.rank)
+            tokens, mask, docs = self.window(self.seq + i * self.world_size + self.rank)
             buf[i] = tokens
             targets[i] = tokens[1:]
             if mask is not None:
                 targets[i][mask[1:] == 0] = -100
+            doc_start[i] = docs[:T] == 1 if docs is not None else tokens[:T] == self.bos_id
         self.seq += B * self.world_size
         inputs = buf[:, :T]
         idx = np.broadcast_to(np.arange(T), (B, T))
-        # position = distance to the latest BOS at or before it (or to the row start)
-        last_start = np.maximum.accumulate(np.where(inputs == self.bos_id, idx, 0), axis=1)
+        # position = distance to the latest document start at or before it (or to the row start)
+        last_start = np.maximum.accumulate(np.where(doc_start, idx, 0), axis=1)
         positions = idx - last_start
         t = self._torch.from_numpy
         return Batch(t(np.ascontiguousarray(inputs)), t(targets), t(positions))

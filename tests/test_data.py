@@ -1,4 +1,5 @@
-"""data/prepare.py and data/shards.py: shard round trips, masks, the loader's determinism, refusals."""
+"""data/prepare.py and data/shards.py: shard round trips, masks, document starts, the loader's
+determinism, refusals."""
 import glob
 import json
 import os
@@ -47,19 +48,21 @@ def assert_one_line_error(rc, lines, *needles):
 
 
 def read_split(data_dir, split):
-    """(tokens, mask or None) of a whole split, concatenated over its shards."""
+    """(tokens, mask or None, docs or None) of a whole split, concatenated over its shards."""
     meta = shards.load_meta(data_dir)
-    toks, masks = [], []
-    for path, mask_path in shards.shard_paths(data_dir, meta, split):
+    toks, masks, docs = [], [], []
+    for path, mask_path, docs_path in shards.shard_paths(data_dir, meta, split):
         toks.append(np.asarray(shards.open_shard(path), dtype=np.int64))
         if mask_path:
             masks.append(np.asarray(shards.open_shard(mask_path)))
-    return np.concatenate(toks), (np.concatenate(masks) if masks else None)
+        if docs_path:
+            docs.append(np.asarray(shards.open_shard(docs_path)))
+    return np.concatenate(toks), (np.concatenate(masks) if masks else None), (np.concatenate(docs) if docs else None)
 
 
 def documents(data_dir, split, bos_id):
     """[(ids, mask)] of a split, cut at BOS tokens (one BOS per document for these tokenizers)."""
-    tokens, mask = read_split(data_dir, split)
+    tokens, mask, _ = read_split(data_dir, split)
     mask = np.ones_like(tokens, dtype=np.uint8) if mask is None else mask
     starts = list(np.flatnonzero(tokens == bos_id)) + [len(tokens)]
     assert starts[0] == 0
@@ -102,6 +105,7 @@ def test_roundtrip_sentencepiece_vocab(tmp_path):
     assert (meta["bos_id"], meta["eos_id"]) == (1, 2)
     assert meta["dtype"] == "uint16" and not meta["has_mask"] and meta["masked_tokens"] == 0
     assert not glob.glob(str(out / "*.mask"))  # plain text: every token is a target, no mask files
+    assert not meta["has_docs"] and not glob.glob(str(out / "*.docs"))  # and documents start at BOS
     assert shards.read_header(out / "train_000000.bin")[:2] == (shards.MAGIC_U16, shards.VERSION_U16)
     assert len(meta["splits"]["train"]["shards"]) > 1
     assert all(s["tokens"] == 700 for s in meta["splits"]["train"]["shards"][:-1])
@@ -172,11 +176,15 @@ def test_masks_on_answers_instruct_and_chat(tmp_path):
     prepare.main(["--input", str(src), "--out", str(out), "--tokenizer", LLAMA3, "--workers", "2",
                   "--val_fraction", "0.3", "--shard_tokens", "64"])
     meta = shards.validate(str(out))
-    assert meta["has_mask"] and meta["records"] == {"text": 1, "instruct": 14, "chat": 2}
+    assert meta["has_mask"] and meta["has_docs"] and meta["records"] == {"text": 1, "instruct": 14, "chat": 2}
     for split in ("train", "val"):
         for shard in meta["splits"][split]["shards"]:
             mask_path = out / shard["file"].replace(".bin", ".mask")
             assert shards.read_header(mask_path)[:3] == (shards.MAGIC_MASK, shards.VERSION_MASK, shard["tokens"])
+            docs_path = out / shard["file"].replace(".bin", ".docs")
+            assert shards.read_header(docs_path)[:3] == (shards.MAGIC_DOCS, shards.VERSION_DOCS, shard["tokens"])
+        tokens, _, docs = read_split(str(out), split)
+        assert (docs == (tokens == tok.bos_id)).all()  # Llama 3: one BOS per record, at its start
 
     got = Counter(doc for split in ("train", "val") for doc in documents(str(out), split, tok.bos_id))
     expected = Counter()
@@ -195,25 +203,102 @@ def test_masks_on_answers_instruct_and_chat(tmp_path):
     assert tok.decode(targets) == "R50.9<|eot_id|>R05.9<|eot_id|>"
 
 
+def chat_records(rng):
+    """Dialogs of 2 or 3 exchanges (one with a system prompt) and of a single exchange."""
+    records = []
+    for i, exchanges in enumerate([2, 3, 1, 3, 2, 1, 2]):
+        messages = [{"role": "system", "content": "Answer briefly."}] if i == 3 else []
+        for j in range(exchanges):
+            messages += [{"role": "user", "content": f"Q{i}.{j}: " + sentences(rng, rng.randint(3, 10))},
+                         {"role": "assistant", "content": f"A{i}.{j} " + sentences(rng, rng.randint(2, 8))}]
+        records.append({"messages": messages})
+    return records
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "llama3"])
+def test_multiturn_chat_positions_restart_per_dialog(tmp_path, kind):
+    """Llama 2's layout puts a BOS before every exchange of a dialog (Llama 3: one per dialog). The
+    .docs files keep the loader's positions, and so the trainer's document mask, running through
+    every exchange of a dialog and restarting only where the next dialog starts."""
+    records = chat_records(random.Random(4))
+    src = tmp_path / "chat.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    out = tmp_path / "out"
+    vocab = ["--vocab_size", "400"] if kind == "sentencepiece" else ["--tokenizer", LLAMA3]
+    prepare.main(["--input", str(src), "--out", str(out), *vocab, "--workers", "1", "--val_fraction", "0.3",
+                  "--shard_tokens", "50"])  # dialogs run across shard boundaries
+    meta = shards.validate(str(out))
+    assert meta["has_mask"] and meta["has_docs"] and meta["records"]["chat"] == len(records)
+    tok = tokenizer.load(str(out))
+    assert tok.kind == kind
+    encoded = [tok.encode_dialog_targets(r["messages"])[0] for r in records]
+    exchanges = [len(r["messages"]) // 2 for r in records]
+    assert [ids.count(tok.bos_id) for ids in encoded] == (exchanges if kind == "sentencepiece" else [1] * len(records))
+
+    for split in ("train", "val"):
+        tokens, _, docs = read_split(str(out), split)
+        # cut the split's stream into its dialogs by their known ids (no dialog's ids are a
+        # prefix of another's: their first questions differ)
+        lengths, at = [], 0
+        while at < len(tokens):
+            n = next(len(ids) for ids in encoded if tokens[at:at + len(ids)].tolist() == ids)
+            lengths.append(n)
+            at += n
+        assert len(lengths) == meta["splits"][split]["documents"]
+        assert docs.tolist() == [int(t == 0) for n in lengths for t in range(n)]
+        position = np.concatenate([np.arange(n) for n in lengths])  # of each token in its dialog
+
+        # one row holding the whole stream: positions count through every exchange of a dialog
+        x, _, pos = DataLoader(str(out), split, 1, len(tokens) - 1).next_batch()
+        assert pos[0].tolist() == position[:-1].tolist()
+        # the internal BOS of Llama 2's later exchanges is not a document start
+        assert bool(((x == tok.bos_id) & (pos > 0)).any()) == (kind == "sentencepiece")
+
+        # short rows, read in order: rows starting mid-dialog count from 0 at the row start
+        T = 24
+        n_windows = (len(tokens) - 1) // T
+        x, _, pos = DataLoader(str(out), split, n_windows, T, shuffle=False).next_batch()
+        for w in range(n_windows):
+            assert x[w].tolist() == tokens[w * T:w * T + T].tolist()
+            assert pos[w].tolist() == np.minimum(position[w * T:w * T + T], np.arange(T)).tolist()
+
+    # the same shards as made before .docs files existed: still valid, positions restart at BOS
+    for path in glob.glob(str(out / "*.docs")):
+        os.remove(path)
+    del meta["has_docs"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    shards.validate(str(out))
+    tokens = read_split(str(out), "train")[0]
+    x, _, pos = DataLoader(str(out), "train", 1, len(tokens) - 1).next_batch()
+    last_bos = np.maximum.accumulate(np.where(tokens[:-1] == tok.bos_id, np.arange(len(tokens) - 1), 0))
+    assert pos[0].tolist() == (np.arange(len(tokens) - 1) - last_bos).tolist()
+
+
 # ---------------------------------------------------------------------------------------------
 # the loader, on hand-made shards
 
 
-def make_dataset(path, docs, vocab_size=50, masks=None, shard_tokens=97, split_at=None):
-    """Write docs (lists of ids) as train/val shards plus meta.json; val gets docs[split_at:]."""
+def make_dataset(path, docs, vocab_size=50, masks=None, shard_tokens=97, split_at=None, with_docs=False):
+    """Write docs (lists of ids) as train/val shards plus meta.json; val gets docs[split_at:].
+    with_docs: write .docs files marking where each of docs starts (else: none, as before them)."""
     os.makedirs(path, exist_ok=True)
     split_at = len(docs) - 2 if split_at is None else split_at
     meta = {"format_version": 1, "vocab_size": vocab_size, "bos_id": 1, "eos_id": 2, "has_mask": masks is not None,
             "tokenizer": {"kind": "test", "sha256": "0" * 64}, "splits": {}}
+    if with_docs:
+        meta["has_docs"] = True
     for split, part in (("train", slice(0, split_at)), ("val", slice(split_at, None))):
         tokens = np.concatenate(docs[part])
         mask = np.concatenate(masks[part]) if masks is not None else None
+        starts = np.concatenate([[1] + [0] * (len(d) - 1) for d in docs[part]]).astype(np.uint8)
         infos = []
         for k, start in enumerate(range(0, len(tokens), shard_tokens)):
             name = f"{split}_{k:06d}"
             shards.write_shard(os.path.join(path, name + ".bin"), tokens[start:start + shard_tokens], vocab_size)
             if mask is not None:
                 shards.write_mask(os.path.join(path, name + ".mask"), mask[start:start + shard_tokens])
+            if with_docs:
+                shards.write_docs(os.path.join(path, name + ".docs"), starts[start:start + shard_tokens])
             infos.append({"file": name + ".bin", "tokens": len(tokens[start:start + shard_tokens])})
         meta["splits"][split] = {"documents": len(docs[part]), "tokens": len(tokens), "shards": infos}
     with open(os.path.join(path, "meta.json"), "w") as f:
@@ -230,7 +315,7 @@ def random_docs(n, seed=0, vocab_size=50):
 def dataset(tmp_path):
     docs = random_docs(60)
     masks = [np.array([0] * (len(d) // 2) + [1] * (len(d) - len(d) // 2), dtype=np.uint8) for d in docs]
-    return make_dataset(str(tmp_path / "ds"), docs, masks=masks), docs, masks
+    return make_dataset(str(tmp_path / "ds"), docs, masks=masks, with_docs=True), docs, masks
 
 
 def rows(batch):
@@ -316,6 +401,19 @@ def test_loader_targets_masks_positions(tmp_path):
     val.reset()
     assert val.next_batch()[0].tolist() == x.tolist()
 
+    # Llama 2 style dialogs, a BOS before each exchange: with .docs files positions run through
+    # the whole dialog; without them (datasets made before .docs) they restart at every BOS
+    dialogs = [np.array([1, 3, 2]), np.array([1, 5, 6, 2, 1, 7, 8, 2]), np.array([1, 9, 2]),
+               np.array([1, 3, 4, 2, 1, 5, 2, 1, 6, 2])]
+    for with_docs, want in ((True, [[0, 1, 2, 3, 4, 5, 6, 7, 0, 1], [0, 0, 1, 2, 3, 4, 5, 6, 7, 8]]),
+                            (False, [[0, 1, 2, 3, 0, 1, 2, 3, 0, 1], [0, 0, 1, 2, 3, 0, 1, 2, 0, 1]])):
+        path = make_dataset(str(tmp_path / f"dialogs_{with_docs}"), dialogs, split_at=1, shard_tokens=5,
+                            with_docs=with_docs)
+        shards.validate(path)
+        x, _, pos = DataLoader(path, "val", 2, 10).next_batch()
+        assert x.tolist() == [[1, 5, 6, 2, 1, 7, 8, 2, 1, 9], [2, 1, 3, 4, 2, 1, 5, 2, 1, 6]]
+        assert pos.tolist() == want
+
     # no mask files: every target counts; positions restart at each BOS anywhere in the row
     docs = random_docs(30, seed=5)
     path = make_dataset(str(tmp_path / "nomask"), docs)
@@ -366,7 +464,7 @@ def test_validate_refuses_bad_shards(dataset, tmp_path):
         shards.validate(str(d))
 
     d = fresh("masklen")
-    tokens, _ = read_split(str(d), "val")
+    tokens = read_split(str(d), "val")[0]
     shards.write_mask(d / "val_000000.mask", np.ones(len(tokens) - 1, dtype=np.uint8))
     with pytest.raises(ShardError, match=r"val_000000\.mask: .* mask entries for"):
         shards.validate(str(d))
@@ -375,6 +473,37 @@ def test_validate_refuses_bad_shards(dataset, tmp_path):
     os.remove(d / "train_000002.mask")
     with pytest.raises(ShardError, match=r"train_000002\.mask"):
         shards.validate(str(d))
+
+    def refused(d, pattern):
+        with pytest.raises(ShardError, match=pattern) as e:
+            shards.validate(str(d))
+        assert "\n" not in str(e.value)
+
+    n_val = len(read_split(path, "val")[0])
+    d = fresh("docslen")
+    shards.write_docs(d / "val_000000.docs", np.r_[1, np.zeros(n_val, dtype=np.uint8)])
+    refused(d, rf"val_000000\.docs: {n_val + 1} docs entries for {n_val} tokens in val_000000\.bin")
+
+    d = fresh("docsmagic")  # a mask file where a docs file should be
+    shards.write_mask(d / "train_000001.docs", np.zeros(97, dtype=np.uint8))
+    refused(d, r"train_000001\.docs: magic 20241123 is not a docs file's \(20241124\)")
+
+    d = fresh("docsgarbage")
+    with open(d / "train_000001.docs", "r+b") as f:
+        f.write(np.int32(12345).tobytes())
+    refused(d, r"train_000001\.docs: unknown magic")
+
+    d = fresh("docsvalues")
+    shards.write_docs(d / "val_000000.docs", np.r_[1, np.full(n_val - 1, 2, dtype=np.uint8)])
+    refused(d, r"val_000000\.docs: docs values must be 0 or 1")
+
+    d = fresh("docsfirst")
+    shards.write_docs(d / "val_000000.docs", np.zeros(n_val, dtype=np.uint8))
+    refused(d, r"val_000000\.docs: the split's first token does not start a document")
+
+    d = fresh("nodocs")
+    os.remove(d / "train_000002.docs")
+    refused(d, r"train_000002\.docs: cannot read")
 
     with pytest.raises(ShardError, match="beyond the vocabulary size 10"):
         shards.validate(path, vocab_size=10)  # a model smaller than the data's ids
