@@ -156,16 +156,6 @@ class Streamer:
         self.out.flush()
 
 
-def find_tokenizer(ckpt_dir, tokenizer_path=None):
-    if tokenizer_path:
-        return llama_tokenizer.load(tokenizer_path)
-    for candidate in ("tokenizer.model", os.path.join("original", "tokenizer.model")):
-        path = os.path.join(ckpt_dir, candidate)
-        if os.path.exists(path):
-            return llama_tokenizer.load(path)
-    raise UsageError(f"{ckpt_dir}: no tokenizer.model (give --tokenizer PATH)")
-
-
 def main(ckpt_dir: str = None, prompt: str = None, prompts_file: str = None, adapter: str = None,
          chat: bool = False, system: str = None, temperature: float = 0.6, top_p: float = 0.9,
          max_new_tokens: int = 256, max_seq_len: int = None, seed: int = None, tokenizer: str = None,
@@ -217,7 +207,7 @@ def main(ckpt_dir: str = None, prompt: str = None, prompts_file: str = None, ada
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
-    tok = find_tokenizer(ckpt_dir, tokenizer)
+    tok = llama_tokenizer.load(tokenizer or ckpt_dir)
     model = llama.load(ckpt_dir, device=device, dtype=dtype, max_seq_len=max_seq_len)
     if model.args.vocab_size < tok.n_words:
         raise UsageError(f"the tokenizer has {tok.n_words} tokens but the model only {model.args.vocab_size}")

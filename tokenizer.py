@@ -26,10 +26,12 @@ class TokenizerError(ValueError):
 
 
 def load(path):
-    """Open a tokenizer.model (or a directory holding one), choosing the format by content."""
+    """Open a tokenizer.model, or the one in a checkpoint directory (Meta's downloads keep it beside
+    the weights, HF downloads of Llama 3 in original/), choosing the format by content."""
     path = os.path.expanduser(str(path))
     if os.path.isdir(path):
-        path = os.path.join(path, "tokenizer.model")
+        inside = [os.path.join(path, "tokenizer.model"), os.path.join(path, "original", "tokenizer.model")]
+        path = next((p for p in inside if os.path.isfile(p)), inside[0])
     if not os.path.isfile(path):
         raise TokenizerError(f"tokenizer file not found: {path}")
     try:

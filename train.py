@@ -215,29 +215,22 @@ def evaluate(model, loader, steps, world, autocast, doc_mask):
 
 
 def build_model(ckpt_dir, data_meta, arch, seq_len, device, lora_cfg):
-    """Returns (model, tokenizer_path). A checkpoint is loaded as is; otherwise a fresh model with
-    the vocabulary of the shards."""
+    """A checkpoint loaded as is, or a fresh model with the vocabulary of the shards."""
     if ckpt_dir:
         # LoRA keeps the frozen base in bf16 on CUDA; full training keeps fp32 master weights.
         dtype = torch.bfloat16 if lora_cfg and device.startswith("cuda") else torch.float32
         m = llama.load(ckpt_dir, device=device, dtype=dtype)
         m.args.max_seq_len = max(m.args.max_seq_len, seq_len)
         m.reset_rope()
-        tok_path = os.path.join(ckpt_dir, "tokenizer.model")
-        if not os.path.exists(tok_path):
-            tok_path = os.path.join(ckpt_dir, "original", "tokenizer.model")
-        if not os.path.exists(tok_path):
-            raise UsageError(f"--ckpt_dir {ckpt_dir}: no tokenizer.model beside the weights")
     else:
         args = llama.ModelArgs(vocab_size=data_meta["vocab_size"], max_seq_len=seq_len, **arch)
         m = llama.Transformer(args).to(device)
         m.init_weights()
-        tok_path = None
     if lora_cfg:
         import lora
 
         lora.apply_lora(m, **lora_cfg)
-    return m, tok_path
+    return m
 
 
 def main(ckpt_dir: str = None, data: str = None, out_dir: str = None, lora_rank: int = 0,
@@ -319,8 +312,6 @@ def main(ckpt_dir: str = None, data: str = None, out_dir: str = None, lora_rank:
 def _train(c):
     master = c.rank == 0
     config = {k: v for k, v in vars(c).items() if isinstance(v, (int, float, str, bool, type(None)))}
-    # Everything a user can get wrong is checked before the first step.
-    data_meta = shards.validate(c.data)
     lora_cfg = None
     if c.lora_rank:
         lora_cfg = dict(rank=c.lora_rank, alpha=c.lora_alpha or 2 * c.lora_rank, dropout=c.lora_dropout,
@@ -336,11 +327,14 @@ def _train(c):
     # a full or from-scratch run resumes from its own saved weights: no need to read the base too
     source = resume_from if c.kind == "model" and resume_from else c.ckpt_dir
     torch.manual_seed(c.seed)  # the same initial weights (and LoRA A matrices) on every rank
-    raw, tok_path = build_model(source, data_meta, arch, c.seq_len, c.device, lora_cfg)
-    tok_path = tok_path or os.path.join(c.data, "tokenizer.model")
-    tok = llama_tokenizer.load(tok_path)
-    # shards made with another tokenizer than the checkpoint's are refused here, before any step
-    shards.validate(c.data, vocab_size=raw.args.vocab_size, tokenizer_sha256=tok.sha256)
+    # Everything a user can get wrong is checked before the model is read: shards made with another
+    # tokenizer than the checkpoint's, corrupt or truncated files, ids beyond the vocabulary.
+    tok = llama_tokenizer.load(source or c.data)  # the checkpoint's, or the shards' own copy
+    tok_path = tok.path
+    data_meta = shards.validate(c.data, vocab_size=tok.n_words, tokenizer_sha256=tok.sha256)
+    raw = build_model(source, data_meta, arch, c.seq_len, c.device, lora_cfg)
+    if raw.args.vocab_size < tok.n_words:
+        raise UsageError(f"{source}: the model has {raw.args.vocab_size} embeddings, its tokenizer {tok.n_words} ids")
     config["tokenizer_sha256"] = tok.sha256
     if c.doc_mask is None:
         c.doc_mask = bool(data_meta.get("has_mask"))  # instruction / chat data
