@@ -77,20 +77,28 @@ def close(a, b, rel=1e-5):
     return len(a) == len(b) and all(abs(x - y) <= rel * abs(y) for x, y in zip(a, b))
 
 
-def test_two_ranks_equal_one_rank_with_two_micro_steps(text_data, tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["scratch", "lora"])
+def test_two_ranks_equal_one_rank_with_two_micro_steps(text_data, base_ckpt, tmp_path, lora):
     common = [*TINY, "--data", text_data, "--max_steps", "5", "--eval_every", "5", "--lr", "3e-3"]
+    if lora:  # the main job: adapters on a frozen base, DDP over the trainable parameters only
+        common += ["--ckpt_dir", base_ckpt, "--lora_rank", "4"]
     train(*common, "--out_dir", tmp_path / "one", "--batch_size", "2", "--grad_accum", "2")
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29517", "train.py", *map(str, common), "--out_dir", tmp_path / "two",
+                          "--standalone", "train.py", *map(str, common), "--out_dir", tmp_path / "two",
                           "--batch_size", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one, two = log(tmp_path / "one"), log(tmp_path / "two")
     assert close([r["loss"] for r in one], [r["loss"] for r in two])
     assert one[-1]["tokens"] == two[-1]["tokens"] == 5 * 4 * 32
-    a = model.load(tmp_path / "one" / "model")
-    b = model.load(tmp_path / "two" / "model")
-    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), name
+    if lora:
+        from safetensors.torch import load_file
+
+        a, b = (load_file(tmp_path / run / "adapter" / "adapter.safetensors") for run in ("one", "two"))
+    else:
+        a, b = (model.load(tmp_path / run / "model").state_dict() for run in ("one", "two"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6), name
 
 
 def test_token_weighted_accumulation_equals_one_large_batch(instruct_data, tmp_path):
