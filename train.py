@@ -11,6 +11,7 @@ What it writes to --out_dir:
 Both also hold train_state.pt (optimizer, step, loader position, RNG), so --resume continues exactly.
 """
 
+import inspect
 import json
 import math
 import os
@@ -355,10 +356,12 @@ def _train(c):
     if c.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        # broadcast_buffers off: the only buffer is the RoPE table, the same on every rank (64 MB for
-        # Llama 3.1's 131072 positions: not something to send every step)
+        # No buffer sync per step: the only buffer is the RoPE table, the same on every rank (64 MB for
+        # Llama 3.1's 131072 positions). torch 2.13 renamed the switch.
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else {"broadcast_buffers": False})
         model = DDP(model, device_ids=[torch.device(c.device).index] if c.device.startswith("cuda") else None,
-                    broadcast_buffers=False)
+                    **no_sync)
     on_cuda = c.device.startswith("cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else nullcontext()
 
@@ -438,6 +441,8 @@ def _train(c):
         if c.kind == "adapter":
             logger.artifact(path)
     logger.close()
+    if c.world > 1:
+        dist.barrier()  # rank 0 may still be saving: leave together, not while a peer is mid-collective
     if interrupted:
         print(f"train.py: interrupted at step {step}; continue with --resume", file=sys.stderr)
         sys.exit(130)
