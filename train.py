@@ -388,7 +388,7 @@ def _train(c):
     step_tokens = c.batch_size * c.seq_len * c.grad_accum * c.world
     raw.train()
     try:
-        while step < c.max_steps and not interrupted:
+        while step < c.max_steps:
             t0 = time.time()
             lr_now = lr_at(step, c.max_steps, c.lr, c.warmup_steps, c.min_lr_ratio)
             for group in optimizer.param_groups:
@@ -396,7 +396,10 @@ def _train(c):
             # Dropout draws from a generator seeded by (seed, rank, step): a resumed run, on any
             # number of ranks, draws exactly what an uninterrupted one would.
             torch.manual_seed(hash((c.seed, c.rank, step)) & 0xFFFF_FFFF)
-            loss_value, n_targets = train_step(c, model, train_loader, autocast)
+            loss_value, n_targets = train_step(c, model, train_loader, autocast, interrupted)
+            if loss_value is None:  # some rank got the signal; all stop here
+                interrupted.append(True)
+                break
             trainable = [p for p in raw.parameters() if p.requires_grad]
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, c.grad_clip if c.grad_clip > 0 else float("inf"))
             check_finite(c, step + 1, loss=loss_value, grad_norm=grad_norm.item())
@@ -444,7 +447,8 @@ def _train(c):
     if c.world > 1:
         dist.barrier()  # rank 0 may still be saving: leave together, not while a peer is mid-collective
     if interrupted:
-        print(f"train.py: interrupted at step {step}; continue with --resume", file=sys.stderr)
+        if master:
+            print(f"train.py: interrupted at step {step}; continue with --resume", file=sys.stderr)
         sys.exit(130)
 
 
@@ -457,14 +461,21 @@ def check_finite(c, step, **values):
                                 f"{os.path.join(c.out_dir, c.kind)} (try a lower --lr)")
 
 
-def train_step(c, model, loader, autocast):
+def train_step(c, model, loader, autocast, interrupted=False):
     """Forward and backward over grad_accum micro-batches; returns (mean loss, target tokens) of the
-    global batch. Gradients are left in .grad, already normalised."""
+    global batch, gradients left in .grad, already normalised. Returns (None, None), the loader
+    rewound, if any rank has been interrupted: all ranks then stop at the same step."""
+    position = loader.state_dict()
     batches = [loader.next_batch() for _ in range(c.grad_accum)]
     # Normalise by the target tokens of the whole step on all ranks, so masked batches with
-    # different counts weigh every token equally (a mean of per-batch means would not).
-    count = torch.tensor(float(sum(int((b.targets != -100).sum()) for b in batches)), dtype=torch.float64)
-    n_targets = all_reduce_sum(count.to(c.device), c.world).item()
+    # different counts weigh every token equally (a mean of per-batch means would not). The same
+    # all-reduce tells every rank whether one of them got Ctrl-C.
+    count = sum(int((b.targets != -100).sum()) for b in batches)
+    totals = torch.tensor([count, float(bool(interrupted))], dtype=torch.float64)
+    n_targets, n_interrupted = all_reduce_sum(totals.to(c.device), c.world).tolist()
+    if n_interrupted:
+        loader.load_state_dict(position)  # these sequences were not trained on: resume starts here
+        return None, None
     loss_sum = torch.zeros((), device=c.device, dtype=torch.float64)
     for i, (x, y, pos) in enumerate(batches):
         x, y, pos = x.to(c.device), y.to(c.device), pos.to(c.device)
