@@ -136,3 +136,15 @@ def write_hf(hf, out_dir, max_shard_size=None, classic_config=False):
         with open(path, "w") as f:
             json.dump(cfg, f)
     return out_dir
+
+
+def rel_err(a, b) -> float:
+    """||a - b|| / ||b||, in fp64 so the measure itself adds no rounding."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def tokens_for(variant: str, B: int = 2, T: int = 37, seed: int = 1) -> torch.Tensor:
+    """A reproducible (B, T) batch of token ids within the variant's vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VARIANTS[variant]["args"].vocab_size, (B, T), generator=g)

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import model  # noqa: E402
-from ckpt_utils import VARIANTS  # noqa: E402
+from ckpt_utils import VARIANTS, rel_err  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
@@ -33,11 +33,6 @@ def restore_kernels():
     previous = model.set_kernels(None)
     yield
     model.set_kernels(previous)
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
 
 
 def run(kind, fn, inputs, dy=None, grad=None):

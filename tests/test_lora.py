@@ -13,18 +13,9 @@ from safetensors import safe_open
 
 import lora
 import model
-from ckpt_utils import VARIANTS, hf_model, meta_params_for, meta_state_dict, write_meta
+from ckpt_utils import VARIANTS, hf_model, meta_params_for, meta_state_dict, rel_err, tokens_for, write_meta
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
-def tokens_for(variant, B=2, T=21, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, VARIANTS[variant]["args"].vocab_size, (B, T), generator=g)
 
 
 def randomize_adapters(m, seed=0):

@@ -9,18 +9,10 @@ import pytest
 import torch
 
 import model
-from ckpt_utils import VARIANTS, hf_model, meta_params_for, meta_state_dict, write_hf, write_meta
+from ckpt_utils import (VARIANTS, hf_model, meta_params_for, meta_state_dict, rel_err, tokens_for, write_hf,
+                        write_meta)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
-def tokens_for(variant, B=2, T=37, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, VARIANTS[variant]["args"].vocab_size, (B, T), generator=g)
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
