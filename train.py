@@ -8,7 +8,8 @@ What it writes to --out_dir:
     log.jsonl            one JSON line per optimizer step (rank 0)
     model/               full or from-scratch runs: a Meta checkpoint (generate.py --ckpt_dir OUT/model)
     adapter/             LoRA runs: the adapter (generate.py --ckpt_dir BASE --adapter OUT/adapter)
-Both also hold train_state.pt (optimizer, step, loader position, RNG), so --resume continues exactly.
+Both also hold train_state.pt (optimizer, step, loader position, config), so --resume continues exactly
+(randomness is seeded per step from --seed, rank and step, so there is no RNG state to carry).
 """
 
 import inspect
@@ -88,19 +89,6 @@ def make_optimizer(model, lr, weight_decay, betas, device):
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
 
-def rng_state():
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def swap_in(tmp_dir, final_dir):
     """Replace final_dir by tmp_dir so that a kill at any moment leaves one complete checkpoint:
     final -> final.old, tmp -> final, drop final.old. find_checkpoint looks at .old too."""
@@ -135,7 +123,7 @@ def save_checkpoint(out_dir, kind, raw_model, optimizer, step, loader, config, t
         llama.save(raw_model, tmp)
     shutil.copy(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
-                "rng": rng_state(), "config": config}, os.path.join(tmp, "train_state.pt"))
+                "config": config}, os.path.join(tmp, "train_state.pt"))
     swap_in(tmp, final)
     return final
 
@@ -491,8 +479,9 @@ def train_step(c, model, loader, autocast, interrupted=False):
 
 
 def resume(c, path, raw, optimizer, train_loader):
-    """Restore optimizer, loader position and RNG (and a LoRA run's adapter; a full run's weights
-    were loaded from the checkpoint already); returns the step to continue from."""
+    """Restore optimizer and loader position (and a LoRA run's adapter; a full run's weights were
+    loaded from the checkpoint already); returns the step to continue from. There is no RNG state
+    to restore: each step seeds from (seed, rank, step), which the config and the step determine."""
     state = torch.load(os.path.join(path, "train_state.pt"), map_location=c.device, weights_only=True)
     if c.kind == "adapter":
         import lora
@@ -500,7 +489,6 @@ def resume(c, path, raw, optimizer, train_loader):
         lora.load_adapter(raw, path)
     optimizer.load_state_dict(state["optimizer"])
     train_loader.load_state_dict(state["loader"])
-    set_rng_state(state["rng"])
     return state["step"]
 
 
