@@ -9,7 +9,9 @@ bos_id, eos_id, stop_ids, n_words, path, sha256, kind.
 
 Security rule for both: text that merely *looks* like a control token ("<|eot_id|>", "<s>") is
 encoded as ordinary text. Only encode_dialog / encode(bos=, eos=) ever emit control tokens, so a
-user cannot end a turn or fake a system header by typing one.
+user cannot end a turn or fake a system header by typing one. Llama 2's turn and system markers
+([INST], [/INST], <<SYS>>, <</SYS>>) are ordinary text even to the tokenizer, so a dialog whose
+messages contain them is refused (DialogError), as Meta's reference refuses it.
 """
 
 import base64
@@ -23,6 +25,21 @@ from tiktoken.load import load_tiktoken_bpe
 
 class TokenizerError(ValueError):
     """A tokenizer file that is missing or unreadable; the message is one line naming the file."""
+
+
+class DialogError(ValueError):
+    """A chat message that cannot be laid out safely (one line, naming the message)."""
+
+
+def check_fits(tok, vocab_size, where):
+    """Refuse a tokenizer that does not belong to a model with vocab_size embeddings (where: the
+    checkpoint, for the message). The model may pad its embedding past the tokenizer (to a multiple
+    of 256 at most, as Llama 3's 128256 = 128000 + 256 specials); any other difference means the
+    tokenizer is another model's, whose ids would index the wrong rows or none at all."""
+    padded = -(-tok.n_words // 256) * 256
+    if not tok.n_words <= vocab_size <= padded:  # every id, BOS and EOS included, is below n_words
+        raise TokenizerError(f"{tok.path} has {tok.n_words} tokens (BOS {tok.bos_id}, EOS {tok.eos_id}) but "
+                             f"{where} has {vocab_size} embeddings: the tokenizer belongs to another model (or is truncated)")
 
 
 def load(path):
@@ -107,6 +124,13 @@ class Llama3Tokenizer:
         except Exception as e:
             raise TokenizerError(f"cannot read tiktoken file {path}: {e}".splitlines()[0]) from None
         n_base = len(ranks)
+        # A file cut mid-line can end in a piece that repeats an earlier token, which makes
+        # tiktoken's Rust core panic (a 90-line backtrace, not an exception): the ranks must be
+        # exactly 0..n-1. (A file cut at a line end loads as a smaller vocabulary, which
+        # check_fits then refuses against the model.)
+        if n_base == 0 or max(ranks.values()) != n_base - 1 or len(set(ranks.values())) != n_base:
+            raise TokenizerError(f"{path}: BPE ranks are not exactly 0..{n_base - 1} "
+                                 f"(a truncated or damaged tiktoken file?)")
         self.special = {tok: n_base + i for i, tok in enumerate(LLAMA3_SPECIALS)}
         self.model = tiktoken.Encoding(
             name=os.path.basename(path), pat_str=LLAMA3_PATTERN,
@@ -202,6 +226,10 @@ def _exact_cut(text, p):
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+# Llama 2's turn and system markers are plain text, not control tokens, so typed into a message they
+# encode to exactly the ids of a real turn end or system block. Meta's chat_completion refuses such
+# dialogs; so do we.
+LLAMA2_TAGS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
 
 
 class SentencePieceTokenizer:
@@ -239,6 +267,11 @@ class SentencePieceTokenizer:
         """Meta's Llama 2 chat rules: fold the system prompt into the first user message, then
         roles must alternate user, assistant, user, ... Returns the list of contents."""
         _check_messages(messages, {"system", "user", "assistant"})
+        for i, m in enumerate(messages):
+            tag = next((t for t in LLAMA2_TAGS if t in m["content"]), None)
+            if tag:
+                raise DialogError(f"message {i} ({m['role']}) contains {tag!r}, which would forge Llama 2's "
+                                  f"chat layout; remove it from the text")
         if messages and messages[0]["role"] == "system":
             if len(messages) < 2 or messages[1]["role"] != "user":
                 raise ValueError("a system message must be followed by a user message")
