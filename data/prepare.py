@@ -26,7 +26,8 @@ boundaries, and each mask and docs file matches its shard token for token.
 Each document goes to val when a seeded hash of its content falls below --val_fraction, so the
 split streams, does not depend on --workers, and exact duplicates never straddle it. If that
 leaves a split empty, the document nearest the threshold is moved over.
-Everything is written to DIR.tmp-* and renamed to DIR at the end.
+Everything is written to DIR.tmp and swapped in as a whole at the end (checkpoint.write_dir);
+--overwrite replaces only a shard directory this tool wrote, never the input.
 """
 import argparse
 import glob
@@ -38,12 +39,12 @@ import shlex
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections import deque, namedtuple
 
 import numpy as np
 
+import checkpoint
 from data import shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -463,119 +464,144 @@ def train_vocab(corpus, model_path, vocab_size, seed=0, input_sentence_size=1_00
         f"lines in {time.time() - t0:.1f}s")
 
 
-def prepare(corpus, out, tokenizer_path=None, vocab_size=None, val_fraction=0.005, seed=0,
-            shard_tokens=100_000_000, workers=None, overwrite=False, command=""):
-    """Tokenize corpus into shards under out; returns the meta dict written to out/meta.json."""
-    import tokenizer
-
-    workers = workers or len(os.sched_getaffinity(0))
-    out = os.path.abspath(out)
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise PrepareError(f"--out {out}: exists and is not empty (pass --overwrite to replace it)")
+def check_out(out, corpus, overwrite):
+    """Refuse an --out that would destroy something: a non-empty directory without --overwrite,
+    and even with it, anything but a shard directory this tool wrote (its meta.json), or one that
+    holds the input itself."""
+    inside = [f for f in getattr(corpus, "files", []) if _within(f, out)]
+    if inside:
+        raise PrepareError(f"--out {out}: holds the input ({inside[0]}); choose another --out")
     if os.path.exists(out) and not os.path.isdir(out):
         raise PrepareError(f"--out {out}: exists and is not a directory")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=os.path.dirname(out))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
-    t0 = time.time()
+    if not os.path.isdir(out) or not os.listdir(out):
+        return
+    if not overwrite:
+        raise PrepareError(f"--out {out}: exists and is not empty (pass --overwrite to replace it)")
     try:
-        model_path = os.path.join(tmp, "tokenizer.model")
-        if vocab_size:
-            train_vocab(corpus, model_path, vocab_size, seed)
-        else:
-            try:
-                source = os.path.abspath(tokenizer.load(tokenizer_path).path)
-            except tokenizer.TokenizerError as e:
-                raise PrepareError(f"--tokenizer {tokenizer_path}: {e}") from None
-            shutil.copyfile(source, model_path)
-        tok = tokenizer.load(model_path)
+        shards.load_meta(out)
+    except shards.ShardError:
+        raise PrepareError(f"--out {out}: not a shard directory made by data.prepare (no readable "
+                           f"meta.json); --overwrite only replaces those. Choose another --out") from None
+
+
+def _within(path, directory):
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def prepare(corpus, out, tokenizer_path=None, vocab_size=None, val_fraction=0.005, seed=0,
+            shard_tokens=100_000_000, workers=None, overwrite=False, command=""):
+    """Tokenize corpus into shards under out; returns the meta dict written to out/meta.json.
+    Everything is written to OUT.tmp and swapped in whole (checkpoint.write_dir): a kill or a full
+    disk leaves the previous out as it was."""
+    workers = workers or len(os.sched_getaffinity(0))
+    out = os.path.abspath(out)
+    check_out(out, corpus, overwrite)
+    t0, result = time.time(), {}
+
+    def fill(tmp):
+        tok, source = _tokenizer_into(tmp, corpus, tokenizer_path, vocab_size, seed)
         t_tok = time.time()
-        writers = {s: SplitWriter(tmp, s, tok.n_words, shard_tokens) for s in shards.SPLITS}
-        kinds = {"text": 0, "instruct": 0, "chat": 0}
-        # Each split holds back its document nearest the threshold (train: lowest hash, val:
-        # highest) so that one can be moved if the other split ends up empty.
-        held, assigned = {"train": None, "val": None}, {"train": 0, "val": 0}
-        done_docs, done_tokens, last_log = 0, 0, time.time()
-        for doc, u, ids, mask, masked, error in encode_all(corpus.docs(), model_path, workers, seed):
-            if error:
-                corpus.bad(doc.where, error, quiet=False)
-                continue
-            kinds[doc.kind] += 1
-            split = "val" if u < val_fraction else "train"
-            assigned[split] += 1
-            done_docs, done_tokens = done_docs + 1, done_tokens + len(ids)
-            item, h = (u, ids, mask, masked), held[split]
-            if h is None or (u < h[0] if split == "train" else u > h[0]):
-                held[split], item = item, h
-            if item is not None:
-                writers[split].add(*item[1:])
-            if time.time() - last_log > 3:
-                last_log = time.time()
-                log(f"{done_docs:,} documents, {done_tokens:,} tokens, {done_tokens / (last_log - t_tok):,.0f} tokens/s")
-        total = sum(assigned.values())
-        if total < 2:
-            raise PrepareError(f"{'no documents' if total == 0 else 'only one document'} in the input; "
-                               "need at least two (one for train, one for val)")
-        if assigned["val"] == 0:
-            held["val"], held["train"] = held["train"], None
-        elif assigned["train"] == 0:
-            held["train"], held["val"] = held["val"], None
-        for split, h in held.items():
-            if h is not None:
-                writers[split].add(*h[1:])
-        stats = {s: w.finish() for s, w in writers.items()}
-        # Instruction and chat records always mask their prompt, so has_mask says whether there
-        # are any, and docs files go with the masks.
-        has_mask = has_docs = any(st["masked_tokens"] for st in stats.values())
-        if not has_mask:
-            for st in stats.values():
-                for shard in st["shards"]:
-                    for ext in SIDECARS:
-                        os.remove(os.path.join(tmp, shard["file"][: -len(".bin")] + ext))
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "vocab_size": tok.n_words, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
-            "dtype": np.dtype(shards.token_format(tok.n_words)[2]).name, "has_mask": has_mask,
-            "has_docs": has_docs,
-            "tokenizer": {"kind": tok.kind, "sha256": tok.sha256, "file": "tokenizer.model",
-                          "source": f"trained (--vocab_size {vocab_size})" if vocab_size else source},
-            "documents": sum(st["documents"] for st in stats.values()),
-            "tokens": sum(st["tokens"] for st in stats.values()),
-            "masked_tokens": sum(st["masked_tokens"] for st in stats.values()),
-            "records": kinds, "skipped_records": corpus.skipped,
-            "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
-            "splits": stats, "command": command,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
+        stats, kinds = _write_splits(tmp, corpus, tok, workers, seed, val_fraction, shard_tokens)
+        meta = _meta(tok, source, stats, kinds, corpus.skipped, val_fraction, seed, shard_tokens, command)
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=2)
-        if os.path.exists(out):  # --overwrite: swap in the new directory, then drop the old one
-            old = tempfile.mkdtemp(prefix=os.path.basename(out) + ".old-", dir=os.path.dirname(out))
-            os.rename(out, os.path.join(old, "x"))
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    t_end = time.time()
-    tr, va = stats["train"], stats["val"]
+        result.update(meta=meta, t_tok=t_tok)
+
+    checkpoint.write_dir(out, fill)
+    meta, t_end = result["meta"], time.time()
+    tr, va = meta["splits"]["train"], meta["splits"]["val"]
     log(f"wrote {out}: train {tr['tokens']:,} tokens / {tr['documents']:,} docs in {len(tr['shards'])} shard(s), "
         f"val {va['tokens']:,} tokens / {va['documents']:,} docs; {meta['masked_tokens']:,} masked tokens; "
         f"{corpus.skipped} skipped records; {t_end - t0:.1f}s in all, "
-        f"{meta['tokens'] / (t_end - t_tok):,.0f} tokens/s tokenizing")
+        f"{meta['tokens'] / (t_end - result['t_tok']):,.0f} tokens/s tokenizing")
     return meta
+
+
+def _tokenizer_into(tmp, corpus, tokenizer_path, vocab_size, seed):
+    """Train or copy the tokenizer to tmp/tokenizer.model; returns (tokenizer, its source)."""
+    import tokenizer
+
+    model_path = os.path.join(tmp, "tokenizer.model")
+    if vocab_size:
+        train_vocab(corpus, model_path, vocab_size, seed)
+        source = f"trained (--vocab_size {vocab_size})"
+    else:
+        try:
+            source = os.path.abspath(tokenizer.load(tokenizer_path).path)
+        except tokenizer.TokenizerError as e:
+            raise PrepareError(f"--tokenizer {tokenizer_path}: {e}") from None
+        shutil.copyfile(source, model_path)
+    return tokenizer.load(model_path), source
+
+
+def _write_splits(tmp, corpus, tok, workers, seed, val_fraction, shard_tokens):
+    """Stream the corpus through the tokenizer into train/val shards; returns (each split's stats,
+    documents per record kind)."""
+    writers = {s: SplitWriter(tmp, s, tok.n_words, shard_tokens) for s in shards.SPLITS}
+    # Each split holds back its document nearest the threshold (train: lowest hash, val: highest)
+    # so that one can be moved if the other split ends up empty.
+    held, assigned = {"train": None, "val": None}, {"train": 0, "val": 0}
+    kinds = {"text": 0, "instruct": 0, "chat": 0}
+    done_docs, done_tokens, t_start, last_log = 0, 0, time.time(), time.time()
+    for doc, u, ids, mask, masked, error in encode_all(corpus.docs(), tok.path, workers, seed):
+        if error:
+            corpus.bad(doc.where, error, quiet=False)
+            continue
+        kinds[doc.kind] += 1
+        split = "val" if u < val_fraction else "train"
+        assigned[split] += 1
+        done_docs, done_tokens = done_docs + 1, done_tokens + len(ids)
+        item, h = (u, ids, mask, masked), held[split]
+        if h is None or (u < h[0] if split == "train" else u > h[0]):
+            held[split], item = item, h
+        if item is not None:
+            writers[split].add(*item[1:])
+        if time.time() - last_log > 3:
+            last_log = time.time()
+            log(f"{done_docs:,} documents, {done_tokens:,} tokens, {done_tokens / (last_log - t_start):,.0f} tokens/s")
+    total = sum(assigned.values())
+    if total < 2:
+        raise PrepareError(f"{'no documents' if total == 0 else 'only one document'} in the input; "
+                           "need at least two (one for train, one for val)")
+    if assigned["val"] == 0:
+        held["val"], held["train"] = held["train"], None
+    elif assigned["train"] == 0:
+        held["train"], held["val"] = held["val"], None
+    for split, h in held.items():
+        if h is not None:
+            writers[split].add(*h[1:])
+    stats = {s: w.finish() for s, w in writers.items()}
+    if not any(st["masked_tokens"] for st in stats.values()):  # plain text: no sidecars at all
+        for st in stats.values():
+            for shard in st["shards"]:
+                for ext in SIDECARS:
+                    os.remove(os.path.join(tmp, shard["file"][: -len(".bin")] + ext))
+    return stats, kinds
+
+
+def _meta(tok, source, stats, kinds, skipped, val_fraction, seed, shard_tokens, command):
+    # Instruction and chat records always mask their prompt, so has_mask says whether there are
+    # any, and docs files go with the masks.
+    has_mask = any(st["masked_tokens"] for st in stats.values())
+    return {
+        "format_version": FORMAT_VERSION,
+        "vocab_size": tok.n_words, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+        "dtype": np.dtype(shards.token_format(tok.n_words)[2]).name, "has_mask": has_mask,
+        "has_docs": has_mask,
+        "tokenizer": {"kind": tok.kind, "sha256": tok.sha256, "file": "tokenizer.model", "source": source},
+        "documents": sum(st["documents"] for st in stats.values()),
+        "tokens": sum(st["tokens"] for st in stats.values()),
+        "masked_tokens": sum(st["masked_tokens"] for st in stats.values()),
+        "records": kinds, "skipped_records": skipped,
+        "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
+        "splits": stats, "command": command,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # command line
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class _Parser(argparse.ArgumentParser):

@@ -131,7 +131,12 @@ def shard_paths(data_dir, meta, split):
         raise ShardError(f"{data_dir}/meta.json: no '{split}' split")
     out = []
     for shard in meta["splits"][split]["shards"]:
-        path = os.path.join(data_dir, shard["file"])
+        name = shard.get("file") if isinstance(shard, dict) else None
+        # a bare file name: meta.json must not lead the loader out of its own directory
+        if not isinstance(name, str) or os.path.basename(name) != name or not name.endswith(".bin"):
+            raise ShardError(f"{os.path.join(data_dir, 'meta.json')}: shard name {name!r} in split '{split}' "
+                             f"is not a .bin file inside {data_dir}")
+        path = os.path.join(data_dir, name)
         stem = path[: -len(".bin")]
         out.append((path, stem + ".mask" if meta.get("has_mask") else None,
                     stem + ".docs" if meta.get("has_docs") else None))
@@ -301,14 +306,6 @@ class DataLoader:
         positions = idx - last_start
         t = self._torch.from_numpy
         return Batch(t(np.ascontiguousarray(inputs)), t(targets), t(positions))
-
-    def __iter__(self):
-        while True:
-            yield self.next_batch()
-
-    @property
-    def epoch(self):
-        return self.seq // self.n_windows
 
     def reset(self):
         """Back to the first sequence (for repeated evaluation over the val split)."""
