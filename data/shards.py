@@ -22,6 +22,8 @@ from collections import namedtuple
 
 import numpy as np
 
+import checkpoint
+
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 MAGIC_U16, VERSION_U16 = 20240520, 1
@@ -76,11 +78,12 @@ def read_header(path):
 
 
 def _write_atomic(path, header, payload):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(header)
-        f.write(payload.tobytes())
-    os.replace(tmp, path)  # a reader never sees a half-written shard
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(header)
+            f.write(payload.tobytes())
+
+    checkpoint.write_file(path, write)  # a reader never sees a half-written shard
 
 
 def write_shard(path, tokens, vocab_size):
