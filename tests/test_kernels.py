@@ -2,27 +2,23 @@
 
 Shapes are small and deliberately awkward (dims that are not powers of two, row counts that are not
 multiples of any block, several chunks with a partial last one), since the interpreter is slow.
-On a GPU machine, LLAMA_TEST_DEVICE=cuda runs the same checks with the compiled kernels on CUDA.
+On a GPU machine, LLAMA_TEST_DEVICE=cuda runs the same checks with the compiled kernels on CUDA
+(conftest.py sets TRITON_INTERPRET=1 otherwise, before model is imported).
 """
 
+import importlib.util
 import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model
+from ckpt_utils import VARIANTS, rel_err
 
 DEVICE = os.environ.get("LLAMA_TEST_DEVICE", "cpu")
-if DEVICE == "cpu":
-    # Before any kernel is compiled: model.py jit-compiles each kernel on its first launch, and that
-    # is when triton reads TRITON_INTERPRET, so this holds even if another module imported triton first.
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import importlib.util  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import model  # noqa: E402
-from ckpt_utils import VARIANTS, rel_err  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
@@ -94,9 +90,9 @@ def test_rms_norm(dtypes):
     g = torch.Generator().manual_seed(0)
     x, w = 3 * torch.randn(2, 37, 100, generator=g), 1 + 0.1 * torch.randn(100, generator=g)
     check(lambda x, w: model.rms_norm(x, w, 1e-5), [x, w], dtypes)
-    # the interpreter really ran: kernels were compiled with TRITON_INTERPRET=1 in effect
+    # the interpreter really ran: kernels were decorated with TRITON_INTERPRET=1 in effect
     if DEVICE == "cpu":
-        assert type(model._rms_norm_fwd.jitted).__name__ == "InterpretedFunction"
+        assert type(model._rms_norm_fwd).__name__ == "InterpretedFunction"
 
 
 def _rope_table():
@@ -274,7 +270,7 @@ def test_bad_env_value_is_an_error():
 
 
 def test_import_without_triton():
-    """`import model` neither needs nor imports triton; forcing it then says why it cannot run."""
+    """`import model` works without triton (the PyTorch twins run); forcing it then says why it cannot."""
     code = ("import sys; sys.modules['triton'] = None\n"  # makes `import triton` fail
             "import torch, model\n"
             "assert 'triton' not in [m.split('.')[0] for m in sys.modules if sys.modules[m] is not None]\n"

@@ -74,8 +74,8 @@ def test_kv_cache_decoding_equals_full_forward(reference, tmp_path):
         full = m(tokens)
         m.setup_cache(max_batch_size=4, max_seq_len=64)
         # a prompt chunk, then a multi-token chunk after a filled cache, then one token at a time
-        steps = [m(tokens[:, :20], start_pos=0), m(tokens[:, 20:30], start_pos=20)]
-        steps += [m(tokens[:, t : t + 1], start_pos=t) for t in range(30, tokens.shape[1])]
+        steps = [m.decode(tokens[:, :20], 0), m.decode(tokens[:, 20:30], 20)]
+        steps += [m.decode(tokens[:, t : t + 1], t) for t in range(30, tokens.shape[1])]
     assert rel_err(torch.cat(steps, dim=1), full) < 1e-5
 
 
