@@ -260,13 +260,13 @@ def linear_cross_entropy(h, weight, targets, ignore_index: int = -100, reduction
     (not NaN as F.cross_entropy gives); "sum" adds them up. This twin makes all the logits at once;
     the fused kernel (end of file) makes chunk_size rows at a time, so it never holds them all.
     """
-    check_reduction(reduction)
+    _check_reduction(reduction)
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     loss = F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=ignore_index, reduction="sum")
     return loss if reduction == "sum" else loss / (targets != ignore_index).sum().clamp(min=1)
 
 
-def check_reduction(reduction):
+def _check_reduction(reduction):
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction {reduction!r}: expected 'mean' or 'sum'")
 
@@ -719,7 +719,7 @@ def _fused_linear_cross_entropy(h, weight, targets, ignore_index: int = -100, re
                                 chunk_size: Optional[int] = None):
     """linear_cross_entropy's fused path; chunk_size rows of logits at a time (default: about
     _CE_CHUNK_BYTES of them)."""
-    check_reduction(reduction)
+    _check_reduction(reduction)
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1).contiguous()
     return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, reduction, chunk_size)
 
