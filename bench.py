@@ -380,7 +380,7 @@ def cmd_kernels(args, dev):
 def matmul_params(a, lora_rank=0):
     """Weights that take part in matrix products: every projection and the output layer (tied or not), not
     the embedding lookup or the norms; plus LoRA adapters of this rank on all seven projections."""
-    q, kv, hidden = a.n_heads * a.head_dim, a.kv_heads * a.head_dim, a.hidden_dim
+    q, kv, hidden = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.hidden_dim
     shapes = [(a.dim, q), (a.dim, kv), (a.dim, kv), (q, a.dim), (a.dim, hidden), (hidden, a.dim), (a.dim, hidden)]
     return a.n_layers * sum(i * o + lora_rank * (i + o) for i, o in shapes) + a.vocab_size * a.dim
 
@@ -403,7 +403,7 @@ def build_hf(a, tied, dev, dtype):
                 "low_freq_factor": a.rope_low_freq_factor, "high_freq_factor": a.rope_high_freq_factor,
                 "original_max_position_embeddings": a.rope_original_max_seq_len}
     config = dict(hidden_size=a.dim, intermediate_size=a.hidden_dim, num_hidden_layers=a.n_layers,
-                  num_attention_heads=a.n_heads, num_key_value_heads=a.kv_heads, vocab_size=a.vocab_size,
+                  num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, vocab_size=a.vocab_size,
                   rms_norm_eps=a.norm_eps, tie_word_embeddings=tied, attn_implementation="sdpa",
                   max_position_embeddings=max(a.max_seq_len, a.rope_original_max_seq_len + 1))
     if int(transformers.__version__.split(".")[0]) >= 5:
@@ -588,7 +588,7 @@ def cmd_decode(args, dev):
 
     weight_bytes = matmul_params(a) * dtype.itemsize
     roofline = B * bw * 1e9 / weight_bytes
-    kv_mb = 2 * a.n_layers * a.kv_heads * a.head_dim * (P + N) * B * dtype.itemsize / 1e6
+    kv_mb = 2 * a.n_layers * a.n_kv_heads * a.head_dim * (P + N) * B * dtype.itemsize / 1e6
     case, vs = f"{args.model} B{B} prompt {P} +{N}", "transformers generate, static cache"
     pct = lambda v: 100 * v / roofline if isinstance(v, float) else v  # noqa: E731
     rows = [row(case, "decode tokens/s", ours, vs, ref), row(case, "% of roofline", pct(ours), vs, pct(ref))]

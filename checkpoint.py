@@ -1,10 +1,17 @@
-"""Checkpoint I/O: writing files and directories so that a crash never tears them.
+"""Checkpoint I/O: writing files and directories so that a crash never tears them, and the two
+checkpoint layouts a Llama comes in, read and written.
 
 Read top to bottom:
   write_file / write_dir   the one way this project writes anything a user keeps: into a temporary
                            name, then renamed; a kill at any instant leaves the old or the new
   settle                   finishes a directory replacement that a crash interrupted
   DiskFullError            ENOSPC, said in words, naming what is still intact
+  replace_checkpoint       write_dir for checkpoints: tokenizer and other files carried over
+  load                     model.load: either layout into a Transformer, one tensor at a time
+  Meta layout              params.json + consolidated.NN.pth: read_meta (model-parallel shards
+                           joined), write_meta, save (model.save)
+  HF layout                config.json + *.safetensors: the one name map (hf_name / our_name), the
+                           q/k RoPE permutation both ways, read_hf, write_hf, save_hf
 
 A directory cannot be replaced in one atomic step, so write_dir replaces it in renames, each of
 which is atomic, and only ever gives a *complete* directory one of the names a reader trusts:
@@ -20,9 +27,16 @@ half-deleted directory never carries a trusted name.
 """
 
 import errno
+import fnmatch
 import glob
+import json
 import os
 import shutil
+from typing import Optional
+
+import torch
+
+from model import CheckpointError, ModelArgs, Transformer
 
 # Less free space than this after a failed write means the disk filled up (torch.save reports
 # ENOSPC as "enforce fail at inline_container.cc", so the exception alone cannot tell).
@@ -144,3 +158,390 @@ def _disk_full_error(path, keeps):
               else "nothing was written")
     return DiskFullError(f"disk full while writing {path}; {intact}. Free some space on "
                          f"{os.path.dirname(os.path.abspath(path))} and try again")
+
+
+# -----------------------------------------------------------------------------------------------
+# Replacing a checkpoint directory
+
+# The files a checkpoint consists of, in any layout this project reads or writes, and the trainer's
+# state for those weights. Writing a checkpoint over a directory replaces all of them (a stale
+# consolidated.01.pth or train_state.pt must not survive beside new weights); anything else there,
+# such as tokenizer files or notes, is carried over.
+CHECKPOINT_FILES = ("params.json", "consolidated.*.pth", "config.json", "*.safetensors", "*.safetensors.index.json",
+                    "adapter.json", "adapter_config.json", "train_state.pt")
+
+
+def replace_checkpoint(out_dir, write):
+    """write(fresh_dir) writes a checkpoint; it then replaces out_dir as a whole (write_dir), with
+    every entry of the old out_dir that is not a checkpoint file carried over. Returns out_dir."""
+    out_dir = os.path.normpath(os.path.expanduser(str(out_dir)))
+
+    def fill(fresh):
+        if os.path.isdir(out_dir):  # settled by write_dir: the newest complete copy
+            for name in os.listdir(out_dir):
+                if not any(fnmatch.fnmatch(name, pattern) for pattern in CHECKPOINT_FILES):
+                    _carry(os.path.join(out_dir, name), os.path.join(fresh, name))
+        write(fresh)
+
+    return write_dir(out_dir, fill)
+
+
+def _carry(src, dst):
+    """Hard-link src (a file, or each file of a directory) at dst; copy where linking fails (another
+    file system). Symbolic links stay links."""
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+    elif os.path.isdir(src):
+        shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(src, dst)
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from None
+
+
+# -----------------------------------------------------------------------------------------------
+# Reading either layout into a Transformer
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype, device) -> torch.dtype:
+    """None -> bf16 on CUDA, fp32 elsewhere; accepts torch dtypes or names like 'bf16'."""
+    if dtype is None:
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype) not in _DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
+    return _DTYPES[str(dtype)]
+
+
+def load(ckpt_dir, device="cpu", dtype=None, max_seq_len: Optional[int] = None) -> Transformer:
+    """model.load: a Meta- or HF-layout checkpoint directory into a Transformer, one tensor at a time.
+
+    The model is built on the meta device (no memory) and each weight is assigned as it is read,
+    so at no point do two full copies of the weights exist.
+    """
+    ckpt_dir = os.path.expanduser(str(ckpt_dir))
+    if not os.path.isdir(ckpt_dir):
+        raise CheckpointError(f"{ckpt_dir}: no such checkpoint directory")
+    if os.path.exists(os.path.join(ckpt_dir, "params.json")):
+        args, tensors, tied, config_path = read_meta(ckpt_dir)
+    elif os.path.exists(os.path.join(ckpt_dir, "config.json")):
+        args, tensors, tied, config_path = read_hf(ckpt_dir)
+    else:
+        raise CheckpointError(f"{ckpt_dir}: neither params.json (Meta) nor config.json (HF) found")
+    args.max_seq_len = max_seq_len or args.max_seq_len
+    dtype = resolve_dtype(dtype, device)
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    if tied:
+        model.tie_weights()
+    expected = {k: v for k, v in model.state_dict().items() if not (tied and k == "output.weight")}
+    state = {}
+    for name, t in tensors:
+        if name not in expected:
+            continue  # stray keys such as rope.freqs or rotary_emb.inv_freq
+        if t.shape != expected[name].shape:
+            raise CheckpointError(f"{config_path} disagrees with the weights: {name} is {tuple(t.shape)} "
+                                  f"in the checkpoint but {tuple(expected[name].shape)} by the config")
+        state[name] = t.to(device=device, dtype=dtype)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"{ckpt_dir}: weights missing from the checkpoint: {', '.join(missing[:4])}"
+                              + (" ..." if len(missing) > 4 else ""))
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    model.reset_rope()
+    return model.eval()
+
+
+def _model_args(path, values: dict) -> ModelArgs:
+    try:
+        return ModelArgs.from_dict(values)
+    except (TypeError, ValueError) as e:  # e.g. heads that do not divide dim, a value that is not a number
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+# -----------------------------------------------------------------------------------------------
+# Meta layout: params.json + consolidated.NN.pth, one file per model-parallel rank
+
+# Meta's model-parallel split: column-parallel weights are cut along their output rows (dim 0),
+# row-parallel ones along their input columns (dim 1); norms are replicated on every shard.
+_JOIN_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
+
+
+def read_meta(ckpt_dir):
+    """(args, an iterator of (name, tensor) with the shards joined, tied, the params.json path)."""
+    params_path = os.path.join(ckpt_dir, "params.json")
+    params = _read_json(params_path)
+    args = _model_args(params_path, params)
+    paths = sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
+    if not paths:
+        raise CheckpointError(f"{ckpt_dir}: params.json but no consolidated.NN.pth weights")
+    shards = []
+    for p in paths:
+        try:  # mmap: the weights stay in the page cache, not copied into our heap
+            shards.append(torch.load(p, map_location="cpu", mmap=True, weights_only=True))
+        except Exception as e:  # a truncated or foreign file: torch raises many kinds
+            raise CheckpointError(f"{p}: cannot read ({type(e).__name__}: {e})") from None
+    first = shards[0]
+    if "tok_embeddings.weight" not in first:
+        raise CheckpointError(f"{paths[0]}: no tok_embeddings.weight in it (not a Llama checkpoint)")
+    tied = "output.weight" not in first or (first["output.weight"].untyped_storage().data_ptr()
+                                            == first["tok_embeddings.weight"].untyped_storage().data_ptr())
+    # Llama 2 splits the embedding along dim (ParallelEmbedding), Llama 3 along the vocabulary
+    # (VocabParallelEmbedding): the shard's width tells which.
+    embedding_dim = 0 if first["tok_embeddings.weight"].shape[1] == args.dim else 1
+    if args.vocab_size <= 0:
+        args.vocab_size = first["tok_embeddings.weight"].shape[0] * (len(shards) if embedding_dim == 0 else 1)
+    if "max_seq_len" not in params:
+        # Meta's params.json leaves the context to the caller: Llama 2 was trained at 4096,
+        # Llama 3 at 8192, 3.1 and 3.2 extend it to 131072.
+        args.max_seq_len = 131072 if args.use_scaled_rope else 8192 if args.vocab_size >= 128000 else 4096
+
+    def tensors():
+        for name, t in first.items():
+            if name == "output.weight" and tied:
+                continue
+            kind = name.split(".")[-2]
+            if len(shards) == 1 or name.endswith("norm.weight"):
+                yield name, t
+            elif name == "tok_embeddings.weight":
+                yield name, torch.cat([s[name] for s in shards], dim=embedding_dim)
+            elif kind in _JOIN_DIM:
+                yield name, torch.cat([s[name] for s in shards], dim=_JOIN_DIM[kind])
+            else:
+                yield name, t  # unknown keys (e.g. rope.freqs) are dropped by load
+
+    return args, tensors(), tied, params_path
+
+
+def meta_params(args: ModelArgs) -> dict:
+    """params.json as Meta writes it: Llama 2 keys always, Llama 3 keys only where they apply, so
+    both generations of Meta's code read it back."""
+    p = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
+         "vocab_size": args.vocab_size, "multiple_of": args.multiple_of,
+         "ffn_dim_multiplier": args.ffn_dim_multiplier, "norm_eps": args.norm_eps,
+         "max_seq_len": args.max_seq_len}
+    if args.rope_theta != 10000.0:
+        p["rope_theta"] = args.rope_theta
+    if args.use_scaled_rope:
+        p["use_scaled_rope"] = True
+        defaults = ModelArgs()
+        for k in ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                  "rope_original_max_seq_len"):
+            if getattr(args, k) != getattr(defaults, k):
+                p[k] = getattr(args, k)
+    return p
+
+
+def write_meta(model, out_dir):
+    """params.json + consolidated.00.pth of model into out_dir, a directory being filled (see save,
+    or write_dir to put more files beside them). A tied output is stored as the same tensor, which
+    torch.save keeps as one storage and read_meta recognises."""
+    torch.save({k: v.detach() for k, v in model.state_dict().items()}, os.path.join(out_dir, "consolidated.00.pth"))
+    write_json(os.path.join(out_dir, "params.json"), meta_params(model.args))
+
+
+def save(model, out_dir):
+    """model.save: the Meta layout, replacing out_dir's checkpoint as a whole."""
+    return replace_checkpoint(out_dir, lambda fresh: write_meta(model, fresh))
+
+
+# -----------------------------------------------------------------------------------------------
+# HF layout: config.json + *.safetensors, as transformers' LlamaForCausalLM saves it
+
+# Our module names -> transformers' (peft names its adapters after the latter too). Inside a block
+# the names follow "layers.N." (HF: "model.layers.N."); the first three are top-level.
+HF_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head",
+            "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+            "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+            "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+            "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+            "ffn_norm": "post_attention_layernorm"}
+_FROM_HF = {theirs: ours for ours, theirs in HF_NAMES.items()}
+
+
+def hf_name(name: str) -> str:
+    """'layers.3.attention.wq.weight' -> 'model.layers.3.self_attn.q_proj.weight' (module paths too)."""
+    return _rename(name, HF_NAMES, "layers.", "model.layers.")
+
+
+def our_name(name: str) -> str:
+    """hf_name backwards; names it does not know (e.g. rotary_emb.inv_freq) pass through."""
+    return _rename(name, _FROM_HF, "model.layers.", "layers.")
+
+
+def _rename(name, table, layers_from, layers_to):
+    prefix = ""
+    if name.startswith(layers_from):
+        index, _, name = name[len(layers_from):].partition(".")
+        prefix = f"{layers_to}{index}."
+    for old, new in table.items():
+        if name == old or name.startswith(old + "."):
+            return prefix + new + name[len(old):]
+    return prefix + name
+
+
+# Meta's RoPE rotates adjacent pairs of each q/k head's rows, (x0 x1)(x2 x3)...; HF's rotates halves,
+# so it stores each head's rows as all first elements of the pairs, then all second ones.
+def meta_to_hf_rope(w, n_heads):
+    rows, cols = w.shape
+    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def hf_to_meta_rope(w, n_heads):
+    rows, cols = w.shape
+    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def permute_qk(name, w, args: ModelArgs, permute):
+    """permute (one of the two above) applied to the rows of a q/k weight (or of a q/k lora_B, whose
+    rows are the same outputs), named in our names; anything else is returned as is."""
+    if ".attention.wq." in name:
+        return permute(w, args.n_heads)
+    if ".attention.wk." in name:
+        return permute(w, args.n_kv_heads)
+    return w
+
+
+def hf_args(config: dict, path: str) -> ModelArgs:
+    """ModelArgs from a transformers LlamaConfig (config.json)."""
+    if config.get("model_type", "llama") != "llama":
+        raise CheckpointError(f"{path}: model_type {config.get('model_type')!r} is not llama")
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        raise CheckpointError(f"{path}: attention_bias / mlp_bias are not part of Llama")
+    dim, n_heads = config["hidden_size"], config["num_attention_heads"]
+    if config.get("head_dim") not in (None, dim // n_heads):
+        raise CheckpointError(f"{path}: head_dim {config['head_dim']} != hidden_size / heads")
+    # transformers < 5 keeps rope_theta at the top and rope_scaling beside it; transformers 5 puts
+    # both into rope_parameters.
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise CheckpointError(f"{path}: rope type {rope_type!r} is not supported (default, llama3)")
+    # HF states the FFN width outright; express it in Meta's terms so params.json stays readable by
+    # Meta's code: with multiple_of = width, the round-up lands exactly on it.
+    hidden, base = config["intermediate_size"], int(2 * 4 * dim / 3)
+    values = dict(dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
+                  n_kv_heads=config.get("num_key_value_heads", n_heads), vocab_size=config["vocab_size"],
+                  multiple_of=hidden, ffn_dim_multiplier=None if base <= hidden else hidden / base,
+                  norm_eps=config.get("rms_norm_eps", 1e-5),
+                  rope_theta=config.get("rope_theta", rope.get("rope_theta", 10000.0)),
+                  max_seq_len=config.get("max_position_embeddings", 4096))
+    if rope_type == "llama3":
+        values.update(use_scaled_rope=True, rope_scaling_factor=rope["factor"],
+                      rope_low_freq_factor=rope.get("low_freq_factor", 1.0),
+                      rope_high_freq_factor=rope.get("high_freq_factor", 4.0),
+                      rope_original_max_seq_len=rope.get("original_max_position_embeddings", 8192))
+    args = _model_args(path, values)
+    assert args.hidden_dim == hidden
+    return args
+
+
+def hf_config(args: ModelArgs, tied: bool, dtype: torch.dtype) -> dict:
+    """config.json for transformers' LlamaForCausalLM (the classic layout, which transformers 5 reads too)."""
+    rope_scaling = None
+    if args.use_scaled_rope:
+        rope_scaling = {"rope_type": "llama3", "factor": args.rope_scaling_factor,
+                        "low_freq_factor": args.rope_low_freq_factor, "high_freq_factor": args.rope_high_freq_factor,
+                        "original_max_position_embeddings": args.rope_original_max_seq_len}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+            "hidden_size": args.dim, "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
+            "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads,
+            "head_dim": args.head_dim, "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps,
+            "rope_theta": args.rope_theta, "rope_scaling": rope_scaling,
+            "max_position_embeddings": args.max_seq_len, "attention_bias": False, "mlp_bias": False,
+            "tie_word_embeddings": tied, "torch_dtype": str(dtype).removeprefix("torch.")}
+
+
+def read_hf(ckpt_dir):
+    """(args, an iterator of (name, tensor) in our names and Meta's q/k layout, tied, the config path)."""
+    from safetensors import safe_open  # only the HF layout needs it
+
+    config_path = os.path.join(ckpt_dir, "config.json")
+    args = hf_args(_read_json(config_path), config_path)
+    index = os.path.join(ckpt_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        paths = [os.path.join(ckpt_dir, f) for f in sorted(set(_read_json(index)["weight_map"].values()))]
+    else:
+        paths = sorted(glob.glob(os.path.join(ckpt_dir, "*.safetensors")))
+    if not paths:
+        raise CheckpointError(f"{ckpt_dir}: config.json but no *.safetensors weights")
+    handles = []
+    for p in paths:
+        try:
+            handles.append(safe_open(p, framework="pt", device="cpu"))
+        except Exception as e:
+            raise CheckpointError(f"{p}: cannot read ({type(e).__name__}: {e})") from None
+    tied = not any("lm_head.weight" in h.keys() for h in handles)
+
+    def tensors():
+        for h in handles:
+            for name in h.keys():
+                ours = our_name(name)
+                yield ours, permute_qk(ours, h.get_tensor(name), args, hf_to_meta_rope)
+
+    return args, tensors(), tied, config_path
+
+
+def write_hf(model, out_dir, state_dict=None):
+    """config.json + model.safetensors of model into out_dir, a directory being filled (see save_hf).
+    state_dict: the weights in our names, by default the model's own (lora.save_hf passes merged ones)."""
+    from safetensors.torch import save_file
+
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    tensors = {}
+    for name, t in state_dict.items():
+        if name == "output.weight" and model.tied:
+            continue  # safetensors stores no aliases; transformers re-ties from tie_word_embeddings
+        tensors[hf_name(name)] = permute_qk(name, t.detach(), model.args, meta_to_hf_rope).contiguous()
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    dtype = model.tok_embeddings.weight.dtype
+    write_json(os.path.join(out_dir, "config.json"), hf_config(model.args, model.tied, dtype))
+
+
+def save_hf(model, out_dir, state_dict=None):
+    """The HF layout, replacing out_dir's checkpoint as a whole (see replace_checkpoint)."""
+    return replace_checkpoint(out_dir, lambda fresh: write_hf(model, fresh, state_dict))
+
+
+def stored_dtype(ckpt_dir) -> Optional[torch.dtype]:
+    """The dtype a checkpoint keeps its weights in, so a copy made from it can keep it (an 8B bf16
+    model merged in fp32 would double in size). None if it cannot tell; load() then says why."""
+    try:
+        pth = sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
+        if pth:
+            return torch.load(pth[0], map_location="cpu", mmap=True, weights_only=True)["tok_embeddings.weight"].dtype
+        from safetensors import safe_open
+
+        names = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+        for p in sorted(glob.glob(os.path.join(ckpt_dir, "*.safetensors"))):
+            with safe_open(p, framework="pt") as f:
+                if "model.embed_tokens.weight" in f.keys():
+                    return names.get(f.get_slice("model.embed_tokens.weight").get_dtype())
+    except Exception:
+        return None
+    return None

@@ -49,24 +49,16 @@ def generate(model, prompts, max_new_tokens, temperature=0.6, top_p=0.9, stop_id
     for rows whose prompt is longer the prompt's own token is written instead of the sample (Meta's
     scheme), so every row sees exactly its own tokens. on_token(row, token) is called as tokens come;
     a dict passed as timings receives the seconds spent on the prompt ("prefill") and after ("decode").
-    decode_step: what runs the one-token steps (default the model; compile_decode_step makes a
-    compiled one). The prompt goes through the model itself: its length varies from call to call.
+    decode_step: what runs the one-token steps (default model.decode; compile_decode_step makes a
+    compiled one). The prompt goes through model.decode itself: its length varies from call to call.
+    A prompt that is empty or does not fit the model's context raises ValueError.
     """
-    decode_step = model if decode_step is None else decode_step
-    B, context = len(prompts), model.args.max_seq_len
-    lens = [len(p) for p in prompts]
-    if min(lens) == 0:
-        raise UsageError("a prompt is empty (it needs at least the BOS token)")
-    if max(lens) >= context:
-        raise UsageError(f"a prompt of {max(lens)} tokens does not fit the context of {context} "
-                         f"tokens (--max_seq_len); shorten it")
+    decode_step = model.decode if decode_step is None else decode_step
+    B, context, lens = len(prompts), model.args.max_seq_len, [len(p) for p in prompts]
+    _check_lengths(lens, context)
     total = min(context, max(lens) + max_new_tokens)
     device = model.tok_embeddings.weight.device
-    tokens = torch.zeros(B, total, dtype=torch.long, device=device)
-    is_prompt = torch.zeros(B, total, dtype=torch.bool, device=device)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = torch.tensor(p[:total], dtype=torch.long)
-        is_prompt[i, : len(p)] = True
+    tokens, is_prompt = _prompt_rows(prompts, total, device)
     last = torch.tensor([min(n + max_new_tokens, total) for n in lens], device=device)  # exclusive
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -82,18 +74,18 @@ def generate(model, prompts, max_new_tokens, temperature=0.6, top_p=0.9, stop_id
                 sync()
                 timings["prefill"] = time.perf_counter() - t0
             if cur - prev == 1:  # one token: a tensor position keeps a compiled step from specialising
-                logits = decode_step(tokens[:, prev:cur], start_pos=torch.tensor(prev, device=device))[:, -1]
+                logits = decode_step(tokens[:, prev:cur], torch.tensor(prev, device=device))[:, -1]
             else:
-                logits = model(tokens[:, prev:cur], start_pos=prev)[:, -1]
-            tok = next_token(logits, temperature, top_p, generator)
-            tok = torch.where(is_prompt[:, cur], tokens[:, cur], tok)
+                logits = model.decode(tokens[:, prev:cur], prev)[:, -1]
+            chosen = next_token(logits, temperature, top_p, generator)
+            chosen = torch.where(is_prompt[:, cur], tokens[:, cur], chosen)
             new = ~is_prompt[:, cur] & ~done
-            tokens[:, cur] = tok
-            done |= new & torch.isin(tok, stop)
+            tokens[:, cur] = chosen
+            done |= new & torch.isin(chosen, stop)
             if on_token is not None:
                 for row in new.nonzero().flatten().tolist():
                     if not done[row]:
-                        on_token(row, tok[row].item())
+                        on_token(row, chosen[row].item())
             done |= cur + 1 >= last
             prev = cur
             if done.all():
@@ -105,23 +97,46 @@ def generate(model, prompts, max_new_tokens, temperature=0.6, top_p=0.9, stop_id
         timings.setdefault("prefill", time.perf_counter() - t0)
         timings["decode"] = time.perf_counter() - t0 - timings["prefill"]
 
-    out = []
-    for i, n in enumerate(lens):
-        row = tokens[i, n : int(last[i])].tolist()
-        cut = next((j for j, t in enumerate(row) if t in stop_ids), len(row))
-        out.append(row[:cut])
-    return out
+    rows = [tokens[i, n : int(last[i])].tolist() for i, n in enumerate(lens)]
+    return [row[: next((j for j, t in enumerate(row) if t in stop_ids), len(row))] for row in rows]
+
+
+def _check_lengths(lens, context):
+    if min(lens) == 0:
+        raise ValueError("a prompt is empty (it needs at least the BOS token)")
+    if max(lens) >= context:
+        raise ValueError(f"a prompt of {max(lens)} tokens does not fit the context of {context} "
+                         f"tokens (--max_seq_len); shorten it")
+
+
+def _prompt_rows(prompts, total, device):
+    """(B, total) token ids with each prompt at the start of its row, and a mask of where they are."""
+    tokens = torch.zeros(len(prompts), total, dtype=torch.long, device=device)
+    is_prompt = torch.zeros(len(prompts), total, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(p[:total], dtype=torch.long)
+        is_prompt[i, : len(p)] = True
+    return tokens, is_prompt
 
 
 def compile_decode_step(model):
-    """torch.compile the one-token decode step. Its shapes never change (the KV cache is preallocated
-    and attended whole, behind a mask), so it compiles once; on CUDA, mode="reduce-overhead" also
-    captures it as a CUDA graph, removing the per-kernel launch cost that dominates batch-1 decoding.
-    Inductor fuses the norm/RoPE/SwiGLU chains itself, so the PyTorch twins of the Triton kernels
-    are what it compiles."""
-    llama.set_kernels("torch")
+    """torch.compile model.decode for the one-token steps. Its shapes never change (the KV cache is
+    preallocated and attended whole, behind a mask), so it compiles once; on CUDA,
+    mode="reduce-overhead" also captures it as a CUDA graph, removing the per-kernel launch cost that
+    dominates batch-1 decoding. Inductor fuses the norm/RoPE/SwiGLU chains itself, so the step runs
+    the PyTorch twins of the Triton kernels: it picks them for its own calls only, leaving the
+    process-wide choice (model.set_kernels) as it was."""
     mode = "reduce-overhead" if model.tok_embeddings.weight.is_cuda else None
-    return torch.compile(model, mode=mode, fullgraph=True, dynamic=False)
+    compiled = torch.compile(model.decode, mode=mode, fullgraph=True, dynamic=False)
+
+    def step(tokens, start_pos):
+        previous = llama.set_kernels("torch")
+        try:
+            return compiled(tokens, start_pos)
+        finally:
+            llama.set_kernels(previous)
+
+    return step
 
 
 def completion_text(tok, prompt, ids):

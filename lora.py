@@ -13,10 +13,11 @@ Read top to bottom:
   export_peft         the same adapter in peft's names, for transformers' LlamaForCausalLM
   save_hf             a merged HF checkpoint (config.json + model.safetensors)
   main                `python lora.py merge|export ...`
+The file layouts themselves (HF names, the q/k RoPE permutation, writing a directory whole) are
+checkpoint.py's.
 """
 
 import argparse
-import glob
 import json
 import math
 import os
@@ -29,18 +30,10 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from model import ModelArgs, load as load_model, meta_params, save as save_model
+import checkpoint
+from model import ModelArgs, load as load_model, save as save_model
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-
-# Our module names -> transformers' LlamaForCausalLM names (peft names modules after the HF model).
-_HF_MODULES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-               "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-               "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-               "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
-               "ffn_norm": "post_attention_layernorm"}
-_HF_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-           "output.weight": "lm_head.weight"}
 
 
 class AdapterError(ValueError):
@@ -167,32 +160,22 @@ def _config(model) -> dict:
     return cfg
 
 
-def _write_atomic(files: dict, out_dir):
-    """files: {name: writer(path)}. Each goes to NAME.tmp first and is renamed when all are written,
-    so a kill mid-write never leaves a file that reads as complete but is not."""
-    os.makedirs(out_dir, exist_ok=True)
-    for name, write in files.items():
-        write(os.path.join(out_dir, name + ".tmp"))
-    for name in files:  # the .json last: it is what readers look at first
-        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
-
-
-def _json_writer(obj):
-    def write(path):
-        with open(path, "w") as f:
-            json.dump(obj, f, indent=2)
-    return write
-
-
-def save_adapter(model, path, tokenizer_sha256=None):
-    """path/adapter.safetensors (the A and B tensors) + path/adapter.json (how to apply them, and
-    which base model and tokenizer they belong to)."""
-    meta = dict(_config(model), base_params=meta_params(_unwrap(model).args), tokenizer_sha256=tokenizer_sha256)
+def write_adapter(model, out_dir, tokenizer_sha256=None):
+    """out_dir/adapter.safetensors (the A and B tensors) + out_dir/adapter.json (how to apply them,
+    and which base model and tokenizer they belong to), into a directory being filled (see
+    save_adapter, or checkpoint.write_dir to put more files beside them)."""
+    meta = dict(_config(model), base_params=checkpoint.meta_params(_unwrap(model).args),
+                tokenizer_sha256=tokenizer_sha256)
     tensors = {k: v.contiguous() for k, v in lora_state_dict(model).items()}
     # A copy of the config inside the weights file lets load_adapter notice a pair from two saves.
     header = {"adapter_json": json.dumps(meta, sort_keys=True)}
-    _write_atomic({"adapter.safetensors": lambda p: save_file(tensors, p, metadata=header),
-                   "adapter.json": _json_writer(meta)}, os.path.expanduser(str(path)))
+    save_file(tensors, os.path.join(out_dir, "adapter.safetensors"), metadata=header)
+    checkpoint.write_json(os.path.join(out_dir, "adapter.json"), meta)
+
+
+def save_adapter(model, path, tokenizer_sha256=None):
+    """write_adapter, replacing the checkpoint in path as a whole (checkpoint.replace_checkpoint)."""
+    checkpoint.replace_checkpoint(path, lambda fresh: write_adapter(model, fresh, tokenizer_sha256))
 
 
 def _adapter_dir(path) -> str:
@@ -224,7 +207,7 @@ def load_adapter(model, path, tokenizer_sha256=None):
     cfg, inner = read_adapter_config(path), _unwrap(model)
     # The adapter only makes sense on the base it was trained on: compare the shapes that matter.
     saved = ModelArgs.from_dict(cfg["base_params"])
-    fields = ("dim", "n_layers", "n_heads", "kv_heads", "vocab_size", "hidden_dim")
+    fields = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim")
     differ = [f for f in fields if getattr(saved, f) != getattr(inner.args, f)]
     if differ:
         raise AdapterError(f"{path}: adapter was trained on a base with "
@@ -268,30 +251,6 @@ def load_adapter(model, path, tokenizer_sha256=None):
 # -- transformers / peft export ----------------------------------------------------------------------
 
 
-def _to_hf_rope(w, n_heads):
-    # Meta keeps each q/k head's rows as adjacent RoPE pairs (x0 x1)(x2 x3)...; HF's rotate-half
-    # RoPE wants the first elements of every pair, then all the second ones. Regroup the rows.
-    rows, cols = w.shape
-    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def _hf_name(name: str) -> str:
-    if name in _HF_TOP:
-        return _HF_TOP[name]
-    for ours, theirs in _HF_MODULES.items():
-        name = name.replace(f".{ours}.", f".{theirs}.")
-    return "model." + name
-
-
-def _permute_for_hf(name, w, args: ModelArgs):
-    """Rows of q/k weights (or of a q/k lora_B) in HF's order; everything else as is."""
-    if ".attention.wq." in name:
-        return _to_hf_rope(w, args.n_heads)
-    if ".attention.wk." in name:
-        return _to_hf_rope(w, args.kv_heads)
-    return w
-
-
 def export_peft(model, out_dir, base_model_name_or_path=None):
     """adapter_config.json + adapter_model.safetensors that peft.PeftModel.from_pretrained loads onto
     transformers' LlamaForCausalLM of the same base. The adapter is the same; only names and the
@@ -300,18 +259,21 @@ def export_peft(model, out_dir, base_model_name_or_path=None):
     tensors = {}
     for name, t in lora_state_dict(model).items():
         module, _, which = name.rpartition(".")  # 'layers.0.attention.wq', 'lora_A'
-        hf = "base_model.model." + _hf_name(module + ".weight")[: -len(".weight")]
-        t = _permute_for_hf(name, t, args) if which == "lora_B" else t
-        tensors[f"{hf}.{which}.weight"] = t.contiguous()
+        t = checkpoint.permute_qk(name, t, args, checkpoint.meta_to_hf_rope) if which == "lora_B" else t
+        tensors[f"base_model.model.{checkpoint.hf_name(module)}.{which}.weight"] = t.contiguous()
     # peft matches target_modules against the ends of module names: "q_proj", "gate_proj", ...
-    hf_targets = sorted(theirs.split(".")[1] for ours, theirs in _HF_MODULES.items()
-                        if ours.split(".")[-1] in cfg["targets"])
+    hf_targets = sorted(theirs.rpartition(".")[2] for ours, theirs in checkpoint.HF_NAMES.items()
+                        if ours.rpartition(".")[2] in cfg["targets"])
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg["rank"], "lora_alpha": cfg["alpha"],
               "lora_dropout": cfg["dropout"], "target_modules": hf_targets, "use_rslora": cfg["use_rslora"],
               "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
               "modules_to_save": None, "base_model_name_or_path": base_model_name_or_path}
-    _write_atomic({"adapter_model.safetensors": lambda p: save_file(tensors, p),
-                   "adapter_config.json": _json_writer(config)}, os.path.expanduser(str(out_dir)))
+
+    def write(fresh):
+        save_file(tensors, os.path.join(fresh, "adapter_model.safetensors"))
+        checkpoint.write_json(os.path.join(fresh, "adapter_config.json"), config)
+
+    checkpoint.replace_checkpoint(out_dir, write)
 
 
 def merged_state_dict(model) -> dict:
@@ -325,54 +287,12 @@ def merged_state_dict(model) -> dict:
 
 
 def save_hf(model, out_dir):
-    """A merged checkpoint in transformers' layout: config.json + model.safetensors."""
-    inner = _unwrap(model)
-    a, w = inner.args, inner.tok_embeddings.weight
-    rope_scaling = None
-    if a.use_scaled_rope:
-        rope_scaling = {"rope_type": "llama3", "factor": a.rope_scaling_factor,
-                        "low_freq_factor": a.rope_low_freq_factor, "high_freq_factor": a.rope_high_freq_factor,
-                        "original_max_position_embeddings": a.rope_original_max_seq_len}
-    dtype = str(w.dtype).removeprefix("torch.")
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-              "hidden_size": a.dim, "intermediate_size": a.hidden_dim, "num_hidden_layers": a.n_layers,
-              "num_attention_heads": a.n_heads, "num_key_value_heads": a.kv_heads, "head_dim": a.head_dim,
-              "vocab_size": a.vocab_size, "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta,
-              "rope_scaling": rope_scaling, "max_position_embeddings": a.max_seq_len,
-              "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": inner.tied,
-              "torch_dtype": dtype}
-    tensors = {}
-    for name, t in merged_state_dict(inner).items():
-        if name == "output.weight" and inner.tied:
-            continue  # safetensors stores no aliases; transformers re-ties from tie_word_embeddings
-        tensors[_hf_name(name)] = _permute_for_hf(name, t, a).contiguous()
-    out_dir = os.path.expanduser(str(out_dir))
-    _write_atomic({"model.safetensors": lambda p: save_file(tensors, p, metadata={"format": "pt"}),
-                   "config.json": _json_writer(config)}, out_dir)
-    # Left by an earlier, sharded save here: model.load and transformers would follow the index.
-    for stale in glob.glob(os.path.join(out_dir, "model-*.safetensors")) + \
-            glob.glob(os.path.join(out_dir, "model.safetensors.index.json")):
-        os.remove(stale)
+    """A merged checkpoint in transformers' layout (config.json + model.safetensors); the model
+    itself keeps its adapters unmerged."""
+    checkpoint.save_hf(_unwrap(model), out_dir, merged_state_dict(model))
 
 
 # -- command line --------------------------------------------------------------------------------------
-
-
-def _stored_dtype(ckpt_dir):
-    """The dtype the base checkpoint keeps its weights in, so a merged copy keeps it (an 8B bf16
-    model merged in fp32 would double in size). None if it cannot tell; model.load reports why."""
-    try:
-        pth = sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
-        if pth:
-            return torch.load(pth[0], map_location="cpu", mmap=True, weights_only=True)["tok_embeddings.weight"].dtype
-        names = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-        for p in sorted(glob.glob(os.path.join(ckpt_dir, "*.safetensors"))):
-            with safe_open(p, framework="pt") as f:
-                if "model.embed_tokens.weight" in f.keys():
-                    return names.get(f.get_slice("model.embed_tokens.weight").get_dtype())
-    except Exception:
-        return None
-    return None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -400,7 +320,7 @@ def main(argv=None):
         if os.path.realpath(out) == os.path.realpath(ckpt_dir):
             raise ValueError(f"--out {out} is the base checkpoint directory; choose another")
         fmt = getattr(args, "format", "meta")
-        m = load_model(ckpt_dir, dtype=_stored_dtype(ckpt_dir) if fmt != "peft" else None)
+        m = load_model(ckpt_dir, dtype=checkpoint.stored_dtype(ckpt_dir) if fmt != "peft" else None)
         load_adapter(m, args.adapter)
         if fmt == "peft":
             export_peft(m, out)

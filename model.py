@@ -1,31 +1,27 @@
-"""A Llama (2, 3, 3.1, 3.2) in one file: the architecture, its hot paths, and checkpoint I/O.
+"""A Llama (2, 3, 3.1, 3.2) in one file: the architecture in plain PyTorch, then its fused kernels.
 
 Read top to bottom:
-  ModelArgs        the hyper-parameters, named as in Meta's params.json
+  ModelArgs        the hyper-parameters, named as in Meta's params.json; derived sizes resolved once
   RMSNorm, RoPE    normalisation and rotary position embedding (with Llama 3.1 frequency scaling)
-  Attention        grouped-query attention with a preallocated KV cache for decoding
+  Attention        grouped-query attention; KVCache holds its keys and values while decoding
   FeedForward      SwiGLU
-  Transformer      the stack, returning logits or the mean cross-entropy
-  Fused kernels    Triton twins of rms_norm, apply_rope, swiglu and output layer + cross-entropy
-  load / save      Meta (params.json + consolidated.NN.pth) and HF (config.json + safetensors) layouts
+  Transformer      the stack: forward() trains and scores (logits, or the mean cross-entropy),
+                   decode() runs prompt chunks and single tokens against the KV cache
+  load / save      the entry points to checkpoint.py, which reads and writes the file layouts
+  Fused kernels    Triton twins of rms_norm, apply_rope, swiglu and linear_cross_entropy, switched in
+                   at the file's last lines (on CUDA, or when LLAMA_KERNELS=triton)
 """
 
-import glob
-import json
+import functools
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be loaded; the message names the file."""
-
 
 # -----------------------------------------------------------------------------------------------
 # Configuration
@@ -48,28 +44,28 @@ class ModelArgs:
     rope_high_freq_factor: float = 4.0
     rope_original_max_seq_len: int = 8192
     max_seq_len: int = 4096  # the longest context RoPE tables and the KV cache are built for
+    # Derived in __post_init__, not arguments: use dataclasses.replace to change dim, heads or FFN.
+    head_dim: int = field(init=False)
+    hidden_dim: int = field(init=False)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelArgs":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})  # unknown keys are tolerated
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
-
-    @property
-    def hidden_dim(self) -> int:
+    def __post_init__(self):
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        if min(self.dim, self.n_heads, self.n_kv_heads) <= 0 or self.dim % self.n_heads or \
+                self.n_heads % self.n_kv_heads:
+            raise ValueError(f"dim {self.dim}, n_heads {self.n_heads}, n_kv_heads {self.n_kv_heads}: "
+                             "each must be positive and divide the one before")
+        self.head_dim = self.dim // self.n_heads
         # Meta's arithmetic: 2/3 of 4*dim (SwiGLU has three matrices instead of two, so this keeps
         # the parameter count of a 4*dim MLP), scaled, then rounded up to multiple_of.
         hidden = int(2 * (4 * self.dim) / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
-        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelArgs":
+        known = {f.name for f in fields(cls) if f.init}
+        return cls(**{k: v for k, v in d.items() if k in known})  # unknown keys are tolerated
 
 
 # -----------------------------------------------------------------------------------------------
@@ -89,8 +85,6 @@ class RMSNorm(nn.Module):
 
 
 def rms_norm(x, weight, eps):
-    if use_triton(x):
-        return _RMSNorm.apply(x, weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return xf.type_as(x) * weight  # Meta rounds to the input dtype before the weight multiply
@@ -132,8 +126,6 @@ def apply_rope(x, rope):
     Meta treats each pair as a complex number and multiplies by e^{i*angle}; this is the same
     arithmetic written with reals, in fp32.
     """
-    if use_triton(x):
-        return _RoPE.apply(x, rope)
     B, T, H, D = x.shape
     xp = x.float().reshape(B, T, H, D // 2, 2)
     if rope.dim() == 3:
@@ -145,8 +137,6 @@ def apply_rope(x, rope):
 
 
 def swiglu(a, b):
-    if use_triton(a):
-        return _SwiGLU.apply(a, b)
     return F.silu(a) * b
 
 
@@ -186,43 +176,53 @@ def flex_attention(q, k, v, block_mask, enable_gqa):
     return _flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
+class KVCache(nn.Module):
+    """The keys and values of every position decoded so far, (B_max, n_kv_heads, length, head_dim).
+    Allocated once at full length and written in place, never grown: every decode step then has the
+    same shapes, which lets torch.compile and CUDA graphs capture one. decode() masks unwritten slots."""
+
+    def __init__(self, shape, dtype, device):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, positions, k, v):
+        """Store k, v (B, n_kv_heads, T, head_dim) at positions (T,); return the whole cache of these rows."""
+        B = k.shape[0]
+        self.k[:B].index_copy_(2, positions, k.to(self.k.dtype))
+        self.v[:B].index_copy_(2, positions, v.to(self.v.dtype))
+        return self.k[:B], self.v[:B]
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
-        # The KV cache, (B_max, n_kv_heads, cache_len, head_dim) while decoding (setup_cache).
-        self.register_buffer("cache_k", None, persistent=False)
-        self.register_buffer("cache_v", None, persistent=False)
+        self.cache = None  # a KVCache while decoding (Transformer.setup_cache)
 
-    def forward(self, x, rope, cache_pos=None, mask=None):
+    def forward(self, x, rope, mask=None, cache_positions=None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
-
-        if cache_pos is not None:
-            # Decoding: store this chunk's keys and values at their positions, then attend over the
-            # whole cache; the mask hides the slots not written yet. Every step then has the same
-            # shapes, which is what lets torch.compile / CUDA graphs capture one decode step.
-            self.cache_k[:B].index_copy_(2, cache_pos, k.to(self.cache_k.dtype))
-            self.cache_v[:B].index_copy_(2, cache_pos, v.to(self.cache_v.dtype))
-            k, v = self.cache_k[:B], self.cache_v[:B]
+        if cache_positions is not None:  # decoding: attend over the whole cache, behind the mask
+            k, v = self.cache.update(cache_positions, k, v)
 
         # Grouped-query attention: each group of n_heads/n_kv_heads query heads shares one key/value
         # head; SDPA broadcasts them (enable_gqa) instead of us copying k and v.
         gqa = self.n_kv_heads != self.n_heads
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
-        elif not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask (packed documents)
-            out = flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
-        else:
+        elif isinstance(mask, torch.Tensor):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        else:  # a FlexAttention BlockMask (packed documents on CUDA)
+            out = flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -247,9 +247,28 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, rope, cache_pos=None, mask=None):
-        h = x + self.attention(self.attention_norm(x), rope, cache_pos, mask)
+    def forward(self, x, rope, mask=None, cache_positions=None):
+        h = x + self.attention(self.attention_norm(x), rope, mask, cache_positions)
         return h + self.feed_forward(self.ffn_norm(h))
+
+
+def linear_cross_entropy(h, weight, targets, ignore_index: int = -100, reduction: str = "mean",
+                         chunk_size: Optional[int] = None):
+    """cross_entropy(h @ weight.T, targets) for h (..., dim), weight (vocab, dim), targets (...).
+
+    "mean" averages over targets != ignore_index and is 0, with zero gradients, when there are none
+    (not NaN as F.cross_entropy gives); "sum" adds them up. This twin makes all the logits at once;
+    the fused kernel (end of file) makes chunk_size rows at a time, so it never holds them all.
+    """
+    _check_reduction(reduction)
+    h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    loss = F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=ignore_index, reduction="sum")
+    return loss if reduction == "sum" else loss / (targets != ignore_index).sum().clamp(min=1)
+
+
+def _check_reduction(reduction):
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction {reduction!r}: expected 'mean' or 'sum'")
 
 
 class Transformer(nn.Module):
@@ -257,8 +276,6 @@ class Transformer(nn.Module):
         super().__init__()
         if args.vocab_size <= 0:
             raise ValueError("ModelArgs.vocab_size must be set (load() takes it from the weights)")
-        if args.dim % args.n_heads or args.n_heads % args.kv_heads:
-            raise ValueError(f"dim {args.dim}, n_heads {args.n_heads}, n_kv_heads {args.kv_heads} do not divide")
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
@@ -291,73 +308,97 @@ class Transformer(nn.Module):
     def reset_rope(self):
         self.rope = rope_table(self.args, device=self.tok_embeddings.weight.device)
 
-    # -- decoding cache ---------------------------------------------------------------------------
-
-    def setup_cache(self, max_batch_size: int, max_seq_len: Optional[int] = None):
-        """Preallocate the KV cache once, so decoding never reallocates or concatenates."""
-        T = max_seq_len or self.args.max_seq_len
-        if T > self.args.max_seq_len:
-            raise ValueError(f"cache length {T} exceeds max_seq_len {self.args.max_seq_len}")
-        w = self.tok_embeddings.weight
-        for layer in self.layers:
-            a = layer.attention
-            shape = (max_batch_size, a.n_kv_heads, T, a.head_dim)
-            a.cache_k = torch.zeros(shape, device=w.device, dtype=w.dtype)
-            a.cache_v = torch.zeros(shape, device=w.device, dtype=w.dtype)
-
-    def clear_cache(self):
-        for layer in self.layers:
-            layer.attention.cache_k = layer.attention.cache_v = None
-
-    # -- forward ----------------------------------------------------------------------------------
-
-    def forward(self, tokens, targets=None, start_pos=None, positions=None, reduction: str = "mean"):
-        """tokens (B, T) int64 -> logits (B, T, vocab), or the cross-entropy over targets != -100
-        (mean, or with reduction="sum" the sum, which the trainer normalises across micro-steps).
-
-        start_pos: None for a plain causal pass (training, scoring); when decoding with the KV cache
-        (setup_cache first), the position of tokens[:, 0] (an int, or a tensor so that a compiled
-        decode step is not specialised to each position).
+    def forward(self, tokens, targets=None, positions=None, reduction: str = "mean"):
+        """Training and scoring: tokens (B, T) int64 -> float logits (B, T, vocab), or with targets
+        the cross-entropy over targets != -100 (mean, or "sum", which the trainer normalises itself).
         positions: (B, T) position of each token inside its own document, restarting at 0 where a
-        document starts (packed training rows); attention then stays inside each document.
-        """
-        B, T = tokens.shape
-        if self.rope.device != tokens.device or self.rope.is_meta:
-            self.reset_rope()
-        mask, cache_pos = None, None
-        if start_pos is not None:
-            cache = self.layers[0].attention.cache_k
-            if cache is None:
-                raise RuntimeError("decoding with start_pos needs setup_cache() first")
-            if isinstance(start_pos, int) and start_pos + T > cache.shape[2]:
-                raise ValueError(f"positions up to {start_pos + T} exceed the KV cache of {cache.shape[2]}")
-            cache_pos = start_pos + torch.arange(T, device=tokens.device)
-            rope = self.rope[cache_pos]
-            # query at position p sees cache slots 0..p
-            mask = torch.arange(cache.shape[2], device=tokens.device)[None, :] <= cache_pos[:, None]
-        elif positions is not None:
-            rope = self.rope[positions]  # (B, T, head_dim/2, 2): each document starts at angle 0
-            mask = document_mask(positions)
-        else:
+        document starts (packed training rows); attention then stays inside each document."""
+        T = tokens.shape[1]
+        if positions is None:
             if T > self.args.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.args.max_seq_len}")
-            rope = self.rope[:T]
+            rope, mask = self._rope(tokens.device)[:T], None
+        else:
+            rope = self._rope(tokens.device)[positions]  # (B, T, head_dim/2, 2): each document from 0
+            mask = document_mask(positions)
+        h = self._blocks(tokens, rope, mask)
+        if targets is None:
+            return self.output(h).float()
+        # output is a plain nn.Linear (LoRA wraps only the blocks' projections), so the loss can take
+        # its weight and, on the fused path, never hold the (B*T, vocab) logits at once.
+        return linear_cross_entropy(h, self.output.weight, targets, reduction=reduction)
 
+    def decode(self, tokens, start_pos):
+        """Decoding with the KV cache (setup_cache first): tokens (B, T) at positions start_pos ..
+        start_pos+T-1 (a prompt chunk, then one token at a time) -> float logits (B, T, vocab).
+        start_pos: an int, or a 0-d tensor so that a compiled step is not specialised to each one."""
+        cache = self.layers[0].attention.cache
+        if cache is None:
+            raise RuntimeError("decode() needs setup_cache() first")
+        T, length = tokens.shape[1], cache.k.shape[2]
+        if isinstance(start_pos, int) and start_pos + T > length:
+            raise ValueError(f"positions up to {start_pos + T} exceed the KV cache of {length}")
+        positions = start_pos + torch.arange(T, device=tokens.device)
+        # query at position p sees cache slots 0..p: its own prefix, never the unwritten slots
+        mask = torch.arange(length, device=tokens.device)[None, :] <= positions[:, None]
+        h = self._blocks(tokens, self._rope(tokens.device)[positions], mask, positions)
+        return self.output(h).float()
+
+    def _blocks(self, tokens, rope, mask, cache_positions=None):
+        """Embedding, every block, final norm: the hidden states before the output layer."""
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
                 # keep only each layer's input; recompute its insides during backward
-                h = torch.utils.checkpoint.checkpoint(layer, h, rope, cache_pos, mask, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(layer, h, rope, mask, cache_positions, use_reentrant=False)
             else:
-                h = layer(h, rope, cache_pos, mask)
-        h = self.norm(h)
-        if targets is None:
-            return self.output(h).float()
-        if type(self.output) is not nn.Linear:  # wrapped (e.g. by an adapter): more than h @ W.T
-            logits = self.output(h).float()
-            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction=reduction)
-        # The Triton path never holds the (B*T, vocab) logits at once (see linear_cross_entropy).
-        return linear_cross_entropy(h, self.output.weight, targets, reduction=reduction)
+                h = layer(h, rope, mask, cache_positions)
+        return self.norm(h)
+
+    def _rope(self, device):
+        if self.rope.device != device or self.rope.is_meta:  # built on the meta device, or moved
+            self.reset_rope()
+        return self.rope
+
+    def setup_cache(self, max_batch_size: int, max_seq_len: Optional[int] = None):
+        """Preallocate every layer's KV cache once, so decoding never reallocates or concatenates."""
+        length = max_seq_len or self.args.max_seq_len
+        if length > self.args.max_seq_len:
+            raise ValueError(f"cache length {length} exceeds max_seq_len {self.args.max_seq_len}")
+        shape, w = (max_batch_size, self.args.n_kv_heads, length, self.args.head_dim), self.tok_embeddings.weight
+        for layer in self.layers:
+            layer.attention.cache = KVCache(shape, w.dtype, w.device)
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.attention.cache = None
+
+
+# -----------------------------------------------------------------------------------------------
+# Loading and saving: the file layouts live in checkpoint.py, which builds on this file (so it is
+# imported when first needed, not above)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded; the message names the file."""
+
+
+def load(ckpt_dir, device="cpu", dtype=None, max_seq_len: Optional[int] = None) -> Transformer:
+    """A Transformer from a Meta (params.json + consolidated.NN.pth) or HF (config.json +
+    safetensors) checkpoint directory. dtype: None is bf16 on CUDA and fp32 elsewhere, or a torch
+    dtype, or a name ("bf16"); max_seq_len: the context to build for, default the checkpoint's."""
+    import checkpoint
+
+    return checkpoint.load(ckpt_dir, device, dtype, max_seq_len)
+
+
+def save(model: Transformer, out_dir) -> None:
+    """Write model in Meta's layout (params.json + consolidated.00.pth), which load() and Meta's own
+    code read. out_dir is replaced as a whole (tokenizer and other files that are not part of a
+    checkpoint carried over): a kill at any moment leaves the old checkpoint or the new one."""
+    import checkpoint
+
+    checkpoint.save(model, out_dir)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -384,9 +425,20 @@ class Transformer(nn.Module):
 #
 # LLAMA_KERNELS=triton|torch forces a path (set_kernels() in code); unset, Triton runs on CUDA tensors
 # and PyTorch elsewhere. On the CPU, Triton runs in its interpreter when TRITON_INTERPRET=1 (slow: the
-# tests use it). Forcing Triton where it cannot run raises KernelError, never a silent fallback.
-# triton is imported and each kernel compiled on first use, so `import model` needs no triton and
-# TRITON_INTERPRET counts if it is set any time before the first launch.
+# tests use it); triton reads that variable as each @triton.jit below runs, so it must be set before
+# `import model`. Forcing Triton where it cannot run raises KernelError, never a silent fallback.
+# The section switches itself in at its last lines: the names the architecture calls (rms_norm,
+# apply_rope, swiglu, linear_cross_entropy) are rebound to dispatchers that pick the kernel or the twin.
+
+try:
+    import triton
+    import triton.language as tl
+    _TRITON_MISSING = None
+except ImportError as e:  # e.g. macOS, which has no triton wheel: the PyTorch twins run alone
+    from types import SimpleNamespace
+
+    _TRITON_MISSING = e
+    triton, tl = SimpleNamespace(jit=lambda fn: fn), SimpleNamespace(constexpr=None)  # kernels stay unlaunched
 
 _KERNELS = (os.environ.get("LLAMA_KERNELS") or "").strip().lower() or None
 
@@ -410,48 +462,16 @@ def use_triton(x: torch.Tensor) -> bool:
         raise KernelError(f"LLAMA_KERNELS={_KERNELS}: expected triton or torch")
     if _KERNELS == "torch" or (_KERNELS is None and not x.is_cuda):
         return False
-    if _triton() is None:
+    if _TRITON_MISSING is not None:
         if _KERNELS is None:
             return False  # the default, on CUDA without triton installed
-        raise KernelError("LLAMA_KERNELS=triton but triton cannot be imported: "
+        raise KernelError(f"LLAMA_KERNELS=triton but triton cannot be imported ({_TRITON_MISSING}): "
                           "install it or set LLAMA_KERNELS=torch")
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "yes", "on"):
+    if not x.is_cuda and not _INTERPRETED:
         raise KernelError(f"LLAMA_KERNELS=triton on a {x.device.type} tensor: Triton needs CUDA, or "
-                          "TRITON_INTERPRET=1 for its (slow) CPU interpreter; or set LLAMA_KERNELS=torch")
+                          "TRITON_INTERPRET=1 (set before `import model`) for its slow CPU interpreter; "
+                          "or set LLAMA_KERNELS=torch")
     return True
-
-
-class tl:
-    """Stands in for triton.language until triton is imported, so that kernel signatures can say
-    `BLOCK: tl.constexpr`, the spelling triton (and its interpreter, which re-reads the source) needs."""
-    constexpr = "constexpr"
-
-
-_triton_module = False  # not imported yet; None when it cannot be
-
-
-def _triton():
-    global _triton_module, tl
-    if _triton_module is False:
-        try:
-            import triton
-            import triton.language as tl
-            _triton_module = triton
-        except ImportError:
-            _triton_module = None
-    return _triton_module
-
-
-class _kernel:
-    """@_kernel: a Triton kernel, jit-compiled on its first launch, kernel[grid](args...)."""
-
-    def __init__(self, fn):
-        self.fn, self.jitted = fn, None
-
-    def __getitem__(self, grid):
-        if self.jitted is None:
-            self.jitted = _triton().jit(self.fn)
-        return self.jitted[grid]
 
 
 def _pow2(n: int) -> int:
@@ -467,7 +487,7 @@ def _programs(device) -> int:
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-@_kernel
+@triton.jit
 def _rms_norm_fwd(X, W, Y, RSTD, N, eps, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # one row per program; int64 so row * N cannot overflow
     cols = tl.arange(0, BLOCK)
@@ -480,7 +500,7 @@ def _rms_norm_fwd(X, W, Y, RSTD, N, eps, BLOCK: tl.constexpr):
     tl.store(Y + row * N + cols, (xhat.to(tl.float32) * w).to(Y.dtype.element_ty), mask=mask)
 
 
-@_kernel
+@triton.jit
 def _rms_norm_bwd(DY, X, W, RSTD, DX, DW, M, N, rows_per_program, BLOCK: tl.constexpr):
     # Each program walks a band of rows (the last one's tail masked off), summing its share of the
     # weight gradient in registers.
@@ -527,7 +547,7 @@ class _RMSNorm(torch.autograd.Function):
         return dx.view(dy.shape), dw.sum(0).to(weight.dtype), None
 
 
-@_kernel
+@triton.jit
 def _rope(X, ROPE, Y, T, H, P, rope_rows, stride_b, stride_t, stride_h, sign,
           BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
     # One (batch, position) per program, all its heads at once: cos and sin are loaded once.
@@ -572,7 +592,7 @@ class _RoPE(torch.autograd.Function):
         return _rope_launch(dy, ctx.saved_tensors[0], -1.0), None
 
 
-@_kernel
+@triton.jit
 def _swiglu_fwd(A, B, Y, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -581,7 +601,7 @@ def _swiglu_fwd(A, B, Y, n, BLOCK: tl.constexpr):
     tl.store(Y + offs, (a * tl.sigmoid(a) * b).to(Y.dtype.element_ty), mask=mask)
 
 
-@_kernel
+@triton.jit
 def _swiglu_bwd(DY, A, B, DA, DB, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -620,7 +640,7 @@ _CE_CHUNK_BYTES = 256 * 2**20  # one chunk of logits: ~1000 rows of Llama 3's 12
 _CE_BLOCK = 8192  # vocabulary columns per step of the kernel's sweeps
 
 
-@_kernel
+@triton.jit
 def _cross_entropy(LOGITS, stride, TARGETS, LOSS, SCALE, V, ignore_index,
                    WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
     # One row per program, two sweeps over the vocabulary: an online logsumexp (a running max and a
@@ -695,266 +715,31 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return dh, dw, None, None, None, None
 
 
-def linear_cross_entropy(h, weight, targets, ignore_index: int = -100, reduction: str = "mean",
-                         chunk_size: Optional[int] = None):
-    """cross_entropy(h @ weight.T, targets) for h (..., dim), weight (vocab, dim), targets (...).
-
-    "mean" averages over targets != ignore_index and is 0, with zero gradients, when there are none
-    (not NaN as F.cross_entropy gives); "sum" adds them up. The Triton path makes the logits
-    chunk_size rows at a time (default: about _CE_CHUNK_BYTES of them), never all at once.
-    """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction {reduction!r}: expected 'mean' or 'sum'")
+def _fused_linear_cross_entropy(h, weight, targets, ignore_index: int = -100, reduction: str = "mean",
+                                chunk_size: Optional[int] = None):
+    """linear_cross_entropy's fused path; chunk_size rows of logits at a time (default: about
+    _CE_CHUNK_BYTES of them)."""
+    _check_reduction(reduction)
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1).contiguous()
-    if use_triton(h):
-        return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, reduction, chunk_size)
-    loss = F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=ignore_index, reduction="sum")
-    return loss if reduction == "sum" else loss / (targets != ignore_index).sum().clamp(min=1)
+    return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, reduction, chunk_size)
 
 
 # -----------------------------------------------------------------------------------------------
-# Checkpoints: Meta layout (params.json + consolidated.NN.pth) and HF layout (config.json + safetensors)
+# The one point where the kernels switch in: every call the architecture makes to these four names
+# now asks use_triton(x) which path runs. The twins stay reachable as name.__wrapped__.
 
-# Meta's model-parallel split: column-parallel weights are cut along their output rows (dim 0),
-# row-parallel ones along their input columns (dim 1); norms are replicated on every shard.
-_JOIN_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
-
-_HF_NAMES = {
-    "model.embed_tokens.weight": "tok_embeddings.weight",
-    "model.norm.weight": "norm.weight",
-    "lm_head.weight": "output.weight",
-    "self_attn.q_proj": "attention.wq",
-    "self_attn.k_proj": "attention.wk",
-    "self_attn.v_proj": "attention.wv",
-    "self_attn.o_proj": "attention.wo",
-    "mlp.gate_proj": "feed_forward.w1",
-    "mlp.down_proj": "feed_forward.w2",
-    "mlp.up_proj": "feed_forward.w3",
-    "input_layernorm": "attention_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
-
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+# What each @triton.jit above decided from TRITON_INTERPRET at import: the interpreter or the compiler.
+_INTERPRETED = type(_swiglu_fwd).__name__ == "InterpretedFunction"
 
 
-def resolve_dtype(dtype, device) -> torch.dtype:
-    """None -> bf16 on CUDA, fp32 elsewhere; accepts torch dtypes or names like 'bf16'."""
-    if dtype is None:
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if str(dtype) not in _DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
-    return _DTYPES[str(dtype)]
+def _kernel_or_twin(twin, kernel):
+    @functools.wraps(twin)
+    def dispatch(x, *args, **kwargs):
+        return (kernel if use_triton(x) else twin)(x, *args, **kwargs)
+    return dispatch
 
 
-def _read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read ({e})") from None
-
-
-def _meta_checkpoint(ckpt_dir):
-    args = ModelArgs.from_dict(_read_json(os.path.join(ckpt_dir, "params.json")))
-    paths = sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
-    if not paths:
-        raise CheckpointError(f"{ckpt_dir}: params.json but no consolidated.NN.pth weights")
-    shards = []
-    for p in paths:
-        try:  # mmap: the weights stay in the page cache, not copied into our heap
-            shards.append(torch.load(p, map_location="cpu", mmap=True, weights_only=True))
-        except Exception as e:  # a truncated or foreign file: torch raises many kinds
-            raise CheckpointError(f"{p}: cannot read ({type(e).__name__}: {e})") from None
-    tied = "output.weight" not in shards[0] or (
-        shards[0]["output.weight"].untyped_storage().data_ptr()
-        == shards[0]["tok_embeddings.weight"].untyped_storage().data_ptr())
-
-    def tensors():
-        for name, first in shards[0].items():
-            if name == "output.weight" and tied:
-                continue
-            parts = [s[name] for s in shards]
-            kind = name.split(".")[-2]
-            if len(parts) == 1 or name.endswith("norm.weight"):
-                yield name, first
-            elif name == "tok_embeddings.weight":
-                # Llama 2 splits the embedding along dim (ParallelEmbedding), Llama 3 along the
-                # vocabulary (VocabParallelEmbedding): the shard's width tells which.
-                yield name, torch.cat(parts, dim=0 if first.shape[1] == args.dim else 1)
-            elif kind in _JOIN_DIM:
-                yield name, torch.cat(parts, dim=_JOIN_DIM[kind])
-            else:
-                yield name, first  # unknown keys (e.g. rope.freqs) are dropped by the caller
-
-    if args.vocab_size <= 0:
-        emb = shards[0]["tok_embeddings.weight"]
-        args.vocab_size = emb.shape[0] * (len(shards) if emb.shape[1] == args.dim else 1)
-    return args, tensors(), tied, os.path.join(ckpt_dir, "params.json")
-
-
-def _hf_args(config: dict, path: str) -> ModelArgs:
-    if config.get("model_type", "llama") != "llama":
-        raise CheckpointError(f"{path}: model_type {config.get('model_type')!r} is not llama")
-    if config.get("attention_bias") or config.get("mlp_bias"):
-        raise CheckpointError(f"{path}: attention_bias / mlp_bias are not part of Llama")
-    dim, n_heads = config["hidden_size"], config["num_attention_heads"]
-    if config.get("head_dim") not in (None, dim // n_heads):
-        raise CheckpointError(f"{path}: head_dim {config['head_dim']} != hidden_size / heads")
-    # transformers < 5 keeps rope_theta at the top and rope_scaling beside it; transformers 5 puts
-    # both into rope_parameters.
-    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise CheckpointError(f"{path}: rope type {rope_type!r} is not supported (default, llama3)")
-    args = ModelArgs(
-        dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
-        n_kv_heads=config.get("num_key_value_heads", n_heads), vocab_size=config["vocab_size"],
-        norm_eps=config.get("rms_norm_eps", 1e-5),
-        rope_theta=config.get("rope_theta", rope.get("rope_theta", 10000.0)),
-        max_seq_len=config.get("max_position_embeddings", 4096))
-    if rope_type == "llama3":
-        args.use_scaled_rope = True
-        args.rope_scaling_factor = rope["factor"]
-        args.rope_low_freq_factor = rope.get("low_freq_factor", 1.0)
-        args.rope_high_freq_factor = rope.get("high_freq_factor", 4.0)
-        args.rope_original_max_seq_len = rope.get("original_max_position_embeddings", 8192)
-    # HF states the FFN width outright; express it in Meta's terms so params.json stays readable by
-    # Meta's code: with multiple_of = width, the round-up lands exactly on it.
-    hidden, base = config["intermediate_size"], int(2 * 4 * dim / 3)
-    args.multiple_of = hidden
-    args.ffn_dim_multiplier = None if base <= hidden else hidden / base
-    assert args.hidden_dim == hidden
-    return args
-
-
-def _hf_checkpoint(ckpt_dir):
-    from safetensors import safe_open  # only the HF layout needs it
-
-    config_path = os.path.join(ckpt_dir, "config.json")
-    args = _hf_args(_read_json(config_path), config_path)
-    index = os.path.join(ckpt_dir, "model.safetensors.index.json")
-    if os.path.exists(index):
-        files = sorted(set(_read_json(index)["weight_map"].values()))
-        paths = [os.path.join(ckpt_dir, f) for f in files]
-    else:
-        paths = sorted(glob.glob(os.path.join(ckpt_dir, "*.safetensors")))
-    if not paths:
-        raise CheckpointError(f"{ckpt_dir}: config.json but no *.safetensors weights")
-    handles = []
-    for p in paths:
-        try:
-            handles.append((p, safe_open(p, framework="pt", device="cpu")))
-        except Exception as e:
-            raise CheckpointError(f"{p}: cannot read ({type(e).__name__}: {e})") from None
-    names = {k for _, h in handles for k in h.keys()}
-    tied = "lm_head.weight" not in names
-
-    def unpermute(w, n_heads):
-        # HF stores q/k rows per head as [all first halves, all second halves] so its RoPE can
-        # rotate halves; Meta's RoPE rotates adjacent pairs. Interleave the halves back.
-        rows, cols = w.shape
-        return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
-
-    def tensors():
-        for p, h in handles:
-            for hf_name in h.keys():
-                name = hf_name
-                for old, new in _HF_NAMES.items():
-                    name = name.replace(old, new)
-                name = name.replace("model.layers.", "layers.")
-                t = h.get_tensor(hf_name)
-                if name.endswith("attention.wq.weight"):
-                    t = unpermute(t, args.n_heads)
-                elif name.endswith("attention.wk.weight"):
-                    t = unpermute(t, args.kv_heads)
-                yield name, t
-
-    return args, tensors(), tied, config_path
-
-
-def load(ckpt_dir, device="cpu", dtype=None, max_seq_len: Optional[int] = None) -> Transformer:
-    """Load a Meta- or HF-layout checkpoint directory into a Transformer, one tensor at a time.
-
-    The model is built on the meta device (no memory) and each weight is assigned as it is read,
-    so at no point do two full copies of the weights exist.
-    """
-    ckpt_dir = os.path.expanduser(str(ckpt_dir))
-    if not os.path.isdir(ckpt_dir):
-        raise CheckpointError(f"{ckpt_dir}: no such checkpoint directory")
-    if os.path.exists(os.path.join(ckpt_dir, "params.json")):
-        args, tensors, tied, config_path = _meta_checkpoint(ckpt_dir)
-    elif os.path.exists(os.path.join(ckpt_dir, "config.json")):
-        args, tensors, tied, config_path = _hf_checkpoint(ckpt_dir)
-    else:
-        raise CheckpointError(f"{ckpt_dir}: neither params.json (Meta) nor config.json (HF) found")
-    if max_seq_len:
-        args.max_seq_len = max_seq_len
-    elif not os.path.exists(os.path.join(ckpt_dir, "config.json")) and "max_seq_len" not in _read_json(config_path):
-        # Meta's params.json leaves the context to the caller: Llama 2 was trained at 4096,
-        # Llama 3 at 8192, 3.1 and 3.2 extend it to 131072.
-        args.max_seq_len = 131072 if args.use_scaled_rope else 8192 if args.vocab_size >= 128000 else 4096
-    dtype = resolve_dtype(dtype, device)
-
-    with torch.device("meta"):
-        model = Transformer(args)
-    if tied:
-        model.tie_weights()
-    expected = dict(model.state_dict())
-    if tied:
-        expected.pop("output.weight")
-    state = {}
-    for name, t in tensors:
-        if name not in expected:
-            continue  # stray keys such as rope.freqs or rotary_emb.inv_freq
-        if t.shape != expected[name].shape:
-            raise CheckpointError(f"{config_path} disagrees with the weights: {name} is {tuple(t.shape)} "
-                                  f"in the checkpoint but {tuple(expected[name].shape)} by the config")
-        state[name] = t.to(device=device, dtype=dtype)
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise CheckpointError(f"{ckpt_dir}: weights missing from the checkpoint: {', '.join(missing[:4])}"
-                              + (" ..." if len(missing) > 4 else ""))
-    model.load_state_dict(state, strict=False, assign=True)
-    if tied:
-        model.tie_weights()
-    model.reset_rope()
-    return model.eval()
-
-
-def meta_params(args: ModelArgs) -> dict:
-    """params.json as Meta writes it: Llama 2 keys always, Llama 3 keys only where they apply, so
-    both generations of Meta's code read it back."""
-    p = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.kv_heads,
-         "vocab_size": args.vocab_size, "multiple_of": args.multiple_of,
-         "ffn_dim_multiplier": args.ffn_dim_multiplier, "norm_eps": args.norm_eps,
-         "max_seq_len": args.max_seq_len}
-    if args.rope_theta != 10000.0:
-        p["rope_theta"] = args.rope_theta
-    if args.use_scaled_rope:
-        p["use_scaled_rope"] = True
-        defaults = ModelArgs()
-        for k in ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-                  "rope_original_max_seq_len"):
-            if getattr(args, k) != getattr(defaults, k):
-                p[k] = getattr(args, k)
-    return p
-
-
-def save(model: Transformer, out_dir) -> None:
-    """Write the Meta layout (params.json + consolidated.00.pth), atomically: a kill mid-write leaves
-    the previous checkpoint, never a torn one. A tied output is stored as the same tensor, which
-    torch.save keeps as one storage and load() recognises."""
-    out_dir = os.path.expanduser(str(out_dir))
-    os.makedirs(out_dir, exist_ok=True)
-    weights = os.path.join(out_dir, "consolidated.00.pth")
-    torch.save({k: v.detach() for k, v in model.state_dict().items()}, weights + ".tmp")
-    with open(os.path.join(out_dir, "params.json.tmp"), "w") as f:
-        json.dump(meta_params(model.args), f, indent=2)
-    os.replace(weights + ".tmp", weights)
-    os.replace(os.path.join(out_dir, "params.json.tmp"), os.path.join(out_dir, "params.json"))
-    for stale in glob.glob(os.path.join(out_dir, "consolidated.*.pth")):
-        if stale != weights:  # left by an earlier, sharded checkpoint in the same place
-            os.remove(stale)
+rms_norm = _kernel_or_twin(rms_norm, _RMSNorm.apply)
+apply_rope = _kernel_or_twin(apply_rope, _RoPE.apply)
+swiglu = _kernel_or_twin(swiglu, _SwiGLU.apply)
+linear_cross_entropy = _kernel_or_twin(linear_cross_entropy, _fused_linear_cross_entropy)

@@ -33,7 +33,7 @@ def hf_config(args: ModelArgs, tied: bool):
                 "low_freq_factor": args.rope_low_freq_factor, "high_freq_factor": args.rope_high_freq_factor,
                 "original_max_position_embeddings": args.rope_original_max_seq_len}
     return LlamaConfig(hidden_size=args.dim, intermediate_size=args.hidden_dim, num_hidden_layers=args.n_layers,
-                       num_attention_heads=args.n_heads, num_key_value_heads=args.kv_heads,
+                       num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
                        vocab_size=args.vocab_size, rms_norm_eps=args.norm_eps, rope_parameters=rope,
                        max_position_embeddings=max(args.max_seq_len, args.rope_original_max_seq_len + 1),
                        tie_word_embeddings=tied, attn_implementation="eager")
@@ -110,7 +110,7 @@ def meta_params_for(variant: str, vocab_size=None) -> dict:
     p = {"dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "multiple_of": a.multiple_of,
          "norm_eps": a.norm_eps, "vocab_size": a.vocab_size if vocab_size is None else vocab_size,
          "ffn_dim_multiplier": a.ffn_dim_multiplier, "some_future_key": "ignored"}
-    if a.n_kv_heads:
+    if a.n_kv_heads != a.n_heads:  # Llama 2's params.json has no n_kv_heads
         p["n_kv_heads"] = a.n_kv_heads
     if a.rope_theta != 10000.0:
         p["rope_theta"] = a.rope_theta

@@ -155,6 +155,7 @@ def test_compiled_decode_step_gives_the_same_tokens(tiny):
     try:
         step = generate.compile_decode_step(m)
         compiled = generate.generate(m, prompts, max_new_tokens=8, temperature=0, decode_step=step)
+        assert model.set_kernels(None) is None  # the compiled step left the process-wide choice alone
     finally:
         model.set_kernels(previous)
     assert compiled == eager

@@ -2,27 +2,24 @@
 
 Shapes are small and deliberately awkward (dims that are not powers of two, row counts that are not
 multiples of any block, several chunks with a partial last one), since the interpreter is slow.
-On a GPU machine, LLAMA_TEST_DEVICE=cuda runs the same checks with the compiled kernels on CUDA.
+On a GPU machine, LLAMA_TEST_DEVICE=cuda runs the same checks with the compiled kernels on CUDA
+(conftest.py sets TRITON_INTERPRET=1 otherwise, before model is imported). Every kernel is also
+compiled ahead of time for sm_80 and sm_90, which needs no GPU.
 """
 
+import importlib.util
 import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model
+from ckpt_utils import VARIANTS, rel_err
 
 DEVICE = os.environ.get("LLAMA_TEST_DEVICE", "cpu")
-if DEVICE == "cpu":
-    # Before any kernel is compiled: model.py jit-compiles each kernel on its first launch, and that
-    # is when triton reads TRITON_INTERPRET, so this holds even if another module imported triton first.
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import importlib.util  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import model  # noqa: E402
-from ckpt_utils import VARIANTS, rel_err  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
@@ -94,9 +91,9 @@ def test_rms_norm(dtypes):
     g = torch.Generator().manual_seed(0)
     x, w = 3 * torch.randn(2, 37, 100, generator=g), 1 + 0.1 * torch.randn(100, generator=g)
     check(lambda x, w: model.rms_norm(x, w, 1e-5), [x, w], dtypes)
-    # the interpreter really ran: kernels were compiled with TRITON_INTERPRET=1 in effect
+    # the interpreter really ran: kernels were decorated with TRITON_INTERPRET=1 in effect
     if DEVICE == "cpu":
-        assert type(model._rms_norm_fwd.jitted).__name__ == "InterpretedFunction"
+        assert type(model._rms_norm_fwd).__name__ == "InterpretedFunction"
 
 
 def _rope_table():
@@ -240,6 +237,73 @@ def test_model_loss_and_every_gradient(variant, packed):
         assert rel_err(logits_k, m(tokens, **kwargs)) < 1e-5
 
 
+# -- compiled ahead of time for the GPU -----------------------------------------------------------
+
+# Each kernel as a bf16 training step on a GPU launches it, at Llama 3 8B's sizes: the types of its
+# arguments (in order, constexprs left out), its constexprs and its warps. triton.compile with a
+# GPUTarget needs no GPU (triton ships ptxas): it proves each kernel builds for the real hardware,
+# which the interpreter above cannot.
+GPU_LAUNCHES = {
+    "_rms_norm_fwd": ("*bf16 *fp32 *fp32 *fp32 i32 fp32", dict(BLOCK=4096), model._warps(4096)),
+    "_rms_norm_bwd": ("*fp32 *bf16 *fp32 *fp32 *bf16 *fp32 i32 i32 i32", dict(BLOCK=4096), model._warps(4096)),
+    "_rope": ("*bf16 *fp32 *bf16 i32 i32 i32 i32 i32 i32 i32 fp32", dict(BLOCK_H=32, BLOCK_P=64), 4),
+    "_swiglu_fwd": ("*bf16 *bf16 *bf16 i32", dict(BLOCK=1024), 4),
+    "_swiglu_bwd": ("*bf16 *bf16 *bf16 *bf16 *bf16 i32", dict(BLOCK=1024), 4),
+    "_cross_entropy": ("*bf16 i32 *i64 *fp32 *fp32 i32 i32", dict(WRITE_GRAD=True, BLOCK=8192), model._warps(8192)),
+}
+
+
+# In a process of its own, without TRITON_INTERPRET: triton makes its own library functions (tl.sum,
+# ...) interpreted too when that is set at its import, and those cannot be compiled.
+_COMPILE = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import model
+results = {"kernels": sorted(n for n, v in vars(model).items() if isinstance(v, triton.runtime.jit.JITFunction))}
+for name, (types, constexprs, warps) in json.loads(sys.argv[1]).items():
+    kernel = getattr(model, name)
+    arguments = [a for a in kernel.arg_names if a not in constexprs]
+    signature = dict(zip(arguments, types.split()), **{c: "constexpr" for c in constexprs})
+    for arch in (80, 90):
+        try:
+            assert len(arguments) == len(types.split()), f"arguments {arguments}, types {types}"
+            source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+            asm = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps}).asm
+            results[f"{name} sm_{arch}"] = {"elf": asm["cubin"][:4] == b"\x7fELF",
+                                            "target": f".target sm_{arch}" in asm["ptx"]}
+        except Exception as e:
+            results[f"{name} sm_{arch}"] = {"error": f"{type(e).__name__}: {e}"}
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled_for_gpu(tmp_path_factory):
+    """Every kernel compiled for sm_80 and sm_90, into a fresh cache (compiled now, not found)."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path_factory.mktemp("triton_cache")), TRITON_DEFAULT_FP_FUSION="1")
+    p = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(GPU_LAUNCHES)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+@needs_triton
+def test_every_kernel_is_compiled_for_the_gpu(compiled_for_gpu):
+    assert compiled_for_gpu["kernels"] == sorted(GPU_LAUNCHES)
+
+
+@needs_triton
+@pytest.mark.parametrize("arch", [80, 90], ids=["sm_80", "sm_90"])
+@pytest.mark.parametrize("name", list(GPU_LAUNCHES))
+def test_kernel_compiles_for_the_gpu(compiled_for_gpu, name, arch):
+    assert compiled_for_gpu[f"{name} sm_{arch}"] == {"elf": True, "target": True}  # a cubin for this arch
+
+
 # -- choosing the path ---------------------------------------------------------------------------
 
 
@@ -274,7 +338,7 @@ def test_bad_env_value_is_an_error():
 
 
 def test_import_without_triton():
-    """`import model` neither needs nor imports triton; forcing it then says why it cannot run."""
+    """`import model` works without triton (the PyTorch twins run); forcing it then says why it cannot."""
     code = ("import sys; sys.modules['triton'] = None\n"  # makes `import triton` fail
             "import torch, model\n"
             "assert 'triton' not in [m.split('.')[0] for m in sys.modules if sys.modules[m] is not None]\n"

@@ -176,9 +176,9 @@ def test_adapter_on_wrong_base_and_bad_files(ckpts, tmp_path):
     m = lora_model(ckpts["llama3.1"])
     a = tmp_path / "a"
     lora.save_adapter(m, a)
-    with pytest.raises(ValueError, match=r"/a: adapter was trained on a base with kv_heads 2, hidden_dim 224; this model has kv_heads 1, hidden_dim 256"):
+    with pytest.raises(ValueError, match=r"/a: adapter was trained on a base with n_kv_heads 2, hidden_dim 224; this model has n_kv_heads 1, hidden_dim 256"):
         lora.load_adapter(model.load(ckpts["llama3.2"]), a)
-    with pytest.raises(ValueError, match="kv_heads 2, vocab_size 384, hidden_dim 224; this model has kv_heads 4, vocab_size 300, hidden_dim 192"):
+    with pytest.raises(ValueError, match="n_kv_heads 2, vocab_size 384, hidden_dim 224; this model has n_kv_heads 4, vocab_size 300, hidden_dim 192"):
         lora.load_adapter(model.load(ckpts["llama2"]), a)
     other = lora.apply_lora(model.load(ckpts["llama3.1"]), rank=8, alpha=8)
     with pytest.raises(ValueError, match="differs from the model's LoRA config"):

@@ -74,8 +74,8 @@ def test_kv_cache_decoding_equals_full_forward(reference, tmp_path):
         full = m(tokens)
         m.setup_cache(max_batch_size=4, max_seq_len=64)
         # a prompt chunk, then a multi-token chunk after a filled cache, then one token at a time
-        steps = [m(tokens[:, :20], start_pos=0), m(tokens[:, 20:30], start_pos=20)]
-        steps += [m(tokens[:, t : t + 1], start_pos=t) for t in range(30, tokens.shape[1])]
+        steps = [m.decode(tokens[:, :20], 0), m.decode(tokens[:, 20:30], 20)]
+        steps += [m.decode(tokens[:, t : t + 1], t) for t in range(30, tokens.shape[1])]
     assert rel_err(torch.cat(steps, dim=1), full) < 1e-5
 
 
@@ -93,6 +93,50 @@ def test_save_load_round_trip(reference, tmp_path):
     # Meta's own loader reads this with a plain torch.load
     sd = torch.load(tmp_path / "out" / "consolidated.00.pth", weights_only=True)
     assert "output.weight" in sd and "tok_embeddings.weight" in sd
+
+
+def _small_model(seed):
+    torch.manual_seed(seed)
+    m = model.Transformer(model.ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=50, multiple_of=16))
+    m.init_weights()
+    return m
+
+
+def test_save_replaces_the_checkpoint_whole(tmp_path):
+    """model.save over a directory: the new weights and params.json arrive together, stale shards and
+    trainer state go, files that are not part of a checkpoint (tokenizer, notes) are carried over."""
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "tokenizer.model").write_text("tokenizer")
+    (out / "consolidated.01.pth").write_text("a stale model-parallel shard")
+    (out / "train_state.pt").write_text("state of other weights")
+    (out / "notes").mkdir()
+    (out / "notes" / "run.txt").write_text("kept")
+    m = _small_model(0)
+    model.save(m, out)
+    assert sorted(os.listdir(out)) == ["consolidated.00.pth", "notes", "params.json", "tokenizer.model"]
+    assert (out / "tokenizer.model").read_text() == "tokenizer" and (out / "notes" / "run.txt").read_text() == "kept"
+    assert os.listdir(tmp_path) == ["ckpt"]  # no .tmp, .new or .old left beside it
+    tokens = torch.randint(0, 50, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(model.load(out)(tokens), m(tokens))
+
+
+def test_failed_save_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    import checkpoint
+
+    out = tmp_path / "ckpt"
+    model.save(_small_model(0), out)
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+
+    def fail(args):
+        raise RuntimeError("killed after the weights, before params.json")
+
+    monkeypatch.setattr(checkpoint, "meta_params", fail)
+    with pytest.raises(RuntimeError, match="killed"):
+        model.save(_small_model(1), out)
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    assert os.listdir(tmp_path) == ["ckpt"]
 
 
 def test_rope_scaling_changes_frequencies():
@@ -132,6 +176,18 @@ def test_missing_directory_and_weights(tmp_path):
         model.load(tmp_path)
     (tmp_path / "params.json").write_text(json.dumps(meta_params_for("llama2")))
     with pytest.raises(model.CheckpointError, match="no consolidated"):
+        model.load(tmp_path)
+
+
+def test_model_args_resolve_derived_sizes(tmp_path):
+    args = model.ModelArgs(dim=256, n_heads=8)
+    assert args.n_kv_heads == 8 and args.head_dim == 32  # n_kv_heads None: as many as n_heads
+    with pytest.raises(ValueError, match="n_heads 8, n_kv_heads 3"):
+        model.ModelArgs(dim=256, n_heads=8, n_kv_heads=3)
+    params = meta_params_for("llama2")
+    params["n_heads"] = 5  # does not divide dim 64
+    write_meta(meta_state_dict(hf_model("llama2")), params, tmp_path)
+    with pytest.raises(model.CheckpointError, match=r"params.json: dim 64, n_heads 5"):
         model.load(tmp_path)
 
 
