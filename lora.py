@@ -163,7 +163,7 @@ def _config(model) -> dict:
 def write_adapter(model, out_dir, tokenizer_sha256=None):
     """out_dir/adapter.safetensors (the A and B tensors) + out_dir/adapter.json (how to apply them,
     and which base model and tokenizer they belong to), into a directory being filled (see
-    save_adapter, or checkpoint.write_dir to put more files beside them)."""
+    save_adapter, or atomic.write_dir to put more files beside them)."""
     meta = dict(_config(model), base_params=checkpoint.meta_params(_unwrap(model).args),
                 tokenizer_sha256=tokenizer_sha256)
     tensors = {k: v.contiguous() for k, v in lora_state_dict(model).items()}

@@ -26,7 +26,7 @@ boundaries, and each mask and docs file matches its shard token for token.
 Each document goes to val when a seeded hash of its content falls below --val_fraction, so the
 split streams, does not depend on --workers, and exact duplicates never straddle it. If that
 leaves a split empty, the document nearest the threshold is moved over.
-Everything is written to DIR.tmp and swapped in as a whole at the end (checkpoint.write_dir);
+Everything is written to DIR.tmp and swapped in as a whole at the end (atomic.write_dir);
 --overwrite replaces only a shard directory this tool wrote, never the input.
 """
 import argparse
@@ -44,7 +44,7 @@ from collections import deque, namedtuple
 
 import numpy as np
 
-import checkpoint
+import atomic
 from data import shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -492,7 +492,7 @@ def _within(path, directory):
 def prepare(corpus, out, tokenizer_path=None, vocab_size=None, val_fraction=0.005, seed=0,
             shard_tokens=100_000_000, workers=None, overwrite=False, command=""):
     """Tokenize corpus into shards under out; returns the meta dict written to out/meta.json.
-    Everything is written to OUT.tmp and swapped in whole (checkpoint.write_dir): a kill or a full
+    Everything is written to OUT.tmp and swapped in whole (atomic.write_dir): a kill or a full
     disk leaves the previous out as it was."""
     workers = workers or len(os.sched_getaffinity(0))
     out = os.path.abspath(out)
@@ -508,7 +508,7 @@ def prepare(corpus, out, tokenizer_path=None, vocab_size=None, val_fraction=0.00
             json.dump(meta, f, indent=2)
         result.update(meta=meta, t_tok=t_tok)
 
-    checkpoint.write_dir(out, fill)
+    atomic.write_dir(out, fill)
     meta, t_end = result["meta"], time.time()
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
     log(f"wrote {out}: train {tr['tokens']:,} tokens / {tr['documents']:,} docs in {len(tr['shards'])} shard(s), "

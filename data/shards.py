@@ -22,7 +22,7 @@ from collections import namedtuple
 
 import numpy as np
 
-import checkpoint
+import atomic
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
@@ -83,7 +83,7 @@ def _write_atomic(path, header, payload):
             f.write(header)
             f.write(payload.tobytes())
 
-    checkpoint.write_file(path, write)  # a reader never sees a half-written shard
+    atomic.write_file(path, write)  # a reader never sees a half-written shard
 
 
 def write_shard(path, tokens, vocab_size):
