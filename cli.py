@@ -188,7 +188,7 @@ def parse(command, argv, prog, checks):
         values[name] = typed_value(name, flags[name], text)
     missing = [f"--{name}" for name, flag in flags.items() if flag.required and name not in values]
     if missing:
-        raise UsageError(f"{where} needs {' '.join(missing)}")
+        raise UsageError(f"missing {' '.join(missing)} (see {where} --help)")
     return subcommand, values
 
 
