@@ -301,10 +301,11 @@ def help_text(command, prog, subcommand, checks):
     lines = [f"usage: {where} [--flag value ...]", "", summary, ""]
     for name, flag in signature_flags(command, subcommand, checks).items():
         left = f"  --{name}" + ("" if flag.type is bool else f" {flag.type.__name__.upper()}")
-        notes = ["required"] if flag.required else [] if flag.default is None else [f"default {_shown(flag.default)}"]
+        shown = not flag.required and flag.default is not None and flag.default is not False  # a switch is off
+        notes = ["required"] if flag.required else [f"default {_shown(flag.default)}"] if shown else []
         notes += [f"must be {flag.check.wants}"] if flag.check else []
         text = (flag.doc or "(undocumented)") + (f" [{'; '.join(notes)}]" if notes else "")
-        body = textwrap.wrap(text, 100 - 28)
+        body = textwrap.wrap(text, 100 - 28, break_on_hyphens=False)
         lines.append(f"{left:<27} {body[0]}" if len(left) < 27 else f"{left}\n{'':<27} {body[0]}")
         lines += [f"{'':<27} {more}" for more in body[1:]]
     return "\n".join(lines)
