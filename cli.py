@@ -150,15 +150,15 @@ def parse(command, argv, prog, checks):
     subcommands = _subcommands(command)
     subcommand = None
     if subcommands:
-        if not argv or argv[0] in ("-h", "--help"):
-            if argv:
-                print(help_text(command, prog, None, checks))
-                return None
-            raise UsageError(f"choose a subcommand: {' or '.join(subcommands)} (see {prog} --help)")
+        if argv[:1] in (["-h"], ["--help"]):
+            print(help_text(command, prog, None, checks))
+            return None
+        if not argv or argv[0].startswith("-"):
+            raise UsageError(f"the subcommand comes first: {_either(subcommands)} (see {prog} --help)")
         subcommand, argv = argv[0], argv[1:]
         if subcommand not in subcommands:
             raise UsageError(f"unknown subcommand {subcommand!r}{_did_you_mean(subcommand, subcommands, '')}; "
-                             f"choose {' or '.join(subcommands)}")
+                             f"choose {_either(subcommands)}")
     flags = signature_flags(command, subcommand, checks)
     where = f"{prog} {subcommand}" if subcommand else prog
     values = {}
@@ -206,7 +206,11 @@ def typed_value(name, flag, text):
     except (KeyError, ValueError):
         kind = {bool: "true or false", int: "an integer", float: "a finite number"}[flag.type]
         raise UsageError(f"--{name} takes {kind}, not {text!r}") from None
-    if flag.check is not None and not flag.check.test(value):
+    try:
+        good = flag.check is None or flag.check.test(value)
+    except ValueError:  # a check that parses the text, e.g. a comma-separated list
+        good = False
+    if not good:
         raise UsageError(f"--{name} must be {flag.check.wants}, got {value!r}")
     return value
 
@@ -214,6 +218,11 @@ def typed_value(name, flag, text):
 def _did_you_mean(word, known, prefix):
     close = difflib.get_close_matches(word, list(known), n=1)
     return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def _either(names):
+    names = list(names)
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
 
 
 def _is_bool(flag):
