@@ -16,11 +16,14 @@ shows help through a pager.
 
 The exit status follows the exception's type, never its message:
     0    done, or --help / -h (every flag with its meaning, from the docstring's Args: section)
-    1    UserError, ValueError (CheckpointError, TokenizerError, ...) or OSError (a missing file, a
-         full disk): one line `prog: message`
+    1    UserError or another ValueError (CheckpointError, TokenizerError, ...), or OSError (a
+         missing file, a full disk): one line `prog: message`
     2    UsageError: a bad command line (unknown flag, mistyped or out-of-range value)
     130  Ctrl-C
 LLAMA_DEBUG=1 shows the traceback instead.
+
+A running command may ask for its own command line (`command_line()`, for the records it writes)
+and which flags it was given (`given_flags()`: the others hold their defaults).
 
 Reading order: the error classes, the checks an entry point declares, `run`, then how a command
 line is parsed and how help is written.
@@ -34,16 +37,18 @@ import re
 import shlex
 import sys
 import textwrap
+import types
 import typing
 from typing import NamedTuple
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A mistake the user can fix, found while working (shards of another tokenizer, a NaN loss):
-    printed as one line, exit status 1. Other modules' error classes may inherit it."""
+    printed as one line, exit status 1. Other modules' error classes may inherit it (a ValueError,
+    as the project's user errors are)."""
 
 
-class UsageError(UserError, ValueError):
+class UsageError(UserError):
     """A bad command line: printed as one line, exit status 2."""
 
 
@@ -105,7 +110,7 @@ def run(command, prog, argv=None, checks=None):
         fire.Fire(command, command=fire_argv, name=prog)
     except UsageError as e:
         _stop(prog, e, 2, debug)
-    except (UserError, ValueError, OSError) as e:  # CheckpointError, ShardError, a missing file, a full disk
+    except (ValueError, OSError) as e:  # UserError, CheckpointError, ShardError, a missing file, a full disk
         _stop(prog, e, 1, debug)
     except KeyboardInterrupt:
         _stop(prog, "interrupted", 130, debug)
@@ -259,7 +264,7 @@ def signature_flags(command, subcommand, checks):
 
 def _flag_type(fn, name, annotation, default):
     """int, float, bool or str: the annotation, without Optional; else the default's type."""
-    if typing.get_origin(annotation) is typing.Union:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # Optional[int], int | None
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
     if annotation is None:
         annotation = str if default in (None, inspect.Parameter.empty) else type(default)
@@ -297,12 +302,16 @@ def _summary(fn):
     return " ".join((inspect.getdoc(fn) or "").split("\n\n")[0].split())
 
 
+_HELP_WIDTH, _HELP_INDENT = 100, 28  # columns: the whole line, where a flag's meaning starts
+_HELP_PAD = " " * _HELP_INDENT
+
+
 def help_text(command, prog, subcommand, checks):
     """The usage line, what the command does, and every flag with its meaning, default and range."""
     subcommands = _subcommands(command)
     if subcommands and subcommand is None:
         lines = [f"usage: {prog} {'|'.join(subcommands)} [--flag value ...]", "", _summary(command), ""]
-        lines += [f"  {name:<24}{_summary(fn)}" for name, fn in subcommands.items()]
+        lines += [f"  {name}".ljust(_HELP_INDENT) + _summary(fn) for name, fn in subcommands.items()]
         lines += ["", f"`{prog} SUBCOMMAND --help` lists a subcommand's flags."]
         return "\n".join(lines)
     where = f"{prog} {subcommand}" if subcommand else prog
@@ -314,9 +323,9 @@ def help_text(command, prog, subcommand, checks):
         notes = ["required"] if flag.required else [f"default {_shown(flag.default)}"] if shown else []
         notes += [f"must be {flag.check.wants}"] if flag.check else []
         text = (flag.doc or "(undocumented)") + (f" [{'; '.join(notes)}]" if notes else "")
-        body = textwrap.wrap(text, 100 - 28, break_on_hyphens=False)
-        lines.append(f"{left:<27} {body[0]}" if len(left) < 27 else f"{left}\n{'':<27} {body[0]}")
-        lines += [f"{'':<27} {more}" for more in body[1:]]
+        body = textwrap.wrap(text, _HELP_WIDTH - _HELP_INDENT, break_on_hyphens=False)
+        lines += [left.ljust(_HELP_INDENT) + body[0]] if len(left) < _HELP_INDENT else [left, _HELP_PAD + body[0]]
+        lines += [_HELP_PAD + more for more in body[1:]]
     return "\n".join(lines)
 
 
