@@ -156,6 +156,32 @@ class Streamer:
         self.out.flush()
 
 
+def _checked_inputs(ckpt_dir, prompt, prompts_file, chat, system):
+    """The checkpoint directory and the prompt texts main's flags ask for, checked before any loading."""
+    if prompt is not None and prompts_file is not None:
+        raise UsageError("give --prompt or --prompts_file, not both")
+    if system is not None and not chat:
+        raise UsageError("--system only applies with --chat")
+    if ckpt_dir is None:
+        if not os.path.isdir(DEMO_DIR):
+            raise UserError("no --ckpt_dir given and no demo model in out/demo/model (run `python train.py` first)")
+        ckpt_dir = DEMO_DIR
+    if not os.path.isdir(os.path.expanduser(ckpt_dir)):
+        raise UserError(f"--ckpt_dir {ckpt_dir}: no such checkpoint directory")
+    ckpt_dir = os.path.expanduser(ckpt_dir)
+    if prompts_file is not None:
+        try:
+            with open(prompts_file, encoding="utf-8") as f:
+                texts = [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as e:
+            raise UserError(f"--prompts_file {prompts_file}: {e.strerror}") from None
+        if not texts:
+            raise UserError(f"--prompts_file {prompts_file}: no prompts in it")
+    else:
+        texts = [prompt or ""]
+    return ckpt_dir, texts
+
+
 # Each flag's range, checked by cli before any work (the types come from main's annotations).
 CHECKS = {"ckpt_dir": non_empty, "prompts_file": non_empty, "adapter": non_empty, "tokenizer": non_empty,
           "temperature": interval("[0, inf)"), "top_p": interval("(0, 1]"), "max_new_tokens": positive,
@@ -187,27 +213,7 @@ def main(ckpt_dir: str = None, prompt: str = None, prompts_file: str = None, ada
         compile: torch.compile the decode step (and capture it as a CUDA graph on GPU): slower to
             start, faster per token.
     """
-    if prompt is not None and prompts_file is not None:
-        raise UsageError("give --prompt or --prompts_file, not both")
-    if system is not None and not chat:
-        raise UsageError("--system only applies with --chat")
-    if ckpt_dir is None:
-        if not os.path.isdir(DEMO_DIR):
-            raise UserError("no --ckpt_dir given and no demo model in out/demo/model (run `python train.py` first)")
-        ckpt_dir = DEMO_DIR
-    if not os.path.isdir(os.path.expanduser(ckpt_dir)):
-        raise UserError(f"--ckpt_dir {ckpt_dir}: no such checkpoint directory")
-    ckpt_dir = os.path.expanduser(ckpt_dir)
-    if prompts_file is not None:
-        try:
-            with open(prompts_file, encoding="utf-8") as f:
-                texts = [line.rstrip("\n") for line in f if line.strip()]
-        except OSError as e:
-            raise UserError(f"--prompts_file {prompts_file}: {e.strerror}") from None
-        if not texts:
-            raise UserError(f"--prompts_file {prompts_file}: no prompts in it")
-    else:
-        texts = [prompt or ""]
+    ckpt_dir, texts = _checked_inputs(ckpt_dir, prompt, prompts_file, chat, system)
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
