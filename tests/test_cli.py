@@ -327,6 +327,7 @@ def test_help_lists_every_flag_with_a_meaning(entry):
 
 
 def test_subcommand_lists_are_in_the_top_level_help():
-    for script, subcommands in [("lora.py", ["merge", "export"]), ("bench.py", ["prepare", "kernels", "train", "decode"])]:
+    for script, subcommands in [("lora.py", ["merge", "export"]),
+                                ("bench.py", ["prepare", "kernels", "train", "decode"])]:
         status, stdout, _ = run_entry(script, "-h")
         assert status == 0 and all(re.search(rf"^  {s} +\S", stdout, re.M) for s in subcommands), stdout
