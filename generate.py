@@ -17,7 +17,7 @@ import torch
 
 import model as llama
 import tokenizer as llama_tokenizer
-from cli import UsageError, run
+from cli import UsageError, UserError, interval, non_empty, one_of, positive, run, torch_device
 
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "demo", "model")
 
@@ -171,6 +171,38 @@ class Streamer:
         self.out.flush()
 
 
+def _checked_inputs(ckpt_dir, prompt, prompts_file, chat, system):
+    """The checkpoint directory and the prompt texts main's flags ask for, checked before any loading."""
+    if prompt is not None and prompts_file is not None:
+        raise UsageError("give --prompt or --prompts_file, not both")
+    if system is not None and not chat:
+        raise UsageError("--system only applies with --chat")
+    if ckpt_dir is None:
+        if not os.path.isdir(DEMO_DIR):
+            raise UserError("no --ckpt_dir given and no demo model in out/demo/model (run `python train.py` first)")
+        ckpt_dir = DEMO_DIR
+    if not os.path.isdir(os.path.expanduser(ckpt_dir)):
+        raise UserError(f"--ckpt_dir {ckpt_dir}: no such checkpoint directory")
+    ckpt_dir = os.path.expanduser(ckpt_dir)
+    if prompts_file is not None:
+        try:
+            with open(prompts_file, encoding="utf-8") as f:
+                texts = [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as e:
+            raise UserError(f"--prompts_file {prompts_file}: {e.strerror}") from None
+        if not texts:
+            raise UserError(f"--prompts_file {prompts_file}: no prompts in it")
+    else:
+        texts = [prompt or ""]
+    return ckpt_dir, texts
+
+
+# Each flag's range, checked by cli before any work (the types come from main's annotations).
+CHECKS = {"ckpt_dir": non_empty, "prompts_file": non_empty, "adapter": non_empty, "tokenizer": non_empty,
+          "temperature": interval("[0, inf)"), "top_p": interval("(0, 1]"), "max_new_tokens": positive,
+          "max_seq_len": positive, "device": torch_device, "dtype": one_of("bf16", "fp16", "fp32")}
+
+
 def main(ckpt_dir: str = None, prompt: str = None, prompts_file: str = None, adapter: str = None,
          chat: bool = False, system: str = None, temperature: float = 0.6, top_p: float = 0.9,
          max_new_tokens: int = 256, max_seq_len: int = None, seed: int = None, tokenizer: str = None,
@@ -196,36 +228,14 @@ def main(ckpt_dir: str = None, prompt: str = None, prompts_file: str = None, ada
         compile: torch.compile the decode step (and capture it as a CUDA graph on GPU): slower to
             start, faster per token.
     """
-    if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
-        raise UsageError("need --temperature >= 0, 0 < --top_p <= 1 and --max_new_tokens >= 1")
-    if prompt is not None and prompts_file is not None:
-        raise UsageError("give --prompt or --prompts_file, not both")
-    if system is not None and not chat:
-        raise UsageError("--system only applies with --chat")
-    if ckpt_dir is None:
-        if not os.path.isdir(DEMO_DIR):
-            raise UsageError("no --ckpt_dir given and no demo model in out/demo/model (run `python train.py` first)")
-        ckpt_dir = DEMO_DIR
-    if not os.path.isdir(os.path.expanduser(ckpt_dir)):
-        raise UsageError(f"--ckpt_dir {ckpt_dir}: no such checkpoint directory")
-    ckpt_dir = os.path.expanduser(ckpt_dir)
-    if prompts_file is not None:
-        try:
-            with open(prompts_file, encoding="utf-8") as f:
-                texts = [line.rstrip("\n") for line in f if line.strip()]
-        except OSError as e:
-            raise UsageError(f"--prompts_file {prompts_file}: {e.strerror}") from None
-        if not texts:
-            raise UsageError(f"--prompts_file {prompts_file}: no prompts in it")
-    else:
-        texts = [prompt or ""]
+    ckpt_dir, texts = _checked_inputs(ckpt_dir, prompt, prompts_file, chat, system)
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
     tok = llama_tokenizer.load(tokenizer or ckpt_dir)
     model = llama.load(ckpt_dir, device=device, dtype=dtype, max_seq_len=max_seq_len)
     if model.args.vocab_size < tok.n_words:
-        raise UsageError(f"the tokenizer has {tok.n_words} tokens but the model only {model.args.vocab_size}")
+        raise UserError(f"the tokenizer has {tok.n_words} tokens but the model only {model.args.vocab_size}")
     if adapter is not None:
         import lora  # only adapters need it
 
@@ -266,4 +276,4 @@ def main(ckpt_dir: str = None, prompt: str = None, prompts_file: str = None, ada
 
 
 if __name__ == "__main__":
-    run(main, prog="generate.py")
+    run(main, prog="generate.py", checks=CHECKS)

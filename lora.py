@@ -12,12 +12,11 @@ Read top to bottom:
   save/load_adapter   adapter.safetensors + adapter.json, checked against the base model
   export_peft         the same adapter in peft's names, for transformers' LlamaForCausalLM
   save_hf             a merged HF checkpoint (config.json + model.safetensors)
-  main                `python lora.py merge|export ...`
+  Command             `python lora.py merge|export ...` (run by cli)
 The file layouts themselves (HF names, the q/k RoPE permutation, writing a directory whole) are
 checkpoint.py's.
 """
 
-import argparse
 import json
 import math
 import os
@@ -31,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import checkpoint
+from cli import UsageError, non_empty, one_of, run
 from model import ModelArgs, load as load_model, save as save_model
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -295,33 +295,45 @@ def save_hf(model, out_dir):
 # -- command line --------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of usage + error, before any work starts
-        raise SystemExit(f"lora: {message} (see python {self.prog} --help)")
+# -----------------------------------------------------------------------------------------------
+# Command line: python lora.py merge|export --ckpt_dir DIR --adapter DIR --out DIR [--format peft|hf]
+
+# Each flag's range, checked by cli before any work (the types come from the annotations).
+CHECKS = {"ckpt_dir": non_empty, "adapter": non_empty, "out": non_empty, "format": one_of("peft", "hf")}
 
 
-def main(argv=None):
-    parser = _Parser(prog="lora.py", description="Merge or export a LoRA adapter.", allow_abbrev=False)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    merge = sub.add_parser("merge", help="fold the adapter into the base, write a Meta checkpoint",
-                           allow_abbrev=False)
-    export = sub.add_parser("export", help="write the adapter for peft, or a merged HF checkpoint",
-                            allow_abbrev=False)
-    for p in (merge, export):
-        p.add_argument("--ckpt_dir", required=True, help="the base model (Meta or HF layout)")
-        p.add_argument("--adapter", required=True, help="a directory written by save_adapter")
-        p.add_argument("--out", required=True, help="the directory to write")
-    export.add_argument("--format", choices=["peft", "hf"], default="peft")
-    args = parser.parse_args(argv)
+class Command:
+    """Merge or export a LoRA adapter.
 
-    try:
-        ckpt_dir, out = os.path.expanduser(args.ckpt_dir), os.path.expanduser(args.out)
-        read_adapter_config(args.adapter)  # a wrong adapter path fails before the base is loaded
+    Args:
+        ckpt_dir: the base model (Meta or HF layout).
+        adapter: a directory written by save_adapter (train.py's OUT_DIR/adapter).
+        out: the directory to write.
+    """
+
+    def __init__(self, ckpt_dir: str, adapter: str, out: str):
+        self.ckpt_dir, self.adapter, self.out = os.path.expanduser(ckpt_dir), adapter, os.path.expanduser(out)
+
+    def merge(self):
+        """Fold the adapter into the base and write a Meta checkpoint (params.json + consolidated.00.pth)."""
+        self._write("meta")
+
+    def export(self, format: str = "peft"):
+        """Write the adapter for peft, or a merged HF checkpoint.
+
+        Args:
+            format: peft (adapter_config.json + adapter_model.safetensors, for transformers + peft) or
+                hf (the merged model as config.json + model.safetensors).
+        """
+        self._write(format)
+
+    def _write(self, fmt):
+        ckpt_dir, out = self.ckpt_dir, self.out
+        read_adapter_config(self.adapter)  # a wrong adapter path fails before the base is loaded
         if os.path.realpath(out) == os.path.realpath(ckpt_dir):
-            raise ValueError(f"--out {out} is the base checkpoint directory; choose another")
-        fmt = getattr(args, "format", "meta")
+            raise UsageError(f"--out {out} is the base checkpoint directory; choose another")
         m = load_model(ckpt_dir, dtype=checkpoint.stored_dtype(ckpt_dir) if fmt != "peft" else None)
-        load_adapter(m, args.adapter)
+        load_adapter(m, self.adapter)
         if fmt == "peft":
             export_peft(m, out)
         else:
@@ -331,9 +343,11 @@ def main(argv=None):
                 save_model(merge_lora(m), out)
             if os.path.exists(os.path.join(ckpt_dir, "tokenizer.model")):
                 shutil.copyfile(os.path.join(ckpt_dir, "tokenizer.model"), os.path.join(out, "tokenizer.model"))
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"lora: {e}") from None
-    print(f"lora: wrote {out}", file=sys.stderr)
+        print(f"lora.py: wrote {out}", file=sys.stderr)
+
+
+def main(argv=None):
+    run(Command, prog="lora.py", argv=argv, checks=CHECKS)
 
 
 if __name__ == "__main__":

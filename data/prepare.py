@@ -29,13 +29,11 @@ leaves a split empty, the document nearest the threshold is moved over.
 Everything is written to DIR.tmp and swapped in as a whole at the end (atomic.write_dir);
 --overwrite replaces only a shard directory this tool wrote, never the input.
 """
-import argparse
 import glob
 import hashlib
 import json
 import multiprocessing
 import os
-import shlex
 import shutil
 import signal
 import sys
@@ -45,6 +43,7 @@ from collections import deque, namedtuple
 import numpy as np
 
 import atomic
+from cli import UsageError, UserError, at_least, command_line, interval, non_empty, one_of, positive, run
 from data import shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,8 +59,8 @@ FORMAT_VERSION = 1
 Doc = namedtuple("Doc", "where kind payload")
 
 
-class PrepareError(Exception):
-    """A problem the user can fix; main() prints it as one line and exits 1."""
+class PrepareError(UserError):
+    """A problem the user can fix; cli prints it as one line and exits 1."""
 
 
 class BadRecord(Exception):
@@ -604,63 +603,50 @@ def _meta(tok, source, stats, kinds, skipped, val_fraction, seed, shard_tokens, 
 # command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints usage + message; we want one line
-        print(f"prepare: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def parse_args(argv):
-    p = _Parser(prog="python -m data.prepare", allow_abbrev=False,
-                description="Tokenize a corpus into token shards (see data/prepare.py).")
-    p.add_argument("--input", help="file, directory or glob")
-    p.add_argument("--out", help="output directory (default for --demo: shards/icd10cm)")
-    p.add_argument("--tokenizer", help="tokenizer.model, or a checkpoint directory holding one")
-    p.add_argument("--vocab_size", type=int, help="train a sentencepiece BPE vocabulary of this size")
-    p.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "instruct", "chat"],
-                   help="record kind; auto decides per record (default), jsonl = text")
-    p.add_argument("--val_fraction", type=float, default=0.005, help="share of documents in val (default 0.005)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the split and the vocabulary's sampling")
-    p.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard (default 1e8)")
-    p.add_argument("--skip_bad", action="store_true", help="skip bad records (and count them) instead of stopping")
-    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--demo", action="store_true", help="build the ICD-10-CM demo corpus")
-    args = p.parse_args(argv)
-    if args.demo:
-        if args.input:
-            p.error("--demo builds its own corpus; drop --input")
-        if not args.tokenizer and not args.vocab_size:
-            args.vocab_size = 4096
-        args.out = args.out or os.path.join(ROOT, "shards", "icd10cm")
-    elif not args.input or not args.out:
-        p.error("--input and --out are required (or --demo)")
-    if bool(args.tokenizer) == bool(args.vocab_size):
-        p.error("give exactly one of --tokenizer and --vocab_size")
-    if args.vocab_size is not None and args.vocab_size < 260:
-        p.error("--vocab_size must be at least 260 (256 byte pieces + unk/bos/eos + one more)")
-    if not 0 < args.val_fraction < 1:
-        p.error("--val_fraction must be between 0 and 1 (exclusive)")
-    if args.shard_tokens < 1 or (args.workers is not None and args.workers < 1):
-        p.error("--shard_tokens and --workers must be positive")
-    return args
+# Each flag's range, checked by cli before any work (the types come from the annotations).
+CHECKS = {"input": non_empty, "out": non_empty, "tokenizer": non_empty, "vocab_size": at_least(260),
+          "format": one_of("auto", "text", "jsonl", "instruct", "chat"), "val_fraction": interval("(0, 1)"),
+          "shard_tokens": positive, "workers": positive}
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    try:
-        corpus = DemoCorpus() if args.demo else Corpus(args.input, args.format, args.skip_bad)
-        prepare(corpus, args.out, tokenizer_path=args.tokenizer, vocab_size=args.vocab_size,
-                val_fraction=args.val_fraction, seed=args.seed, shard_tokens=args.shard_tokens,
-                workers=args.workers, overwrite=args.overwrite,
-                command=shlex.join(["python", "-m", "data.prepare"] + list(argv)))
-    except (PrepareError, OSError) as e:  # OSError: an unreadable input, a full disk
-        print(f"prepare: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("prepare: interrupted; nothing written", file=sys.stderr)
-        sys.exit(130)
+    """`python -m data.prepare ...`; train.py's demo calls it from Python with a list of arguments."""
+    run(cli_prepare, prog="python -m data.prepare", argv=argv, checks=CHECKS)
+
+
+def cli_prepare(input: str = None, out: str = None, tokenizer: str = None, vocab_size: int = None,
+                format: str = "auto", val_fraction: float = 0.005, seed: int = 0, shard_tokens: int = 100_000_000,
+                skip_bad: bool = False, workers: int = None, overwrite: bool = False, demo: bool = False):
+    """Tokenize a corpus into token shards (see data/prepare.py).
+
+    Args:
+        input: a file, a directory (searched recursively) or a glob.
+        out: the output directory (default for --demo: shards/icd10cm).
+        tokenizer: a tokenizer.model, or a checkpoint directory holding one.
+        vocab_size: instead of --tokenizer, train a sentencepiece BPE vocabulary of this size on the
+            corpus (at least 260: 256 byte pieces, unk, bos, eos and one more).
+        format: the record kind; auto decides per record, jsonl = text.
+        val_fraction: the share of documents in the validation split.
+        seed: seeds the split and the vocabulary's sampling.
+        shard_tokens: tokens per shard.
+        skip_bad: skip bad records (and count them) instead of stopping at the first.
+        workers: tokenizer processes (default: all cores).
+        overwrite: replace an --out that holds shards made by data.prepare (never anything else).
+        demo: build the ICD-10-CM demo corpus.
+    """
+    if demo:
+        if input:
+            raise UsageError("--demo builds its own corpus; drop --input")
+        if not tokenizer and not vocab_size:
+            vocab_size = 4096
+        out = out or os.path.join(ROOT, "shards", "icd10cm")
+    elif not input or not out:
+        raise UsageError("--input and --out are required (or --demo)")
+    if bool(tokenizer) == bool(vocab_size):
+        raise UsageError("give exactly one of --tokenizer and --vocab_size")
+    corpus = DemoCorpus() if demo else Corpus(input, format, skip_bad)
+    prepare(corpus, out, tokenizer_path=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction, seed=seed,
+            shard_tokens=shard_tokens, workers=workers, overwrite=overwrite, command=command_line())
 
 
 if __name__ == "__main__":

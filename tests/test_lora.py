@@ -291,7 +291,7 @@ def test_cli_errors_are_one_line(ckpts, tmp_path, case):
     lora.save_adapter(lora_model(ckpts["llama3.1"]), tmp_path / "a")
     common = ["--ckpt_dir", ckpts["llama3.1"], "--adapter", tmp_path / "a", "--out", tmp_path / "out"]
     argv, expect = {
-        "unknown_flag": (["merge", *common, "--rank", "8"], "unrecognized arguments: --rank"),
+        "unknown_flag": (["merge", *common, "--rank", "8"], "unknown flag --rank"),
         "missing_adapter": (["merge", *common[:2], "--adapter", tmp_path / "nope", *common[4:]], "nope"),
         "wrong_base": (["export", "--ckpt_dir", ckpts["llama2"], *common[2:]], "trained on a base with"),
         "bad_format": (["export", *common, "--format", "onnx"], "--format"),
@@ -299,5 +299,5 @@ def test_cli_errors_are_one_line(ckpts, tmp_path, case):
     r = run_cli(*argv)
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("lora: ") and expect in lines[0], r.stderr
+    assert len(lines) == 1 and lines[0].startswith("lora.py: ") and expect in lines[0], r.stderr
     assert "Traceback" not in r.stderr and not os.path.exists(tmp_path / "out")
