@@ -415,6 +415,8 @@ def restore_checkpoint(cfg, path, raw, optimizer, train_loader):
 
 
 class Logger:
+    """Rank 0's record of the run: a line on stdout, a JSON line in log.jsonl, mlflow metrics."""
+
     def __init__(self, cfg, config, enabled, keep_log_bytes=None):
         """A fresh run starts log.jsonl anew; a resumed one keeps its first keep_log_bytes bytes,
         the steps up to the checkpoint (those after it will be run again)."""
