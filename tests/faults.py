@@ -52,6 +52,8 @@ class SaveSteps:
         write_dir = checkpoint.write_dir
 
         def counted_write_dir(*args, **kwargs):
+            if self.inside:  # a write_dir within a save is part of that save
+                return write_dir(*args, **kwargs)
             self.save += 1
             self.inside = True
             try:
