@@ -374,14 +374,6 @@ def cmd_kernels(args, dev):
 # Models: ours and transformers', from the same ModelArgs
 
 
-def matmul_params(a, lora_rank=0):
-    """Weights that take part in matrix products: every projection and the output layer (tied or not), not
-    the embedding lookup or the norms; plus LoRA adapters of this rank on all seven projections."""
-    q, kv, hidden = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.hidden_dim
-    shapes = [(a.dim, q), (a.dim, kv), (a.dim, kv), (q, a.dim), (a.dim, hidden), (hidden, a.dim), (a.dim, hidden)]
-    return a.n_layers * sum(i * o + lora_rank * (i + o) for i, o in shapes) + a.vocab_size * a.dim
-
-
 def build_ours(a, tied, dev, dtype):
     with torch.device(dev), default_dtype(dtype):
         m = llama.Transformer(a)
@@ -496,15 +488,14 @@ def cmd_train(args, dev):
     missing = reference_missing(args)
     ref = {"error": missing} if missing else train_side("ref", args, a, dev, batch)
 
-    k, N = (4 if args.lora_rank else 6), matmul_params(a, args.lora_rank)
-    flops = k * N + 12 * a.n_layers * a.n_heads * a.head_dim * args.seq_len
+    N, flops = train.matmul_params(a, args.lora_rank), train.flops_per_token(a, args.seq_len, args.lora_rank)
     tokens = args.batch_size * args.seq_len
     mfu = lambda r, peak: 100 * flops * tokens / r["step_s"] / peak  # noqa: E731
     metrics = {"tokens/s": lambda r: tokens / r["step_s"], "step ms": lambda r: 1e3 * r["step_s"],
                "MFU % of measured matmul": lambda r: mfu(r, mm_tflops * 1e12)}
-    name = next((n for n in train.PEAK_FLOPS if dev.type == "cuda" and n in torch.cuda.get_device_name(dev)), None)
+    name, peak = train.peak_flops(dev)
     if name:
-        metrics[f"MFU % of {name} peak"] = lambda r: mfu(r, train.PEAK_FLOPS[name])
+        metrics[f"MFU % of {name} peak"] = lambda r: mfu(r, peak)
     metrics["peak GiB"] = lambda r: r["peak"]
     case = (f"{args.model} {f'LoRA r{args.lora_rank}' if args.lora_rank else 'full'} B{args.batch_size}xT{args.seq_len}"
             + " ckpt" * args.activation_checkpointing + " compile" * args.compile)
@@ -514,11 +505,12 @@ def cmd_train(args, dev):
         figures = [r["error"] if "error" in r else get(r) for r in (ours, ref)]
         rows.append(row(case, metric, figures[0], vs, figures[1]))
     notes = [f"FLOPs/token = {'4N (LoRA: no gradients for the frozen weights)' if args.lora_rank else '6N'} + "
-             f"12*L*H*Q*T = {k}*{N:.4g} + 12*{a.n_layers}*{a.n_heads}*{a.head_dim}*{args.seq_len} = {flops:.4g}; "
+             f"12*L*H*Q*T (train.flops_per_token) = {flops:.4g} with N = {N:.4g}, L*H*Q*T = "
+             f"{a.n_layers}*{a.n_heads}*{a.head_dim}*{args.seq_len}; "
              "N = weights in matmuls (projections, adapters, output layer; not the embedding lookup or norms); "
              "activation-checkpointing recomputation is not counted.",
              f"measured {mm_what}: {mm_tflops:,.1f} TFLOP/s in this run; " +
-             (f"nominal {name} bf16 dense peak {train.PEAK_FLOPS[name] / 1e12:,.0f} TFLOP/s." if name else
+             (f"nominal {name} bf16 dense peak {peak / 1e12:,.0f} TFLOP/s." if name else
               "no nominal peak known for this device."),
              "step = forward + backward (ours: train.train_step; transformers: labels=input_ids) + grad clip + AdamW "
              f"(train.make_optimizer) on one random batch; median of {args.steps} steps after {args.warmup} warm-ups; "
@@ -579,7 +571,7 @@ def cmd_decode(args, dev):
         hf = None
         free_memory(dev)
 
-    weight_bytes = matmul_params(a) * dtype.itemsize
+    weight_bytes = train.matmul_params(a) * dtype.itemsize
     roofline = B * bw * 1e9 / weight_bytes
     kv_mb = 2 * a.n_layers * a.n_kv_heads * a.head_dim * (P + N) * B * dtype.itemsize / 1e6
     case, vs = f"{args.model} B{B} prompt {P} +{N}", "transformers generate, static cache"

@@ -8,10 +8,21 @@ What it writes to --out_dir:
     log.jsonl            one JSON line per optimizer step (rank 0)
     model/               full or from-scratch runs: a Meta checkpoint (generate.py --ckpt_dir OUT/model)
     adapter/             LoRA runs: the adapter (generate.py --ckpt_dir BASE --adapter OUT/adapter)
-Both also hold train_state.pt (optimizer, step, loader position, config), so --resume continues exactly
-(randomness is seeded per step from --seed, rank and step, so there is no RNG state to carry).
+    .lock                held by the running process: one run per --out_dir
+Both model/ and adapter/ also hold tokenizer.model and train_state.pt (optimizer, step, loader
+position, config, how long log.jsonl was), so --resume continues exactly (randomness is seeded per
+step from --seed, rank and step, so there is no RNG state to carry).
+
+Reading guide, top to bottom:
+    TrainConfig          every flag, its default and its meaning; the demo's settings
+    set-up               the out_dir lock, torchrun, the model and the data, the optimizer
+    one step             train_step: forward/backward over the micro-batches, DDP, token weighting
+    checkpoints          save_checkpoint (one atomic.write_dir call) and restore_checkpoint
+    logging              the step line, log.jsonl, mlflow; FLOPs and MFU
+    the run              main -> set_up -> loop -> finish
 """
 
+import fcntl
 import inspect
 import json
 import math
@@ -20,46 +31,187 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
-from types import SimpleNamespace
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.distributed as dist
 
+import atomic
+import checkpoint
+import cli
 import model as llama
 import tokenizer as llama_tokenizer
-from cli import UsageError, run
+from cli import Check, UsageError, UserError, at_least, interval, non_empty, positive, torch_device
 from data import shards
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEMO_DATA = os.path.join(ROOT, "shards", "icd10cm")
 DEMO_OUT = os.path.join(ROOT, "out", "demo")
-# The demo model: small enough for 2 CPU cores to train in a few minutes, big enough to learn the
-# structure of ICD-10-CM entries.
-DEMO = dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, seq_len=256, batch_size=8, max_steps=800,
-            lr=2e-3, eval_every=100, eval_steps=10, save_every=200, sample_prompt="J45 Asthma")
+ADAMW_BETAS = (0.9, 0.95)
 # bf16 dense peak of the GPUs we know, for MFU; other devices print no MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
 
 
-class TrainingError(RuntimeError):
-    """A run that must stop (NaN loss, shards that do not fit the model); printed as one line."""
+class TrainingError(UserError):
+    """A run that cannot go on (NaN loss, --out_dir in use by another run); printed as one line."""
 
 
 # -----------------------------------------------------------------------------------------------
-# Distributed set-up: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python` run is rank 0 of 1.
+# The configuration: one field per flag
+
+LORA_TARGETS = Check(lambda v: 0 < len({t.strip() for t in v.split(",")}) and
+                     {t.strip() for t in v.split(",")} <= {"wq", "wk", "wv", "wo", "w1", "w2", "w3"},
+                     "comma-separated names from wq, wk, wv, wo, w1, w2, w3")
 
 
-def setup_distributed(device):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return rank, world, device
+def flag(default, meaning, check=None):
+    """A TrainConfig field that is a command-line flag; `meaning` is its line in --help, `check` the
+    range cli enforces before any work (the type comes from the annotation)."""
+    return field(default=default, metadata={"help": meaning, "check": check})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run is told: one field per flag of train.py. Flags that default to None take
+    their value from DEMO (in the demo) or DEFAULTS (below), or from other flags (__post_init__)."""
+    # what to train, on what, and where
+    ckpt_dir: str = flag(None, "a Meta or HF checkpoint to fine-tune; without it a model is trained from scratch",
+                         non_empty)
+    data: str = flag(None, "token shards (python -m data.prepare); with neither --data nor --ckpt_dir: the demo",
+                     non_empty)
+    out_dir: str = flag(None, "logs and checkpoints (default out/<the data directory's name>; the demo out/demo)",
+                        non_empty)
+    # LoRA: adapters on a frozen base
+    lora_rank: int = flag(0, "> 0 trains LoRA adapters of this rank on the frozen --ckpt_dir", at_least(0))
+    lora_alpha: float = flag(None, "LoRA scale numerator (default 2 * lora_rank)", positive)
+    lora_dropout: float = flag(0.0, "dropout on the LoRA branch's input", interval("[0, 1)"))
+    lora_targets: str = flag("wq,wk,wv,wo,w1,w2,w3", "comma-separated projections to adapt", LORA_TARGETS)
+    rslora: bool = flag(False, "scale LoRA by alpha / sqrt(rank) instead of alpha / rank")
+    # the batch and the schedule
+    max_steps: int = flag(None, "optimizer steps (default 1000; the demo 800)", positive)
+    batch_size: int = flag(8, "rows per micro-batch per rank; the global batch is batch_size * grad_accum * ranks",
+                           positive)
+    seq_len: int = flag(None, "tokens per row (default 1024; the demo 256)", positive)
+    grad_accum: int = flag(1, "micro-steps per optimizer step", positive)
+    lr: float = flag(None, "peak learning rate (default 3e-4 from scratch or LoRA, 2e-5 full fine-tune; demo 2e-3)",
+                     positive)
+    warmup_steps: int = flag(None, "linear warmup steps (default 5% of max_steps), then cosine", at_least(0))
+    min_lr_ratio: float = flag(0.1, "the cosine ends at lr * min_lr_ratio", interval("[0, 1]"))
+    weight_decay: float = flag(0.1, "AdamW weight decay, on matrices only", at_least(0))
+    grad_clip: float = flag(1.0, "clip the gradient norm to this (0: no clipping)", at_least(0))
+    # evaluation, logging, checkpoints
+    eval_every: int = flag(100, "validation loss and perplexity every N steps, and at the end", positive)
+    eval_steps: int = flag(None, "validation batches per rank (default 20; the demo 10)", positive)
+    sample_prompt: str = flag(None, "also print a short greedy sample from this prompt at each evaluation")
+    log_every: int = flag(None, "print a step line every N steps (default 1; the demo 20); log.jsonl has every step",
+                          positive)
+    save_every: int = flag(None, "checkpoint every N steps (default 500; the demo 200), at the end and on Ctrl-C",
+                           positive)
+    resume: bool = flag(False, "continue the checkpoint in --out_dir exactly where it stopped")
+    overwrite: bool = flag(False, "start afresh even though --out_dir holds a checkpoint (the demo always does)")
+    mlflow: bool = flag(True, "track params, metrics, artifacts ($MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    mlflow_experiment: str = flag("llama", "the mlflow experiment's name", non_empty)
+    # how the run computes
+    seed: int = flag(1337, "initial weights, data order and dropout all derive from it", at_least(0))
+    device: str = flag(None, "default cuda:LOCAL_RANK where CUDA is available, else cpu", torch_device)
+    doc_mask: bool = flag(None, "keep attention inside each document (default: on for instruction/chat shards)")
+    activation_checkpointing: bool = flag(False, "recompute each layer in backward to save memory")
+    compile: bool = flag(False, "torch.compile the model")
+    # the shape of a model trained from scratch (model.ModelArgs)
+    dim: int = flag(None, "model width (default 512; the demo 256)", positive)
+    n_layers: int = flag(None, "transformer blocks (default 8; the demo 4)", positive)
+    n_heads: int = flag(None, "attention heads (default 8; the demo 4)", positive)
+    n_kv_heads: int = flag(None, "key/value heads, for grouped-query attention (default n_heads; the demo 2)", positive)
+    multiple_of: int = flag(64, "the SwiGLU hidden size is rounded up to a multiple of this", positive)
+    ffn_dim_multiplier: float = flag(None, "scales the SwiGLU hidden size (Llama 3: 1.3 or 1.5)", positive)
+    norm_eps: float = flag(1e-5, "RMSNorm epsilon", positive)
+    rope_theta: float = flag(10000.0, "RoPE base frequency", positive)
+    # Not flags: where this process runs (set by setup_distributed) and whether this is the demo.
+    rank: int = field(default=0, init=False)
+    world: int = field(default=1, init=False)
+    demo: bool = field(default=False, init=False)
+
+    def __post_init__(self):
+        self.demo = self.ckpt_dir is None and self.data is None
+        if self.demo:  # the demo's corpus and sizes, except where a flag says otherwise
+            self.data, self.overwrite = DEMO_DATA, True
+            self.out_dir = DEMO_OUT if self.out_dir is None else self.out_dir
+            self._fill(DEMO)
+        self._fill(DEFAULTS)
+        if self.lr is None:
+            self.lr = 2e-5 if self.ckpt_dir and not self.lora_rank else 3e-4
+        if self.warmup_steps is None:
+            self.warmup_steps = max(1, self.max_steps // 20)
+        if self.data is None:
+            raise UsageError("--data is required with --ckpt_dir (token shards from python -m data.prepare)")
+        if self.lora_rank and not self.ckpt_dir:
+            raise UsageError("--lora_rank needs --ckpt_dir: LoRA adapts a pretrained model")
+        self.out_dir = self.out_dir or os.path.join(ROOT, "out", os.path.basename(os.path.normpath(self.data)))
+
+    def _fill(self, defaults):
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
+    @property
+    def lora_target_names(self):
+        return tuple(name.strip() for name in self.lora_targets.split(","))
+
+    @property
+    def kind(self):
+        """What a checkpoint of this run holds, and the name of its directory in out_dir."""
+        return "adapter" if self.lora_rank else "model"
+
+
+# Flags that default to None take these values: the demo's first, then everyone's. The demo model
+# is small enough for 2 CPU cores to train in a few minutes, big enough to learn the structure of
+# ICD-10-CM entries; it prints about 40 step lines.
+DEMO = dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, seq_len=256, max_steps=800, lr=2e-3,
+            eval_steps=10, save_every=200, log_every=20, sample_prompt="J45 Asthma")
+DEFAULTS = dict(dim=512, n_layers=8, n_heads=8, seq_len=1024, max_steps=1000, eval_steps=20,
+                save_every=500, log_every=1)
+
+
+# -----------------------------------------------------------------------------------------------
+# Set-up: one run per out_dir, torchrun, the model and the data, the optimizer
+
+
+@contextmanager
+def claim_out_dir(cfg):
+    """Rank 0 holds OUT_DIR/.lock for the whole run (the kernel lets go if the process dies), so two
+    runs never write the same checkpoint. Under the lock it finishes a checkpoint swap that a crash
+    interrupted, and refuses to start afresh over a checkpoint without --resume or --overwrite."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    path = os.path.join(cfg.out_dir, ".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise TrainingError(f"{cfg.out_dir} is in use by another run (PID {holder}); wait for it to "
+                                f"finish or choose another --out_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        atomic.settle(checkpoint_dir(cfg))
+        if not cfg.resume and not cfg.overwrite and has_checkpoint(cfg):
+            raise UsageError(f"{checkpoint_dir(cfg)} holds a checkpoint: --resume to continue it, "
+                             f"--overwrite to start afresh, or another --out_dir")
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def setup_distributed(cfg):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python` run is rank 0 of 1."""
+    cfg.world, cfg.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if cfg.device is None:
+        cfg.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    if cfg.device.startswith("cuda"):
+        torch.cuda.set_device(cfg.device)
+    if cfg.world > 1:
+        dist.init_process_group(backend="nccl" if cfg.device.startswith("cuda") else "gloo")
 
 
 def all_reduce_sum(t, world):
@@ -68,19 +220,67 @@ def all_reduce_sum(t, world):
     return t
 
 
-# -----------------------------------------------------------------------------------------------
-# Schedule, optimizer, checkpoints
+def prepare_demo_corpus(cfg):
+    if not os.path.exists(os.path.join(cfg.data, "meta.json")):
+        if cfg.rank == 0:  # one rank writes the corpus, the others wait for it
+            from data import prepare
+
+            print(f"preparing the demo corpus in {cfg.data} ...", file=sys.stderr)
+            prepare.main(["--demo", "--out", cfg.data])
+        if cfg.world > 1:
+            dist.barrier()
 
 
-def lr_at(step, max_steps, lr, warmup, min_lr_ratio):
-    """Linear warmup to lr, then cosine down to lr * min_lr_ratio at max_steps."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+def load_model_and_data(cfg, resume_from):
+    """(model, tokenizer, shard metadata). Everything a user can get wrong is checked before the
+    model is read: shards made with another tokenizer than the checkpoint's, corrupt or truncated
+    files, ids beyond the vocabulary."""
+    # a full or from-scratch run resumes from its own saved weights: no need to read the base too
+    source = resume_from if resume_from and not cfg.lora_rank else cfg.ckpt_dir
+    tokenizer = llama_tokenizer.load(source or cfg.data)  # the checkpoint's, or the shards' own copy
+    data_meta = shards.validate(cfg.data, vocab_size=tokenizer.n_words, tokenizer_sha256=tokenizer.sha256)
+    torch.manual_seed(cfg.seed)  # the same initial weights (and LoRA A matrices) on every rank
+    if source:
+        # LoRA keeps the frozen base in bf16 on CUDA; full training keeps fp32 master weights.
+        dtype = torch.bfloat16 if cfg.lora_rank and cfg.device.startswith("cuda") else torch.float32
+        raw = llama.load(source, device=cfg.device, dtype=dtype)
+        raw.args.max_seq_len = max(raw.args.max_seq_len, cfg.seq_len)
+        raw.reset_rope()
+        if raw.args.vocab_size < tokenizer.n_words:
+            raise UsageError(f"{source}: the model has {raw.args.vocab_size} embeddings, its tokenizer "
+                             f"{tokenizer.n_words} ids")
+    else:
+        shape = {k: getattr(cfg, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of",
+                                              "ffn_dim_multiplier", "norm_eps", "rope_theta")}
+        args = llama.ModelArgs(vocab_size=data_meta["vocab_size"], max_seq_len=cfg.seq_len, **shape)
+        raw = llama.Transformer(args).to(cfg.device)
+        raw.init_weights()
+    if cfg.lora_rank:
+        import lora
+
+        lora.apply_lora(raw, rank=cfg.lora_rank, alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
+                        dropout=cfg.lora_dropout, targets=cfg.lora_target_names,
+                        use_rslora=cfg.rslora)
+    raw.activation_checkpointing = cfg.activation_checkpointing
+    return raw, tokenizer, data_meta
 
 
-def make_optimizer(model, lr, weight_decay, betas, device):
+def for_training(cfg, raw):
+    """What the loop calls: the model, compiled if asked, wrapped in DDP under torchrun."""
+    model = torch.compile(raw) if cfg.compile else raw
+    if cfg.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # No buffer sync per step: the only buffer is the RoPE table, the same on every rank (64 MB for
+        # Llama 3.1's 131072 positions). torch 2.13 renamed the switch.
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else {"broadcast_buffers": False})
+        model = DDP(model, device_ids=[torch.device(cfg.device).index] if cfg.device.startswith("cuda") else None,
+                    **no_sync)
+    return model
+
+
+def make_optimizer(model, lr, weight_decay, betas=ADAMW_BETAS, device="cpu"):
     params = [p for p in model.parameters() if p.requires_grad]
     # Decay matrices only: norms' gains (and any bias) are not regularised towards zero.
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
@@ -89,98 +289,46 @@ def make_optimizer(model, lr, weight_decay, betas, device):
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
 
-def swap_in(tmp_dir, final_dir):
-    """Replace final_dir by tmp_dir so that a kill at any moment leaves one complete checkpoint:
-    final -> final.old, tmp -> final, drop final.old. find_checkpoint looks at .old too."""
-    old = final_dir + ".old"
-    if os.path.exists(old):
-        shutil.rmtree(old)
-    if os.path.exists(final_dir):
-        os.rename(final_dir, old)
-    os.rename(tmp_dir, final_dir)
-    if os.path.exists(old):
-        shutil.rmtree(old)
-
-
-def find_checkpoint(out_dir, kind):
-    for name in (kind, kind + ".old"):
-        path = os.path.join(out_dir, name)
-        if os.path.exists(os.path.join(path, "train_state.pt")):
-            return path
-    return None
-
-
-def save_checkpoint(out_dir, kind, raw_model, optimizer, step, loader, config, tokenizer_path):
-    final = os.path.join(out_dir, kind)
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    if kind == "adapter":
-        import lora
-
-        lora.save_adapter(raw_model, tmp, tokenizer_sha256=config.get("tokenizer_sha256"))
-    else:
-        llama.save(raw_model, tmp)
-    shutil.copy(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
-                "config": config}, os.path.join(tmp, "train_state.pt"))
-    swap_in(tmp, final)
-    return final
+def lr_at(step, cfg):
+    """Linear warmup to lr, then cosine down to lr * min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 # -----------------------------------------------------------------------------------------------
-# Logging: stdout line, log.jsonl, mlflow (rank 0 only)
+# One optimizer step's forward and backward; evaluation
 
 
-class Logger:
-    def __init__(self, out_dir, enabled, use_mlflow, config, resume):
-        self.enabled = enabled
-        self.mlflow = None
-        if not enabled:
-            return
-        os.makedirs(out_dir, exist_ok=True)
-        self.path = os.path.join(out_dir, "log.jsonl")
-        if not resume and os.path.exists(self.path):
-            os.remove(self.path)
-        if use_mlflow:
-            try:
-                import mlflow  # slow to import; only when asked for
-
-                if not os.environ.get("MLFLOW_TRACKING_URI"):
-                    mlflow.set_tracking_uri("sqlite:///mlflow.db")
-                mlflow.set_experiment(config.get("mlflow_experiment") or "llama")
-                mlflow.start_run(run_name=os.path.basename(os.path.abspath(out_dir)))
-                mlflow.log_params({k: str(v)[:250] for k, v in config.items()})
-                self.mlflow = mlflow
-            except Exception as e:  # tracking is a convenience: never lose a run over it
-                print(f"train.py: mlflow disabled ({type(e).__name__}: {e})", file=sys.stderr)
-
-    def step(self, record, line):
-        if not self.enabled:
-            return
-        print(line, flush=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.mlflow:
-            metrics = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
-            self.mlflow.log_metrics(metrics, step=record["step"])
-
-    def artifact(self, path):
-        if self.mlflow and os.path.exists(path):
-            (self.mlflow.log_artifacts if os.path.isdir(path) else self.mlflow.log_artifact)(path)
-
-    def close(self):
-        if self.mlflow:
-            self.mlflow.end_run()
-
-
-def format_eta(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-# -----------------------------------------------------------------------------------------------
-# Evaluation
+def train_step(cfg, model, loader, autocast, stop_requested=False):
+    """Forward and backward over cfg.grad_accum micro-batches; returns (mean loss, target tokens) of
+    the global batch, gradients left in .grad, already normalised. Returns (None, None), the loader
+    rewound, if any rank was asked to stop: all ranks then stop at the same step. Reads grad_accum,
+    device, world and doc_mask from cfg."""
+    position = loader.state_dict()
+    batches = [loader.next_batch() for _ in range(cfg.grad_accum)]
+    # Normalise by the target tokens of the whole step on all ranks, so masked batches with
+    # different counts weigh every token equally (a mean of per-batch means would not). The same
+    # all-reduce tells every rank whether one of them got Ctrl-C.
+    count = sum(int((b.targets != -100).sum()) for b in batches)
+    totals = torch.tensor([count, float(stop_requested)], dtype=torch.float64)
+    n_targets, n_stopping = all_reduce_sum(totals.to(cfg.device), cfg.world).tolist()
+    if n_stopping:
+        loader.load_state_dict(position)  # these sequences were not trained on: resume starts here
+        return None, None
+    loss_sum = torch.zeros((), device=cfg.device, dtype=torch.float64)
+    for i, (x, y, pos) in enumerate(batches):
+        x, y, pos = x.to(cfg.device), y.to(cfg.device), pos.to(cfg.device)
+        # DDP all-reduces on every backward unless told not to: only the last micro-step syncs.
+        sync = nullcontext() if cfg.world == 1 or i == cfg.grad_accum - 1 else model.no_sync()
+        with sync:
+            with autocast:
+                loss = model(x, y, positions=pos if cfg.doc_mask else None, reduction="sum")
+            # DDP averages gradients over ranks; scaling by world turns that into a sum.
+            (loss * (cfg.world / max(n_targets, 1))).backward()
+        loss_sum += loss.detach().double()
+    return all_reduce_sum(loss_sum, cfg.world).item() / max(n_targets, 1), n_targets
 
 
 @torch.no_grad()
@@ -199,311 +347,348 @@ def evaluate(model, loader, steps, world, autocast, doc_mask):
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-# -----------------------------------------------------------------------------------------------
-# The run
+def sample(raw, tokenizer, prompt, max_new_tokens=48):
+    from generate import completion_text, generate
 
-
-def build_model(ckpt_dir, data_meta, arch, seq_len, device, lora_cfg):
-    """A checkpoint loaded as is, or a fresh model with the vocabulary of the shards."""
-    if ckpt_dir:
-        # LoRA keeps the frozen base in bf16 on CUDA; full training keeps fp32 master weights.
-        dtype = torch.bfloat16 if lora_cfg and device.startswith("cuda") else torch.float32
-        m = llama.load(ckpt_dir, device=device, dtype=dtype)
-        m.args.max_seq_len = max(m.args.max_seq_len, seq_len)
-        m.reset_rope()
-    else:
-        args = llama.ModelArgs(vocab_size=data_meta["vocab_size"], max_seq_len=seq_len, **arch)
-        m = llama.Transformer(args).to(device)
-        m.init_weights()
-    if lora_cfg:
-        import lora
-
-        lora.apply_lora(m, **lora_cfg)
-    return m
-
-
-def main(ckpt_dir: str = None, data: str = None, out_dir: str = None, lora_rank: int = 0,
-         lora_alpha: float = None, lora_dropout: float = 0.0, lora_targets: str = "wq,wk,wv,wo,w1,w2,w3",
-         rslora: bool = False, max_steps: int = 1000, batch_size: int = 8, seq_len: int = 1024,
-         grad_accum: int = 1, lr: float = None, min_lr_ratio: float = 0.1, warmup_steps: int = None,
-         weight_decay: float = 0.1, beta1: float = 0.9, beta2: float = 0.95, grad_clip: float = 1.0,
-         eval_every: int = 100, eval_steps: int = 20, sample_prompt: str = None, save_every: int = 500,
-         resume: bool = False, seed: int = 1337, doc_mask: bool = None, activation_checkpointing: bool = False,
-         compile: bool = False, mlflow: bool = True, mlflow_experiment: str = "llama", device: str = None,
-         overwrite: bool = False,
-         dim: int = 512, n_layers: int = 8, n_heads: int = 8, n_kv_heads: int = None, multiple_of: int = 64,
-         ffn_dim_multiplier: float = None, norm_eps: float = 1e-5, rope_theta: float = 10000.0):
-    """Train a Llama.
-
-    Args:
-        ckpt_dir: a Meta or HF checkpoint to fine-tune; without it a model is trained from scratch,
-            sized by --dim --n_layers --n_heads --n_kv_heads --multiple_of --ffn_dim_multiplier --rope_theta.
-        data: a directory of token shards (python -m data.prepare). With neither --data nor
-            --ckpt_dir: the ICD-10-CM demo.
-        out_dir: where logs and checkpoints go (default out/<name of the data directory>).
-        lora_rank: > 0 trains LoRA adapters of this rank on a frozen base (needs --ckpt_dir).
-        lora_alpha: LoRA scale numerator (default 2 * rank); rslora divides by sqrt(rank), not rank.
-        lora_targets: comma-separated projections to adapt.
-        max_steps, batch_size, seq_len, grad_accum: optimizer steps; per-rank micro-batch rows,
-            tokens per row, micro-steps per optimizer step. Global batch = batch_size * grad_accum * ranks.
-        lr: peak learning rate (default 3e-4 from scratch or for LoRA, 2e-5 for a full fine-tune);
-            warmup_steps (default 5% of max_steps) then cosine to lr * min_lr_ratio.
-        eval_every, eval_steps: validation loss every N steps over this many batches per rank.
-        sample_prompt: if given, also print a short greedy sample at each evaluation.
-        save_every: checkpoint every N steps (and always at the end and on Ctrl-C).
-        resume: continue from the checkpoint in --out_dir exactly where it stopped.
-        overwrite: start afresh even though --out_dir holds a checkpoint (the demo always does).
-        doc_mask: keep attention inside each document (default: on for instruction/chat shards).
-        activation_checkpointing: recompute each layer in backward to save memory.
-        compile: torch.compile the model.
-        mlflow: log params, metrics and artifacts (store: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).
-    """
-    c = SimpleNamespace(**locals())
-    c.demo = ckpt_dir is None and data is None
-    if c.demo:  # the demo's data and sizes, except where the user set a flag
-        given = {a[2:].split("=")[0].replace("-", "_") for a in sys.argv[1:] if a.startswith("--")}
-        vars(c).update({k: v for k, v in DEMO.items() if k not in given})
-        c.data, c.out_dir, c.overwrite = DEMO_DATA, out_dir or DEMO_OUT, True
-    if c.data is None:
-        raise UsageError("--data is required with --ckpt_dir (token shards from python -m data.prepare)")
-    if c.lora_rank and not c.ckpt_dir:
-        raise UsageError("--lora_rank needs --ckpt_dir: LoRA adapts a pretrained model")
-    for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_every", "save_every", "eval_steps"):
-        if getattr(c, name) < 1:
-            raise UsageError(f"--{name} must be at least 1, got {getattr(c, name)}")
-    c.out_dir = c.out_dir or os.path.join(ROOT, "out", os.path.basename(os.path.normpath(c.data)))
-    c.kind = "adapter" if c.lora_rank else "model"
-    if c.lr is None:
-        c.lr = 2e-5 if c.ckpt_dir and not c.lora_rank else 3e-4
-    if c.warmup_steps is None:
-        c.warmup_steps = max(1, c.max_steps // 20)
-
-    if not c.resume and not c.overwrite and find_checkpoint(c.out_dir, c.kind):
-        raise UsageError(f"{os.path.join(c.out_dir, c.kind)} holds a checkpoint: --resume to continue it, "
-                         f"--overwrite to start afresh, or another --out_dir")
-
-    c.rank, c.world, c.device = setup_distributed(c.device)
-    try:
-        if c.demo and not os.path.exists(os.path.join(c.data, "meta.json")):
-            if c.rank == 0:  # one rank writes the corpus, the others wait for it
-                from data import prepare
-
-                print(f"preparing the demo corpus in {c.data} ...", file=sys.stderr)
-                prepare.main(["--demo", "--out", c.data])
-            if c.world > 1:
-                dist.barrier()
-        _train(c)
-    finally:
-        if c.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _train(c):
-    master = c.rank == 0
-    config = {k: v for k, v in vars(c).items() if isinstance(v, (int, float, str, bool, type(None)))}
-    lora_cfg = None
-    if c.lora_rank:
-        lora_cfg = dict(rank=c.lora_rank, alpha=c.lora_alpha or 2 * c.lora_rank, dropout=c.lora_dropout,
-                        targets=tuple(t.strip() for t in c.lora_targets.split(",")), use_rslora=c.rslora)
-    arch = dict(dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
-                multiple_of=c.multiple_of, ffn_dim_multiplier=c.ffn_dim_multiplier, norm_eps=c.norm_eps,
-                rope_theta=c.rope_theta)
-    resume_from = None
-    if c.resume:
-        resume_from = find_checkpoint(c.out_dir, c.kind)
-        if resume_from is None:
-            raise UsageError(f"--resume: no checkpoint in {os.path.join(c.out_dir, c.kind)}")
-    # a full or from-scratch run resumes from its own saved weights: no need to read the base too
-    source = resume_from if c.kind == "model" and resume_from else c.ckpt_dir
-    torch.manual_seed(c.seed)  # the same initial weights (and LoRA A matrices) on every rank
-    # Everything a user can get wrong is checked before the model is read: shards made with another
-    # tokenizer than the checkpoint's, corrupt or truncated files, ids beyond the vocabulary.
-    tok = llama_tokenizer.load(source or c.data)  # the checkpoint's, or the shards' own copy
-    tok_path = tok.path
-    data_meta = shards.validate(c.data, vocab_size=tok.n_words, tokenizer_sha256=tok.sha256)
-    raw = build_model(source, data_meta, arch, c.seq_len, c.device, lora_cfg)
-    if raw.args.vocab_size < tok.n_words:
-        raise UsageError(f"{source}: the model has {raw.args.vocab_size} embeddings, its tokenizer {tok.n_words} ids")
-    config["tokenizer_sha256"] = tok.sha256
-    if c.doc_mask is None:
-        c.doc_mask = bool(data_meta.get("has_mask"))  # instruction / chat data
-    config["doc_mask"] = c.doc_mask
-    raw.activation_checkpointing = c.activation_checkpointing
-
-    train_loader = shards.DataLoader(c.data, "train", c.batch_size, c.seq_len, c.rank, c.world, seed=c.seed)
-    val_loader = shards.DataLoader(c.data, "val", c.batch_size, c.seq_len, c.rank, c.world)
-    optimizer = make_optimizer(raw, c.lr, c.weight_decay, (c.beta1, c.beta2), c.device)
-
-    start_step = 0
-    if resume_from:
-        start_step = resume(c, resume_from, raw, optimizer, train_loader)
-        if master:
-            print(f"resuming from {resume_from} at step {start_step}", file=sys.stderr)
-
-    model = torch.compile(raw) if c.compile else raw
-    if c.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        # No buffer sync per step: the only buffer is the RoPE table, the same on every rank (64 MB for
-        # Llama 3.1's 131072 positions). torch 2.13 renamed the switch.
-        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                   else {"broadcast_buffers": False})
-        model = DDP(model, device_ids=[torch.device(c.device).index] if c.device.startswith("cuda") else None,
-                    **no_sync)
-    on_cuda = c.device.startswith("cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else nullcontext()
-
-    n_params = sum(p.numel() for p in raw.parameters())
-    n_trainable = sum(p.numel() for p in raw.parameters() if p.requires_grad)
-    a = raw.args
-    # FLOPs per token: 6N for a full step (2N forward, 4N backward); with frozen weights the weight
-    # gradients are skipped, 4N. N counts the weights used in matmuls: the embedding is a lookup
-    # (unless tied, when it is also the output). Attention adds 12 * layers * heads * head_dim * seq_len.
-    n_matmul = n_params - (0 if raw.tied else raw.tok_embeddings.weight.numel())
-    flops_per_token = (4 if c.lora_rank else 6) * n_matmul + 12 * a.n_layers * a.n_heads * a.head_dim * c.seq_len
-    peak = next((v for k, v in PEAK_FLOPS.items() if on_cuda and k in torch.cuda.get_device_name(c.device)), None)
-    logger = Logger(c.out_dir, master, c.mlflow, config, c.resume)
-    if master:
-        what = "LoRA" if c.lora_rank else "full fine-tune" if c.ckpt_dir else "from scratch"
-        print(f"{what}: {n_params / 1e6:.1f}M parameters, {n_trainable / 1e6:.2f}M trained; {c.world} rank(s) on "
-              f"{c.device}; global batch {c.batch_size * c.grad_accum * c.world} x {c.seq_len} tokens; "
-              f"doc_mask {c.doc_mask}; writing {c.out_dir}", file=sys.stderr)
-
-    # Ctrl-C (or a scheduler's SIGTERM): finish the step in flight, save, exit.
-    interrupted = []
-    previous = {sig: signal.signal(sig, lambda *_: interrupted.append(True)) for sig in (signal.SIGINT, signal.SIGTERM)}
-    step, last_saved, t_start = start_step, start_step, time.time()
-    step_tokens = c.batch_size * c.seq_len * c.grad_accum * c.world
+    prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
+    ids = generate(raw, [prompt_ids], max_new_tokens, temperature=0, stop_ids=tokenizer.stop_ids)[0]
     raw.train()
-    try:
-        while step < c.max_steps:
-            t0 = time.time()
-            lr_now = lr_at(step, c.max_steps, c.lr, c.warmup_steps, c.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_now
-            # Dropout draws from a generator seeded by (seed, rank, step): a resumed run, on any
-            # number of ranks, draws exactly what an uninterrupted one would.
-            torch.manual_seed(hash((c.seed, c.rank, step)) & 0xFFFF_FFFF)
-            loss_value, n_targets = train_step(c, model, train_loader, autocast, interrupted)
-            if loss_value is None:  # some rank got the signal; all stop here
-                interrupted.append(True)
-                break
-            trainable = [p for p in raw.parameters() if p.requires_grad]
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, c.grad_clip if c.grad_clip > 0 else float("inf"))
-            check_finite(c, step + 1, loss=loss_value, grad_norm=grad_norm.item())
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-
-            if on_cuda:
-                torch.cuda.synchronize()
-            tok_s = step_tokens / (time.time() - t0)
-            record = {"step": step, "loss": round(loss_value, 6), "lr": lr_now, "tokens": step * step_tokens,
-                      "target_tokens": int(n_targets), "grad_norm": round(grad_norm.item(), 4),
-                      "tokens_per_s": round(tok_s, 1)}
-            line = (f"step {step}/{c.max_steps} | loss {loss_value:.4f} | lr {lr_now:.2e} | "
-                    f"grad {grad_norm.item():.3f} | {tok_s:,.0f} tok/s")
-            if peak:
-                record["mfu"] = round(flops_per_token * tok_s / c.world / peak, 4)
-                line += f" | MFU {100 * record['mfu']:.1f}%"
-            eta = (time.time() - t_start) / (step - start_step) * (c.max_steps - step)
-            line += f" | ETA {format_eta(eta)}"
-            if step % c.eval_every == 0 or step == c.max_steps:
-                val = evaluate(model, val_loader, c.eval_steps, c.world, autocast, c.doc_mask)
-                record.update(val_loss=round(val, 6), val_ppl=round(math.exp(min(val, 50)), 3))
-                line += f" | val {val:.4f} ppl {record['val_ppl']:.2f}"
-                if c.sample_prompt and master:
-                    line += "\n  sample: " + sample(raw, tok, c.sample_prompt)
-            logger.step(record, line)
-            if step % c.save_every == 0 and step < c.max_steps:
-                check_finite(c, step, weights=all(bool(torch.isfinite(p).all()) for p in trainable))
-                if master:
-                    save_checkpoint(c.out_dir, c.kind, raw, optimizer, step, train_loader, config, tok_path)
-                last_saved = step
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if step > last_saved or step == 0:
-        check_finite(c, step, weights=all(bool(torch.isfinite(p).all()) for p in raw.parameters()))
-    if master and (step > last_saved or step == 0):
-        path = save_checkpoint(c.out_dir, c.kind, raw, optimizer, step, train_loader, config, tok_path)
-        print(f"saved {path} at step {step}", file=sys.stderr)
-        logger.artifact(os.path.join(c.out_dir, "log.jsonl"))
-        if c.kind == "adapter":
-            logger.artifact(path)
-    logger.close()
-    if c.world > 1:
-        dist.barrier()  # rank 0 may still be saving: leave together, not while a peer is mid-collective
-    if interrupted:
-        if master:
-            print(f"train.py: interrupted at step {step}; continue with --resume", file=sys.stderr)
-        sys.exit(130)
+    return (prompt + completion_text(tokenizer, prompt_ids, ids)).replace("\n", " / ")
 
 
-def check_finite(c, step, **values):
+def check_finite(cfg, step, **values):
     """Stop a diverged run before it overwrites the last good checkpoint."""
     for name, value in values.items():
         if value is False or (not isinstance(value, bool) and not math.isfinite(value)):
             what = f"{name} is {value}" if not isinstance(value, bool) else f"{name} are not finite"
-            raise TrainingError(f"{what} at step {step}; stopped without saving. The last good checkpoint is in "
-                                f"{os.path.join(c.out_dir, c.kind)} (try a lower --lr)")
+            kept = (f"the last good checkpoint is in {checkpoint_dir(cfg)}" if has_checkpoint(cfg)
+                    else "no checkpoint was saved")
+            raise TrainingError(f"{what} at step {step}; stopped without saving: {kept} (try a lower --lr)")
 
 
-def train_step(c, model, loader, autocast, interrupted=False):
-    """Forward and backward over grad_accum micro-batches; returns (mean loss, target tokens) of the
-    global batch, gradients left in .grad, already normalised. Returns (None, None), the loader
-    rewound, if any rank has been interrupted: all ranks then stop at the same step."""
-    position = loader.state_dict()
-    batches = [loader.next_batch() for _ in range(c.grad_accum)]
-    # Normalise by the target tokens of the whole step on all ranks, so masked batches with
-    # different counts weigh every token equally (a mean of per-batch means would not). The same
-    # all-reduce tells every rank whether one of them got Ctrl-C.
-    count = sum(int((b.targets != -100).sum()) for b in batches)
-    totals = torch.tensor([count, float(bool(interrupted))], dtype=torch.float64)
-    n_targets, n_interrupted = all_reduce_sum(totals.to(c.device), c.world).tolist()
-    if n_interrupted:
-        loader.load_state_dict(position)  # these sequences were not trained on: resume starts here
-        return None, None
-    loss_sum = torch.zeros((), device=c.device, dtype=torch.float64)
-    for i, (x, y, pos) in enumerate(batches):
-        x, y, pos = x.to(c.device), y.to(c.device), pos.to(c.device)
-        # DDP all-reduces on every backward unless told not to: only the last micro-step syncs.
-        sync = nullcontext() if c.world == 1 or i == c.grad_accum - 1 else model.no_sync()
-        with sync:
-            with autocast:
-                loss = model(x, y, positions=pos if c.doc_mask else None, reduction="sum")
-            # DDP averages gradients over ranks; scaling by world turns that into a sum.
-            (loss * (c.world / max(n_targets, 1))).backward()
-        loss_sum += loss.detach().double()
-    return all_reduce_sum(loss_sum, c.world).item() / max(n_targets, 1), n_targets
+# -----------------------------------------------------------------------------------------------
+# Checkpoints: OUT_DIR/model or OUT_DIR/adapter, replaced as a whole by atomic.write_dir
 
 
-def resume(c, path, raw, optimizer, train_loader):
+def checkpoint_dir(cfg):
+    return os.path.join(cfg.out_dir, cfg.kind)
+
+
+def has_checkpoint(cfg):
+    # write_dir only ever gives a complete directory this name; train_state.pt marks it as ours
+    return os.path.isfile(os.path.join(checkpoint_dir(cfg), "train_state.pt"))
+
+
+def save_checkpoint(cfg, run, step):
+    """The weights (or adapter), tokenizer.model and train_state.pt, as one directory: a kill at
+    any moment leaves the previous checkpoint or this one, never a mix."""
+    state = {"step": step, "optimizer": run.optimizer.state_dict(), "loader": run.train_loader.state_dict(),
+             "config": run.config, "log_bytes": run.logger.size()}
+
+    def write(tmp_dir):
+        if cfg.lora_rank:
+            import lora
+
+            lora.write_adapter(run.raw, tmp_dir, tokenizer_sha256=run.tokenizer.sha256)
+        else:
+            checkpoint.write_meta(run.raw, tmp_dir)
+        shutil.copy(run.tokenizer.path, os.path.join(tmp_dir, "tokenizer.model"))
+        torch.save(state, os.path.join(tmp_dir, "train_state.pt"))
+
+    return atomic.write_dir(checkpoint_dir(cfg), write)
+
+
+def restore_checkpoint(cfg, path, raw, optimizer, train_loader):
     """Restore optimizer and loader position (and a LoRA run's adapter; a full run's weights were
-    loaded from the checkpoint already); returns the step to continue from. There is no RNG state
-    to restore: each step seeds from (seed, rank, step), which the config and the step determine."""
-    state = torch.load(os.path.join(path, "train_state.pt"), map_location=c.device, weights_only=True)
-    if c.kind == "adapter":
+    loaded from the checkpoint already); returns train_state. There is no RNG state to restore:
+    each step seeds from (seed, rank, step), which the config and the step determine."""
+    state = torch.load(os.path.join(path, "train_state.pt"), map_location=cfg.device, weights_only=True)
+    if cfg.lora_rank:
         import lora
 
         lora.load_adapter(raw, path)
     optimizer.load_state_dict(state["optimizer"])
     train_loader.load_state_dict(state["loader"])
-    return state["step"]
+    return state
 
 
-def sample(raw, tok, prompt, max_new_tokens=48):
-    from generate import completion_text, generate
+# -----------------------------------------------------------------------------------------------
+# Logging: the step line, log.jsonl, mlflow (rank 0 only); FLOPs and MFU
 
-    prompt_ids = tok.encode(prompt, bos=True, eos=False)
-    ids = generate(raw, [prompt_ids], max_new_tokens, temperature=0, stop_ids=tok.stop_ids)[0]
-    raw.train()
-    return (prompt + completion_text(tok, prompt_ids, ids)).replace("\n", " / ")
 
+class Logger:
+    """Rank 0's record of the run: a line on stdout, a JSON line in log.jsonl, mlflow metrics."""
+
+    def __init__(self, cfg, config, enabled, keep_log_bytes=None):
+        """A fresh run starts log.jsonl anew; a resumed one keeps its first keep_log_bytes bytes,
+        the steps up to the checkpoint (those after it will be run again)."""
+        self.enabled, self.mlflow = enabled, None
+        self.path = os.path.join(cfg.out_dir, "log.jsonl")
+        if not enabled:
+            return
+        if not cfg.resume and os.path.exists(self.path):
+            os.remove(self.path)
+        elif keep_log_bytes is not None and self.size() > keep_log_bytes:
+            os.truncate(self.path, keep_log_bytes)
+        if cfg.mlflow:
+            self.mlflow = start_mlflow(cfg, config)
+
+    def step(self, record, line=None):
+        """Append record to log.jsonl (and mlflow); print line, if any."""
+        if not self.enabled:
+            return
+        if line:
+            print(line, flush=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.mlflow:
+            metrics = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+            self.mlflow.log_metrics(metrics, step=record["step"])
+
+    def size(self):
+        return os.path.getsize(self.path) if os.path.exists(self.path) else 0
+
+    def artifact(self, path):
+        if self.mlflow and os.path.exists(path):
+            (self.mlflow.log_artifacts if os.path.isdir(path) else self.mlflow.log_artifact)(path)
+
+    def close(self):
+        if self.mlflow:
+            self.mlflow.end_run()
+            self.mlflow = None
+
+
+def start_mlflow(cfg, config):
+    try:
+        import mlflow  # slow to import; only when asked for
+
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            mlflow.set_tracking_uri("sqlite:///mlflow.db")
+        mlflow.set_experiment(cfg.mlflow_experiment or "llama")
+        mlflow.start_run(run_name=os.path.basename(os.path.abspath(cfg.out_dir)))
+        mlflow.log_params({k: str(v)[:250] for k, v in config.items()})
+        return mlflow
+    except Exception as e:  # tracking is a convenience: never lose a run over it
+        print(f"train.py: mlflow disabled ({type(e).__name__}: {e})", file=sys.stderr)
+        return None
+
+
+def matmul_params(args, lora_rank=0, lora_targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3")):
+    """Weights that take part in matrix products: every projection and the output layer (tied or
+    not), not the embedding lookup or the norms; plus LoRA adapters of this rank on lora_targets."""
+    q, kv, hidden = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.hidden_dim
+    shapes = {"wq": (args.dim, q), "wk": (args.dim, kv), "wv": (args.dim, kv), "wo": (q, args.dim),
+              "w1": (args.dim, hidden), "w2": (hidden, args.dim), "w3": (args.dim, hidden)}
+    per_layer = sum(i * o + (lora_rank * (i + o) if name in lora_targets else 0) for name, (i, o) in shapes.items())
+    return args.n_layers * per_layer + args.vocab_size * args.dim
+
+
+def flops_per_token(args, seq_len, lora_rank=0, lora_targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3")):
+    """Training FLOPs per token: 6N for a full step (2N forward, 4N backward) with N = matmul_params;
+    with LoRA the frozen weights get no gradient, 4N. Attention scores and their use add
+    12 * layers * heads * head_dim * seq_len (activation-checkpointing recomputation is not counted)."""
+    n = matmul_params(args, lora_rank, lora_targets)
+    return (4 if lora_rank else 6) * n + 12 * args.n_layers * args.n_heads * args.head_dim * seq_len
+
+
+def peak_flops(device):
+    """(name, bf16 dense FLOP/s) of a GPU we know, else (None, None): MFU = achieved / peak."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None, None
+    gpu = torch.cuda.get_device_name(device)
+    return next(((name, flops) for name, flops in PEAK_FLOPS.items() if name in gpu), (None, None))
+
+
+def format_eta(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# -----------------------------------------------------------------------------------------------
+# The run: main -> set_up -> loop -> finish
+
+
+@dataclass
+class Run:
+    """What set-up builds and the loop uses."""
+    raw: torch.nn.Module  # the model itself: what is saved
+    model: torch.nn.Module  # what the loop calls: raw, compiled and/or wrapped in DDP
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    train_loader: shards.DataLoader
+    val_loader: shards.DataLoader
+    autocast: object
+    logger: Logger
+    config: dict  # what mlflow and train_state.pt record
+    start_step: int
+    flops_per_token: float
+    peak_flops: float  # of this GPU, for MFU; None where unknown
+
+
+class StopOnSignal:
+    """Ctrl-C (or a scheduler's SIGTERM) sets .requested: the run finishes the step in flight, saves
+    and exits."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, *_):
+        self.requested = True
+
+    def __exit__(self, *_):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def main(*args, **flags):
+    cfg = TrainConfig(*args, **flags)
+    # Rank 0 claims --out_dir before anything else (torchrun's other ranks wait for it in the
+    # process group's rendezvous), so a refused run touches nothing.
+    with claim_out_dir(cfg) if os.environ.get("RANK", "0") == "0" else nullcontext():
+        setup_distributed(cfg)
+        try:
+            if cfg.demo:
+                prepare_demo_corpus(cfg)
+            run = set_up(cfg)
+            try:
+                with StopOnSignal() as stop:
+                    step, last_saved = loop(cfg, run, stop)
+                finish(cfg, run, step, last_saved, stop.requested)
+            finally:
+                run.logger.close()
+        finally:
+            if cfg.world > 1 and dist.is_initialized():
+                dist.destroy_process_group()
+
+
+# The command line is TrainConfig: cli.run reads the flags, their types and defaults from main's
+# signature and --help their meanings from its docstring, so main takes the dataclass's (fire passes
+# the values positionally, in the dataclass's order).
+main.__signature__ = inspect.signature(TrainConfig)
+main.__doc__ = "Train a Llama (python train.py alone runs the ICD-10-CM demo).\n\nArgs:\n" + "\n".join(
+    f"    {f.name}: {f.metadata['help']}" for f in fields(TrainConfig) if f.init)
+
+
+def set_up(cfg):
+    master = cfg.rank == 0
+    resume_from = checkpoint_dir(cfg) if cfg.resume and has_checkpoint(cfg) else None
+    if cfg.resume and not resume_from:
+        raise UsageError(f"--resume: no checkpoint in {checkpoint_dir(cfg)}")
+    raw, tokenizer, data_meta = load_model_and_data(cfg, resume_from)
+    if cfg.doc_mask is None:
+        cfg.doc_mask = bool(data_meta.get("has_mask"))  # instruction / chat data
+    train_loader = shards.DataLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, cfg.rank, cfg.world, seed=cfg.seed)
+    val_loader = shards.DataLoader(cfg.data, "val", cfg.batch_size, cfg.seq_len, cfg.rank, cfg.world)
+    optimizer = make_optimizer(raw, cfg.lr, cfg.weight_decay, device=cfg.device)
+    state = restore_checkpoint(cfg, resume_from, raw, optimizer, train_loader) if resume_from else {}
+    if resume_from and master:
+        print(f"resuming from {resume_from} at step {state['step']}", file=sys.stderr)
+
+    config = dict(asdict(cfg), tokenizer_sha256=tokenizer.sha256)
+    on_cuda = cfg.device.startswith("cuda")
+    flops = flops_per_token(raw.args, cfg.seq_len, cfg.lora_rank, cfg.lora_target_names)
+    run = Run(raw=raw, model=for_training(cfg, raw), tokenizer=tokenizer, optimizer=optimizer,
+              train_loader=train_loader, val_loader=val_loader, config=config, start_step=state.get("step", 0),
+              autocast=torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else nullcontext(),
+              logger=Logger(cfg, config, master, keep_log_bytes=state.get("log_bytes")), flops_per_token=flops,
+              peak_flops=peak_flops(cfg.device)[1])
+    if master:
+        n_params = sum(p.numel() for p in raw.parameters())
+        n_trainable = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+        what = "LoRA" if cfg.lora_rank else "full fine-tune" if cfg.ckpt_dir else "from scratch"
+        print(f"{what}: {n_params / 1e6:.1f}M parameters, {n_trainable / 1e6:.2f}M trained; {cfg.world} rank(s) "
+              f"on {cfg.device}; global batch {cfg.batch_size * cfg.grad_accum * cfg.world} x {cfg.seq_len} "
+              f"tokens; doc_mask {cfg.doc_mask}; writing {cfg.out_dir}", file=sys.stderr)
+    return run
+
+
+def loop(cfg, run, stop):
+    """Optimizer steps from run.start_step to max_steps; returns (step reached, step last saved)."""
+    step = last_saved = run.start_step
+    trainable = [p for p in run.raw.parameters() if p.requires_grad]
+    run.raw.train()
+    t_start = time.time()
+    while step < cfg.max_steps:
+        t0 = time.time()
+        lr = lr_at(step, cfg)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        # Dropout draws from a generator seeded by (seed, rank, step): a resumed run, on any
+        # number of ranks, draws exactly what an uninterrupted one would.
+        torch.manual_seed(hash((cfg.seed, cfg.rank, step)) & 0xFFFF_FFFF)
+        loss, n_targets = train_step(cfg, run.model, run.train_loader, run.autocast, stop.requested)
+        if loss is None:  # some rank got the signal; all stop here
+            stop.requested = True
+            break
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        check_finite(cfg, step + 1, loss=loss, grad_norm=grad_norm.item())
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        if cfg.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.time() - t0
+        record = {"step": step, "loss": round(loss, 6), "lr": lr, "tokens": step * step_tokens(cfg),
+                  "target_tokens": int(n_targets), "grad_norm": round(grad_norm.item(), 4),
+                  "tokens_per_s": round(step_tokens(cfg) / seconds, 1)}
+        if run.peak_flops:
+            record["mfu"] = round(run.flops_per_token * record["tokens_per_s"] / cfg.world / run.peak_flops, 4)
+        evaluated = step % cfg.eval_every == 0 or step == cfg.max_steps
+        if evaluated:
+            val = evaluate(run.model, run.val_loader, cfg.eval_steps, cfg.world, run.autocast, cfg.doc_mask)
+            record.update(val_loss=round(val, 6), val_ppl=round(math.exp(min(val, 50)), 3))
+        eta = (time.time() - t_start) / (step - run.start_step) * (cfg.max_steps - step)
+        shown = evaluated or step % cfg.log_every == 0 or step == run.start_step + 1
+        run.logger.step(record, step_line(cfg, run, record, eta) if shown else None)
+        if step % cfg.save_every == 0 and step < cfg.max_steps:
+            check_finite(cfg, step, weights=all(bool(torch.isfinite(p).all()) for p in trainable))
+            if cfg.rank == 0:
+                save_checkpoint(cfg, run, step)
+            last_saved = step
+    return step, last_saved
+
+
+def step_tokens(cfg):
+    return cfg.batch_size * cfg.seq_len * cfg.grad_accum * cfg.world
+
+
+def step_line(cfg, run, record, eta):
+    line = (f"step {record['step']}/{cfg.max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+            f"grad {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s")
+    if "mfu" in record:
+        line += f" | MFU {100 * record['mfu']:.1f}%"
+    line += f" | ETA {format_eta(eta)}"
+    if "val_loss" in record:
+        line += f" | val {record['val_loss']:.4f} ppl {record['val_ppl']:.2f}"
+        if cfg.sample_prompt and cfg.rank == 0:
+            line += "\n  sample: " + sample(run.raw, run.tokenizer, cfg.sample_prompt)
+    return line
+
+
+def finish(cfg, run, step, last_saved, interrupted):
+    """Save what the last periodic checkpoint missed, then leave together."""
+    if step > last_saved or step == 0:
+        check_finite(cfg, step, weights=all(bool(torch.isfinite(p).all()) for p in run.raw.parameters()))
+        if cfg.rank == 0:
+            path = save_checkpoint(cfg, run, step)
+            print(f"saved {path} at step {step}", file=sys.stderr)
+            run.logger.artifact(os.path.join(cfg.out_dir, "log.jsonl"))
+            if cfg.lora_rank:
+                run.logger.artifact(path)
+    if cfg.world > 1:
+        dist.barrier()  # rank 0 may still be saving: leave together, not while a peer is mid-collective
+    if interrupted:
+        if cfg.rank == 0:
+            print(f"train.py: interrupted at step {step}; continue with --resume", file=sys.stderr)
+        sys.exit(130)
+
+
+# Each flag's range, declared beside it in TrainConfig; cli checks them before any work.
+CHECKS = {f.name: f.metadata["check"] for f in fields(TrainConfig) if f.init and f.metadata["check"]}
 
 if __name__ == "__main__":
-    try:
-        run(main, prog="train.py")
-    except TrainingError as e:
-        print(f"train.py: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli.run(main, prog="train.py", checks=CHECKS)

@@ -249,6 +249,9 @@ def test_demo_runs_out_of_the_box(tmp_path):
     assert os.path.exists(os.path.join(ROOT, "shards", "icd10cm", "meta.json"))
     records = log(tmp_path)
     assert [r["step"] for r in records] == [1, 2, 3] and "val_loss" in records[-1]
+    # the demo prints a line every 20 steps (and the first, and each evaluation); log.jsonl has them all
+    assert [line.split(" | ")[0] for line in out.stdout.splitlines() if line.startswith("step ")] == ["step 1/3",
+                                                                                                    "step 3/3"]
     gen = subprocess.run([sys.executable, "generate.py", "--ckpt_dir", str(tmp_path / "model"), "--prompt", "E11",
                           "--max_new_tokens", "8", "--seed", "0"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert gen.returncode == 0, gen.stderr
@@ -261,3 +264,27 @@ def test_an_existing_checkpoint_is_not_overwritten_by_accident(text_data, tmp_pa
     _one_line_error(train(*common, "--lr", "1e-2", check=False), "--resume to continue it")
     assert (tmp_path / "model" / "consolidated.00.pth").read_bytes() == before
     train(*common, "--overwrite")
+
+
+def test_log_every_prints_every_nth_step_and_logs_all(text_data, tmp_path):
+    out = train(*TINY, "--data", text_data, "--out_dir", tmp_path, "--max_steps", "7", "--eval_every", "5",
+                "--log_every", "3")
+    printed = [line.split(" | ")[0] for line in out.stdout.splitlines() if line.startswith("step ")]
+    assert printed == ["step 1/7", "step 3/7", "step 5/7", "step 6/7", "step 7/7"]  # 5 and 7: evaluations
+    assert [r["step"] for r in log(tmp_path)] == list(range(1, 8))
+
+
+def test_flops_count_the_weights_the_model_multiplies_by():
+    """train.flops_per_token (which bench.py uses too) counts every matrix but the embedding lookup:
+    checked against a real model, with LoRA on some projections."""
+    import lora
+    import train as trainer
+
+    args = model.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=32)
+    m = model.Transformer(args)
+    lora.apply_lora(m, rank=4, alpha=8, targets=("wq", "wv", "w2"))
+    in_matmuls = sum(p.numel() for name, p in m.named_parameters() if p.dim() == 2 and "tok_embeddings" not in name)
+    assert trainer.matmul_params(args, 4, ("wq", "wv", "w2")) == in_matmuls
+    attention = 12 * 2 * 4 * 16 * 128
+    assert trainer.flops_per_token(args, 128, 4, ("wq", "wv", "w2")) == 4 * in_matmuls + attention
+    assert trainer.flops_per_token(args, 128) == 6 * trainer.matmul_params(args) + attention

@@ -1,0 +1,152 @@
+"""train.py when things go wrong: a kill at every file-system step of a checkpoint save, a full disk,
+a second run on the same --out_dir, a NaN before any checkpoint. Black-box: run the command, check
+its exit status, its one line, and the files on disk (tests/faults.py injects the faults)."""
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from test_train import ROOT, TINY, _one_line_error, base_ckpt, log, text_data, train  # noqa: F401  (fixtures)
+
+FAST = [*TINY, "--max_steps", "2", "--save_every", "1", "--batch_size", "2"]
+
+
+def faults(*args):
+    return subprocess.run([sys.executable, "tests/faults.py", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+
+
+def _without_timing(records):
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
+
+def _one_line(out, message):
+    """Exit 1 with one line (returned) that says message, and no traceback."""
+    _one_line_error(out, message)
+    assert out.returncode == 1, out.stderr[-2000:]
+    return next(line for line in out.stderr.splitlines() if line.startswith("train.py:"))
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["scratch", "lora"])
+def test_a_kill_at_any_step_of_a_save_leaves_a_checkpoint_that_resumes(text_data, base_ckpt, tmp_path, lora):
+    """Two steps, a checkpoint after each: the first save has no checkpoint to replace, the second
+    replaces the first. The run is SIGKILLed at each file-system step of both saves in turn; then
+    --resume continues from the newest checkpoint whose save reached `rename DIR.tmp -> DIR.new`
+    (write_dir's point of no return), and ends exactly as a run that was never killed."""
+    flags = [*FAST, "--data", text_data]
+    if lora:
+        flags += ["--ckpt_dir", base_ckpt, "--lora_rank", "4"]
+    kind = "adapter" if lora else "model"
+    out = faults("kill_each_step", tmp_path, *flags)
+    assert out.returncode == 0, out.stderr[-3000:]
+    *killed, finished = [json.loads(line) for line in out.stdout.splitlines()]
+    assert finished["finished"] and finished["rc"] == 0
+    straight = log(finished["out"])
+    assert [r["step"] for r in straight] == [1, 2]
+    assert {r["save"] for r in killed} == {1, 2} and len(killed) >= 16
+    committed = {1: False, 2: False}  # has the save passed its point of no return?
+    for r in killed:
+        where = f"killed before step {r['n']} ({r['step']}) of save {r['save']}"
+        expected = r["save"] if committed[r["save"]] else r["save"] - 1
+        if expected == 0:
+            assert r["resume_rc"] == 1 and "--resume: no checkpoint" in r["resume_log"], where
+            assert not os.path.exists(os.path.join(r["out"], kind)), where
+        else:
+            assert r["resume_rc"] == 0, (where, r["resume_log"])
+            assert f"resuming from {os.path.join(r['out'], kind)} at step {expected}\n" in r["resume_log"], where
+            # log.jsonl trimmed to the checkpoint, then the same steps as the run never killed
+            assert _without_timing(log(r["out"])) == _without_timing(straight), where
+            assert sorted(os.listdir(r["out"])) == sorted([".lock", kind, "log.jsonl"]), where
+            state = torch.load(os.path.join(r["out"], kind, "train_state.pt"), weights_only=True)
+            assert state["step"] == 2, where
+        committed[r["save"]] |= r["step"] == f"rename {kind}.tmp -> {kind}.new"
+
+
+@pytest.mark.parametrize("save", [1, 2])
+def test_a_full_disk_during_a_save_says_so_and_keeps_the_last_checkpoint(text_data, tmp_path, save):
+    out_dir = tmp_path / "o"
+    flags = [*FAST, "--data", text_data, "--out_dir", out_dir]
+    line = _one_line(faults("disk_full", save, *flags), "disk full while writing")
+    ckpt = out_dir / "model"
+    if save == 1:
+        assert "nothing was written" in line and not ckpt.exists()
+    else:  # the first save's checkpoint is intact, and named as the one to go on from
+        assert f"{ckpt} is unchanged (still the latest good copy)" in line
+        assert torch.load(ckpt / "train_state.pt", weights_only=True)["step"] == 1
+        resumed = train(*flags, "--resume")
+        assert "at step 1" in resumed.stderr
+        assert [r["step"] for r in log(out_dir)] == [1, 2]
+    assert sorted(p.name for p in out_dir.iterdir() if p.name.startswith("model")) == (["model"] if save == 2 else [])
+
+
+def _snapshot(directory):
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob("*")}
+
+
+def test_a_second_run_on_the_same_out_dir_stops_at_once(text_data, tmp_path):
+    out_dir = tmp_path / "o"
+    flags = [*TINY, "--data", text_data, "--out_dir", out_dir, "--batch_size", "2", "--save_every", "5"]
+    first = subprocess.Popen([sys.executable, "train.py", *map(str, flags), "--max_steps", "100000"], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and first.poll() is None and not (out_dir / "model").exists():
+            time.sleep(0.05)
+        first.send_signal(signal.SIGSTOP)  # holds the lock, writes nothing while we look
+        assert first.poll() is None, first.stderr.read()
+        before = _snapshot(out_dir)
+        second = train(*flags, "--max_steps", "2", "--overwrite", check=False)
+        _one_line(second, f"{out_dir} is in use by another run (PID {first.pid})")
+        assert _snapshot(out_dir) == before
+    finally:
+        first.kill()  # kill -9: the kernel releases the lock
+        first.wait()
+    third = train(*flags, "--max_steps", "2", "--overwrite")
+    assert [r["step"] for r in log(out_dir)] == [1, 2], third.stderr
+
+
+def test_the_lock_is_held_by_whoever_holds_it(text_data, tmp_path):
+    """Another process's lock (here this test's) is refused the same way, naming the PID it wrote."""
+    out_dir = tmp_path / "o"
+    out_dir.mkdir()
+    with open(out_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        out = train(*TINY, "--data", text_data, "--out_dir", out_dir, "--max_steps", "1", check=False)
+    _one_line(out, f"is in use by another run (PID {os.getpid()})")
+    assert sorted(p.name for p in out_dir.iterdir()) == [".lock"]
+
+
+def test_nan_before_any_checkpoint_says_none_was_saved(text_data, tmp_path):
+    out = train(*TINY, "--data", text_data, "--out_dir", tmp_path, "--max_steps", "20", "--save_every", "100",
+                "--lr", "1e30", "--warmup_steps", "0", check=False)
+    line = _one_line(out, "stopped without saving")
+    assert "no checkpoint was saved" in line and "last good checkpoint" not in line
+    assert not (tmp_path / "model").exists()
+
+
+def test_kill_9_then_resume_trims_the_log_to_the_checkpoint(text_data, tmp_path):
+    """The steps logged after the last checkpoint are run again, not repeated in log.jsonl."""
+    flags = [*TINY, "--data", text_data, "--out_dir", tmp_path, "--batch_size", "2", "--save_every", "7",
+             "--max_steps", "60"]
+    proc = subprocess.Popen([sys.executable, "train.py", *map(str, flags)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    logfile = tmp_path / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not logfile.exists() or len(logfile.read_text().splitlines()) < 10):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    logged = len(log(tmp_path))
+    resumed = train(*flags, "--resume")
+    saved = int(resumed.stderr.split(" at step ")[1].split()[0])
+    assert 7 <= saved <= logged < 60
+    assert [r["step"] for r in log(tmp_path)] == list(range(1, 61))
