@@ -257,7 +257,9 @@ def signature_flags(command, subcommand, checks):
             if name == "self" or p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
                 continue
             check = checks.get(f"{subcommand}.{name}", checks.get(name))
-            flags[name] = Flag(_flag_type(fn, name, hints.get(name), p.default), p.default,
+            # the signature's own annotation where fn has none (train.main borrows TrainConfig's)
+            annotation = hints.get(name, None if p.annotation is p.empty else p.annotation)
+            flags[name] = Flag(_flag_type(fn, name, annotation, p.default), p.default,
                                p.default is p.empty, docs.get(name, ""), check)
     return flags
 
