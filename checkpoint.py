@@ -13,6 +13,7 @@ import fnmatch
 import glob
 import json
 import os
+import pickle
 import shutil
 from typing import Optional
 
@@ -138,6 +139,21 @@ def load(ckpt_dir, device="cpu", dtype=None, max_seq_len: Optional[int] = None) 
     return model.eval()
 
 
+def torch_load(path, map_location="cpu", mmap=False):
+    """torch.load of tensors and plain data only (weights_only: a checkpoint never runs code), its
+    failures as one CheckpointError line naming the file."""
+    try:
+        return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path}: holds Python objects, not just tensors; refused, since loading "
+                              f"it could run code") from None
+    except Exception as e:  # truncated, or not a torch.save file: torch raises many kinds
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise CheckpointError(f"{path}: cannot read (truncated, or not a torch.save file: {reason})") from None
+
+
 def _model_args(path, values: dict) -> ModelArgs:
     try:
         return ModelArgs.from_dict(values)
@@ -163,10 +179,7 @@ def read_meta(ckpt_dir):
         raise CheckpointError(f"{ckpt_dir}: params.json but no consolidated.NN.pth weights")
     shards = []
     for p in paths:
-        try:  # mmap: the weights stay in the page cache, not copied into our heap
-            shards.append(torch.load(p, map_location="cpu", mmap=True, weights_only=True))
-        except Exception as e:  # a truncated or foreign file: torch raises many kinds
-            raise CheckpointError(f"{p}: cannot read ({type(e).__name__}: {e})") from None
+        shards.append(torch_load(p, mmap=True))  # mmap: the weights stay in the page cache, not our heap
     first = shards[0]
     if "tok_embeddings.weight" not in first:
         raise CheckpointError(f"{paths[0]}: no tok_embeddings.weight in it (not a Llama checkpoint)")
@@ -395,7 +408,7 @@ def stored_dtype(ckpt_dir) -> Optional[torch.dtype]:
     try:
         pth = sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
         if pth:
-            return torch.load(pth[0], map_location="cpu", mmap=True, weights_only=True)["tok_embeddings.weight"].dtype
+            return torch_load(pth[0], mmap=True)["tok_embeddings.weight"].dtype
         from safetensors import safe_open
 
         names = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}

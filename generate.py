@@ -203,10 +203,34 @@ CHECKS = {"ckpt_dir": non_empty, "prompts_file": non_empty, "adapter": non_empty
           "max_seq_len": positive, "device": torch_device, "dtype": one_of("bf16", "fp16", "fp32")}
 
 
+def load_for_sampling(ckpt_dir, tokenizer=None, adapter=None, device="cpu", dtype=None, max_seq_len=None,
+                      force=False):
+    """(model, tokenizer) ready to sample: the tokenizer checked against the model's embedding, and
+    an adapter, if given, checked against the base and merged in (for speed)."""
+    tok = llama_tokenizer.load(tokenizer or ckpt_dir)
+    model = llama.load(ckpt_dir, device=device, dtype=dtype, max_seq_len=max_seq_len)
+    llama_tokenizer.check_fits(tok, model.args.vocab_size, ckpt_dir)
+    if adapter is not None:
+        import lora  # only adapters need it
+
+        lora.load_adapter(model, adapter, tokenizer_sha256=tok.sha256, force=force)
+        lora.merge_lora(model)
+    return model, tok
+
+
+def encode_prompts(tok, texts, chat, system):
+    """Token ids of each prompt: a document start, or with chat a dialog ending in an open assistant
+    turn (Llama 2 markers typed into the text are refused: tokenizer.DialogError)."""
+    if not chat:
+        return [tok.encode(text, bos=True, eos=False) for text in texts]
+    head = [{"role": "system", "content": system}] if system else []
+    return [tok.encode_dialog(head + [{"role": "user", "content": text}]) for text in texts]
+
+
 def main(ckpt_dir: str = None, prompt: str = None, prompts_file: str = None, adapter: str = None,
          chat: bool = False, system: str = None, temperature: float = 0.6, top_p: float = 0.9,
          max_new_tokens: int = 256, max_seq_len: int = None, seed: int = None, tokenizer: str = None,
-         device: str = None, dtype: str = None, compile: bool = False):
+         device: str = None, dtype: str = None, compile: bool = False, force: bool = False):
     """Sample completions.
 
     Args:
@@ -227,31 +251,15 @@ def main(ckpt_dir: str = None, prompt: str = None, prompts_file: str = None, ada
         dtype: bf16, fp16 or fp32 (default bf16 on CUDA, fp32 on CPU).
         compile: torch.compile the decode step (and capture it as a CUDA graph on GPU): slower to
             start, faster per token.
+        force: apply --adapter even to a base other than the one it was trained on.
     """
     ckpt_dir, texts = _checked_inputs(ckpt_dir, prompt, prompts_file, chat, system)
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
-    tok = llama_tokenizer.load(tokenizer or ckpt_dir)
-    model = llama.load(ckpt_dir, device=device, dtype=dtype, max_seq_len=max_seq_len)
-    if model.args.vocab_size < tok.n_words:
-        raise UserError(f"the tokenizer has {tok.n_words} tokens but the model only {model.args.vocab_size}")
-    if adapter is not None:
-        import lora  # only adapters need it
-
-        lora.load_adapter(model, adapter, tokenizer_sha256=tok.sha256)
-        lora.merge_lora(model)
+    model, tok = load_for_sampling(ckpt_dir, tokenizer, adapter, device, dtype, max_seq_len, force)
     print(f"loaded {ckpt_dir} in {time.perf_counter() - t0:.1f}s ({device}, "
           f"{model.tok_embeddings.weight.dtype})", file=sys.stderr)
-
-    def encode(text):
-        if chat:
-            messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": text}]
-            return tok.encode_dialog(messages)
-        return tok.encode(text, bos=True, eos=False)
-
-    prompts = [encode(t) for t in texts]
+    prompts = encode_prompts(tok, texts, chat, system)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -262,12 +270,12 @@ def main(ckpt_dir: str = None, prompt: str = None, prompts_file: str = None, ada
     step = compile_decode_step(model) if compile else None
     completions = generate(model, prompts, max_new_tokens, temperature, top_p, tok.stop_ids, generator,
                            on_token=streamer, timings=timings, decode_step=step)
-
     if streamer is not None:
         streamer.finish()
     else:
-        for text, prompt, ids in zip(texts, prompts, completions):
-            print(json.dumps({"prompt": text, "completion": completion_text(tok, prompt, ids)}, ensure_ascii=False))
+        for text, prompt_ids, ids in zip(texts, prompts, completions):
+            print(json.dumps({"prompt": text, "completion": completion_text(tok, prompt_ids, ids)},
+                             ensure_ascii=False))
     n_prompt, n_new = sum(map(len, prompts)), sum(map(len, completions))
     prefill, decode = timings["prefill"], max(timings["decode"], 1e-9)
     print(f"prompt: {n_prompt} tokens in {prefill:.2f}s ({n_prompt / prefill:.1f} tokens/s); "

@@ -17,6 +17,7 @@ The file layouts themselves (HF names, the q/k RoPE permutation, writing a direc
 checkpoint.py's.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -30,8 +31,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import checkpoint
-from cli import UsageError, non_empty, one_of, run
-from model import ModelArgs, load as load_model, save as save_model
+from cli import UsageError, UserError, non_empty, one_of, run
+from model import ModelArgs, load as load_model
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
@@ -165,12 +166,27 @@ def write_adapter(model, out_dir, tokenizer_sha256=None):
     and which base model and tokenizer they belong to), into a directory being filled (see
     save_adapter, or atomic.write_dir to put more files beside them)."""
     meta = dict(_config(model), base_params=checkpoint.meta_params(_unwrap(model).args),
-                tokenizer_sha256=tokenizer_sha256)
+                base_fingerprint=base_fingerprint(model), tokenizer_sha256=tokenizer_sha256)
     tensors = {k: v.contiguous() for k, v in lora_state_dict(model).items()}
     # A copy of the config inside the weights file lets load_adapter notice a pair from two saves.
     header = {"adapter_json": json.dumps(meta, sort_keys=True)}
     save_file(tensors, os.path.join(out_dir, "adapter.safetensors"), metadata=header)
     checkpoint.write_json(os.path.join(out_dir, "adapter.json"), meta)
+
+
+def base_fingerprint(model) -> str:
+    """A short hash of the frozen base weights: a strided sample of every tensor, in bf16 so that the
+    dtype the base was loaded in does not change it. An adapter records the base it was trained on,
+    and load_adapter refuses another base of the same shape (a different fine-tune, say)."""
+    inner = _unwrap(model)
+    digest = hashlib.sha256()
+    for name, t in sorted(inner.state_dict().items()):
+        if name.endswith(("lora_A", "lora_B")):
+            continue
+        sample = t.detach().flatten()[:: max(1, t.numel() // 1024)][:1024]
+        digest.update(name.replace(".base.", ".").encode())
+        digest.update(sample.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def save_adapter(model, path, tokenizer_sha256=None):
@@ -200,12 +216,9 @@ def read_adapter_config(path) -> dict:
     return cfg
 
 
-def load_adapter(model, path, tokenizer_sha256=None):
-    """Apply a saved adapter to model (a base Transformer, or one with the same LoRA config).
-    Everything that can be wrong with the files is checked before the model is touched."""
-    path = _adapter_dir(path)
-    cfg, inner = read_adapter_config(path), _unwrap(model)
-    # The adapter only makes sense on the base it was trained on: compare the shapes that matter.
+def _check_base(path, cfg, inner, tokenizer_sha256, force):
+    """The adapter only makes sense on the base (and tokenizer) it was trained on: compare the shapes
+    that matter, the tokenizer's hash and, unless forced, the base weights' fingerprint."""
     saved = ModelArgs.from_dict(cfg["base_params"])
     fields = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim")
     differ = [f for f in fields if getattr(saved, f) != getattr(inner.args, f)]
@@ -216,6 +229,19 @@ def load_adapter(model, path, tokenizer_sha256=None):
     if tokenizer_sha256 and cfg.get("tokenizer_sha256") and tokenizer_sha256 != cfg["tokenizer_sha256"]:
         raise AdapterError(f"{path}: adapter was trained with tokenizer sha256 {cfg['tokenizer_sha256'][:12]}..., "
                            f"this tokenizer is {tokenizer_sha256[:12]}...")
+    trained_on = cfg.get("base_fingerprint")
+    if trained_on and not force and trained_on != base_fingerprint(inner):
+        raise AdapterError(f"{path}: adapter was trained on another base (weights fingerprint {trained_on}, "
+                           f"this base {base_fingerprint(inner)}); pass --force to apply it anyway")
+
+
+def load_adapter(model, path, tokenizer_sha256=None, force=False):
+    """Apply a saved adapter to model (a base Transformer, or one with the same LoRA config).
+    Everything that can be wrong with the files is checked before the model is touched; force
+    applies it even to a base other than the one it was trained on (same shapes, other weights)."""
+    path = _adapter_dir(path)
+    cfg, inner = read_adapter_config(path), _unwrap(model)
+    _check_base(path, cfg, inner, tokenizer_sha256, force)
     have, keys = getattr(inner, "lora_config", None), ("rank", "alpha", "targets", "use_rslora")
     if have and any(have[k] != cfg.get(k, False) for k in keys):
         raise AdapterError(f"{path}: adapter config {({k: cfg.get(k) for k in keys})} differs from the "
@@ -251,8 +277,9 @@ def load_adapter(model, path, tokenizer_sha256=None):
 # -- transformers / peft export ----------------------------------------------------------------------
 
 
-def export_peft(model, out_dir, base_model_name_or_path=None):
-    """adapter_config.json + adapter_model.safetensors that peft.PeftModel.from_pretrained loads onto
+def write_peft(model, out_dir, base_model_name_or_path=None):
+    """adapter_config.json + adapter_model.safetensors, into a directory being filled, that
+    peft.PeftModel.from_pretrained loads onto
     transformers' LlamaForCausalLM of the same base. The adapter is the same; only names and the
     q/k lora_B rows (the output side, which RoPE sees) change. lora_A reads x, whose order agrees."""
     cfg, args = _config(model), _unwrap(model).args
@@ -269,11 +296,13 @@ def export_peft(model, out_dir, base_model_name_or_path=None):
               "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
               "modules_to_save": None, "base_model_name_or_path": base_model_name_or_path}
 
-    def write(fresh):
-        save_file(tensors, os.path.join(fresh, "adapter_model.safetensors"))
-        checkpoint.write_json(os.path.join(fresh, "adapter_config.json"), config)
+    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"))
+    checkpoint.write_json(os.path.join(out_dir, "adapter_config.json"), config)
 
-    checkpoint.replace_checkpoint(out_dir, write)
+
+def export_peft(model, out_dir, base_model_name_or_path=None):
+    """write_peft, replacing the checkpoint in out_dir as a whole (checkpoint.replace_checkpoint)."""
+    checkpoint.replace_checkpoint(out_dir, lambda fresh: write_peft(model, fresh, base_model_name_or_path))
 
 
 def merged_state_dict(model) -> dict:
@@ -308,11 +337,14 @@ class Command:
     Args:
         ckpt_dir: the base model (Meta or HF layout).
         adapter: a directory written by save_adapter (train.py's OUT_DIR/adapter).
-        out: the directory to write.
+        out: the directory to write (a new one, or with --overwrite a checkpoint to replace).
+        overwrite: replace the checkpoint already in --out (only a checkpoint: never other files).
+        force: apply the adapter even to a base other than the one it was trained on.
     """
 
-    def __init__(self, ckpt_dir: str, adapter: str, out: str):
-        self.ckpt_dir, self.adapter, self.out = os.path.expanduser(ckpt_dir), adapter, os.path.expanduser(out)
+    def __init__(self, ckpt_dir: str, adapter: str, out: str, overwrite: bool = False, force: bool = False):
+        self.ckpt_dir, self.adapter = os.path.expanduser(ckpt_dir), os.path.expanduser(adapter)
+        self.out, self.overwrite, self.force = os.path.expanduser(out), overwrite, force
 
     def merge(self):
         """Fold the adapter into the base and write a Meta checkpoint (params.json + consolidated.00.pth)."""
@@ -328,22 +360,51 @@ class Command:
         self._write(format)
 
     def _write(self, fmt):
-        ckpt_dir, out = self.ckpt_dir, self.out
         read_adapter_config(self.adapter)  # a wrong adapter path fails before the base is loaded
-        if os.path.realpath(out) == os.path.realpath(ckpt_dir):
-            raise UsageError(f"--out {out} is the base checkpoint directory; choose another")
-        m = load_model(ckpt_dir, dtype=checkpoint.stored_dtype(ckpt_dir) if fmt != "peft" else None)
-        load_adapter(m, self.adapter)
-        if fmt == "peft":
-            export_peft(m, out)
-        else:
+        self._check_out()
+        m = load_model(self.ckpt_dir, dtype=checkpoint.stored_dtype(self.ckpt_dir) if fmt != "peft" else None)
+        load_adapter(m, self.adapter, force=self.force)
+        tokenizer = os.path.join(self.ckpt_dir, "tokenizer.model")
+
+        def fill(fresh):
+            if fmt == "peft":
+                write_peft(m, fresh)
+                return
             if fmt == "hf":
-                save_hf(m, out)
+                checkpoint.write_hf(_unwrap(m), fresh, merged_state_dict(m))
             else:
-                save_model(merge_lora(m), out)
-            if os.path.exists(os.path.join(ckpt_dir, "tokenizer.model")):
-                shutil.copyfile(os.path.join(ckpt_dir, "tokenizer.model"), os.path.join(out, "tokenizer.model"))
-        print(f"lora.py: wrote {out}", file=sys.stderr)
+                checkpoint.write_meta(merge_lora(m), fresh)
+            if os.path.exists(tokenizer):  # the base's, replacing (not writing through) a carried link
+                target = os.path.join(fresh, "tokenizer.model")
+                if os.path.lexists(target):
+                    os.remove(target)
+                shutil.copyfile(tokenizer, target)
+
+        checkpoint.replace_checkpoint(self.out, fill)
+        print(f"lora.py: wrote {self.out}", file=sys.stderr)
+
+    def _check_out(self):
+        """--out may be new, or with --overwrite a checkpoint; never the base, the adapter, a directory
+        holding either, or a directory of other files."""
+        out = os.path.realpath(self.out)
+        for flag, path in (("--ckpt_dir", self.ckpt_dir), ("--adapter", self.adapter)):
+            path = os.path.realpath(path)
+            if path == out or path.startswith(out.rstrip(os.sep) + os.sep):
+                raise UsageError(f"--out {self.out} holds {flag} {path}; choose another --out")
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise UserError(f"--out {self.out}: exists and is not a directory")
+        if not os.path.isdir(self.out) or not os.listdir(self.out):
+            return
+        if not self.overwrite:
+            raise UserError(f"--out {self.out}: exists and is not empty; pass --overwrite to replace the "
+                            f"checkpoint in it, or choose another --out")
+        if not any(os.path.exists(os.path.join(self.out, name)) for name in CHECKPOINT_MARKERS):
+            raise UserError(f"--out {self.out}: holds no checkpoint ({', '.join(CHECKPOINT_MARKERS)}); "
+                            f"--overwrite only replaces checkpoints")
+
+
+# What marks a directory as a checkpoint --overwrite may replace: any layout this project writes.
+CHECKPOINT_MARKERS = ("params.json", "config.json", "adapter.json", "adapter_config.json")
 
 
 def main(argv=None):

@@ -50,6 +50,11 @@ class ModelArgs:
 
     def __post_init__(self):
         self.n_kv_heads = self.n_kv_heads or self.n_heads
+        for name in ("n_layers", "multiple_of", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} is {getattr(self, name)}, must be at least 1")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps is {self.norm_eps}, must be positive")
         if min(self.dim, self.n_heads, self.n_kv_heads) <= 0 or self.dim % self.n_heads or \
                 self.n_heads % self.n_kv_heads:
             raise ValueError(f"dim {self.dim}, n_heads {self.n_heads}, n_kv_heads {self.n_kv_heads}: "
@@ -64,8 +69,28 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelArgs":
-        known = {f.name for f in fields(cls) if f.init}
-        return cls(**{k: v for k, v in d.items() if k in known})  # unknown keys are tolerated
+        """From a params.json-like dict, each value checked against its field's type (a config file
+        may say anything); unknown keys are tolerated."""
+        values = {}
+        for f in fields(cls):
+            if f.init and f.name in d:
+                values[f.name] = _checked(f.name, d[f.name], f.type)
+        return cls(**values)
+
+
+def _checked(name, value, kind):
+    """value as a field of type kind (int, float, bool or Optional of one) holds it; ValueError naming
+    the field otherwise. JSON's true is not a number here, and an int is a fine float."""
+    optional = kind in (Optional[int], Optional[float])
+    kind = {Optional[int]: int, Optional[float]: float}.get(kind, kind)
+    if value is None and optional:
+        return None
+    ok = isinstance(value, bool) if kind is bool else (
+        isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool))
+    if not ok or (kind is float and not math.isfinite(value)):
+        wanted = {int: "an integer", float: "a finite number", bool: "true or false"}[kind]
+        raise ValueError(f"{name} is {value!r}, not {wanted}")
+    return float(value) if kind is float else value
 
 
 # -----------------------------------------------------------------------------------------------

@@ -145,6 +145,10 @@ class TrainConfig:
             self.warmup_steps = max(1, self.max_steps // 20)
         if self.data is None:
             raise UsageError("--data is required with --ckpt_dir (token shards from python -m data.prepare)")
+        if not self.demo:  # before anything is written: a wrong --data is named as such
+            if not os.path.isdir(self.data):
+                raise UsageError(f"--data {self.data}: no such directory (token shards from python -m data.prepare)")
+            shards.load_meta(self.data)
         if self.lora_rank and not self.ckpt_dir:
             raise UsageError("--lora_rank needs --ckpt_dir: LoRA adapts a pretrained model")
         self.out_dir = self.out_dir or os.path.join(ROOT, "out", os.path.basename(os.path.normpath(self.data)))
@@ -246,9 +250,7 @@ def load_model_and_data(cfg, resume_from):
         raw = llama.load(source, device=cfg.device, dtype=dtype)
         raw.args.max_seq_len = max(raw.args.max_seq_len, cfg.seq_len)
         raw.reset_rope()
-        if raw.args.vocab_size < tokenizer.n_words:
-            raise UsageError(f"{source}: the model has {raw.args.vocab_size} embeddings, its tokenizer "
-                             f"{tokenizer.n_words} ids")
+        llama_tokenizer.check_fits(tokenizer, raw.args.vocab_size, source)
     else:
         shape = {k: getattr(cfg, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of",
                                               "ffn_dim_multiplier", "norm_eps", "rope_theta")}
@@ -402,7 +404,7 @@ def restore_checkpoint(cfg, path, raw, optimizer, train_loader):
     """Restore optimizer and loader position (and a LoRA run's adapter; a full run's weights were
     loaded from the checkpoint already); returns train_state. There is no RNG state to restore:
     each step seeds from (seed, rank, step), which the config and the step determine."""
-    state = torch.load(os.path.join(path, "train_state.pt"), map_location=cfg.device, weights_only=True)
+    state = checkpoint.torch_load(os.path.join(path, "train_state.pt"), map_location=cfg.device)
     if cfg.lora_rank:
         import lora
 

@@ -124,6 +124,10 @@ def load_meta(data_dir):
         raise ShardError(f"{path}: missing (is {data_dir} a directory made by data.prepare?)") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ShardError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    for key in ("vocab_size", "bos_id", "eos_id"):  # a hand-edited file may say anything
+        value = meta.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key == "vocab_size" else 0):
+            raise ShardError(f"{path}: {key} is {value!r}, not a{' positive' if key == 'vocab_size' else ''} integer")
     return meta
 
 

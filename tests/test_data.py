@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -678,3 +679,15 @@ def test_llama2_markers_in_a_record_are_a_bad_record(tmp_path):
     rc, lines = run_prepare("--input", src, "--out", out, "--tokenizer", sp_model, "--workers", "1", "--skip_bad")
     assert rc == 0, lines
     assert shards.load_meta(str(out))["skipped_records"] == 1
+
+
+@pytest.mark.parametrize("key, value", [("vocab_size", "abc"), ("vocab_size", 0), ("bos_id", None), ("eos_id", 1.5)])
+def test_meta_json_is_checked_field_by_field(tmp_path, dataset, key, value):
+    path, _, _ = dataset
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    meta[key] = value
+    (copy / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(shards.ShardError, match=f"meta.json: {key} is {re.escape(repr(value))}"):
+        shards.load_meta(str(copy))

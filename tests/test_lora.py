@@ -301,3 +301,56 @@ def test_cli_errors_are_one_line(ckpts, tmp_path, case):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lora.py: ") and expect in lines[0], r.stderr
     assert "Traceback" not in r.stderr and not os.path.exists(tmp_path / "out")
+
+
+def test_adapter_remembers_its_base(ckpts, tmp_path):
+    m = lora_model(ckpts["llama3.1"])
+    lora.save_adapter(m, tmp_path / "a")
+    fingerprint = json.loads((tmp_path / "a" / "adapter.json").read_text())["base_fingerprint"]
+    assert fingerprint == lora.base_fingerprint(model.load(ckpts["llama3.1"]))
+    # the base's dtype does not change it; its weights do
+    assert fingerprint == lora.base_fingerprint(model.load(ckpts["llama3.1"], dtype=torch.bfloat16))
+    other = write_meta(meta_state_dict(hf_model("llama3.1", seed=1)), meta_params_for("llama3.1"), tmp_path / "b")
+    with pytest.raises(lora.AdapterError, match="trained on another base"):
+        lora.load_adapter(model.load(other), tmp_path / "a")
+    forced = lora.load_adapter(model.load(other), tmp_path / "a", force=True)
+    assert lora.lora_modules(forced)
+    r = run_cli("merge", "--ckpt_dir", other, "--adapter", tmp_path / "a", "--out", tmp_path / "m")
+    assert r.returncode == 1 and "--force" in r.stderr and not os.path.exists(tmp_path / "m")
+    r = run_cli("merge", "--ckpt_dir", other, "--adapter", tmp_path / "a", "--out", tmp_path / "m", "--force")
+    assert r.returncode == 0, r.stderr
+
+
+def test_cli_never_writes_over_what_it_did_not_make(ckpts, tmp_path):
+    m = lora_model(ckpts["llama3.1"])
+    lora.save_adapter(m, tmp_path / "a")
+    common = ["--ckpt_dir", ckpts["llama3.1"], "--adapter", tmp_path / "a"]
+    first = tmp_path / "merged"
+    assert run_cli("merge", *common, "--out", first).returncode == 0
+    (first / "train_state.pt").write_bytes(b"left by an earlier run")
+    before = {p: (first / p).read_bytes() for p in os.listdir(first)}
+
+    def one_line_refusal(*argv, status=1):
+        r = run_cli(*argv)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == status and len(lines) == 1 and lines[0].startswith("lora.py: "), r.stderr
+        return lines[0]
+
+    assert "--overwrite" in one_line_refusal("merge", *common, "--out", first)
+    assert {p: (first / p).read_bytes() for p in os.listdir(first)} == before
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "ward.txt").write_text("not a checkpoint")
+    assert "holds no checkpoint" in one_line_refusal("merge", *common, "--out", notes, "--overwrite")
+    assert (notes / "ward.txt").read_text() == "not a checkpoint"
+    assert "holds --adapter" in one_line_refusal("export", *common, "--out", tmp_path / "a", "--overwrite", status=2)
+    assert "holds --ckpt_dir" in one_line_refusal("merge", *common, "--out", os.path.dirname(ckpts["llama3.1"]),
+                                                  "--overwrite", status=2)
+    # --overwrite replaces the checkpoint as a whole: an HF export over a Meta checkpoint leaves no
+    # params.json behind for model.load to prefer, nor the stale train_state.pt
+    r = run_cli("export", *common, "--out", first, "--format", "hf", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(first)) == ["config.json", "model.safetensors"]
+    tokens = tokens_for("llama3.1")
+    with torch.no_grad():
+        assert rel_err(model.load(first)(tokens), m(tokens)) < 1e-5

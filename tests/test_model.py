@@ -285,3 +285,39 @@ def test_document_masking_equals_each_document_alone(tmp_path, monkeypatch, flex
         loss = m(row, targets, positions=positions, reduction="sum")
         ref = sum(torch.nn.functional.cross_entropy(m(d[None])[0, :-1], d[1:], reduction="sum") for d in docs)
     assert abs(loss.item() - ref.item()) / ref.item() < 1e-5
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("dim", "abc", "dim is 'abc', not an integer"),
+    ("norm_eps", "1e-5", "norm_eps is '1e-5', not a finite number"),
+    ("use_scaled_rope", 1, "use_scaled_rope is 1, not true or false"),
+    ("n_layers", 0, "n_layers is 0, must be at least 1"),
+    ("n_heads", 0, "must be positive"),
+])
+def test_params_json_is_checked_field_by_field(tmp_path, key, value, message):
+    params = dict(meta_params_for("llama2"), **{key: value})
+    path = write_meta(meta_state_dict(hf_model("llama2")), params, tmp_path / "ckpt")
+    with pytest.raises(model.CheckpointError) as e:
+        model.load(path)
+    assert str(path / "params.json") in str(e.value) and message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_torch_files_that_are_not_plain_tensors_are_one_line(tmp_path):
+    import checkpoint
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo never run",))
+
+    torch.save({"x": Payload()}, tmp_path / "evil.pth")
+    torch.save({"x": torch.randn(1000)}, tmp_path / "ok.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "ok.pth").read_bytes()[:2000])
+    (tmp_path / "empty.pth").write_bytes(b"")
+    for name, message in [("evil.pth", "could run code"), ("cut.pth", "cannot read"), ("empty.pth", "cannot read"),
+                          ("missing.pth", "missing")]:
+        for mmap in (False, True):
+            with pytest.raises(model.CheckpointError) as e:
+                checkpoint.torch_load(tmp_path / name, mmap=mmap)
+            text = str(e.value)
+            assert text.startswith(str(tmp_path / name)) and message in text and "\n" not in text
+            assert "weights_only=False" not in text  # never the advice to run the payload
