@@ -7,6 +7,22 @@ on a GPU instead.
 """
 
 import os
+import subprocess
+
+import pytest
 
 if os.environ.get("LLAMA_TEST_DEVICE", "cpu") == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs, where this machine lets the tests mount one (root); skipped elsewhere, where the
+    simulated ENOSPC of tests/test_train_faults.py covers the same path."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

@@ -354,3 +354,18 @@ def test_cli_never_writes_over_what_it_did_not_make(ckpts, tmp_path):
     tokens = tokens_for("llama3.1")
     with torch.no_grad():
         assert rel_err(model.load(first)(tokens), m(tokens)) < 1e-5
+
+
+def test_cli_merge_onto_a_full_disk_is_one_line(tmp_path, small_disk):
+    # a base of about 4 MB (a wide vocabulary): its merged copy cannot fit the 3 MB disk
+    torch.manual_seed(0)
+    base = model.Transformer(model.ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=8000, multiple_of=16))
+    base.init_weights()
+    model.save(base, tmp_path / "base")
+    lora.save_adapter(lora.apply_lora(base, rank=2, alpha=4), tmp_path / "a")
+    out = small_disk / "merged"
+    r = run_cli("merge", "--ckpt_dir", tmp_path / "base", "--adapter", tmp_path / "a", "--out", out)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"lora.py: disk full while writing {out}; nothing was written")
+    assert os.listdir(small_disk) == []  # no half-written copy under any name

@@ -150,3 +150,18 @@ def test_kill_9_then_resume_trims_the_log_to_the_checkpoint(text_data, tmp_path)
     saved = int(resumed.stderr.split(" at step ")[1].split()[0])
     assert 7 <= saved <= logged < 60
     assert [r["step"] for r in log(tmp_path)] == list(range(1, 61))
+
+
+def test_a_real_3mb_disk_fills_during_the_second_save(text_data, small_disk):
+    # about 1.7 MB a checkpoint (weights and AdamW's two moments): one fits, a second beside it does not
+    out_dir = small_disk / "o"
+    flags = ["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--multiple_of", "16", "--seq_len", "32",
+             "--mlflow", "false", "--eval_steps", "1", "--batch_size", "2", "--data", text_data,
+             "--out_dir", out_dir, "--save_every", "1"]
+    line = _one_line(train(*flags, "--max_steps", "2", check=False), "disk full while writing")
+    assert f"{out_dir / 'model'} is unchanged (still the latest good copy)" in line
+    assert sorted(os.listdir(out_dir)) == [".lock", "log.jsonl", "model"]  # no half-written copy left
+    state = torch.load(out_dir / "model" / "train_state.pt", weights_only=True)
+    assert state["step"] == 1
+    out = train(*flags, "--max_steps", "1", "--resume")  # resumable: it loads and has nothing left to do
+    assert "resuming from" in out.stderr and "at step 1" in out.stderr
