@@ -9,9 +9,11 @@ Read top to bottom:
                            q/k RoPE permutation both ways, read_hf, write_hf, save_hf
 """
 
+import dataclasses
 import fnmatch
 import glob
 import json
+import math
 import os
 import pickle
 import shutil
@@ -154,11 +156,29 @@ def torch_load(path, map_location="cpu", mmap=False):
         raise CheckpointError(f"{path}: cannot read (truncated, or not a torch.save file: {reason})") from None
 
 
-def _model_args(path, values: dict) -> ModelArgs:
+def model_args(path, values: dict) -> ModelArgs:
+    """ModelArgs from a params.json-like dict read from path, each value checked against its field's
+    type (a config file may say anything): CheckpointError naming the file and the field."""
     try:
-        return ModelArgs.from_dict(values)
-    except (TypeError, ValueError) as e:  # e.g. heads that do not divide dim, a value that is not a number
+        known = {f.name: f.type for f in dataclasses.fields(ModelArgs) if f.init}
+        return ModelArgs(**{k: _checked(k, v, known[k]) for k, v in values.items() if k in known})
+    except (TypeError, ValueError) as e:  # e.g. heads that do not divide dim
         raise CheckpointError(f"{path}: {e}") from None
+
+
+def _checked(name, value, kind):
+    """value as a field of type kind (int, float, bool or Optional of one) holds it; ValueError naming
+    the field otherwise. JSON's true is not a number here, and an int is a fine float."""
+    optional = kind in (Optional[int], Optional[float])
+    kind = {Optional[int]: int, Optional[float]: float}.get(kind, kind)
+    if value is None and optional:
+        return None
+    ok = isinstance(value, bool) if kind is bool else (
+        isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool))
+    if not ok or (kind is float and not math.isfinite(value)):
+        wanted = {int: "an integer", float: "a finite number", bool: "true or false"}[kind]
+        raise ValueError(f"{name} is {value!r}, not {wanted}")
+    return float(value) if kind is float else value
 
 
 # -----------------------------------------------------------------------------------------------
@@ -173,7 +193,7 @@ def read_meta(ckpt_dir):
     """(args, an iterator of (name, tensor) with the shards joined, tied, the params.json path)."""
     params_path = os.path.join(ckpt_dir, "params.json")
     params = _read_json(params_path)
-    args = _model_args(params_path, params)
+    args = model_args(params_path, params)
     paths = sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
     if not paths:
         raise CheckpointError(f"{ckpt_dir}: params.json but no consolidated.NN.pth weights")
@@ -330,7 +350,7 @@ def hf_args(config: dict, path: str) -> ModelArgs:
                       rope_low_freq_factor=rope.get("low_freq_factor", 1.0),
                       rope_high_freq_factor=rope.get("high_freq_factor", 4.0),
                       rope_original_max_seq_len=rope.get("original_max_position_embeddings", 8192))
-    args = _model_args(path, values)
+    args = model_args(path, values)
     assert args.hidden_dim == hidden
     return args
 

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 import checkpoint
 from cli import UsageError, UserError, non_empty, one_of, run
-from model import ModelArgs, load as load_model
+from model import load as load_model
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
@@ -219,7 +219,7 @@ def read_adapter_config(path) -> dict:
 def _check_base(path, cfg, inner, tokenizer_sha256, force):
     """The adapter only makes sense on the base (and tokenizer) it was trained on: compare the shapes
     that matter, the tokenizer's hash and, unless forced, the base weights' fingerprint."""
-    saved = ModelArgs.from_dict(cfg["base_params"])
+    saved = checkpoint.model_args(os.path.join(path, "adapter.json"), cfg["base_params"])
     fields = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim")
     differ = [f for f in fields if getattr(saved, f) != getattr(inner.args, f)]
     if differ:

@@ -15,7 +15,7 @@ Read top to bottom:
 import functools
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -66,31 +66,6 @@ class ModelArgs:
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelArgs":
-        """From a params.json-like dict, each value checked against its field's type (a config file
-        may say anything); unknown keys are tolerated."""
-        values = {}
-        for f in fields(cls):
-            if f.init and f.name in d:
-                values[f.name] = _checked(f.name, d[f.name], f.type)
-        return cls(**values)
-
-
-def _checked(name, value, kind):
-    """value as a field of type kind (int, float, bool or Optional of one) holds it; ValueError naming
-    the field otherwise. JSON's true is not a number here, and an int is a fine float."""
-    optional = kind in (Optional[int], Optional[float])
-    kind = {Optional[int]: int, Optional[float]: float}.get(kind, kind)
-    if value is None and optional:
-        return None
-    ok = isinstance(value, bool) if kind is bool else (
-        isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool))
-    if not ok or (kind is float and not math.isfinite(value)):
-        wanted = {int: "an integer", float: "a finite number", bool: "true or false"}[kind]
-        raise ValueError(f"{name} is {value!r}, not {wanted}")
-    return float(value) if kind is float else value
 
 
 # -----------------------------------------------------------------------------------------------
