@@ -22,7 +22,6 @@ import platform
 import random
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 import warnings

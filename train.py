@@ -147,7 +147,7 @@ class TrainConfig:
             raise UsageError("--data is required with --ckpt_dir (token shards from python -m data.prepare)")
         if not self.demo:  # before anything is written: a wrong --data is named as such
             if not os.path.isdir(self.data):
-                raise UsageError(f"--data {self.data}: no such directory (token shards from python -m data.prepare)")
+                raise UserError(f"--data {self.data}: no such directory (token shards from python -m data.prepare)")
             shards.load_meta(self.data)
         if self.lora_rank and not self.ckpt_dir:
             raise UsageError("--lora_rank needs --ckpt_dir: LoRA adapts a pretrained model")
@@ -200,7 +200,7 @@ def claim_out_dir(cfg):
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         atomic.settle(checkpoint_dir(cfg))
         if not cfg.resume and not cfg.overwrite and has_checkpoint(cfg):
-            raise UsageError(f"{checkpoint_dir(cfg)} holds a checkpoint: --resume to continue it, "
+            raise UserError(f"{checkpoint_dir(cfg)} holds a checkpoint: --resume to continue it, "
                              f"--overwrite to start afresh, or another --out_dir")
         yield
     finally:
@@ -578,7 +578,7 @@ def set_up(cfg):
     master = cfg.rank == 0
     resume_from = checkpoint_dir(cfg) if cfg.resume and has_checkpoint(cfg) else None
     if cfg.resume and not resume_from:
-        raise UsageError(f"--resume: no checkpoint in {checkpoint_dir(cfg)}")
+        raise UserError(f"--resume: no checkpoint in {checkpoint_dir(cfg)}")
     raw, tokenizer, data_meta = load_model_and_data(cfg, resume_from)
     if cfg.doc_mask is None:
         cfg.doc_mask = bool(data_meta.get("has_mask"))  # instruction / chat data

@@ -243,7 +243,6 @@ def test_peak_memory_while_loading(tmp_path, layout):
         model.save(m, path)
         size = os.path.getsize(path / "consolidated.00.pth")
     else:
-        from safetensors.torch import save_file
         from transformers import LlamaForCausalLM
         from ckpt_utils import hf_config
         hf = LlamaForCausalLM(hf_config(args, tied=False))
