@@ -691,3 +691,15 @@ def test_meta_json_is_checked_field_by_field(tmp_path, dataset, key, value):
     (copy / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(shards.ShardError, match=f"meta.json: {key} is {re.escape(repr(value))}"):
         shards.load_meta(str(copy))
+
+
+def test_a_killed_run_leaves_nothing_the_next_one_keeps(tmp_path):
+    src = tmp_path / "c.jsonl"
+    src.write_text('{"text": "one note"}\n{"text": "another note"}\n{"text": "a third"}\n')
+    out = tmp_path / "out"
+    (tmp_path / "out.tmp").mkdir()  # what a kill -9 mid-run leaves: the half-written directory
+    (tmp_path / "out.tmp" / "train_000000.bin").write_bytes(b"half")
+    rc, lines = run_prepare("--input", src, "--out", out, "--tokenizer", LLAMA3, "--workers", "1")
+    assert rc == 0, lines
+    assert sorted(os.listdir(tmp_path)) == ["c.jsonl", "out"]
+    shards.validate(str(out))

@@ -165,3 +165,31 @@ def test_a_real_3mb_disk_fills_during_the_second_save(text_data, small_disk):
     assert state["step"] == 1
     out = train(*flags, "--max_steps", "1", "--resume")  # resumable: it loads and has nothing left to do
     assert "resuming from" in out.stderr and "at step 1" in out.stderr
+
+
+def test_a_damaged_or_hostile_train_state_is_one_line(text_data, tmp_path):
+    flags = [*FAST, "--data", text_data, "--out_dir", tmp_path / "o"]
+    train(*flags)
+    state = tmp_path / "o" / "model" / "train_state.pt"
+    good = state.read_bytes()
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    for damage, message in [(lambda: state.write_bytes(good[: len(good) // 2]), "cannot read"),
+                            (lambda: state.write_bytes(b""), "cannot read"),
+                            (lambda: torch.save({"step": Payload()}, state), "could run code")]:
+        damage()
+        line = _one_line(train(*flags, "--resume", check=False), message)
+        assert line.startswith(f"train.py: {state}: ") and "weights_only" not in line
+    assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("what", ["missing", "a file", "not shards"])
+def test_a_wrong_data_flag_is_named_as_such(tmp_path, what):
+    data = {"missing": tmp_path / "nope", "a file": os.path.join(ROOT, "README.md"), "not shards": tmp_path}[what]
+    out = train(*TINY, "--data", data, "--out_dir", tmp_path / "o", check=False)
+    line = _one_line(out, str(data))
+    assert ("made by data.prepare" if what == "not shards" else "no such directory") in line
+    assert "tokenizer" not in line and not (tmp_path / "o").exists()
