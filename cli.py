@@ -108,6 +108,9 @@ def run(command, prog, argv=None, checks=None):
         fire_argv = [subcommand] if subcommand else []
         fire_argv += [f"--{name}={value!r}" for name, value in values.items()]  # fire reads literals back
         fire.Fire(command, command=fire_argv, name=prog)
+    except BrokenPipeError:  # stdout closed early (`--help | head`): nothing is wrong, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail
+        sys.exit(141)
     except UsageError as e:
         _stop(prog, e, 2, debug)
     except (ValueError, OSError) as e:  # UserError, CheckpointError, ShardError, a missing file, a full disk
