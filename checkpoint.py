@@ -327,6 +327,9 @@ def hf_args(config: dict, path: str) -> ModelArgs:
         raise CheckpointError(f"{path}: model_type {config.get('model_type')!r} is not llama")
     if config.get("attention_bias") or config.get("mlp_bias"):
         raise CheckpointError(f"{path}: attention_bias / mlp_bias are not part of Llama")
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
+        if type(config.get(key)) is not int:  # the sizes everything below computes with
+            raise CheckpointError(f"{path}: {key} is {config.get(key)!r}, not an integer")
     dim, n_heads = config["hidden_size"], config["num_attention_heads"]
     if config.get("head_dim") not in (None, dim // n_heads):
         raise CheckpointError(f"{path}: head_dim {config['head_dim']} != hidden_size / heads")

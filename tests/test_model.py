@@ -320,3 +320,16 @@ def test_torch_files_that_are_not_plain_tensors_are_one_line(tmp_path):
             text = str(e.value)
             assert text.startswith(str(tmp_path / name)) and message in text and "\n" not in text
             assert "weights_only=False" not in text  # never the advice to run the payload
+
+
+@pytest.mark.parametrize("key, value", [("hidden_size", "abc"), ("num_hidden_layers", None), ("vocab_size", 1.5)])
+def test_config_json_sizes_are_checked(tmp_path, key, value):
+    path = write_hf(hf_model("llama3.1"), tmp_path / "hf")
+    config = json.loads((path / "config.json").read_text())
+    config[key] = value
+    if value is None:
+        del config[key]
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(model.CheckpointError) as e:
+        model.load(path)
+    assert str(path / "config.json") in str(e.value) and f"{key} is" in str(e.value) and "\n" not in str(e.value)
