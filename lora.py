@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 import checkpoint
 from cli import UsageError, UserError, non_empty, one_of, run
+from model import NF4Linear, fingerprint_sample
 from model import load as load_model
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -52,15 +53,14 @@ class LoRALinear(nn.Module):
     one in bf16 with fp32 master adapters and fp32 gradients (the cast's backward upcasts them).
     """
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
-                 use_rslora: bool = False):
+    def __init__(self, base, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__()
         self.base = base  # state-dict names: ...wq.base.weight, ...wq.lora_A, ...wq.lora_B
         base.requires_grad_(False)
         self.rank = rank
         # rsLoRA (Kalajdzievski 2023): alpha/sqrt(r) keeps the update's size steady as r grows.
         self.scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
-        dev = base.weight.device
+        dev = base.packed.device if isinstance(base, NF4Linear) else base.weight.device
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=dev, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own default init
@@ -80,6 +80,9 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self):
+        if isinstance(self.base, NF4Linear):
+            raise ValueError("an adapter on an NF4 base merges into the full-precision base: load the "
+                             "checkpoint without quantize (python lora.py merge does)")
         if not self.merged:
             w = self.base.weight
             # Add in fp32 and round once to the base dtype (bf16 rounds; fp32 is exact to 1 ulp).
@@ -124,7 +127,7 @@ def apply_lora(model, rank: int, alpha: float, dropout: float = 0.0, targets=TAR
         p.requires_grad_(False)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if child_name in targets and isinstance(child, nn.Linear):
+            if child_name in targets and isinstance(child, (nn.Linear, NF4Linear)):
                 wrapped = LoRALinear(child, rank, alpha, dropout, use_rslora)
                 wrapped.train(child.training)  # a new module is in training mode: no dropout in eval
                 setattr(module, child_name, wrapped)
@@ -179,11 +182,15 @@ def base_fingerprint(model) -> str:
     dtype the base was loaded in does not change it. An adapter records the base it was trained on,
     and load_adapter refuses another base of the same shape (a different fine-tune, say)."""
     inner = _unwrap(model)
+    quantized = {name: m for name, m in inner.named_modules() if isinstance(m, NF4Linear)}
+    weights = {name: t for name, t in inner.state_dict().items()
+               if not name.endswith(("lora_A", "lora_B")) and name.rpartition(".")[0] not in quantized}
+    # An NF4 layer kept the sample of the full-precision weight it was quantized from: an adapter
+    # trained on it belongs to that base, loaded quantized or not.
+    weights.update({f"{name}.weight": m.weight_sample for name, m in quantized.items()})
     digest = hashlib.sha256()
-    for name, t in sorted(inner.state_dict().items()):
-        if name.endswith(("lora_A", "lora_B")):
-            continue
-        sample = t.detach().flatten()[:: max(1, t.numel() // 1024)][:1024]
+    for name, t in sorted(weights.items()):
+        sample = fingerprint_sample(t)
         digest.update(name.replace(".base.", ".").encode())
         digest.update(sample.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
     return digest.hexdigest()[:16]
