@@ -8,7 +8,9 @@ percent of the weights) get gradients and optimizer state. Afterwards B A can be
 Read top to bottom:
   LoRALinear          one wrapped nn.Linear: forward, merge, unmerge
   apply_lora          wrap the targeted layers of a Transformer, freeze everything else
-  merge_lora          fold every adapter in and put plain nn.Linear back (for model.save)
+  merge_lora          fold every adapter in and put plain nn.Linear back (for model.save); an adapter
+                      trained on an NF4 base merges into the full-precision base (nf4_gap measures how far
+                      that base is from the NF4 one it learned on)
   save/load_adapter   adapter.safetensors + adapter.json, checked against the base model
   export_peft         the same adapter in peft's names, for transformers' LlamaForCausalLM
   save_hf             a merged HF checkpoint (config.json + model.safetensors)
@@ -168,8 +170,10 @@ def write_adapter(model, out_dir, tokenizer_sha256=None):
     """out_dir/adapter.safetensors (the A and B tensors) + out_dir/adapter.json (how to apply them,
     and which base model and tokenizer they belong to), into a directory being filled (see
     save_adapter, or atomic.write_dir to put more files beside them)."""
+    quantized = any(isinstance(m.base, NF4Linear) for _, m in lora_modules(model))
     meta = dict(_config(model), base_params=checkpoint.meta_params(_unwrap(model).args),
-                base_fingerprint=base_fingerprint(model), tokenizer_sha256=tokenizer_sha256)
+                base_fingerprint=base_fingerprint(model), tokenizer_sha256=tokenizer_sha256,
+                base_quantize="nf4" if quantized else None)
     tensors = {k: v.contiguous() for k, v in lora_state_dict(model).items()}
     # A copy of the config inside the weights file lets load_adapter notice a pair from two saves.
     header = {"adapter_json": json.dumps(meta, sort_keys=True)}
@@ -312,6 +316,20 @@ def export_peft(model, out_dir, base_model_name_or_path=None):
     checkpoint.replace_checkpoint(out_dir, lambda fresh: write_peft(model, fresh, base_model_name_or_path))
 
 
+@torch.no_grad()
+def nf4_gap(model) -> tuple:
+    """(quantization, adapter): over the adapted weights of a full-precision model, the rms of
+    W - NF4(W), what a QLoRA adapter was trained against instead of W, and the rms of the adapter's
+    change B A, each relative to the rms of W. One weight is quantized at a time."""
+    norm = quantization = change = 0.0
+    for _, m in lora_modules(model):
+        w = m.base.weight.float()
+        norm += w.square().sum().item()
+        quantization += (w - NF4Linear(w).dequantize()).square().sum().item()
+        change += m.delta_weight().square().sum().item()
+    return math.sqrt(quantization / norm), math.sqrt(change / norm)
+
+
 def merged_state_dict(model) -> dict:
     """The model's weights in Meta names with every adapter folded in, without changing the model."""
     inner = _unwrap(model)
@@ -371,6 +389,12 @@ class Command:
         self._check_out()
         m = load_model(self.ckpt_dir, dtype=checkpoint.stored_dtype(self.ckpt_dir) if fmt != "peft" else None)
         load_adapter(m, self.adapter, force=self.force)
+        if fmt != "peft" and read_adapter_config(self.adapter).get("base_quantize") == "nf4":
+            # Deployed on the full-precision base, the adapter meets W where it was trained on NF4(W).
+            quantization, change = nf4_gap(m)
+            print(f"lora.py: the adapter was trained on an NF4 base and is merged into the full-precision "
+                  f"one: the base weights differ from what it learned on by {100 * quantization:.2f}% "
+                  f"(rms, relative), while the adapter changes them by {100 * change:.2f}%", file=sys.stderr)
         tokenizer = os.path.join(self.ckpt_dir, "tokenizer.model")
 
         def fill(fresh):

@@ -228,3 +228,68 @@ def test_merge_refuses_an_nf4_base(ckpts):
     q = lora.apply_lora(model.load(ckpts["llama2"], quantize="nf4"), rank=2, alpha=4)
     with pytest.raises(ValueError, match="full-precision"):
         lora.merge_lora(q)
+
+
+# -- the trainer, generate.py and lora.py merge with --quantize nf4 --------------------------------
+
+from test_train import TINY, base_ckpt, losses, text_data, train  # noqa: E402,F401  (fixtures too)
+
+
+def test_train_qlora_lowers_the_loss_and_resumes_exactly(base_ckpt, text_data, tmp_path):  # noqa: F811
+    common = [*TINY, "--ckpt_dir", base_ckpt, "--data", text_data, "--lora_rank", "4", "--quantize", "nf4",
+              "--max_steps", "60", "--eval_every", "60", "--save_every", "1000", "--batch_size", "2",
+              "--lr", "1e-2"]
+    out = train(*common, "--out_dir", tmp_path / "straight")
+    assert "LoRA" in out.stderr
+    straight = losses(tmp_path / "straight")
+    assert sum(straight[-10:]) < sum(straight[:10])
+    adapter = json.loads((tmp_path / "straight" / "adapter" / "adapter.json").read_text())
+    assert adapter["base_quantize"] == "nf4"
+    assert adapter["base_fingerprint"] == lora.base_fingerprint(model.load(base_ckpt))
+    # generate.py samples with the adapter beside the NF4 base, as it was trained
+    gen = subprocess.run([sys.executable, "generate.py", "--ckpt_dir", str(base_ckpt), "--adapter",
+                          str(tmp_path / "straight" / "adapter"), "--quantize", "nf4", "--prompt", "patient",
+                          "--temperature", "0", "--max_new_tokens", "4"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert gen.returncode == 0 and gen.stdout.strip(), gen.stderr
+
+    proc = subprocess.Popen([sys.executable, "train.py", *map(str, common), "--out_dir", str(tmp_path / "cut")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    logfile = tmp_path / "cut" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not logfile.exists() or len(logfile.read_text().splitlines()) < 5):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 130, err
+    train(*common, "--out_dir", tmp_path / "cut", "--resume")
+    assert losses(tmp_path / "cut") == straight
+
+
+def test_quantize_needs_lora(base_ckpt, text_data, tmp_path):  # noqa: F811
+    out = train("--ckpt_dir", base_ckpt, "--data", text_data, "--out_dir", tmp_path, "--quantize", "nf4",
+                "--mlflow", "false", check=False)
+    assert out.returncode == 2 and "--quantize needs --lora_rank" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_merge_and_generate_from_a_qlora_adapter(ckpts, tmp_path):
+    q = lora.apply_lora(model.load(ckpts["llama2"], quantize="nf4"), rank=4, alpha=8)
+    with torch.no_grad():
+        for _, m in lora.lora_modules(q):
+            m.lora_B.normal_(0, 0.05)
+    lora.save_adapter(q, tmp_path / "adapter")
+    out = subprocess.run([sys.executable, "lora.py", "merge", "--ckpt_dir", str(ckpts["llama2"]), "--adapter",
+                          str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    full = lora.apply_lora(model.load(ckpts["llama2"]), rank=4, alpha=8)
+    lora.load_adapter(full, tmp_path / "adapter")  # the same base fingerprint: no --force needed
+    quantization, change = lora.nf4_gap(full)
+    assert f"differ from what it learned on by {100 * quantization:.2f}%" in out.stderr
+    assert f"the adapter changes them by {100 * change:.2f}%" in out.stderr
+    assert 0.01 < quantization < 0.2 and change > 0
+    merged, tokens = model.load(tmp_path / "merged"), tokens_for("llama2")
+    with torch.no_grad():
+        assert rel_err(merged(tokens), full(tokens)) < 1e-5  # merged into the full-precision base
