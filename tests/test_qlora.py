@@ -161,6 +161,23 @@ def test_load_quantized(ckpts, variant):
         model.load(ckpts[variant], quantize="int3")
 
 
+def test_loading_holds_one_full_precision_weight_at_a_time(ckpts, monkeypatch):
+    """The HF layout reads each tensor into memory: when a projection is quantized, every earlier
+    one's full-precision tensor is already gone, so loading peaks near the NF4 model plus one tensor."""
+    import weakref
+
+    seen, quantize = [], model.nf4_quantize
+
+    def watched(weight):
+        assert not [r for r in seen if r() is not None], "an earlier full-precision weight is still held"
+        seen.append(weakref.ref(weight))
+        return quantize(weight)
+
+    monkeypatch.setattr(model, "nf4_quantize", watched)
+    model.load(ckpts["hf"], quantize="nf4")
+    assert len(seen) == 7 * 2
+
+
 # -- a LoRA step against peft + bitsandbytes -------------------------------------------------------
 
 
