@@ -385,7 +385,9 @@ class Transformer(nn.Module):
 # maxima are quantized too ("double quantization"): their mean is subtracted, then blocks of 256 of
 # them are scaled by their own absolute maximum and mapped to an 8-bit code. About 4.13 bits a weight.
 # The bytes are those of bitsandbytes' quantize_4bit(w, quant_type="nf4", blocksize=64,
-# compress_statistics=True), rounding included, so either side dequantizes the other's.
+# compress_statistics=True), rounding included, and either side dequantizes the other's to the same
+# values. (The 8-bit codes of the block maxima are those of its exact PyTorch backend; its native CPU
+# kernel searches the code approximately and lands a few in a thousand a level or so away.)
 
 NF4_BLOCK, ABSMAX_BLOCK = 64, 256
 
