@@ -105,7 +105,7 @@ def test_nf4_linear_forward_and_backward_keep_no_weight():
     torch.manual_seed(0)
     w = torch.randn(96, 200) * 0.05
     layer = model.NF4Linear(w)
-    x = torch.randn(3, 5, 200, dtype=torch.float64).float().requires_grad_()
+    x = torch.randn(3, 5, 200).requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = layer(x)
