@@ -478,6 +478,15 @@ class NF4Linear(nn.Module):
             self.register_buffer(name, t)
         self.register_buffer("weight_sample", fingerprint_sample(weight), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        """model.to(dtype) must not round the fp32 block scales (and the fingerprint sample): they
+        follow the module's device, never its dtype."""
+        exact = {name: getattr(self, name) for name in ("absmax_scale", "absmax_offset", "weight_sample")}
+        super()._apply(fn, recurse)
+        for name, t in exact.items():
+            setattr(self, name, t.to(getattr(self, name).device))
+        return self
+
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         absmax = nf4_absmax(self.absmax, self.absmax_scale, self.absmax_offset)
         return nf4_dequantize(self.packed, absmax, (self.out_features, self.in_features), dtype)

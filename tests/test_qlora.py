@@ -119,6 +119,8 @@ def test_nf4_linear_forward_and_backward_keep_no_weight():
     ref = x.detach().double() @ dense.double().T
     assert rel_err(y, ref) < 1e-6 and rel_err(x.grad, dy.double() @ dense.double()) < 1e-6
     assert layer.dequantize(torch.bfloat16).dtype == torch.bfloat16
+    layer.to(torch.bfloat16)  # as model.to(dtype) does: the fp32 scales must survive it
+    assert layer.absmax_scale.dtype == torch.float32 and torch.equal(layer.dequantize(), dense)
 
 
 # -- loading ---------------------------------------------------------------------------------------
