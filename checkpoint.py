@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from atomic import write_dir
-from model import CheckpointError, ModelArgs, Transformer
+from model import PROJECTIONS, CheckpointError, ModelArgs, NF4Linear, Transformer
 
 # -----------------------------------------------------------------------------------------------
 # Replacing a checkpoint directory
@@ -99,12 +99,17 @@ def resolve_dtype(dtype, device) -> torch.dtype:
     return _DTYPES[str(dtype)]
 
 
-def load(ckpt_dir, device="cpu", dtype=None, max_seq_len: Optional[int] = None) -> Transformer:
+def load(ckpt_dir, device="cpu", dtype=None, max_seq_len: Optional[int] = None,
+         quantize: Optional[str] = None) -> Transformer:
     """model.load: a Meta- or HF-layout checkpoint directory into a Transformer, one tensor at a time.
 
     The model is built on the meta device (no memory) and each weight is assigned as it is read,
-    so at no point do two full copies of the weights exist.
+    so at no point do two full copies of the weights exist. With quantize="nf4" each projection is
+    quantized as soon as it is read (from its stored dtype, as bitsandbytes would) and only its NF4
+    form kept: the full-precision model never sits in memory, only one tensor of it at a time.
     """
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize {quantize!r}: expected None or 'nf4'")
     ckpt_dir = os.path.expanduser(str(ckpt_dir))
     if not os.path.isdir(ckpt_dir):
         raise CheckpointError(f"{ckpt_dir}: no such checkpoint directory")
@@ -129,11 +134,17 @@ def load(ckpt_dir, device="cpu", dtype=None, max_seq_len: Optional[int] = None) 
         if t.shape != expected[name].shape:
             raise CheckpointError(f"{config_path} disagrees with the weights: {name} is {tuple(t.shape)} "
                                   f"in the checkpoint but {tuple(expected[name].shape)} by the config")
-        state[name] = t.to(device=device, dtype=dtype)
+        if quantize and name.split(".")[-2] in PROJECTIONS:
+            state[name] = NF4Linear(t.to(device))  # the NF4 layer that replaces this weight's nn.Linear
+        else:
+            state[name] = t.to(device=device, dtype=dtype)
     missing = sorted(set(expected) - set(state))
     if missing:
         raise CheckpointError(f"{ckpt_dir}: weights missing from the checkpoint: {', '.join(missing[:4])}"
                               + (" ..." if len(missing) > 4 else ""))
+    for name in [n for n, t in state.items() if isinstance(t, NF4Linear)]:
+        parent, _, child = name[: -len(".weight")].rpartition(".")
+        setattr(model.get_submodule(parent), child, state.pop(name))
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
         model.tie_weights()

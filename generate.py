@@ -200,21 +200,24 @@ def _checked_inputs(ckpt_dir, prompt, prompts_file, chat, system):
 # Each flag's range, checked by cli before any work (the types come from main's annotations).
 CHECKS = {"ckpt_dir": non_empty, "prompts_file": non_empty, "adapter": non_empty, "tokenizer": non_empty,
           "temperature": interval("[0, inf)"), "top_p": interval("(0, 1]"), "max_new_tokens": positive,
-          "max_seq_len": positive, "device": torch_device, "dtype": one_of("bf16", "fp16", "fp32")}
+          "max_seq_len": positive, "device": torch_device, "dtype": one_of("bf16", "fp16", "fp32"),
+          "quantize": one_of("nf4")}
 
 
 def load_for_sampling(ckpt_dir, tokenizer=None, adapter=None, device="cpu", dtype=None, max_seq_len=None,
-                      force=False):
+                      force=False, quantize=None):
     """(model, tokenizer) ready to sample: the tokenizer checked against the model's embedding, and
-    an adapter, if given, checked against the base and merged in (for speed)."""
+    an adapter, if given, checked against the base and merged in (for speed; on an NF4 base it
+    stays beside it, since 4-bit weights cannot absorb it)."""
     tok = llama_tokenizer.load(tokenizer or ckpt_dir)
-    model = llama.load(ckpt_dir, device=device, dtype=dtype, max_seq_len=max_seq_len)
+    model = llama.load(ckpt_dir, device=device, dtype=dtype, quantize=quantize, max_seq_len=max_seq_len)
     llama_tokenizer.check_fits(tok, model.args.vocab_size, ckpt_dir)
     if adapter is not None:
         import lora  # only adapters need it
 
         lora.load_adapter(model, adapter, tokenizer_sha256=tok.sha256, force=force)
-        lora.merge_lora(model)
+        if quantize is None:
+            lora.merge_lora(model)
     return model, tok
 
 
@@ -230,7 +233,8 @@ def encode_prompts(tok, texts, chat, system):
 def main(ckpt_dir: str = None, prompt: str = None, prompts_file: str = None, adapter: str = None,
          chat: bool = False, system: str = None, temperature: float = 0.6, top_p: float = 0.9,
          max_new_tokens: int = 256, max_seq_len: int = None, seed: int = None, tokenizer: str = None,
-         device: str = None, dtype: str = None, compile: bool = False, force: bool = False):
+         device: str = None, dtype: str = None, quantize: str = None, compile: bool = False,
+         force: bool = False):
     """Sample completions.
 
     Args:
@@ -249,6 +253,7 @@ def main(ckpt_dir: str = None, prompt: str = None, prompts_file: str = None, ada
         tokenizer: a tokenizer.model to use instead of the one in ckpt_dir.
         device: cuda or cpu (default: cuda when available).
         dtype: bf16, fp16 or fp32 (default bf16 on CUDA, fp32 on CPU).
+        quantize: nf4 holds the projections in 4-bit NF4 (QLoRA's format; a quarter of the memory).
         compile: torch.compile the decode step (and capture it as a CUDA graph on GPU): slower to
             start, faster per token.
         force: apply --adapter even to a base other than the one it was trained on.
@@ -256,7 +261,7 @@ def main(ckpt_dir: str = None, prompt: str = None, prompts_file: str = None, ada
     ckpt_dir, texts = _checked_inputs(ckpt_dir, prompt, prompts_file, chat, system)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
-    model, tok = load_for_sampling(ckpt_dir, tokenizer, adapter, device, dtype, max_seq_len, force)
+    model, tok = load_for_sampling(ckpt_dir, tokenizer, adapter, device, dtype, max_seq_len, force, quantize)
     print(f"loaded {ckpt_dir} in {time.perf_counter() - t0:.1f}s ({device}, "
           f"{model.tok_embeddings.weight.dtype})", file=sys.stderr)
     prompts = encode_prompts(tok, texts, chat, system)

@@ -8,7 +8,9 @@ percent of the weights) get gradients and optimizer state. Afterwards B A can be
 Read top to bottom:
   LoRALinear          one wrapped nn.Linear: forward, merge, unmerge
   apply_lora          wrap the targeted layers of a Transformer, freeze everything else
-  merge_lora          fold every adapter in and put plain nn.Linear back (for model.save)
+  merge_lora          fold every adapter in and put plain nn.Linear back (for model.save); an adapter
+                      trained on an NF4 base merges into the full-precision base (nf4_gap measures how far
+                      that base is from the NF4 one it learned on)
   save/load_adapter   adapter.safetensors + adapter.json, checked against the base model
   export_peft         the same adapter in peft's names, for transformers' LlamaForCausalLM
   save_hf             a merged HF checkpoint (config.json + model.safetensors)
@@ -32,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 import checkpoint
 from cli import UsageError, UserError, non_empty, one_of, run
+from model import NF4Linear, fingerprint_sample
 from model import load as load_model
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -52,15 +55,14 @@ class LoRALinear(nn.Module):
     one in bf16 with fp32 master adapters and fp32 gradients (the cast's backward upcasts them).
     """
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
-                 use_rslora: bool = False):
+    def __init__(self, base, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__()
         self.base = base  # state-dict names: ...wq.base.weight, ...wq.lora_A, ...wq.lora_B
         base.requires_grad_(False)
         self.rank = rank
         # rsLoRA (Kalajdzievski 2023): alpha/sqrt(r) keeps the update's size steady as r grows.
         self.scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
-        dev = base.weight.device
+        dev = base.packed.device if isinstance(base, NF4Linear) else base.weight.device
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=dev, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own default init
@@ -80,6 +82,9 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self):
+        if isinstance(self.base, NF4Linear):
+            raise ValueError("an adapter on an NF4 base merges into the full-precision base: load the "
+                             "checkpoint without quantize (python lora.py merge does)")
         if not self.merged:
             w = self.base.weight
             # Add in fp32 and round once to the base dtype (bf16 rounds; fp32 is exact to 1 ulp).
@@ -124,7 +129,7 @@ def apply_lora(model, rank: int, alpha: float, dropout: float = 0.0, targets=TAR
         p.requires_grad_(False)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if child_name in targets and isinstance(child, nn.Linear):
+            if child_name in targets and isinstance(child, (nn.Linear, NF4Linear)):
                 wrapped = LoRALinear(child, rank, alpha, dropout, use_rslora)
                 wrapped.train(child.training)  # a new module is in training mode: no dropout in eval
                 setattr(module, child_name, wrapped)
@@ -165,8 +170,10 @@ def write_adapter(model, out_dir, tokenizer_sha256=None):
     """out_dir/adapter.safetensors (the A and B tensors) + out_dir/adapter.json (how to apply them,
     and which base model and tokenizer they belong to), into a directory being filled (see
     save_adapter, or atomic.write_dir to put more files beside them)."""
+    quantized = any(isinstance(m.base, NF4Linear) for _, m in lora_modules(model))
     meta = dict(_config(model), base_params=checkpoint.meta_params(_unwrap(model).args),
-                base_fingerprint=base_fingerprint(model), tokenizer_sha256=tokenizer_sha256)
+                base_fingerprint=base_fingerprint(model), tokenizer_sha256=tokenizer_sha256,
+                base_quantize="nf4" if quantized else None)
     tensors = {k: v.contiguous() for k, v in lora_state_dict(model).items()}
     # A copy of the config inside the weights file lets load_adapter notice a pair from two saves.
     header = {"adapter_json": json.dumps(meta, sort_keys=True)}
@@ -179,11 +186,15 @@ def base_fingerprint(model) -> str:
     dtype the base was loaded in does not change it. An adapter records the base it was trained on,
     and load_adapter refuses another base of the same shape (a different fine-tune, say)."""
     inner = _unwrap(model)
+    quantized = {name: m for name, m in inner.named_modules() if isinstance(m, NF4Linear)}
+    weights = {name: t for name, t in inner.state_dict().items()
+               if not name.endswith(("lora_A", "lora_B")) and name.rpartition(".")[0] not in quantized}
+    # An NF4 layer kept the sample of the full-precision weight it was quantized from: an adapter
+    # trained on it belongs to that base, loaded quantized or not.
+    weights.update({f"{name}.weight": m.weight_sample for name, m in quantized.items()})
     digest = hashlib.sha256()
-    for name, t in sorted(inner.state_dict().items()):
-        if name.endswith(("lora_A", "lora_B")):
-            continue
-        sample = t.detach().flatten()[:: max(1, t.numel() // 1024)][:1024]
+    for name, t in sorted(weights.items()):
+        sample = fingerprint_sample(t)
         digest.update(name.replace(".base.", ".").encode())
         digest.update(sample.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -305,6 +316,20 @@ def export_peft(model, out_dir, base_model_name_or_path=None):
     checkpoint.replace_checkpoint(out_dir, lambda fresh: write_peft(model, fresh, base_model_name_or_path))
 
 
+@torch.no_grad()
+def nf4_gap(model) -> tuple:
+    """(quantization, adapter): over the adapted weights of a full-precision model, the rms of
+    W - NF4(W), what a QLoRA adapter was trained against instead of W, and the rms of the adapter's
+    change B A, each relative to the rms of W. One weight is quantized at a time."""
+    norm = quantization = change = 0.0
+    for _, m in lora_modules(model):
+        w = m.base.weight.float()
+        norm += w.square().sum().item()
+        quantization += (w - NF4Linear(w).dequantize()).square().sum().item()
+        change += m.delta_weight().square().sum().item()
+    return math.sqrt(quantization / norm), math.sqrt(change / norm)
+
+
 def merged_state_dict(model) -> dict:
     """The model's weights in Meta names with every adapter folded in, without changing the model."""
     inner = _unwrap(model)
@@ -364,6 +389,12 @@ class Command:
         self._check_out()
         m = load_model(self.ckpt_dir, dtype=checkpoint.stored_dtype(self.ckpt_dir) if fmt != "peft" else None)
         load_adapter(m, self.adapter, force=self.force)
+        if fmt != "peft" and read_adapter_config(self.adapter).get("base_quantize") == "nf4":
+            # Deployed on the full-precision base, the adapter meets W where it was trained on NF4(W).
+            quantization, change = nf4_gap(m)
+            print(f"lora.py: the adapter was trained on an NF4 base and is merged into the full-precision "
+                  f"one: the base weights differ from what it learned on by {100 * quantization:.2f}% "
+                  f"(rms, relative), while the adapter changes them by {100 * change:.2f}%", file=sys.stderr)
         tokenizer = os.path.join(self.ckpt_dir, "tokenizer.model")
 
         def fill(fresh):

@@ -7,9 +7,11 @@ Read top to bottom:
   FeedForward      SwiGLU
   Transformer      the stack: forward() trains and scores (logits, or the mean cross-entropy),
                    decode() runs prompt chunks and single tokens against the KV cache
+  NF4              QLoRA's 4-bit frozen projections, bitsandbytes' format: nf4_quantize, NF4Linear
   load / save      the entry points to checkpoint.py, which reads and writes the file layouts
-  Fused kernels    Triton twins of rms_norm, apply_rope, swiglu and linear_cross_entropy, switched in
-                   at the file's last lines (on CUDA, or when LLAMA_KERNELS=triton)
+  Fused kernels    Triton twins of rms_norm, apply_rope, swiglu, linear_cross_entropy and
+                   nf4_dequantize, switched in at the file's last lines (on CUDA, or when
+                   LLAMA_KERNELS=triton)
 """
 
 import functools
@@ -375,6 +377,144 @@ class Transformer(nn.Module):
 
 
 # -----------------------------------------------------------------------------------------------
+# NF4: the frozen projections of a QLoRA run in 4 bits (Dettmers et al. 2023), in bitsandbytes' format
+#
+# A weight is cut, flat, into blocks of 64; each block is divided by its absolute maximum and every
+# value replaced by the nearest of the 16 NormalFloat levels (quantiles of a normal distribution, which
+# is how trained weights are spread), two 4-bit indices per byte, the first in the high half. The block
+# maxima are quantized too ("double quantization"): their mean is subtracted, then blocks of 256 of
+# them are scaled by their own absolute maximum and mapped to an 8-bit code. About 4.13 bits a weight.
+# The bytes are those of bitsandbytes' quantize_4bit(w, quant_type="nf4", blocksize=64,
+# compress_statistics=True), rounding included, and either side dequantizes the other's to the same
+# values. (The 8-bit codes of the block maxima are those of its exact PyTorch backend; its native CPU
+# kernel searches the code approximately and lands a few in a thousand a level or so away.)
+
+NF4_BLOCK, ABSMAX_BLOCK = 64, 256
+
+# The 16 NF4 levels, as bitsandbytes lists them (its get_4bit_type("nf4")).
+NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+              0.7229568362236023, 1.0)
+
+
+def dynamic_levels() -> torch.Tensor:
+    """The 256 levels of bitsandbytes' signed 8-bit dynamic code (Dettmers 2015), used for the block
+    maxima: in each decade 10^-6 .. 10^0, 2^i magnitudes spread evenly over its upper nine tenths
+    (midpoints of a linspace), both signs; plus 0 and 1."""
+    levels = [0.0, 1.0]
+    for i in range(7):
+        edges = torch.linspace(0.1, 1, 2 ** i + 1)
+        magnitudes = (edges[:-1] + edges[1:]) / 2.0 * 10.0 ** (i - 6)
+        levels += magnitudes.tolist() + (-magnitudes).tolist()
+    return torch.tensor(sorted(levels))
+
+
+@functools.lru_cache(maxsize=None)
+def _levels(name: str, device: torch.device) -> torch.Tensor:
+    """A code's levels (sorted) on a device, made once."""
+    return (torch.tensor(NF4_LEVELS) if name == "nf4" else dynamic_levels()).to(device)
+
+
+def _quantize_blocks(flat: torch.Tensor, block: int, code: str):
+    """(indices uint8, absmax fp32 per block): each block of fp32 `flat` scaled by its absolute maximum
+    and rounded to the nearest level, a tie going down. Rounded as bitsandbytes' PyTorch backend does:
+    full blocks multiply by the reciprocal of their maximum, a short last block divides by it (and
+    keeps it, like the divisor, clear of zero)."""
+    n = flat.numel()
+    blocks = F.pad(flat, (0, -n % block)).view(-1, block)  # zeros never raise a block's maximum
+    absmax = blocks.abs().amax(dim=1)
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).flatten()[:n]
+    if n % block:
+        absmax[-1] = absmax[-1].clamp(min=1e-38)
+        scaled[n - n % block:] = flat[n - n % block:] / absmax[-1]
+    levels = _levels(code, flat.device)
+    return torch.bucketize(scaled.clamp(-1, 1), (levels[:-1] + levels[1:]) / 2).to(torch.uint8), absmax
+
+
+def nf4_quantize(weight: torch.Tensor) -> dict:
+    """A weight (any float dtype, any shape) in NF4: {"packed": uint8 (n+1)//2, "absmax": uint8 per
+    block of 64, "absmax_scale": fp32 per 256 blocks, "absmax_offset": fp32 scalar}, bitsandbytes'
+    packed weight, quant_state.absmax, quant_state.state2.absmax and quant_state.offset."""
+    indices, absmax = _quantize_blocks(weight.detach().reshape(-1).float(), NF4_BLOCK, "nf4")
+    if indices.numel() % 2:  # an odd count is padded with the index of 0.0, as bitsandbytes does
+        indices = torch.cat((indices, indices.new_full((1,), NF4_LEVELS.index(0.0))))
+    packed = (indices[0::2] << 4) | indices[1::2]
+    offset = absmax.mean()
+    absmax_indices, absmax_scale = _quantize_blocks(absmax - offset, ABSMAX_BLOCK, "dynamic")
+    return {"packed": packed, "absmax": absmax_indices, "absmax_scale": absmax_scale, "absmax_offset": offset}
+
+
+def nf4_absmax(absmax, absmax_scale, absmax_offset) -> torch.Tensor:
+    """The fp32 block maxima back from their 8-bit code: level * scale of its 256-block + offset."""
+    scale = absmax_scale.repeat_interleave(ABSMAX_BLOCK)[: absmax.numel()]
+    return _levels("dynamic", absmax.device)[absmax.long()] * scale + absmax_offset
+
+
+def nf4_dequantize(packed, absmax, shape, dtype) -> torch.Tensor:
+    """The weight of `shape` in `dtype` from its packed indices and fp32 block maxima (nf4_absmax):
+    level * block maximum, in fp32, rounded once to dtype."""
+    n = math.prod(shape)
+    indices = torch.stack((packed >> 4, packed & 15), dim=1).flatten()[:n]
+    scale = absmax.repeat_interleave(NF4_BLOCK)[:n]
+    return (_levels("nf4", packed.device)[indices.long()] * scale).to(dtype).view(shape)
+
+
+def fingerprint_sample(t: torch.Tensor) -> torch.Tensor:
+    """Up to 1024 evenly strided values of a weight: what lora.base_fingerprint hashes, kept by
+    NF4Linear from its full-precision weight so an adapter knows its base whether quantized or not."""
+    return t.detach().flatten()[:: max(1, t.numel() // 1024)][:1024].clone()
+
+
+class NF4Linear(nn.Module):
+    """A frozen bias-free linear layer held in NF4. Each call dequantizes the weight to the input's
+    dtype for one matmul and lets it go; backward dequantizes it again rather than keep it, so a
+    layer never holds more than its 4-bit form between calls."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        for name, t in nf4_quantize(weight).items():
+            self.register_buffer(name, t)
+        self.register_buffer("weight_sample", fingerprint_sample(weight), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        """model.to(dtype) must not round the fp32 block scales (and the fingerprint sample): they
+        follow the module's device, never its dtype."""
+        exact = {name: getattr(self, name) for name in ("absmax_scale", "absmax_offset", "weight_sample")}
+        super()._apply(fn, recurse)
+        for name, t in exact.items():
+            setattr(self, name, t.to(getattr(self, name).device))
+        return self
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        absmax = nf4_absmax(self.absmax, self.absmax_scale, self.absmax_offset)
+        return nf4_dequantize(self.packed, absmax, (self.out_features, self.in_features), dtype)
+
+    def forward(self, x):
+        return _NF4Matmul.apply(x, self)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, nf4"
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """x @ W.T with W dequantized on the way in and again on the way back; nothing saved."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy @ ctx.layer.dequantize(dy.dtype), None
+
+
+PROJECTIONS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # what quantize="nf4" holds in NF4
+
+
+# -----------------------------------------------------------------------------------------------
 # Loading and saving: the file layouts live in checkpoint.py, which builds on this file (so it is
 # imported when first needed, not above)
 
@@ -383,13 +523,16 @@ class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded; the message names the file."""
 
 
-def load(ckpt_dir, device="cpu", dtype=None, max_seq_len: Optional[int] = None) -> Transformer:
+def load(ckpt_dir, device="cpu", dtype=None, quantize: Optional[str] = None,
+         max_seq_len: Optional[int] = None) -> Transformer:
     """A Transformer from a Meta (params.json + consolidated.NN.pth) or HF (config.json +
     safetensors) checkpoint directory. dtype: None is bf16 on CUDA and fp32 elsewhere, or a torch
-    dtype, or a name ("bf16"); max_seq_len: the context to build for, default the checkpoint's."""
+    dtype, or a name ("bf16"); quantize: None, or "nf4" to hold the projections (PROJECTIONS) in NF4,
+    quantized as they are read, the model computing in dtype; max_seq_len: the context to build for,
+    default the checkpoint's."""
     import checkpoint
 
-    return checkpoint.load(ckpt_dir, device, dtype, max_seq_len)
+    return checkpoint.load(ckpt_dir, device, dtype, max_seq_len, quantize=quantize)
 
 
 def save(model: Transformer, out_dir) -> None:
@@ -420,6 +563,9 @@ def save(model: Transformer, out_dir) -> None:
 #                turns it in place into d(loss)/d(logits) (logsumexp, loss, softmax - onehot), and the
 #                two backward matmuls use it at once, so one chunk (~256 MB) is all that ever exists.
 #                Gradients are ready after forward; backward only scales them.
+#   nf4_dequantize  a QLoRA projection's weight from its 4-bit indices, one pass: index, level and
+#                multiply per element, written once in the compute dtype. (The 8-bit block maxima
+#                before it are 1/64 of the work and stay in PyTorch.)
 # Not fused: the residual add before each norm. It would save one elementwise pass per norm but needs
 # a two-output norm and a different block forward, at a cost to the reading.
 #
@@ -724,8 +870,37 @@ def _fused_linear_cross_entropy(h, weight, targets, ignore_index: int = -100, re
     return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, reduction, chunk_size)
 
 
+_NF4_ELEMENTS = 1024  # weights per program of the NF4 dequantization
+
+
+@triton.jit
+def _nf4_dequantize(PACKED, ABSMAX, LEVELS, OUT, n, BLOCK: tl.constexpr):
+    """OUT[i] = LEVELS[nibble i of PACKED] * ABSMAX[i // 64]: the high nibble of a byte first."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = i < n
+    byte = tl.load(PACKED + i // 2, mask=inside, other=0).to(tl.int32)
+    index = tl.where(i % 2 == 0, byte >> 4, byte & 15)
+    level = tl.load(LEVELS + index, mask=inside, other=0.0)
+    absmax = tl.load(ABSMAX + i // 64, mask=inside, other=0.0)
+    value = level * absmax
+    if OUT.dtype.element_ty == tl.bfloat16:
+        # Round to nearest even by hand, as torch and the GPU's cvt.rn do: the interpreter's cast truncates.
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        value = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    tl.store(OUT + i, value.to(OUT.dtype.element_ty), mask=inside)
+
+
+def _nf4_dequantize_kernel(packed, absmax, shape, dtype):
+    n = math.prod(shape)
+    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    _nf4_dequantize[(triton.cdiv(n, _NF4_ELEMENTS),)](packed, absmax, _levels("nf4", packed.device), out, n,
+                                                     BLOCK=_NF4_ELEMENTS)
+    return out
+
+
 # -----------------------------------------------------------------------------------------------
-# The one point where the kernels switch in: every call the architecture makes to these four names
+# The one point where the kernels switch in: every call the architecture makes to these five names
 # now asks use_triton(x) which path runs. The twins stay reachable as name.__wrapped__.
 
 # What each @triton.jit above decided from TRITON_INTERPRET at import: the interpreter or the compiler.
@@ -743,3 +918,4 @@ rms_norm = _kernel_or_twin(rms_norm, _RMSNorm.apply)
 apply_rope = _kernel_or_twin(apply_rope, _RoPE.apply)
 swiglu = _kernel_or_twin(swiglu, _SwiGLU.apply)
 linear_cross_entropy = _kernel_or_twin(linear_cross_entropy, _fused_linear_cross_entropy)
+nf4_dequantize = _kernel_or_twin(nf4_dequantize, _nf4_dequantize_kernel)

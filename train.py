@@ -42,7 +42,7 @@ import checkpoint
 import cli
 import model as llama
 import tokenizer as llama_tokenizer
-from cli import Check, UsageError, UserError, at_least, interval, non_empty, positive, torch_device
+from cli import Check, UsageError, UserError, at_least, interval, non_empty, one_of, positive, torch_device
 from data import shards
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -88,6 +88,8 @@ class TrainConfig:
     lora_dropout: float = flag(0.0, "dropout on the LoRA branch's input", interval("[0, 1)"))
     lora_targets: str = flag("wq,wk,wv,wo,w1,w2,w3", "comma-separated projections to adapt", LORA_TARGETS)
     rslora: bool = flag(False, "scale LoRA by alpha / sqrt(rank) instead of alpha / rank")
+    quantize: str = flag(None, "nf4 holds the frozen base's projections in 4-bit NF4 (QLoRA; needs --lora_rank)",
+                         one_of("nf4"))
     # the batch and the schedule
     max_steps: int = flag(None, "optimizer steps (default 1000; the demo 800)", positive)
     batch_size: int = flag(8, "rows per micro-batch per rank; the global batch is batch_size * grad_accum * ranks",
@@ -151,6 +153,8 @@ class TrainConfig:
             shards.load_meta(self.data)
         if self.lora_rank and not self.ckpt_dir:
             raise UsageError("--lora_rank needs --ckpt_dir: LoRA adapts a pretrained model")
+        if self.quantize and not self.lora_rank:
+            raise UsageError("--quantize needs --lora_rank: only a frozen base can be held in NF4")
         self.out_dir = self.out_dir or os.path.join(ROOT, "out", os.path.basename(os.path.normpath(self.data)))
 
     def _fill(self, defaults):
@@ -247,7 +251,7 @@ def load_model_and_data(cfg, resume_from):
     if source:
         # LoRA keeps the frozen base in bf16 on CUDA; full training keeps fp32 master weights.
         dtype = torch.bfloat16 if cfg.lora_rank and cfg.device.startswith("cuda") else torch.float32
-        raw = llama.load(source, device=cfg.device, dtype=dtype)
+        raw = llama.load(source, device=cfg.device, dtype=dtype, quantize=cfg.quantize)
         raw.args.max_seq_len = max(raw.args.max_seq_len, cfg.seq_len)
         raw.reset_rope()
         llama_tokenizer.check_fits(tokenizer, raw.args.vocab_size, source)

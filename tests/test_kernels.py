@@ -126,6 +126,25 @@ def test_swiglu(dtype):
     check(model.swiglu, [a, b], [dtype, dtype])
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(96, 200), (7,), (3, 1000)], ids=["96x200", "7", "3x1000"])
+def test_nf4_dequantize(dtype, shape):
+    """Exactly the PyTorch twin's values: one fp32 product per weight, rounded once (odd counts, a
+    partial last block of 64 and a partial last program included)."""
+    g = torch.Generator().manual_seed(4)
+    q = model.nf4_quantize(0.05 * torch.randn(shape, generator=g))
+    packed = q["packed"].to(DEVICE)
+    absmax = model.nf4_absmax(*(q[k].to(DEVICE) for k in ("absmax", "absmax_scale", "absmax_offset")))
+    twin = model.nf4_dequantize.__wrapped__(packed, absmax, shape, dtype)
+    previous = model.set_kernels("triton")
+    try:
+        kernel = model.nf4_dequantize(packed, absmax, shape, dtype)
+    finally:
+        model.set_kernels(previous)
+    assert kernel.dtype == dtype and torch.equal(kernel, twin)
+
+
 def _ce_inputs(seed=3, V=1000):
     g = torch.Generator().manual_seed(seed)
     h, w = torch.randn(2, 37, 72, generator=g), 0.3 * torch.randn(V, 72, generator=g)
@@ -250,6 +269,7 @@ GPU_LAUNCHES = {
     "_swiglu_fwd": ("*bf16 *bf16 *bf16 i32", dict(BLOCK=1024), 4),
     "_swiglu_bwd": ("*bf16 *bf16 *bf16 *bf16 *bf16 i32", dict(BLOCK=1024), 4),
     "_cross_entropy": ("*bf16 i32 *i64 *fp32 *fp32 i32 i32", dict(WRITE_GRAD=True, BLOCK=8192), model._warps(8192)),
+    "_nf4_dequantize": ("*u8 *fp32 *fp32 *bf16 i32", dict(BLOCK=model._NF4_ELEMENTS), 4),
 }
 
 
