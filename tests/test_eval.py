@@ -270,3 +270,104 @@ def test_bad_label_and_bad_flags(tiny, tmp_path):
     assert r.returncode == 2 and "--task must be one of choice" in r.stderr
     r = run_eval("--ckpt_dir", tiny[1], "--task", "choice", "--data", data, "--batch_size", "0")
     assert r.returncode == 2 and "--batch_size must be positive" in r.stderr
+
+
+TEXTS = ["Pt c/o SOB x3 days; SpO2 91% on RA.", "Assessment: T2DM (E11.9), HbA1c 7.2%. Plan: metformin 500 mg BID.",
+         "naïve café — 日本"]
+
+
+def test_perplexity_of_texts_equals_transformers_in_rolling_windows(tiny, ours, tmp_path):
+    hf, ckpt = tiny
+    _, tok = ours
+    data = write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in TEXTS])
+    out = tmp_path / "p.json"
+    r = run_eval("--ckpt_dir", ckpt, "--task", "perplexity", "--data", data, "--out", out, "--seq_len", 8,
+                 "--batch_size", 3, "--mlflow", "false")
+    assert r.returncode == 0, r.stderr
+    results = json.loads(out.read_text())
+    nll = tokens = 0
+    for text, item in zip(TEXTS, results["items"]):
+        ids = tok.encode(text, bos=True, eos=False)
+        want = 0.0
+        for start in range(0, len(ids) - 1, 8):  # windows of 8 targets, each seeing only its own tokens
+            piece = ids[start : start + 9]
+            with torch.no_grad():
+                logprobs = hf(torch.tensor([piece[:-1]])).logits[0].double().log_softmax(-1)
+            want -= logprobs[torch.arange(len(piece) - 1), torch.tensor(piece[1:])].sum().item()
+        assert item["nll"] == pytest.approx(want, rel=1e-5) and item["tokens"] == len(ids) - 1
+        assert item["bytes"] == len(text.encode("utf-8"))
+        nll, tokens = nll + want, tokens + len(ids) - 1
+    metrics = results["metrics"]
+    assert metrics["loss"] == pytest.approx(nll / tokens, rel=1e-5)
+    assert metrics["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
+    n_bytes = sum(len(t.encode("utf-8")) for t in TEXTS)
+    assert metrics["bits_per_byte"] == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-5)
+
+
+def test_perplexity_of_a_shards_val_split_equals_the_model_loss(tiny, ours, tmp_path):
+    from data import prepare, shards
+
+    _, ckpt = tiny
+    m, _ = ours
+    src = write_jsonl(tmp_path / "notes.jsonl", [{"text": f"{t} (note {i})"} for i in range(12) for t in TEXTS])
+    prepare.main(["--input", str(src), "--out", str(tmp_path / "sh"), "--tokenizer", str(ckpt), "--workers", "1",
+                  "--val_fraction", "0.5"])
+    out = tmp_path / "p.json"
+    r = run_eval("--ckpt_dir", ckpt, "--task", "perplexity", "--data", tmp_path / "sh", "--out", out, "--seq_len", 16,
+                 "--mlflow", "false")
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads(out.read_text())["metrics"]
+    loader = shards.DataLoader(tmp_path / "sh", "val", 1, 16)
+    total = n = 0
+    with torch.no_grad():
+        for _ in range(loader.n_windows):
+            x, y, _ = loader.next_batch()
+            total += m(x, y, reduction="sum").item()
+            n += int((y != -100).sum())
+    assert metrics["tokens"] == n and metrics["loss"] == pytest.approx(total / n, rel=1e-5)
+
+
+def test_classify_and_rank_commands(tiny, tmp_path):
+    _, ckpt = tiny
+    records = [{"text": t, "label": l, "query_id": q, "doc_id": d, "relevance": g}
+               for t, l, q, d, g in [("fever and cough", "yes", "q1", "a", 2), ("broken arm", "no", "q1", "b", 0),
+                                     ("chest pain", "yes", "q1", "c", 1), ("rash", "no", "q2", "a", 0),
+                                     ("sepsis", "yes", "q2", "b", 1)]]
+    data = write_jsonl(tmp_path / "c.jsonl", records)
+    out, run_out = tmp_path / "c.json", tmp_path / "run.txt"
+    r = run_eval("--ckpt_dir", ckpt, "--task", "classify", "--data", data, "--labels", "yes,no", "--out", out,
+                 "--mlflow", "false")
+    assert r.returncode == 0, r.stderr
+    results = json.loads(out.read_text())
+    for item in results["items"]:
+        want = torch.tensor(item["loglikelihoods"], dtype=torch.float64).softmax(0).tolist()
+        assert item["probabilities"] == pytest.approx(want, abs=1e-12)
+    assert set(results["metrics"]) == {"accuracy", "macro_f1", "auroc", "n"}
+    r = run_eval("--ckpt_dir", ckpt, "--task", "rank", "--data", data, "--out", out, "--run_out", run_out,
+                 "--mlflow", "false")
+    assert r.returncode == 0, r.stderr
+    results = json.loads(out.read_text())
+    scores = {(i["query_id"], i["doc_id"]): i["probabilities"][0] for i in results["items"]}
+    lines = [line.split() for line in run_out.read_text().splitlines()]
+    assert [(q, d) for q, _, d, *_ in lines] == sorted(scores, key=lambda k: (k[0], -scores[k]))
+    assert results["metrics"]["queries"] == 2 and "NDCG@10" in r.stdout
+
+
+def test_generate_command_is_greedy_generate(tiny, ours, tmp_path):
+    import generate
+
+    _, ckpt = tiny
+    m, tok = ours
+    records = [{"prompt": "Assessment:", "reference": "stable angina"},
+               {"instruction": "Summarise", "input": "BP 150/95", "output": "hypertension"}]
+    data = write_jsonl(tmp_path / "g.jsonl", records)
+    out = tmp_path / "g.json"
+    r = run_eval("--ckpt_dir", ckpt, "--task", "generate", "--data", data, "--out", out, "--max_new_tokens", 6,
+                 "--mlflow", "false")
+    assert r.returncode == 0, r.stderr
+    items = json.loads(out.read_text())["items"]
+    for text, item in zip(["Assessment:", "Summarise\n\nBP 150/95"], items):
+        prompt = tok.encode(text, bos=True, eos=False)
+        ids = generate.generate(m, [prompt], 6, temperature=0, stop_ids=tok.stop_ids)[0]
+        assert item["completion"] == generate.completion_text(tok, prompt, ids)
+    assert [i["reference"] for i in items] == ["stable angina", "hypertension"]
