@@ -371,3 +371,35 @@ def test_generate_command_is_greedy_generate(tiny, ours, tmp_path):
         ids = generate.generate(m, [prompt], 6, temperature=0, stop_ids=tok.stop_ids)[0]
         assert item["completion"] == generate.completion_text(tok, prompt, ids)
     assert [i["reference"] for i in items] == ["stable angina", "hypertension"]
+
+
+def test_loglikelihoods_and_accuracy_equal_lm_evaluation_harness(tiny, ours, tmp_path):
+    """lm-evaluation-harness's HF backend on the same transformers model, over the same items."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    hf, _ = tiny
+    m, tok = ours
+    # Llama 3's HF tokenizer: BOS added by its post-processor, as in Meta's HF release
+    hf_tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(os.path.dirname(LLAMA3_TOKENIZER), "tokenizer.json"),
+                                     bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+    hf_tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", tok.bos_id)])
+    harness = HFLM(pretrained=hf, tokenizer=hf_tok, batch_size=1, max_length=ARGS.max_seq_len)
+    examples = [evaluation.choice_example(r, f"t:{i}", None) for i, r in enumerate(CHOICE_RECORDS)]
+    examples += [{"prompt": c, "choices": choices, "answer": 0} for c, choices in AWKWARD]
+    requests = [Instance(request_type="loglikelihood", doc={}, arguments=(e["prompt"], " " + c), idx=0)
+                for e in examples for c in e["choices"]]
+    theirs = iter(ll for ll, _ in harness.loglikelihood(requests, disable_tqdm=True))
+    correct_ours = correct_theirs = 0
+    for example in examples:
+        example["where"] = "t"
+        item = evaluation.score_choice(m, tok, example, SimpleNamespace(chat=False))
+        reference = [next(theirs) for _ in example["choices"]]
+        assert max(abs(a - b) for a, b in zip(item["loglikelihoods"], reference)) < 1e-4
+        correct_ours += item["prediction"] == example["answer"]
+        correct_theirs += max(range(len(reference)), key=reference.__getitem__) == example["answer"]
+    assert correct_ours == correct_theirs
