@@ -196,7 +196,8 @@ def encode_pair(tok, context, continuation, chat):
     encode(prompt), so a boundary the tokenizer would merge is scored as the model would read it.
     With chat the prompt is a dialog ending in an open assistant turn, which the answer starts."""
     if chat:
-        return tok.encode_dialog([{"role": "user", "content": context}]), tok.encode(continuation.lstrip(), False, False)
+        dialog = [{"role": "user", "content": context}]
+        return tok.encode_dialog(dialog), tok.encode(continuation.lstrip(), bos=False, eos=False)
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
@@ -690,9 +691,9 @@ def main(task: str, data: str, ckpt_dir: str = None, adapter: str = None, out: s
     if rank == 0:
         import lora  # for the weights' fingerprint
 
+        weights = {"dir": opts.ckpt_dir, "adapter": adapter, "weights_fingerprint": lora.base_fingerprint(model)}
         results = {"task": task, "metrics": metrics, "items": items, "command": cli.command_line(),
-                   "checkpoint": {"dir": opts.ckpt_dir, "adapter": adapter, "weights_fingerprint": lora.base_fingerprint(model)},
-                   "data": {"path": data, "sha256": sha256_of(data)}}
+                   "checkpoint": weights, "data": {"path": data, "sha256": sha256_of(data)}}
         if run_out:
             write_text(run_out, run_file_text(items))
         write_results(out, results)

@@ -3,6 +3,7 @@ the metrics equal the reference libraries' and trec_eval's definitions on hand-c
 command writes one item per record in input order, bad records stop with one line naming file and
 line (nothing written), and a 2-rank torchrun run writes the same results as one process."""
 
+import importlib.util
 import json
 import math
 import os
@@ -403,3 +404,19 @@ def test_loglikelihoods_and_accuracy_equal_lm_evaluation_harness(tiny, ours, tmp
         correct_ours += item["prediction"] == example["answer"]
         correct_theirs += max(range(len(reference)), key=reference.__getitem__) == example["answer"]
     assert correct_ours == correct_theirs
+
+
+def test_bench_eval_runs_and_reports_records_per_second(tmp_path):
+    """bench.py eval's harness at a tiny shape (no speed is asserted: CPU figures are not claims)."""
+    rows = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, "bench.py", "eval", "--model", "tiny", "--items", "2", "--iters", "1",
+                           "--warmup", "0", "--json", str(rows)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(rows.read_text())
+    row = record["rows"][0]
+    assert record["subcommand"] == "eval" and row["metric"] == "records/s" and row["ours"] > 0
+    assert row["vs"].startswith("lm-eval HF backend")
+    if importlib.util.find_spec("lm_eval"):
+        assert row["reference"] > 0 and row["ratio"] == row["ours"] / row["reference"]
+    assert "not claims" in proc.stdout
