@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from types import SimpleNamespace
@@ -293,8 +294,8 @@ def classify_metrics(items, opts):
         metrics["auroc"] = roc_auc_score(truth, probs, multi_class="ovr", average="macro")
     else:
         metrics["auroc"] = None  # one-vs-rest needs every class in the data
-    metrics["n"] = len(items)
-    return {k: float(v) if v is not None else None for k, v in metrics.items()}
+    metrics = {k: float(v) if v is not None else None for k, v in metrics.items()}  # numpy's to plain floats
+    return {**metrics, "n": len(items)}
 
 
 def score_generation(model, tok, batch, opts):
@@ -416,11 +417,13 @@ def text_windows(tok, records, seq_len):
     return windows
 
 
-def shard_windows(tok, data, seq_len):
+def shard_windows(tok, data, seq_len, vocab_size):
     """The validation split of a shards directory in windows of seq_len targets (masked targets
-    skipped); bytes are those of the target tokens' text, control tokens excluded."""
-    from data.shards import DataLoader
+    skipped); bytes are those of the target tokens' text, control tokens excluded. Shards made with
+    another tokenizer are refused (data.shards.ShardError, naming the file)."""
+    from data.shards import DataLoader, validate
 
+    validate(data, "val", vocab_size, tok.sha256)
     loader = DataLoader(data, "val", 1, seq_len)
     control = {tok.bos_id, tok.eos_id, *tok.stop_ids}
     windows = []
@@ -604,10 +607,10 @@ def log_to_mlflow(opts, metrics):
         tracker.end_run()
 
 
-def load_units(task, tok, opts):
-    """What the task scores, every record checked before the model is loaded."""
+def load_units(task, tok, opts, vocab_size=None):
+    """What the task scores, every record checked (before the model is loaded, but for perplexity)."""
     if task == "perplexity" and os.path.isdir(opts.data):
-        return shard_windows(tok, opts.data, opts.seq_len)
+        return shard_windows(tok, opts.data, opts.seq_len, vocab_size)
     records = read_jsonl(opts.data, opts.max_examples)
     if task == "perplexity":
         return text_windows(tok, records, opts.seq_len)
@@ -616,6 +619,8 @@ def load_units(task, tok, opts):
 
 def checked_options(opts):
     """Flag combinations cli's per-flag checks cannot see; fills in labels and the checkpoint."""
+    if opts.template is not None:  # typed in a shell, "\n" arrives as a backslash and an n
+        opts.template = re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m[1]], opts.template)
     if opts.task == "classify" and opts.labels is None:
         raise UsageError("--task classify needs --labels (the verbalizers, e.g. --labels yes,no)")
     opts.labels = [s.strip() for s in (opts.labels or "yes,no").split(",")]
@@ -661,7 +666,8 @@ def main(task: str, data: str, ckpt_dir: str = None, adapter: str = None, out: s
         out: the results file: task, metrics, one item per record in input order, digests.
         labels: classify / rank: the label words in order, comma-separated (the first is the positive
             class); rank defaults to yes,no.
-        template: the prompt as a Python format string over the record's fields, e.g. "{text}\\nLabel:".
+        template: the prompt as a Python format string over the record's fields, e.g. "{text}\\nLabel:"
+            (\\n and \\t typed in the shell are a newline and a tab).
         chat: lay each prompt out as a user turn in the tokenizer's chat format (instruct models).
         max_examples: only the first N records.
         batch_size: prompts per batch for generate, windows per batch for perplexity (choice, classify
@@ -685,7 +691,7 @@ def main(task: str, data: str, ckpt_dir: str = None, adapter: str = None, out: s
     model, tok = sampling.load_for_sampling(os.path.expanduser(opts.ckpt_dir), tokenizer, adapter, device, dtype,
                                             max_seq_len, force)
     opts.seq_len = min(seq_len or model.args.max_seq_len, model.args.max_seq_len)
-    units = units or load_units(task, tok, opts)
+    units = units or load_units(task, tok, opts, model.args.vocab_size)
     opts.generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
     metrics, items = evaluate(task, model, tok, units, opts, rank, world)
     if rank == 0:

@@ -132,7 +132,7 @@ def test_classify_metrics_hand_checked():
     items = [{"answer": a, "prediction": int(p[1] > p[0]), "probabilities": p} for a, p in zip([0, 0, 1, 1], probs)]
     metrics = evaluation.classify_metrics(items, SimpleNamespace(labels=["yes", "no"]))
     # predictions 0 1 0 1 vs truth 0 0 1 1: accuracy 1/2; F1 of each class 1/2 -> macro 1/2
-    assert metrics == {"accuracy": 0.5, "macro_f1": 0.5, "auroc": 0.75, "n": 4.0}
+    assert metrics == {"accuracy": 0.5, "macro_f1": 0.5, "auroc": 0.75, "n": 4}
 
 
 def test_classify_multiclass_auroc_is_one_vs_rest_macro():
@@ -420,3 +420,12 @@ def test_bench_eval_runs_and_reports_records_per_second(tmp_path):
     if importlib.util.find_spec("lm_eval"):
         assert row["reference"] > 0 and row["ratio"] == row["ours"] / row["reference"]
     assert "not claims" in proc.stdout
+
+
+def test_template_escapes_typed_in_a_shell_become_newlines(tmp_path):
+    opts = SimpleNamespace(template=r"{text}\nLabel:\t\\n", task="classify", labels="yes,no", qrels=None,
+                           run_out=None, ckpt_dir=str(tmp_path), data=str(tmp_path), out=str(tmp_path / "r.json"))
+    assert evaluation.checked_options(opts).template == "{text}\nLabel:\t\\n"
+    assert evaluation.render(opts.template, {"text": "fever"}, "f:1") == "fever\nLabel:\t\\n"
+    with pytest.raises(evaluation.DataError, match="f:1: --template needs field 'text'"):
+        evaluation.render(opts.template, {"note": "x"}, "f:1")
