@@ -23,6 +23,7 @@ Reading guide, top to bottom:
     ranking          trec_eval's P@10, NDCG@10, reciprocal rank and average precision, by hand
     perplexity       over shards windows or JSONL texts
     the run          torchrun split and gather, the results file, the summary, main
+    during training  what train.py --eval_task / --eval_data calls at each evaluation
 """
 
 import hashlib
@@ -708,6 +709,38 @@ def main(task: str, data: str, ckpt_dir: str = None, adapter: str = None, out: s
             log_to_mlflow(opts, metrics)
     if world > 1:
         dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------------------------
+# During training: train.py --eval_task TASK --eval_data FILE calls this at each evaluation
+
+_training_units = {}  # (task, data) -> units, read once per run
+
+
+def during_training(cfg, run):
+    """{"eval_<metric>": value} of cfg.eval_task on cfg.eval_data with the model being trained, for
+    log.jsonl and mlflow (so accuracy or AUROC is a curve beside the loss); {} without --eval_task.
+    Every rank calls it (the records are split across them). The task's defaults apply (classify and
+    rank: labels yes,no); the model goes back to training mode afterwards."""
+    if cfg.eval_task is None:
+        return {}
+    if cfg.eval_data is None:
+        raise UsageError("--eval_task needs --eval_data (the records to score)")
+    model = run.raw
+    opts = SimpleNamespace(task=cfg.eval_task, data=cfg.eval_data, template=None, labels=["yes", "no"], chat=False,
+                           qrels=None, qrels_table=None, max_examples=None, batch_size=cfg.batch_size,
+                           max_new_tokens=64, temperature=0.0, top_p=1.0, generator=None,
+                           seq_len=min(cfg.seq_len, model.args.max_seq_len))
+    key = (cfg.eval_task, cfg.eval_data)
+    if key not in _training_units:
+        _training_units[key] = load_units(cfg.eval_task, run.tokenizer, opts, model.args.vocab_size)
+    training = model.training
+    try:
+        metrics, _ = evaluate(cfg.eval_task, model, run.tokenizer, _training_units[key], opts, cfg.rank, cfg.world,
+                              show_progress=False)
+    finally:
+        model.train(training)
+    return {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "n"}
 
 
 if __name__ == "__main__":

@@ -429,3 +429,30 @@ def test_template_escapes_typed_in_a_shell_become_newlines(tmp_path):
     assert evaluation.render(opts.template, {"text": "fever"}, "f:1") == "fever\nLabel:\t\\n"
     with pytest.raises(evaluation.DataError, match="f:1: --template needs field 'text'"):
         evaluation.render(opts.template, {"note": "x"}, "f:1")
+
+
+def test_train_eval_task_logs_the_metrics_eval_py_gives_the_saved_model(tmp_path):
+    """train.py --eval_task perplexity: the eval_loss logged at the last step is what eval.py
+    computes on the checkpoint saved there, on one process and on two ranks."""
+    notes = write_jsonl(tmp_path / "notes.jsonl", [{"text": f"Note {i}: {t}"} for i in range(30) for t in TEXTS[:2]])
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", [{"text": t} for t in TEXTS])
+    r = subprocess.run([sys.executable, "-m", "data.prepare", "--input", notes, "--out", tmp_path / "sh",
+                        "--vocab_size", "400", "--val_fraction", "0.2"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    common = ["train.py", "--data", tmp_path / "sh", "--dim", 32, "--n_layers", 2, "--n_heads", 4, "--multiple_of", 16,
+              "--seq_len", 32, "--batch_size", 2, "--max_steps", 4, "--eval_every", 2, "--eval_steps", 1,
+              "--mlflow", "false", "--eval_task", "perplexity", "--eval_data", held_out]
+    logs = []
+    for launcher, out_dir in [([sys.executable], tmp_path / "one"), ([sys.executable, "-m", "torch.distributed.run",
+                                                                        "--nproc_per_node=2"], tmp_path / "two")]:
+        r = subprocess.run(launcher + [str(a) for a in common + ["--out_dir", out_dir]], cwd=ROOT, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        logs.append([json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()])
+    assert [("eval_loss" in rec) for rec in logs[0]] == [False, True, False, True]
+    for run_log, out_dir in zip(logs, ["one", "two"]):  # (two ranks train on a larger global batch)
+        out = tmp_path / f"{out_dir}.json"
+        r = run_eval("--ckpt_dir", tmp_path / out_dir / "model", "--task", "perplexity", "--data", held_out,
+                     "--seq_len", 32, "--out", out, "--mlflow", "false")
+        assert r.returncode == 0, r.stderr
+        assert run_log[-1]["eval_loss"] == pytest.approx(json.loads(out.read_text())["metrics"]["loss"], rel=1e-6)
