@@ -456,3 +456,32 @@ def test_train_eval_task_logs_the_metrics_eval_py_gives_the_saved_model(tmp_path
                      "--seq_len", 32, "--out", out, "--mlflow", "false")
         assert r.returncode == 0, r.stderr
         assert run_log[-1]["eval_loss"] == pytest.approx(json.loads(out.read_text())["metrics"]["loss"], rel=1e-6)
+
+
+def test_help_documents_every_flag():
+    import cli
+
+    r = subprocess.run([sys.executable, "eval.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stderr == "" and "(undocumented)" not in r.stdout
+    for flag in cli.signature_flags(evaluation.main, None, {}):
+        assert f"  --{flag}" in r.stdout
+
+
+def test_rank_with_qrels_and_max_examples(tiny, tmp_path):
+    records = [{"query_id": "q1", "doc_id": d, "text": t} for d, t in [("a", "fever"), ("b", "rash"), ("c", "cough")]]
+    data = write_jsonl(tmp_path / "r.jsonl", records)
+    qrels = tmp_path / "qrels.txt"
+    qrels.write_text("q1 0 b 1\nq1 0 z 2\nq9 0 a 1\n")
+    out = tmp_path / "r.json"
+    r = run_eval("--ckpt_dir", tiny[1], "--task", "rank", "--data", data, "--qrels", qrels, "--max_examples", 2,
+                 "--out", out, "--mlflow", "false")
+    assert r.returncode == 0, r.stderr
+    results = json.loads(out.read_text())
+    assert [i["doc_id"] for i in results["items"]] == ["a", "b"]
+    b_first = results["items"][1]["score"] > results["items"][0]["score"]
+    # q1's relevant documents: b (retrieved) and z (never retrieved); q9 is not in the run
+    assert results["metrics"]["MAP"] == pytest.approx((1 if b_first else 1 / 2) / 2)
+    assert results["metrics"]["queries"] == 1
+    qrels.write_text("q1 0 b\n")
+    r = run_eval("--ckpt_dir", tiny[1], "--task", "rank", "--data", data, "--qrels", qrels, "--out", out, "--mlflow", "false")
+    assert r.returncode == 1 and r.stderr.strip() == f"eval.py: {qrels}:1: a qrels line is `query iteration doc grade`"
