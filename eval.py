@@ -226,7 +226,7 @@ def continuation_logprobs(model, prompt, continuations):
         rows = torch.zeros(n, longest, dtype=torch.long, device=device)  # padding after a row is never read
         for i, c in enumerate(continuations):
             rows[i, : len(c)] = torch.tensor(c)
-        logits = model.decode(rows, start)[:, :-1] if longest > 1 else rows.new_empty(n, 0, last.shape[-1])
+        logits = model.decode(rows, start)[:, :-1] if longest > 1 else last.new_empty(n, 0, last.shape[-1])
     finally:
         model.clear_cache()
     logprobs = torch.cat([last.expand(n, -1, -1), logits.float()], dim=1).log_softmax(-1)
@@ -235,7 +235,7 @@ def continuation_logprobs(model, prompt, continuations):
 
 
 def score_choices(model, tok, example, chat):
-    """Summed log-likelihood (and whether it is the greedy continuation) of " " + each choice."""
+    """The summed log-likelihood of " " + each choice after the example's prompt."""
     context = model.args.max_seq_len
     pairs = [encode_pair(tok, example["prompt"], " " + choice, chat) for choice in example["choices"]]
     prompt = pairs[0][0]
