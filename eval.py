@@ -648,15 +648,15 @@ CHECKS = {"task": one_of(*TASKS), "data": non_empty, "ckpt_dir": non_empty, "ada
           "max_examples": positive, "batch_size": positive, "max_new_tokens": positive,
           "temperature": interval("[0, inf)"), "top_p": interval("(0, 1]"), "seq_len": positive,
           "max_seq_len": positive, "seed": at_least(0), "device": torch_device,
-          "dtype": one_of("bf16", "fp16", "fp32"), "mlflow_experiment": non_empty}
+          "dtype": one_of("bf16", "fp16", "fp32"), "quantize": one_of("nf4"), "mlflow_experiment": non_empty}
 
 
 def main(task: str, data: str, ckpt_dir: str = None, adapter: str = None, out: str = "results.json",
          labels: str = None, template: str = None, chat: bool = False, max_examples: int = None,
          batch_size: int = 8, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 0.9,
          seed: int = 0, seq_len: int = None, qrels: str = None, run_out: str = None, max_seq_len: int = None,
-         tokenizer: str = None, device: str = None, dtype: str = None, force: bool = False,
-         mlflow: bool = True, mlflow_experiment: str = "llama"):
+         tokenizer: str = None, device: str = None, dtype: str = None, quantize: str = None,
+         force: bool = False, mlflow: bool = True, mlflow_experiment: str = "llama"):
     """Evaluate a model on a task and write the results file.
 
     Args:
@@ -681,6 +681,7 @@ def main(task: str, data: str, ckpt_dir: str = None, adapter: str = None, out: s
         tokenizer: a tokenizer.model to use instead of the one in ckpt_dir.
         device: cuda or cpu (default: cuda when available).
         dtype: bf16, fp16 or fp32 (default bf16 on CUDA, fp32 on CPU).
+        quantize: nf4 holds the base's projections in 4 bits (as a QLoRA run trained them).
         force: apply --adapter even to a base other than the one it was trained on.
         mlflow: log the metrics to mlflow ($MLFLOW_TRACKING_URI or sqlite:///mlflow.db).
         mlflow_experiment: the mlflow experiment's name.
@@ -690,7 +691,7 @@ def main(task: str, data: str, ckpt_dir: str = None, adapter: str = None, out: s
     rank, world = setup_distributed(device)
     units = load_units(task, None, opts) if task != "perplexity" else None  # bad records stop before loading
     model, tok = sampling.load_for_sampling(os.path.expanduser(opts.ckpt_dir), tokenizer, adapter, device, dtype,
-                                            max_seq_len, force)
+                                            max_seq_len, force, quantize)
     opts.seq_len = min(seq_len or model.args.max_seq_len, model.args.max_seq_len)
     units = units or load_units(task, tok, opts, model.args.vocab_size)
     opts.generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
