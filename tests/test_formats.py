@@ -1,0 +1,250 @@
+"""data/prepare.py reading corpora as they come: CSV/TSV, Parquet, gzip and zstd, text files split
+by --doc_separator, a single document, --dedup; and llm.c / nano-llama31 shard directories
+without meta.json. Every check compares the shards with the tokenizer's own encoding of each
+record."""
+import csv
+import glob
+import gzip
+import io
+import json
+import os
+import random
+import re
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import tokenizer  # noqa: E402
+from data import prepare, shards  # noqa: E402
+from test_data import LLAMA3, assert_one_line_error, read_split, run_prepare, sentences  # noqa: E402
+
+TOK = tokenizer.load(LLAMA3)
+# cells a naive line or comma split gets wrong, and one over csv's default 128 KB field limit
+AWKWARD = ['said "stop", then left', "line one\nline two, with a comma\n\n", 'only "quotes"',
+           "tab\there", " ".join(["chest pain, no fever."] * 8000)]
+
+
+def notes(n, seed=0):
+    rng = random.Random(seed)
+    return [sentences(rng, rng.randint(3, 30)) for _ in range(n)] + AWKWARD
+
+
+def shard_docs(out):
+    """Counter of (ids, mask) per document over both splits, cut at the docs files or at BOS."""
+    found = Counter()
+    for split in shards.SPLITS:
+        tokens, mask, docs = read_split(str(out), split)
+        mask = np.ones_like(tokens, dtype=np.uint8) if mask is None else mask
+        starts = np.flatnonzero(docs == 1 if docs is not None else tokens == TOK.bos_id).tolist()
+        assert starts[0] == 0
+        for a, b in zip(starts, starts[1:] + [len(tokens)]):
+            found[tuple(tokens[a:b].tolist()), tuple(mask[a:b].tolist())] += 1
+    return found
+
+
+def expected_text(texts):
+    return Counter((tuple(TOK.encode(t, bos=True, eos=True)), (1,) * len(TOK.encode(t, bos=True, eos=True)))
+                   for t in texts)
+
+
+def prepared(tmp_path, *args):
+    out = tmp_path / "out"
+    rc, lines = run_prepare(*args, "--out", out, "--tokenizer", LLAMA3, "--workers", "1", "--val_fraction", "0.3")
+    assert rc == 0, lines
+    return out, json.loads((out / "meta.json").read_text()), lines
+
+
+def write_csv(path, rows, delimiter=","):
+    buf = io.StringIO(newline="")
+    csv.writer(buf, delimiter=delimiter).writerows(rows)
+    data = buf.getvalue().encode("utf-8")
+    path.write_bytes(gzip.compress(data) if str(path).endswith(".gz") else data)
+
+
+# ---------------------------------------------------------------------------------------------
+# each format: the shards hold exactly the tokenizer's encoding of each record
+
+
+@pytest.mark.parametrize("name", ["notes.csv", "notes.tsv", "notes.csv.gz"])
+def test_csv_text_column(tmp_path, name):
+    texts = notes(20)
+    delimiter = "\t" if ".tsv" in name else ","
+    write_csv(tmp_path / name, [["id", "NOTE_TEXT", "extra"]] + [[i, t, "z,z"] for i, t in enumerate(texts)], delimiter)
+    out, meta, _ = prepared(tmp_path, "--input", tmp_path / name, "--text_column", "NOTE_TEXT")
+    assert shard_docs(out) == expected_text(texts)
+    assert meta["documents"] == len(texts)
+
+
+def test_csv_columns_as_instruction_records(tmp_path):
+    rng = random.Random(1)
+    pairs = [(sentences(rng, 8) + "?", sentences(rng, 12)) for _ in range(10)] + [('a "q", with\nlines', 'an "a"')]
+    write_csv(tmp_path / "qa.csv", [["question_text", "answer_text"]] + [list(p) for p in pairs])
+    out, meta, _ = prepared(tmp_path, "--input", tmp_path / "qa.csv", "--columns",
+                            "instruction=question_text,output=answer_text")
+    want = Counter()
+    for q, a in pairs:
+        ids, mask = TOK.encode_dialog_targets([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+        want[tuple(ids), tuple(int(m) for m in mask)] += 1
+    assert shard_docs(out) == want
+    assert meta["records"]["instruct"] == len(pairs) and meta["has_mask"]
+
+
+def test_csv_header_names_are_the_fields_by_default(tmp_path):
+    texts = notes(5)
+    write_csv(tmp_path / "t.csv", [["text"]] + [[t] for t in texts])
+    out, _, _ = prepared(tmp_path, "--input", tmp_path / "t.csv")
+    assert shard_docs(out) == expected_text(texts)
+
+
+def test_gzip_and_zstd_jsonl_and_text(tmp_path):
+    zstandard = pytest.importorskip("zstandard")
+    texts = notes(12, seed=2)
+    src = tmp_path / "in"
+    src.mkdir()
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in texts[:8]).encode()
+    (src / "a.jsonl.gz").write_bytes(gzip.compress(lines))
+    # two zstd frames back to back, as parallel compressors write them
+    tail = "".join(json.dumps({"text": t}) + "\n" for t in texts[8:12]).encode()
+    (src / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(tail[:40])
+                                      + zstandard.ZstdCompressor().compress(tail[40:]))
+    (src / "c.txt.gz").write_bytes(gzip.compress(texts[12].encode()))
+    (src / "d.txt.zst").write_bytes(zstandard.ZstdCompressor().compress(texts[13].encode()))
+    out, meta, _ = prepared(tmp_path, "--input", src)
+    assert shard_docs(out) == expected_text(texts[:14])
+
+
+def test_parquet_file_and_directory(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    texts = notes(30, seed=3)
+    src = tmp_path / "pq"
+    src.mkdir()
+    half = len(texts) // 2
+    for i, part in enumerate((texts[:half], texts[half:])):
+        table = pa.table({"id": list(range(len(part))), "body": part})
+        pq.write_table(table, src / f"part-{i}.parquet", row_group_size=4)  # several row groups
+    out, meta, _ = prepared(tmp_path, "--input", src, "--text_column", "body")
+    assert shard_docs(out) == expected_text(texts)
+
+    pairs = [("q1 " + t[:20], "a1 " + t[-20:]) for t in texts[:6]]
+    pq.write_table(pa.table({"q": [p[0] for p in pairs], "a": [p[1] for p in pairs]}), tmp_path / "qa.parquet")
+    out = tmp_path / "out2"
+    rc, lines = run_prepare("--input", tmp_path / "qa.parquet", "--out", out, "--tokenizer", LLAMA3,
+                            "--columns", "question=q,answer=a", "--workers", "1", "--val_fraction", "0.3")
+    assert rc == 0, lines
+    want = Counter()
+    for q, a in pairs:
+        ids, mask = TOK.encode_dialog_targets([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+        want[tuple(ids), tuple(int(m) for m in mask)] += 1
+    assert shard_docs(out) == want
+
+
+# ---------------------------------------------------------------------------------------------
+# one text file of many notes
+
+
+def test_doc_separator_gives_one_document_per_note(tmp_path):
+    texts = notes(15, seed=4)[:15]
+    (tmp_path / "notes.txt").write_text("\n\n".join(texts) + "\n\n\n")
+    out, meta, _ = prepared(tmp_path, "--input", tmp_path / "notes.txt", "--doc_separator", r"\n\s*\n")
+    assert shard_docs(out) == expected_text(texts)
+    assert meta["documents"] == len(texts)
+
+
+def test_a_single_document_splits_by_tokens(tmp_path):
+    text = "\n\n".join(notes(15, seed=5)[:15])
+    (tmp_path / "notes.txt").write_text(text)
+    out, meta, lines = prepared(tmp_path, "--input", tmp_path / "notes.txt")
+    train, _, _ = read_split(str(out), "train")
+    val, _, _ = read_split(str(out), "val")
+    ids = TOK.encode(text, bos=True, eos=True)
+    assert train.tolist() + val.tolist() == ids
+    assert len(val) == len(ids) - round(len(ids) * 0.7)  # nanoGPT's rule: the last val_fraction
+    assert any("one document in the input" in line for line in lines)
+
+
+@pytest.mark.parametrize("separator", [r"\n\s*\n", r"\n<\|endoftext\|>\n", "ab+", r"(?m)^---$", "z"])
+def test_split_documents_matches_re_split_across_chunks(separator, monkeypatch):
+    monkeypatch.setattr(prepare, "SEPARATOR_MAX", 64)  # so matches fall across chunk edges often
+    rng = random.Random(separator)
+    pieces = ["note", "\n", "\n\n", " \n \n", "<|endoftext|>", "ab", "b", "bbb", "---", "z", "x y"]
+    pattern = re.compile(separator)
+    for _ in range(200):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 80)))
+        want = pattern.split(text)
+        got = list(prepare.split_documents(io.StringIO(text), pattern, chunk_chars=rng.randint(1, 9)))
+        assert got == want, text
+
+
+def test_dedup_drops_exact_duplicates(tmp_path):
+    texts = notes(10, seed=6)
+    rows = [{"text": t} for t in texts + texts[:4] + texts[2:3]]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out, meta, lines = prepared(tmp_path, "--input", tmp_path / "d.jsonl", "--dedup")
+    assert shard_docs(out) == expected_text(texts)
+    assert meta["duplicates_dropped"] == 5 and meta["documents"] == len(texts)
+    assert "5 duplicates dropped" in lines[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: one line naming the file (and row), nothing half-written
+
+
+def nothing_left(tmp_path):
+    return not (tmp_path / "out").exists() and not glob.glob(str(tmp_path / "out.*"))
+
+
+def test_bad_tables_and_archives_are_one_line(tmp_path):
+    out = tmp_path / "out"
+    common = ("--out", out, "--tokenizer", LLAMA3, "--workers", "1")
+    write_csv(tmp_path / "n.csv", [["id", "TEXT"], [1, "fine"], [2, "one", "too many"], [3, "also\nfine"]])
+    rc, lines = run_prepare("--input", tmp_path / "n.csv", "--text_column", "TEXT", *common)
+    assert_one_line_error(rc, lines, "n.csv: row 2 (line 3)", "3 fields where the header has 2")
+    assert rc == 1 and nothing_left(tmp_path)
+
+    rc, lines = run_prepare("--input", tmp_path / "n.csv", "--text_column", "TEXT", "--skip_bad", *common)
+    assert rc == 0, lines
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["skipped_records"] == 1 and shard_docs(out) == expected_text(["fine", "also\nfine"])
+    os.system(f"rm -rf {out}")
+
+    rc, lines = run_prepare("--input", tmp_path / "n.csv", "--text_column", "BODY", *common)
+    assert_one_line_error(rc, lines, "n.csv: no column 'BODY' (its columns: id, TEXT)")
+    assert nothing_left(tmp_path)
+
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n' * 1000)[:-30])
+    rc, lines = run_prepare("--input", tmp_path / "c.jsonl.gz", *common)
+    assert_one_line_error(rc, lines, "c.jsonl.gz: corrupt compressed data")
+    assert nothing_left(tmp_path)
+    (tmp_path / "c.jsonl.gz").write_bytes(b"not gzip at all")
+    rc, lines = run_prepare("--input", tmp_path / "c.jsonl.gz", *common)
+    assert_one_line_error(rc, lines, "c.jsonl.gz: corrupt compressed data")
+
+    rc, lines = run_prepare("--input", tmp_path / "n.csv", "--columns", "instruction=id,outptu=TEXT", *common)
+    assert_one_line_error(rc, lines, "--columns", "unknown field 'outptu'")
+    assert rc == 2
+    rc, lines = run_prepare("--input", tmp_path / "c.jsonl.gz", "--text_column", "TEXT", *common)
+    assert_one_line_error(rc, lines, "no CSV, TSV or Parquet file")
+    rc, lines = run_prepare("--input", tmp_path / "n.csv", "--doc_separator", "\n*", *common)
+    assert_one_line_error(rc, lines, "--doc_separator", "empty string")
+
+
+def test_parquet_without_the_column_is_one_line(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"body": ["a", "b"], "n": [1, 2]}), tmp_path / "x.parquet")
+    rc, lines = run_prepare("--input", tmp_path / "x.parquet", "--out", tmp_path / "out", "--tokenizer", LLAMA3,
+                            "--text_column", "text")
+    assert_one_line_error(rc, lines, "x.parquet: no column 'text' (its columns: body, n)")
+    assert nothing_left(tmp_path)
+    (tmp_path / "y.parquet").write_bytes(b"PAR1 broken")
+    rc, lines = run_prepare("--input", tmp_path / "y.parquet", "--out", tmp_path / "out", "--tokenizer", LLAMA3,
+                            "--text_column", "text")
+    assert_one_line_error(rc, lines, "y.parquet: not a readable Parquet file")
+    assert nothing_left(tmp_path)
