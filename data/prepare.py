@@ -101,7 +101,10 @@ def is_table(path):
     return inner_name(path).endswith(TABLE_EXTS) or path.endswith(PARQUET_EXTS)
 
 
-def list_files(path):
+def list_files(path, tables=False):
+    """The input files of --input: a file, a glob, or a directory searched recursively. In a directory,
+    CSV/TSV/Parquet files count when `tables` (--text_column / --columns) or when it holds nothing
+    else: a table next to the notes is more often a side file than part of the corpus."""
     if os.path.isfile(path):
         return [path]
     if os.path.isdir(path):
@@ -110,6 +113,8 @@ def list_files(path):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             found += [os.path.join(dirpath, f) for f in filenames if not f.startswith(".")
                       and (inner_name(f).endswith(TEXT_EXTS + JSON_EXTS + TABLE_EXTS) or f.endswith(PARQUET_EXTS))]
+        documents = [f for f in found if not is_table(f)]
+        found = found if tables or not documents else documents
         if not found:
             raise PrepareError(f"--input {path}: no .txt, .md, .json or .jsonl files in it "
                                f"(nor .csv, .tsv, .parquet, nor .gz / .zst of them)")
@@ -245,7 +250,7 @@ class Corpus:
     doc_separator: a regex that splits text files into documents (None: one document a file)."""
 
     def __init__(self, path, fmt="auto", skip_bad=False, columns=None, doc_separator=None):
-        self.files, self.fmt, self.skip_bad = list_files(path), fmt, skip_bad
+        self.files, self.fmt, self.skip_bad = list_files(path, tables=bool(columns)), fmt, skip_bad
         self.columns, self.separator = columns, doc_separator and re.compile(doc_separator)
         self.skipped = 0
         if columns and not any(is_table(f) for f in self.files):
@@ -651,7 +656,7 @@ def check_out(out, corpus, overwrite):
     if not overwrite:
         raise PrepareError(f"--out {out}: exists and is not empty (pass --overwrite to replace it)")
     try:
-        shards.load_meta(out)
+        shards.load_meta(out, infer=False)  # llm.c shards are not ours to replace
     except shards.ShardError:
         raise PrepareError(f"--out {out}: not a shard directory made by data.prepare (no readable "
                            f"meta.json); --overwrite only replaces those. Choose another --out") from None

@@ -97,9 +97,17 @@ def test_csv_columns_as_instruction_records(tmp_path):
 
 def test_csv_header_names_are_the_fields_by_default(tmp_path):
     texts = notes(5)
-    write_csv(tmp_path / "t.csv", [["text"]] + [[t] for t in texts])
-    out, _, _ = prepared(tmp_path, "--input", tmp_path / "t.csv")
+    (tmp_path / "in").mkdir()
+    write_csv(tmp_path / "in" / "t.csv", [["text"]] + [[t] for t in texts])
+    out, _, _ = prepared(tmp_path, "--input", tmp_path / "in")  # a directory of nothing but tables
     assert shard_docs(out) == expected_text(texts)
+    # beside notes, a table is a side file unless a column flag asks for tables
+    (tmp_path / "in" / "n.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:3]))
+    rc, lines = run_prepare("--input", tmp_path / "in", "--out", tmp_path / "o2", "--tokenizer", LLAMA3)
+    assert rc == 0 and shard_docs(tmp_path / "o2") == expected_text(texts[:3]), lines
+    rc, lines = run_prepare("--input", tmp_path / "in", "--out", tmp_path / "o3", "--tokenizer", LLAMA3,
+                            "--text_column", "text")
+    assert rc == 0 and shard_docs(tmp_path / "o3") == expected_text(texts + texts[:3]), lines
 
 
 def test_gzip_and_zstd_jsonl_and_text(tmp_path):
@@ -248,3 +256,97 @@ def test_parquet_without_the_column_is_one_line(tmp_path):
                             "--text_column", "text")
     assert_one_line_error(rc, lines, "y.parquet: not a readable Parquet file")
     assert nothing_left(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# llm.c / nano-llama31 shard directories, without meta.json
+
+
+def write_llmc_shard(path, tokens, magic, version, dtype):
+    """llm.c's writer, from its documented layout: 256 int32 (magic, version, count, 0...), then tokens."""
+    header = np.zeros(256, dtype="<i4")
+    header[0], header[1], header[2] = magic, version, len(tokens)
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype=dtype).tobytes())
+
+
+def as_llmc(prepared_dir, llmc_dir, name="corpus", pieces=3):
+    """The prepared dataset's token streams rewritten as llm.c files (train cut in `pieces` shards),
+    with the tokenizer beside them (nano-llama31 users copy theirs there) and no meta.json."""
+    llmc_dir.mkdir()
+    train, _, _ = read_split(str(prepared_dir), "train")
+    val, _, _ = read_split(str(prepared_dir), "val")
+    for k, part in enumerate(np.array_split(train, pieces)):
+        write_llmc_shard(llmc_dir / f"{name}_train_{k:06d}.bin", part, 20240520, 1, "<u2")
+    write_llmc_shard(llmc_dir / f"{name}_val_000000.bin", val, 20240520, 1, "<u2")
+    (llmc_dir / "tokenizer.model").write_bytes((prepared_dir / "tokenizer.model").read_bytes())
+    return train, val
+
+
+@pytest.fixture(scope="module")
+def small_vocab_shards(tmp_path_factory):
+    d = tmp_path_factory.mktemp("llmc")
+    words = "patient denies chest pain fever cough reports mild headache since monday".split()
+    texts = [f"Note {i}: " + " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(20 + i % 30)) for i in range(120)]
+    (d / "notes.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    rc, lines = run_prepare("--input", d / "notes.jsonl", "--out", d / "ours", "--vocab_size", "300",
+                            "--val_fraction", "0.1", "--workers", "1")
+    assert rc == 0, lines
+    return d / "ours"
+
+
+def test_llmc_shards_read_as_they_are(small_vocab_shards, tmp_path):
+    ours, llmc = small_vocab_shards, tmp_path / "llmc"
+    train, val = as_llmc(ours, llmc)
+    (llmc / "README.txt").write_text("unrelated files are ignored")
+    meta = shards.validate(str(llmc), vocab_size=300)
+    assert meta["inferred"] and meta["vocab_size"] == 300 and meta["bos_id"] == int(train[0]) == 1
+    assert [s["file"] for s in meta["splits"]["train"]["shards"]] == [f"corpus_train_{k:06d}.bin" for k in range(3)]
+    assert meta["splits"]["train"]["tokens"] == len(train) and meta["splits"]["val"]["tokens"] == len(val)
+    for split in shards.SPLITS:  # the same batches, positions restarting at the same BOS tokens
+        a = shards.DataLoader(str(ours), split, 4, 16, seed=3)
+        b = shards.DataLoader(str(llmc), split, 4, 16, seed=3)
+        for _ in range(5):
+            x, y = a.next_batch(), b.next_batch()
+            for field in x._fields:
+                assert getattr(x, field).equal(getattr(y, field)), (split, field)
+
+    with pytest.raises(shards.ShardError, match="vocabulary must come from a tokenizer"):
+        shards.validate(str(llmc))
+    with pytest.raises(shards.ShardError, match="uint16 shards"):
+        shards.validate(str(llmc), vocab_size=128256)
+    with pytest.raises(shards.ShardError, match=r"token id \d+ is beyond the vocabulary size 100"):
+        shards.validate(str(llmc), vocab_size=100)
+    os.remove(llmc / "corpus_val_000000.bin")
+    with pytest.raises(shards.ShardError, match="meta.json: missing .*_val_"):
+        shards.load_meta(str(llmc))
+    # data.prepare --overwrite replaces only its own directories, never llm.c's
+    rc, lines = run_prepare("--input", ours / "tokenizer.model", "--out", llmc, "--vocab_size", "300", "--overwrite")
+    assert_one_line_error(rc, lines, "not a shard directory made by data.prepare")
+
+
+def test_nano_llama31_uint32_shards(tmp_path):
+    llmc = tmp_path / "tinystories"
+    llmc.mkdir()
+    texts = notes(6, seed=8)[:6]
+    ids = [TOK.encode(t, bos=True, eos=False) for t in texts]  # nano-llama31 starts each story with BOS
+    write_llmc_shard(llmc / "tinystories_train_000000.bin", sum(ids[:4], []), 20240801, 7, "<u4")
+    write_llmc_shard(llmc / "tinystories_val_000000.bin", sum(ids[4:], []), 20240801, 7, "<u4")
+    meta = shards.validate(str(llmc), vocab_size=TOK.n_words, tokenizer_sha256=TOK.sha256)
+    assert meta["bos_id"] == TOK.bos_id and meta["dtype"] == "uint32"
+    tokens, _, _ = read_split(str(llmc), "train")
+    assert tokens.tolist() == sum(ids[:4], [])
+
+
+def test_train_py_on_llmc_shards_equals_training_on_ours(small_vocab_shards, tmp_path):
+    from test_train import TINY, log, train
+
+    llmc = tmp_path / "llmc"
+    as_llmc(small_vocab_shards, llmc)
+    common = [*TINY, "--max_steps", "3", "--eval_every", "3", "--batch_size", "2", "--lr", "3e-3"]
+    train(*common, "--data", small_vocab_shards, "--out_dir", tmp_path / "ours")
+    train(*common, "--data", llmc, "--out_dir", tmp_path / "theirs")
+    ours, theirs = log(tmp_path / "ours"), log(tmp_path / "theirs")
+    assert len(ours) == 3 and [r["loss"] for r in ours] == [r["loss"] for r in theirs]
+    assert not (llmc / "meta.json").exists()
