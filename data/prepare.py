@@ -5,8 +5,11 @@
     python -m data.prepare --demo                 # ICD-10-CM tabular list -> shards/icd10cm
 
 Input: a file, a directory (searched recursively) or a glob. .txt/.md files are one document
-each; .jsonl files hold one record per line (.json: JSON lines, or one array of records, which
-is read whole). A record is {"text"} (plain text), {"instruction","input","output"} or an alias
+each, or many with --doc_separator REGEX (split_documents: streamed, chunk by chunk); .jsonl files
+hold one record per line (.json: JSON lines, or one array of records, which is read whole);
+.csv/.tsv rows (the csv module: quoted cells may span lines) and .parquet rows (pyarrow, batch by
+batch) become records through --text_column / --columns (column_picker), or through their header
+names. Any file but Parquet may be .gz or .zst compressed (open_binary streams it). A record is {"text"} (plain text), {"instruction","input","output"} or an alias
 pair (question/answer, prompt/response, prompt/completion, input/output) (instruct), or
 {"messages": [{"role","content"}]} / ShareGPT {"conversations": [{"from","value"}]} (chat).
 --format auto decides per record; text, instruct or chat insists on one kind (jsonl = text).
@@ -25,7 +28,9 @@ boundaries, and each mask and docs file matches its shard token for token.
 
 Each document goes to val when a seeded hash of its content falls below --val_fraction, so the
 split streams, does not depend on --workers, and exact duplicates never straddle it. If that
-leaves a split empty, the document nearest the threshold is moved over.
+leaves a split empty, the document nearest the threshold is moved over; if the whole input is
+one document, its last --val_fraction of tokens is val (nanoGPT's rule). --dedup drops exact
+repeats of a document before tokenizing (drop_duplicates) and meta.json counts them.
 Everything is written to DIR.tmp and swapped in as a whole at the end (atomic.write_dir);
 --overwrite replaces only a shard directory this tool wrote, never the input.
 """
@@ -867,7 +872,8 @@ def parse_columns(text_column, columns):
     for item in columns.split(","):
         field, equals, column = (part.strip() for part in item.partition("="))
         if not equals or not field or not column:
-            raise UsageError(f"--columns {columns}: expected field=column,... (e.g. instruction=question,output=answer)")
+            raise UsageError(f"--columns {columns}: expected field=column,... "
+                             f"(e.g. instruction=question,output=answer)")
         if field not in RECORD_FIELDS:
             raise UsageError(f"--columns: unknown field '{field}' (known: {', '.join(RECORD_FIELDS)})")
         pairs.append((field, column))

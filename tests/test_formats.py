@@ -288,7 +288,8 @@ def as_llmc(prepared_dir, llmc_dir, name="corpus", pieces=3):
 def small_vocab_shards(tmp_path_factory):
     d = tmp_path_factory.mktemp("llmc")
     words = "patient denies chest pain fever cough reports mild headache since monday".split()
-    texts = [f"Note {i}: " + " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(20 + i % 30)) for i in range(120)]
+    texts = [f"Note {i}: " + " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(20 + i % 30))
+             for i in range(120)]
     (d / "notes.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     rc, lines = run_prepare("--input", d / "notes.jsonl", "--out", d / "ours", "--vocab_size", "300",
                             "--val_fraction", "0.1", "--workers", "1")
