@@ -135,13 +135,48 @@ def open_binary(path):
     if path.endswith(".gz"):
         return gzip.open(path, "rb")
     if path.endswith(".zst"):
+        return io.BufferedReader(ZstdReader(path), 1 << 20)
+    return open(path, "rb")
+
+
+class ZstdReader(io.RawIOBase):
+    """A .zst file's decompressed bytes, frame after frame (parallel compressors write many). A file
+    that ends inside a frame raises EOFError, as gzip does; zstandard's stream_reader would end quietly."""
+
+    def __init__(self, path):
         import zstandard  # only for .zst inputs
 
         DECOMPRESS_ERRORS.add(zstandard.ZstdError)
-        # read_across_frames: parallel compressors (pzstd, zstd -T) write many frames
-        reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)
-        return io.BufferedReader(reader, 1 << 20)
-    return open(path, "rb")
+        self.file, self.decompressor = open(path, "rb"), zstandard.ZstdDecompressor()
+        self.frame, self.in_frame = self.decompressor.decompressobj(), False
+        self.pending, self.taken = b"", 0  # decompressed bytes, and how many of them were read
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        while self.taken == len(self.pending):
+            compressed = self.file.read(1 << 20)
+            if not compressed:
+                if self.in_frame:
+                    raise EOFError("compressed file ended inside a zstd frame")
+                return 0
+            parts = []
+            while compressed:
+                parts.append(self.frame.decompress(compressed))
+                self.in_frame, compressed = True, b""
+                if self.frame.eof:  # the bytes after this frame start the next one
+                    compressed, self.in_frame = self.frame.unused_data, False
+                    self.frame = self.decompressor.decompressobj()
+            self.pending, self.taken = b"".join(parts), 0
+        n = min(len(buffer), len(self.pending) - self.taken)
+        buffer[:n] = self.pending[self.taken:self.taken + n]
+        self.taken += n
+        return n
+
+    def close(self):
+        self.file.close()
+        super().close()
 
 
 def open_text(path):
@@ -343,12 +378,12 @@ class Corpus:
         csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # a note can be far over csv's 128 KB default
         delimiter = "\t" if inner_name(path).endswith(".tsv") else ","
         with open_text(path) as f:
-            reader, line = csv.reader(f, delimiter=delimiter), 1
+            reader = csv.reader(f, delimiter=delimiter)
             try:
                 header = next(reader, None)
                 if header is None:
                     raise PrepareError(f"{path}: empty (no header row)")
-                pick = column_picker(path, header, self.columns, self.fmt)
+                pick, line = column_picker(path, header, self.columns, self.fmt), reader.line_num
                 for row_no, row in enumerate(reader, 1):
                     where = f"{path}: row {row_no} (line {line + 1})"
                     line = reader.line_num  # where the next row starts, less one (cells may span lines)

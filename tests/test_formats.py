@@ -214,6 +214,9 @@ def test_bad_tables_and_archives_are_one_line(tmp_path):
     write_csv(tmp_path / "n.csv", [["id", "TEXT"], [1, "fine"], [2, "one", "too many"], [3, "also\nfine"]])
     rc, lines = run_prepare("--input", tmp_path / "n.csv", "--text_column", "TEXT", *common)
     assert_one_line_error(rc, lines, "n.csv: row 2 (line 3)", "3 fields where the header has 2")
+    write_csv(tmp_path / "m.csv", [["id", "TEXT"], [1, "two\nlines"], [2, "x"], [3, "y"], [4, "z", "extra"]])
+    rc, lines = run_prepare("--input", tmp_path / "m.csv", "--text_column", "TEXT", *common)
+    assert_one_line_error(rc, lines, "m.csv: row 4 (line 6)")
     assert rc == 1 and nothing_left(tmp_path)
 
     rc, lines = run_prepare("--input", tmp_path / "n.csv", "--text_column", "TEXT", "--skip_bad", *common)
@@ -233,6 +236,11 @@ def test_bad_tables_and_archives_are_one_line(tmp_path):
     (tmp_path / "c.jsonl.gz").write_bytes(b"not gzip at all")
     rc, lines = run_prepare("--input", tmp_path / "c.jsonl.gz", *common)
     assert_one_line_error(rc, lines, "c.jsonl.gz: corrupt compressed data")
+    zstandard = pytest.importorskip("zstandard")
+    (tmp_path / "c.csv.zst").write_bytes(zstandard.ZstdCompressor().compress(b"TEXT\nabc\n" * 1000)[:-9])
+    rc, lines = run_prepare("--input", tmp_path / "c.csv.zst", *common)
+    assert_one_line_error(rc, lines, "c.csv.zst: corrupt compressed data")
+    assert nothing_left(tmp_path)
 
     rc, lines = run_prepare("--input", tmp_path / "n.csv", "--columns", "instruction=id,outptu=TEXT", *common)
     assert_one_line_error(rc, lines, "--columns", "unknown field 'outptu'")
