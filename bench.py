@@ -258,19 +258,38 @@ def read_notes(path):
         return [json.loads(line).get("text") for line in f if line.strip()]
 
 
-def prepare_peak_rss(path, tok_path, workers, out):
-    """Peak resident memory (MiB) of `python -m data.prepare` on path, its worker processes included:
-    wait4 reports the largest of the process and the children it waited for."""
+def tree_pss_mib(pid):
+    """Proportional set size (MiB) of pid and all its descendants: pages they share are counted once."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(child) for child in f.read().split()]
+        except (OSError, StopIteration):  # it ended meanwhile
+            pass
+    return total / 1024
+
+
+def prepare_peak_memory(path, tok_path, workers, out):
+    """Peak memory (MiB) of `python -m data.prepare` on path with its worker processes, sampled every
+    50 ms. Not ru_maxrss: Linux carries that across fork and exec, so a child started by this
+    (large) process would report this process's memory as its own."""
     argv = [sys.executable, "-m", "data.prepare", "--input", path, "--out", out, "--tokenizer", tok_path,
             "--workers", str(workers)] + (["--text_column", "TEXT"] if path.endswith(".csv") else [])
-    proc = subprocess.Popen(argv, cwd=os.path.dirname(os.path.abspath(__file__)), stderr=subprocess.PIPE)
-    stderr = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise BenchError(f"data.prepare failed: {stderr.decode(errors='replace').strip()[-500:]}")
+    with tempfile.TemporaryFile() as stderr:
+        proc = subprocess.Popen(argv, cwd=os.path.dirname(os.path.abspath(__file__)), stderr=stderr)
+        peak = 0.0
+        while proc.poll() is None:
+            peak = max(peak, tree_pss_mib(proc.pid))
+            time.sleep(0.05)
+        if proc.returncode:
+            stderr.seek(0)
+            raise BenchError(f"data.prepare failed: {stderr.read().decode(errors='replace').strip()[-500:]}")
     shutil.rmtree(out)
-    return usage.ru_maxrss / 1024  # Linux reports KiB
+    return peak
 
 
 def cmd_prepare(args, dev):
@@ -313,15 +332,15 @@ def cmd_prepare(args, dev):
             shutil.rmtree(os.path.join(tmp, f"shards{i}"))
         ours_s, ref_s, one_s = (statistics.median(v[args.warmup:]) for v in times.values())
         ours_tokens = meta["tokens"] - 2 * meta["documents"]  # without the BOS and EOS that prepare adds
-        rss = prepare_peak_rss(path, tok_path, args.workers, os.path.join(tmp, "rss")) if args.rss else None
+        peak_mib = prepare_peak_memory(path, tok_path, args.workers, os.path.join(tmp, "m")) if args.memory else None
 
     case = f"{mb:.1f} MB {'CSV' if path.endswith('.csv') else 'JSONL'}, {len(texts):,} notes, {args.workers} workers"
     vs, ceiling = f"{lib}, {args.workers} threads", f"ceiling: {args.workers} x single-thread {lib}"
     rows = [row(case, "tokens/s", ours_tokens / ours_s, vs, ref_tokens / ref_s),
             row(case, "MB/s", mb / ours_s, vs, mb / ref_s),
             row(case, "tokens/s", ours_tokens / ours_s, ceiling, args.workers * ref_tokens / one_s)]
-    if rss is not None:
-        rows.append(row(case, "peak RSS MiB", rss, "input file MiB", mb * 1e6 / 2**20))
+    if peak_mib is not None:
+        rows.append(row(case, "peak PSS MiB", peak_mib, "input file MiB", mb * 1e6 / 2**20))
     notes = [f"ours: data.prepare end to end (read the input, tokenize on {args.workers} processes, write shards "
              f"and meta.json), {ours_s:.2f}s; reference: the same tokenizer's batch encode of the same texts, "
              f"already in memory, {ref_s:.2f}s on {args.workers} threads, {one_s:.2f}s on one (the ceiling is "
@@ -329,9 +348,9 @@ def cmd_prepare(args, dev):
              f"after {args.warmup} warm-up(s). Tokens counted without BOS/EOS.",
              f"token counts {'agree' if ours_tokens == ref_tokens else 'DIFFER'}: ours {ours_tokens:,}, "
              f"reference {ref_tokens:,}; tokenizer {tok_path}."]
-    if rss is not None:
-        notes.append("peak RSS: one more `python -m data.prepare` run in a subprocess; the largest resident set "
-                     "of it and its workers (wait4 ru_maxrss).")
+    if peak_mib is not None:
+        notes.append("peak PSS: one more `python -m data.prepare` run in a subprocess; the largest sum of the "
+                     "proportional set sizes of it and its workers, sampled every 50 ms.")
     report(args, dev, "Data preparation", rows, notes)
 
 
@@ -670,7 +689,7 @@ class Bench:
         self.shared = dict(json=json, device=device, warmup=warmup, iters=iters)
 
     def prepare(self, tokenizer: str = None, mb: float = 20.0, workers: int = None, input: str = None,
-                csv: bool = False, rss: bool = False):
+                csv: bool = False, memory: bool = False):
         """data.prepare end to end vs the bare tokenizer's batch encode and the cores' ceiling.
 
         Args:
@@ -679,7 +698,7 @@ class Bench:
             workers: processes (default: all cores).
             input: a JSONL of {"text"} records (or a .csv with a TEXT column) instead of the synthetic notes.
             csv: write the synthetic notes as a CSV (quoted multi-line TEXT cells) instead of JSONL.
-            rss: also measure the peak resident memory of one more run, in a subprocess.
+            memory: also measure the peak memory (PSS) of one more run, in a subprocess.
         """
         workers = workers or len(os.sched_getaffinity(0))
         self._run(cmd_prepare, locals())
