@@ -9,9 +9,10 @@ each, or many with --doc_separator REGEX (split_documents: streamed, chunk by ch
 hold one record per line (.json: JSON lines, or one array of records, which is read whole);
 .csv/.tsv rows (the csv module: quoted cells may span lines) and .parquet rows (pyarrow, batch by
 batch) become records through --text_column / --columns (column_picker), or through their header
-names. Any file but Parquet may be .gz or .zst compressed (open_binary streams it). A record is {"text"} (plain text), {"instruction","input","output"} or an alias
-pair (question/answer, prompt/response, prompt/completion, input/output) (instruct), or
-{"messages": [{"role","content"}]} / ShareGPT {"conversations": [{"from","value"}]} (chat).
+names. Any file but Parquet may be .gz or .zst compressed (open_binary streams it). A record is
+{"text"} (plain text), {"instruction","input","output"} or an alias pair (question/answer,
+prompt/response, prompt/completion, input/output) (instruct), or {"messages": [{"role","content"}]}
+/ ShareGPT {"conversations": [{"from","value"}]} (chat).
 --format auto decides per record; text, instruct or chat insists on one kind (jsonl = text).
 
 Text documents become BOS tokens EOS with every token a target. Instruct and chat records go
@@ -419,7 +420,6 @@ class Corpus:
                     yield from self._records_to_docs([(f"{path}: row {row_no}", pick(row))], quiet)
         except (pyarrow.ArrowException, OSError) as e:
             raise PrepareError(f"{path}: unreadable Parquet data after row {row_no} ({e})") from None
-
 
 
 # ---------------------------------------------------------------------------------------------
