@@ -359,3 +359,17 @@ def test_train_py_on_llmc_shards_equals_training_on_ours(small_vocab_shards, tmp
     ours, theirs = log(tmp_path / "ours"), log(tmp_path / "theirs")
     assert len(ours) == 3 and [r["loss"] for r in ours] == [r["loss"] for r in theirs]
     assert not (llmc / "meta.json").exists()
+
+
+def test_bench_prepare_csv_ceiling_and_memory(tmp_path):
+    import subprocess
+
+    out = subprocess.run([sys.executable, "bench.py", "prepare", "--warmup", "0", "--iters", "1", "--json",
+                          tmp_path / "b.json", "--mb", "0.2", "--csv", "--memory", "--workers", "2"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [r["metric"] for r in rows] == ["tokens/s", "MB/s", "tokens/s", "peak PSS MiB"]
+    assert "CSV" in rows[0]["case"] and rows[2]["vs"].startswith("ceiling: 2 x single-thread")
+    assert rows[3]["ours"] > 20  # at least a Python interpreter with the tokenizer loaded
+    assert "token counts agree" in out.stdout
