@@ -146,8 +146,12 @@ def load_meta(data_dir, infer=True):
 def infer_meta(data_dir):
     """The meta of a directory of llm.c / nano-llama31 shards without meta.json ("inferred": true;
     vocab_size None until validate() is given the tokenizer's). Raises ShardError naming the file."""
-    names = {split: [] for split in SPLITS}
-    for name in sorted(os.listdir(data_dir)):
+    names, listing = {split: [] for split in SPLITS}, sorted(os.listdir(data_dir))
+    sidecar = next((name for name in listing if name.endswith((".mask", ".docs"))), None)
+    if sidecar:  # data.prepare's shards: without meta.json, nothing would say the masks are there
+        raise ShardError(f"{os.path.join(data_dir, 'meta.json')}: missing, yet {sidecar} is there; "
+                         f"re-run data.prepare")
+    for name in listing:
         found = SPLIT_IN_NAME.findall(name[: -len(".bin")]) if name.endswith(".bin") else []
         if len(set(found)) == 1:  # a name that says both train and val says nothing
             names[found[0]].append(name)

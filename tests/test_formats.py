@@ -327,6 +327,10 @@ def test_llmc_shards_read_as_they_are(small_vocab_shards, tmp_path):
         shards.validate(str(llmc), vocab_size=128256)
     with pytest.raises(shards.ShardError, match=r"token id \d+ is beyond the vocabulary size 100"):
         shards.validate(str(llmc), vocab_size=100)
+    (llmc / "corpus_val_000000.mask").write_bytes(b"")  # data.prepare's files, with meta.json lost
+    with pytest.raises(shards.ShardError, match="meta.json: missing, yet corpus_val_000000.mask is there"):
+        shards.load_meta(str(llmc))
+    os.remove(llmc / "corpus_val_000000.mask")
     os.remove(llmc / "corpus_val_000000.bin")
     with pytest.raises(shards.ShardError, match="meta.json: missing .*_val_"):
         shards.load_meta(str(llmc))
