@@ -469,7 +469,8 @@ def _init_worker(tokenizer_path, in_pool=False):
 
     if in_pool:  # Ctrl-C is the parent's to handle; workers would each print a traceback
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _tok = tokenizer.load(tokenizer_path)
+    if _tok is None:  # a forked worker has the parent's (set by encode_all): loading takes ~0.5 s
+        _tok = tokenizer.load(tokenizer_path)
 
 
 def doc_bytes(doc):
@@ -538,26 +539,30 @@ def _unbatch(batch, result):
         start += n
 
 
-def encode_all(docs, tokenizer_path, workers, seed):
-    """Yield (doc, split_hash, ids, mask, n_masked, error) in input order, tokenizing on
-    `workers` processes."""
-    if workers <= 1:
-        _init_worker(tokenizer_path)
-        for batch in _batches(docs):
-            yield from _unbatch(batch, _encode_batch(batch, seed))
-        return
-    with multiprocessing.Pool(workers, _init_worker, (tokenizer_path, True)) as pool:
-        # Pool.imap would read the whole corpus ahead into its task queue; a bounded window of
-        # in-flight batches keeps memory flat while preserving order.
-        pending = deque()
-        for batch in _batches(docs):
-            pending.append((batch, pool.apply_async(_encode_batch, (batch, seed))))
-            if len(pending) >= 2 * workers:
+def encode_all(docs, tok, workers, seed):
+    """Yield (doc, split_hash, ids, mask, n_masked, error) in input order, tokenizing with the
+    loaded tokenizer tok on `workers` processes."""
+    global _tok
+    _tok = tok  # workers started by fork inherit it; others load tok.path
+    try:
+        if workers <= 1:
+            for batch in _batches(docs):
+                yield from _unbatch(batch, _encode_batch(batch, seed))
+            return
+        with multiprocessing.Pool(workers, _init_worker, (tok.path, True)) as pool:
+            # Pool.imap would read the whole corpus ahead into its task queue; a bounded window of
+            # in-flight batches keeps memory flat while preserving order.
+            pending = deque()
+            for batch in _batches(docs):
+                pending.append((batch, pool.apply_async(_encode_batch, (batch, seed))))
+                if len(pending) >= 2 * workers:
+                    batch, result = pending.popleft()
+                    yield from _unbatch(batch, result.get())
+            while pending:
                 batch, result = pending.popleft()
                 yield from _unbatch(batch, result.get())
-        while pending:
-            batch, result = pending.popleft()
-            yield from _unbatch(batch, result.get())
+    finally:
+        _tok = None  # the next run may bring another tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -751,10 +756,12 @@ def _tokenizer_into(tmp, corpus, tokenizer_path, vocab_size, seed):
         source = f"trained (--vocab_size {vocab_size})"
     else:
         try:
-            source = os.path.abspath(tokenizer.load(tokenizer_path).path)
+            tok = tokenizer.load(tokenizer_path)
         except tokenizer.TokenizerError as e:
             raise PrepareError(f"--tokenizer {tokenizer_path}: {e}") from None
+        source = os.path.abspath(tok.path)
         shutil.copyfile(source, model_path)
+        return tok, source  # loaded once: the copy is the same bytes
     return tokenizer.load(model_path), source
 
 
@@ -767,7 +774,7 @@ def _write_splits(tmp, corpus, docs, tok, workers, seed, val_fraction, shard_tok
     held, assigned = {"train": None, "val": None}, {"train": 0, "val": 0}
     kinds = {"text": 0, "instruct": 0, "chat": 0}
     done_docs, done_tokens, t_start, last_log = 0, 0, time.time(), time.time()
-    for doc, u, ids, mask, masked, error in encode_all(docs, tok.path, workers, seed):
+    for doc, u, ids, mask, masked, error in encode_all(docs, tok, workers, seed):
         if error:
             corpus.bad(doc.where, error, quiet=False)
             continue
