@@ -216,7 +216,9 @@ def validate(data_dir, split=None, vocab_size=None, tokenizer_sha256=None):
     mask and docs files exist where meta says so, align token for token and hold only 0/1 (and
     that each split's stream starts a document), that every id is below
     vocab_size (the model's; default the tokenizer's from meta.json) and, when given, that the
-    shards were made with the tokenizer whose file has sha256 tokenizer_sha256.
+    shards were made with the tokenizer whose file has sha256 tokenizer_sha256. A directory of llm.c
+    shards (no meta.json) records no tokenizer: vocab_size, which it then needs, becomes its
+    vocabulary, and uint16 shards are refused for one over 65536 tokens.
     Raises ShardError naming the offending file.
     """
     meta = load_meta(data_dir)
