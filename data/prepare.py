@@ -5,10 +5,14 @@
     python -m data.prepare --demo                 # ICD-10-CM tabular list -> shards/icd10cm
 
 Input: a file, a directory (searched recursively) or a glob. .txt/.md files are one document
-each; .jsonl files hold one record per line (.json: JSON lines, or one array of records, which
-is read whole). A record is {"text"} (plain text), {"instruction","input","output"} or an alias
-pair (question/answer, prompt/response, prompt/completion, input/output) (instruct), or
-{"messages": [{"role","content"}]} / ShareGPT {"conversations": [{"from","value"}]} (chat).
+each, or many with --doc_separator REGEX (split_documents: streamed, chunk by chunk); .jsonl files
+hold one record per line (.json: JSON lines, or one array of records, which is read whole);
+.csv/.tsv rows (the csv module: quoted cells may span lines) and .parquet rows (pyarrow, batch by
+batch) become records through --text_column / --columns (column_picker), or through their header
+names. Any file but Parquet may be .gz or .zst compressed (open_binary streams it). A record is
+{"text"} (plain text), {"instruction","input","output"} or an alias pair (question/answer,
+prompt/response, prompt/completion, input/output) (instruct), or {"messages": [{"role","content"}]}
+/ ShareGPT {"conversations": [{"from","value"}]} (chat).
 --format auto decides per record; text, instruct or chat insists on one kind (jsonl = text).
 
 Text documents become BOS tokens EOS with every token a target. Instruct and chat records go
@@ -25,19 +29,26 @@ boundaries, and each mask and docs file matches its shard token for token.
 
 Each document goes to val when a seeded hash of its content falls below --val_fraction, so the
 split streams, does not depend on --workers, and exact duplicates never straddle it. If that
-leaves a split empty, the document nearest the threshold is moved over.
+leaves a split empty, the document nearest the threshold is moved over; if the whole input is
+one document, its last --val_fraction of tokens is val (nanoGPT's rule). --dedup drops exact
+repeats of a document before tokenizing (drop_duplicates) and meta.json counts them.
 Everything is written to DIR.tmp and swapped in as a whole at the end (atomic.write_dir);
 --overwrite replaces only a shard directory this tool wrote, never the input.
 """
+import csv
 import glob
+import gzip
 import hashlib
+import io
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import sys
 import time
+import zlib
 from collections import deque, namedtuple
 
 import numpy as np
@@ -49,6 +60,15 @@ from data import shards
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT_EXTS = (".txt", ".md")
 JSON_EXTS = (".jsonl", ".json")
+TABLE_EXTS = (".csv", ".tsv")
+PARQUET_EXTS = (".parquet",)
+COMPRESSED_EXTS = (".gz", ".zst")  # after any of the above but .parquet (which compresses inside)
+# the fields a record may have, and so the names --columns may map columns to
+RECORD_FIELDS = ("text", "instruction", "input", "output", "question", "answer", "prompt", "response",
+                 "completion", "system")
+SEPARATOR_MAX = 1 << 16  # the longest --doc_separator match that is sure to be found across read chunks
+# what a damaged .gz / .zst raises while it is read (zstandard's error joins when it is imported)
+DECOMPRESS_ERRORS = {EOFError, zlib.error, gzip.BadGzipFile}
 INSTRUCT_KEYS = [("instruction", "output"), ("question", "answer"), ("prompt", "response"),
                  ("prompt", "completion"), ("input", "output")]
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -75,22 +95,133 @@ def log(msg):
 # reading records
 
 
-def list_files(path):
+def inner_name(path):
+    """The file name without its .gz / .zst suffix: what the (decompressed) content is."""
+    for ext in COMPRESSED_EXTS:
+        if path.endswith(ext):
+            return path[: -len(ext)]
+    return path
+
+
+def is_table(path):
+    return inner_name(path).endswith(TABLE_EXTS) or path.endswith(PARQUET_EXTS)
+
+
+def list_files(path, tables=False):
+    """The input files of --input: a file, a glob, or a directory searched recursively. In a directory,
+    CSV/TSV/Parquet files count when `tables` (--text_column / --columns) or when it holds nothing
+    else: a table next to the notes is more often a side file than part of the corpus."""
     if os.path.isfile(path):
         return [path]
     if os.path.isdir(path):
         found = []
         for dirpath, dirnames, filenames in os.walk(path):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            found += [os.path.join(dirpath, f) for f in filenames
-                      if not f.startswith(".") and f.endswith(TEXT_EXTS + JSON_EXTS)]
+            found += [os.path.join(dirpath, f) for f in filenames if not f.startswith(".")
+                      and (inner_name(f).endswith(TEXT_EXTS + JSON_EXTS + TABLE_EXTS) or f.endswith(PARQUET_EXTS))]
+        documents = [f for f in found if not is_table(f)]
+        found = found if tables or not documents else documents
         if not found:
-            raise PrepareError(f"--input {path}: no .txt, .md, .json or .jsonl files in it")
+            raise PrepareError(f"--input {path}: no .txt, .md, .json or .jsonl files in it "
+                               f"(nor .csv, .tsv, .parquet, nor .gz / .zst of them)")
         return sorted(found)
     found = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
     if not found:
         raise PrepareError(f"--input {path}: no such file or directory, and no file matches it as a glob")
     return found
+
+
+def open_binary(path):
+    """The file's bytes, decompressed on the fly for .gz and .zst: streamed, never read whole."""
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(".zst"):
+        return io.BufferedReader(ZstdReader(path), 1 << 20)
+    return open(path, "rb")
+
+
+class ZstdReader(io.RawIOBase):
+    """A .zst file's decompressed bytes, frame after frame (parallel compressors write many). A file
+    that ends inside a frame raises EOFError, as gzip does; zstandard's stream_reader would end quietly."""
+
+    def __init__(self, path):
+        import zstandard  # only for .zst inputs
+
+        DECOMPRESS_ERRORS.add(zstandard.ZstdError)
+        self.file, self.decompressor = open(path, "rb"), zstandard.ZstdDecompressor()
+        self.frame, self.in_frame = self.decompressor.decompressobj(), False
+        self.pending, self.taken = b"", 0  # decompressed bytes, and how many of them were read
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        while self.taken == len(self.pending):
+            compressed = self.file.read(1 << 20)
+            if not compressed:
+                if self.in_frame:
+                    raise EOFError("compressed file ended inside a zstd frame")
+                return 0
+            parts = []
+            while compressed:
+                parts.append(self.frame.decompress(compressed))
+                self.in_frame, compressed = True, b""
+                if self.frame.eof:  # the bytes after this frame start the next one
+                    compressed, self.in_frame = self.frame.unused_data, False
+                    self.frame = self.decompressor.decompressobj()
+            self.pending, self.taken = b"".join(parts), 0
+        n = min(len(buffer), len(self.pending) - self.taken)
+        buffer[:n] = self.pending[self.taken:self.taken + n]
+        self.taken += n
+        return n
+
+    def close(self):
+        self.file.close()
+        super().close()
+
+
+def open_text(path):
+    """The file as UTF-8 text, line endings as they are (csv needs newline="", text keeps \\r\\n)."""
+    return io.TextIOWrapper(open_binary(path), encoding="utf-8", newline="")
+
+
+def split_documents(f, separator, chunk_chars=1 << 20):
+    """The texts between matches of the compiled regex `separator` in text stream f, read a chunk at a
+    time. A match counts only once SEPARATOR_MAX characters follow it (or the stream has ended), so
+    any separator shorter than that splits exactly as re.split over the whole text would."""
+    buffer, scan_from, ended = "", 0, False
+    while not ended:
+        chunk = f.read(max(chunk_chars, len(buffer)))  # doubling: a long document costs linear time
+        ended = not chunk
+        buffer += chunk
+        start = 0
+        for m in separator.finditer(buffer, scan_from):
+            if not ended and m.end() > len(buffer) - SEPARATOR_MAX:
+                break  # more text might extend or move this match
+            if m.end() > m.start():
+                yield buffer[start:m.start()]
+                start = m.end()
+        buffer = buffer[start:]
+        # every match ending before len - SEPARATOR_MAX was taken, so the next starts after this
+        scan_from = max(0, len(buffer) - 2 * SEPARATOR_MAX)
+    yield buffer
+
+
+def column_picker(path, names, columns, fmt):
+    """A function: one row (values in the order of `names`) -> a record dict, keyed by the record
+    fields of --columns [(field, column)], or by the header's own names when columns is None."""
+    shown = ", ".join(names[:40]) + (", ..." if len(names) > 40 else "")
+    if columns is None:
+        known = "text" in names or any(q in names and a in names for q, a in INSTRUCT_KEYS)
+        if fmt in ("auto", "text", "jsonl", "instruct") and not known:
+            raise PrepareError(f"{path}: no 'text' or instruction/output columns (its columns: {shown}); "
+                               f"name one with --text_column or --columns")
+        return lambda row: dict(zip(names, row))
+    missing = [column for _, column in columns if column not in names]
+    if missing:
+        raise PrepareError(f"{path}: no column '{missing[0]}' (its columns: {shown})")
+    index = [(field, names.index(column)) for field, column in columns]
+    return lambda row: {field: row[i] for field, i in index}
 
 
 def _text(rec, key, required=True):
@@ -154,11 +285,17 @@ def record_to_doc(rec, fmt, where):
 
 
 class Corpus:
-    """Documents from files, read lazily; iterate docs() as many times as needed."""
+    """Documents from files, read lazily; iterate docs() as many times as needed.
 
-    def __init__(self, path, fmt="auto", skip_bad=False):
-        self.files, self.fmt, self.skip_bad = list_files(path), fmt, skip_bad
+    columns: [(record field, column)] for CSV/TSV/Parquet files (None: the header's own names);
+    doc_separator: a regex that splits text files into documents (None: one document a file)."""
+
+    def __init__(self, path, fmt="auto", skip_bad=False, columns=None, doc_separator=None):
+        self.files, self.fmt, self.skip_bad = list_files(path, tables=bool(columns)), fmt, skip_bad
+        self.columns, self.separator = columns, doc_separator and re.compile(doc_separator)
         self.skipped = 0
+        if columns and not any(is_table(f) for f in self.files):
+            raise PrepareError(f"--input {path}: no CSV, TSV or Parquet file for --text_column / --columns")
 
     def bad(self, where, reason, quiet):
         if not self.skip_bad:
@@ -171,33 +308,52 @@ class Corpus:
     def docs(self, quiet=False):
         """quiet: a dry pass (vocab training) that neither counts nor reports skipped records."""
         for path in self.files:
-            if not path.endswith(JSON_EXTS):
-                if self.fmt not in ("auto", "text", "jsonl"):
-                    self.bad(path, f"plain-text file but --format {self.fmt}", quiet)
-                    continue
-                with open(path, "rb") as f:
-                    raw = f.read()
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    self.bad(path, f"not UTF-8 text (byte {e.start})", quiet)
-                    continue
-                if text.strip():
-                    yield Doc(path, "text", text)
+            name = inner_name(path)
+            try:
+                if name.endswith(JSON_EXTS):
+                    yield from self._json_docs(path, quiet)
+                elif name.endswith(TABLE_EXTS):
+                    yield from self._table_docs(path, quiet)
+                elif path.endswith(PARQUET_EXTS):
+                    yield from self._parquet_docs(path, quiet)
                 else:
-                    self.bad(path, "empty text", quiet)
-                continue
-            for where, rec in self._records(path, quiet):
-                try:
-                    yield record_to_doc(rec, self.fmt, where)
-                except BadRecord as e:
-                    self.bad(where, str(e), quiet)
+                    yield from self._text_docs(path, quiet)
+            except tuple(DECOMPRESS_ERRORS) as e:
+                raise PrepareError(f"{path}: corrupt compressed data ({type(e).__name__}: {e})") from None
+
+    def _records_to_docs(self, records, quiet):
+        for where, rec in records:
+            try:
+                yield record_to_doc(rec, self.fmt, where)
+            except BadRecord as e:
+                self.bad(where, str(e), quiet)
+
+    def _text_docs(self, path, quiet):
+        if self.fmt not in ("auto", "text", "jsonl"):
+            self.bad(path, f"plain-text file but --format {self.fmt}", quiet)
+            return
+        try:
+            with open_text(path) as f:
+                if not self.separator:
+                    text = f.read()
+                    if text.strip():
+                        yield Doc(path, "text", text)
+                    else:
+                        self.bad(path, "empty text", quiet)
+                    return
+                for i, text in enumerate(split_documents(f, self.separator), 1):
+                    if text.strip():  # nothing between two separators is no document, not a bad one
+                        yield Doc(f"{path}: document {i}", "text", text)
+        except UnicodeDecodeError:
+            self.bad(path, "not UTF-8 text", quiet)
+
+    def _json_docs(self, path, quiet):
+        yield from self._records_to_docs(self._records(path, quiet), quiet)
 
     def _records(self, path, quiet):
-        with open(path, "rb") as f:
-            head = f.read(4096).lstrip()
-            f.seek(0)
-            if path.endswith(".json") and head.startswith(b"["):
+        with open_binary(path) as f:
+            head = f.peek(4096)[:4096].lstrip()  # without consuming it: a .gz stream cannot seek back
+            if inner_name(path).endswith(".json") and head.startswith(b"["):
                 try:
                     records = json.load(f)
                 except (ValueError, UnicodeDecodeError) as e:
@@ -217,6 +373,53 @@ class Corpus:
                     self.bad(f"{path}:{lineno}", f"malformed JSON ({e.msg} at column {e.colno})", quiet)
                     continue
                 yield f"{path}:{lineno}", rec
+
+    def _table_docs(self, path, quiet):
+        """CSV / TSV through the csv module: quoted cells may hold commas, quotes and newlines."""
+        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # a note can be far over csv's 128 KB default
+        delimiter = "\t" if inner_name(path).endswith(".tsv") else ","
+        with open_text(path) as f:
+            reader = csv.reader(f, delimiter=delimiter)
+            try:
+                header = next(reader, None)
+                if header is None:
+                    raise PrepareError(f"{path}: empty (no header row)")
+                pick, line = column_picker(path, header, self.columns, self.fmt), reader.line_num
+                for row_no, row in enumerate(reader, 1):
+                    where = f"{path}: row {row_no} (line {line + 1})"
+                    line = reader.line_num  # where the next row starts, less one (cells may span lines)
+                    if not row:
+                        continue
+                    if len(row) != len(header):
+                        self.bad(where, f"{len(row)} fields where the header has {len(header)}", quiet)
+                        continue
+                    yield from self._records_to_docs([(where, pick(row))], quiet)
+            except csv.Error as e:
+                raise PrepareError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
+            except UnicodeDecodeError:
+                raise PrepareError(f"{path}: not UTF-8 text (after line {reader.line_num})") from None
+
+    def _parquet_docs(self, path, quiet, batch_rows=1024):
+        """Parquet, a batch of rows at a time (pyarrow reads it row group by row group)."""
+        import pyarrow
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.ParquetFile(path)
+        except (pyarrow.ArrowException, OSError) as e:
+            raise PrepareError(f"{path}: not a readable Parquet file ({e})") from None
+        names = table.schema_arrow.names
+        column_picker(path, names, self.columns, self.fmt)  # refuses a missing column, listing the file's
+        wanted = list(dict.fromkeys(column for _, column in self.columns)) if self.columns else names
+        pick = column_picker(path, wanted, self.columns, self.fmt)
+        row_no = 0
+        try:
+            for batch in table.iter_batches(batch_size=batch_rows, columns=wanted):
+                for row in zip(*(column.to_pylist() for column in batch.columns)):
+                    row_no += 1
+                    yield from self._records_to_docs([(f"{path}: row {row_no}", pick(row))], quiet)
+        except (pyarrow.ArrowException, OSError) as e:
+            raise PrepareError(f"{path}: unreadable Parquet data after row {row_no} ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +469,28 @@ def _init_worker(tokenizer_path, in_pool=False):
 
     if in_pool:  # Ctrl-C is the parent's to handle; workers would each print a traceback
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _tok = tokenizer.load(tokenizer_path)
+    if _tok is None:  # a forked worker has the parent's (set by encode_all): loading takes ~0.5 s
+        _tok = tokenizer.load(tokenizer_path)
+
+
+def doc_bytes(doc):
+    """A document's content as bytes: what the split hash and --dedup look at."""
+    if doc.kind == "text":
+        return doc.payload.encode("utf-8")
+    return json.dumps(doc.payload, sort_keys=True, ensure_ascii=False).encode("utf-8")
+
+
+def drop_duplicates(docs, dropped):
+    """docs without exact repeats of an earlier one (copied-forward notes); counts them in
+    dropped[0]. Holds a 16-byte digest per distinct document, so memory grows with their number."""
+    seen = set()
+    for doc in docs:
+        digest = hashlib.blake2b(doc_bytes(doc), digest_size=16).digest()
+        if digest in seen:
+            dropped[0] += 1
+            continue
+        seen.add(digest)
+        yield doc
 
 
 def _encode_batch(docs, seed):
@@ -275,11 +499,7 @@ def _encode_batch(docs, seed):
     to the parent far faster than thousands of small ones. split_hash is uniform in [0, 1)."""
     info, ids, masks = [], [], []
     for doc in docs:
-        if doc.kind == "text":
-            key = doc.payload.encode("utf-8")
-        else:
-            key = json.dumps(doc.payload, sort_keys=True, ensure_ascii=False).encode("utf-8")
-        digest = hashlib.blake2b(key, digest_size=8, key=str(seed).encode()).digest()
+        digest = hashlib.blake2b(doc_bytes(doc), digest_size=8, key=str(seed).encode()).digest()
         u = int.from_bytes(digest, "little") / 2**64
         try:
             if doc.kind == "text":
@@ -319,26 +539,30 @@ def _unbatch(batch, result):
         start += n
 
 
-def encode_all(docs, tokenizer_path, workers, seed):
-    """Yield (doc, split_hash, ids, mask, n_masked, error) in input order, tokenizing on
-    `workers` processes."""
-    if workers <= 1:
-        _init_worker(tokenizer_path)
-        for batch in _batches(docs):
-            yield from _unbatch(batch, _encode_batch(batch, seed))
-        return
-    with multiprocessing.Pool(workers, _init_worker, (tokenizer_path, True)) as pool:
-        # Pool.imap would read the whole corpus ahead into its task queue; a bounded window of
-        # in-flight batches keeps memory flat while preserving order.
-        pending = deque()
-        for batch in _batches(docs):
-            pending.append((batch, pool.apply_async(_encode_batch, (batch, seed))))
-            if len(pending) >= 2 * workers:
+def encode_all(docs, tok, workers, seed):
+    """Yield (doc, split_hash, ids, mask, n_masked, error) in input order, tokenizing with the
+    loaded tokenizer tok on `workers` processes."""
+    global _tok
+    _tok = tok  # workers started by fork inherit it; others load tok.path
+    try:
+        if workers <= 1:
+            for batch in _batches(docs):
+                yield from _unbatch(batch, _encode_batch(batch, seed))
+            return
+        with multiprocessing.Pool(workers, _init_worker, (tok.path, True)) as pool:
+            # Pool.imap would read the whole corpus ahead into its task queue; a bounded window of
+            # in-flight batches keeps memory flat while preserving order.
+            pending = deque()
+            for batch in _batches(docs):
+                pending.append((batch, pool.apply_async(_encode_batch, (batch, seed))))
+                if len(pending) >= 2 * workers:
+                    batch, result = pending.popleft()
+                    yield from _unbatch(batch, result.get())
+            while pending:
                 batch, result = pending.popleft()
                 yield from _unbatch(batch, result.get())
-        while pending:
-            batch, result = pending.popleft()
-            yield from _unbatch(batch, result.get())
+    finally:
+        _tok = None  # the next run may bring another tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,7 +701,7 @@ def check_out(out, corpus, overwrite):
     if not overwrite:
         raise PrepareError(f"--out {out}: exists and is not empty (pass --overwrite to replace it)")
     try:
-        shards.load_meta(out)
+        shards.load_meta(out, infer=False)  # llm.c shards are not ours to replace
     except shards.ShardError:
         raise PrepareError(f"--out {out}: not a shard directory made by data.prepare (no readable "
                            f"meta.json); --overwrite only replaces those. Choose another --out") from None
@@ -489,7 +713,7 @@ def _within(path, directory):
 
 
 def prepare(corpus, out, tokenizer_path=None, vocab_size=None, val_fraction=0.005, seed=0,
-            shard_tokens=100_000_000, workers=None, overwrite=False, command=""):
+            shard_tokens=100_000_000, workers=None, overwrite=False, command="", dedup=False):
     """Tokenize corpus into shards under out; returns the meta dict written to out/meta.json.
     Everything is written to OUT.tmp and swapped in whole (atomic.write_dir): a kill or a full
     disk leaves the previous out as it was."""
@@ -501,8 +725,12 @@ def prepare(corpus, out, tokenizer_path=None, vocab_size=None, val_fraction=0.00
     def fill(tmp):
         tok, source = _tokenizer_into(tmp, corpus, tokenizer_path, vocab_size, seed)
         t_tok = time.time()
-        stats, kinds = _write_splits(tmp, corpus, tok, workers, seed, val_fraction, shard_tokens)
+        docs, dropped = corpus.docs(), [0]
+        if dedup:
+            docs = drop_duplicates(docs, dropped)
+        stats, kinds = _write_splits(tmp, corpus, docs, tok, workers, seed, val_fraction, shard_tokens)
         meta = _meta(tok, source, stats, kinds, corpus.skipped, val_fraction, seed, shard_tokens, command)
+        meta["duplicates_dropped"] = dropped[0] if dedup else None  # None: --dedup was not asked for
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=2)
         result.update(meta=meta, t_tok=t_tok)
@@ -510,9 +738,10 @@ def prepare(corpus, out, tokenizer_path=None, vocab_size=None, val_fraction=0.00
     atomic.write_dir(out, fill)
     meta, t_end = result["meta"], time.time()
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    dropped = "" if meta["duplicates_dropped"] is None else f"{meta['duplicates_dropped']:,} duplicates dropped; "
     log(f"wrote {out}: train {tr['tokens']:,} tokens / {tr['documents']:,} docs in {len(tr['shards'])} shard(s), "
         f"val {va['tokens']:,} tokens / {va['documents']:,} docs; {meta['masked_tokens']:,} masked tokens; "
-        f"{corpus.skipped} skipped records; {t_end - t0:.1f}s in all, "
+        f"{corpus.skipped} skipped records; {dropped}{t_end - t0:.1f}s in all, "
         f"{meta['tokens'] / (t_end - result['t_tok']):,.0f} tokens/s tokenizing")
     return meta
 
@@ -527,15 +756,17 @@ def _tokenizer_into(tmp, corpus, tokenizer_path, vocab_size, seed):
         source = f"trained (--vocab_size {vocab_size})"
     else:
         try:
-            source = os.path.abspath(tokenizer.load(tokenizer_path).path)
+            tok = tokenizer.load(tokenizer_path)
         except tokenizer.TokenizerError as e:
             raise PrepareError(f"--tokenizer {tokenizer_path}: {e}") from None
+        source = os.path.abspath(tok.path)
         shutil.copyfile(source, model_path)
+        return tok, source  # loaded once: the copy is the same bytes
     return tokenizer.load(model_path), source
 
 
-def _write_splits(tmp, corpus, tok, workers, seed, val_fraction, shard_tokens):
-    """Stream the corpus through the tokenizer into train/val shards; returns (each split's stats,
+def _write_splits(tmp, corpus, docs, tok, workers, seed, val_fraction, shard_tokens):
+    """Stream the corpus's docs through the tokenizer into train/val shards; returns (each split's stats,
     documents per record kind)."""
     writers = {s: SplitWriter(tmp, s, tok.n_words, shard_tokens) for s in shards.SPLITS}
     # Each split holds back its document nearest the threshold (train: lowest hash, val: highest)
@@ -543,7 +774,7 @@ def _write_splits(tmp, corpus, tok, workers, seed, val_fraction, shard_tokens):
     held, assigned = {"train": None, "val": None}, {"train": 0, "val": 0}
     kinds = {"text": 0, "instruct": 0, "chat": 0}
     done_docs, done_tokens, t_start, last_log = 0, 0, time.time(), time.time()
-    for doc, u, ids, mask, masked, error in encode_all(corpus.docs(), tok.path, workers, seed):
+    for doc, u, ids, mask, masked, error in encode_all(docs, tok, workers, seed):
         if error:
             corpus.bad(doc.where, error, quiet=False)
             continue
@@ -560,10 +791,16 @@ def _write_splits(tmp, corpus, tok, workers, seed, val_fraction, shard_tokens):
             last_log = time.time()
             log(f"{done_docs:,} documents, {done_tokens:,} tokens, {done_tokens / (last_log - t_start):,.0f} tokens/s")
     total = sum(assigned.values())
-    if total < 2:
-        raise PrepareError(f"{'no documents' if total == 0 else 'only one document'} in the input; "
-                           "need at least two (one for train, one for val)")
-    if assigned["val"] == 0:
+    if total == 0:
+        raise PrepareError("no documents in the input")
+    if total == 1:  # nanoGPT's rule: the last val_fraction of the one document's tokens are val
+        _, ids, mask, _ = held["train"] or held["val"]
+        cut = min(len(ids) - 1, max(1, round(len(ids) * (1 - val_fraction))))
+        log(f"one document in the input: its last {len(ids) - cut:,} of {len(ids):,} tokens are the val split")
+        for split, part in (("train", slice(0, cut)), ("val", slice(cut, None))):
+            writers[split].add(ids[part], mask[part], len(mask[part]) - int(mask[part].sum()))
+        held = {}
+    elif assigned["val"] == 0:
         held["val"], held["train"] = held["train"], None
     elif assigned["train"] == 0:
         held["train"], held["val"] = held["val"], None
@@ -605,6 +842,7 @@ def _meta(tok, source, stats, kinds, skipped, val_fraction, seed, shard_tokens, 
 
 # Each flag's range, checked by cli before any work (the types come from the annotations).
 CHECKS = {"input": non_empty, "out": non_empty, "tokenizer": non_empty, "vocab_size": at_least(260),
+          "text_column": non_empty, "columns": non_empty, "doc_separator": non_empty,
           "format": one_of("auto", "text", "jsonl", "instruct", "chat"), "val_fraction": interval("(0, 1)"),
           "shard_tokens": positive, "workers": positive}
 
@@ -616,7 +854,8 @@ def main(argv=None):
 
 def cli_prepare(input: str = None, out: str = None, tokenizer: str = None, vocab_size: int = None,
                 format: str = "auto", val_fraction: float = 0.005, seed: int = 0, shard_tokens: int = 100_000_000,
-                skip_bad: bool = False, workers: int = None, overwrite: bool = False, demo: bool = False):
+                skip_bad: bool = False, workers: int = None, overwrite: bool = False, demo: bool = False,
+                text_column: str = None, columns: str = None, doc_separator: str = None, dedup: bool = False):
     """Tokenize a corpus into token shards (see data/prepare.py).
 
     Args:
@@ -633,6 +872,13 @@ def cli_prepare(input: str = None, out: str = None, tokenizer: str = None, vocab
         workers: tokenizer processes (default: all cores).
         overwrite: replace an --out that holds shards made by data.prepare (never anything else).
         demo: build the ICD-10-CM demo corpus.
+        text_column: the CSV/TSV/Parquet column that holds plain text (default: one named text).
+        columns: CSV/TSV/Parquet columns as record fields, e.g. instruction=question,output=answer
+            (fields: text, instruction, input, output, question, answer, prompt, response,
+            completion, system).
+        doc_separator: a regular expression that splits text files into documents, such as
+            '\\n\\s*\\n' for a blank line (default: each text file is one document).
+        dedup: drop exact duplicate documents (counted in the summary and meta.json).
     """
     if demo:
         if input:
@@ -644,9 +890,36 @@ def cli_prepare(input: str = None, out: str = None, tokenizer: str = None, vocab
         raise UsageError("--input and --out are required (or --demo)")
     if bool(tokenizer) == bool(vocab_size):
         raise UsageError("give exactly one of --tokenizer and --vocab_size")
-    corpus = DemoCorpus() if demo else Corpus(input, format, skip_bad)
+    record_columns = parse_columns(text_column, columns)
+    if doc_separator:
+        try:
+            if re.compile(doc_separator).fullmatch(""):
+                raise UsageError(f"--doc_separator {doc_separator!r}: matches the empty string")
+        except re.error as e:
+            raise UsageError(f"--doc_separator {doc_separator!r}: not a regular expression ({e})") from None
+    corpus = DemoCorpus() if demo else Corpus(input, format, skip_bad, record_columns, doc_separator)
     prepare(corpus, out, tokenizer_path=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction, seed=seed,
-            shard_tokens=shard_tokens, workers=workers, overwrite=overwrite, command=command_line())
+            shard_tokens=shard_tokens, workers=workers, overwrite=overwrite, command=command_line(), dedup=dedup)
+
+
+def parse_columns(text_column, columns):
+    """[(record field, column)] from --text_column or --columns, or None (the header's names)."""
+    if text_column and columns:
+        raise UsageError("give --text_column or --columns, not both")
+    if text_column:
+        return [("text", text_column)]
+    if not columns:
+        return None
+    pairs = []
+    for item in columns.split(","):
+        field, equals, column = (part.strip() for part in item.partition("="))
+        if not equals or not field or not column:
+            raise UsageError(f"--columns {columns}: expected field=column,... "
+                             f"(e.g. instruction=question,output=answer)")
+        if field not in RECORD_FIELDS:
+            raise UsageError(f"--columns: unknown field '{field}' (known: {', '.join(RECORD_FIELDS)})")
+        pairs.append((field, column))
+    return pairs
 
 
 if __name__ == "__main__":

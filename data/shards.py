@@ -15,9 +15,16 @@ every BOS token). A document is a whole record: a text, an instruction record or
 Docs files exist because BOS is not always a document start: Llama 2's chat layout puts a BOS
 before every exchange of a dialog. DIR/meta.json describes the whole thing ("has_mask",
 "has_docs").
+
+A directory of llm.c / nano-llama31 shards has no meta.json (say fineweb_train_000001.bin,
+fineweb_val_000000.bin): infer_meta reads it as it is. The splits come from "train" / "val" in
+the file names, the token width from the headers, the document start token from the first token
+of the train split (llm.c starts every document with GPT-2's <|endoftext|>, nano-llama31 with
+Llama 3's <|begin_of_text|>), and the vocabulary from the tokenizer that validate() is given.
 """
 import json
 import os
+import re
 from collections import namedtuple
 
 import numpy as np
@@ -38,6 +45,8 @@ FORMATS = {
     (MAGIC_DOCS, VERSION_DOCS): np.dtype("u1"),
 }
 SPLITS = ("train", "val")
+# llm.c / nano-llama31 shard names: the split is a word of the name (tinyshakespeare_val.bin)
+SPLIT_IN_NAME = re.compile(r"(?:^|[_.-])(train|val)(?:[_.-]|$)")
 
 
 class ShardError(ValueError):
@@ -114,8 +123,11 @@ def open_shard(path):
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
 
 
-def load_meta(data_dir):
+def load_meta(data_dir, infer=True):
+    """DIR/meta.json, checked; without one (and with infer), what infer_meta reads from the shards."""
     path = os.path.join(data_dir, "meta.json")
+    if infer and not os.path.exists(path) and os.path.isdir(data_dir):
+        return infer_meta(data_dir)
     try:
         with open(path) as f:
             meta = json.load(f)
@@ -128,6 +140,40 @@ def load_meta(data_dir):
         value = meta.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key == "vocab_size" else 0):
             raise ShardError(f"{path}: {key} is {value!r}, not a{' positive' if key == 'vocab_size' else ''} integer")
+    return meta
+
+
+def infer_meta(data_dir):
+    """The meta of a directory of llm.c / nano-llama31 shards without meta.json ("inferred": true;
+    vocab_size None until validate() is given the tokenizer's). Raises ShardError naming the file."""
+    names, listing = {split: [] for split in SPLITS}, sorted(os.listdir(data_dir))
+    sidecar = next((name for name in listing if name.endswith((".mask", ".docs"))), None)
+    if sidecar:  # data.prepare's shards: without meta.json, nothing would say the masks are there
+        raise ShardError(f"{os.path.join(data_dir, 'meta.json')}: missing, yet {sidecar} is there; "
+                         f"re-run data.prepare")
+    for name in listing:
+        found = SPLIT_IN_NAME.findall(name[: -len(".bin")]) if name.endswith(".bin") else []
+        if len(set(found)) == 1:  # a name that says both train and val says nothing
+            names[found[0]].append(name)
+    if not names["train"] or not names["val"]:
+        raise ShardError(f"{os.path.join(data_dir, 'meta.json')}: missing (is {data_dir} a directory made by "
+                         f"data.prepare, or of llm.c shards named *_train_*.bin and *_val_*.bin?)")
+    meta = {"inferred": True, "vocab_size": None, "eos_id": None, "has_mask": False, "has_docs": False, "splits": {}}
+    for split, files in names.items():
+        listed = []
+        for name in files:
+            magic, _, count, dtype = read_header(os.path.join(data_dir, name))
+            if magic not in (MAGIC_U16, MAGIC_U32):
+                raise ShardError(f"{os.path.join(data_dir, name)}: magic {magic} is not a token shard's")
+            if meta.setdefault("magic", magic) != magic:
+                raise ShardError(f"{os.path.join(data_dir, name)}: {dtype} tokens, unlike the other shards there")
+            meta["dtype"] = dtype.name
+            listed.append({"file": name, "tokens": count})
+        meta["splits"][split] = {"shards": listed, "tokens": sum(shard["tokens"] for shard in listed)}
+    first = next((name for name in names["train"] if open_shard(os.path.join(data_dir, name)).size), None)
+    if first is None:
+        raise ShardError(f"{os.path.join(data_dir, names['train'][0])}: the train split has no tokens")
+    meta["bos_id"] = int(open_shard(os.path.join(data_dir, first))[0])
     return meta
 
 
@@ -170,19 +216,23 @@ def validate(data_dir, split=None, vocab_size=None, tokenizer_sha256=None):
     mask and docs files exist where meta says so, align token for token and hold only 0/1 (and
     that each split's stream starts a document), that every id is below
     vocab_size (the model's; default the tokenizer's from meta.json) and, when given, that the
-    shards were made with the tokenizer whose file has sha256 tokenizer_sha256.
+    shards were made with the tokenizer whose file has sha256 tokenizer_sha256. A directory of llm.c
+    shards (no meta.json) records no tokenizer: vocab_size, which it then needs, becomes its
+    vocabulary, and uint16 shards are refused for one over 65536 tokens.
     Raises ShardError naming the offending file.
     """
     meta = load_meta(data_dir)
     meta_path = os.path.join(data_dir, "meta.json")
+    if meta.get("inferred"):
+        _vocabulary_for_inferred(data_dir, meta, vocab_size)
     made_with = meta.get("tokenizer", {}).get("sha256")
-    if tokenizer_sha256 is not None and made_with != tokenizer_sha256:
+    if tokenizer_sha256 is not None and made_with != tokenizer_sha256 and not meta.get("inferred"):
         raise ShardError(
             f"{meta_path}: shards were made with tokenizer sha256 {str(made_with)[:12]}..., "
             f"not the given tokenizer's {tokenizer_sha256[:12]}...; re-run data.prepare with it"
         )
     limit = vocab_size if vocab_size is not None else meta["vocab_size"]
-    expected_magic = token_format(meta["vocab_size"])[0]
+    expected_magic = meta["magic"] if meta.get("inferred") else token_format(meta["vocab_size"])[0]
     for name in [split] if split else SPLITS:
         paths = shard_paths(data_dir, meta, name)
         if not paths:
@@ -204,6 +254,17 @@ def validate(data_dir, split=None, vocab_size=None, tokenizer_sha256=None):
                 if k == 0 and count and docs[0] != 1:
                     raise ShardError(f"{docs_path}: the split's first token does not start a document")
     return meta
+
+
+def _vocabulary_for_inferred(data_dir, meta, vocab_size):
+    """Shards without meta.json take the given tokenizer's vocabulary, if their token width fits it."""
+    if vocab_size is None:
+        raise ShardError(f"{data_dir}: no meta.json, so the vocabulary must come from a tokenizer "
+                         f"(the checkpoint's, or a tokenizer.model in {data_dir})")
+    if meta["magic"] == MAGIC_U16 and vocab_size > 65536:
+        raise ShardError(f"{data_dir}: uint16 shards (llm.c's GPT-2 ones?) cannot hold the ids of a "
+                         f"{vocab_size}-token vocabulary; use shards made with this tokenizer")
+    meta["vocab_size"] = vocab_size
 
 
 Batch = namedtuple("Batch", "inputs targets positions")
