@@ -480,7 +480,11 @@ def hf_tokenizer_config(tok) -> dict:
 def write_hf_files(tok, out_dir):
     """The tokenizer files transformers reads, into out_dir (a directory being filled): for Llama 3
     tokenizer.json + tokenizer_config.json; for sentencepiece tokenizer.model + tokenizer_config.json
-    (transformers builds its fast tokenizer from the model file)."""
+    (transformers builds its fast tokenizer from the model file). A file already there (a hard link
+    carried over from the checkpoint being replaced) is replaced, never written through."""
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        if os.path.lexists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
     if tok.kind == "llama3":
         with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
             f.write(hf_tokenizer_json(tok))

