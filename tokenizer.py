@@ -201,7 +201,9 @@ class Llama3Tokenizer:
         pre-tokenizer's regex."""
         self.path, self.sha256, self.pattern = path, sha256, pattern
         self.ranks = ranks
-        self.special = special or {tok: len(ranks) + i for i, tok in enumerate(LLAMA3_SPECIALS)}
+        if special is None:
+            special = {tok: len(ranks) + i for i, tok in enumerate(LLAMA3_SPECIALS)}
+        self.special = special
         missing = [t for t in LLAMA3_REQUIRED if t not in self.special]
         if missing:
             raise TokenizerError(f"{path}: no {', '.join(missing)} token (not a Llama 3 tokenizer)")
