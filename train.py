@@ -358,6 +358,8 @@ def sample(raw, tokenizer, prompt, max_new_tokens=48, chat=False):
     from generate import completion_text, encode_prompts, generate
 
     prompt_ids = encode_prompts(tokenizer, [prompt], chat, None)[0]
+    if len(prompt_ids) >= raw.args.max_seq_len:  # a progress note must not stop the run
+        return f"(--sample_prompt is {len(prompt_ids)} tokens, the context {raw.args.max_seq_len}: no sample)"
     ids = generate(raw, [prompt_ids], max_new_tokens, temperature=0, stop_ids=tokenizer.stop_ids)[0]
     raw.train()
     shown = f"[user] {prompt} [assistant] " if chat else prompt

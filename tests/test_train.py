@@ -368,3 +368,20 @@ def test_mlflow_marks_a_nan_stop_failed(text_data, tmp_path):
     assert out.returncode == 1 and "stopped without saving" in out.stderr
     _, runs = _mlflow_runs(uri)
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_sample_prompt_uses_the_chat_layout_on_instruction_data(instruct_data, tmp_path, monkeypatch):
+    tiny = [*TINY]
+    tiny[tiny.index("--seq_len") + 1] = "64"  # room for the chat layout's headers
+    out = train(*tiny, "--data", instruct_data, "--out_dir", tmp_path, "--max_steps", "2", "--eval_every", "2",
+                "--sample_prompt", "What is 3 plus 3?")
+    assert "sample: [user] What is 3 plus 3? [assistant] " in out.stdout
+    import train as trainer
+    import tokenizer as llama_tokenizer
+    import generate
+
+    seen = []
+    monkeypatch.setattr(generate, "generate", lambda m, prompts, *a, **k: seen.append(prompts[0]) or [[]])
+    tok = llama_tokenizer.load(instruct_data)
+    trainer.sample(model.load(tmp_path / "model"), tok, "What is 3 plus 3?", chat=True)
+    assert seen == [tok.encode_dialog([{"role": "user", "content": "What is 3 plus 3?"}])]
