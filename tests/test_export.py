@@ -275,3 +275,44 @@ def test_gguf_cli_and_llama_cpp_greedy(small_base, small_tok, tmp_path):
     ours = generate.generate(model.load(export(base, tmp_path / "m", "--format", "hf")), [prompt], 12,
                              temperature=0, stop_ids=tok3.stop_ids)[0]
     assert theirs == ours and len(ours) > 0
+
+
+@pytest.fixture(scope="module")
+def llama2_base(tmp_path_factory):
+    """make_base over a small sentencepiece vocabulary trained here with Llama 2's settings (BPE,
+    byte fallback, digits split, no normalization, whitespace kept)."""
+    import sentencepiece
+
+    d = tmp_path_factory.mktemp("sp")
+    words = "patient reports chest pain and shortness of breath denies fever plan follow up".split()
+    lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(200)]
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(d / "sp"), vocab_size=300, model_type="bpe",
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    return make_base(d, tokenizer.load(d / "sp.model"))
+
+
+def test_hf_export_llama2_chat_template(llama2_base, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = tokenizer.load(llama2_base["ckpt"])
+    out = export(llama2_base, tmp_path / "hf", "--format", "hf")
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    dialog = [{"role": "system", "content": "plan\nfollow up"}, {"role": "user", "content": " chest pain 12 "},
+              {"role": "assistant", "content": "denies fever"}, {"role": "user", "content": "shortness of breath?"}]
+    for d in (dialog, dialog[1:], dialog[3:]):
+        assert hf_tok.apply_chat_template(d, add_generation_prompt=True, tokenize=True, return_dict=False) == \
+            tok.encode_dialog(d)
+    with open(out / "generation_config.json") as f:
+        assert json.load(f)["eos_token_id"] == 2
+    prompt = tok.encode_dialog(dialog[3:])
+    assert len(prompt) + 10 < 96  # inside the context, where both sides generate freely
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        theirs = hf.generate(ids, max_new_tokens=10, do_sample=False, attention_mask=torch.ones_like(ids))
+    theirs = theirs[0, len(prompt):].tolist()
+    theirs = theirs[: next((i for i, t in enumerate(theirs) if t in tok.stop_ids), len(theirs))]
+    ours = generate.generate(model.load(out), [prompt], 10, temperature=0, stop_ids=tok.stop_ids)[0]
+    assert ours == theirs and len(ours) > 0
