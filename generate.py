@@ -226,17 +226,16 @@ def _jsonl_prompt(path, line_no, line):
     answers = [a for q, a in INSTRUCT_KEYS if q == "prompt"]
     if isinstance(rec.get("prompt"), str) and not any(a in rec for a in answers):
         return Prompt(rec.get("id"), rec["prompt"])
-    # record_to_doc reads finished examples: give an unanswered one a placeholder answer, dropped below
-    probe = dict(rec)
-    question = next(((q, a) for q, a in INSTRUCT_KEYS if q in rec), None)
-    if question and question[1] not in rec and "messages" not in rec and "conversations" not in rec:
-        probe[question[1]] = "-"
-    turns = probe.get("messages", probe.get("conversations"))
+    # record_to_doc reads finished examples: an unanswered one gets a placeholder answer, dropped below
+    probe, chat_key = dict(rec), next((k for k in ("messages", "conversations") if k in rec), None)
+    pair = next(((q, a) for q, a in INSTRUCT_KEYS if q in rec), None)
+    if chat_key is None and pair and pair[1] not in rec:
+        probe[pair[1]] = "-"
+    turns = rec.get(chat_key)
     if isinstance(turns, list) and turns and isinstance(turns[-1], dict) and \
             turns[-1].get("role", turns[-1].get("from")) not in ("assistant", "gpt"):
-        key = ("role", "content") if "messages" in probe else ("from", "value")
-        probe["messages" if "messages" in probe else "conversations"] = turns + [{key[0]: "assistant" if key[0] ==
-                                                                                   "role" else "gpt", key[1]: "-"}]
+        probe[chat_key] = turns + [{"role": "assistant", "content": "-"} if chat_key == "messages"
+                                   else {"from": "gpt", "value": "-"}]
     try:
         doc = record_to_doc(probe, "auto", where)
     except BadRecord as e:
@@ -362,7 +361,8 @@ def rates_line(prompts, completions, timings):
     if stepped <= 0:
         return line + f"; decode: {n_new} token(s), all from the prompt pass (no decode steps to time)"
     decode = max(timings["decode"], 1e-9)
-    return line + f"; decode: {n_new} tokens in {timings['decode']:.2f}s ({stepped / decode:.1f} tokens/s after the first)"
+    return line + (f"; decode: {n_new} tokens in {timings['decode']:.2f}s "
+                   f"({stepped / decode:.1f} tokens/s after the first)")
 
 
 if __name__ == "__main__":

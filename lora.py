@@ -378,8 +378,8 @@ class Command:
         --tokenizer is given."""
         import tokenizer as llama_tokenizer
 
-        if self.tokenizer is None and not any(os.path.isfile(os.path.join(self.ckpt_dir, *name)) for name in
-                                              (["tokenizer.model"], ["original", "tokenizer.model"], ["tokenizer.json"])):
+        where = ("tokenizer.model", os.path.join("original", "tokenizer.model"), "tokenizer.json")  # tokenizer.load's
+        if self.tokenizer is None and not any(os.path.isfile(os.path.join(self.ckpt_dir, w)) for w in where):
             print(f"lora.py: no tokenizer in {self.ckpt_dir} (pass --tokenizer): the export has no tokenizer files, "
                   f"and config.json no BOS/EOS ids", file=sys.stderr)
             return None

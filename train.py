@@ -392,8 +392,12 @@ RESUME_FIXED = ("max_steps", "lr", "warmup_steps", "min_lr_ratio", "batch_size",
 
 def check_resume_changes(cfg, path):
     """Refuse (one line naming them) flags in RESUME_FIXED that differ from the checkpoint's run,
-    unless --resume_with_changes, which logs them instead."""
-    saved = checkpoint.torch_load(os.path.join(path, "train_state.pt"), mmap=True).get("config", {})
+    unless --resume_with_changes, which logs them instead. A checkpoint already at or past
+    --max_steps trains nothing more, so nothing it would continue can change."""
+    state = checkpoint.torch_load(os.path.join(path, "train_state.pt"), mmap=True)
+    saved = state.get("config", {})
+    if state.get("step", 0) >= cfg.max_steps:
+        return
     changed = [(name, saved[name], getattr(cfg, name)) for name in RESUME_FIXED
                if name in saved and saved[name] != getattr(cfg, name)]
     if not changed:
