@@ -32,7 +32,7 @@ from model import PROJECTIONS, CheckpointError, ModelArgs, NF4Linear, Transforme
 # consolidated.01.pth or train_state.pt must not survive beside new weights); anything else there,
 # such as tokenizer files or notes, is carried over.
 CHECKPOINT_FILES = ("params.json", "consolidated.*.pth", "config.json", "*.safetensors", "*.safetensors.index.json",
-                    "adapter.json", "adapter_config.json", "train_state.pt")
+                    "adapter.json", "adapter_config.json", "train_state.pt", "generation_config.json", "*.gguf")
 
 
 def replace_checkpoint(out_dir, write):
@@ -369,8 +369,10 @@ def hf_args(config: dict, path: str) -> ModelArgs:
     return args
 
 
-def hf_config(args: ModelArgs, tied: bool, dtype: torch.dtype) -> dict:
-    """config.json for transformers' LlamaForCausalLM (the classic layout, which transformers 5 reads too)."""
+def hf_config(args: ModelArgs, tied: bool, dtype: torch.dtype, tok=None) -> dict:
+    """config.json for transformers' LlamaForCausalLM (the classic layout, which transformers 5 reads too).
+    tok: the model's tokenizer, whose BOS/EOS ids it records (without them transformers assumes
+    Llama 2's 1 and 2, wrong for Llama 3)."""
     rope_scaling = None
     if args.use_scaled_rope:
         rope_scaling = {"rope_type": "llama3", "factor": args.rope_scaling_factor,
@@ -382,7 +384,16 @@ def hf_config(args: ModelArgs, tied: bool, dtype: torch.dtype) -> dict:
             "head_dim": args.head_dim, "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps,
             "rope_theta": args.rope_theta, "rope_scaling": rope_scaling,
             "max_position_embeddings": args.max_seq_len, "attention_bias": False, "mlp_bias": False,
-            "tie_word_embeddings": tied, "torch_dtype": str(dtype).removeprefix("torch.")}
+            "tie_word_embeddings": tied, "torch_dtype": str(dtype).removeprefix("torch."),
+            **({"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id} if tok is not None else {})}
+
+
+def hf_generation_config(tok) -> dict:
+    """generation_config.json: stop at any of the tokenizer's stop ids (Llama 3.1/3.2 end a turn with
+    eot or eom, a document with end_of_text) and sample with Meta's defaults, as generate.py does."""
+    stops = sorted(tok.stop_ids)
+    return {"bos_token_id": tok.bos_id, "eos_token_id": stops[0] if len(stops) == 1 else stops,
+            "do_sample": True, "temperature": 0.6, "top_p": 0.9}
 
 
 def read_hf(ckpt_dir):
@@ -415,9 +426,11 @@ def read_hf(ckpt_dir):
     return args, tensors(), tied, config_path
 
 
-def write_hf(model, out_dir, state_dict=None):
+def write_hf(model, out_dir, state_dict=None, tok=None):
     """config.json + model.safetensors of model into out_dir, a directory being filled (see save_hf).
-    state_dict: the weights in our names, by default the model's own (lora.save_hf passes merged ones)."""
+    state_dict: the weights in our names, by default the model's own (lora.save_hf passes merged ones).
+    tok: the model's tokenizer: its special ids go into config.json, and generation_config.json
+    is written beside it (the tokenizer's own files are tokenizer.write_hf_files')."""
     from safetensors.torch import save_file
 
     state_dict = model.state_dict() if state_dict is None else state_dict
@@ -428,12 +441,14 @@ def write_hf(model, out_dir, state_dict=None):
         tensors[hf_name(name)] = permute_qk(name, t.detach(), model.args, meta_to_hf_rope).contiguous()
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     dtype = model.tok_embeddings.weight.dtype
-    write_json(os.path.join(out_dir, "config.json"), hf_config(model.args, model.tied, dtype))
+    write_json(os.path.join(out_dir, "config.json"), hf_config(model.args, model.tied, dtype, tok))
+    if tok is not None:
+        write_json(os.path.join(out_dir, "generation_config.json"), hf_generation_config(tok))
 
 
-def save_hf(model, out_dir, state_dict=None):
+def save_hf(model, out_dir, state_dict=None, tok=None):
     """The HF layout, replacing out_dir's checkpoint as a whole (see replace_checkpoint)."""
-    return replace_checkpoint(out_dir, lambda fresh: write_hf(model, fresh, state_dict))
+    return replace_checkpoint(out_dir, lambda fresh: write_hf(model, fresh, state_dict, tok))
 
 
 def stored_dtype(ckpt_dir) -> Optional[torch.dtype]:

@@ -187,14 +187,62 @@ def _checked_inputs(ckpt_dir, prompt, prompts_file, chat, system):
     if prompts_file is not None:
         try:
             with open(prompts_file, encoding="utf-8") as f:
-                texts = [line.rstrip("\n") for line in f if line.strip()]
-        except OSError as e:
-            raise UserError(f"--prompts_file {prompts_file}: {e.strerror}") from None
-        if not texts:
+                lines = [(i, line.rstrip("\n")) for i, line in enumerate(f, 1) if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--prompts_file {prompts_file}: {getattr(e, 'strerror', None) or e}") from None
+        if not lines:
             raise UserError(f"--prompts_file {prompts_file}: no prompts in it")
-    else:
-        texts = [prompt or ""]
-    return ckpt_dir, texts
+        if prompts_file.endswith((".jsonl", ".json")) or lines[0][1].lstrip().startswith("{"):
+            return ckpt_dir, [_jsonl_prompt(prompts_file, i, line) for i, line in lines]
+        return ckpt_dir, [Prompt(None, line) for _, line in lines]
+    return ckpt_dir, [Prompt(None, prompt or "")]
+
+
+class Prompt:
+    """One prompt to complete: its record's id (None for plain text), and a text (laid out as a chat
+    turn only with --chat) or the messages of an instruction or chat record (always a dialog)."""
+
+    def __init__(self, id, text=None, messages=None):
+        self.id, self.text, self.messages = id, text, messages
+
+    def shown(self):
+        """What the output line reports as the prompt: the text, or the last user message."""
+        return self.text if self.messages is None else self.messages[-1]["content"]
+
+
+def _jsonl_prompt(path, line_no, line):
+    """A Prompt from one JSONL line: {"id", "prompt"} (a plain prompt), or an instruction or chat
+    record as data.prepare reads them (without, or ignoring, the answer), laid out as it lays them
+    out for training, up to the open assistant turn."""
+    from data.prepare import INSTRUCT_KEYS, BadRecord, record_to_doc
+
+    where = f"--prompts_file {path}:{line_no}"
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not JSON ({e.msg})") from None
+    if not isinstance(rec, dict):
+        raise UserError(f"{where}: not a JSON object")
+    answers = [a for q, a in INSTRUCT_KEYS if q == "prompt"]
+    if isinstance(rec.get("prompt"), str) and not any(a in rec for a in answers):
+        return Prompt(rec.get("id"), rec["prompt"])
+    # record_to_doc reads finished examples: an unanswered one gets a placeholder answer, dropped below
+    probe, chat_key = dict(rec), next((k for k in ("messages", "conversations") if k in rec), None)
+    pair = next(((q, a) for q, a in INSTRUCT_KEYS if q in rec), None)
+    if chat_key is None and pair and pair[1] not in rec:
+        probe[pair[1]] = "-"
+    turns = rec.get(chat_key)
+    if isinstance(turns, list) and turns and isinstance(turns[-1], dict) and \
+            turns[-1].get("role", turns[-1].get("from")) not in ("assistant", "gpt"):
+        probe[chat_key] = turns + [{"role": "assistant", "content": "-"} if chat_key == "messages"
+                                   else {"from": "gpt", "value": "-"}]
+    try:
+        doc = record_to_doc(probe, "auto", where)
+    except BadRecord as e:
+        raise UserError(f"{where}: {e}") from None
+    if doc.kind == "text":
+        return Prompt(rec.get("id"), doc.payload)
+    return Prompt(rec.get("id"), messages=doc.payload[:-1])
 
 
 # Each flag's range, checked by cli before any work (the types come from main's annotations).
@@ -222,12 +270,21 @@ def load_for_sampling(ckpt_dir, tokenizer=None, adapter=None, device="cpu", dtyp
 
 
 def encode_prompts(tok, texts, chat, system):
-    """Token ids of each prompt: a document start, or with chat a dialog ending in an open assistant
-    turn (Llama 2 markers typed into the text are refused: tokenizer.DialogError)."""
-    if not chat:
-        return [tok.encode(text, bos=True, eos=False) for text in texts]
+    """Token ids of each prompt (a text or a Prompt): a document start, or with chat a dialog ending
+    in an open assistant turn (Llama 2 markers typed into the text are refused:
+    tokenizer.DialogError). A Prompt holding messages is always a dialog; --system goes first
+    unless the record brings its own."""
     head = [{"role": "system", "content": system}] if system else []
-    return [tok.encode_dialog(head + [{"role": "user", "content": text}]) for text in texts]
+    ids = []
+    for p in texts:
+        messages, text = (p.messages, p.text) if isinstance(p, Prompt) else (None, p)
+        if messages is not None:
+            ids.append(tok.encode_dialog((head if messages[0]["role"] != "system" else []) + messages))
+        elif chat:
+            ids.append(tok.encode_dialog(head + [{"role": "user", "content": text}]))
+        else:
+            ids.append(tok.encode(text, bos=True, eos=False))
+    return ids
 
 
 def main(ckpt_dir: str = None, prompt: str = None, prompts_file: str = None, adapter: str = None,
@@ -241,7 +298,9 @@ def main(ckpt_dir: str = None, prompt: str = None, prompts_file: str = None, ada
         ckpt_dir: Meta (params.json + consolidated.NN.pth) or HF (config.json + safetensors)
             checkpoint; default out/demo, the model `python train.py` makes.
         prompt: the text to complete (with --chat: the user's message). Default: an empty document.
-        prompts_file: one prompt per line, completed as a batch; prints one JSON line per prompt.
+        prompts_file: prompts completed as a batch, one JSON line out per prompt: one prompt per line,
+            or JSONL ({"id", "prompt"}, or instruction / chat records as data.prepare reads them,
+            laid out as dialogs; ids are kept in the output).
         adapter: a LoRA adapter directory saved by train.py (merged into the weights for speed).
         chat: lay the prompt out as a dialog (Llama 3 headers or Llama 2 [INST]) for instruct models.
         system: a system message for --chat.
@@ -278,14 +337,37 @@ def main(ckpt_dir: str = None, prompt: str = None, prompts_file: str = None, ada
     if streamer is not None:
         streamer.finish()
     else:
-        for text, prompt_ids, ids in zip(texts, prompts, completions):
-            print(json.dumps({"prompt": text, "completion": completion_text(tok, prompt_ids, ids)},
+        for p, prompt_ids, ids in zip(texts, prompts, completions):
+            row = {"id": p.id} if p.id is not None else {}
+            print(json.dumps({**row, "prompt": p.shown(), "completion": completion_text(tok, prompt_ids, ids)},
                              ensure_ascii=False))
+    note_context_cuts(prompts, completions, max_new_tokens, model.args.max_seq_len)
+    print(rates_line(prompts, completions, timings), file=sys.stderr)
+
+
+def note_context_cuts(prompts, completions, max_new_tokens, context):
+    """One stderr line when the context, not a stop token or --max_new_tokens, ended completions."""
+    cut = [i for i, (p, ids) in enumerate(zip(prompts, completions))
+           if len(ids) < max_new_tokens and len(p) + len(ids) >= context]
+    if cut:
+        which = f"prompt {cut[0] + 1}" if len(prompts) == 1 or len(cut) == 1 else f"{len(cut)} prompts"
+        got = f"{len(completions[cut[0]])} of {max_new_tokens}" if len(cut) == 1 else f"fewer than {max_new_tokens}"
+        print(f"generate.py: note: {which} stopped at the context of {context} tokens after {got} new tokens "
+              f"(--max_seq_len, or a shorter prompt, gives more room)", file=sys.stderr)
+
+
+def rates_line(prompts, completions, timings):
+    """The stderr timing line. The prompt pass yields each completion's first token, so the decode
+    rate counts only the tokens after it; with none (one-token runs) it says so rather than 0/s."""
     n_prompt, n_new = sum(map(len, prompts)), sum(map(len, completions))
-    prefill, decode = timings["prefill"], max(timings["decode"], 1e-9)
-    print(f"prompt: {n_prompt} tokens in {prefill:.2f}s ({n_prompt / prefill:.1f} tokens/s); "
-          f"decode: {n_new} tokens in {decode:.2f}s ({max(n_new - len(prompts), 0) / decode:.1f} tokens/s)",
-          file=sys.stderr)
+    prefill = max(timings["prefill"], 1e-9)
+    line = f"prompt: {n_prompt} tokens in {timings['prefill']:.2f}s ({n_prompt / prefill:.1f} tokens/s)"
+    stepped = n_new - sum(1 for ids in completions if ids)
+    if stepped <= 0:
+        return line + f"; decode: {n_new} token(s), all from the prompt pass (no decode steps to time)"
+    decode = max(timings["decode"], 1e-9)
+    return line + (f"; decode: {n_new} tokens in {timings['decode']:.2f}s "
+                   f"({stepped / decode:.1f} tokens/s after the first)")
 
 
 if __name__ == "__main__":

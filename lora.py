@@ -14,7 +14,7 @@ Read top to bottom:
   save/load_adapter   adapter.safetensors + adapter.json, checked against the base model
   export_peft         the same adapter in peft's names, for transformers' LlamaForCausalLM
   save_hf             a merged HF checkpoint (config.json + model.safetensors)
-  Command             `python lora.py merge|export ...` (run by cli)
+  Command             `python lora.py merge|export ...` (run by cli); --format gguf is gguf_export.py's
 The file layouts themselves (HF names, the q/k RoPE permutation, writing a directory whole) are
 checkpoint.py's.
 """
@@ -353,7 +353,9 @@ def save_hf(model, out_dir):
 # Command line: python lora.py merge|export --ckpt_dir DIR --adapter DIR --out DIR [--format peft|hf]
 
 # Each flag's range, checked by cli before any work (the types come from the annotations).
-CHECKS = {"ckpt_dir": non_empty, "adapter": non_empty, "out": non_empty, "format": one_of("peft", "hf")}
+CHECKS = {"ckpt_dir": non_empty, "adapter": non_empty, "out": non_empty, "tokenizer": non_empty,
+          "base": non_empty, "format": one_of("peft", "hf", "gguf"),
+          "gguf_type": one_of("f32", "f16", "bf16", "q8_0")}
 
 
 class Command:
@@ -363,30 +365,60 @@ class Command:
         ckpt_dir: the base model (Meta or HF layout).
         adapter: a directory written by save_adapter (train.py's OUT_DIR/adapter).
         out: the directory to write (a new one, or with --overwrite a checkpoint to replace).
+        tokenizer: the model's tokenizer (tokenizer.model or tokenizer.json); default the one in
+            --ckpt_dir. HF and GGUF exports carry it, with its chat template.
         overwrite: replace the checkpoint already in --out (only a checkpoint: never other files).
         force: apply the adapter even to a base other than the one it was trained on.
     """
 
-    def __init__(self, ckpt_dir: str, adapter: str, out: str, overwrite: bool = False, force: bool = False):
+    def __init__(self, ckpt_dir: str, adapter: str, out: str, tokenizer: str = None, overwrite: bool = False,
+                 force: bool = False):
         self.ckpt_dir, self.adapter = os.path.expanduser(ckpt_dir), os.path.expanduser(adapter)
         self.out, self.overwrite, self.force = os.path.expanduser(out), overwrite, force
+        self.tokenizer = tokenizer
 
     def merge(self):
         """Fold the adapter into the base and write a Meta checkpoint (params.json + consolidated.00.pth)."""
         self._write("meta")
 
-    def export(self, format: str = "peft"):
-        """Write the adapter for peft, or a merged HF checkpoint.
+    def export(self, format: str = "peft", base: str = None, gguf_type: str = "f16"):
+        """Write the adapter for peft, or a merged HF or GGUF checkpoint.
 
         Args:
-            format: peft (adapter_config.json + adapter_model.safetensors, for transformers + peft) or
-                hf (the merged model as config.json + model.safetensors).
+            format: peft (adapter_config.json + adapter_model.safetensors, for transformers + peft),
+                hf (the merged model as config.json + model.safetensors + generation_config.json, with
+                tokenizer.json and tokenizer_config.json) or gguf (the merged model as model.gguf, for
+                llama.cpp, tokenizer and chat template inside).
+            base: peft's base_model_name_or_path: the hub name or HF-layout directory of the base
+                (default: --ckpt_dir as given, made absolute).
+            gguf_type: the GGUF weights' type: f32, f16, bf16 or q8_0 (norms stay f32).
         """
-        self._write(format)
+        if base is not None and format != "peft":
+            raise UsageError("--base only applies to --format peft")
+        self.base = base or os.path.abspath(self.ckpt_dir)
+        self._write(format, gguf_type)
 
-    def _write(self, fmt):
+    def _load_tokenizer(self):
+        """The tokenizer exports carry; None (with a note) when the checkpoint has none and no
+        --tokenizer is given."""
+        import tokenizer as llama_tokenizer
+
+        where = ("tokenizer.model", os.path.join("original", "tokenizer.model"), "tokenizer.json")  # tokenizer.load's
+        if self.tokenizer is None and not any(os.path.isfile(os.path.join(self.ckpt_dir, w)) for w in where):
+            print(f"lora.py: no tokenizer in {self.ckpt_dir} (pass --tokenizer): the export has no tokenizer files, "
+                  f"and config.json no BOS/EOS ids", file=sys.stderr)
+            return None
+        try:
+            return llama_tokenizer.load(self.tokenizer or self.ckpt_dir)
+        except llama_tokenizer.TokenizerError as e:
+            raise UserError(f"--tokenizer: {e}") from None
+
+    def _write(self, fmt, gguf_type="f16"):
         read_adapter_config(self.adapter)  # a wrong adapter path fails before the base is loaded
         self._check_out()
+        tok = self._load_tokenizer() if fmt in ("hf", "gguf") else None
+        if fmt == "gguf" and tok is None:
+            raise UserError(f"--format gguf needs the tokenizer: none in --ckpt_dir {self.ckpt_dir}; pass --tokenizer")
         m = load_model(self.ckpt_dir, dtype=checkpoint.stored_dtype(self.ckpt_dir) if fmt != "peft" else None)
         load_adapter(m, self.adapter, force=self.force)
         if fmt != "peft" and read_adapter_config(self.adapter).get("base_quantize") == "nf4":
@@ -399,10 +431,21 @@ class Command:
 
         def fill(fresh):
             if fmt == "peft":
-                write_peft(m, fresh)
+                write_peft(m, fresh, self.base)
+                return
+            if fmt == "gguf":
+                import gguf_export
+
+                gguf_export.write_gguf(_unwrap(m), merged_state_dict(m), tok, os.path.join(fresh, "model.gguf"),
+                                       gguf_type)
                 return
             if fmt == "hf":
-                checkpoint.write_hf(_unwrap(m), fresh, merged_state_dict(m))
+                checkpoint.write_hf(_unwrap(m), fresh, merged_state_dict(m), tok)
+                if tok is not None:
+                    import tokenizer as llama_tokenizer
+
+                    llama_tokenizer.write_hf_files(tok, fresh)
+                    return
             else:
                 checkpoint.write_meta(merge_lora(m), fresh)
             if os.path.exists(tokenizer):  # the base's, replacing (not writing through) a carried link
@@ -435,7 +478,7 @@ class Command:
 
 
 # What marks a directory as a checkpoint --overwrite may replace: any layout this project writes.
-CHECKPOINT_MARKERS = ("params.json", "config.json", "adapter.json", "adapter_config.json")
+CHECKPOINT_MARKERS = ("params.json", "config.json", "adapter.json", "adapter_config.json", "model.gguf")
 
 
 def main(argv=None):

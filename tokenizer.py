@@ -16,6 +16,7 @@ messages contain them is refused (DialogError), as Meta's reference refuses it.
 
 import base64
 import hashlib
+import json
 import os
 
 import sentencepiece
@@ -44,10 +45,13 @@ def check_fits(tok, vocab_size, where):
 
 def load(path):
     """Open a tokenizer.model, or the one in a checkpoint directory (Meta's downloads keep it beside
-    the weights, HF downloads of Llama 3 in original/), choosing the format by content."""
+    the weights, HF downloads of Llama 3 in original/), choosing the format by content. A directory
+    with no tokenizer.model but a tokenizer.json (many Llama 3 fine-tunes ship only that) is read
+    from the tokenizer.json."""
     path = os.path.expanduser(str(path))
     if os.path.isdir(path):
-        inside = [os.path.join(path, "tokenizer.model"), os.path.join(path, "original", "tokenizer.model")]
+        inside = [os.path.join(path, "tokenizer.model"), os.path.join(path, "original", "tokenizer.model"),
+                  os.path.join(path, "tokenizer.json")]
         path = next((p for p in inside if os.path.isfile(p)), inside[0])
     if not os.path.isfile(path):
         raise TokenizerError(f"tokenizer file not found: {path}")
@@ -58,9 +62,12 @@ def load(path):
         raise TokenizerError(f"cannot read tokenizer file {path}: {e.strerror}") from None
     sha256 = hashlib.sha256(data).hexdigest()
     # A file name says nothing (Meta ships both formats as "tokenizer.model"), so sniff the bytes:
-    # tiktoken files are text lines "base64 rank", sentencepiece files are a binary protobuf.
+    # tiktoken files are text lines "base64 rank", sentencepiece files are a binary protobuf, and
+    # a tokenizer.json is a JSON object.
+    if data.lstrip()[:1] == b"{":
+        return Llama3Tokenizer(path, sha256, *_read_tokenizer_json(path, data))
     if _looks_like_tiktoken(data):
-        return Llama3Tokenizer(path, sha256)
+        return Llama3Tokenizer(path, sha256, _read_tiktoken(path, sha256), None, LLAMA3_PATTERN)
     return SentencePieceTokenizer(path, sha256)
 
 
@@ -112,30 +119,99 @@ LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 
 MAX_ENCODE_CHARS = 400_000
 
 
+# The control tokens the Llama 3 layouts need (documents, chat headers, turn ends).
+LLAMA3_REQUIRED = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                   "<|eot_id|>")
+
+
+def _read_tiktoken(path, sha256):
+    """{token bytes: rank} of a tiktoken file, checked to be exactly ranks 0..n-1."""
+    try:
+        # expected_hash matters: tiktoken caches files under /tmp keyed by *path*, and without
+        # the hash a different file later written at the same path would load the stale copy.
+        ranks = load_tiktoken_bpe(path, expected_hash=sha256)
+    except Exception as e:
+        raise TokenizerError(f"cannot read tiktoken file {path}: {e}".splitlines()[0]) from None
+    # A file cut mid-line can end in a piece that repeats an earlier token, which makes
+    # tiktoken's Rust core panic (a 90-line backtrace, not an exception): the ranks must be
+    # exactly 0..n-1. (A file cut at a line end loads as a smaller vocabulary, which
+    # check_fits then refuses against the model.)
+    n_base = len(ranks)
+    if n_base == 0 or max(ranks.values()) != n_base - 1 or len(set(ranks.values())) != n_base:
+        raise TokenizerError(f"{path}: BPE ranks are not exactly 0..{n_base - 1} "
+                             f"(a truncated or damaged tiktoken file?)")
+    return ranks
+
+
+def byte_alphabet():
+    """{byte: char}: byte-level BPE files (GPT-2's convention, kept by Llama 3's tokenizer.json)
+    spell each byte as a printable character: printable Latin-1 bytes as themselves, the other
+    68 (controls, space, soft hyphen...) as chars from U+0100 on, in byte order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    shifted = (b for b in range(256) if b not in printable)
+    chars = {b: chr(b) for b in printable}
+    chars.update({b: chr(0x100 + i) for i, b in enumerate(shifted)})
+    return dict(sorted(chars.items()))
+
+
+def _read_tokenizer_json(path, data):
+    """(ranks, special, pattern) of a byte-level BPE tokenizer.json as Llama 3 ships it. tiktoken
+    merges the adjacent pair whose result has the lowest id, tokenizers the pair listed first in
+    merges: the two agree when merges are listed in the order of their results' ids, as in every
+    file converted from Meta's tiktoken ranks. Anything else is refused rather than encoded
+    differently."""
+    try:
+        spec = json.loads(data)
+        bpe, added = spec["model"], spec.get("added_tokens") or []
+        if bpe.get("type") != "BPE" or not isinstance(bpe.get("vocab"), dict):
+            raise TokenizerError(f"{path}: not a BPE tokenizer.json (model type {bpe.get('type')!r})")
+        to_byte = {c: b for b, c in byte_alphabet().items()}
+        ranks = {bytes(to_byte[c] for c in text): i for text, i in bpe["vocab"].items()}
+        ids = set(ranks.values())
+        special = {t["content"]: t["id"] for t in added if t["id"] not in ids or t.get("special")}
+        merges = [m.split(" ") if isinstance(m, str) else m for m in bpe.get("merges", [])]
+    except TokenizerError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # bad JSON, or chars outside the alphabet
+        raise TokenizerError(f"{path}: not a byte-level BPE tokenizer.json ({type(e).__name__}: {e})") from None
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise TokenizerError(f"{path}: vocabulary ids are not exactly 0..{len(ranks) - 1}")
+    order = [bpe["vocab"].get(a + b, -1) for a, b in merges]
+    if -1 in order or any(x > y for x, y in zip(order, order[1:])):
+        raise TokenizerError(f"{path}: merges are not in the order of their results' ids (not a "
+                             f"tiktoken-style byte-level BPE, which this reader needs)")
+    return ranks, special, _split_pattern(path, spec.get("pre_tokenizer") or {})
+
+
+def _split_pattern(path, pre):
+    """The regex of the Split pre-tokenizer (alone or first in a Sequence) that precedes ByteLevel."""
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    for step in steps:
+        if step.get("type") == "Split" and "Regex" in (step.get("pattern") or {}):
+            return step["pattern"]["Regex"]
+    raise TokenizerError(f"{path}: no Split regex in its pre_tokenizer (not a Llama 3 style tokenizer.json)")
+
+
 class Llama3Tokenizer:
     kind = "llama3"
 
-    def __init__(self, path, sha256):
-        self.path, self.sha256 = path, sha256
+    def __init__(self, path, sha256, ranks, special, pattern):
+        """ranks: {token bytes: id} of the BPE (an id is also its merge priority); special:
+        {text: id} of the control tokens (None: Meta's 256, after the ranks); pattern: the
+        pre-tokenizer's regex."""
+        self.path, self.sha256, self.pattern = path, sha256, pattern
+        self.ranks = ranks
+        if special is None:
+            special = {tok: len(ranks) + i for i, tok in enumerate(LLAMA3_SPECIALS)}
+        self.special = special
+        missing = [t for t in LLAMA3_REQUIRED if t not in self.special]
+        if missing:
+            raise TokenizerError(f"{path}: no {', '.join(missing)} token (not a Llama 3 tokenizer)")
         try:
-            # expected_hash matters: tiktoken caches files under /tmp keyed by *path*, and without
-            # the hash a different file later written at the same path would load the stale copy.
-            ranks = load_tiktoken_bpe(path, expected_hash=sha256)
-        except Exception as e:
-            raise TokenizerError(f"cannot read tiktoken file {path}: {e}".splitlines()[0]) from None
-        n_base = len(ranks)
-        # A file cut mid-line can end in a piece that repeats an earlier token, which makes
-        # tiktoken's Rust core panic (a 90-line backtrace, not an exception): the ranks must be
-        # exactly 0..n-1. (A file cut at a line end loads as a smaller vocabulary, which
-        # check_fits then refuses against the model.)
-        if n_base == 0 or max(ranks.values()) != n_base - 1 or len(set(ranks.values())) != n_base:
-            raise TokenizerError(f"{path}: BPE ranks are not exactly 0..{n_base - 1} "
-                                 f"(a truncated or damaged tiktoken file?)")
-        self.special = {tok: n_base + i for i, tok in enumerate(LLAMA3_SPECIALS)}
-        self.model = tiktoken.Encoding(
-            name=os.path.basename(path), pat_str=LLAMA3_PATTERN,
-            mergeable_ranks=ranks, special_tokens=self.special,
-        )
+            self.model = tiktoken.Encoding(name=os.path.basename(path), pat_str=pattern,
+                                           mergeable_ranks=ranks, special_tokens=self.special)
+        except Exception as e:  # e.g. a regex tiktoken's engine rejects
+            raise TokenizerError(f"{path}: cannot build the BPE ({str(e).splitlines()[0]})") from None
         self.n_words = self.model.n_vocab
         self.bos_id = self.special["<|begin_of_text|>"]
         self.eos_id = self.special["<|end_of_text|>"]
@@ -144,7 +220,8 @@ class Llama3Tokenizer:
         self.end_header_id = self.special["<|end_header_id|>"]
         # A base model ends with end_of_text; chat models end a turn with eot, or eom when the
         # turn hands over to a tool.
-        self.stop_ids = frozenset({self.eos_id, self.special["<|eom_id|>"], self.eot_id})
+        self.stop_ids = frozenset({self.eos_id, self.eot_id} | {self.special[t] for t in ["<|eom_id|>"]
+                                                                 if t in self.special})
 
     def encode(self, text, bos, eos):
         if not isinstance(text, str):
@@ -324,3 +401,97 @@ class SentencePieceTokenizer:
             ids += i
             mask += m
         return ids, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Files for transformers: tokenizer.json, tokenizer_config.json and the chat template, so that an
+# exported checkpoint serves as it is (AutoTokenizer.apply_chat_template gives encode_dialog's ids).
+
+# Jinja chat templates that render encode_dialog's layouts as text (contents stripped, as here).
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+LLAMA2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set first = '<<SYS>>\\n' + messages[0]['content'] + "
+    "'\\n<</SYS>>\\n\\n' + messages[1]['content'] %}{% set messages = [{'role': 'user', 'content': first}]"
+    " + messages[2:] %}{% endif %}"
+    "{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + message['content'] | trim + ' [/INST]' }}"
+    "{% else %}{{ ' ' + message['content'] | trim + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def bpe_merges(ranks):
+    """The merges list a tokenizers BPE needs to reproduce tiktoken's ranks: every split of a token
+    into two tokens, listed in the order of the token's rank (tiktoken's merge priority), the
+    splits of one token ordered by their parts' ranks."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        splits = [(token[:i], token[i:]) for i in range(1, len(token))]
+        splits = [(a, b) for a, b in splits if a in ranks and b in ranks]
+        merges += sorted(splits, key=lambda ab: (ranks[ab[0]], ranks[ab[1]]))
+    return merges
+
+
+def hf_tokenizer_json(tok) -> str:
+    """tokenizer.json (as text) of a Llama 3 tokenizer, built with the tokenizers library: byte-level
+    BPE over the ranks, Meta's split regex, BOS added to every encoded text, the control tokens
+    as special added tokens."""
+    if tok.path.endswith(".json"):  # read from one: hand on the file as it is
+        with open(tok.path, encoding="utf-8") as f:
+            return f.read()
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    alphabet = byte_alphabet()
+    spell = lambda piece: "".join(alphabet[b] for b in piece)  # noqa: E731
+    vocab = {spell(piece): rank for piece, rank in tok.ranks.items()}
+    merges = [(spell(a), spell(b)) for a, b in bpe_merges(tok.ranks)]
+    hf = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(tok.pattern), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
+    hf.decoder = decoders.ByteLevel()
+    bos = "<|begin_of_text|>"
+    hf.post_processor = processors.TemplateProcessing(
+        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, tok.bos_id)])
+    specials = sorted(tok.special.items(), key=lambda item: item[1])
+    if [i for _, i in specials] != list(range(len(vocab), len(vocab) + len(specials))):
+        raise TokenizerError(f"{tok.path}: control token ids do not follow the vocabulary")
+    hf.add_special_tokens([AddedToken(text, special=True, normalized=False) for text, _ in specials])
+    return hf.to_str()
+
+
+def hf_tokenizer_config(tok) -> dict:
+    """tokenizer_config.json: the tokenizer class, its special tokens and the family's chat template."""
+    if tok.kind == "llama3":
+        names = {i: t for t, i in tok.special.items()}
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": names[tok.bos_id],
+                "eos_token": names[tok.eos_id], "clean_up_tokenization_spaces": False,
+                "model_input_names": ["input_ids", "attention_mask"], "model_max_length": 131072,
+                "chat_template": LLAMA3_CHAT_TEMPLATE}
+    piece = tok.model.id_to_piece
+    return {"tokenizer_class": "LlamaTokenizer", "bos_token": piece(tok.bos_id), "eos_token": piece(tok.eos_id),
+            "unk_token": piece(tok.model.unk_id()) if tok.model.unk_id() >= 0 else None,
+            "add_bos_token": True, "add_eos_token": False, "legacy": True, "clean_up_tokenization_spaces": False,
+            "chat_template": LLAMA2_CHAT_TEMPLATE}
+
+
+def write_hf_files(tok, out_dir):
+    """The tokenizer files transformers reads, into out_dir (a directory being filled): for Llama 3
+    tokenizer.json + tokenizer_config.json; for sentencepiece tokenizer.model + tokenizer_config.json
+    (transformers builds its fast tokenizer from the model file). A file already there (a hard link
+    carried over from the checkpoint being replaced) is replaced, never written through."""
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        if os.path.lexists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+    if tok.kind == "llama3":
+        with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
+            f.write(hf_tokenizer_json(tok))
+    else:
+        with open(tok.path, "rb") as src, open(os.path.join(out_dir, "tokenizer.model"), "wb") as dst:
+            dst.write(src.read())
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(hf_tokenizer_config(tok), f, indent=2)

@@ -27,6 +27,7 @@ import inspect
 import json
 import math
 import os
+import pathlib
 import shutil
 import signal
 import sys
@@ -116,6 +117,8 @@ class TrainConfig:
     save_every: int = flag(None, "checkpoint every N steps (default 500; the demo 200), at the end and on Ctrl-C",
                            positive)
     resume: bool = flag(False, "continue the checkpoint in --out_dir exactly where it stopped")
+    resume_with_changes: bool = flag(False, "let --resume continue with changed schedule, batch or LoRA flags "
+                                            "(each change is logged)")
     overwrite: bool = flag(False, "start afresh even though --out_dir holds a checkpoint (the demo always does)")
     mlflow: bool = flag(True, "track params, metrics, artifacts ($MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     mlflow_experiment: str = flag("llama", "the mlflow experiment's name", non_empty)
@@ -358,13 +361,18 @@ def evaluate(model, loader, steps, world, autocast, doc_mask):
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-def sample(raw, tokenizer, prompt, max_new_tokens=48):
-    from generate import completion_text, generate
+def sample(raw, tokenizer, prompt, max_new_tokens=48, chat=False):
+    """A greedy completion of prompt (with chat: of a user message in the tokenizer's chat layout),
+    as one line."""
+    from generate import completion_text, encode_prompts, generate
 
-    prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
+    prompt_ids = encode_prompts(tokenizer, [prompt], chat, None)[0]
+    if len(prompt_ids) >= raw.args.max_seq_len:  # a progress note must not stop the run
+        return f"(--sample_prompt is {len(prompt_ids)} tokens, the context {raw.args.max_seq_len}: no sample)"
     ids = generate(raw, [prompt_ids], max_new_tokens, temperature=0, stop_ids=tokenizer.stop_ids)[0]
     raw.train()
-    return (prompt + completion_text(tokenizer, prompt_ids, ids)).replace("\n", " / ")
+    shown = f"[user] {prompt} [assistant] " if chat else prompt
+    return (shown + completion_text(tokenizer, prompt_ids, ids)).replace("\n", " / ")
 
 
 def check_finite(cfg, step, **values):
@@ -385,6 +393,32 @@ def checkpoint_dir(cfg):
     return os.path.join(cfg.out_dir, cfg.kind)
 
 
+# The flags a resumed run must keep: they fix the schedule (lr_at), which sequences make each step,
+# and what is trained, so changing one would not continue the run the checkpoint began.
+RESUME_FIXED = ("max_steps", "lr", "warmup_steps", "min_lr_ratio", "batch_size", "grad_accum", "seq_len",
+                "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "rslora")
+
+
+def check_resume_changes(cfg, path):
+    """Refuse (one line naming them) flags in RESUME_FIXED that differ from the checkpoint's run,
+    unless --resume_with_changes, which logs them instead. A checkpoint already at or past
+    --max_steps trains nothing more, so nothing it would continue can change."""
+    state = checkpoint.torch_load(os.path.join(path, "train_state.pt"), mmap=True)
+    saved = state.get("config", {})
+    if state.get("step", 0) >= cfg.max_steps:
+        return
+    changed = [(name, saved[name], getattr(cfg, name)) for name in RESUME_FIXED
+               if name in saved and saved[name] != getattr(cfg, name)]
+    if not changed:
+        return
+    listed = ", ".join(f"--{name} {new} (was {old})" for name, old, new in changed)
+    if not cfg.resume_with_changes:
+        raise UserError(f"--resume: {listed} differ from the checkpoint's run in {path}, so it would not "
+                        f"continue exactly; restore them, or pass --resume_with_changes")
+    if cfg.rank == 0:
+        print(f"train.py: resuming with changes: {listed}", file=sys.stderr)
+
+
 def has_checkpoint(cfg):
     # write_dir only ever gives a complete directory this name; train_state.pt marks it as ours
     return os.path.isfile(os.path.join(checkpoint_dir(cfg), "train_state.pt"))
@@ -394,7 +428,7 @@ def save_checkpoint(cfg, run, step):
     """The weights (or adapter), tokenizer.model and train_state.pt, as one directory: a kill at
     any moment leaves the previous checkpoint or this one, never a mix."""
     state = {"step": step, "optimizer": run.optimizer.state_dict(), "loader": run.train_loader.state_dict(),
-             "config": run.config, "log_bytes": run.logger.size()}
+             "config": run.config, "log_bytes": run.logger.size(), "mlflow_run_id": run.logger.run_id}
 
     def write(tmp_dir):
         if cfg.lora_rank:
@@ -430,10 +464,12 @@ def restore_checkpoint(cfg, path, raw, optimizer, train_loader):
 class Logger:
     """Rank 0's record of the run: a line on stdout, a JSON line in log.jsonl, mlflow metrics."""
 
-    def __init__(self, cfg, config, enabled, keep_log_bytes=None):
+    def __init__(self, cfg, config, enabled, keep_log_bytes=None, model_args=None, run_id=None):
         """A fresh run starts log.jsonl anew; a resumed one keeps its first keep_log_bytes bytes,
-        the steps up to the checkpoint (those after it will be run again)."""
-        self.enabled, self.mlflow = enabled, None
+        the steps up to the checkpoint (those after it will be run again), and continues mlflow run
+        run_id (the one train_state.pt recorded). model_args: the model that trains, whose shape
+        mlflow records (not the from-scratch flags a fine-tune ignores)."""
+        self.enabled, self.mlflow, self.run_id = enabled, None, run_id
         self.path = os.path.join(cfg.out_dir, "log.jsonl")
         if not enabled:
             return
@@ -442,7 +478,8 @@ class Logger:
         elif keep_log_bytes is not None and self.size() > keep_log_bytes:
             os.truncate(self.path, keep_log_bytes)
         if cfg.mlflow:
-            self.mlflow = start_mlflow(cfg, config)
+            self.mlflow = start_mlflow(cfg, mlflow_params(config, model_args), run_id)
+            self.run_id = self.mlflow.active_run().info.run_id if self.mlflow else run_id
 
     def step(self, record, line=None):
         """Append record to log.jsonl (and mlflow); print line, if any."""
@@ -464,24 +501,66 @@ class Logger:
             (self.mlflow.log_artifacts if os.path.isdir(path) else self.mlflow.log_artifact)(path)
 
     def close(self):
+        """End the mlflow run with what is ending the process: FINISHED, KILLED (Ctrl-C, SIGTERM:
+        --resume will continue the same run) or FAILED (a NaN stop, any error). Called from a
+        finally block, where sys.exc_info() is the exception leaving it."""
         if self.mlflow:
-            self.mlflow.end_run()
+            error = sys.exc_info()[1]
+            interrupted = isinstance(error, KeyboardInterrupt) or (isinstance(error, SystemExit) and error.code == 130)
+            status = "FINISHED" if error is None or (isinstance(error, SystemExit) and not error.code) else \
+                "KILLED" if interrupted else "FAILED"
+            self.mlflow.end_run(status=status)
             self.mlflow = None
 
 
-def start_mlflow(cfg, config):
+# ModelArgs' fields that are also flags: they shape a model trained from scratch only.
+MODEL_FLAGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "ffn_dim_multiplier", "norm_eps",
+               "rope_theta")
+
+
+def mlflow_params(config, model_args):
+    """The run's flags, with the model's shape taken from the model that trains."""
+    params = dict(config)
+    if model_args is not None:
+        for name in MODEL_FLAGS:
+            params.pop(name, None)
+        params.update(asdict(model_args))  # with the derived head_dim and hidden_dim
+    return {k: str(v)[:250] for k, v in params.items()}
+
+
+def start_mlflow(cfg, params, run_id=None):
+    """mlflow, with run_id continued (--resume) or a new run started and params logged; None (and a
+    note) where it cannot be used."""
     try:
         import mlflow  # slow to import; only when asked for
 
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             mlflow.set_tracking_uri("sqlite:///mlflow.db")
-        mlflow.set_experiment(cfg.mlflow_experiment or "llama")
+        _set_experiment(mlflow, cfg.mlflow_experiment or "llama")
+        if run_id:
+            try:
+                mlflow.start_run(run_id=run_id)
+                return mlflow
+            except Exception as e:  # another tracking store than the one that began the run
+                print(f"train.py: mlflow run {run_id} not found ({type(e).__name__}); starting a new one",
+                      file=sys.stderr)
         mlflow.start_run(run_name=os.path.basename(os.path.abspath(cfg.out_dir)))
-        mlflow.log_params({k: str(v)[:250] for k, v in config.items()})
+        mlflow.log_params(params)
         return mlflow
     except Exception as e:  # tracking is a convenience: never lose a run over it
         print(f"train.py: mlflow disabled ({type(e).__name__}: {e})", file=sys.stderr)
         return None
+
+
+def _set_experiment(mlflow, name):
+    """Select (creating if need be) the experiment. A database store has no place of its own for
+    artifacts, and mlflow would put a new experiment's in ./mlruns of whatever directory the run
+    started from: they go beside the database file instead."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
+        db_dir = os.path.dirname(os.path.abspath(uri[len("sqlite:///"):]))
+        mlflow.create_experiment(name, artifact_location=pathlib.Path(db_dir, "mlartifacts").as_uri())
+    mlflow.set_experiment(name)
 
 
 def matmul_params(args, lora_rank=0, lora_targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3")):
@@ -588,6 +667,8 @@ def set_up(cfg):
     resume_from = checkpoint_dir(cfg) if cfg.resume and has_checkpoint(cfg) else None
     if cfg.resume and not resume_from:
         raise UserError(f"--resume: no checkpoint in {checkpoint_dir(cfg)}")
+    if resume_from:
+        check_resume_changes(cfg, resume_from)
     raw, tokenizer, data_meta = load_model_and_data(cfg, resume_from)
     if cfg.doc_mask is None:
         cfg.doc_mask = bool(data_meta.get("has_mask"))  # instruction / chat data
@@ -604,7 +685,8 @@ def set_up(cfg):
     run = Run(raw=raw, model=for_training(cfg, raw), tokenizer=tokenizer, optimizer=optimizer,
               train_loader=train_loader, val_loader=val_loader, config=config, start_step=state.get("step", 0),
               autocast=torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else nullcontext(),
-              logger=Logger(cfg, config, master, keep_log_bytes=state.get("log_bytes")), flops_per_token=flops,
+              logger=Logger(cfg, config, master, keep_log_bytes=state.get("log_bytes"), model_args=raw.args,
+                            run_id=state.get("mlflow_run_id")), flops_per_token=flops,
               peak_flops=peak_flops(cfg.device)[1])
     if master:
         n_params = sum(p.numel() for p in raw.parameters())
@@ -659,7 +741,7 @@ def loop(cfg, run, stop):
         if step % cfg.save_every == 0 and step < cfg.max_steps:
             check_finite(cfg, step, weights=all(bool(torch.isfinite(p).all()) for p in trainable))
             if cfg.rank == 0:
-                save_checkpoint(cfg, run, step)
+                print(f"saved {save_checkpoint(cfg, run, step)} at step {step}", file=sys.stderr)
             last_saved = step
     return step, last_saved
 
@@ -677,7 +759,9 @@ def step_line(cfg, run, record, eta):
     if "val_loss" in record:
         line += f" | val {record['val_loss']:.4f} ppl {record['val_ppl']:.2f}"
         if cfg.sample_prompt and cfg.rank == 0:
-            line += "\n  sample: " + sample(run.raw, run.tokenizer, cfg.sample_prompt)
+            # instruction / chat shards (masked targets) train the chat layout: sample in it too
+            chat = bool(shards.load_meta(cfg.data).get("has_mask"))
+            line += "\n  sample: " + sample(run.raw, run.tokenizer, cfg.sample_prompt, chat=chat)
     return line
 
 

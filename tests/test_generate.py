@@ -205,3 +205,46 @@ def test_cli_tokenizer_must_fit_the_model(llama3_ckpt, llama2_ckpt, tmp_path):
         assert out.returncode == 1 and out.stdout == "" and "Traceback" not in out.stderr, out.stderr
         assert lines[-1].startswith("generate.py: ") and str(tok_path) in lines[-1] and message in lines[-1]
         assert "panicked" not in out.stderr
+
+
+def test_cli_jsonl_prompts_keep_ids_and_chat_layouts(llama3_ckpt, tmp_path):
+    records = [{"id": "a1", "prompt": "Pt c/o SOB"},
+               {"id": 7, "instruction": "Summarize the note.", "input": "BP 142/91, HR 104."},
+               {"id": "c", "messages": [{"role": "system", "content": "Be brief."},
+                                        {"role": "user", "content": "What is I10?"}]},
+               {"id": "d", "question": "Multi-line\nnote?", "answer": "a reference answer, not shown to the model"}]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + "\n")
+    out = run_generate("--ckpt_dir", llama3_ckpt, "--prompts_file", path, "--temperature", "0",
+                       "--max_new_tokens", "5")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["id"] for r in rows] == ["a1", 7, "c", "d"]
+    assert [r["prompt"] for r in rows] == ["Pt c/o SOB", "Summarize the note.\n\nBP 142/91, HR 104.", "What is I10?",
+                                           "Multi-line\nnote?"]
+    tok, m = tokenizer.load(llama3_ckpt), model.load(llama3_ckpt)
+    prompts = [tok.encode("Pt c/o SOB", bos=True, eos=False),
+               tok.encode_dialog([{"role": "user", "content": "Summarize the note.\n\nBP 142/91, HR 104."}]),
+               tok.encode_dialog(records[2]["messages"]),
+               tok.encode_dialog([{"role": "user", "content": "Multi-line\nnote?"}])]
+    ids = generate.generate(m, prompts, 5, temperature=0, stop_ids=tok.stop_ids)
+    assert [r["completion"] for r in rows] == [generate.completion_text(tok, p, i) for p, i in zip(prompts, ids)]
+
+    path.write_text(json.dumps(records[0]) + "\n{not json\n")
+    bad = run_generate("--ckpt_dir", llama3_ckpt, "--prompts_file", path)
+    assert bad.returncode == 1 and f"{path}:2: not JSON" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cli_notes_a_context_cut_and_one_token_rates(llama3_ckpt):
+    out = run_generate("--ckpt_dir", llama3_ckpt, "--prompt", "Pt c/o SOB", "--temperature", "0",
+                       "--max_new_tokens", "40", "--max_seq_len", "12")
+    assert out.returncode == 0, out.stderr
+    tok = tokenizer.load(llama3_ckpt)
+    ids = generate.generate(model.load(llama3_ckpt, max_seq_len=12), [tok.encode("Pt c/o SOB", bos=True, eos=False)],
+                            40, temperature=0, stop_ids=tok.stop_ids)[0]
+    assert len(tok.encode("Pt c/o SOB", bos=True, eos=False)) + len(ids) == 12  # the context ended it
+    assert f"stopped at the context of 12 tokens after {len(ids)} of 40 new tokens" in out.stderr
+    assert "stopped at the context" not in run_generate("--ckpt_dir", llama3_ckpt, "--prompt", "Pt c/o SOB",
+                                                        "--max_new_tokens", "3").stderr
+    one = run_generate("--ckpt_dir", llama3_ckpt, "--prompt", "Pt c/o SOB", "--max_new_tokens", "1")
+    assert one.returncode == 0 and "no decode steps" in one.stderr and " 0.0 tokens/s" not in one.stderr

@@ -4,6 +4,7 @@ sentencepiece model trained here."""
 
 import base64
 import hashlib
+import json
 import os
 import random
 import re
@@ -411,3 +412,61 @@ def test_check_fits(tok3, tok2):
     for vocab in (tok2.n_words - 1, 128256):  # too small, or another model's (a Llama 3 model)
         with pytest.raises(tokenizer.TokenizerError, match=f"{vocab} embeddings"):
             tokenizer.check_fits(tok2, vocab, "m")
+
+
+# ---------------------------------------------------------------------------------------------
+# Llama 3 from a tokenizer.json alone (community fine-tunes ship no tokenizer.model)
+
+TOKENIZER_JSON_CORPUS = [
+    "Assessment: 🦙 patient 👩🏽‍⚕️ 中文 日本語 한국어 ✓ naïve café",
+    "digits 12345678901234567890 1,000,000 3.14159 ٣٤٥",
+    "<|eot_id|><|begin_of_text|> typed <|start_header_id|>system<|end_header_id|> text <|reserved_special_token_5|>",
+    "  \n\n\t  mixed   whitespace\r\n  ends  ",
+    "WE'LL see; it's 'quoted' don't",
+]
+
+
+@pytest.fixture(scope="module")
+def tok_json(tmp_path_factory):
+    d = tmp_path_factory.mktemp("json_only")
+    shutil.copy(os.path.join(LLAMA3_DIR, "tokenizer.json"), d / "tokenizer.json")
+    return tokenizer.load(d)
+
+
+def test_tokenizer_json_directory_matches_tokenizers(tok_json, tok3):
+    ref = tokenizers.Tokenizer.from_file(os.path.join(LLAMA3_DIR, "tokenizer.json"))
+    assert tok_json.kind == "llama3" and tok_json.path.endswith("tokenizer.json")
+    assert tok_json.n_words == ref.get_vocab_size(with_added_tokens=True) == 128256
+    for name in ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"):
+        assert tok_json.special[name] == ref.token_to_id(name)
+    assert (tok_json.bos_id, tok_json.eos_id, tok_json.eot_id) == (BOS, EOS, EOT)
+    plain = tokenizers.Tokenizer.from_file(os.path.join(LLAMA3_DIR, "tokenizer.json"))
+    plain.encode_special_tokens = True
+    for text in TOKENIZER_JSON_CORPUS:
+        ids = tok_json.encode(text, bos=False, eos=False)
+        assert ids == plain.encode(text, add_special_tokens=False).ids == tok3.encode(text, False, False)
+        assert tok_json.decode(ids) == ref.decode(ids) == text
+    dialog = [{"role": "user", "content": TOKENIZER_JSON_CORPUS[0]}]
+    ids = tok_json.encode_dialog(dialog)
+    assert ids == tok3.encode_dialog(dialog)
+    # the control tokens encode_dialog emits are the ones tokenizers parses from the layout's text
+    assert ids == ref.encode(tok_json.decode(ids), add_special_tokens=False).ids
+
+
+def test_tokenizer_json_refusals(tmp_path):
+    with open(os.path.join(LLAMA3_DIR, "tokenizer.json"), encoding="utf-8") as f:
+        good = json.load(f)
+    cases = {
+        "not_json": "{ nope",
+        "wordpiece": json.dumps({**good, "model": {"type": "WordPiece", "vocab": {}}}),
+        "no_split": json.dumps({**good, "pre_tokenizer": {"type": "ByteLevel"}}),
+        "merges_out_of_order": json.dumps({**good, "model": {**good["model"],
+                                           "merges": list(reversed(good["model"]["merges"][:50]))}}),
+        "no_specials": json.dumps({**good, "added_tokens": []}),
+    }
+    for name, text in cases.items():
+        d = tmp_path / name
+        d.mkdir()
+        (d / "tokenizer.json").write_text(text)
+        msg = _load_error(d)
+        assert str(d / "tokenizer.json") in msg, (name, msg)

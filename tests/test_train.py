@@ -288,3 +288,100 @@ def test_flops_count_the_weights_the_model_multiplies_by():
     attention = 12 * 2 * 4 * 16 * 128
     assert trainer.flops_per_token(args, 128, 4, ("wq", "wv", "w2")) == 4 * in_matmuls + attention
     assert trainer.flops_per_token(args, 128) == 6 * trainer.matmul_params(args) + attention
+
+
+# -- --resume keeps the run it continues; mlflow follows it ------------------------------------------
+
+
+def test_resume_refuses_changed_schedule_flags(text_data, tmp_path):
+    common = [*TINY, "--data", text_data, "--out_dir", tmp_path, "--eval_every", "100", "--save_every", "2"]
+    out = train(*common, "--max_steps", "3")
+    assert f"saved {tmp_path / 'model'} at step 2" in out.stderr  # the periodic save, announced
+    before = log(tmp_path)
+    _one_line_error(train(*common, "--max_steps", "6", "--lr", "1e-3", "--resume", check=False), "--max_steps 6")
+    refused = train(*common, "--max_steps", "6", "--resume", check=False).stderr
+    assert "--max_steps 6 (was 3)" in refused and "--resume_with_changes" in refused and "--lr" not in refused
+    assert log(tmp_path) == before  # nothing ran
+    out = train(*common, "--max_steps", "6", "--resume", "--resume_with_changes")
+    assert "resuming with changes: --max_steps 6 (was 3)" in out.stderr
+    assert [r["step"] for r in log(tmp_path)] == list(range(1, 7))
+
+
+def _mlflow_runs(uri):
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("llama")
+    return client, client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+def test_mlflow_one_run_across_interrupt_and_resume(base_ckpt, text_data, tmp_path):
+    """Ctrl-C marks the run KILLED; --resume continues the same run, whose loss history is then one
+    unbroken series; its params are the fine-tuned checkpoint's shape; started from another
+    directory, nothing lands in that directory's ./mlruns."""
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    args = [sys.executable, os.path.join(ROOT, "train.py"), "--ckpt_dir", base_ckpt, "--lora_rank", "2",
+            *[a for a in TINY if a not in ("--mlflow", "false")], "--data", text_data, "--out_dir",
+            tmp_path / "o", "--max_steps", "200", "--eval_every", "100", "--batch_size", "2", "--save_every", "1000"]
+    args[args.index("--dim") + 1] = "48"  # a from-scratch flag the fine-tune ignores: not what mlflow records
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    proc = subprocess.Popen(list(map(str, args)), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    logfile, deadline = tmp_path / "o" / "log.jsonl", time.time() + 120
+    while time.time() < deadline and (not logfile.exists() or len(logfile.read_text().splitlines()) < 3):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before Ctrl-C arrived")
+    assert proc.returncode == 130, err
+    client, runs = _mlflow_runs(uri)
+    assert [r.info.status for r in runs] == ["KILLED"]
+    stopped = len(log(tmp_path / "o"))
+
+    out = subprocess.run(list(map(str, args + ["--resume"])), cwd=cwd, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    client, runs = _mlflow_runs(uri)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    history = client.get_metric_history(runs[0].info.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 201)) and stopped < 200
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == losses(tmp_path / "o")
+    params = runs[0].data.params
+    base = model.load(base_ckpt).args
+    assert (params["dim"], params["n_layers"], params["hidden_dim"]) == tuple(map(str, (base.dim, base.n_layers,
+                                                                                        base.hidden_dim)))
+    assert params["dim"] == "32" and "48" not in params.values()
+    assert not (cwd / "mlruns").exists() and not os.listdir(cwd)
+    assert runs[0].info.artifact_uri.startswith((tmp_path / "store").as_uri())
+    assert any(a.path == "log.jsonl" for a in client.list_artifacts(runs[0].info.run_id))
+
+
+def test_mlflow_marks_a_nan_stop_failed(text_data, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [a for a in TINY if a not in ("--mlflow", "false")]
+    out = train(*args, "--data", text_data, "--out_dir", tmp_path / "o", "--max_steps", "20", "--lr", "1e30",
+                "--warmup_steps", "0", env={"MLFLOW_TRACKING_URI": uri}, check=False)
+    assert out.returncode == 1 and "stopped without saving" in out.stderr
+    _, runs = _mlflow_runs(uri)
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_sample_prompt_uses_the_chat_layout_on_instruction_data(instruct_data, tmp_path, monkeypatch):
+    tiny = [*TINY]
+    tiny[tiny.index("--seq_len") + 1] = "64"  # room for the chat layout's headers
+    out = train(*tiny, "--data", instruct_data, "--out_dir", tmp_path, "--max_steps", "2", "--eval_every", "2",
+                "--sample_prompt", "What is 3 plus 3?")
+    assert "sample: [user] What is 3 plus 3? [assistant] " in out.stdout
+    import train as trainer
+    import tokenizer as llama_tokenizer
+    import generate
+
+    seen = []
+    monkeypatch.setattr(generate, "generate", lambda m, prompts, *a, **k: seen.append(prompts[0]) or [[]])
+    tok = llama_tokenizer.load(instruct_data)
+    trainer.sample(model.load(tmp_path / "model"), tok, "What is 3 plus 3?", chat=True)
+    assert seen == [tok.encode_dialog([{"role": "user", "content": "What is 3 plus 3?"}])]
