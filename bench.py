@@ -593,6 +593,30 @@ def cmd_train(args, dev):
 # decode: generate.generate against transformers' generate with a static cache, and the roofline
 
 
+def hf_decode_tokens_per_s(args, a, dev, dtype, prompts):
+    """transformers' greedy decode rate on the same prompts: time(N new) - time(1 new), static cache."""
+    (B, P), N = prompts.shape, args.new_tokens
+    hf, ids = build_hf(a, args.model in TIED, dev, dtype).eval(), prompts.to(dev)
+
+    def hf_seconds(n):
+        sync(dev)
+        t0 = time.perf_counter()
+        out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, cache_implementation="static", pad_token_id=0)
+        sync(dev)
+        if out.shape[1] != P + n:
+            raise BenchError(f"transformers generated {out.shape[1] - P} tokens, not {n}")
+        return time.perf_counter() - t0
+
+    hf_seconds(N)  # warm-up, the longest first: on CUDA transformers compiles its decoding step here
+    hf_seconds(1)
+    full = statistics.median(hf_seconds(N) for _ in range(args.iters))
+    decode = full - statistics.median(hf_seconds(1) for _ in range(args.iters))
+    hf = None
+    free_memory(dev)
+    return B * (N - 1) / decode if decode > 0 else "n/a (lost in timing noise)"
+
+
 def cmd_decode(args, dev):
     B, P, N = args.batch, args.prompt_len, args.new_tokens
     a = llama.ModelArgs(**PRESETS[args.model], max_seq_len=P + N)
@@ -617,28 +641,7 @@ def cmd_decode(args, dev):
     m = None
     free_memory(dev)
 
-    ref = reference_missing(args)
-    if ref is None:
-        hf, ids = build_hf(a, args.model in TIED, dev, dtype).eval(), prompts.to(dev)
-
-        def hf_seconds(n):
-            sync(dev)
-            t0 = time.perf_counter()
-            out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, cache_implementation="static", pad_token_id=0)
-            sync(dev)
-            if out.shape[1] != P + n:
-                raise BenchError(f"transformers generated {out.shape[1] - P} tokens, not {n}")
-            return time.perf_counter() - t0
-
-        hf_seconds(N)  # warm-up, the longest first: on CUDA transformers compiles its decoding step here
-        hf_seconds(1)
-        full = statistics.median(hf_seconds(N) for _ in range(args.iters))
-        decode = full - statistics.median(hf_seconds(1) for _ in range(args.iters))
-        ref = B * (N - 1) / decode if decode > 0 else "n/a (lost in timing noise)"
-        hf = None
-        free_memory(dev)
-
+    ref = reference_missing(args) or hf_decode_tokens_per_s(args, a, dev, dtype, prompts)
     weight_bytes = train.matmul_params(a) * dtype.itemsize
     roofline = B * bw * 1e9 / weight_bytes
     kv_mb = 2 * a.n_layers * a.n_kv_heads * a.head_dim * (P + N) * B * dtype.itemsize / 1e6
