@@ -483,6 +483,51 @@ def reference_missing(args):
 # train: one optimizer step of our trainer against transformers + peft
 
 
+def to_nf4(m):
+    """Our model's projections in NF4, as model.load(quantize="nf4") holds them (QLoRA's frozen base)."""
+    for layer in m.layers:
+        for block in (layer.attention, layer.feed_forward):
+            for name, child in list(block.named_children()):
+                if name in llama.PROJECTIONS:
+                    setattr(block, name, llama.NF4Linear(child.weight.detach()))
+    return m
+
+
+def hf_to_bnb_nf4(m, dev):
+    """transformers' projections as bitsandbytes Linear4bit (NF4, double quantization, bf16 compute),
+    the layers peft's QLoRA trains over; bitsandbytes quantizes them when they move to the GPU."""
+    import bitsandbytes as bnb
+
+    for module in list(m.modules()):
+        for name, child in list(module.named_children()):
+            if name in HF_TARGETS:
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                      compress_statistics=True, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(child.weight.detach().cpu(), requires_grad=False,
+                                             compress_statistics=True, quant_type="nf4")
+                setattr(module, name, q.to(dev))
+
+
+def model_bytes(m):
+    return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+
+
+def nf4_memory_row(args, a, case):
+    """The model's bytes with its projections in NF4 against the same model in bf16. The bf16 model is
+    counted on the meta device (no memory); each projection shape is quantized for real once, as
+    every layer has the same shapes, so an 8B shape is measured on a small machine."""
+    with torch.device("meta"), default_dtype(torch.bfloat16):
+        m = llama.Transformer(a)
+    if args.model in TIED:
+        m.tie_weights()
+    bf16 = model_bytes(m)
+    projections = [p for name, p in m.named_parameters() if name.split(".")[-2] in llama.PROJECTIONS]
+    nf4_bytes = {shape: model_bytes(llama.NF4Linear(torch.randn(shape, dtype=torch.bfloat16)))
+                 for shape in {p.shape for p in projections}}
+    nf4 = bf16 - sum(p.numel() * p.element_size() for p in projections) + sum(nf4_bytes[p.shape] for p in projections)
+    return row(case, "model MiB", nf4 / 2**20, "the same model in bf16", bf16 / 2**20)
+
+
 def train_side(which, args, a, dev, batch):
     """Build one stack, time warmup + steps optimizer steps, free it: {step_s, peak GiB} or {error}."""
     on_cuda = dev.type == "cuda"
@@ -493,6 +538,8 @@ def train_side(which, args, a, dev, batch):
     try:
         if which == "ours":
             m = build_ours(a, args.model in TIED, dev, dtype)
+            if args.quantize:
+                to_nf4(m)
             if args.lora_rank:
                 lora.apply_lora(m, args.lora_rank, alpha)
             m.activation_checkpointing = args.activation_checkpointing
@@ -502,6 +549,8 @@ def train_side(which, args, a, dev, batch):
             forward_backward = lambda: train.train_step(c, net, loader, autocast)  # noqa: E731
         else:
             m = build_hf(a, args.model in TIED, dev, dtype)
+            if args.quantize:
+                hf_to_bnb_nf4(m, dev)
             if args.lora_rank:
                 from peft import LoraConfig, get_peft_model
 
@@ -545,6 +594,8 @@ def cmd_train(args, dev):
         args.lora_rank = 0
     elif args.lora_rank == 0:
         raise BenchError("--lora_rank 0 would be a full fine-tune: say --full")
+    if args.quantize and not args.lora_rank:
+        raise BenchError("--quantize nf4 is QLoRA: it needs LoRA, not --full")
     a = llama.ModelArgs(**PRESETS[args.model], max_seq_len=args.seq_len)
     g = torch.Generator().manual_seed(0)
     seq = torch.randint(0, a.vocab_size, (args.batch_size, args.seq_len + 1), generator=g)
@@ -554,6 +605,8 @@ def cmd_train(args, dev):
     free_memory(dev)
     ours = train_side("ours", args, a, dev, batch)
     missing = reference_missing(args)
+    if args.quantize and dev.type != "cuda" and not missing:
+        missing = "waits for a GPU (bitsandbytes' QLoRA path is CUDA's)"
     ref = {"error": missing} if missing else train_side("ref", args, a, dev, batch)
 
     N, flops = train.matmul_params(a, args.lora_rank), train.flops_per_token(a, args.seq_len, args.lora_rank)
@@ -565,13 +618,16 @@ def cmd_train(args, dev):
     if name:
         metrics[f"MFU % of {name} peak"] = lambda r: mfu(r, peak)
     metrics["peak GiB"] = lambda r: r["peak"]
-    case = (f"{args.model} {f'LoRA r{args.lora_rank}' if args.lora_rank else 'full'} B{args.batch_size}xT{args.seq_len}"
+    what = f"{'QLoRA' if args.quantize else 'LoRA'} r{args.lora_rank}" if args.lora_rank else "full"
+    case = (f"{args.model} {what} B{args.batch_size}xT{args.seq_len}"
             + " ckpt" * args.activation_checkpointing + " compile" * args.compile)
-    vs = "transformers" if args.full else "transformers+peft"
+    vs = "transformers" if args.full else "transformers+peft" + ("+bitsandbytes" if args.quantize else "")
     rows = []
     for metric, get in metrics.items():
         figures = [r["error"] if "error" in r else get(r) for r in (ours, ref)]
         rows.append(row(case, metric, figures[0], vs, figures[1]))
+    if args.quantize:
+        rows.append(nf4_memory_row(args, a, case))
     notes = [f"FLOPs/token = {'4N (LoRA: no gradients for the frozen weights)' if args.lora_rank else '6N'} + "
              f"12*L*H*Q*T (train.flops_per_token) = {flops:.4g} with N = {N:.4g}, L*H*Q*T = "
              f"{a.n_layers}*{a.n_heads}*{a.head_dim}*{args.seq_len}; "
@@ -756,7 +812,7 @@ CHECKS = {"json": non_empty, "device": torch_device, "warmup": at_least(0), "ite
           "dim": positive, "hidden": positive, "heads": positive, "kv_heads": positive, "head_dim": positive,
           "vocab": positive, "ce_tokens": positive, "kernels.compile": one_of("auto", "true", "false"),
           "model": one_of(*sorted(PRESETS)), "lora_rank": at_least(0), "lora_alpha": positive,
-          "seq_len": at_least(2), "batch_size": positive, "steps": positive,
+          "seq_len": at_least(2), "batch_size": positive, "steps": positive, "quantize": one_of("nf4"),
           "batch": positive, "prompt_len": positive, "new_tokens": at_least(2),
           "decode.compile": one_of("auto", "true", "false"), "items": positive, "max_seq_len": positive,
           "lm_eval_batch_size": positive}
@@ -810,7 +866,8 @@ class Bench:
 
     def train(self, model: str = "llama3-8b", no_reference: bool = False, lora_rank: int = 16,
               lora_alpha: float = None, full: bool = False, seq_len: int = 4096, batch_size: int = 1,
-              steps: int = 10, activation_checkpointing: bool = False, compile: bool = False):
+              steps: int = 10, activation_checkpointing: bool = False, compile: bool = False,
+              quantize: str = None):
         """A training step: ours vs transformers + peft.
 
         Args:
@@ -823,6 +880,8 @@ class Bench:
             steps: timed optimizer steps.
             activation_checkpointing: recompute each layer in backward (both models).
             compile: torch.compile both models.
+            quantize: nf4: QLoRA, the frozen base in NF4 (ours: train.py --quantize nf4; the reference:
+                peft over bitsandbytes Linear4bit, on CUDA); also the model's bytes against bf16.
         """
         self._run(cmd_train, locals())
 

@@ -105,3 +105,23 @@ def test_bad_flags_stop_with_one_line():
         assert proc.returncode == 2, (argv, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("bench.py: ")
         assert proc.stdout == ""
+
+
+def test_train_qlora_counts_the_model_bytes(tmp_path):
+    import torch
+
+    import bench as bench_module
+    import model
+
+    _, record = bench(tmp_path, "train", "--model", "tiny", "--quantize", "nf4", "--lora_rank", "4", "--seq_len", "16",
+                      "--steps", "1", "--warmup", "0", "--iters", "1")
+    rows = {row["metric"]: row for row in record["rows"]}
+    assert rows["tokens/s"]["vs"] == "transformers+peft+bitsandbytes" and number(rows["tokens/s"]["ours"])
+    assert "waits for a GPU" in rows["tokens/s"]["reference"]  # bitsandbytes' QLoRA path is CUDA's
+    memory = rows["model MiB"]
+    # the same figure counted the slow way: the whole model built, then its projections quantized
+    m = bench_module.build_ours(model.ModelArgs(**bench_module.PRESETS["tiny"], max_seq_len=16), False,
+                                torch.device("cpu"), torch.bfloat16)
+    assert memory["reference"] * 2**20 == bench_module.model_bytes(m)
+    assert memory["ours"] * 2**20 == bench_module.model_bytes(bench_module.to_nf4(m))
+    assert 0 < memory["ratio"] < 1
