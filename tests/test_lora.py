@@ -13,19 +13,10 @@ from safetensors import safe_open
 
 import lora
 import model
-from ckpt_utils import VARIANTS, hf_model, meta_params_for, meta_state_dict, rel_err, tokens_for, write_meta
+from ckpt_utils import (VARIANTS, hf_model, meta_params_for, meta_state_dict, randomize_adapters, rel_err,
+                        tokens_for, write_meta)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def randomize_adapters(m, seed=0):
-    """B is zero after apply_lora, which would make every comparison trivially pass."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, mod in lora.lora_modules(m):
-            mod.lora_A.copy_(torch.randn(mod.lora_A.shape, generator=g) * 0.1)
-            mod.lora_B.copy_(torch.randn(mod.lora_B.shape, generator=g) * 0.1)
-    return m
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -24,7 +23,8 @@ import torch.nn.functional as F
 import checkpoint
 import lora
 import model
-from ckpt_utils import hf_model, meta_params_for, meta_state_dict, rel_err, tokens_for, write_hf, write_meta
+from ckpt_utils import (hf_model, meta_params_for, meta_state_dict, randomize_adapters, rel_err, tokens_for,
+                        write_hf, write_meta)
 
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnbF  # noqa: E402
@@ -214,12 +214,7 @@ def test_lora_step_matches_peft_on_bitsandbytes(ckpts, variant, tmp_path):
     from peft import PeftModel
 
     q = model.load(ckpts[variant], quantize="nf4")
-    lora.apply_lora(q, rank=4, alpha=8)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, m in lora.lora_modules(q):
-            m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) * 0.1)
-            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
+    randomize_adapters(lora.apply_lora(q, rank=4, alpha=8), seed=0)
     lora.export_peft(q, tmp_path / "peft")
     ref = PeftModel.from_pretrained(_with_linear4bit(hf_model(variant)), tmp_path / "peft", is_trainable=True)
     tokens = tokens_for(variant)
@@ -251,7 +246,7 @@ def test_merge_refuses_an_nf4_base(ckpts):
 
 # -- the trainer, generate.py and lora.py merge with --quantize nf4 --------------------------------
 
-from test_train import TINY, base_ckpt, losses, text_data, train  # noqa: E402,F401  (fixtures too)
+from test_train import TINY, base_ckpt, interrupt_after, losses, text_data, train  # noqa: E402,F401  (fixtures too)
 
 
 def test_train_qlora_lowers_the_loss_and_resumes_exactly(base_ckpt, text_data, tmp_path):  # noqa: F811
@@ -272,17 +267,8 @@ def test_train_qlora_lowers_the_loss_and_resumes_exactly(base_ckpt, text_data, t
                          timeout=300)
     assert gen.returncode == 0 and gen.stdout.strip(), gen.stderr
 
-    proc = subprocess.Popen([sys.executable, "train.py", *map(str, common), "--out_dir", str(tmp_path / "cut")],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    logfile = tmp_path / "cut" / "log.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not logfile.exists() or len(logfile.read_text().splitlines()) < 5):
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    if proc.returncode == 0:
-        pytest.skip("the run finished before the signal arrived")
-    assert proc.returncode == 130, err
+    status, err = interrupt_after([*common, "--out_dir", tmp_path / "cut"], tmp_path / "cut", 5, signal.SIGTERM)
+    assert status == 130, err
     train(*common, "--out_dir", tmp_path / "cut", "--resume")
     assert losses(tmp_path / "cut") == straight
 

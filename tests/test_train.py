@@ -64,6 +64,22 @@ def train(*args, env=None, check=True):
     return out
 
 
+def interrupt_after(argv, out_dir, steps, sig, cwd=ROOT, env=None):
+    """train.py (argv: its flags, or a whole command) in the background, sent sig once
+    OUT_DIR/log.jsonl holds `steps` steps; returns (exit status, stderr). Skips the test if the run
+    finished before the signal arrived."""
+    cmd = list(map(str, argv)) if str(argv[0]) == sys.executable else [sys.executable, "train.py", *map(str, argv)]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    logfile, deadline = os.path.join(out_dir, "log.jsonl"), time.time() + 120
+    while time.time() < deadline and (not os.path.exists(logfile) or len(open(logfile).read().splitlines()) < steps):
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    return proc.returncode, err
+
+
 def log(out_dir):
     with open(os.path.join(out_dir, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -121,17 +137,8 @@ def test_ctrl_c_then_resume_continues_exactly(text_data, base_ckpt, tmp_path, si
     if lora:  # an adapter on a frozen base, with dropout: the RNG state must come back too
         common += ["--ckpt_dir", base_ckpt, "--lora_rank", "4", "--lora_dropout", "0.1"]
     train(*common, "--out_dir", tmp_path / "straight")
-    proc = subprocess.Popen([sys.executable, "train.py", *map(str, common), "--out_dir", str(tmp_path / "cut")],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    logfile = tmp_path / "cut" / "log.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not logfile.exists() or len(logfile.read_text().splitlines()) < 10):
-        time.sleep(0.01)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
-    if proc.returncode == 0:
-        pytest.skip("the run finished before Ctrl-C arrived")
-    assert proc.returncode == 130, err
+    status, err = interrupt_after([*common, "--out_dir", tmp_path / "cut"], tmp_path / "cut", 10, sig)
+    assert status == 130, err
     assert "continue with --resume" in err
     stopped = len(losses(tmp_path / "cut"))
     assert 10 <= stopped < 150
@@ -328,16 +335,8 @@ def test_mlflow_one_run_across_interrupt_and_resume(base_ckpt, text_data, tmp_pa
             tmp_path / "o", "--max_steps", "200", "--eval_every", "100", "--batch_size", "2", "--save_every", "1000"]
     args[args.index("--dim") + 1] = "48"  # a from-scratch flag the fine-tune ignores: not what mlflow records
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    proc = subprocess.Popen(list(map(str, args)), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    logfile, deadline = tmp_path / "o" / "log.jsonl", time.time() + 120
-    while time.time() < deadline and (not logfile.exists() or len(logfile.read_text().splitlines()) < 3):
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    if proc.returncode == 0:
-        pytest.skip("the run finished before Ctrl-C arrived")
-    assert proc.returncode == 130, err
+    status, err = interrupt_after(args, tmp_path / "o", 3, signal.SIGINT, cwd=cwd, env=env)
+    assert status == 130, err
     client, runs = _mlflow_runs(uri)
     assert [r.info.status for r in runs] == ["KILLED"]
     stopped = len(log(tmp_path / "o"))

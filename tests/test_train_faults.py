@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from test_train import ROOT, TINY, _one_line_error, base_ckpt, log, text_data, train  # noqa: F401  (fixtures)
+from test_train import ROOT, TINY, _one_line_error, base_ckpt, interrupt_after, log, text_data, train  # noqa: F401  (fixtures)
 
 FAST = [*TINY, "--max_steps", "2", "--save_every", "1", "--batch_size", "2"]
 
@@ -137,14 +137,8 @@ def test_kill_9_then_resume_trims_the_log_to_the_checkpoint(text_data, tmp_path)
     """The steps logged after the last checkpoint are run again, not repeated in log.jsonl."""
     flags = [*TINY, "--data", text_data, "--out_dir", tmp_path, "--batch_size", "2", "--save_every", "7",
              "--max_steps", "60"]
-    proc = subprocess.Popen([sys.executable, "train.py", *map(str, flags)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    logfile = tmp_path / "log.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not logfile.exists() or len(logfile.read_text().splitlines()) < 10):
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
+    status, _ = interrupt_after(flags, tmp_path, 10, signal.SIGKILL)
+    assert status == -signal.SIGKILL
     logged = len(log(tmp_path))
     resumed = train(*flags, "--resume")
     saved = int(resumed.stderr.split(" at step ")[1].split()[0])
