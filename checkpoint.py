@@ -88,15 +88,37 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat
            "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
-def resolve_dtype(dtype, device) -> torch.dtype:
-    """None -> bf16 on CUDA, fp32 elsewhere; accepts torch dtypes or names like 'bf16'."""
+def resolve_dtype(dtype, device, stored: Optional[torch.dtype] = None) -> torch.dtype:
+    """The dtype to compute in: dtype if given (a torch dtype or a name like 'bf16'), else the default.
+
+    The default is bf16 on CUDA. On the CPU it is the checkpoint's stored dtype when the CPU computes
+    in it natively, fp32 otherwise: decoding reads every weight once per token, so it runs at the
+    speed of reading them, and a bf16 weight is half the bytes of an fp32 one. Converting a bf16
+    checkpoint to fp32 costs a copy at load and half the speed after; emulating bf16 on a CPU
+    without it costs more than that.
+    """
     if dtype is None:
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        if torch.device(device).type == "cuda":
+            return torch.bfloat16
+        return stored if stored in cpu_native_dtypes() else torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     if str(dtype) not in _DTYPES:
         raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
     return _DTYPES[str(dtype)]
+
+
+def cpu_native_dtypes() -> set:
+    """The half-precision dtypes this CPU has matrix instructions for (fp32 always works):
+    bf16 with AVX-512 BF16 or AMX on x86 and the BF16 extension on Arm; fp16 with AVX-512 FP16 or
+    AMX-FP16 on x86 and FP16 arithmetic on Arm."""
+    caps = torch.cpu.get_capabilities()
+    native = set()
+    if any(caps.get(k) for k in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")):
+        native.add(torch.bfloat16)
+    if any(caps.get(k) for k in ("avx512_fp16", "amx_fp16", "fp16_arith")):
+        native.add(torch.float16)
+    return native
 
 
 def load(ckpt_dir, device="cpu", dtype=None, max_seq_len: Optional[int] = None,
@@ -120,7 +142,6 @@ def load(ckpt_dir, device="cpu", dtype=None, max_seq_len: Optional[int] = None,
     else:
         raise CheckpointError(f"{ckpt_dir}: neither params.json (Meta) nor config.json (HF) found")
     args.max_seq_len = max_seq_len or args.max_seq_len
-    dtype = resolve_dtype(dtype, device)
 
     with torch.device("meta"):
         model = Transformer(args)
@@ -129,6 +150,8 @@ def load(ckpt_dir, device="cpu", dtype=None, max_seq_len: Optional[int] = None,
     expected = {k: v for k, v in model.state_dict().items() if not (tied and k == "output.weight")}
     state = {}
     for name, t in tensors:
+        if not isinstance(dtype, torch.dtype):
+            dtype = resolve_dtype(dtype, device, stored=t.dtype)  # the first tensor says how it is stored
         if name not in expected:
             continue  # stray keys such as rope.freqs or rotary_emb.inv_freq
         if t.shape != expected[name].shape:
@@ -137,6 +160,8 @@ def load(ckpt_dir, device="cpu", dtype=None, max_seq_len: Optional[int] = None,
         if quantize and name.split(".")[-2] in PROJECTIONS:
             state[name] = NF4Linear(t.to(device))  # the NF4 layer that replaces this weight's nn.Linear
         else:
+            # A tensor already in the right dtype on the CPU is used where it lies, in the file's
+            # private mapping: nothing is copied, and pages are read as the model first touches them.
             state[name] = t.to(device=device, dtype=dtype)
     missing = sorted(set(expected) - set(state))
     if missing:
@@ -214,8 +239,7 @@ def read_meta(ckpt_dir):
     first = shards[0]
     if "tok_embeddings.weight" not in first:
         raise CheckpointError(f"{paths[0]}: no tok_embeddings.weight in it (not a Llama checkpoint)")
-    tied = "output.weight" not in first or (first["output.weight"].untyped_storage().data_ptr()
-                                            == first["tok_embeddings.weight"].untyped_storage().data_ptr())
+    tied = "output.weight" not in first or first["output.weight"].data_ptr() == first["tok_embeddings.weight"].data_ptr()
     # Llama 2 splits the embedding along dim (ParallelEmbedding), Llama 3 along the vocabulary
     # (VocabParallelEmbedding): the shard's width tells which.
     embedding_dim = 0 if first["tok_embeddings.weight"].shape[1] == args.dim else 1
@@ -266,7 +290,15 @@ def write_meta(model, out_dir):
     """params.json + consolidated.00.pth of model into out_dir, a directory being filled (see save,
     or write_dir to put more files beside them). A tied output is stored as the same tensor, which
     torch.save keeps as one storage and read_meta recognises."""
-    torch.save({k: v.detach() for k, v in model.state_dict().items()}, os.path.join(out_dir, "consolidated.00.pth"))
+    # torch.save writes each tensor's whole storage: a weight that is a view into a mapped
+    # .safetensors file is copied out first, or the file would hold that whole file again.
+    copies, state = {}, {}
+    for name, t in model.state_dict().items():
+        t = t.detach()
+        if t.untyped_storage().nbytes() != t.nbytes:
+            t = copies.setdefault(t.data_ptr(), t.clone())  # a tied output shares the embedding's copy
+        state[name] = t
+    torch.save(state, os.path.join(out_dir, "consolidated.00.pth"))
     write_json(os.path.join(out_dir, "params.json"), meta_params(model.args))
 
 
@@ -398,8 +430,6 @@ def hf_generation_config(tok) -> dict:
 
 def read_hf(ckpt_dir):
     """(args, an iterator of (name, tensor) in our names and Meta's q/k layout, tied, the config path)."""
-    from safetensors import safe_open  # only the HF layout needs it
-
     config_path = os.path.join(ckpt_dir, "config.json")
     args = hf_args(_read_json(config_path), config_path)
     index = os.path.join(ckpt_dir, "model.safetensors.index.json")
@@ -409,21 +439,64 @@ def read_hf(ckpt_dir):
         paths = sorted(glob.glob(os.path.join(ckpt_dir, "*.safetensors")))
     if not paths:
         raise CheckpointError(f"{ckpt_dir}: config.json but no *.safetensors weights")
-    handles = []
-    for p in paths:
-        try:
-            handles.append(safe_open(p, framework="pt", device="cpu"))
-        except Exception as e:
-            raise CheckpointError(f"{p}: cannot read ({type(e).__name__}: {e})") from None
-    tied = not any("lm_head.weight" in h.keys() for h in handles)
+    files = [map_safetensors(p) for p in paths]
+    tied = not any("lm_head.weight" in f for f in files)
 
     def tensors():
-        for h in handles:
-            for name in h.keys():
+        for f in files:
+            for name, t in f.items():
                 ours = our_name(name)
-                yield ours, permute_qk(ours, h.get_tensor(name), args, hf_to_meta_rope)
+                yield ours, permute_qk(ours, t, args, hf_to_meta_rope)
 
     return args, tensors(), tied, config_path
+
+
+# safetensors' element types (the format's names) as torch dtypes
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                       "F8_E5M2": torch.float8_e5m2}
+
+
+def map_safetensors(path) -> dict:
+    """{name: tensor} of a .safetensors file, each tensor a view of the file mapped into memory.
+
+    The format is 8 bytes of little-endian header length, a JSON header giving each tensor's dtype,
+    shape and byte range, then the bytes. The mapping is private (copy-on-write): the model may
+    change its weights, and the file never sees it. safetensors' own get_tensor copies each tensor
+    into fresh memory; reading the header ourselves lets the weights stay where the file is.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= size - 8:
+                raise ValueError("no safetensors header at its start")
+            header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("its header is not a JSON object")
+        storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+    data = torch.empty(0, dtype=torch.uint8).set_(storage)[8 + n:]
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            start, end = info["data_offsets"]
+            shape = [int(d) for d in info["shape"]]
+            if not 0 <= start <= end <= len(data) or end - start != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"bytes {start}..{end} do not fit the file or the shape {shape}")
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: {name}: bad header entry ({type(e).__name__}: {e}); truncated "
+                                  f"or not a safetensors file") from None
+        raw = data[start:end]
+        if (raw.storage_offset() % dtype.itemsize) != 0:
+            raw = raw.clone()  # the format does not promise alignment; an unaligned tensor is copied
+        tensors[name] = raw.view(dtype).view(shape)
+    return tensors
 
 
 def write_hf(model, out_dir, state_dict=None, tok=None):
@@ -458,13 +531,10 @@ def stored_dtype(ckpt_dir) -> Optional[torch.dtype]:
         pth = sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
         if pth:
             return torch_load(pth[0], mmap=True)["tok_embeddings.weight"].dtype
-        from safetensors import safe_open
-
-        names = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
         for p in sorted(glob.glob(os.path.join(ckpt_dir, "*.safetensors"))):
-            with safe_open(p, framework="pt") as f:
-                if "model.embed_tokens.weight" in f.keys():
-                    return names.get(f.get_slice("model.embed_tokens.weight").get_dtype())
+            embedding = map_safetensors(p).get("model.embed_tokens.weight")
+            if embedding is not None:
+                return embedding.dtype
     except Exception:
         return None
     return None

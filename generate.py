@@ -311,7 +311,8 @@ def main(ckpt_dir: str = None, prompt: str = None, prompts_file: str = None, ada
         seed: makes sampling reproducible.
         tokenizer: a tokenizer.model to use instead of the one in ckpt_dir.
         device: cuda or cpu (default: cuda when available).
-        dtype: bf16, fp16 or fp32 (default bf16 on CUDA, fp32 on CPU).
+        dtype: bf16, fp16 or fp32 (default bf16 on CUDA; on a CPU the checkpoint's own dtype
+            where the CPU computes it natively, else fp32).
         quantize: nf4 holds the projections in 4-bit NF4 (QLoRA's format; a quarter of the memory).
         compile: torch.compile the decode step (and capture it as a CUDA graph on GPU): slower to
             start, faster per token.

@@ -526,7 +526,8 @@ class CheckpointError(ValueError):
 def load(ckpt_dir, device="cpu", dtype=None, quantize: Optional[str] = None,
          max_seq_len: Optional[int] = None) -> Transformer:
     """A Transformer from a Meta (params.json + consolidated.NN.pth) or HF (config.json +
-    safetensors) checkpoint directory. dtype: None is bf16 on CUDA and fp32 elsewhere, or a torch
+    safetensors) checkpoint directory. dtype: None is bf16 on CUDA; on a CPU the checkpoint's
+    own dtype where the CPU computes it natively (bf16 on AVX-512 BF16 / AMX), else fp32; or a torch
     dtype, or a name ("bf16"); quantize: None, or "nf4" to hold the projections (PROJECTIONS) in NF4,
     quantized as they are read, the model computing in dtype; max_seq_len: the context to build for,
     default the checkpoint's."""

@@ -333,3 +333,106 @@ def test_config_json_sizes_are_checked(tmp_path, key, value):
     with pytest.raises(model.CheckpointError) as e:
         model.load(path)
     assert str(path / "config.json") in str(e.value) and f"{key} is" in str(e.value) and "\n" not in str(e.value)
+
+
+# -- memory-mapped loading ------------------------------------------------------------------------
+
+
+def mapped_file(t: torch.Tensor):
+    """The file whose mapping holds t's data (from /proc/self/maps), or None if t lives in plain memory."""
+    address = t.data_ptr()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if start <= address < end:
+                return fields[5] if len(fields) > 5 and fields[5].startswith("/") else None
+    return None
+
+
+def _checkpoint(layout, dtype, path):
+    """A llama3.1 checkpoint stored in dtype, and the state dict it holds (our names, Meta's q/k rows)."""
+    hf = hf_model("llama3.1").to(dtype)
+    if layout == "meta":
+        write_meta(meta_state_dict(hf), meta_params_for("llama3.1"), path)
+    else:
+        write_hf(hf, path)
+    return path, meta_state_dict(hf)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["meta", "hf"])
+def test_mapped_load_equals_a_copied_load(tmp_path, layout, dtype):
+    """Weights already in the asked dtype stay in the file's mapping (the HF q/k rows, which change
+    order, are the only copies), and the logits equal a model given copied tensors."""
+    path, sd = _checkpoint(layout, dtype, tmp_path / layout)
+    m = model.load(path, dtype=dtype)
+    weights = dict(m.named_parameters())
+    copied = {"wq", "wk"} if layout == "hf" else set()
+    for name, w in weights.items():
+        where = mapped_file(w)
+        if name.split(".")[-2] in copied:
+            assert where is None, name
+        else:
+            assert where is not None and where.startswith(str(path)), f"{name} was copied"
+    with torch.device("meta"):
+        ref = model.Transformer(m.args)
+    ref.load_state_dict({k: v.clone() for k, v in sd.items()}, strict=False, assign=True)
+    if "output.weight" not in sd:
+        ref.tie_weights()
+    ref.reset_rope()
+    tokens = tokens_for("llama3.1")
+    with torch.no_grad():
+        assert torch.equal(m(tokens), ref.eval()(tokens))
+
+
+@pytest.mark.parametrize("layout", ["meta", "hf"])
+def test_changing_the_loaded_model_never_writes_the_checkpoint(tmp_path, layout):
+    import hashlib
+
+    path, sd = _checkpoint(layout, torch.float32, tmp_path / layout)
+    digest = lambda: {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in path.iterdir()}  # noqa: E731
+    before = digest()
+    m = model.load(path, dtype=torch.float32)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(-3).add_(1)
+    assert digest() == before
+    again = model.load(path, dtype=torch.float32)
+    assert torch.equal(again.layers[1].feed_forward.w2.weight, sd["layers.1.feed_forward.w2.weight"])
+
+
+@pytest.mark.parametrize("caps, stored, expected", [
+    ({"avx512_bf16": True}, torch.bfloat16, torch.bfloat16),   # AVX-512 BF16: keep the checkpoint's bf16
+    ({"amx_bf16": True}, torch.bfloat16, torch.bfloat16),
+    ({"bf16": True}, torch.bfloat16, torch.bfloat16),          # Arm's BF16 extension
+    ({"avx2": True}, torch.bfloat16, torch.float32),           # emulated bf16 would be slower: fp32
+    ({}, torch.bfloat16, torch.float32),
+    ({"avx512_bf16": True}, torch.float16, torch.float32),     # bf16 instructions do not compute fp16
+    ({"avx512_fp16": True}, torch.float16, torch.float16),
+    ({"avx512_bf16": True, "avx512_fp16": True}, torch.float32, torch.float32),
+])
+def test_cpu_default_dtype_follows_the_checkpoint_and_the_cpu(tmp_path, monkeypatch, caps, stored, expected):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    path, _ = _checkpoint("hf", stored, tmp_path / "hf")
+    m = model.load(path)
+    assert {p.dtype for p in m.parameters()} == {expected}
+    assert model.load(path, dtype="fp32").tok_embeddings.weight.dtype == torch.float32  # --dtype decides
+    from checkpoint import resolve_dtype
+    assert resolve_dtype(None, "cuda", stored=torch.float32) == torch.bfloat16  # CUDA's default is unchanged
+
+
+def test_bad_safetensors_files_are_one_line(tmp_path):
+    path, _ = _checkpoint("hf", torch.float32, tmp_path / "hf")
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(model.CheckpointError, match=r"model.safetensors: .*truncated"):
+        model.load(path)
+    weights.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00[1,2]")
+    with pytest.raises(model.CheckpointError, match=r"model.safetensors: cannot read .*not a JSON object"):
+        model.load(path)
+    weights.write_bytes(b"")
+    with pytest.raises(model.CheckpointError, match=r"model.safetensors: cannot read .*no safetensors header"):
+        model.load(path)
