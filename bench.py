@@ -3,6 +3,7 @@
     python bench.py prepare [--tokenizer PATH] [--mb 20] [--workers N]
     python bench.py kernels [--tokens 8192,16384,32768] [--dim 4096] [--hidden 14336] [--vocab 128256]
     python bench.py train   --model llama3-8b --lora_rank 16 --seq_len 4096 --batch_size 1 [--steps 10]
+    python bench.py load    --model llama3-1b [--layouts hf,meta] [--cache warm,cold]
     python bench.py decode  --model llama3-8b --batch 1 [--prompt_len 128] [--new_tokens 256]
     python bench.py eval    --model tiny --items 20 [--lm_eval_batch_size 4]
 
@@ -259,6 +260,19 @@ def read_notes(path):
         return [json.loads(line).get("text") for line in f if line.strip()]
 
 
+def text_batches(texts, mb=64):
+    """texts in consecutive batches of about mb MB: a batch encode returns Python lists of ints, some
+    36 bytes a token, which for a whole 2 GB corpus would not fit in memory."""
+    batches, batch, size = [], [], 0
+    for t in texts:
+        batch.append(t)
+        size += len(t)
+        if size >= mb * 1e6:
+            batches.append(batch)
+            batch, size = [], 0
+    return batches + [batch] if batch else batches
+
+
 def tree_pss_mib(pid):
     """Proportional set size (MiB) of pid and all its descendants: pages they share are counted once."""
     total, todo = 0, [pid]
@@ -316,18 +330,23 @@ def cmd_prepare(args, dev):
         columns = [("text", "TEXT")] if path.endswith(".csv") else None
 
         if tok.kind == "llama3":
-            lib, encode = "tiktoken encode_ordinary_batch", tok.model.encode_ordinary_batch
+            lib, encode_batch = "tiktoken encode_ordinary_batch", tok.model.encode_ordinary_batch
         else:
-            lib, encode = "sentencepiece encode", tok.model.encode
+            lib, encode_batch = "sentencepiece encode", tok.model.encode
+        batches = text_batches(texts)
+
+        def encode(num_threads):  # the token count, one batch of texts at a time
+            return sum(len(ids) for batch in batches for ids in encode_batch(batch, num_threads=num_threads))
+
         times = {"ours": [], "ref": [], "one": []}
         for i in range(args.warmup + args.iters):  # alternating, so that a busy moment hits all alike
             t0 = time.perf_counter()
             meta = prepare.prepare(prepare.Corpus(path, "text", columns=columns), os.path.join(tmp, f"shards{i}"),
                                    tokenizer_path=tok_path, workers=args.workers)
             t1 = time.perf_counter()
-            ref_tokens = sum(map(len, encode(texts, num_threads=args.workers)))
+            ref_tokens = encode(num_threads=args.workers)
             t2 = time.perf_counter()
-            encode(texts, num_threads=1)
+            encode(num_threads=1)
             for key, seconds in zip(times, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
                 times[key].append(seconds)
             shutil.rmtree(os.path.join(tmp, f"shards{i}"))
@@ -646,6 +665,147 @@ def cmd_train(args, dev):
 
 
 # -----------------------------------------------------------------------------------------------
+# load: a checkpoint on disk into a model that has run a forward, ours against from_pretrained, each in
+# a fresh process with its own defaults, as a user starting generate.py or eval.py would wait for it
+
+_SAFETENSORS_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def random_checkpoint(a, tied, dtype, out_dir, seed=0):
+    """An HF-layout checkpoint (config.json + model.safetensors, as checkpoint.write_hf lays it out) of
+    random weights in dtype, written one tensor at a time so an 8B shape never sits in memory whole."""
+    import checkpoint
+
+    with torch.device("meta"):
+        shapes = {n: t.shape for n, t in llama.Transformer(a).state_dict().items() if not (tied and n == "output.weight")}
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in shapes.items():
+        nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
+        header[checkpoint.hf_name(name)] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(shape),
+                                            "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)  # the format pads its header so that the data starts 8-byte aligned
+    os.makedirs(out_dir, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    with open(os.path.join(out_dir, "model.safetensors"), "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for name, shape in shapes.items():
+            t = torch.ones(shape) if name.endswith("norm.weight") else torch.randn(shape, generator=g) * 0.02
+            f.write(t.to(dtype).view(torch.uint8).numpy().tobytes())
+    checkpoint.write_json(os.path.join(out_dir, "config.json"), checkpoint.hf_config(a, tied, dtype))
+    return out_dir
+
+
+# Run in a fresh interpreter: imports, then load and one forward, timed apart; peak resident memory from
+# VmHWM, which (unlike ru_maxrss) starts afresh at exec and so is this process's own.
+LOAD_CHILD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+which, path, T = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if which == "ours":
+    import model
+    t1 = time.perf_counter()
+    m = model.load(path)
+    forward = lambda x: m(x)
+else:
+    import transformers
+    t1 = time.perf_counter()
+    m = transformers.LlamaForCausalLM.from_pretrained(path)
+    forward = lambda x: m(x).logits
+with torch.no_grad():
+    logits = forward(torch.arange(1, T + 1)[None])
+t2 = time.perf_counter()
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+print(json.dumps({"imports": t1 - t0, "load": t2 - t1, "peak_mib": hwm / 1024, "finite": bool(logits.isfinite().all()),
+                  "dtype": str(next(m.parameters()).dtype).removeprefix("torch.")}))
+"""
+
+
+def drop_from_page_cache(directory):
+    """Ask the kernel to forget the directory's files' cached pages (posix_fadvise DONTNEED, no root
+    needed), so that the next load reads them from the disk."""
+    for name in os.listdir(directory):
+        fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def load_once(which, path, cold, tokens=16):
+    """One fresh process: {imports, load (+ forward), peak_mib, dtype, wall}, seconds and MiB."""
+    if cold:
+        drop_from_page_cache(path)
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", LOAD_CHILD, which, path, str(tokens)], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    wall = time.perf_counter() - t0
+    if out.returncode:
+        raise BenchError(f"{which} failed to load {path}: {out.stderr.strip()[-500:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if not result["finite"]:
+        raise BenchError(f"{which}: the forward after loading {path} gave non-finite logits")
+    return {**result, "wall": wall}
+
+
+def cmd_load(args, dev):
+    if dev.type != "cpu":
+        raise BenchError("bench.py load measures loading into CPU memory: use --device cpu")
+    if args.ckpt_dir and not os.path.isfile(os.path.join(args.ckpt_dir, "config.json")):
+        raise BenchError(f"--ckpt_dir {args.ckpt_dir}: no config.json (an HF-layout checkpoint is needed)")
+    layouts = [x for x in args.layouts.split(",") if x]
+    caches = [x for x in args.cache.split(",") if x]
+    with tempfile.TemporaryDirectory(dir=args.tmp_dir) as tmp:
+        hf_dir = args.ckpt_dir or os.path.join(tmp, "hf")
+        a = llama.ModelArgs(**PRESETS[args.model])
+        if not args.ckpt_dir:
+            random_checkpoint(a, args.model in TIED, torch.bfloat16, hf_dir)
+        dirs = {"hf": hf_dir}
+        if "meta" in layouts:  # the same weights in Meta's layout, written by model.save
+            dirs["meta"] = os.path.join(tmp, "meta")
+            m = llama.load(hf_dir, dtype=checkpoint_dtype(hf_dir))
+            llama.save(m, dirs["meta"])
+            m = None
+        gb = sum(os.path.getsize(os.path.join(hf_dir, f)) for f in os.listdir(hf_dir)) / 1e9
+        rows, seen = [], {}
+        for cache in caches:
+            runs = {which: [] for which in layouts + ([] if args.no_reference else ["transformers"])}
+            for _ in range(args.warmup + args.iters):  # alternating, so a busy moment hits every side alike
+                for which in runs:
+                    path = dirs.get(which, hf_dir)
+                    runs[which].append(load_once("hf" if which == "transformers" else "ours", path, cache == "cold"))
+            runs = {k: v[args.warmup:] for k, v in runs.items()}
+            seen.update({k: v[0]["dtype"] for k, v in runs.items()})
+            ref = runs.get("transformers")
+            for layout in layouts:
+                case = f"{args.model} ({gb:.2f} GB), {layout.upper() if layout == 'hf' else 'Meta'} layout, {cache} cache"
+                vs = "transformers from_pretrained (HF layout)"
+                for metric, key, pick in (("load + forward s", "load", statistics.median),
+                                          ("fresh process s", "wall", statistics.median),
+                                          ("peak resident MiB", "peak_mib", max)):
+                    ours = pick(r[key] for r in runs[layout])
+                    rows.append(row(case, metric, ours, vs, pick(r[key] for r in ref) if ref else "skipped"))
+    notes = [f"each figure is a fresh `python -c` process that loads the checkpoint with the tool's defaults "
+             f"(ours: model.load; transformers: LlamaForCausalLM.from_pretrained) and runs one forward over 16 "
+             f"tokens; 'load + forward' is timed after the imports, 'fresh process' is the whole process as a user "
+             f"waits for it; medians of {args.iters} alternating runs after {args.warmup} warm-up(s); peak resident "
+             f"memory is the process's VmHWM (mapped checkpoint pages it touched count).",
+             "weights in memory: " + ", ".join(f"{k} {v}" for k, v in seen.items()) + "; stored bf16.",
+             "cold cache: the checkpoint's pages dropped from the page cache (posix_fadvise DONTNEED) before each "
+             "run; Python's and the libraries' own files stay cached. ratio = ours / reference: below 1 is faster "
+             "or smaller."]
+    report(args, dev, "Loading", rows, notes)
+
+
+def checkpoint_dtype(path):
+    import checkpoint
+
+    return checkpoint.stored_dtype(path) or torch.float32
+
+
+# -----------------------------------------------------------------------------------------------
 # decode: generate.generate against transformers' generate with a static cache, and the roofline
 
 
@@ -815,7 +975,9 @@ CHECKS = {"json": non_empty, "device": torch_device, "warmup": at_least(0), "ite
           "seq_len": at_least(2), "batch_size": positive, "steps": positive, "quantize": one_of("nf4"),
           "batch": positive, "prompt_len": positive, "new_tokens": at_least(2),
           "decode.compile": one_of("auto", "true", "false"), "items": positive, "max_seq_len": positive,
-          "lm_eval_batch_size": positive}
+          "lm_eval_batch_size": positive, "ckpt_dir": non_empty, "tmp_dir": non_empty,
+          "layouts": Check(lambda v: set(v.split(",")) <= {"hf", "meta"} and v.strip(","), "hf, meta or hf,meta"),
+          "cache": Check(lambda v: set(v.split(",")) <= {"warm", "cold"} and v.strip(","), "warm, cold or warm,cold")}
 
 
 class Bench:
@@ -884,6 +1046,21 @@ class Bench:
                 peft over bitsandbytes Linear4bit, on CUDA); also the model's bytes against bf16.
         """
         self._run(cmd_train, locals())
+
+    def load(self, model: str = "llama3-1b", ckpt_dir: str = None, layouts: str = "hf,meta", cache: str = "warm,cold",
+             no_reference: bool = False, tmp_dir: str = None):
+        """Loading a bf16 checkpoint plus one forward, each in a fresh process: ours vs from_pretrained.
+
+        Args:
+            model: the published shape to write with random bf16 weights (in the HF layout, and in
+                Meta's with model.save).
+            ckpt_dir: an HF-layout checkpoint of your own instead of random weights.
+            layouts: ours reading the hf and/or meta copy (comma-separated); transformers reads the hf one.
+            cache: warm and/or cold page cache (comma-separated).
+            no_reference: skip transformers.
+            tmp_dir: where to write the checkpoints (default: the system's temporary directory).
+        """
+        self._run(cmd_load, locals())
 
     def decode(self, model: str = "llama3-8b", no_reference: bool = False, batch: int = 1, prompt_len: int = 128,
                new_tokens: int = 256, compile: str = "auto"):

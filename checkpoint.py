@@ -9,6 +9,7 @@ Read top to bottom:
                            q/k RoPE permutation both ways, read_hf, write_hf, save_hf
 """
 
+import contextlib
 import dataclasses
 import fnmatch
 import glob
@@ -143,7 +144,7 @@ def load(ckpt_dir, device="cpu", dtype=None, max_seq_len: Optional[int] = None,
         raise CheckpointError(f"{ckpt_dir}: neither params.json (Meta) nor config.json (HF) found")
     args.max_seq_len = max_seq_len or args.max_seq_len
 
-    with torch.device("meta"):
+    with torch.device("meta"), _no_random_init():
         model = Transformer(args)
     if tied:
         model.tie_weights()
@@ -175,6 +176,22 @@ def load(ckpt_dir, device="cpu", dtype=None, max_seq_len: Optional[int] = None,
         model.tie_weights()
     model.reset_rope()
     return model.eval()
+
+
+@contextlib.contextmanager
+def _no_random_init():
+    """Skip nn.Linear's and nn.Embedding's random init while building a model whose weights the
+    checkpoint replaces. On the meta device it computes nothing, but it runs through torch._refs,
+    whose first use imports torch._dynamo: over a second of every generate.py or eval.py start."""
+    names = ("normal_", "uniform_", "kaiming_uniform_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    for name in names:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, init in saved.items():
+            setattr(torch.nn.init, name, init)
 
 
 def torch_load(path, map_location="cpu", mmap=False):

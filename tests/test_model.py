@@ -436,3 +436,15 @@ def test_bad_safetensors_files_are_one_line(tmp_path):
     weights.write_bytes(b"")
     with pytest.raises(model.CheckpointError, match=r"model.safetensors: cannot read .*no safetensors header"):
         model.load(path)
+
+
+def test_loading_does_not_import_the_compiler(tmp_path):
+    """Ops on the meta device run through torch._refs, whose first use imports torch._dynamo: over a
+    second of every start of generate.py or eval.py. Building the model to load skips them."""
+    path, _ = _checkpoint("hf", torch.bfloat16, tmp_path / "hf")
+    code = ("import sys, torch, model\nm = model.load(sys.argv[1])\nwith torch.no_grad(): m(torch.arange(1, 9)[None])\n"
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
