@@ -9,10 +9,12 @@
 
 Each prints a table: case, metric, our figure, the reference stack (vs) and its figure from the same
 process, and ratio = ours / reference last; --json PATH writes the rows with device, versions, date and
-command, for BENCHMARKS.md. Weights are random, built on the device (bf16 on CUDA, fp32 on CPU): speed
-does not depend on their values. On a CPU every subcommand runs at tiny shapes so that CI tests the
-harness; CPU figures are not claims.
+command, for BENCHMARKS.md. Weights are random: speed does not depend on their values. prepare, load and
+decode measure work users do on CPUs too, so their CPU figures are measurements of that CPU; kernels,
+train and eval exist for the GPU, and on a CPU they run at tiny shapes so that CI tests the harness.
 """
+
+CPU_MEASURES = {"prepare", "load", "decode"}  # the subcommands whose CPU figures mean something
 
 import contextlib
 import csv
@@ -183,7 +185,8 @@ def report(args, dev, title, rows, notes):
     line = lambda values: "  ".join(v.ljust(w) if c in ("case", "metric", "vs") else v.rjust(w)  # noqa: E731
                                     for v, c, w in zip(values, columns, widths))
     device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-    if dev.type != "cuda":
+    claims = dev.type == "cuda" or args.cmd in CPU_MEASURES
+    if not claims:
         notes = notes + ["CPU run: these figures test the harness; they are not claims."]
     print(f"\n{title}  [{device}; ratio = ours / reference]\n{line(columns)}")
     for r in cells:
@@ -194,7 +197,7 @@ def report(args, dev, title, rows, notes):
         with open(args.json, "w") as f:
             json.dump({"subcommand": args.cmd, "command": args.command,
                        "device": device, "versions": versions(), "date": time.strftime("%Y-%m-%d"),
-                       "claims": dev.type == "cuda", "rows": rows, "notes": notes}, f, indent=2)
+                       "claims": claims, "rows": rows, "notes": notes}, f, indent=2)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -769,9 +772,9 @@ def cmd_load(args, dev):
             llama.save(m, dirs["meta"])
             m = None
         gb = sum(os.path.getsize(os.path.join(hf_dir, f)) for f in os.listdir(hf_dir)) / 1e9
-        rows, seen = [], {}
+        rows, seen, missing = [], {}, reference_missing(args)
         for cache in caches:
-            runs = {which: [] for which in layouts + ([] if args.no_reference else ["transformers"])}
+            runs = {which: [] for which in layouts + ([] if missing else ["transformers"])}
             for _ in range(args.warmup + args.iters):  # alternating, so a busy moment hits every side alike
                 for which in runs:
                     path = dirs.get(which, hf_dir)
@@ -786,7 +789,7 @@ def cmd_load(args, dev):
                                           ("fresh process s", "wall", statistics.median),
                                           ("peak resident MiB", "peak_mib", max)):
                     ours = pick(r[key] for r in runs[layout])
-                    rows.append(row(case, metric, ours, vs, pick(r[key] for r in ref) if ref else "skipped"))
+                    rows.append(row(case, metric, ours, vs, pick(r[key] for r in ref) if ref else missing))
     notes = [f"each figure is a fresh `python -c` process that loads the checkpoint with the tool's defaults "
              f"(ours: model.load; transformers: LlamaForCausalLM.from_pretrained) and runs one forward over 16 "
              f"tokens; 'load + forward' is timed after the imports, 'fresh process' is the whole process as a user "
@@ -809,10 +812,25 @@ def checkpoint_dtype(path):
 # decode: generate.generate against transformers' generate with a static cache, and the roofline
 
 
-def hf_decode_tokens_per_s(args, a, dev, dtype, prompts):
-    """transformers' greedy decode rate on the same prompts: time(N new) - time(1 new), static cache."""
+DECODE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "default": None}
+
+
+def read_bandwidth(dev, warmup, iters):
+    """GB/s of reading 1 GiB once (a sum over it): what decoding does with the weights each step. A copy
+    would count writes too, and a CPU's writes first read the line they write."""
+    x = torch.ones(2**28, device=dev)
+    return x.numel() * 4 / median_time(lambda: x.sum(), dev, warmup, iters) / 1e9
+
+
+def hf_decode_tokens_per_s(args, path, dev, dtype, prompts):
+    """transformers' greedy decode rate on the same prompts: time(N new) - time(1 new), static cache.
+    Returns (tokens/s, the dtype from_pretrained chose)."""
+    import transformers
+
     (B, P), N = prompts.shape, args.new_tokens
-    hf, ids = build_hf(a, args.model in TIED, dev, dtype).eval(), prompts.to(dev)
+    key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    hf = transformers.LlamaForCausalLM.from_pretrained(path, **({key: dtype} if dtype else {})).to(dev).eval()
+    ids, chosen = prompts.to(dev), hf.model.embed_tokens.weight.dtype
 
     def hf_seconds(n):
         sync(dev)
@@ -830,43 +848,60 @@ def hf_decode_tokens_per_s(args, a, dev, dtype, prompts):
     decode = full - statistics.median(hf_seconds(1) for _ in range(args.iters))
     hf = None
     free_memory(dev)
-    return B * (N - 1) / decode if decode > 0 else "n/a (lost in timing noise)"
+    return (B * (N - 1) / decode if decode > 0 else "n/a (lost in timing noise)"), chosen
 
 
-def cmd_decode(args, dev):
-    B, P, N = args.batch, args.prompt_len, args.new_tokens
-    a = llama.ModelArgs(**PRESETS[args.model], max_seq_len=P + N)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    prompts = torch.randint(0, a.vocab_size, (B, P), generator=torch.Generator().manual_seed(0))
-    bw = copy_bandwidth(dev, args.warmup, args.iters)
-
-    m = build_ours(a, args.model in TIED, dev, dtype).eval()
+def ours_decode_tokens_per_s(args, path, dev, dtype, prompts):
+    """generate.generate's decode rate, the model loaded as generate.py loads it. Returns (tokens/s, dtype)."""
+    N = args.new_tokens
+    m = llama.load(path, device=dev, dtype=dtype)
     compiled = args.compile == "true" or (args.compile == "auto" and dev.type == "cuda")
     step = generate.compile_decode_step(m) if compiled else None  # as generate.py --compile
 
-    def ours_tokens_per_s():
+    def tokens_per_s():
         timings = {}
         out = generate.generate(m, prompts.tolist(), N, temperature=0, top_p=1.0, stop_ids=(), timings=timings,
                                 decode_step=step)
         if any(len(r) != N for r in out):
             raise BenchError("generate stopped early")
-        return B * (N - 1) / timings["decode"]  # the first new token comes out of the prompt's pass
+        return prompts.shape[0] * (N - 1) / timings["decode"]  # the first new token comes out of the prompt's pass
 
-    ours_tokens_per_s()
-    ours = statistics.median(ours_tokens_per_s() for _ in range(args.iters))
+    tokens_per_s()
+    rate, chosen = statistics.median(tokens_per_s() for _ in range(args.iters)), m.tok_embeddings.weight.dtype
     m = None
     free_memory(dev)
+    return rate, chosen
 
-    ref = reference_missing(args) or hf_decode_tokens_per_s(args, a, dev, dtype, prompts)
-    weight_bytes = train.matmul_params(a) * dtype.itemsize
-    roofline = B * bw * 1e9 / weight_bytes
-    kv_mb = 2 * a.n_layers * a.n_kv_heads * a.head_dim * (P + N) * B * dtype.itemsize / 1e6
-    case, vs = f"{args.model} B{B} prompt {P} +{N}", "transformers generate, static cache"
-    pct = lambda v: 100 * v / roofline if isinstance(v, float) else v  # noqa: E731
-    rows = [row(case, "decode tokens/s", ours, vs, ref), row(case, "% of roofline", pct(ours), vs, pct(ref))]
-    notes = [f"roofline = batch x copy bandwidth / weight bytes = {B} x {bw:,.0f} GB/s / {weight_bytes / 1e9:.4g} GB "
-             f"= {roofline:,.1f} tokens/s: each step reads every matmul weight once ({dtype_name(dtype)}); the KV "
-             f"cache ({kv_mb:,.1f} MB at the final length) is not counted.",
+
+def cmd_decode(args, dev):
+    B, P, N = args.batch, args.prompt_len, args.new_tokens
+    a = llama.ModelArgs(**PRESETS[args.model], max_seq_len=P + N)
+    prompts = torch.randint(0, a.vocab_size, (B, P), generator=torch.Generator().manual_seed(0))
+    bw = read_bandwidth(dev, args.warmup, args.iters)
+    weight_gb = lambda dtype: train.matmul_params(a) * dtype.itemsize / 1e9  # noqa: E731
+    pct = lambda v, dtype: 100 * v * weight_gb(dtype) / (B * bw) if isinstance(v, float) else v  # noqa: E731
+    rows, chosen = [], []
+    with tempfile.TemporaryDirectory(dir=args.tmp_dir) as tmp:
+        path = random_checkpoint(a, args.model in TIED, torch.bfloat16, tmp)  # stored bf16, as Meta publishes
+        for mode in args.dtypes.split(","):
+            ours, ours_dtype = ours_decode_tokens_per_s(args, path, dev, DECODE_DTYPES[mode], prompts)
+            ref, ref_dtype = reference_missing(args), None
+            if ref is None:
+                ref, ref_dtype = hf_decode_tokens_per_s(args, path, dev, DECODE_DTYPES[mode], prompts)
+            names = dtype_name(ours_dtype) + ("" if ref_dtype in (None, ours_dtype) else f" vs {dtype_name(ref_dtype)}")
+            label = "each tool's default" if mode == "default" else mode
+            case = f"{args.model} B{B} prompt {P} +{N}, {label} ({names})"
+            vs = "transformers generate, static cache"
+            rows += [row(case, "decode tokens/s", ours, vs, ref),
+                     row(case, "% of roofline", pct(ours, ours_dtype), vs, pct(ref, ref_dtype or ours_dtype))]
+            chosen.append(f"{mode}: ours {dtype_name(ours_dtype)}, transformers {dtype_name(ref_dtype) if ref_dtype else '-'}")
+    kv_mb = 2 * a.n_layers * a.n_kv_heads * a.head_dim * (P + N) * B * 2 / 1e6
+    compiled = args.compile == "true" or (args.compile == "auto" and dev.type == "cuda")
+    notes = [f"both load the same bf16 checkpoint (random weights) from disk, with each tool's default dtype or the "
+             f"one named ({'; '.join(chosen)}).",
+             f"roofline = batch x read bandwidth / matmul weight bytes: {B} x {bw:,.1f} GB/s (a sum over 1 GiB) / "
+             f"{weight_gb(torch.bfloat16):.4g} GB in bf16 ({weight_gb(torch.float32):.4g} in fp32); each step reads "
+             f"every matmul weight once; the KV cache ({kv_mb:,.1f} MB in bf16 at the final length) is not counted.",
              f"greedy, {N} new tokens per row, no stop token; tokens/s = batch x (new tokens - 1) / time after the "
              f"prompt's pass (ours: generate's timings; transformers: time({N} new) - time(1 new)); median of "
              f"{args.iters} runs after a warm-up.",
@@ -977,7 +1012,8 @@ CHECKS = {"json": non_empty, "device": torch_device, "warmup": at_least(0), "ite
           "decode.compile": one_of("auto", "true", "false"), "items": positive, "max_seq_len": positive,
           "lm_eval_batch_size": positive, "ckpt_dir": non_empty, "tmp_dir": non_empty,
           "layouts": Check(lambda v: set(v.split(",")) <= {"hf", "meta"} and v.strip(","), "hf, meta or hf,meta"),
-          "cache": Check(lambda v: set(v.split(",")) <= {"warm", "cold"} and v.strip(","), "warm, cold or warm,cold")}
+          "cache": Check(lambda v: set(v.split(",")) <= {"warm", "cold"} and v.strip(","), "warm, cold or warm,cold"),
+          "dtypes": Check(lambda v: set(v.split(",")) <= set(DECODE_DTYPES), "comma-separated default, bf16, fp32")}
 
 
 class Bench:
@@ -1063,15 +1099,17 @@ class Bench:
         self._run(cmd_load, locals())
 
     def decode(self, model: str = "llama3-8b", no_reference: bool = False, batch: int = 1, prompt_len: int = 128,
-               new_tokens: int = 256, compile: str = "auto"):
-        """Greedy decoding: ours vs transformers' static-cache generate.
+               new_tokens: int = 256, compile: str = "auto", dtypes: str = "default,bf16,fp32", tmp_dir: str = None):
+        """Greedy decoding: ours vs transformers' static-cache generate, from a bf16 checkpoint on disk.
 
         Args:
-            model: the published shape to build, with random weights.
+            model: the published shape to write, with random bf16 weights.
             no_reference: skip the transformers reference.
             batch: prompts decoded together.
             prompt_len, new_tokens: tokens per prompt, tokens generated per prompt.
             compile: compile our decode step (generate.py --compile): auto (on CUDA only), true or false.
+            dtypes: comma-separated: default (each tool's own default for the checkpoint), bf16, fp32.
+            tmp_dir: where to write the checkpoint (default: the system's temporary directory).
         """
         self._run(cmd_decode, locals())
 

@@ -117,7 +117,7 @@ def rope_table(args: ModelArgs, device=None) -> torch.Tensor:
     """cos and sin of position * frequency, (max_seq_len, head_dim/2, 2), fp32."""
     if (torch.get_default_device() if device is None else torch.device(device)).type == "meta":
         # a model built to receive a checkpoint: the table is computed where the model lands
-        return torch.empty(args.max_seq_len, args.head_dim // 2, 2, device="meta")
+        return torch.empty(args.max_seq_len, args.head_dim // 2, 2, device="meta", dtype=torch.float32)
     freqs = rope_frequencies(args).to(device)
     t = torch.arange(args.max_seq_len, device=device, dtype=torch.float32)
     angles = torch.outer(t, freqs)

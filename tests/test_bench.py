@@ -1,6 +1,6 @@
 """bench.py's harness on the CPU at tiny shapes: every subcommand runs, prints its table (our figure, the
-reference's and the ratio) and writes --json that parses. Nothing here asserts a speed: CPU figures are
-not claims, and the GPU figures live in BENCHMARKS.md."""
+reference's and the ratio) and writes --json that parses. Nothing here asserts a speed; the figures
+worth citing live in BENCHMARKS.md."""
 
 import importlib.util
 import json
@@ -27,11 +27,12 @@ def bench(tmp_path, *argv, env=None):
     columns = header.split()
     assert columns[:3] == ["case", "metric", "ours"] and columns[-1] == "ratio" and "reference" in columns
     assert {"subcommand", "command", "device", "versions", "date", "claims", "rows", "notes"} <= set(record)
-    assert record["subcommand"] == argv[0] and record["claims"] is False
+    measures_the_cpu = argv[0] in ("prepare", "load", "decode")  # the others exist for the GPU
+    assert record["subcommand"] == argv[0] and record["claims"] is measures_the_cpu
     assert record["rows"] and all(ROW_KEYS <= set(row) for row in record["rows"])
     for row in record["rows"]:  # each row is printed, naming its reference stack
         assert any(line.startswith(row["case"]) and row["vs"] in line for line in lines)
-    assert "not claims" in proc.stdout
+    assert ("not claims" in proc.stdout) is not measures_the_cpu
     return proc.stdout, record
 
 
@@ -62,13 +63,32 @@ def test_train_full_without_reference(tmp_path):
 
 def test_decode(tmp_path):
     stdout, record = bench(tmp_path, "decode", "--model", "tiny", "--new_tokens", "16", "--prompt_len", "8",
-                           "--warmup", "0", "--iters", "1")
-    rows = {row["metric"]: row for row in record["rows"]}
-    assert set(rows) == {"decode tokens/s", "% of roofline"} and number(rows["decode tokens/s"]["ours"])
-    reference = rows["decode tokens/s"]["reference"]
-    if HF:  # transformers' decode time is a difference of two timings: a loaded CPU may swamp it
-        assert number(reference) and number(rows["decode tokens/s"]["ratio"]) or reference.startswith("n/a")
-    assert "roofline = batch x copy bandwidth / weight bytes" in stdout
+                           "--warmup", "0", "--iters", "1", "--dtypes", "default,fp32")
+    import torch
+
+    import checkpoint
+
+    ours = "bfloat16" if torch.bfloat16 in checkpoint.cpu_native_dtypes() else "float32"  # the checkpoint is bf16
+    cases = [row["case"].split(", ")[1] for row in record["rows"]]
+    assert cases[0] == cases[1] and cases[0].startswith(f"each tool's default ({ours}")
+    assert cases[2:] == ["fp32 (float32)"] * 2
+    for rows in (record["rows"][:2], record["rows"][2:]):
+        rows = {row["metric"]: row for row in rows}
+        assert set(rows) == {"decode tokens/s", "% of roofline"} and number(rows["decode tokens/s"]["ours"])
+        reference = rows["decode tokens/s"]["reference"]
+        if HF:  # transformers' decode time is a difference of two timings: a loaded CPU may swamp it
+            assert number(reference) and number(rows["decode tokens/s"]["ratio"]) or reference.startswith("n/a")
+    assert "roofline = batch x read bandwidth / matmul weight bytes" in stdout
+
+
+def test_load(tmp_path):
+    stdout, record = bench(tmp_path, "load", "--model", "tiny", "--warmup", "0", "--iters", "1", "--cache", "cold")
+    rows = record["rows"]
+    assert {row["case"] for row in rows} == {"tiny (0.00 GB), HF layout, cold cache", "tiny (0.00 GB), Meta layout, cold cache"}
+    assert [row["metric"] for row in rows[:3]] == ["load + forward s", "fresh process s", "peak resident MiB"]
+    for row in rows:
+        assert number(row["ours"]) and (number(row["reference"]) if HF else "not installed" in row["reference"])
+    assert "weights in memory: hf " in stdout
 
 
 def test_kernels_triton_interpreter(tmp_path):
