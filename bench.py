@@ -674,6 +674,15 @@ def cmd_train(args, dev):
 _SAFETENSORS_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
+def published(model):
+    """The preset's ModelArgs with the context its config.json is published with."""
+    import checkpoint
+
+    a = llama.ModelArgs(**PRESETS[model])
+    a.max_seq_len = checkpoint.published_context(a)
+    return a
+
+
 def random_checkpoint(a, tied, dtype, out_dir, seed=0):
     """An HF-layout checkpoint (config.json + model.safetensors, as checkpoint.write_hf lays it out) of
     random weights in dtype, written one tensor at a time so an 8B shape never sits in memory whole."""
@@ -762,7 +771,7 @@ def cmd_load(args, dev):
     caches = [x for x in args.cache.split(",") if x]
     with tempfile.TemporaryDirectory(dir=args.tmp_dir) as tmp:
         hf_dir = args.ckpt_dir or os.path.join(tmp, "hf")
-        a = llama.ModelArgs(**PRESETS[args.model])
+        a = published(args.model)
         if not args.ckpt_dir:
             random_checkpoint(a, args.model in TIED, torch.bfloat16, hf_dir)
         dirs = {"hf": hf_dir}
@@ -875,7 +884,7 @@ def ours_decode_tokens_per_s(args, path, dev, dtype, prompts):
 
 def cmd_decode(args, dev):
     B, P, N = args.batch, args.prompt_len, args.new_tokens
-    a = llama.ModelArgs(**PRESETS[args.model], max_seq_len=P + N)
+    a = published(args.model)
     prompts = torch.randint(0, a.vocab_size, (B, P), generator=torch.Generator().manual_seed(0))
     bw = read_bandwidth(dev, args.warmup, args.iters)
     weight_gb = lambda dtype: train.matmul_params(a) * dtype.itemsize / 1e9  # noqa: E731

@@ -127,7 +127,8 @@ def load(ckpt_dir, device="cpu", dtype=None, max_seq_len: Optional[int] = None,
     """model.load: a Meta- or HF-layout checkpoint directory into a Transformer, one tensor at a time.
 
     The model is built on the meta device (no memory) and each weight is assigned as it is read,
-    so at no point do two full copies of the weights exist. With quantize="nf4" each projection is
+    so at no point do two full copies of the weights exist. The files are mapped, not read: a weight
+    already in the asked dtype stays in the page cache, shared with every process that maps the file. With quantize="nf4" each projection is
     quantized as soon as it is read (from its stored dtype, as bitsandbytes would) and only its NF4
     form kept: the full-precision model never sits in memory, only one tensor of it at a time.
     """
@@ -151,10 +152,10 @@ def load(ckpt_dir, device="cpu", dtype=None, max_seq_len: Optional[int] = None,
     expected = {k: v for k, v in model.state_dict().items() if not (tied and k == "output.weight")}
     state = {}
     for name, t in tensors:
-        if not isinstance(dtype, torch.dtype):
-            dtype = resolve_dtype(dtype, device, stored=t.dtype)  # the first tensor says how it is stored
         if name not in expected:
             continue  # stray keys such as rope.freqs or rotary_emb.inv_freq
+        if not isinstance(dtype, torch.dtype):
+            dtype = resolve_dtype(dtype, device, stored=t.dtype)  # the first weight says how they are stored
         if t.shape != expected[name].shape:
             raise CheckpointError(f"{config_path} disagrees with the weights: {name} is {tuple(t.shape)} "
                                   f"in the checkpoint but {tuple(expected[name].shape)} by the config")
@@ -263,9 +264,7 @@ def read_meta(ckpt_dir):
     if args.vocab_size <= 0:
         args.vocab_size = first["tok_embeddings.weight"].shape[0] * (len(shards) if embedding_dim == 0 else 1)
     if "max_seq_len" not in params:
-        # Meta's params.json leaves the context to the caller: Llama 2 was trained at 4096,
-        # Llama 3 at 8192, 3.1 and 3.2 extend it to 131072.
-        args.max_seq_len = 131072 if args.use_scaled_rope else 8192 if args.vocab_size >= 128000 else 4096
+        args.max_seq_len = published_context(args)  # Meta's params.json leaves it to the caller
 
     def tensors():
         for name, t in first.items():
@@ -282,6 +281,12 @@ def read_meta(ckpt_dir):
                 yield name, t  # unknown keys (e.g. rope.freqs) are dropped by load
 
     return args, tensors(), tied, params_path
+
+
+def published_context(args: ModelArgs) -> int:
+    """The context a Llama was released for: Llama 2 was trained at 4096, Llama 3 at 8192, and 3.1 and
+    3.2 extend it to 131072 (their scaled RoPE)."""
+    return 131072 if args.use_scaled_rope else 8192 if args.vocab_size >= 128000 else 4096
 
 
 def meta_params(args: ModelArgs) -> dict:
