@@ -717,14 +717,14 @@ t0 = time.perf_counter()
 import torch
 which, path, T = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if which == "ours":
-    import model
+    import checkpoint, model
     t1 = time.perf_counter()
     m = model.load(path)
     forward = lambda x: m(x)
 else:
-    import transformers
+    from transformers import LlamaForCausalLM  # transformers imports lazily: this is where it does
     t1 = time.perf_counter()
-    m = transformers.LlamaForCausalLM.from_pretrained(path)
+    m = LlamaForCausalLM.from_pretrained(path)
     forward = lambda x: m(x).logits
 with torch.no_grad():
     logits = forward(torch.arange(1, T + 1)[None])
