@@ -15,6 +15,7 @@ import fnmatch
 import glob
 import json
 import math
+import mmap
 import os
 import pickle
 import shutil
@@ -461,17 +462,17 @@ def read_hf(ckpt_dir):
         paths = sorted(glob.glob(os.path.join(ckpt_dir, "*.safetensors")))
     if not paths:
         raise CheckpointError(f"{ckpt_dir}: config.json but no *.safetensors weights")
-    files = {p: map_safetensors(p) for p in paths}
-    tied = not any("lm_head.weight" in f for f in files.values())
+    files = [map_safetensors(p) for p in paths]
+    tied = not any("lm_head.weight" in tensors for _, tensors in files)
 
     def tensors():
-        for path, f in files.items():
-            for name, t in f.items():
+        for mapping, stored in files:
+            for name, t in stored.items():
                 ours = our_name(name)
-                if ".attention.wq." in ours or ".attention.wk." in ours:  # rows to reorder
-                    # Read with a plain read, not through the mapping: the stored order is never
-                    # touched in our memory, so only the reordered copy counts against it.
-                    t = permute_qk(ours, read_copy(path, t), args, hf_to_meta_rope)
+                if ".attention.wq." in ours or ".attention.wk." in ours:
+                    # the rows are reordered into a copy; the stored order is not needed again
+                    t, stored_order = permute_qk(ours, t, args, hf_to_meta_rope), t
+                    release(mapping, stored_order)
                 yield ours, t
 
     return args, tensors(), tied, config_path
@@ -484,8 +485,8 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "F8_E5M2": torch.float8_e5m2}
 
 
-def map_safetensors(path) -> dict:
-    """{name: tensor} of a .safetensors file, each tensor a view of the file mapped into memory.
+def map_safetensors(path):
+    """(mapping, {name: tensor}) of a .safetensors file, each tensor a view into the file's mapping.
 
     The format is 8 bytes of little-endian header length, a JSON header giving each tensor's dtype,
     shape and byte range, then the bytes. The mapping is private (copy-on-write): the model may
@@ -493,18 +494,18 @@ def map_safetensors(path) -> dict:
     into fresh memory; reading the header ourselves lets the weights stay where the file is.
     """
     try:
-        size = os.path.getsize(path)
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             n = int.from_bytes(f.read(8), "little")
             if not 2 <= n <= size - 8:
                 raise ValueError("no safetensors header at its start")
             header = json.loads(f.read(n))
             if not isinstance(header, dict):
                 raise ValueError("its header is not a JSON object")
-        storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
-    except (OSError, ValueError, RuntimeError) as e:
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
-    data = torch.empty(0, dtype=torch.uint8).set_(storage)[8 + n:]
+    data = torch.frombuffer(mapping, dtype=torch.uint8)[8 + n:]
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -522,17 +523,19 @@ def map_safetensors(path) -> dict:
         if (raw.storage_offset() % dtype.itemsize) != 0:
             raw = raw.clone()  # the format does not promise alignment; an unaligned tensor is copied
         tensors[name] = raw.view(dtype).view(shape)
-    return tensors
+    return mapping, tensors
 
 
-def read_copy(path, view: torch.Tensor) -> torch.Tensor:
-    """A copy of view, a tensor of map_safetensors(path), read from the file with a plain read."""
-    copy = torch.empty_like(view)
-    with open(path, "rb") as f:
-        f.seek(view.data_ptr() - view.untyped_storage().data_ptr())  # the mapping starts at byte 0
-        if f.readinto(copy.view(-1).view(torch.uint8).numpy()) != view.nbytes:
-            raise CheckpointError(f"{path}: shorter than its header says")
-    return copy
+def release(mapping, view: torch.Tensor):
+    """Take view's pages out of this process's memory; they stay in the page cache, and reading view
+    again would bring them back. For a stored tensor read once, to be copied into another layout."""
+    if not hasattr(mmap, "MADV_DONTNEED"):
+        return  # not every system has it; the pages then count until the mapping closes
+    offset = view.data_ptr() - view.untyped_storage().data_ptr()  # the storage is the whole mapping
+    first = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages only: the neighbours keep theirs
+    last = (offset + view.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def write_hf(model, out_dir, state_dict=None, tok=None):
@@ -568,7 +571,7 @@ def stored_dtype(ckpt_dir) -> Optional[torch.dtype]:
         if pth:
             return torch_load(pth[0], mmap=True)["tok_embeddings.weight"].dtype
         for p in sorted(glob.glob(os.path.join(ckpt_dir, "*.safetensors"))):
-            embedding = map_safetensors(p).get("model.embed_tokens.weight")
+            embedding = map_safetensors(p)[1].get("model.embed_tokens.weight")
             if embedding is not None:
                 return embedding.dtype
     except Exception:
