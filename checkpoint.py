@@ -111,14 +111,7 @@ def load(ckpt_dir, device="cpu", dtype=None, max_seq_len: Optional[int] = None,
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize {quantize!r}: expected None or 'nf4'")
     ckpt_dir = os.path.expanduser(str(ckpt_dir))
-    if not os.path.isdir(ckpt_dir):
-        raise CheckpointError(f"{ckpt_dir}: no such checkpoint directory")
-    if os.path.exists(os.path.join(ckpt_dir, "params.json")):
-        args, tensors, tied, config_path = read_meta(ckpt_dir)
-    elif os.path.exists(os.path.join(ckpt_dir, "config.json")):
-        args, tensors, tied, config_path = read_hf(ckpt_dir)
-    else:
-        raise CheckpointError(f"{ckpt_dir}: neither params.json (Meta) nor config.json (HF) found")
+    args, tensors, tied, config_path = read(ckpt_dir)
     args.max_seq_len = max_seq_len or args.max_seq_len
     dtype = resolve_dtype(dtype, device)
 
@@ -150,6 +143,20 @@ def load(ckpt_dir, device="cpu", dtype=None, max_seq_len: Optional[int] = None,
         model.tie_weights()
     model.reset_rope()
     return model.eval()
+
+
+def read(ckpt_dir):
+    """Either layout, detected: (args, an iterator of (name, full tensor) in our names, one at a time
+    and memory-mapped where the files allow, tied, the config file's path). load() and fsdp.py's
+    sharded load (which keeps only each rank's rows of every tensor) both read through it."""
+    ckpt_dir = os.path.expanduser(str(ckpt_dir))
+    if not os.path.isdir(ckpt_dir):
+        raise CheckpointError(f"{ckpt_dir}: no such checkpoint directory")
+    if os.path.exists(os.path.join(ckpt_dir, "params.json")):
+        return read_meta(ckpt_dir)
+    if os.path.exists(os.path.join(ckpt_dir, "config.json")):
+        return read_hf(ckpt_dir)
+    raise CheckpointError(f"{ckpt_dir}: neither params.json (Meta) nor config.json (HF) found")
 
 
 def torch_load(path, map_location="cpu", mmap=False):
