@@ -1,0 +1,152 @@
+"""train.py --fsdp (FSDP2) on 2 CPU ranks over gloo, against the runs it must equal: one process with 2
+micro-steps (the loss curve), the same run under DDP (the checkpoint it writes), an uninterrupted run
+(stop and --resume, on 2 ranks and on 1); and each rank's share of the training state, measured."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lora
+import model
+from ckpt_utils import hf_model, write_hf
+from test_train import ROOT, TINY, base_ckpt, interrupt_after, log, losses, text_data, train  # noqa: F401  (fixtures)
+
+
+def torchrun(*args, nproc=2):
+    """train.py under torchrun with nproc ranks (gloo on the CPU)."""
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
+                          "train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def torchrun_cmd(*args, nproc=2):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
+            "train.py", *map(str, args)]
+
+
+def max_gap(a, b):
+    assert len(a) == len(b) and a
+    return max(abs(x - y) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def tied_hf_base(tmp_path_factory, text_data):
+    """A Llama 3.2-shaped base (tied embedding, GQA, scaled RoPE) in the HF layout: the sharded load
+    slices safetensors tensors after un-permuting q/k, and ties the output to the embedding."""
+    path = tmp_path_factory.mktemp("hf32")
+    write_hf(hf_model("llama3.2"), path)
+    shutil.copy(text_data / "tokenizer.model", path / "tokenizer.model")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["scratch", "lora", "full_tied_hf"])
+def test_fsdp_equals_one_process_and_writes_what_ddp_writes(text_data, base_ckpt, tied_hf_base, tmp_path, kind):
+    """The loss curve of 2 FSDP ranks equals one process with 2 micro-steps (|gap| < 1e-4), and the
+    checkpoint it writes loads with model.load (or as an adapter) and equals the 2-rank DDP run's."""
+    common = [*TINY, "--data", text_data, "--max_steps", "5", "--eval_every", "5",
+              "--lr", "1e-3" if kind == "full_tied_hf" else "3e-3"]
+    if kind == "lora":
+        common += ["--ckpt_dir", base_ckpt, "--lora_rank", "4"]
+    if kind == "full_tied_hf":
+        common += ["--ckpt_dir", tied_hf_base]
+    train(*common, "--out_dir", tmp_path / "one", "--batch_size", "2", "--grad_accum", "2")
+    torchrun(*common, "--out_dir", tmp_path / "fsdp", "--batch_size", "2", "--fsdp")
+    torchrun(*common, "--out_dir", tmp_path / "ddp", "--batch_size", "2")
+    one, fsdp, ddp = (losses(tmp_path / run) for run in ("one", "fsdp", "ddp"))
+    gap = max_gap(fsdp, one)
+    print(f"\n{kind}: FSDP 2 ranks vs 1 process x 2 micro-steps, max |loss gap| {gap:.2e} over {len(one)} steps")
+    assert gap < 1e-4
+    assert log(tmp_path / "fsdp")[-1]["tokens"] == log(tmp_path / "one")[-1]["tokens"] == 5 * 4 * 32
+    assert losses(tmp_path / "fsdp") != [losses(tmp_path / "fsdp")[0]] * 5  # it trained
+
+    if kind == "lora":  # the adapter applies onto its base (fingerprint checked) and equals DDP's
+        a, b = model.load(base_ckpt), model.load(base_ckpt)
+        lora.load_adapter(a, tmp_path / "fsdp" / "adapter")
+        lora.load_adapter(b, tmp_path / "ddp" / "adapter")
+        a, b = lora.lora_state_dict(a), lora.lora_state_dict(b)
+        assert any(t.abs().sum() > 0 for name, t in a.items() if name.endswith("lora_B"))  # trained
+    else:
+        a, b = (model.load(tmp_path / run / "model") for run in ("fsdp", "ddp"))
+        assert a.tied == b.tied == (kind == "full_tied_hf")
+        a, b = a.state_dict(), b.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6), name
+    assert sorted(os.listdir(tmp_path / "fsdp" / "model" / "optimizer" if kind != "lora" else
+                             tmp_path / "fsdp" / "adapter" / "optimizer")) == [".metadata", "__0_0.distcp",
+                                                                              "__1_0.distcp"]
+
+
+def test_fsdp_stop_and_resume_on_two_ranks_and_on_one(base_ckpt, text_data, tmp_path):
+    """SIGTERM to torchrun (as a scheduler sends it) after k steps, then --resume: the losses of the
+    uninterrupted run, exactly on 2 ranks; on 1 rank with 2 micro-steps from the same 2-rank
+    checkpoint (DCP reshards the optimizer state), the same within 1e-4."""
+    common = [*TINY, "--data", text_data, "--ckpt_dir", base_ckpt, "--lora_rank", "4", "--max_steps", "150",
+              "--eval_every", "50", "--save_every", "1000", "--batch_size", "2", "--lr", "3e-3", "--fsdp"]
+    torchrun(*common, "--out_dir", tmp_path / "straight")
+    status, err = interrupt_after(torchrun_cmd(*common, "--out_dir", tmp_path / "cut"), tmp_path / "cut", 10,
+                                  signal.SIGTERM)
+    assert status != 0 and "continue with --resume" in err, err[-3000:]
+    stopped = len(losses(tmp_path / "cut"))
+    state = torch.load(tmp_path / "cut" / "adapter" / "train_state.pt", weights_only=True)
+    assert state["step"] == stopped and 10 <= stopped < 150
+    shutil.copytree(tmp_path / "cut", tmp_path / "cut1")
+
+    torchrun(*common, "--out_dir", tmp_path / "cut", "--resume")
+    assert losses(tmp_path / "cut") == losses(tmp_path / "straight")
+
+    one = train(*common, "--out_dir", tmp_path / "cut1", "--resume", "--grad_accum", "2", "--resume_with_changes")
+    assert "1 rank(s)" in one.stderr and "--grad_accum 2 (was 1)" in one.stderr
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "cut1")
+    assert resumed[:stopped] == straight[:stopped]
+    gap = max_gap(resumed[stopped:], straight[stopped:])
+    print(f"\nresumed on 1 rank from a 2-rank checkpoint at step {stopped}: max |loss gap| {gap:.2e}")
+    assert gap < 1e-4
+
+
+# What one rank holds, after one optimizer step of a run set up exactly as train.py sets it up.
+PROBE = """
+import json, sys
+import fsdp, train
+cfg = train.TrainConfig(**json.loads(sys.argv[1]))
+train.setup_distributed(cfg)
+run = train.set_up(cfg)
+train.train_step(cfg, run.model, run.train_loader, run.autocast)
+run.optimizer.step()
+params, states = fsdp.local_bytes(run.raw, run.optimizer)
+print(json.dumps({"rank": cfg.rank, "params": params, "optimizer": states}))
+"""
+
+
+def test_each_rank_holds_half_of_the_training_state(text_data, tmp_path):
+    flags = dict(data=str(text_data), out_dir=str(tmp_path / "o"), dim=64, n_layers=2, n_heads=4, multiple_of=32,
+                 seq_len=32, batch_size=2, mlflow=False, fsdp=True)
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    env = {**os.environ, "PYTHONPATH": ROOT}
+
+    def ranks(launcher):
+        out = subprocess.run([*launcher, str(probe), json.dumps(flags)], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return sorted((json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")),
+                      key=lambda r: r["rank"])
+
+    (whole,) = ranks([sys.executable])
+    two = ranks([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"])
+    print(f"\n{'':10}{'parameters':>14}{'optimizer':>14}   (bytes)")
+    print(f"{'1 rank':10}{whole['params']:>14,}{whole['optimizer']:>14,}")
+    for r in two:
+        print(f"{'rank ' + str(r['rank']) + '/2':10}{r['params']:>14,}{r['optimizer']:>14,}")
+    assert len(two) == 2 and whole["optimizer"] >= 2 * whole["params"]  # AdamW: two moments a weight
+    for what in ("params", "optimizer"):
+        assert sum(r[what] for r in two) >= whole[what]  # nothing lost
+        for r in two:
+            assert abs(r[what] / whole[what] - 0.5) < 0.02, (what, r)
