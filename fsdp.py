@@ -185,6 +185,8 @@ def save_optimizer(model, optimizer, fresh_dir=None):
     write into that one directory before rank 0 renames it, which DCP's closing collective ensures."""
     where = [fresh_dir]
     dist.broadcast_object_list(where, src=0)
+    if not optimizer.state:  # saved before the first step (all ranks alike): nothing to keep, and
+        return  # get_optimizer_state_dict would make a state with a zero-lr step, which would count
     state = get_optimizer_state_dict(model, optimizer)
     dcp.save({"optimizer": state}, checkpoint_id=os.path.join(where[0], OPTIMIZER_DIR))
 
@@ -193,14 +195,13 @@ def save_optimizer(model, optimizer, fresh_dir=None):
 # Restoring: the optimizer state on any number of ranks, a LoRA run's adapter
 
 
-def has_optimizer(ckpt_dir):
-    return os.path.isdir(os.path.join(ckpt_dir, OPTIMIZER_DIR))
-
-
 def load_optimizer(model, optimizer, ckpt_dir):
     """The optimizer state save_optimizer wrote, resharded by DCP to this run's ranks (or, on a model
-    that is not sharded, whole). get_optimizer_state_dict first gives the empty optimizer its state
-    tensors (one step with zero gradients and lr 0), which dcp.load then fills in place."""
+    that is not sharded, whole); none if it was saved before the first step. get_optimizer_state_dict
+    first gives the empty optimizer its state tensors (one step with zero gradients and lr 0), which
+    dcp.load then fills in place, the step counts included."""
+    if not os.path.isdir(os.path.join(ckpt_dir, OPTIMIZER_DIR)):
+        return
     state = get_optimizer_state_dict(model, optimizer)
     dcp.load({"optimizer": state}, checkpoint_id=os.path.join(ckpt_dir, OPTIMIZER_DIR))
     set_optimizer_state_dict(model, optimizer, state)

@@ -167,7 +167,8 @@ class TrainConfig:
         if self.quantize and not self.lora_rank:
             raise UsageError("--quantize needs --lora_rank: only a frozen base can be held in NF4")
         if self.fsdp and self.quantize:
-            raise UsageError("--fsdp cannot shard an NF4 base (--quantize): FSDP2 shards plain tensors only")
+            raise UsageError("--fsdp cannot shard an NF4 base (--quantize): its 4-bit weights are buffers, which FSDP2 "
+                             "does not shard")
         if self.fsdp and self.eval_task:
             raise UsageError("--eval_task cannot run under --fsdp (its ranks score unequal shares of the records, "
                              "a sharded model needs all of them in step); run eval.py on the saved checkpoint")
