@@ -15,7 +15,8 @@ import torch
 import lora
 import model
 from ckpt_utils import hf_model, write_hf
-from test_train import ROOT, TINY, base_ckpt, interrupt_after, log, losses, text_data, train  # noqa: F401  (fixtures)
+from test_train import (ROOT, TINY, _one_line_error, base_ckpt, interrupt_after, log, losses,  # noqa: F401  (fixtures)
+                        text_data, train)
 
 
 def torchrun(*args, nproc=2):
@@ -57,7 +58,9 @@ def test_fsdp_equals_one_process_and_writes_what_ddp_writes(text_data, base_ckpt
     if kind == "full_tied_hf":
         common += ["--ckpt_dir", tied_hf_base]
     train(*common, "--out_dir", tmp_path / "one", "--batch_size", "2", "--grad_accum", "2")
-    torchrun(*common, "--out_dir", tmp_path / "fsdp", "--batch_size", "2", "--fsdp")
+    # from scratch, recomputing each block in backward too (all-gathering its weights again)
+    recompute = ["--activation_checkpointing"] if kind == "scratch" else []
+    torchrun(*common, "--out_dir", tmp_path / "fsdp", "--batch_size", "2", "--fsdp", *recompute)
     torchrun(*common, "--out_dir", tmp_path / "ddp", "--batch_size", "2")
     one, fsdp, ddp = (losses(tmp_path / run) for run in ("one", "fsdp", "ddp"))
     gap = max_gap(fsdp, one)
@@ -150,3 +153,13 @@ def test_each_rank_holds_half_of_the_training_state(text_data, tmp_path):
         assert sum(r[what] for r in two) >= whole[what]  # nothing lost
         for r in two:
             assert abs(r[what] / whole[what] - 0.5) < 0.02, (what, r)
+
+
+def test_what_fsdp_cannot_do_is_refused_in_one_line(text_data, base_ckpt, tmp_path):
+    common = [*TINY, "--data", text_data, "--max_steps", "2", "--eval_every", "2", "--out_dir", tmp_path]
+    _one_line_error(train(*common, "--fsdp", "--ckpt_dir", base_ckpt, "--lora_rank", "2", "--quantize", "nf4",
+                          check=False), "--fsdp cannot shard an NF4 base")
+    _one_line_error(train(*common, "--fsdp", "--eval_task", "choice", "--eval_data", tmp_path / "x.jsonl",
+                          check=False), "--eval_task cannot run under --fsdp")
+    train(*common)  # a checkpoint without --fsdp: its optimizer state is whole, in train_state.pt
+    _one_line_error(train(*common, "--fsdp", "--resume", check=False), "saved by a run without --fsdp")
