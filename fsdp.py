@@ -31,6 +31,7 @@ import math
 import os
 
 import torch
+import torch.nn as nn
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -39,7 +40,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import checkpoint
 import lora
-from model import CheckpointError, Transformer
+from model import PROJECTIONS, CheckpointError, NF4Linear, Transformer
 
 OPTIMIZER_DIR = "optimizer"  # DCP's files, inside model/ or adapter/
 
@@ -48,13 +49,14 @@ OPTIMIZER_DIR = "optimizer"  # DCP's files, inside model/ or adapter/
 # Sharding
 
 
-def shard(model, device):
+def shard(model, device, cast=True):
     """fully_shard each block (its weights are gathered together, just in time) and the root (the
     embedding, final norm and output layer). On CUDA the blocks compute in bf16 from fp32 (or bf16)
     sharded weights and gradients are reduced in fp32. Inputs are not cast: the RoPE table each
-    block is given stays fp32, as apply_rope expects."""
+    block is given stays fp32, as apply_rope expects. cast=False leaves the weights in their own
+    dtypes (an NF4 base's 4-bit codes are bytes, not numbers to round to bf16)."""
     on_cuda = torch.device(device).type == "cuda"
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if on_cuda else None,
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if on_cuda and cast else None,
                                   reduce_dtype=torch.float32 if on_cuda else None, cast_forward_inputs=False)
     for block in model.layers:
         fully_shard(block, mp_policy=policy)
@@ -66,12 +68,13 @@ def shard(model, device):
 # Loading: the model on the meta device, sharded, then each rank's rows filled in
 
 
-def load(args, ckpt_dir, device, dtype, adapt, seed):
+def load(args, ckpt_dir, device, dtype, adapt, seed, quantize=None):
     """A sharded Transformer. ckpt_dir: a Meta or HF checkpoint to read (args is then taken from
     it), or None to initialise one of shape args as an unsharded run would (init_weights). adapt:
     applied to the model on the meta device before sharding (LoRA wrapping); LoRA's A matrices are
     then drawn as apply_lora draws them. dtype: of the weights read or initialised (LoRA adapters
-    stay fp32). seed: the RNG state an unsharded run starts its draws from."""
+    stay fp32). seed: the RNG state an unsharded run starts its draws from. quantize="nf4": the
+    blocks' projections in NF4, as model.load(quantize="nf4") holds them, sharded too."""
     tied = False
     if ckpt_dir:
         args, tensors, tied, config_path = checkpoint.read(ckpt_dir)
@@ -79,14 +82,16 @@ def load(args, ckpt_dir, device, dtype, adapt, seed):
         model = Transformer(args).to(dtype)
     if tied:
         model.tie_weights()
+    if quantize:
+        _nf4_on_meta(model)
+        _nf4_shardable(model, device)
     adapt(model)
-    shard(model, device)
+    shard(model, device, cast=not quantize)
     model.to_empty(device=device)
-    params = dict(model.named_parameters())
     torch.manual_seed(seed)
     with torch.no_grad():
         if ckpt_dir:
-            _fill_from_checkpoint(params, tensors, ckpt_dir, config_path, tied)
+            _fill_from_checkpoint(model, tensors, ckpt_dir, config_path, device)
         else:
             _fill_from_init(model, device)
         _fill_lora(model, device)
@@ -107,23 +112,63 @@ def _copy_rows(param, full):
     local.copy_(mine)
 
 
-def _fill_from_checkpoint(params, tensors, ckpt_dir, config_path, tied):
+def _fill_from_checkpoint(model, tensors, ckpt_dir, config_path, device):
     """Each checkpoint tensor's rows into the shard of its parameter (a LoRA-wrapped projection's
-    weight is NAME.base.weight); the same checks as checkpoint.load."""
+    weight is NAME.base.weight), or quantized into its NF4 layer; the same checks as checkpoint.load."""
+    params = dict(model.named_parameters())
+    nf4 = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, NF4Linear)}
     filled = set()
     for name, full in tensors:
-        ours = name if name in params else name.replace(".weight", ".base.weight")
-        if ours not in params:
+        ours = next((n for n in (name, name.replace(".weight", ".base.weight")) if n in params or n in nf4), None)
+        if ours is None:
             continue  # stray keys such as rope.freqs or rotary_emb.inv_freq
-        if full.shape != params[ours].shape:
+        shape = (nf4[ours].out_features, nf4[ours].in_features) if ours in nf4 else tuple(params[ours].shape)
+        if tuple(full.shape) != shape:
             raise CheckpointError(f"{config_path} disagrees with the weights: {name} is {tuple(full.shape)} "
-                                  f"in the checkpoint but {tuple(params[ours].shape)} by the config")
-        _copy_rows(params[ours], full)
+                                  f"in the checkpoint but {shape} by the config")
+        if ours in nf4:
+            _fill_nf4(nf4[ours], full, device)
+        else:
+            _copy_rows(params[ours], full)
         filled.add(ours)
-    missing = sorted(n for n, p in params.items() if n not in filled and not n.endswith(("lora_A", "lora_B")))
+    expected = set(nf4) | {n for n in params if not n.endswith(("lora_A", "lora_B", ".packed", ".absmax"))}
+    missing = sorted(expected - filled)
     if missing:
         raise CheckpointError(f"{ckpt_dir}: weights missing from the checkpoint: {', '.join(missing[:4])}"
                               + (" ..." if len(missing) > 4 else ""))
+
+
+def _nf4_on_meta(model):
+    """--quantize nf4: each block's projections (model.PROJECTIONS) become NF4Linear, model.load's
+    4-bit layer, still on the meta device (nothing is computed there: only shapes)."""
+    for block in model.layers:
+        for name, linear in list(block.named_modules()):
+            if name.rpartition(".")[2] in PROJECTIONS and isinstance(linear, nn.Linear):
+                parent, _, child = name.rpartition(".")
+                setattr(block.get_submodule(parent), child, NF4Linear(linear.weight))
+
+
+def _nf4_shardable(model, device):
+    """FSDP2 shards parameters, not buffers: an NF4 layer's packed 4-bit codes and 8-bit block maxima,
+    nearly all its bytes, become frozen parameters, so each rank keeps 1/world of them (all-gathered
+    whole with their block before it dequantizes). Its fp32 scales (4 bytes per 16384 weights) and
+    fingerprint sample stay replicated buffers, made real here: NF4Linear's _apply keeps them as they
+    are, and to_empty would otherwise find them on the meta device."""
+    for layer in [m for m in model.modules() if isinstance(m, NF4Linear)]:
+        for name in ("packed", "absmax"):
+            layer.register_parameter(name, nn.Parameter(layer._buffers.pop(name), requires_grad=False))
+        for name in ("absmax_scale", "absmax_offset", "weight_sample"):
+            setattr(layer, name, torch.empty_like(getattr(layer, name), device=device))
+
+
+def _fill_nf4(layer, full, device):
+    """A projection quantized whole, as model.load(quantize="nf4") does (NF4Linear from the stored
+    dtype), this rank keeping its share of the codes and block maxima and all of the scales."""
+    quantized = NF4Linear(full.to(device))
+    _copy_rows(layer.packed, quantized.packed)
+    _copy_rows(layer.absmax, quantized.absmax)
+    for name in ("absmax_scale", "absmax_offset", "weight_sample"):
+        setattr(layer, name, getattr(quantized, name))
 
 
 def _fill_from_init(model, device):
@@ -167,12 +212,16 @@ def full_model(model):
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
         return None
-    tied = model.tied
+    tied, quantized = model.tied, {n: m for n, m in model.named_modules() if isinstance(m, NF4Linear)}
     with torch.device("meta"):
         plain = Transformer(model.args)
+    if quantized:
+        _nf4_on_meta(plain)
     if getattr(model, "lora_config", None):
         lora.apply_lora(plain, **model.lora_config)
     plain.load_state_dict(state, assign=True)
+    for name, layer in quantized.items():  # not in the state dict, but what an adapter's fingerprint takes
+        plain.get_submodule(name).weight_sample = layer.weight_sample.cpu()
     if tied:
         plain.tie_weights()
     plain.reset_rope()

@@ -166,9 +166,6 @@ class TrainConfig:
             raise UsageError("--lora_rank needs --ckpt_dir: LoRA adapts a pretrained model")
         if self.quantize and not self.lora_rank:
             raise UsageError("--quantize needs --lora_rank: only a frozen base can be held in NF4")
-        if self.fsdp and self.quantize:
-            raise UsageError("--fsdp cannot shard an NF4 base (--quantize): its 4-bit weights are buffers, which FSDP2 "
-                             "does not shard")
         if self.fsdp and self.eval_task:
             raise UsageError("--eval_task cannot run under --fsdp (its ranks score unequal shares of the records, "
                              "a sharded model needs all of them in step); run eval.py on the saved checkpoint")
@@ -273,7 +270,7 @@ def load_model_and_data(cfg, resume_from):
 
         dtype = torch.bfloat16 if cfg.lora_rank and cfg.device.startswith("cuda") else torch.float32
         raw = fsdp.load(None if source else scratch_args(cfg, data_meta), source, cfg.device, dtype, seed=cfg.seed,
-                        adapt=lambda model: add_lora(cfg, model))
+                        adapt=lambda model: add_lora(cfg, model), quantize=cfg.quantize)
         raw.args.max_seq_len = max(raw.args.max_seq_len, cfg.seq_len)
         raw.reset_rope()
         if source:
