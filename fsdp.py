@@ -13,7 +13,8 @@ Reading guide, top to bottom:
                      rank fills only its own rows: from a checkpoint (memory-mapped, so a rank reads
                      only its pages, converted to the training dtype after slicing), or from
                      init_weights' and apply_lora's draws, replayed one full tensor at a time, so
-                     the weights equal an unsharded run's from the same seed
+                     the weights equal an unsharded run's from the same seed; with --quantize nf4
+                     each projection is quantized whole and each rank keeps its share of the codes
     save             the full weights gathered to rank 0 one tensor at a time into a plain model on
                      the CPU, written by the ordinary writers (checkpoint.write_meta,
                      lora.write_adapter); the optimizer state sharded with torch.distributed.checkpoint
@@ -100,8 +101,9 @@ def load(args, ckpt_dir, device, dtype, adapt, seed, quantize=None):
 
 
 def _copy_rows(param, full):
-    """This rank's rows of `full` (a whole weight, possibly memory-mapped) into param's local shard.
-    Only those rows are read, and only they are converted to param's dtype."""
+    """This rank's rows of `full` (a whole weight, possibly memory-mapped; of a flat tensor, its
+    elements) into param's local shard. Only those rows are read, and only they are converted to
+    param's dtype."""
     rows = torch.chunk(full, param.device_mesh.size(), dim=0)  # the row blocks fully_shard made
     rank = param.device_mesh.get_local_rank()
     mine = rows[rank] if rank < len(rows) else full[:0]

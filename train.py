@@ -366,11 +366,11 @@ def train_step(cfg, model, loader, autocast, stop_requested=False):
     for i, (x, y, pos) in enumerate(batches):
         x, y, pos = x.to(cfg.device), y.to(cfg.device), pos.to(cfg.device)
         # DDP all-reduces on every backward unless told not to: only the last micro-step syncs.
-        # FSDP2 reduce-scatters likewise (and averages over ranks too), told by a switch instead.
-        last = i == cfg.grad_accum - 1
-        if cfg.fsdp:
+        # An FSDP2 model (--fsdp) reduce-scatters likewise (averaging over ranks too), told by a switch.
+        last, sharded = i == cfg.grad_accum - 1, hasattr(model, "set_requires_gradient_sync")
+        if sharded:
             model.set_requires_gradient_sync(last)
-        sync = nullcontext() if cfg.world == 1 or last or cfg.fsdp else model.no_sync()
+        sync = nullcontext() if cfg.world == 1 or last or sharded else model.no_sync()
         with sync:
             with autocast:
                 loss = model(x, y, positions=pos if cfg.doc_mask else None, reduction="sum")
