@@ -115,9 +115,10 @@ def test_fsdp_stop_and_resume_on_two_ranks_and_on_one(base_ckpt, text_data, tmp_
     assert gap < 1e-4
 
 
-# What one rank holds, after one optimizer step of a run set up exactly as train.py sets it up.
+# What one rank holds, after one optimizer step of a run set up exactly as train.py sets it up,
+# into a file per rank (two ranks printing at once could mix their lines).
 PROBE = """
-import json, sys
+import json, os, sys
 import fsdp, train
 cfg = train.TrainConfig(**json.loads(sys.argv[1]))
 train.setup_distributed(cfg)
@@ -125,7 +126,8 @@ run = train.set_up(cfg)
 train.train_step(cfg, run.model, run.train_loader, run.autocast)
 run.optimizer.step()
 params, states = fsdp.local_bytes(run.raw, run.optimizer)
-print(json.dumps({"rank": cfg.rank, "params": params, "optimizer": states}))
+with open(os.path.join(sys.argv[2], f"rank{cfg.rank}.json"), "w") as f:
+    json.dump({"rank": cfg.rank, "params": params, "optimizer": states}, f)
 """
 
 
@@ -142,15 +144,16 @@ def test_each_rank_holds_half_of_the_training_state(text_data, base_ckpt, tmp_pa
     probe.write_text(PROBE)
     env = {**os.environ, "PYTHONPATH": ROOT}
 
-    def ranks(launcher):
-        out = subprocess.run([*launcher, str(probe), json.dumps(flags)], cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=600)
+    def ranks(launcher, out_dir):
+        out_dir.mkdir()
+        out = subprocess.run([*launcher, str(probe), json.dumps(flags), str(out_dir)], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
-        return sorted((json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")),
-                      key=lambda r: r["rank"])
+        return [json.loads(path.read_text()) for path in sorted(out_dir.glob("rank*.json"))]
 
-    (whole,) = ranks([sys.executable])
-    two = ranks([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"])
+    (whole,) = ranks([sys.executable], tmp_path / "one")
+    two = ranks([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"],
+                tmp_path / "two")
     print(f"\n{kind + ':':10}{'parameters':>14}{'optimizer':>14}   (bytes)")
     print(f"{'1 rank':10}{whole['params']:>14,}{whole['optimizer']:>14,}")
     for r in two:
@@ -164,10 +167,8 @@ def test_each_rank_holds_half_of_the_training_state(text_data, base_ckpt, tmp_pa
             assert abs(r[what] / whole[what] - 0.5) < 0.02, (what, r)
 
 
-def test_what_fsdp_cannot_do_is_refused_in_one_line(text_data, base_ckpt, tmp_path):
+def test_what_fsdp_cannot_do_is_refused_in_one_line(text_data, tmp_path):
     common = [*TINY, "--data", text_data, "--max_steps", "2", "--eval_every", "2", "--out_dir", tmp_path]
-    _one_line_error(train(*common, "--fsdp", "--ckpt_dir", base_ckpt, "--lora_rank", "2", "--quantize", "nf4",
-                          check=False), "--fsdp cannot shard an NF4 base")
     _one_line_error(train(*common, "--fsdp", "--eval_task", "choice", "--eval_data", tmp_path / "x.jsonl",
                           check=False), "--eval_task cannot run under --fsdp")
     train(*common)  # a checkpoint without --fsdp: its optimizer state is whole, in train_state.pt
