@@ -2,11 +2,13 @@
 
 Read top to bottom:
   replace_checkpoint       atomic.write_dir for checkpoints: tokenizer and other files carried over
-  load                     model.load: either layout into a Transformer, one tensor at a time
+  load                     model.load: either layout into a Transformer, one tensor at a time, the
+                           files memory-mapped (read, for fsdp.py too); the default dtype
+                           (resolve_dtype, cpu_native_dtypes)
   Meta layout              params.json + consolidated.NN.pth: read_meta (model-parallel shards
                            joined), write_meta, save (model.save)
   HF layout                config.json + *.safetensors: the one name map (hf_name / our_name), the
-                           q/k RoPE permutation both ways, read_hf, write_hf, save_hf
+                           q/k RoPE permutation both ways, read_hf (map_safetensors), write_hf, save_hf
 """
 
 import contextlib
@@ -129,21 +131,15 @@ def load(ckpt_dir, device="cpu", dtype=None, max_seq_len: Optional[int] = None,
 
     The model is built on the meta device (no memory) and each weight is assigned as it is read,
     so at no point do two full copies of the weights exist. The files are mapped, not read: a weight
-    already in the asked dtype stays in the page cache, shared with every process that maps the file. With quantize="nf4" each projection is
-    quantized as soon as it is read (from its stored dtype, as bitsandbytes would) and only its NF4
-    form kept: the full-precision model never sits in memory, only one tensor of it at a time.
+    already in the asked dtype stays in the page cache, shared with every process that maps the file.
+    With quantize="nf4" each projection is quantized as soon as it is read (from its stored dtype, as
+    bitsandbytes would) and only its NF4 form kept: the full-precision model never sits in memory,
+    only one tensor of it at a time.
     """
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize {quantize!r}: expected None or 'nf4'")
     ckpt_dir = os.path.expanduser(str(ckpt_dir))
-    if not os.path.isdir(ckpt_dir):
-        raise CheckpointError(f"{ckpt_dir}: no such checkpoint directory")
-    if os.path.exists(os.path.join(ckpt_dir, "params.json")):
-        args, tensors, tied, config_path = read_meta(ckpt_dir)
-    elif os.path.exists(os.path.join(ckpt_dir, "config.json")):
-        args, tensors, tied, config_path = read_hf(ckpt_dir)
-    else:
-        raise CheckpointError(f"{ckpt_dir}: neither params.json (Meta) nor config.json (HF) found")
+    args, tensors, tied, config_path = read(ckpt_dir)
     args.max_seq_len = max_seq_len or args.max_seq_len
 
     with torch.device("meta"), _no_random_init():
@@ -178,6 +174,20 @@ def load(ckpt_dir, device="cpu", dtype=None, max_seq_len: Optional[int] = None,
         model.tie_weights()
     model.reset_rope()
     return model.eval()
+
+
+def read(ckpt_dir):
+    """Either layout, detected: (args, an iterator of (name, full tensor) in our names, one at a time
+    and memory-mapped where the files allow, tied, the config file's path). load() and fsdp.py's
+    sharded load (which keeps only each rank's rows of every tensor) both read through it."""
+    ckpt_dir = os.path.expanduser(str(ckpt_dir))
+    if not os.path.isdir(ckpt_dir):
+        raise CheckpointError(f"{ckpt_dir}: no such checkpoint directory")
+    if os.path.exists(os.path.join(ckpt_dir, "params.json")):
+        return read_meta(ckpt_dir)
+    if os.path.exists(os.path.join(ckpt_dir, "config.json")):
+        return read_hf(ckpt_dir)
+    raise CheckpointError(f"{ckpt_dir}: neither params.json (Meta) nor config.json (HF) found")
 
 
 @contextlib.contextmanager

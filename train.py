@@ -1,4 +1,5 @@
-"""Train a Llama: from scratch, full fine-tune or LoRA, on one process or many (torchrun DDP).
+"""Train a Llama: from scratch, full fine-tune or LoRA, on one process or many (torchrun DDP, or
+FSDP2 with --fsdp: fsdp.py).
 
     python train.py                                   # the demo: a small Llama on ICD-10-CM, CPU, minutes
     python train.py --data shards/notes --dim 512 --n_layers 8 --n_heads 8       # from scratch
@@ -128,6 +129,8 @@ class TrainConfig:
     doc_mask: bool = flag(None, "keep attention inside each document (default: on for instruction/chat shards)")
     activation_checkpointing: bool = flag(False, "recompute each layer in backward to save memory")
     compile: bool = flag(False, "torch.compile the model")
+    fsdp: bool = flag(False, "shard weights, gradients and optimizer state over the ranks (FSDP2, fsdp.py), for "
+                             "models whose training state does not fit one GPU; under torchrun, or one process")
     # the shape of a model trained from scratch (model.ModelArgs)
     dim: int = flag(None, "model width (default 512; the demo 256)", positive)
     n_layers: int = flag(None, "transformer blocks (default 8; the demo 4)", positive)
@@ -163,6 +166,9 @@ class TrainConfig:
             raise UsageError("--lora_rank needs --ckpt_dir: LoRA adapts a pretrained model")
         if self.quantize and not self.lora_rank:
             raise UsageError("--quantize needs --lora_rank: only a frozen base can be held in NF4")
+        if self.fsdp and self.eval_task:
+            raise UsageError("--eval_task cannot run under --fsdp (its ranks score unequal shares of the records, "
+                             "a sharded model needs all of them in step); run eval.py on the saved checkpoint")
         self.out_dir = self.out_dir or os.path.join(ROOT, "out", os.path.basename(os.path.normpath(self.data)))
 
     def _fill(self, defaults):
@@ -228,6 +234,9 @@ def setup_distributed(cfg):
         torch.cuda.set_device(cfg.device)
     if cfg.world > 1:
         dist.init_process_group(backend="nccl" if cfg.device.startswith("cuda") else "gloo")
+    elif cfg.fsdp:  # FSDP2 shards over a process group; without torchrun, one of one rank
+        dist.init_process_group(backend="nccl" if cfg.device.startswith("cuda") else "gloo",
+                                store=dist.HashStore(), rank=0, world_size=1)
 
 
 def all_reduce_sum(t, world):
@@ -256,7 +265,17 @@ def load_model_and_data(cfg, resume_from):
     tokenizer = llama_tokenizer.load(source or cfg.data)  # the checkpoint's, or the shards' own copy
     data_meta = shards.validate(cfg.data, vocab_size=tokenizer.n_words, tokenizer_sha256=tokenizer.sha256)
     torch.manual_seed(cfg.seed)  # the same initial weights (and LoRA A matrices) on every rank
-    if source:
+    if cfg.fsdp:  # built on the meta device, sharded, then each rank reads only its rows (fsdp.py)
+        import fsdp
+
+        dtype = torch.bfloat16 if cfg.lora_rank and cfg.device.startswith("cuda") else torch.float32
+        raw = fsdp.load(None if source else scratch_args(cfg, data_meta), source, cfg.device, dtype, seed=cfg.seed,
+                        adapt=lambda model: add_lora(cfg, model), quantize=cfg.quantize)
+        raw.args.max_seq_len = max(raw.args.max_seq_len, cfg.seq_len)
+        raw.reset_rope()
+        if source:
+            llama_tokenizer.check_fits(tokenizer, raw.args.vocab_size, source)
+    elif source:
         # LoRA keeps the frozen base in bf16 on CUDA; full training keeps fp32 master weights.
         dtype = torch.bfloat16 if cfg.lora_rank and cfg.device.startswith("cuda") else torch.float32
         raw = llama.load(source, device=cfg.device, dtype=dtype, quantize=cfg.quantize)
@@ -264,25 +283,37 @@ def load_model_and_data(cfg, resume_from):
         raw.reset_rope()
         llama_tokenizer.check_fits(tokenizer, raw.args.vocab_size, source)
     else:
-        shape = {k: getattr(cfg, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of",
-                                              "ffn_dim_multiplier", "norm_eps", "rope_theta")}
-        args = llama.ModelArgs(vocab_size=data_meta["vocab_size"], max_seq_len=cfg.seq_len, **shape)
-        raw = llama.Transformer(args).to(cfg.device)
+        raw = llama.Transformer(scratch_args(cfg, data_meta)).to(cfg.device)
+        torch.manual_seed(cfg.seed)  # init_weights' draws do not depend on how the model was built
         raw.init_weights()
+    if not cfg.fsdp:
+        add_lora(cfg, raw)
+    raw.activation_checkpointing = cfg.activation_checkpointing
+    return raw, tokenizer, data_meta
+
+
+def scratch_args(cfg, data_meta):
+    """The shape of a model trained from scratch: the ModelArgs flags, the shards' vocabulary."""
+    shape = {k: getattr(cfg, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of",
+                                          "ffn_dim_multiplier", "norm_eps", "rope_theta")}
+    return llama.ModelArgs(vocab_size=data_meta["vocab_size"], max_seq_len=cfg.seq_len, **shape)
+
+
+def add_lora(cfg, raw):
+    """--lora_rank's adapters on raw (nothing without it)."""
     if cfg.lora_rank:
         import lora
 
         lora.apply_lora(raw, rank=cfg.lora_rank, alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
                         dropout=cfg.lora_dropout, targets=cfg.lora_target_names,
                         use_rslora=cfg.rslora)
-    raw.activation_checkpointing = cfg.activation_checkpointing
-    return raw, tokenizer, data_meta
 
 
 def for_training(cfg, raw):
-    """What the loop calls: the model, compiled if asked, wrapped in DDP under torchrun."""
+    """What the loop calls: the model, compiled if asked, wrapped in DDP under torchrun (under --fsdp
+    raw is sharded already)."""
     model = torch.compile(raw) if cfg.compile else raw
-    if cfg.world > 1:
+    if cfg.world > 1 and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         # No buffer sync per step: the only buffer is the RoPE table, the same on every rank (64 MB for
@@ -335,7 +366,11 @@ def train_step(cfg, model, loader, autocast, stop_requested=False):
     for i, (x, y, pos) in enumerate(batches):
         x, y, pos = x.to(cfg.device), y.to(cfg.device), pos.to(cfg.device)
         # DDP all-reduces on every backward unless told not to: only the last micro-step syncs.
-        sync = nullcontext() if cfg.world == 1 or i == cfg.grad_accum - 1 else model.no_sync()
+        # An FSDP2 model (--fsdp) reduce-scatters likewise (averaging over ranks too), told by a switch.
+        last, sharded = i == cfg.grad_accum - 1, hasattr(model, "set_requires_gradient_sync")
+        if sharded:
+            model.set_requires_gradient_sync(last)
+        sync = nullcontext() if cfg.world == 1 or last or sharded else model.no_sync()
         with sync:
             with autocast:
                 loss = model(x, y, positions=pos if cfg.doc_mask else None, reduction="sum")
@@ -426,17 +461,27 @@ def has_checkpoint(cfg):
 
 def save_checkpoint(cfg, run, step):
     """The weights (or adapter), tokenizer.model and train_state.pt, as one directory: a kill at
-    any moment leaves the previous checkpoint or this one, never a mix."""
-    state = {"step": step, "optimizer": run.optimizer.state_dict(), "loader": run.train_loader.state_dict(),
+    any moment leaves the previous checkpoint or this one, never a mix. Under --fsdp every rank
+    calls it: the weights are gathered to rank 0, the optimizer saved sharded (fsdp.py)."""
+    raw, optimizer = run.raw, run.optimizer.state_dict() if not cfg.fsdp else None
+    if cfg.fsdp:
+        import fsdp
+
+        raw = fsdp.full_model(run.raw)  # rank 0: the whole model on the CPU; the others: None
+        if cfg.rank != 0:
+            return fsdp.save_optimizer(run.raw, run.optimizer)  # into rank 0's directory
+    state = {"step": step, "optimizer": optimizer, "loader": run.train_loader.state_dict(),
              "config": run.config, "log_bytes": run.logger.size(), "mlflow_run_id": run.logger.run_id}
 
     def write(tmp_dir):
+        if cfg.fsdp:
+            fsdp.save_optimizer(run.raw, run.optimizer, tmp_dir)
         if cfg.lora_rank:
             import lora
 
-            lora.write_adapter(run.raw, tmp_dir, tokenizer_sha256=run.tokenizer.sha256)
+            lora.write_adapter(raw, tmp_dir, tokenizer_sha256=run.tokenizer.sha256)
         else:
-            checkpoint.write_meta(run.raw, tmp_dir)
+            checkpoint.write_meta(raw, tmp_dir)
         shutil.copy(run.tokenizer.path, os.path.join(tmp_dir, "tokenizer.model"))
         torch.save(state, os.path.join(tmp_dir, "train_state.pt"))
 
@@ -448,11 +493,20 @@ def restore_checkpoint(cfg, path, raw, optimizer, train_loader):
     loaded from the checkpoint already); returns train_state. There is no RNG state to restore:
     each step seeds from (seed, rank, step), which the config and the step determine."""
     state = checkpoint.torch_load(os.path.join(path, "train_state.pt"), map_location=cfg.device)
+    sharded = state["optimizer"] is None  # saved by an --fsdp run: the optimizer is in DCP's files
+    if cfg.fsdp and not sharded:
+        raise UserError(f"{path} was saved by a run without --fsdp: --resume it without --fsdp")
     if cfg.lora_rank:
+        import fsdp
         import lora
 
-        lora.load_adapter(raw, path)
-    optimizer.load_state_dict(state["optimizer"])
+        (fsdp.load_adapter if cfg.fsdp else lora.load_adapter)(raw, path)
+    if sharded:  # resharded to this run's ranks; whole, without --fsdp
+        import fsdp
+
+        fsdp.load_optimizer(raw, optimizer, path)
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     train_loader.load_state_dict(state["loader"])
     return state
 
@@ -650,7 +704,7 @@ def main(*args, **flags):
             finally:
                 run.logger.close()
         finally:
-            if cfg.world > 1 and dist.is_initialized():
+            if dist.is_initialized():
                 dist.destroy_process_group()
 
 
@@ -740,8 +794,10 @@ def loop(cfg, run, stop):
         run.logger.step(record, step_line(cfg, run, record, eta) if shown else None)
         if step % cfg.save_every == 0 and step < cfg.max_steps:
             check_finite(cfg, step, weights=all(bool(torch.isfinite(p).all()) for p in trainable))
+            if cfg.rank == 0 or cfg.fsdp:  # under --fsdp every rank gathers and writes its shard
+                path = save_checkpoint(cfg, run, step)
             if cfg.rank == 0:
-                print(f"saved {save_checkpoint(cfg, run, step)} at step {step}", file=sys.stderr)
+                print(f"saved {path} at step {step}", file=sys.stderr)
             last_saved = step
     return step, last_saved
 
@@ -758,7 +814,9 @@ def step_line(cfg, run, record, eta):
     line += f" | ETA {format_eta(eta)}"
     if "val_loss" in record:
         line += f" | val {record['val_loss']:.4f} ppl {record['val_ppl']:.2f}"
-        if cfg.sample_prompt and cfg.rank == 0:
+        if cfg.sample_prompt and cfg.rank == 0 and cfg.fsdp:  # decoding would need every rank in step
+            line += "\n  sample: (none under --fsdp: generate.py samples the saved checkpoint)"
+        elif cfg.sample_prompt and cfg.rank == 0:
             # instruction / chat shards (masked targets) train the chat layout: sample in it too
             chat = bool(shards.load_meta(cfg.data).get("has_mask"))
             line += "\n  sample: " + sample(run.raw, run.tokenizer, cfg.sample_prompt, chat=chat)
@@ -769,8 +827,9 @@ def finish(cfg, run, step, last_saved, interrupted):
     """Save what the last periodic checkpoint missed, then leave together."""
     if step > last_saved or step == 0:
         check_finite(cfg, step, weights=all(bool(torch.isfinite(p).all()) for p in run.raw.parameters()))
-        if cfg.rank == 0:
+        if cfg.rank == 0 or cfg.fsdp:  # under --fsdp every rank gathers and writes its shard
             path = save_checkpoint(cfg, run, step)
+        if cfg.rank == 0:
             print(f"saved {path} at step {step}", file=sys.stderr)
             run.logger.artifact(os.path.join(cfg.out_dir, "log.jsonl"))
             if cfg.lora_rank:
