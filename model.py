@@ -199,14 +199,28 @@ class KVCache(nn.Module):
         return self.k[:B], self.v[:B]
 
 
+class Linear(nn.Linear):
+    """A Llama projection: nn.Linear without bias. One token's product on a CPU (decoding at batch 1)
+    goes to torch.mv, a matrix-vector kernel that PyTorch's CPU build runs faster than the general
+    matrix product F.linear picks: about 1.2x on a whole decoding step in bf16 (bench.py decode)."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        if x.device.type == "cpu" and x.numel() == x.shape[-1] and x.dtype == self.weight.dtype:
+            return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.wq = Linear(args.dim, args.n_heads * self.head_dim)
+        self.wk = Linear(args.dim, self.n_kv_heads * self.head_dim)
+        self.wv = Linear(args.dim, self.n_kv_heads * self.head_dim)
+        self.wo = Linear(args.n_heads * self.head_dim, args.dim)
         self.cache = None  # a KVCache while decoding (Transformer.setup_cache)
 
     def forward(self, x, rope, mask=None, cache_positions=None):
@@ -236,9 +250,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+        self.w1 = Linear(dim, hidden_dim)  # gate
+        self.w2 = Linear(hidden_dim, dim)  # down
+        self.w3 = Linear(dim, hidden_dim)  # up
 
     def forward(self, x):
         return self.w2(swiglu(self.w1(x), self.w3(x)))
@@ -285,7 +299,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size)
         # Not a state-dict entry: rebuilt from args wherever the model lands.
         self.register_buffer("rope", rope_table(args), persistent=False)
         self.activation_checkpointing = False
