@@ -410,7 +410,8 @@ def test_changing_the_loaded_model_never_writes_the_checkpoint(tmp_path, layout)
     ({"avx2": True}, torch.bfloat16, torch.float32),           # emulated bf16 would be slower: fp32
     ({}, torch.bfloat16, torch.float32),
     ({"avx512_bf16": True}, torch.float16, torch.float32),     # bf16 instructions do not compute fp16
-    ({"avx512_fp16": True}, torch.float16, torch.float16),
+    ({"avx512_fp16": True}, torch.float16, torch.float32),     # PyTorch's fp16 matvec is slow there
+    ({"amx_fp16": True}, torch.float16, torch.float16),
     ({"avx512_bf16": True, "avx512_fp16": True}, torch.float32, torch.float32),
 ])
 def test_cpu_default_dtype_follows_the_checkpoint_and_the_cpu(tmp_path, monkeypatch, caps, stored, expected):
