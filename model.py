@@ -3,6 +3,7 @@
 Read top to bottom:
   ModelArgs        the hyper-parameters, named as in Meta's params.json; derived sizes resolved once
   RMSNorm, RoPE    normalisation and rotary position embedding (with Llama 3.1 frequency scaling)
+  Linear           a projection without bias (one token's product on a CPU: a matrix-vector kernel)
   Attention        grouped-query attention; KVCache holds its keys and values while decoding
   FeedForward      SwiGLU
   Transformer      the stack: forward() trains and scores (logits, or the mean cross-entropy),
@@ -181,6 +182,20 @@ def flex_attention(q, k, v, block_mask, enable_gqa):
     return _flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
+class Linear(nn.Linear):
+    """A Llama projection: nn.Linear without bias. One token's product on a CPU (decoding at batch 1)
+    goes to torch.mv, a matrix-vector kernel that PyTorch's CPU build runs faster than the general
+    matrix product F.linear picks: about 1.2x on a whole decoding step in bf16 (bench.py decode)."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        if x.device.type == "cpu" and x.numel() == x.shape[-1] and x.dtype == self.weight.dtype:
+            return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight)
+
+
 class KVCache(nn.Module):
     """The keys and values of every position decoded so far, (B_max, n_kv_heads, length, head_dim).
     Allocated once at full length and written in place, never grown: every decode step then has the
@@ -197,20 +212,6 @@ class KVCache(nn.Module):
         self.k[:B].index_copy_(2, positions, k.to(self.k.dtype))
         self.v[:B].index_copy_(2, positions, v.to(self.v.dtype))
         return self.k[:B], self.v[:B]
-
-
-class Linear(nn.Linear):
-    """A Llama projection: nn.Linear without bias. One token's product on a CPU (decoding at batch 1)
-    goes to torch.mv, a matrix-vector kernel that PyTorch's CPU build runs faster than the general
-    matrix product F.linear picks: about 1.2x on a whole decoding step in bf16 (bench.py decode)."""
-
-    def __init__(self, in_features, out_features):
-        super().__init__(in_features, out_features, bias=False)
-
-    def forward(self, x):
-        if x.device.type == "cpu" and x.numel() == x.shape[-1] and x.dtype == self.weight.dtype:
-            return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight)
 
 
 class Attention(nn.Module):
