@@ -185,7 +185,7 @@ def flex_attention(q, k, v, block_mask, enable_gqa):
 class Linear(nn.Linear):
     """A Llama projection: nn.Linear without bias. One token's product on a CPU (decoding at batch 1)
     goes to torch.mv, a matrix-vector kernel that PyTorch's CPU build runs faster than the general
-    matrix product F.linear picks: about 1.2x on a whole decoding step in bf16 (bench.py decode)."""
+    matrix product F.linear picks: about 1.15x on a whole bf16 decoding step (BENCHMARKS.md)."""
 
     def __init__(self, in_features, out_features):
         super().__init__(in_features, out_features, bias=False)
