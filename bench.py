@@ -37,6 +37,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import generate
 import lora
 import model as llama
@@ -676,8 +677,6 @@ _SAFETENSORS_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float1
 
 def published(model):
     """The preset's ModelArgs with the context its config.json is published with."""
-    import checkpoint
-
     a = llama.ModelArgs(**PRESETS[model])
     a.max_seq_len = checkpoint.published_context(a)
     return a
@@ -686,8 +685,6 @@ def published(model):
 def random_checkpoint(a, tied, dtype, out_dir, seed=0):
     """An HF-layout checkpoint (config.json + model.safetensors, as checkpoint.write_hf lays it out) of
     random weights in dtype, written one tensor at a time so an 8B shape never sits in memory whole."""
-    import checkpoint
-
     with torch.device("meta"):
         shapes = {n: t.shape for n, t in llama.Transformer(a).state_dict().items() if not (tied and n == "output.weight")}
     header, offset = {"__metadata__": {"format": "pt"}}, 0
@@ -812,8 +809,6 @@ def cmd_load(args, dev):
 
 
 def checkpoint_dtype(path):
-    import checkpoint
-
     return checkpoint.stored_dtype(path) or torch.float32
 
 
