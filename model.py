@@ -12,7 +12,8 @@ Read top to bottom:
   load / save      the entry points to checkpoint.py, which reads and writes the file layouts
   Fused kernels    Triton twins of rms_norm, apply_rope, swiglu, linear_cross_entropy and
                    nf4_dequantize, switched in at the file's last lines (on CUDA, or when
-                   LLAMA_KERNELS=triton)
+                   LLAMA_KERNELS=triton); and cpu_mv's, a C kernel for one token's bf16
+                   projection on a CPU (cpu_gemv.py builds it)
 """
 
 import functools
@@ -25,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+
+import cpu_gemv
 
 # -----------------------------------------------------------------------------------------------
 # Configuration
@@ -184,16 +187,21 @@ def flex_attention(q, k, v, block_mask, enable_gqa):
 
 class Linear(nn.Linear):
     """A Llama projection: nn.Linear without bias. One token's product on a CPU (decoding at batch 1)
-    goes to torch.mv, a matrix-vector kernel that PyTorch's CPU build runs faster than the general
-    matrix product F.linear picks: about 1.15x on a whole bf16 decoding step (BENCHMARKS.md)."""
+    is a matrix-vector product, bound by reading the weight: cpu_mv, at the file's end, runs it."""
 
     def __init__(self, in_features, out_features):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x):
         if x.device.type == "cpu" and x.numel() == x.shape[-1] and x.dtype == self.weight.dtype:
-            return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
+            return cpu_mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight)
+
+
+def cpu_mv(weight, x):
+    """weight (N, K) @ x (K): one token's projection on a CPU. The PyTorch twin of cpu_gemv.c's
+    kernel, which takes over bf16 products at the file's end."""
+    return torch.mv(weight, x)
 
 
 class KVCache(nn.Module):
@@ -920,7 +928,7 @@ def _nf4_dequantize_kernel(packed, absmax, shape, dtype):
 
 # -----------------------------------------------------------------------------------------------
 # The one point where the kernels switch in: every call the architecture makes to these five names
-# now asks use_triton(x) which path runs. The twins stay reachable as name.__wrapped__.
+# now asks use_triton(x) which path runs, and one-token CPU products ask _cpu_mv. The twins stay reachable as name.__wrapped__.
 
 # What each @triton.jit above decided from TRITON_INTERPRET at import: the interpreter or the compiler.
 _INTERPRETED = type(_swiglu_fwd).__name__ == "InterpretedFunction"
@@ -938,3 +946,17 @@ apply_rope = _kernel_or_twin(apply_rope, _RoPE.apply)
 swiglu = _kernel_or_twin(swiglu, _SwiGLU.apply)
 linear_cross_entropy = _kernel_or_twin(linear_cross_entropy, _fused_linear_cross_entropy)
 nf4_dequantize = _kernel_or_twin(nf4_dequantize, _nf4_dequantize_kernel)
+
+
+def _cpu_mv(weight, x):
+    """cpu_gemv.c's kernel for bf16 outside autograd (it has no backward), unless LLAMA_KERNELS=torch;
+    the twin otherwise, and where the kernel cannot be built (cpu_gemv.status() says why)."""
+    if (x.dtype == torch.bfloat16 and _KERNELS != "torch"
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        y = cpu_gemv.mv(weight, x)
+        if y is not None:
+            return y
+    return torch.mv(weight, x)
+
+
+cpu_mv = functools.wraps(cpu_mv)(_cpu_mv)

@@ -1,0 +1,129 @@
+"""One token's bf16 projection on a CPU by a kernel of our own (cpu_gemv.c), built on first use.
+
+Read top to bottom:
+  mv(W, x)     y = W x for a contiguous bf16 W (N, K) and x (K), on torch's threads; None where the
+               kernel cannot run, and model.Linear then calls torch.mv
+  status()     what the process runs, in words: the kernel, or torch.mv and why
+  _build()     cpu_gemv.c compiled with the system's C compiler (CC, else cc, gcc or clang) and
+               -march=native, once per source, compiler and CPU, into ~/.cache/llama-trainer
+               (XDG_CACHE_HOME), written atomically so that ranks starting together never load a
+               half-written library
+
+Why: decoding at batch 1 is bound by reading the weights, and torch.mv's bf16 kernel reads them
+slower than this one does (BENCHMARKS.md, bench.py decode). LLAMA_KERNELS=torch turns it off, as it
+turns off the Triton kernels.
+
+The kernel's OpenMP threads must be torch's own: a second OpenMP runtime would keep a second set of
+threads spinning beside torch's. The library is linked against libgomp.so.1, which on Linux resolves
+to the libgomp torch has already loaded; if loading it brings another OpenMP runtime into the
+process, the kernel is not used. (Other libraries' private copies, such as the one sentencepiece's
+wheel carries, are theirs alone and do not matter.)
+"""
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+
+import torch
+
+import atomic
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_gemv.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]  # -march=native: the host's vectors
+
+_lock = threading.Lock()
+_kernel = None  # the loaded function, once built
+_why_not = None  # why it cannot run, once that is known
+
+
+def mv(W: torch.Tensor, x: torch.Tensor):
+    """W (N, K) @ x (K) -> (N,), all bf16 on the CPU, or None where the kernel cannot run."""
+    kernel = _load()
+    if kernel is None or not (W.is_contiguous() and x.is_contiguous()):
+        return None
+    N, K = W.shape
+    y = torch.empty(N, dtype=torch.bfloat16)
+    if kernel(W.data_ptr(), x.data_ptr(), y.data_ptr(), N, K, torch.get_num_threads()) != 0:
+        raise MemoryError(f"cpu_gemv: no memory for {K} floats")
+    return y
+
+
+def status() -> str:
+    _load()
+    return "cpu_gemv.c" if _kernel is not None else f"torch.mv ({_why_not})"
+
+
+def _load():
+    global _kernel, _why_not
+    if _kernel is not None or _why_not is not None:
+        return _kernel
+    with _lock:
+        if _kernel is None and _why_not is None:
+            try:
+                path, before = _build(), _loaded_openmp()
+                library = ctypes.CDLL(path)
+                if _loaded_openmp() - before:
+                    raise OSError(f"its OpenMP runtime would not be torch's ({', '.join(_loaded_openmp() - before)})")
+                kernel = library.gemv_bf16
+                kernel.restype = ctypes.c_int
+                kernel.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+                _kernel = kernel
+            except (OSError, subprocess.SubprocessError) as e:
+                _why_not = str(e)
+    return _kernel
+
+
+def _cache_dir() -> str:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "llama-trainer")
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU's model and features (a shared home directory on a
+    cluster of mixed machines gets one library per kind of CPU)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "".join(sorted({line for line in f if line.startswith(("model name", "flags", "Features"))}))
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+
+
+def _build() -> str:
+    """The path of the built library, compiling it if this source, compiler and CPU have none yet."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        raise OSError("no C compiler: set CC, or install gcc")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    key = hashlib.sha256(b"\0".join(s if isinstance(s, bytes) else s.encode() for s in
+                                    (source, version, " ".join(FLAGS), _cpu_id(), sys.platform))).hexdigest()
+    path = os.path.join(_cache_dir(), f"cpu_gemv-{key[:16]}.so")
+    if not os.path.exists(path):
+        def compile_to(tmp):
+            done = subprocess.run([cc, *FLAGS, SOURCE, "-o", tmp], capture_output=True, text=True, timeout=600)
+            if done.returncode != 0:
+                said = (done.stderr.strip().splitlines() or ["no message"])[-1]
+                raise OSError(f"{cc} could not build {os.path.basename(SOURCE)}: {said}")
+        atomic.write_file(path, compile_to)
+    return path
+
+
+def _loaded_openmp() -> set:
+    """The OpenMP runtimes this process has loaded (Linux; elsewhere an empty set, and trusted)."""
+    try:
+        with open("/proc/self/maps") as f:
+            return openmp_runtimes(f.read())
+    except OSError:
+        return set()
+
+
+def openmp_runtimes(maps: str) -> set:
+    """The OpenMP libraries named in a /proc/PID/maps text: GNU's, Intel's and LLVM's."""
+    paths = {line.split()[-1] for line in maps.splitlines() if len(line.split()) >= 6}
+    return {p for p in paths if os.path.basename(p).startswith(("libgomp", "libiomp", "libomp"))}

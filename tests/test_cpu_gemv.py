@@ -1,0 +1,177 @@
+"""cpu_gemv.c, the one-token bf16 projection on a CPU: against a float64 reference, row by row, at
+the shapes that reach its edges; in a decoding step against transformers' bf16 model; and the ways
+it steps aside (no compiler, autograd, LLAMA_KERNELS=torch, a second OpenMP runtime)."""
+
+import math
+import os
+
+import pytest
+import torch
+
+import cpu_gemv
+import generate
+import model
+from ckpt_utils import hf_model, meta_params_for, meta_state_dict, write_meta
+
+needs_kernel = pytest.mark.skipif(cpu_gemv.mv(torch.zeros(1, 1, dtype=torch.bfloat16),
+                                              torch.zeros(1, dtype=torch.bfloat16)) is None,
+                                  reason=f"cpu_gemv cannot run here: {cpu_gemv.status()}")
+
+
+def bf16_ulp(v: torch.Tensor) -> torch.Tensor:
+    """The spacing of bf16 numbers at |v| (8 significant bits)."""
+    exponent = torch.floor(torch.log2(v.abs().clamp_min(2.0 ** -126)))
+    return torch.pow(2.0, exponent - 7)
+
+
+def assert_rounded_fp32_sum(y, W, x):
+    """y is a bf16 rounding of a float32 sum of W x: within the float32 summation bound of the exact
+    value, plus half a bf16 step of where that sum can lie."""
+    products = W.double() * x.double()
+    exact = products.sum(1)
+    K = W.shape[1]
+    summation = (K + 1) * 2.0 ** -24 * products.abs().sum(1)  # fp32 sums in any order: |error| <= K u sum|wx|
+    allowed = summation + 0.5 * bf16_ulp(exact.abs() + summation)
+    error = (y.double() - exact).abs()
+    assert y.dtype == torch.bfloat16 and y.shape == (W.shape[0],)
+    assert bool((error <= allowed).all()), f"worst row {int((error / allowed).argmax())}: {error.max():.3g}"
+
+
+@needs_kernel
+@pytest.mark.parametrize("N,K", [(1, 1), (3, 31), (4, 32), (5, 33), (7, 64), (9, 2049), (4097, 128), (64, 8192),
+                                 (1000, 999)])
+def test_kernel_equals_the_float64_product_rounded(N, K):
+    g = torch.Generator().manual_seed(N * 10007 + K)
+    W = torch.randn(N, K, generator=g).to(torch.bfloat16)
+    x = torch.randn(K, generator=g).to(torch.bfloat16)
+    y = cpu_gemv.mv(W, x)
+    assert_rounded_fp32_sum(y, W, x)
+    # and as close as torch.mv's own bf16 kernel: both sum in fp32, so they differ by a bf16 step at most
+    assert bool(((y.double() - torch.mv(W, x).double()).abs() <= bf16_ulp(torch.mv(W.double(), x.double()))).all())
+
+
+@needs_kernel
+def test_kernel_on_views_threads_and_special_values():
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(300, 70, generator=g).to(torch.bfloat16)
+    W, x = big[10:110], big[200, :]  # contiguous views at an offset into a larger storage
+    for threads in (1, 2, 3):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            assert_rounded_fp32_sum(cpu_gemv.mv(W, x), W, x)
+        finally:
+            torch.set_num_threads(previous)
+    W = W.clone()
+    W[3, 5], W[7, 0], W[8, 1], W[8, 2] = float("nan"), float("inf"), float("inf"), float("-inf")
+    y = cpu_gemv.mv(W, x.abs() + 1)
+    assert torch.isnan(y[3]) and torch.isinf(y[7]) and torch.isnan(y[8])  # inf - inf is NaN, as in fp32
+    rest = [i for i in range(W.shape[0]) if i not in (3, 7, 8)]
+    assert torch.isfinite(y[rest]).all()
+    # exact ties round to even, as torch's bf16 rounding does: 1 + 2^-8 -> 1, 1 + 3 * 2^-8 -> 1 + 2^-6
+    W = torch.tensor([[1.0, 2.0 ** -8], [1.0, 3 * 2.0 ** -8]], dtype=torch.bfloat16)
+    y = cpu_gemv.mv(W, torch.tensor([1.0, 1.0], dtype=torch.bfloat16))
+    assert y.tolist() == [1.0, 1.0 + 2.0 ** -6]
+    assert cpu_gemv.mv(big.t(), x) is None  # not row-major: the caller's torch.mv takes it
+
+
+@pytest.fixture(scope="module")
+def bf16_pair(tmp_path_factory):
+    """transformers' model and ours, both in bf16, from one bf16 checkpoint."""
+    hf = hf_model("llama3.1", seed=5).to(torch.bfloat16)
+    hf.generation_config.eos_token_id = None
+    path = write_meta(meta_state_dict(hf), meta_params_for("llama3.1"), tmp_path_factory.mktemp("bf16"))
+    return hf, model.load(path, dtype=torch.bfloat16)
+
+
+@needs_kernel
+def test_bf16_decoding_runs_the_kernel_and_matches_transformers(bf16_pair, monkeypatch):
+    hf, m = bf16_pair
+    calls = []
+    real = cpu_gemv.mv
+    monkeypatch.setattr(cpu_gemv, "mv", lambda W, x: calls.append(W.shape) or real(W, x))
+    prompt = [5, 17, 99, 3, 250, 42, 7]
+    with torch.no_grad():
+        m.setup_cache(1, 32)
+        m.decode(torch.tensor([prompt]), 0)
+        ours = m.decode(torch.tensor([[11]]), len(prompt))[0, -1]
+        ref = hf(torch.tensor([prompt + [11]])).logits[0, -1].float()
+    assert len(calls) == 7 * len(m.layers) + 1  # every projection of the one-token step, and the output
+    # both in bf16 from here: the gap is bf16 rounding through the layers, not a wrong product
+    assert (ours - ref).abs().max() <= 0.02 * ref.abs().max()
+    tokens = generate.generate(m, [prompt], max_new_tokens=12, temperature=0)[0]
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12, pad_token_id=0)[0, len(prompt):]
+    assert tokens == want.tolist()
+
+
+def test_twin_runs_where_the_kernel_steps_aside(monkeypatch):
+    def no(W, x):
+        raise AssertionError("cpu_gemv.mv called")
+
+    monkeypatch.setattr(cpu_gemv, "mv", no)
+    layer = model.Linear(48, 16).to(torch.bfloat16)
+    x = torch.randn(1, 1, 48, dtype=torch.bfloat16)
+    expected = torch.mv(layer.weight.detach(), x.reshape(-1)).view(1, 1, 16)
+    y = layer(x)  # the weight needs a gradient: the kernel has no backward
+    assert torch.equal(y.detach(), expected)
+    y.float().sum().backward()
+    assert layer.weight.grad is not None
+    previous = model.set_kernels("torch")
+    try:
+        with torch.no_grad():
+            assert torch.equal(layer(x), expected)
+    finally:
+        model.set_kernels(previous)
+    with torch.no_grad():  # fp32 always takes torch.mv
+        layer32 = model.Linear(48, 16)
+        assert torch.equal(layer32(x.float()), torch.mv(layer32.weight, x.reshape(-1).float()).view(1, 1, 16))
+
+
+def test_no_compiler_means_torch_mv(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_gemv, "_kernel", None)
+    monkeypatch.setattr(cpu_gemv, "_why_not", None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no library built before
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails
+    W, x = torch.ones(3, 4, dtype=torch.bfloat16), torch.ones(4, dtype=torch.bfloat16)
+    assert cpu_gemv.mv(W, x) is None
+    assert cpu_gemv.status().startswith("torch.mv (false could not build cpu_gemv.c")
+    with torch.no_grad():
+        assert model.Linear(4, 3).to(torch.bfloat16)(x[None]).shape == (1, 3)  # decoding still runs
+    assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob("*tmp*"))  # nothing half-built left
+
+
+def test_openmp_runtimes_are_read_from_the_maps():
+    maps = ("7f00-7f01 r-xp 0 0 0 /venv/torch/lib/libgomp.so.1\n"
+            "7f01-7f02 r--p 0 0 0 /venv/torch/lib/libgomp.so.1\n"
+            "7f02-7f03 r-xp 0 0 0 /venv/sentencepiece.libs/libgomp-6a29c32d.so.1.0.0\n"
+            "7f03-7f04 r-xp 0 0 0 /opt/intel/lib/libiomp5.so\n"
+            "7f04-7f05 r-xp 0 0 0 /usr/lib/libc.so.6\n"
+            "7f05-7f06 rw-p 0 0 0\n")
+    assert cpu_gemv.openmp_runtimes(maps) == {"/venv/torch/lib/libgomp.so.1", "/opt/intel/lib/libiomp5.so",
+                                              "/venv/sentencepiece.libs/libgomp-6a29c32d.so.1.0.0"}
+
+
+def test_a_runtime_other_than_torchs_is_refused(monkeypatch):
+    monkeypatch.setattr(cpu_gemv, "_kernel", None)
+    monkeypatch.setattr(cpu_gemv, "_why_not", None)
+    seen = iter([set(), {"/usr/lib/libgomp.so.1"}, {"/usr/lib/libgomp.so.1"}])  # before, then after loading
+    monkeypatch.setattr(cpu_gemv, "_loaded_openmp", lambda: next(seen))
+    assert cpu_gemv.mv(torch.ones(2, 2, dtype=torch.bfloat16), torch.ones(2, dtype=torch.bfloat16)) is None
+    assert "would not be torch's (/usr/lib/libgomp.so.1)" in cpu_gemv.status()
+
+
+@needs_kernel
+def test_the_kernel_joins_torchs_openmp_runtime():
+    import sentencepiece  # noqa: F401  its wheel carries a private libgomp: not a reason to refuse
+
+    with open("/proc/self/maps") as f:
+        runtimes = cpu_gemv.openmp_runtimes(f.read())
+    torch_dir = os.path.dirname(torch.__file__)
+    assert cpu_gemv.status() == "cpu_gemv.c"
+    assert [p for p in runtimes if p.startswith(torch_dir)], runtimes  # torch's own is among them
+
+
+def test_bf16_ulp_helper():
+    assert bf16_ulp(torch.tensor([1.0, 1.5, 2.0, 0.75])).tolist() == [2 ** -7, 2 ** -7, 2 ** -6, 2 ** -8]
+    assert math.isclose(float(bf16_ulp(torch.tensor(3.0e-3))), 2.0 ** (math.floor(math.log2(3e-3)) - 7))
