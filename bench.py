@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
+import cpu_gemv
 import generate
 import lora
 import model as llama
@@ -820,10 +821,9 @@ DECODE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "default": None}
 
 
 def read_bandwidth(dev, warmup, iters):
-    """GB/s of reading 1 GiB once, the faster of two ways: a sum over it, and an fp32 matrix-vector
-    product with it as the matrix (what a decoding step does with its weights); on a CPU the sum alone
-    reads slower than the product does. A copy would count writes too, and a CPU's writes first read
-    the line they write."""
+    """GB/s of reading a fresh 1 GiB once, the faster of two ways: a sum over it, and an fp32
+    matrix-vector product with it as the matrix; on a CPU the sum alone reads slower than the product
+    does. A copy would count writes too, and a CPU's writes first read the line they write."""
     x = torch.ones(2**28, device=dev)
     matrix, vector = x.view(8192, 32768), torch.ones(32768, device=dev)
     seconds = min(median_time(lambda: x.sum(), dev, warmup, iters),
@@ -831,9 +831,55 @@ def read_bandwidth(dev, warmup, iters):
     return x.numel() * 4 / seconds / 1e9
 
 
+def matmul_weights(module):
+    """Every nn.Linear weight of a model once (a tied output shares the embedding's)."""
+    seen, weights = set(), []
+    for m in module.modules():
+        if isinstance(m, torch.nn.Linear) and m.weight.data_ptr() not in seen:
+            seen.add(m.weight.data_ptr())
+            weights.append(m.weight.detach())
+    return weights
+
+
+def weights_read_seconds(weights, dev, row=16384):
+    """Seconds to read every weight once where it lies, the fastest plain way: each tensor's bytes as
+    fp32 words in rows of 64 KB, through a matrix-vector product with ones (best of two). This is the
+    roofline's read: the same bytes a decoding step reads, in the same pages. On the VM these figures
+    come from, one fp32 product over 1 GiB read 20.5 GB/s from fresh memory and 29.8 GB/s from a
+    page-cache mapping in the same process, so a read of other memory can be off by half. Denormal
+    words (a bf16 pair can read as one) are flushed, so that they cost no more than others."""
+    views, read = [], 0
+    for w in weights:
+        raw = w.reshape(-1).view(torch.uint8)
+        raw = raw[(-raw.data_ptr()) % 4:]  # whole fp32 words from the first aligned byte
+        words = raw[: raw.numel() // 4 * 4].view(torch.float32)
+        width = min(row, words.numel())  # a small weight is one row
+        n = words.numel() // width * width if width else 0
+        if n:
+            views.append(words[:n].view(-1, width))
+            read += n * 4
+    if not read:
+        raise BenchError("no weights to read")
+    total = sum(w.numel() * w.element_size() for w in weights)
+    ones = torch.ones(max(v.shape[1] for v in views), device=dev)
+    torch.set_flush_denormal(True)
+    try:
+        seconds = []
+        for _ in range(2):
+            sync(dev)
+            t0 = time.perf_counter()
+            for v in views:
+                torch.mv(v, ones[: v.shape[1]])
+            sync(dev)
+            seconds.append(time.perf_counter() - t0)
+    finally:
+        torch.set_flush_denormal(False)
+    return min(seconds) * total / read
+
+
 def hf_decode_tokens_per_s(args, path, dev, dtype, prompts):
     """transformers' greedy decode rate on the same prompts: time(N new) - time(1 new), static cache.
-    Returns (tokens/s, the dtype from_pretrained chose)."""
+    Returns (tokens/s, the dtype from_pretrained chose, the share of the roofline)."""
     import transformers
 
     (B, P), N = prompts.shape, args.new_tokens
@@ -853,15 +899,23 @@ def hf_decode_tokens_per_s(args, path, dev, dtype, prompts):
 
     hf_seconds(N)  # warm-up, the longest first: on CUDA transformers compiles its decoding step here
     hf_seconds(1)
-    full = statistics.median(hf_seconds(N) for _ in range(args.iters))
-    decode = full - statistics.median(hf_seconds(1) for _ in range(args.iters))
-    hf = None
+    weights, reads, fulls, ones = matmul_weights(hf), [], [], []
+    for _ in range(args.iters):  # the roofline's read taken between the runs, as the machine is then
+        reads.append(weights_read_seconds(weights, dev))
+        fulls.append(hf_seconds(N))
+        ones.append(hf_seconds(1))
+    decode = statistics.median(fulls) - statistics.median(ones)
+    hf = weights = None
     free_memory(dev)
-    return (B * (N - 1) / decode if decode > 0 else "n/a (lost in timing noise)"), chosen
+    if decode <= 0:
+        return "n/a (lost in timing noise)", chosen, "n/a"
+    rate = B * (N - 1) / decode
+    return rate, chosen, 100 * rate * statistics.median(reads) / B
 
 
 def ours_decode_tokens_per_s(args, path, dev, dtype, prompts):
-    """generate.generate's decode rate, the model loaded as generate.py loads it. Returns (tokens/s, dtype)."""
+    """generate.generate's decode rate, the model loaded as generate.py loads it. Returns (tokens/s,
+    dtype, the share of the roofline)."""
     N = args.new_tokens
     m = llama.load(path, device=dev, dtype=dtype)
     compiled = args.compile == "true" or (args.compile == "auto" and dev.type == "cuda")
@@ -876,10 +930,14 @@ def ours_decode_tokens_per_s(args, path, dev, dtype, prompts):
         return prompts.shape[0] * (N - 1) / timings["decode"]  # the first new token comes out of the prompt's pass
 
     tokens_per_s()
-    rate, chosen = statistics.median(tokens_per_s() for _ in range(args.iters)), m.tok_embeddings.weight.dtype
-    m = None
+    weights, reads, rates = matmul_weights(m), [], []
+    for _ in range(args.iters):  # the roofline's read taken between the runs, as the machine is then
+        reads.append(weights_read_seconds(weights, dev))
+        rates.append(tokens_per_s())
+    rate, chosen = statistics.median(rates), m.tok_embeddings.weight.dtype
+    m = weights = None
     free_memory(dev)
-    return rate, chosen
+    return rate, chosen, 100 * rate * statistics.median(reads) / prompts.shape[0]
 
 
 def cmd_decode(args, dev):
@@ -887,36 +945,39 @@ def cmd_decode(args, dev):
     a = published(args.model)
     prompts = torch.randint(0, a.vocab_size, (B, P), generator=torch.Generator().manual_seed(0))
     bw = read_bandwidth(dev, args.warmup, args.iters)
-    weight_gb = lambda dtype: train.matmul_params(a) * dtype.itemsize / 1e9  # noqa: E731
-    pct = lambda v, dtype: 100 * v * weight_gb(dtype) / (B * bw) if isinstance(v, float) else v  # noqa: E731
     rows, chosen = [], []
     with tempfile.TemporaryDirectory(dir=args.tmp_dir) as tmp:
         path = random_checkpoint(a, args.model in TIED, torch.bfloat16, tmp)  # stored bf16, as Meta publishes
         for mode in args.dtypes.split(","):
-            ours, ours_dtype = ours_decode_tokens_per_s(args, path, dev, DECODE_DTYPES[mode], prompts)
-            ref, ref_dtype = reference_missing(args), None
+            ours, ours_dtype, ours_pct = ours_decode_tokens_per_s(args, path, dev, DECODE_DTYPES[mode], prompts)
+            ref, ref_dtype, ref_pct = reference_missing(args), None, None
             if ref is None:
-                ref, ref_dtype = hf_decode_tokens_per_s(args, path, dev, DECODE_DTYPES[mode], prompts)
+                ref, ref_dtype, ref_pct = hf_decode_tokens_per_s(args, path, dev, DECODE_DTYPES[mode], prompts)
             names = dtype_name(ours_dtype) + ("" if ref_dtype in (None, ours_dtype) else f" vs {dtype_name(ref_dtype)}")
             label = "each tool's default" if mode == "default" else mode
             case = f"{args.model} B{B} prompt {P} +{N}, {label} ({names})"
             vs = "transformers generate, static cache"
             rows += [row(case, "decode tokens/s", ours, vs, ref),
-                     row(case, "% of roofline", pct(ours, ours_dtype), vs, pct(ref, ref_dtype or ours_dtype))]
+                     row(case, "% of roofline", ours_pct, vs, ref if ref_pct is None else ref_pct)]
             chosen.append(f"{mode}: ours {dtype_name(ours_dtype)}, transformers {dtype_name(ref_dtype) if ref_dtype else '-'}")
     kv_mb = 2 * a.n_layers * a.n_kv_heads * a.head_dim * (P + N) * B * 2 / 1e6
+    weight_gb = train.matmul_params(a) * 2 / 1e9
     compiled = args.compile == "true" or (args.compile == "auto" and dev.type == "cuda")
     notes = [f"both load the same bf16 checkpoint (random weights) from disk, with each tool's default dtype or the "
              f"one named ({'; '.join(chosen)}).",
-             f"roofline = batch x read bandwidth / matmul weight bytes: {B} x {bw:,.1f} GB/s (reading 1 GiB: the faster "
-             f"of a sum and an fp32 matrix-vector product) / "
-             f"{weight_gb(torch.bfloat16):.4g} GB in bf16 ({weight_gb(torch.float32):.4g} in fp32); each step reads "
-             f"every matmul weight once; the KV cache ({kv_mb:,.1f} MB in bf16 at the final length) is not counted.",
+             f"roofline = batch / the time a plain read of the model's own matmul weights takes ({weight_gb:.4g} GB "
+             f"in bf16), where they lie (bench.weights_read_seconds: fp32 words in 64 KB rows through a "
+             f"matrix-vector product), taken before each timed run and its median used; each step reads every "
+             f"matmul weight once; the KV cache ({kv_mb:,.1f} MB in bf16 at the final length) is not counted. "
+             f"For scale, a fresh 1 GiB buffer read at {bw:,.1f} GB/s here.",
              f"greedy, {N} new tokens per row, no stop token; tokens/s = batch x (new tokens - 1) / time after the "
              f"prompt's pass (ours: generate's timings; transformers: time({N} new) - time(1 new)); median of "
              f"{args.iters} runs after a warm-up.",
              "transformers compiles its decoding step when the cache is static on CUDA (its default); ours "
-             + ("is compiled too (generate.py --compile)." if compiled else "runs eager (--compile true to compile).")]
+             + ("is compiled too (generate.py --compile)." if compiled else "runs eager (--compile true to compile)."),
+             f"ours multiplies one token's bf16 projections with "
+             f"{'torch.mv (compiled step)' if compiled else cpu_gemv.status()}." if dev.type == "cpu" else
+             "ours multiplies one token's projections with torch's kernels on the GPU."]
     report(args, dev, "Decode", rows, notes)
 
 

@@ -78,7 +78,25 @@ def test_decode(tmp_path):
         reference = rows["decode tokens/s"]["reference"]
         if HF:  # transformers' decode time is a difference of two timings: a loaded CPU may swamp it
             assert number(reference) and number(rows["decode tokens/s"]["ratio"]) or reference.startswith("n/a")
-    assert "roofline = batch x read bandwidth / matmul weight bytes" in stdout
+        assert number(rows["% of roofline"]["ours"])
+    assert "roofline = batch / the time a plain read of the model's own matmul weights takes" in stdout
+    assert "ours multiplies one token's bf16 projections with " in stdout
+
+
+def test_weights_read_seconds_reads_every_weight_where_it_lies(monkeypatch):
+    import torch
+
+    import bench as b
+
+    weights = [torch.ones(3, 5, dtype=torch.bfloat16), torch.ones(64, 1024), torch.ones(7, dtype=torch.bfloat16)[1:]]
+    products = []
+    real_mv = torch.mv
+    monkeypatch.setattr(torch, "mv", lambda m, v: products.append((m.data_ptr(), m.shape)) or real_mv(m, v))
+    seconds = b.weights_read_seconds(weights, torch.device("cpu"), row=1000)
+    assert seconds > 0
+    # each weight read in place (its own pointer), in rows of at most 1000 words, twice (best of two)
+    assert products == 2 * [(weights[0].data_ptr(), (1, 7)), (weights[1].data_ptr(), (65, 1000)),
+                            (weights[2].data_ptr() + 2, (1, 2))]  # an unaligned one from its first whole word
 
 
 def test_load(tmp_path):
