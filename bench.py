@@ -38,7 +38,6 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
-import cpu_gemv
 import generate
 import lora
 import model as llama
@@ -976,7 +975,7 @@ def cmd_decode(args, dev):
              "transformers compiles its decoding step when the cache is static on CUDA (its default); ours "
              + ("is compiled too (generate.py --compile)." if compiled else "runs eager (--compile true to compile)."),
              f"ours multiplies one token's bf16 projections with "
-             f"{'torch.mv (compiled step)' if compiled else cpu_gemv.status()}." if dev.type == "cpu" else
+             f"{'torch.mv (compiled step)' if compiled else llama.cpu_mv_kernel()}." if dev.type == "cpu" else
              "ours multiplies one token's projections with torch's kernels on the GPU."]
     report(args, dev, "Decode", rows, notes)
 

@@ -960,3 +960,8 @@ def _cpu_mv(weight, x):
 
 
 cpu_mv = functools.wraps(cpu_mv)(_cpu_mv)
+
+
+def cpu_mv_kernel() -> str:
+    """What runs one token's bf16 product on a CPU, in words."""
+    return "torch.mv (LLAMA_KERNELS=torch)" if _KERNELS == "torch" else cpu_gemv.status()

@@ -122,6 +122,7 @@ def test_twin_runs_where_the_kernel_steps_aside(monkeypatch):
     try:
         with torch.no_grad():
             assert torch.equal(layer(x), expected)
+        assert model.cpu_mv_kernel() == "torch.mv (LLAMA_KERNELS=torch)"
     finally:
         model.set_kernels(previous)
     with torch.no_grad():  # fp32 always takes torch.mv
