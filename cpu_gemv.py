@@ -6,8 +6,8 @@ Read top to bottom:
   status()     what the process runs, in words: the kernel, or torch.mv and why
   _build()     cpu_gemv.c compiled with the system's C compiler (CC, else cc, gcc or clang) and
                -march=native, once per source, compiler and CPU, into ~/.cache/llama-trainer
-               (XDG_CACHE_HOME), written atomically so that ranks starting together never load a
-               half-written library
+               (XDG_CACHE_HOME; the temporary directory where that is read-only), written
+               atomically so that ranks starting together never load a half-written library
 
 Why: decoding at batch 1 is bound by reading the weights, and torch.mv's bf16 kernel reads them
 slower than this one does (BENCHMARKS.md, bench.py decode). LLAMA_KERNELS=torch turns it off, as it
@@ -27,6 +27,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 
 import torch
@@ -79,8 +80,16 @@ def _load():
 
 
 def _cache_dir() -> str:
+    """~/.cache/llama-trainer (XDG_CACHE_HOME), or the temporary directory where that cannot be made."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "llama-trainer")
+    directory = os.path.join(root, "llama-trainer")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        if os.access(directory, os.W_OK):
+            return directory
+    except OSError:
+        pass
+    return os.path.join(tempfile.gettempdir(), f"llama-trainer-{getattr(os, 'getuid', lambda: 0)()}")
 
 
 def _cpu_id() -> str:

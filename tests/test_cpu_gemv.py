@@ -5,6 +5,7 @@ it steps aside (no compiler, autograd, LLAMA_KERNELS=torch, a second OpenMP runt
 import importlib
 import math
 import os
+import tempfile
 
 import pytest
 import torch
@@ -141,6 +142,19 @@ def test_no_compiler_means_torch_mv(monkeypatch, tmp_path):
     with torch.no_grad():
         assert model.Linear(4, 3).to(torch.bfloat16)(x[None]).shape == (1, 3)  # decoding still runs
     assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob("*tmp*"))  # nothing half-built left
+
+
+@needs_kernel
+def test_a_read_only_cache_builds_in_the_temporary_directory(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_gemv, "_kernel", None)
+    monkeypatch.setattr(cpu_gemv, "_why_not", None)
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file" / "cache"))  # cannot be a directory
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    W, x = torch.randn(9, 40).to(torch.bfloat16), torch.randn(40).to(torch.bfloat16)
+    assert_rounded_fp32_sum(cpu_gemv.mv(W, x), W, x)
+    built = list((tmp_path / "tmp").rglob("cpu_gemv-*.so"))
+    assert len(built) == 1 and built[0].parent.name.startswith("llama-trainer-")
 
 
 def test_openmp_runtimes_are_read_from_the_maps():
