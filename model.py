@@ -928,7 +928,8 @@ def _nf4_dequantize_kernel(packed, absmax, shape, dtype):
 
 # -----------------------------------------------------------------------------------------------
 # The one point where the kernels switch in: every call the architecture makes to these five names
-# now asks use_triton(x) which path runs, and one-token CPU products ask _cpu_mv. The twins stay reachable as name.__wrapped__.
+# now asks use_triton(x) which path runs, and cpu_mv asks whether the C kernel can take it. The twins
+# stay reachable as name.__wrapped__.
 
 # What each @triton.jit above decided from TRITON_INTERPRET at import: the interpreter or the compiler.
 _INTERPRETED = type(_swiglu_fwd).__name__ == "InterpretedFunction"
@@ -948,18 +949,21 @@ linear_cross_entropy = _kernel_or_twin(linear_cross_entropy, _fused_linear_cross
 nf4_dequantize = _kernel_or_twin(nf4_dequantize, _nf4_dequantize_kernel)
 
 
-def _cpu_mv(weight, x):
+def _cpu_kernel_or_twin(twin):
     """cpu_gemv.c's kernel for bf16 outside autograd (it has no backward), unless LLAMA_KERNELS=torch;
     the twin otherwise, and where the kernel cannot be built (cpu_gemv.status() says why)."""
-    if (x.dtype == torch.bfloat16 and _KERNELS != "torch"
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
-        y = cpu_gemv.mv(weight, x)
-        if y is not None:
-            return y
-    return torch.mv(weight, x)
+    @functools.wraps(twin)
+    def dispatch(weight, x):
+        if (x.dtype == torch.bfloat16 and _KERNELS != "torch"
+                and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+            y = cpu_gemv.mv(weight, x)
+            if y is not None:
+                return y
+        return twin(weight, x)
+    return dispatch
 
 
-cpu_mv = functools.wraps(cpu_mv)(_cpu_mv)
+cpu_mv = _cpu_kernel_or_twin(cpu_mv)
 
 
 def cpu_mv_kernel() -> str:
