@@ -15,9 +15,9 @@ Reading guide, top to bottom:
                      init_weights' and apply_lora's draws, replayed one full tensor at a time, so
                      the weights equal an unsharded run's from the same seed; with --quantize nf4
                      each projection is quantized whole and each rank keeps its share of the codes
-    save             the full weights gathered to rank 0 one tensor at a time into a plain model on
-                     the CPU, written by the ordinary writers (checkpoint.write_meta,
-                     lora.write_adapter); the optimizer state sharded with torch.distributed.checkpoint
+    save             the full weights (a LoRA run: its adapters, and the base's fingerprint taken
+                     once) gathered to rank 0 one tensor at a time into a plain model on the CPU,
+                     written by the ordinary writers (checkpoint.write_meta, lora.write_adapter); the optimizer state sharded with torch.distributed.checkpoint
                      (DCP), each rank writing its own file into the checkpoint being filled
     restore          the optimizer state (DCP reshards it to any number of ranks), a LoRA adapter
     local_bytes      what this rank holds: parameters and optimizer state
@@ -208,10 +208,17 @@ def _fill_lora(model, device):
 
 
 def full_model(model):
-    """Every rank takes part; rank 0 gets a plain Transformer on the CPU holding the full weights
-    (and LoRA adapters), gathered one tensor at a time, so no GPU ever holds the whole model; the
-    other ranks get None. What train.py's checkpoint writers take."""
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    """Every rank takes part; rank 0 gets a plain Transformer on the CPU holding the full weights,
+    gathered one tensor at a time, so no GPU ever holds the whole model; the other ranks get None.
+    A LoRA run gathers only its adapters: the frozen base stays on the meta device, and its
+    fingerprint (for the adapter's record) is computed once, gathering one tensor at a time, and
+    kept. What train.py's checkpoint writers take, with adapter_fingerprint(model)."""
+    if getattr(model, "lora_config", None):
+        adapter_fingerprint(model)
+        state = {name: p.full_tensor().cpu() for name, p in model.named_parameters()
+                 if name.endswith((".lora_A", ".lora_B"))}
+    else:
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
         return None
     tied, quantized = model.tied, {n: m for n, m in model.named_modules() if isinstance(m, NF4Linear)}
@@ -221,13 +228,22 @@ def full_model(model):
         _nf4_on_meta(plain)
     if getattr(model, "lora_config", None):
         lora.apply_lora(plain, **model.lora_config)
-    plain.load_state_dict(state, assign=True)
+    plain.load_state_dict(state, assign=True, strict=not getattr(model, "lora_config", None))
     for name, layer in quantized.items():  # not in the state dict, but what an adapter's fingerprint takes
         plain.get_submodule(name).weight_sample = layer.weight_sample.cpu()
     if tied:
         plain.tie_weights()
-    plain.reset_rope()
+    if not plain.tok_embeddings.weight.is_meta:
+        plain.reset_rope()
     return plain
+
+
+def adapter_fingerprint(model) -> str:
+    """lora.base_fingerprint of a sharded LoRA model: every rank calls it the first time (a
+    collective, one tensor at a time); the base is frozen, so later calls return the kept value."""
+    if "_base_fingerprint" not in model.__dict__:
+        model.__dict__["_base_fingerprint"] = lora.base_fingerprint(model)
+    return model.__dict__["_base_fingerprint"]
 
 
 def save_optimizer(model, optimizer, fresh_dir=None):

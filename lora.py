@@ -166,13 +166,14 @@ def _config(model) -> dict:
     return cfg
 
 
-def write_adapter(model, out_dir, tokenizer_sha256=None):
+def write_adapter(model, out_dir, tokenizer_sha256=None, fingerprint=None):
     """out_dir/adapter.safetensors (the A and B tensors) + out_dir/adapter.json (how to apply them,
     and which base model and tokenizer they belong to), into a directory being filled (see
-    save_adapter, or atomic.write_dir to put more files beside them)."""
+    save_adapter, or atomic.write_dir to put more files beside them). fingerprint: the base's, where
+    the model passed holds only its adapters (fsdp.full_model)."""
     quantized = any(isinstance(m.base, NF4Linear) for _, m in lora_modules(model))
     meta = dict(_config(model), base_params=checkpoint.meta_params(_unwrap(model).args),
-                base_fingerprint=base_fingerprint(model), tokenizer_sha256=tokenizer_sha256,
+                base_fingerprint=fingerprint or base_fingerprint(model), tokenizer_sha256=tokenizer_sha256,
                 base_quantize="nf4" if quantized else None)
     tensors = {k: v.contiguous() for k, v in lora_state_dict(model).items()}
     # A copy of the config inside the weights file lets load_adapter notice a pair from two saves.
@@ -194,6 +195,8 @@ def base_fingerprint(model) -> str:
     weights.update({f"{name}.weight": m.weight_sample for name, m in quantized.items()})
     digest = hashlib.sha256()
     for name, t in sorted(weights.items()):
+        if hasattr(t, "full_tensor"):  # an FSDP shard: every rank gathers the whole tensor, one at a time
+            t = t.full_tensor()
         sample = fingerprint_sample(t)
         digest.update(name.replace(".base.", ".").encode())
         digest.update(sample.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())

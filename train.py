@@ -467,7 +467,7 @@ def save_checkpoint(cfg, run, step):
     if cfg.fsdp:
         import fsdp
 
-        raw = fsdp.full_model(run.raw)  # rank 0: the whole model on the CPU; the others: None
+        raw = fsdp.full_model(run.raw)  # rank 0: the whole model (a LoRA run: its adapters) on the CPU
         if cfg.rank != 0:
             return fsdp.save_optimizer(run.raw, run.optimizer)  # into rank 0's directory
     state = {"step": step, "optimizer": optimizer, "loader": run.train_loader.state_dict(),
@@ -479,7 +479,8 @@ def save_checkpoint(cfg, run, step):
         if cfg.lora_rank:
             import lora
 
-            lora.write_adapter(raw, tmp_dir, tokenizer_sha256=run.tokenizer.sha256)
+            fingerprint = fsdp.adapter_fingerprint(run.raw) if cfg.fsdp else None  # kept by full_model
+            lora.write_adapter(raw, tmp_dir, tokenizer_sha256=run.tokenizer.sha256, fingerprint=fingerprint)
         else:
             checkpoint.write_meta(raw, tmp_dir)
         shutil.copy(run.tokenizer.path, os.path.join(tmp_dir, "tokenizer.model"))

@@ -167,6 +167,43 @@ def test_each_rank_holds_half_of_the_training_state(text_data, base_ckpt, tmp_pa
             assert abs(r[what] / whole[what] - 0.5) < 0.02, (what, r)
 
 
+GATHER_PROBE = """
+import json, os, sys
+import fsdp, train
+cfg = train.TrainConfig(**json.loads(sys.argv[1]))
+train.setup_distributed(cfg)
+run = train.set_up(cfg)
+plain = fsdp.full_model(run.raw)  # every rank takes part
+fingerprint = fsdp.adapter_fingerprint(run.raw)  # kept from full_model's call: no second gather
+if cfg.rank == 0:
+    held = {name: str(t.device) for name, t in plain.state_dict().items()}
+    with open(sys.argv[2], "w") as f:
+        json.dump({"held": held, "fingerprint": fingerprint}, f)
+"""
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_a_lora_save_gathers_only_the_adapters(text_data, base_ckpt, tmp_path, quantize):
+    """fsdp.full_model of a LoRA run: rank 0 gets the adapters and nothing of the frozen base (which
+    for a 70B model would be 141 GB in one process), and the base's fingerprint equals the one an
+    unsharded model of the same base gives, so load_adapter accepts the adapter on that base."""
+    flags = dict(data=str(text_data), out_dir=str(tmp_path / "o"), seq_len=32, batch_size=2, mlflow=False, fsdp=True,
+                 ckpt_dir=str(base_ckpt), lora_rank=4, quantize=quantize)
+    probe = tmp_path / "probe.py"
+    probe.write_text(GATHER_PROBE)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                          str(probe), json.dumps(flags), str(tmp_path / "rank0.json")], cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads((tmp_path / "rank0.json").read_text())
+    adapters = {n: d for n, d in got["held"].items() if n.endswith(("lora_A", "lora_B"))}
+    assert adapters and set(adapters.values()) == {"cpu"}
+    assert {d for n, d in got["held"].items() if n not in adapters} == {"meta"}  # no base weight on rank 0
+    base = model.load(base_ckpt, quantize=quantize)
+    lora.apply_lora(base, rank=4, alpha=8)
+    assert got["fingerprint"] == lora.base_fingerprint(base)
+
+
 def test_what_fsdp_cannot_do_is_refused_in_one_line(text_data, tmp_path):
     common = [*TINY, "--data", text_data, "--max_steps", "2", "--eval_every", "2", "--out_dir", tmp_path]
     _one_line_error(train(*common, "--fsdp", "--eval_task", "choice", "--eval_data", tmp_path / "x.jsonl",
