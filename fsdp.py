@@ -276,9 +276,12 @@ def load_optimizer(model, optimizer, ckpt_dir):
 
 def load_adapter(model, ckpt_dir):
     """A LoRA run's own saved adapter (lora.write_adapter's adapter.safetensors) into the shards of
-    its A and B matrices: each rank copies its rows."""
+    its A and B matrices: each rank copies its rows. First, as lora.load_adapter does, the base it
+    was trained on is checked against this one (shapes and weights' fingerprint)."""
     from safetensors.torch import load_file
 
+    fingerprint = adapter_fingerprint(model)  # every rank, before any of them can refuse
+    lora._check_base(ckpt_dir, lora.read_adapter_config(ckpt_dir), model, None, False, fingerprint)
     weights = os.path.join(ckpt_dir, "adapter.safetensors")
     try:
         tensors = load_file(weights)  # the adapter is small: every rank reads it whole

@@ -230,9 +230,10 @@ def read_adapter_config(path) -> dict:
     return cfg
 
 
-def _check_base(path, cfg, inner, tokenizer_sha256, force):
+def _check_base(path, cfg, inner, tokenizer_sha256, force, fingerprint=None):
     """The adapter only makes sense on the base (and tokenizer) it was trained on: compare the shapes
-    that matter, the tokenizer's hash and, unless forced, the base weights' fingerprint."""
+    that matter, the tokenizer's hash and, unless forced, the base weights' fingerprint (fingerprint:
+    the base's, where the caller has it already)."""
     saved = checkpoint.model_args(os.path.join(path, "adapter.json"), cfg["base_params"])
     fields = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim")
     differ = [f for f in fields if getattr(saved, f) != getattr(inner.args, f)]
@@ -244,9 +245,11 @@ def _check_base(path, cfg, inner, tokenizer_sha256, force):
         raise AdapterError(f"{path}: adapter was trained with tokenizer sha256 {cfg['tokenizer_sha256'][:12]}..., "
                            f"this tokenizer is {tokenizer_sha256[:12]}...")
     trained_on = cfg.get("base_fingerprint")
-    if trained_on and not force and trained_on != base_fingerprint(inner):
-        raise AdapterError(f"{path}: adapter was trained on another base (weights fingerprint {trained_on}, "
-                           f"this base {base_fingerprint(inner)}); pass --force to apply it anyway")
+    if trained_on and not force:
+        this = fingerprint or base_fingerprint(inner)
+        if trained_on != this:
+            raise AdapterError(f"{path}: adapter was trained on another base (weights fingerprint {trained_on}, "
+                               f"this base {this}); pass --force to apply it anyway")
 
 
 def load_adapter(model, path, tokenizer_sha256=None, force=False):

@@ -210,3 +210,17 @@ def test_what_fsdp_cannot_do_is_refused_in_one_line(text_data, tmp_path):
                           check=False), "--eval_task cannot run under --fsdp")
     train(*common)  # a checkpoint without --fsdp: its optimizer state is whole, in train_state.pt
     _one_line_error(train(*common, "--fsdp", "--resume", check=False), "saved by a run without --fsdp")
+
+
+def test_fsdp_resume_refuses_an_adapter_whose_base_changed(text_data, base_ckpt, tmp_path):
+    """As lora.load_adapter does: the base files under --ckpt_dir replaced between the save and the
+    --resume (same shapes, other weights) stop the run in one line, before any step."""
+    base = tmp_path / "base"
+    shutil.copytree(base_ckpt, base)
+    common = [*TINY, "--data", text_data, "--ckpt_dir", base, "--lora_rank", "4", "--eval_every", "2",
+              "--batch_size", "2", "--out_dir", tmp_path / "o", "--fsdp"]
+    train(*common, "--max_steps", "2")
+    weights = torch.load(base / "consolidated.00.pth", weights_only=True)
+    weights["layers.0.feed_forward.w2.weight"] += 0.01  # another fine-tune of the same shape
+    torch.save(weights, base / "consolidated.00.pth")
+    _one_line_error(train(*common, "--max_steps", "2", "--resume", check=False), "adapter was trained on another base")
