@@ -17,8 +17,9 @@ Reading guide, top to bottom:
                      each projection is quantized whole and each rank keeps its share of the codes
     save             the full weights (a LoRA run: its adapters, and the base's fingerprint taken
                      once) gathered to rank 0 one tensor at a time into a plain model on the CPU,
-                     written by the ordinary writers (checkpoint.write_meta, lora.write_adapter); the optimizer state sharded with torch.distributed.checkpoint
-                     (DCP), each rank writing its own file into the checkpoint being filled
+                     written by the ordinary writers (checkpoint.write_meta, lora.write_adapter);
+                     the optimizer state sharded with torch.distributed.checkpoint (DCP), each rank
+                     writing its own file into the checkpoint being filled
     restore          the optimizer state (DCP reshards it to any number of ranks), a LoRA adapter
     local_bytes      what this rank holds: parameters and optimizer state
 
