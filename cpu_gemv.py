@@ -68,8 +68,9 @@ def _load():
             try:
                 path, before = _build(), _loaded_openmp()
                 library = ctypes.CDLL(path)
-                if _loaded_openmp() - before:
-                    raise OSError(f"its OpenMP runtime would not be torch's ({', '.join(_loaded_openmp() - before)})")
+                brought = _loaded_openmp() - before
+                if brought:
+                    raise OSError(f"its OpenMP runtime would not be torch's ({', '.join(sorted(brought))})")
                 kernel = library.gemv_bf16
                 kernel.restype = ctypes.c_int
                 kernel.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]

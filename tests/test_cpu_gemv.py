@@ -171,7 +171,7 @@ def test_openmp_runtimes_are_read_from_the_maps():
 def test_a_runtime_other_than_torchs_is_refused(monkeypatch):
     monkeypatch.setattr(cpu_gemv, "_kernel", None)
     monkeypatch.setattr(cpu_gemv, "_why_not", None)
-    seen = iter([set(), {"/usr/lib/libgomp.so.1"}, {"/usr/lib/libgomp.so.1"}])  # before, then after loading
+    seen = iter([set(), {"/usr/lib/libgomp.so.1"}])  # before, then after loading
     monkeypatch.setattr(cpu_gemv, "_loaded_openmp", lambda: next(seen))
     assert cpu_gemv.mv(torch.ones(2, 2, dtype=torch.bfloat16), torch.ones(2, dtype=torch.bfloat16)) is None
     assert "would not be torch's (/usr/lib/libgomp.so.1)" in cpu_gemv.status()
