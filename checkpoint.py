@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from atomic import write_dir
+from atomic import readable, write_dir
 from model import PROJECTIONS, CheckpointError, ModelArgs, NF4Linear, Transformer
 
 # -----------------------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ def read(ckpt_dir):
     """Either layout, detected: (args, an iterator of (name, full tensor) in our names, one at a time
     and memory-mapped where the files allow, tied, the config file's path). load() and fsdp.py's
     sharded load (which keeps only each rank's rows of every tensor) both read through it."""
-    ckpt_dir = os.path.expanduser(str(ckpt_dir))
+    ckpt_dir = readable(ckpt_dir)  # a swap a crash interrupted is finished first
     if not os.path.isdir(ckpt_dir):
         raise CheckpointError(f"{ckpt_dir}: no such checkpoint directory")
     if os.path.exists(os.path.join(ckpt_dir, "params.json")):

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import atomic
 import checkpoint
 from cli import UsageError, UserError, non_empty, one_of, run
 from model import NF4Linear, fingerprint_sample
@@ -210,7 +211,7 @@ def save_adapter(model, path, tokenizer_sha256=None):
 
 def _adapter_dir(path) -> str:
     path = os.path.expanduser(str(path))
-    return os.path.dirname(path) if os.path.isfile(path) else path  # also accept .../adapter.json
+    return os.path.dirname(path) if os.path.isfile(path) else atomic.readable(path)  # or .../adapter.json
 
 
 def read_adapter_config(path) -> dict:

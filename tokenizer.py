@@ -5,7 +5,7 @@
     ids = tok.encode_dialog([{"role": "user", "content": "Hi"}])  # ends with an open assistant turn
 
 Both classes expose the same small interface: encode, decode, encode_dialog, encode_dialog_targets,
-bos_id, eos_id, stop_ids, n_words, path, sha256, kind.
+bos_id, eos_id, stop_ids, n_words, path, sha256, kind, data (the bytes read).
 
 Security rule for both: text that merely *looks* like a control token ("<|eot_id|>", "<s>") is
 encoded as ordinary text. Only encode_dialog / encode(bos=, eos=) ever emit control tokens, so a
@@ -22,6 +22,8 @@ import os
 import sentencepiece
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
+
+import atomic
 
 
 class TokenizerError(ValueError):
@@ -49,6 +51,8 @@ def load(path):
     with no tokenizer.model but a tokenizer.json (many Llama 3 fine-tunes ship only that) is read
     from the tokenizer.json."""
     path = os.path.expanduser(str(path))
+    if not os.path.exists(path):
+        path = atomic.readable(path)  # a directory swap a crash interrupted is finished first
     if os.path.isdir(path):
         inside = [os.path.join(path, "tokenizer.model"), os.path.join(path, "original", "tokenizer.model"),
                   os.path.join(path, "tokenizer.json")]
@@ -65,10 +69,21 @@ def load(path):
     # tiktoken files are text lines "base64 rank", sentencepiece files are a binary protobuf, and
     # a tokenizer.json is a JSON object.
     if data.lstrip()[:1] == b"{":
-        return Llama3Tokenizer(path, sha256, *_read_tokenizer_json(path, data))
-    if _looks_like_tiktoken(data):
-        return Llama3Tokenizer(path, sha256, _read_tiktoken(path, sha256), None, LLAMA3_PATTERN)
-    return SentencePieceTokenizer(path, sha256)
+        tok = Llama3Tokenizer(path, sha256, *_read_tokenizer_json(path, data))
+    elif _looks_like_tiktoken(data):
+        tok = Llama3Tokenizer(path, sha256, _read_tiktoken(path, sha256), None, LLAMA3_PATTERN)
+    else:
+        tok = SentencePieceTokenizer(path, sha256)
+    tok.data = data  # the bytes it was read from: copies are of these, not of a file since replaced
+    return tok
+
+
+def write_copy(tok, path):
+    """The tokenizer file as it was loaded (tok.data, whose sha256 is tok.sha256) written to path in
+    a directory being filled: a run keeps the tokenizer it started with, even if its source is
+    replaced meanwhile."""
+    with open(path, "wb") as f:
+        f.write(tok.data)
 
 
 def _looks_like_tiktoken(data):
@@ -440,9 +455,8 @@ def hf_tokenizer_json(tok) -> str:
     """tokenizer.json (as text) of a Llama 3 tokenizer, built with the tokenizers library: byte-level
     BPE over the ranks, Meta's split regex, BOS added to every encoded text, the control tokens
     as special added tokens."""
-    if tok.path.endswith(".json"):  # read from one: hand on the file as it is
-        with open(tok.path, encoding="utf-8") as f:
-            return f.read()
+    if tok.path.endswith(".json"):  # read from one: hand on the file as it was read
+        return tok.data.decode("utf-8")
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
     alphabet = byte_alphabet()
@@ -491,7 +505,6 @@ def write_hf_files(tok, out_dir):
         with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
             f.write(hf_tokenizer_json(tok))
     else:
-        with open(tok.path, "rb") as src, open(os.path.join(out_dir, "tokenizer.model"), "wb") as dst:
-            dst.write(src.read())
+        write_copy(tok, os.path.join(out_dir, "tokenizer.model"))
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(hf_tokenizer_config(tok), f, indent=2)

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import pathlib
-import shutil
 import signal
 import sys
 import time
@@ -159,7 +158,7 @@ class TrainConfig:
         if self.data is None:
             raise UsageError("--data is required with --ckpt_dir (token shards from python -m data.prepare)")
         if not self.demo:  # before anything is written: a wrong --data is named as such
-            if not os.path.isdir(self.data):
+            if not os.path.isdir(atomic.readable(self.data)):
                 raise UserError(f"--data {self.data}: no such directory (token shards from python -m data.prepare)")
             shards.load_meta(self.data)
         if self.lora_rank and not self.ckpt_dir:
@@ -206,7 +205,7 @@ def claim_out_dir(cfg):
     interrupted, and refuses to start afresh over a checkpoint without --resume or --overwrite."""
     os.makedirs(cfg.out_dir, exist_ok=True)
     path = os.path.join(cfg.out_dir, ".lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = atomic.open_own(path, os.O_RDWR | os.O_CREAT)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -216,7 +215,7 @@ def claim_out_dir(cfg):
                                 f"finish or choose another --out_dir") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        atomic.settle(checkpoint_dir(cfg))
+        atomic.recover(checkpoint_dir(cfg))
         if not cfg.resume and not cfg.overwrite and has_checkpoint(cfg):
             raise UserError(f"{checkpoint_dir(cfg)} holds a checkpoint: --resume to continue it, "
                              f"--overwrite to start afresh, or another --out_dir")
@@ -483,7 +482,7 @@ def save_checkpoint(cfg, run, step):
             lora.write_adapter(raw, tmp_dir, tokenizer_sha256=run.tokenizer.sha256, fingerprint=fingerprint)
         else:
             checkpoint.write_meta(raw, tmp_dir)
-        shutil.copy(run.tokenizer.path, os.path.join(tmp_dir, "tokenizer.model"))
+        llama_tokenizer.write_copy(run.tokenizer, os.path.join(tmp_dir, "tokenizer.model"))
         torch.save(state, os.path.join(tmp_dir, "train_state.pt"))
 
     return atomic.write_dir(checkpoint_dir(cfg), write)
@@ -528,10 +527,12 @@ class Logger:
         self.path = os.path.join(cfg.out_dir, "log.jsonl")
         if not enabled:
             return
-        if not cfg.resume and os.path.exists(self.path):
-            os.remove(self.path)
+        if not cfg.resume and os.path.lexists(self.path):
+            os.remove(self.path)  # a link is removed, its target untouched
         elif keep_log_bytes is not None and self.size() > keep_log_bytes:
-            os.truncate(self.path, keep_log_bytes)
+            fd = atomic.open_own(self.path, os.O_WRONLY)
+            os.ftruncate(fd, keep_log_bytes)
+            os.close(fd)
         if cfg.mlflow:
             self.mlflow = start_mlflow(cfg, mlflow_params(config, model_args), run_id)
             self.run_id = self.mlflow.active_run().info.run_id if self.mlflow else run_id
@@ -542,7 +543,7 @@ class Logger:
             return
         if line:
             print(line, flush=True)
-        with open(self.path, "a") as f:
+        with os.fdopen(atomic.open_own(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "w") as f:
             f.write(json.dumps(record) + "\n")
         if self.mlflow:
             metrics = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}

@@ -125,6 +125,7 @@ def open_shard(path):
 
 def load_meta(data_dir, infer=True):
     """DIR/meta.json, checked; without one (and with infer), what infer_meta reads from the shards."""
+    data_dir = atomic.readable(data_dir)  # a swap a crash interrupted is finished first
     path = os.path.join(data_dir, "meta.json")
     if infer and not os.path.exists(path) and os.path.isdir(data_dir):
         return infer_meta(data_dir)

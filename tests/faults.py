@@ -33,7 +33,7 @@ import lora  # noqa: E402, F401  (imported by LoRA runs)
 import train  # noqa: E402
 
 STEPS = {os: ("rename", "replace", "remove", "unlink", "rmdir", "mkdir", "makedirs"),
-         shutil: ("rmtree", "copy", "copyfile", "copy2"), torch: ("save",)}
+         shutil: ("rmtree", "copy", "copyfile", "copy2"), torch: ("save",), atomic: ("_exchange",)}
 WRITES = ("save", "copy", "copyfile", "copy2")
 
 
