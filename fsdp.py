@@ -20,7 +20,8 @@ Reading guide, top to bottom:
                      written by the ordinary writers (checkpoint.write_meta, lora.write_adapter);
                      the optimizer state sharded with torch.distributed.checkpoint (DCP), each rank
                      writing its own file into the checkpoint being filled
-    restore          the optimizer state (DCP reshards it to any number of ranks), a LoRA adapter
+    restore          the optimizer state (DCP reshards it to any number of ranks; its metadata read
+                     through an allow-list, so no file runs code), a LoRA adapter
     local_bytes      what this rank holds: parameters and optimizer state
 
 Files: under --fsdp a checkpoint directory is the same as a DDP run's (model/ in Meta layout, or
@@ -31,6 +32,7 @@ on several nodes --out_dir must be on a file system they all see.
 
 import math
 import os
+import pickle
 
 import torch
 import torch.nn as nn
@@ -248,15 +250,18 @@ def adapter_fingerprint(model) -> str:
 
 
 def save_optimizer(model, optimizer, fresh_dir=None):
-    """The optimizer state, each rank its own shard, into FRESH_DIR/optimizer with DCP. Rank 0 passes
-    the directory its atomic.write_dir is filling and tells the others (who pass nothing): they all
-    write into that one directory before rank 0 renames it, which DCP's closing collective ensures."""
+    """The optimizer's tensors (moments, step counts), each rank its own shard, into
+    FRESH_DIR/optimizer with DCP. Rank 0 passes the directory its atomic.write_dir is filling and
+    tells the others (who pass nothing): they all write into that one directory before rank 0
+    renames it, which DCP's closing collective ensures. The param groups' hyperparameters are not
+    saved: train.py rebuilds them from the flags a resume must keep, and DCP would store them as
+    pickles, which load_optimizer never reads."""
     where = [fresh_dir]
     dist.broadcast_object_list(where, src=0)
     if not optimizer.state:  # saved before the first step (all ranks alike): nothing to keep, and
         return  # get_optimizer_state_dict would make a state with a zero-lr step, which would count
     state = get_optimizer_state_dict(model, optimizer)
-    dcp.save({"optimizer": state}, checkpoint_id=os.path.join(where[0], OPTIMIZER_DIR))
+    dcp.save({"optimizer": {"state": state["state"]}}, checkpoint_id=os.path.join(where[0], OPTIMIZER_DIR))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -268,11 +273,51 @@ def load_optimizer(model, optimizer, ckpt_dir):
     that is not sharded, whole); none if it was saved before the first step. get_optimizer_state_dict
     first gives the empty optimizer its state tensors (one step with zero gradients and lr 0), which
     dcp.load then fills in place, the step counts included."""
-    if not os.path.isdir(os.path.join(ckpt_dir, OPTIMIZER_DIR)):
+    where = os.path.join(ckpt_dir, OPTIMIZER_DIR)
+    if not os.path.isdir(where):
         return
     state = get_optimizer_state_dict(model, optimizer)
-    dcp.load({"optimizer": state}, checkpoint_id=os.path.join(ckpt_dir, OPTIMIZER_DIR))
+    reader = _SafeReader(where)
+    try:  # the metadata checked here first: DCP would print its own tracebacks
+        reader.read_metadata()
+        # only tensors are asked for, which DCP reads with torch.load(weights_only=True)
+        dcp.load({"optimizer": {"state": state["state"]}}, storage_reader=reader)
+    except (pickle.UnpicklingError, dcp.api.CheckpointException, OSError, RuntimeError, ValueError,
+            KeyError, AttributeError, EOFError) as e:
+        raise CheckpointError(f"{where}: cannot read the optimizer state ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
     set_optimizer_state_dict(model, optimizer, state)
+
+
+# What DCP's .metadata may name: its own plain records, torch's dtypes, Size and layouts, and a path.
+# Anything else (a payload's os.system, say) is refused before it is called.
+_DCP_METADATA = {("torch.distributed.checkpoint.metadata", name) for name in (
+    "Metadata", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+    "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _DCP_METADATA or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP's metadata")
+
+
+class _SafeReader(dcp.FileSystemReader):
+    """DCP's reader, but its .metadata (a pickle) read by the allow-list above: a checkpoint never
+    runs code, the optimizer state's files included."""
+
+    def read_metadata(self, *args, **kwargs):
+        with open(os.path.join(self.path, ".metadata"), "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if not isinstance(metadata, dcp.metadata.Metadata):
+            raise pickle.UnpicklingError("not DCP metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp.metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 def load_adapter(model, ckpt_dir):

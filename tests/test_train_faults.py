@@ -5,7 +5,9 @@ its exit status, its one line, and the files on disk (tests/faults.py injects th
 import fcntl
 import json
 import os
+import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -188,3 +190,41 @@ def test_a_wrong_data_flag_is_named_as_such(tmp_path, what):
     line = _one_line(out, str(data))
     assert ("made by data.prepare" if what == "not shards" else "no such directory") in line
     assert "tokenizer" not in line and not (tmp_path / "o").exists()
+
+
+class _Payload:
+    """Unpickled, it runs a command: what a crafted checkpoint file would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_payload_planted_in_any_file_a_resume_reads_never_runs(text_data, tmp_path):
+    """An --fsdp run (one rank) keeps its optimizer in DCP's files, whose .metadata is a pickle and
+    whose items are torch.save streams. Each file of the checkpoint in turn is replaced by a pickle
+    that would run a command (a torch.save of it where torch reads the file, a bare pickle
+    elsewhere); --resume must refuse it in one line or read past it, and never run it."""
+    flags = [*TINY, "--save_every", "1", "--batch_size", "2", "--data", text_data, "--fsdp"]
+    train(*flags, "--max_steps", "2", "--out_dir", tmp_path / "good")
+    files = sorted(p.relative_to(tmp_path / "good") for p in (tmp_path / "good" / "model").rglob("*") if p.is_file())
+    assert {"model/optimizer/.metadata", "model/train_state.pt", "model/consolidated.00.pth"} <= set(map(str, files))
+    refused = 0
+    for n, name in enumerate(files):
+        out_dir, marker = tmp_path / str(n), tmp_path / f"ran{n}"
+        shutil.copytree(tmp_path / "good", out_dir)
+        if name.suffix in (".pt", ".pth", ".distcp"):
+            torch.save({"state": _Payload(marker)}, out_dir / name)
+        else:
+            (out_dir / name).write_bytes(pickle.dumps(_Payload(marker)))
+        out = train(*flags, "--max_steps", "3", "--out_dir", out_dir, "--resume", "--resume_with_changes",
+                    check=False)
+        assert not marker.exists(), name
+        assert "Traceback" not in out.stderr, (name, out.stderr[-2000:])
+        if out.returncode:  # refused: the last line names the checkpoint (the first says what changed)
+            assert out.returncode == 1 and out.stderr.splitlines()[-1].startswith(f"train.py: {out_dir / 'model'}"), \
+                (name, out.stderr[-2000:])
+        refused += out.returncode == 1
+    assert refused >= 3
