@@ -32,18 +32,21 @@ directory calls through readable(), puts the complete copy back. The states, TOK
     any other, empty         killed just after mkdir, or just before rmdir: rmdir
     NAME marked, alone       swapped in, marker not yet removed: marker removed
 
-Plain standard library: data.prepare uses it without importing torch.
+Plain standard library (and cli.py's error class): data.prepare uses it without importing torch.
 """
 
 import contextlib
 import ctypes
 import errno
 import fcntl
+import fnmatch
 import os
 import re
 import secrets
 import shutil
 import socket
+
+from cli import UsageError
 
 # Less free space than this after a failed write means the disk filled up (torch.save reports
 # ENOSPC as "enforce fail at inline_container.cc", so the exception alone cannot tell).
@@ -51,8 +54,8 @@ _FULL_BYTES = 1 << 20
 _MARK = ".atomic-"
 
 
-class OutputError(ValueError):
-    """An output this project will not write; printed as one line (cli.py: a ValueError)."""
+class OutputError(UsageError):
+    """An output this project will not write; one line, exit status 2 (cli.py: a bad command line)."""
 
 
 class DiskFullError(OSError):
@@ -64,33 +67,32 @@ class DiskFullError(OSError):
 
 
 def check_outputs(outputs, inputs, input_files=()):
-    """outputs, inputs: {flag: path} (None skipped). Refuse an output that is a symbolic link, or
-    that resolves (links followed) to an input, contains one (a directory output is replaced
-    whole), is another output or holds it, or lies inside an input directory under a name in
-    input_files (fnmatch patterns: the files such an input consists of, a checkpoint's say)."""
-    import fnmatch
-
-    real_in = {flag: os.path.realpath(os.path.expanduser(str(p))) for flag, p in inputs.items() if p}
-    real_out = {}
-    for flag, path in outputs.items():
-        if not path:
-            continue
-        path = os.path.expanduser(str(path))
+    """outputs, inputs: {flag: path} or [(flag, path)] (a None path skipped). Refuse, naming both
+    flags, an output that is a symbolic link, or that resolves (links followed) to an input or
+    contains one (a directory output is replaced whole), or lies inside an input directory under a
+    name in input_files (fnmatch patterns: the files such an input consists of), or is another
+    output or holds it. Called before any work starts."""
+    real_in = [(flag, path, os.path.realpath(path)) for flag, path in _pairs(inputs)]
+    real_out = []
+    for flag, path in _pairs(outputs):
         if os.path.islink(path):
             raise OutputError(f"{flag} {path} is a symbolic link (to {os.readlink(path)}); name the file "
                               f"or directory itself")
-        real_out[flag] = out = os.path.realpath(path)
-        for other, theirs in real_in.items():
+        out = os.path.realpath(path)
+        for other, given, theirs in real_in:
             if out == theirs or _inside(theirs, out):
-                raise OutputError(f"{flag} {path} would overwrite {other} {inputs[other]}; choose another {flag}")
+                raise OutputError(f"{flag} {path} would overwrite {other} {given}; choose another {flag}")
             if _inside(out, theirs) and any(fnmatch.fnmatch(os.path.basename(out), p) for p in input_files):
-                raise OutputError(f"{flag} {path} would overwrite a file of {other} {inputs[other]}; "
-                                  f"choose another {flag}")
-    for flag, out in real_out.items():
-        for other, theirs in real_out.items():
-            if other != flag and (out == theirs or _inside(out, theirs)):
-                raise OutputError(f"{flag} {outputs[flag]} and {other} {outputs[other]} are the same place; "
-                                  f"choose another {flag}")
+                raise OutputError(f"{flag} {path} would overwrite a file of {other} {given}; choose another {flag}")
+        for other, given, theirs in real_out:
+            if out == theirs or _inside(out, theirs) or _inside(theirs, out):
+                raise OutputError(f"{flag} {path} and {other} {given} are the same place; choose another {flag}")
+        real_out.append((flag, path, out))
+
+
+def _pairs(given):
+    items = given.items() if isinstance(given, dict) else given
+    return [(flag, os.path.expanduser(str(path))) for flag, path in items if path]
 
 
 def _inside(path, directory):

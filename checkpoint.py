@@ -37,6 +37,9 @@ from model import PROJECTIONS, CheckpointError, ModelArgs, NF4Linear, Transforme
 # such as tokenizer files or notes, is carried over.
 CHECKPOINT_FILES = ("params.json", "consolidated.*.pth", "config.json", "*.safetensors", "*.safetensors.index.json",
                     "adapter.json", "adapter_config.json", "train_state.pt", "generation_config.json", "*.gguf")
+# What a command's output may never replace inside a checkpoint it reads (atomic.check_outputs).
+INPUT_FILES = CHECKPOINT_FILES + ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "*.safetensors",
+                                  "*.distcp", ".metadata")
 
 
 def replace_checkpoint(out_dir, write):

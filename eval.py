@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 import atomic
+import checkpoint
 import cli
 import generate as sampling
 from cli import UsageError, UserError, at_least, interval, non_empty, one_of, positive, run, torch_device
@@ -634,12 +635,13 @@ def checked_options(opts):
         if not os.path.isdir(sampling.DEMO_DIR):
             raise UserError("no --ckpt_dir given and no demo model in out/demo/model (run `python train.py` first)")
         opts.ckpt_dir = sampling.DEMO_DIR
-    if not os.path.isdir(os.path.expanduser(opts.ckpt_dir)):
+    if not os.path.isdir(atomic.readable(opts.ckpt_dir)):  # a swap a crash interrupted is finished first
         raise UserError(f"--ckpt_dir {opts.ckpt_dir}: no such checkpoint directory")
-    if not os.path.exists(opts.data):
+    if not os.path.exists(atomic.readable(opts.data)):
         raise UserError(f"--data {opts.data}: no such file or directory")
-    if os.path.abspath(opts.out) == os.path.abspath(opts.data):
-        raise UsageError("--out would overwrite --data")
+    atomic.check_outputs({"--out": opts.out, "--run_out": opts.run_out},
+                         {"--data": opts.data, "--qrels": opts.qrels, "--ckpt_dir": opts.ckpt_dir,
+                          "--adapter": opts.adapter, "--tokenizer": opts.tokenizer}, checkpoint.INPUT_FILES)
     opts.qrels_table = read_qrels(opts.qrels) if opts.qrels else None
     return opts
 

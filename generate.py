@@ -15,6 +15,7 @@ import time
 
 import torch
 
+import atomic
 import model as llama
 import tokenizer as llama_tokenizer
 from cli import UsageError, UserError, interval, non_empty, one_of, positive, run, torch_device
@@ -181,7 +182,7 @@ def _checked_inputs(ckpt_dir, prompt, prompts_file, chat, system):
         if not os.path.isdir(DEMO_DIR):
             raise UserError("no --ckpt_dir given and no demo model in out/demo/model (run `python train.py` first)")
         ckpt_dir = DEMO_DIR
-    if not os.path.isdir(os.path.expanduser(ckpt_dir)):
+    if not os.path.isdir(atomic.readable(ckpt_dir)):  # a swap a crash interrupted is finished first
         raise UserError(f"--ckpt_dir {ckpt_dir}: no such checkpoint directory")
     ckpt_dir = os.path.expanduser(ckpt_dir)
     if prompts_file is not None:

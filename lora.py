@@ -467,11 +467,8 @@ class Command:
     def _check_out(self):
         """--out may be new, or with --overwrite a checkpoint; never the base, the adapter, a directory
         holding either, or a directory of other files."""
-        out = os.path.realpath(self.out)
-        for flag, path in (("--ckpt_dir", self.ckpt_dir), ("--adapter", self.adapter)):
-            path = os.path.realpath(path)
-            if path == out or path.startswith(out.rstrip(os.sep) + os.sep):
-                raise UsageError(f"--out {self.out} holds {flag} {path}; choose another --out")
+        atomic.check_outputs({"--out": self.out}, {"--ckpt_dir": self.ckpt_dir, "--adapter": self.adapter,
+                                                   "--tokenizer": self.tokenizer})
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise UserError(f"--out {self.out}: exists and is not a directory")
         if not os.path.isdir(self.out) or not os.listdir(self.out):

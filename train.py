@@ -169,6 +169,10 @@ class TrainConfig:
             raise UsageError("--eval_task cannot run under --fsdp (its ranks score unequal shares of the records, "
                              "a sharded model needs all of them in step); run eval.py on the saved checkpoint")
         self.out_dir = self.out_dir or os.path.join(ROOT, "out", os.path.basename(os.path.normpath(self.data)))
+        # what a run writes in --out_dir never replaces what it reads, nor goes through a link
+        atomic.check_outputs([("--out_dir", os.path.join(self.out_dir, name)) for name in (self.kind, "log.jsonl", ".lock")],
+                             {"--ckpt_dir": self.ckpt_dir, "--data": self.data, "--eval_data": self.eval_data},
+                             checkpoint.INPUT_FILES + shards.SHARD_FILES)
 
     def _fill(self, defaults):
         for name, value in defaults.items():

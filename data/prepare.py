@@ -687,13 +687,12 @@ def train_vocab(corpus, model_path, vocab_size, seed=0, input_sentence_size=1_00
         f"lines in {time.time() - t0:.1f}s")
 
 
-def check_out(out, corpus, overwrite):
-    """Refuse an --out that would destroy something: a non-empty directory without --overwrite,
-    and even with it, anything but a shard directory this tool wrote (its meta.json), or one that
-    holds the input itself."""
-    inside = [f for f in getattr(corpus, "files", []) if _within(f, out)]
-    if inside:
-        raise PrepareError(f"--out {out}: holds the input ({inside[0]}); choose another --out")
+def check_out(out, corpus, overwrite, tokenizer_path=None):
+    """Refuse an --out that would destroy something: a link, one that is or holds an input (a file
+    of the corpus or the tokenizer), a non-empty directory without --overwrite, and even with it,
+    anything but a shard directory this tool wrote (its meta.json)."""
+    inputs = [("--input", f) for f in getattr(corpus, "files", [])] + [("--tokenizer", tokenizer_path)]
+    atomic.check_outputs({"--out": out}, inputs)
     if os.path.exists(out) and not os.path.isdir(out):
         raise PrepareError(f"--out {out}: exists and is not a directory")
     if not os.path.isdir(out) or not os.listdir(out):
@@ -707,11 +706,6 @@ def check_out(out, corpus, overwrite):
                            f"meta.json); --overwrite only replaces those. Choose another --out") from None
 
 
-def _within(path, directory):
-    path, directory = os.path.realpath(path), os.path.realpath(directory)
-    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
-
-
 def prepare(corpus, out, tokenizer_path=None, vocab_size=None, val_fraction=0.005, seed=0,
             shard_tokens=100_000_000, workers=None, overwrite=False, command="", dedup=False):
     """Tokenize corpus into shards under out; returns the meta dict written to out/meta.json.
@@ -719,7 +713,7 @@ def prepare(corpus, out, tokenizer_path=None, vocab_size=None, val_fraction=0.00
     disk leaves the previous out as it was."""
     workers = workers or len(os.sched_getaffinity(0))
     out = os.path.abspath(out)
-    check_out(out, corpus, overwrite)
+    check_out(out, corpus, overwrite, tokenizer_path)
     t0, result = time.time(), {}
 
     def fill(tmp):

@@ -45,6 +45,8 @@ FORMATS = {
     (MAGIC_DOCS, VERSION_DOCS): np.dtype("u1"),
 }
 SPLITS = ("train", "val")
+# The files a shard directory consists of (data.prepare's and llm.c's), which no output replaces.
+SHARD_FILES = ("*.bin", "*.mask", "*.docs", "meta.json", "tokenizer.model")
 # llm.c / nano-llama31 shard names: the split is a word of the name (tinyshakespeare_val.bin)
 SPLIT_IN_NAME = re.compile(r"(?:^|[_.-])(train|val)(?:[_.-]|$)")
 

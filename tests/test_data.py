@@ -6,6 +6,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -636,7 +637,7 @@ def test_overwrite_never_destroys_the_input_or_foreign_directories(tmp_path):
     before = sorted(os.listdir(notes))
     # --out is the input: the corpus would be replaced by its shards
     rc, lines = run_prepare("--input", notes, "--out", notes, "--tokenizer", LLAMA3, "--overwrite")
-    assert_one_line_error(rc, lines, str(notes), "holds the input")
+    assert_one_line_error(rc, lines, str(notes), "would overwrite --input")
     # --out is a non-empty directory this tool did not write
     other = tmp_path / "mine"
     other.mkdir()
@@ -646,7 +647,7 @@ def test_overwrite_never_destroys_the_input_or_foreign_directories(tmp_path):
     assert sorted(os.listdir(notes)) == before and (other / "thesis.tex").read_text() == "years of work"
     # a parent of the input is refused as well
     rc, lines = run_prepare("--input", notes, "--out", tmp_path, "--tokenizer", LLAMA3, "--overwrite")
-    assert_one_line_error(rc, lines, "holds the input")
+    assert_one_line_error(rc, lines, "would overwrite --input")
     assert sorted(os.listdir(notes)) == before
 
 
@@ -699,9 +700,14 @@ def test_a_killed_run_leaves_nothing_the_next_one_keeps(tmp_path):
     src = tmp_path / "c.jsonl"
     src.write_text('{"text": "one note"}\n{"text": "another note"}\n{"text": "a third"}\n')
     out = tmp_path / "out"
-    (tmp_path / "out.tmp").mkdir()  # what a kill -9 mid-run leaves: the half-written directory
-    (tmp_path / "out.tmp" / "train_000000.bin").write_bytes(b"half")
+    killed = tmp_path / ".out.0123456789abcdef.tmp"  # what a kill -9 mid-run leaves: the half-written
+    killed.mkdir()  # directory, marked as atomic.write_dir's by a process that is gone
+    (killed / ".atomic-0123456789abcdef").write_text(f"{socket.gethostname()} {2**22 + 1}\n")
+    (killed / "train_000000.bin").write_bytes(b"half")
+    (tmp_path / "out.tmp").mkdir()  # the user's own, though named as older versions named theirs
+    (tmp_path / "out.tmp" / "mine.txt").write_text("the user's")
     rc, lines = run_prepare("--input", src, "--out", out, "--tokenizer", LLAMA3, "--workers", "1")
     assert rc == 0, lines
-    assert sorted(os.listdir(tmp_path)) == ["c.jsonl", "out"]
+    assert sorted(os.listdir(tmp_path)) == ["c.jsonl", "out", "out.tmp"]
+    assert (tmp_path / "out.tmp" / "mine.txt").read_text() == "the user's"
     shards.validate(str(out))

@@ -427,7 +427,8 @@ def test_bench_eval_runs_and_reports_records_per_second(tmp_path):
 
 def test_template_escapes_typed_in_a_shell_become_newlines(tmp_path):
     opts = SimpleNamespace(template=r"{text}\nLabel:\t\\n", task="classify", labels="yes,no", qrels=None,
-                           run_out=None, ckpt_dir=str(tmp_path), data=str(tmp_path), out=str(tmp_path / "r.json"))
+                           run_out=None, ckpt_dir=str(tmp_path), data=str(tmp_path), out=str(tmp_path / "r.json"),
+                           adapter=None, tokenizer=None)
     assert evaluation.checked_options(opts).template == "{text}\nLabel:\t\\n"
     assert evaluation.render(opts.template, {"text": "fever"}, "f:1") == "fever\nLabel:\t\\n"
     with pytest.raises(evaluation.DataError, match="f:1: --template needs field 'text'"):

@@ -334,9 +334,9 @@ def test_cli_never_writes_over_what_it_did_not_make(ckpts, tmp_path):
     (notes / "ward.txt").write_text("not a checkpoint")
     assert "holds no checkpoint" in one_line_refusal("merge", *common, "--out", notes, "--overwrite")
     assert (notes / "ward.txt").read_text() == "not a checkpoint"
-    assert "holds --adapter" in one_line_refusal("export", *common, "--out", tmp_path / "a", "--overwrite", status=2)
-    assert "holds --ckpt_dir" in one_line_refusal("merge", *common, "--out", os.path.dirname(ckpts["llama3.1"]),
-                                                  "--overwrite", status=2)
+    assert "would overwrite --adapter" in one_line_refusal("export", *common, "--out", tmp_path / "a", "--overwrite", status=2)
+    assert "would overwrite --ckpt_dir" in one_line_refusal("merge", *common, "--out",
+                                                            os.path.dirname(ckpts["llama3.1"]), "--overwrite", status=2)
     # --overwrite replaces the checkpoint as a whole: an HF export over a Meta checkpoint leaves no
     # params.json behind for model.load to prefer, nor the stale train_state.pt
     r = run_cli("export", *common, "--out", first, "--format", "hf", "--overwrite")
