@@ -226,10 +226,10 @@ def read_adapter_config(path) -> dict:
     if missing:
         raise AdapterError(f"{cfg_path}: not an adapter config (no {', '.join(missing)})")
     for key, kind, default, positive in [("rank", int, jsonfile.REQUIRED, True),
-                                         ("alpha", (int, float), jsonfile.REQUIRED, True),
+                                         ("alpha", float, jsonfile.REQUIRED, True),
                                          ("targets", list, jsonfile.REQUIRED, False),
                                          ("base_params", dict, jsonfile.REQUIRED, False),
-                                         ("dropout", (int, float), 0.0, False), ("use_rslora", bool, False, False),
+                                         ("dropout", float, 0.0, False), ("use_rslora", bool, False, False),
                                          ("tokenizer_sha256", str, None, False), ("base_fingerprint", str, None, False),
                                          ("base_quantize", str, None, False)]:
         jsonfile.field(cfg, key, kind, cfg_path, AdapterError, default, positive)
