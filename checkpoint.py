@@ -4,7 +4,10 @@ Read top to bottom:
   replace_checkpoint       atomic.write_dir for checkpoints: tokenizer and other files carried over
   load                     model.load: either layout into a Transformer, one tensor at a time, the
                            files memory-mapped (read, for fsdp.py too); the default dtype
-                           (resolve_dtype, cpu_native_dtypes)
+                           (resolve_dtype, cpu_native_dtypes); the config's values checked as read
+                           (model_args), its sizes against the weights' shapes and the RoPE table
+                           against the machine's memory before anything is built (check_sizes,
+                           check_context); every JSON file read through jsonfile.py's bounds
   Meta layout              params.json + consolidated.NN.pth: read_meta (model-parallel shards
                            joined), write_meta, save (model.save)
   HF layout                config.json + *.safetensors: the one name map (hf_name / our_name), the

@@ -194,6 +194,7 @@ CASES = [
     ("meta", "meta/params.json", edit(vocab_size=10**12), ["vocab_size"]),
     ("meta", "meta/params.json", edit(multiple_of=10**12), ["multiple_of"]),
     ("meta", "meta/params.json", edit(rope_theta=[1]), ["rope_theta"]),
+    ("meta", "meta/params.json", edit(n_heads=16, n_kv_heads=16), ["n_heads 16", "even"]),
     # HF config.json
     ("hf", "hf/config.json", text(deep_object()), ["nested deeper than 64"]),
     ("hf", "hf/config.json", text('"llama"'), ["object expected"]),
@@ -290,8 +291,8 @@ def test_skip_bad_skips_a_deep_record(world, capsys):
         f.write(json.dumps({"text": "patient reports chest pain"}) + "\n")
     prepare.main(["--input", str(world / "corpus.jsonl"), "--out", str(world / "out"), "--tokenizer",
                   str(world / "shards"), "--workers", "1", "--skip_bad"])
-    meta = json.loads((world / "out" / "meta.json").read_text())
-    assert meta["skipped"] == 1 if "skipped" in meta else "corpus.jsonl:2" in capsys.readouterr().err
+    assert json.loads((world / "out" / "meta.json").read_text())["skipped_records"] == 1
+    assert "skipping " + str(world / "corpus.jsonl") + ":2: nested deeper than 64" in capsys.readouterr().err
 
 
 def test_max_seq_len_flag_beyond_memory_is_one_line(world, capsys):
