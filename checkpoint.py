@@ -4,7 +4,10 @@ Read top to bottom:
   replace_checkpoint       atomic.write_dir for checkpoints: tokenizer and other files carried over
   load                     model.load: either layout into a Transformer, one tensor at a time, the
                            files memory-mapped (read, for fsdp.py too); the default dtype
-                           (resolve_dtype, cpu_native_dtypes)
+                           (resolve_dtype, cpu_native_dtypes); the config's values checked as read
+                           (model_args), its sizes against the weights' shapes and the RoPE table
+                           against the machine's memory before anything is built (check_sizes,
+                           check_context); every JSON file read through jsonfile.py's bounds
   Meta layout              params.json + consolidated.NN.pth: read_meta (model-parallel shards
                            joined), write_meta, save (model.save)
   HF layout                config.json + *.safetensors: the one name map (hf_name / our_name), the
@@ -25,6 +28,7 @@ from typing import Optional
 
 import torch
 
+import jsonfile
 from atomic import readable, write_dir
 from model import PROJECTIONS, CheckpointError, ModelArgs, NF4Linear, Transformer
 
@@ -81,11 +85,8 @@ def write_json(path, obj):
 
 
 def _read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read ({e})") from None
+    """A checkpoint's JSON file (an object), parsed with jsonfile's bounds: CheckpointError naming it."""
+    return jsonfile.load(path, CheckpointError, bad="cannot read")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -144,7 +145,9 @@ def load(ckpt_dir, device="cpu", dtype=None, max_seq_len: Optional[int] = None,
         raise ValueError(f"quantize {quantize!r}: expected None or 'nf4'")
     ckpt_dir = os.path.expanduser(str(ckpt_dir))
     args, tensors, tied, config_path = read(ckpt_dir)
-    args.max_seq_len = max_seq_len or args.max_seq_len
+    if max_seq_len:
+        args.max_seq_len = max_seq_len
+        check_context(args, "max_seq_len")
 
     with torch.device("meta"), _no_random_init():
         model = Transformer(args)
@@ -228,26 +231,56 @@ def torch_load(path, map_location="cpu", mmap=False):
 def model_args(path, values: dict) -> ModelArgs:
     """ModelArgs from a params.json-like dict read from path, each value checked against its field's
     type (a config file may say anything): CheckpointError naming the file and the field."""
+    known = {f.name: f.type for f in dataclasses.fields(ModelArgs) if f.init}
+    checked = {k: _checked(path, k, v, known[k]) for k, v in values.items() if k in known}
     try:
-        known = {f.name: f.type for f in dataclasses.fields(ModelArgs) if f.init}
-        return ModelArgs(**{k: _checked(k, v, known[k]) for k, v in values.items() if k in known})
+        return ModelArgs(**checked)
     except (TypeError, ValueError) as e:  # e.g. heads that do not divide dim
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def _checked(name, value, kind):
-    """value as a field of type kind (int, float, bool or Optional of one) holds it; ValueError naming
-    the field otherwise. JSON's true is not a number here, and an int is a fine float."""
+def _checked(path, name, value, kind):
+    """value as a field of type kind (int, float, bool or Optional of one) holds it (jsonfile.expect:
+    JSON's true is no number, an int is a fine float); CheckpointError naming the field otherwise."""
     optional = kind in (Optional[int], Optional[float])
     kind = {Optional[int]: int, Optional[float]: float}.get(kind, kind)
     if value is None and optional:
         return None
-    ok = isinstance(value, bool) if kind is bool else (
-        isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool))
-    if not ok or (kind is float and not math.isfinite(value)):
-        wanted = {int: "an integer", float: "a finite number", bool: "true or false"}[kind]
-        raise ValueError(f"{name} is {value!r}, not {wanted}")
-    return float(value) if kind is float else value
+    return jsonfile.expect(value, kind, f"{path}: {name}", CheckpointError)
+
+
+def check_sizes(path, args: ModelArgs, shapes: dict, keys: dict):
+    """args' sizes against the weights' full shapes ({our name: shape}), before a model or a RoPE
+    table is built from them: a config file may say a million layers or a vocabulary of 10^12, and
+    the model would be built (or its table allocated) before load() compares weight by weight.
+    keys: the file's name for each of our fields, for the message. CheckpointError naming both."""
+    layers = {int(name.split(".")[1]) for name in shapes if name.startswith("layers.")}
+    found = {"n_layers": max(layers) + 1 if layers else 0}
+    for field, name in (("dim", "norm.weight"), ("vocab_size", "tok_embeddings.weight"),
+                        ("hidden_dim", "layers.0.feed_forward.w1.weight")):
+        if name in shapes:
+            found[field] = shapes[name][0]
+    for field, size in found.items():
+        if getattr(args, field) != size:
+            raise CheckpointError(f"{path}: {keys.get(field, field)} is {getattr(args, field)}, but the weights "
+                                  f"say {size}")
+    check_context(args, f"{path}: {keys.get('max_seq_len', 'max_seq_len')}")
+
+
+def check_context(args: ModelArgs, where):
+    """The RoPE table of args.max_seq_len positions (head_dim fp32 values each, model.rope_table) must
+    fit this machine's memory; where: the file and key (or flag) that asked for it."""
+    need, have = args.max_seq_len * args.head_dim * 4, _physical_memory()
+    if need > have:
+        raise CheckpointError(f"{where} is {args.max_seq_len}: its RoPE table would take {need / 2**30:,.0f} GiB, "
+                              f"more than this machine's memory ({have / 2**30:,.0f} GiB)")
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # a system without these names: a generous bound
+        return 2**40
 
 
 # -----------------------------------------------------------------------------------------------
@@ -262,6 +295,8 @@ def read_meta(ckpt_dir):
     """(args, an iterator of (name, tensor) with the shards joined, tied, the params.json path)."""
     params_path = os.path.join(ckpt_dir, "params.json")
     params = _read_json(params_path)
+    for key in ("dim", "n_layers", "n_heads"):  # every params.json Meta writes has them; no default fits
+        jsonfile.field(params, key, int, params_path, CheckpointError)
     args = model_args(params_path, params)
     paths = sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
     if not paths:
@@ -280,6 +315,8 @@ def read_meta(ckpt_dir):
         args.vocab_size = first["tok_embeddings.weight"].shape[0] * (len(shards) if embedding_dim == 0 else 1)
     if "max_seq_len" not in params:
         args.max_seq_len = published_context(args)  # Meta's params.json leaves it to the caller
+    shapes = {name: _joined_shape(name, t, len(shards), embedding_dim) for name, t in first.items()}
+    check_sizes(params_path, args, shapes, {"hidden_dim": "multiple_of / ffn_dim_multiplier (the FFN width)"})
 
     def tensors():
         for name, t in first.items():
@@ -296,6 +333,15 @@ def read_meta(ckpt_dir):
                 yield name, t  # unknown keys (e.g. rope.freqs) are dropped by load
 
     return args, tensors(), tied, params_path
+
+
+def _joined_shape(name, t, n_shards, embedding_dim):
+    """The shape of a weight once its n_shards model-parallel pieces (t: the first) are joined."""
+    shape, kind = list(t.shape), name.split(".")[-2] if "." in name else name
+    dim = embedding_dim if name == "tok_embeddings.weight" else _JOIN_DIM.get(kind)
+    if dim is not None and dim < len(shape):
+        shape[dim] *= n_shards
+    return tuple(shape)
 
 
 def published_context(args: ModelArgs) -> int:
@@ -401,38 +447,45 @@ def permute_qk(name, w, args: ModelArgs, permute):
     return w
 
 
+# Our ModelArgs fields -> config.json's keys (for messages about the file)
+HF_KEYS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+           "n_kv_heads": "num_key_value_heads", "vocab_size": "vocab_size", "hidden_dim": "intermediate_size",
+           "max_seq_len": "max_position_embeddings"}
+
+
 def hf_args(config: dict, path: str) -> ModelArgs:
-    """ModelArgs from a transformers LlamaConfig (config.json)."""
-    if config.get("model_type", "llama") != "llama":
+    """ModelArgs from a transformers LlamaConfig (config.json), each key checked as it is read."""
+    def get(key, kind, default=jsonfile.REQUIRED, obj=config, where=path):
+        return jsonfile.field(obj, key, kind, where, CheckpointError, default, positive=kind in (int, float))
+
+    if get("model_type", str, "llama") != "llama":
         raise CheckpointError(f"{path}: model_type {config.get('model_type')!r} is not llama")
-    if config.get("attention_bias") or config.get("mlp_bias"):
+    if get("attention_bias", bool, False) or get("mlp_bias", bool, False):
         raise CheckpointError(f"{path}: attention_bias / mlp_bias are not part of Llama")
-    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
-        if type(config.get(key)) is not int:  # the sizes everything below computes with
-            raise CheckpointError(f"{path}: {key} is {config.get(key)!r}, not an integer")
-    dim, n_heads = config["hidden_size"], config["num_attention_heads"]
-    if config.get("head_dim") not in (None, dim // n_heads):
+    dim, n_heads = get("hidden_size", int), get("num_attention_heads", int)
+    if get("head_dim", int, None) not in (None, dim // n_heads):
         raise CheckpointError(f"{path}: head_dim {config['head_dim']} != hidden_size / heads")
     # transformers < 5 keeps rope_theta at the top and rope_scaling beside it; transformers 5 puts
     # both into rope_parameters.
-    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    rope_key = "rope_scaling" if config.get("rope_scaling") is not None else "rope_parameters"
+    rope, rope_at = get(rope_key, dict, {}), f"{path}: {rope_key}"
+    rope_type = get("rope_type", str, get("type", str, "default", rope, rope_at), rope, rope_at)
     if rope_type not in ("default", "llama3"):
         raise CheckpointError(f"{path}: rope type {rope_type!r} is not supported (default, llama3)")
     # HF states the FFN width outright; express it in Meta's terms so params.json stays readable by
     # Meta's code: with multiple_of = width, the round-up lands exactly on it.
-    hidden, base = config["intermediate_size"], int(2 * 4 * dim / 3)
-    values = dict(dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
-                  n_kv_heads=config.get("num_key_value_heads", n_heads), vocab_size=config["vocab_size"],
+    hidden, base = get("intermediate_size", int), int(2 * 4 * dim / 3)
+    values = dict(dim=dim, n_layers=get("num_hidden_layers", int), n_heads=n_heads,
+                  n_kv_heads=get("num_key_value_heads", int, n_heads), vocab_size=get("vocab_size", int),
                   multiple_of=hidden, ffn_dim_multiplier=None if base <= hidden else hidden / base,
-                  norm_eps=config.get("rms_norm_eps", 1e-5),
-                  rope_theta=config.get("rope_theta", rope.get("rope_theta", 10000.0)),
-                  max_seq_len=config.get("max_position_embeddings", 4096))
+                  norm_eps=get("rms_norm_eps", float, 1e-5),
+                  rope_theta=get("rope_theta", float, None) or get("rope_theta", float, 10000.0, rope, rope_at),
+                  max_seq_len=get("max_position_embeddings", int, 4096))
     if rope_type == "llama3":
-        values.update(use_scaled_rope=True, rope_scaling_factor=rope["factor"],
-                      rope_low_freq_factor=rope.get("low_freq_factor", 1.0),
-                      rope_high_freq_factor=rope.get("high_freq_factor", 4.0),
-                      rope_original_max_seq_len=rope.get("original_max_position_embeddings", 8192))
+        values.update(use_scaled_rope=True, rope_scaling_factor=get("factor", float, obj=rope, where=rope_at),
+                      rope_low_freq_factor=get("low_freq_factor", float, 1.0, rope, rope_at),
+                      rope_high_freq_factor=get("high_freq_factor", float, 4.0, rope, rope_at),
+                      rope_original_max_seq_len=get("original_max_position_embeddings", int, 8192, rope, rope_at))
     args = model_args(path, values)
     assert args.hidden_dim == hidden
     return args
@@ -471,13 +524,15 @@ def read_hf(ckpt_dir):
     args = hf_args(_read_json(config_path), config_path)
     index = os.path.join(ckpt_dir, "model.safetensors.index.json")
     if os.path.exists(index):
-        paths = [os.path.join(ckpt_dir, f) for f in sorted(set(_read_json(index)["weight_map"].values()))]
+        paths = [os.path.join(ckpt_dir, f) for f in sorted(set(_index_files(index)))]
     else:
         paths = sorted(glob.glob(os.path.join(ckpt_dir, "*.safetensors")))
     if not paths:
         raise CheckpointError(f"{ckpt_dir}: config.json but no *.safetensors weights")
     files = [map_safetensors(p) for p in paths]
     tied = not any("lm_head.weight" in tensors for _, tensors in files)
+    shapes = {our_name(name): tuple(t.shape) for _, stored in files for name, t in stored.items()}
+    check_sizes(config_path, args, shapes, HF_KEYS)
 
     def tensors():
         for mapping, stored in files:
@@ -490,6 +545,16 @@ def read_hf(ckpt_dir):
                 yield ours, t
 
     return args, tensors(), tied, config_path
+
+
+def _index_files(index):
+    """The files model.safetensors.index.json's weight_map names: bare .safetensors names, so the
+    index cannot lead the reader out of the checkpoint's directory."""
+    files = jsonfile.field(_read_json(index), "weight_map", dict, index, CheckpointError).values()
+    for name in files:
+        if not isinstance(name, str) or os.path.basename(name) != name or not name.endswith(".safetensors"):
+            raise CheckpointError(f"{index}: weight_map names {name!r}, not a .safetensors file beside it")
+    return files
 
 
 # safetensors' element types (the format's names) as torch dtypes
@@ -513,7 +578,7 @@ def map_safetensors(path):
             n = int.from_bytes(f.read(8), "little")
             if not 2 <= n <= size - 8:
                 raise ValueError("no safetensors header at its start")
-            header = json.loads(f.read(n))
+            header = jsonfile.loads(f.read(n), "its header", ValueError)
             if not isinstance(header, dict):
                 raise ValueError("its header is not a JSON object")
             mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)

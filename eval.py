@@ -41,6 +41,7 @@ import torch.distributed as dist
 import atomic
 import checkpoint
 import cli
+import jsonfile
 import generate as sampling
 from cli import UsageError, UserError, at_least, interval, non_empty, one_of, positive, run, torch_device
 
@@ -77,10 +78,7 @@ def read_jsonl(path, limit=None):
             if not line.strip():
                 continue
             where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not JSON ({e.msg})") from None
+            record = jsonfile.loads(line, where, DataError)
             if not isinstance(record, dict):
                 raise DataError(f"{where}: a record is a JSON object, got {type(record).__name__}")
             records.append((where, record))

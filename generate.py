@@ -16,6 +16,7 @@ import time
 import torch
 
 import atomic
+import jsonfile
 import model as llama
 import tokenizer as llama_tokenizer
 from cli import UsageError, UserError, interval, non_empty, one_of, positive, run, torch_device
@@ -218,10 +219,7 @@ def _jsonl_prompt(path, line_no, line):
     from data.prepare import INSTRUCT_KEYS, BadRecord, record_to_doc
 
     where = f"--prompts_file {path}:{line_no}"
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where}: not JSON ({e.msg})") from None
+    rec = jsonfile.loads(line, where, UserError)
     if not isinstance(rec, dict):
         raise UserError(f"{where}: not a JSON object")
     answers = [a for q, a in INSTRUCT_KEYS if q == "prompt"]

@@ -34,8 +34,9 @@ from safetensors.torch import load_file, save_file
 
 import atomic
 import checkpoint
+import jsonfile
 from cli import UsageError, UserError, non_empty, one_of, run
-from model import NF4Linear, fingerprint_sample
+from model import CheckpointError, NF4Linear, fingerprint_sample
 from model import load as load_model
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -215,19 +216,26 @@ def _adapter_dir(path) -> str:
 
 
 def read_adapter_config(path) -> dict:
-    """adapter.json of an adapter directory, checked for the keys load_adapter needs."""
+    """adapter.json of an adapter directory, each key load_adapter uses checked (the file is the
+    user's: it may say anything): AdapterError naming the file and the key."""
     path = _adapter_dir(path)
     cfg_path = os.path.join(path, "adapter.json")
     if not os.path.isdir(path):
         raise AdapterError(f"{path}: no such adapter directory")
-    try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{cfg_path}: cannot read ({type(e).__name__}: {e})") from None
+    cfg = jsonfile.load(cfg_path, AdapterError, bad="cannot read")
     missing = [k for k in ("rank", "alpha", "targets", "base_params") if k not in cfg]
     if missing:
         raise AdapterError(f"{cfg_path}: not an adapter config (no {', '.join(missing)})")
+    for key, kind, default, positive in [("rank", int, jsonfile.REQUIRED, True),
+                                         ("alpha", float, jsonfile.REQUIRED, True),
+                                         ("targets", list, jsonfile.REQUIRED, False),
+                                         ("base_params", dict, jsonfile.REQUIRED, False),
+                                         ("dropout", float, 0.0, False), ("use_rslora", bool, False, False),
+                                         ("tokenizer_sha256", str, None, False), ("base_fingerprint", str, None, False),
+                                         ("base_quantize", str, None, False)]:
+        jsonfile.field(cfg, key, kind, cfg_path, AdapterError, default, positive)
+    if not cfg["targets"] or not all(t in TARGETS for t in cfg["targets"]):
+        raise AdapterError(f"{cfg_path}: targets is {cfg['targets']!r}, not a list of {', '.join(TARGETS)}")
     return cfg
 
 
@@ -235,7 +243,10 @@ def _check_base(path, cfg, inner, tokenizer_sha256, force, fingerprint=None):
     """The adapter only makes sense on the base (and tokenizer) it was trained on: compare the shapes
     that matter, the tokenizer's hash and, unless forced, the base weights' fingerprint (fingerprint:
     the base's, where the caller has it already)."""
-    saved = checkpoint.model_args(os.path.join(path, "adapter.json"), cfg["base_params"])
+    try:
+        saved = checkpoint.model_args(os.path.join(path, "adapter.json"), cfg["base_params"])
+    except CheckpointError as e:  # the adapter's file, so the adapter's error
+        raise AdapterError(str(e)) from None
     fields = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim")
     differ = [f for f in fields if getattr(saved, f) != getattr(inner.args, f)]
     if differ:
@@ -268,10 +279,12 @@ def load_adapter(model, path, tokenizer_sha256=None, force=False):
     weights = os.path.join(path, "adapter.safetensors")
     try:
         with safe_open(weights, framework="pt") as f:
-            header = json.loads((f.metadata() or {}).get("adapter_json", "{}"))
+            header = (f.metadata() or {}).get("adapter_json", "{}")
         tensors = load_file(weights)
     except Exception as e:  # missing, truncated, or not safetensors: each library error differs
         raise AdapterError(f"{weights}: cannot read ({type(e).__name__}: {e})") from None
+    header = jsonfile.expect(jsonfile.loads(header, f"{weights}: adapter_json", AdapterError), dict,
+                             f"{weights}: adapter_json", AdapterError)
     if header and any(header.get(k) != cfg.get(k) for k in keys + ("base_params",)):
         raise AdapterError(f"{weights} and adapter.json beside it come from different saves")
 

@@ -66,6 +66,9 @@ class ModelArgs:
             raise ValueError(f"dim {self.dim}, n_heads {self.n_heads}, n_kv_heads {self.n_kv_heads}: "
                              "each must be positive and divide the one before")
         self.head_dim = self.dim // self.n_heads
+        if self.head_dim % 2:
+            raise ValueError(f"dim {self.dim} / n_heads {self.n_heads} is {self.head_dim}: RoPE rotates pairs, "
+                             "so it must be even")
         # Meta's arithmetic: 2/3 of 4*dim (SwiGLU has three matrices instead of two, so this keeps
         # the parameter count of a 4*dim MLP), scaled, then rounded up to multiple_of.
         hidden = int(2 * (4 * self.dim) / 3)

@@ -24,6 +24,7 @@ import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
 import atomic
+import jsonfile
 
 
 class TokenizerError(ValueError):
@@ -175,35 +176,59 @@ def _read_tokenizer_json(path, data):
     merges: the two agree when merges are listed in the order of their results' ids, as in every
     file converted from Meta's tiktoken ranks. Anything else is refused rather than encoded
     differently."""
+    spec = jsonfile.loads(data, path, TokenizerError, bad="not a byte-level BPE tokenizer.json")
+    bpe = jsonfile.field(spec, "model", dict, path, TokenizerError)
+    if bpe.get("type") != "BPE" or not isinstance(bpe.get("vocab"), dict):
+        raise TokenizerError(f"{path}: not a BPE tokenizer.json (model type {bpe.get('type')!r})")
+    vocab = bpe["vocab"]
+    odd = next((i for i in vocab.values() if type(i) is not int), None)
+    if odd is not None:
+        raise TokenizerError(f"{path}: model.vocab holds {odd!r}, not an integer id")
+    added = [_added_token(path, n, t) for n, t in
+             enumerate(jsonfile.field(spec, "added_tokens", list, path, TokenizerError, default=[]))]
+    merges = [_merge(path, m) for m in jsonfile.field(bpe, "merges", list, f"{path}: model", TokenizerError, [])]
+    to_byte = {c: b for b, c in byte_alphabet().items()}
     try:
-        spec = json.loads(data)
-        bpe, added = spec["model"], spec.get("added_tokens") or []
-        if bpe.get("type") != "BPE" or not isinstance(bpe.get("vocab"), dict):
-            raise TokenizerError(f"{path}: not a BPE tokenizer.json (model type {bpe.get('type')!r})")
-        to_byte = {c: b for b, c in byte_alphabet().items()}
-        ranks = {bytes(to_byte[c] for c in text): i for text, i in bpe["vocab"].items()}
-        ids = set(ranks.values())
-        special = {t["content"]: t["id"] for t in added if t["id"] not in ids or t.get("special")}
-        merges = [m.split(" ") if isinstance(m, str) else m for m in bpe.get("merges", [])]
-    except TokenizerError:
-        raise
-    except (ValueError, KeyError, TypeError, AttributeError) as e:  # bad JSON, or chars outside the alphabet
-        raise TokenizerError(f"{path}: not a byte-level BPE tokenizer.json ({type(e).__name__}: {e})") from None
+        ranks = {bytes(to_byte[c] for c in text): i for text, i in vocab.items()}
+    except KeyError as e:
+        raise TokenizerError(f"{path}: not a byte-level BPE tokenizer.json (vocab char {e.args[0]!r} is "
+                             f"outside the byte alphabet)") from None
+    ids = set(ranks.values())
+    special = {t["content"]: t["id"] for t in added if t["id"] not in ids or t.get("special")}
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise TokenizerError(f"{path}: vocabulary ids are not exactly 0..{len(ranks) - 1}")
-    order = [bpe["vocab"].get(a + b, -1) for a, b in merges]
+    order = [vocab.get(a + b, -1) for a, b in merges]
     if -1 in order or any(x > y for x, y in zip(order, order[1:])):
         raise TokenizerError(f"{path}: merges are not in the order of their results' ids (not a "
                              f"tiktoken-style byte-level BPE, which this reader needs)")
-    return ranks, special, _split_pattern(path, spec.get("pre_tokenizer") or {})
+    pre = jsonfile.field(spec, "pre_tokenizer", dict, path, TokenizerError, default={})
+    return ranks, special, _split_pattern(path, pre)
+
+
+def _added_token(path, n, token):
+    """One of added_tokens: an object with a string content and an integer id."""
+    where = f"{path}: added_tokens[{n}]"
+    jsonfile.expect(token, dict, where, TokenizerError)
+    jsonfile.field(token, "content", str, where, TokenizerError)
+    jsonfile.field(token, "id", int, where, TokenizerError)
+    return token
+
+
+def _merge(path, merge):
+    """(left, right) of one of model.merges: "a b" (tokenizers < 0.20) or ["a", "b"]."""
+    pair = merge.split(" ") if isinstance(merge, str) else merge
+    if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(p, str) for p in pair):
+        raise TokenizerError(f"{path}: model.merges holds {merge!r}, not a pair of tokens"[:300])
+    return pair
 
 
 def _split_pattern(path, pre):
     """The regex of the Split pre-tokenizer (alone or first in a Sequence) that precedes ByteLevel."""
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    for step in steps:
-        if step.get("type") == "Split" and "Regex" in (step.get("pattern") or {}):
-            return step["pattern"]["Regex"]
+    for step in steps if isinstance(steps, list) else []:
+        pattern = step.get("pattern") if isinstance(step, dict) and step.get("type") == "Split" else None
+        if isinstance(pattern, dict) and isinstance(pattern.get("Regex"), str):
+            return pattern["Regex"]
     raise TokenizerError(f"{path}: no Split regex in its pre_tokenizer (not a Llama 3 style tokenizer.json)")
 
 

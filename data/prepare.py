@@ -54,6 +54,7 @@ from collections import deque, namedtuple
 import numpy as np
 
 import atomic
+import jsonfile
 from cli import UsageError, UserError, at_least, command_line, interval, non_empty, one_of, positive, run
 from data import shards
 
@@ -354,25 +355,20 @@ class Corpus:
         with open_binary(path) as f:
             head = f.peek(4096)[:4096].lstrip()  # without consuming it: a .gz stream cannot seek back
             if inner_name(path).endswith(".json") and head.startswith(b"["):
-                try:
-                    records = json.load(f)
-                except (ValueError, UnicodeDecodeError) as e:
-                    raise PrepareError(f"{path}: malformed JSON ({e})") from None
+                records = jsonfile.loads(f.read(), path, PrepareError, bad="malformed JSON")
                 for i, rec in enumerate(records):
                     yield f"{path}: record {i}", rec
                 return
             for lineno, line in enumerate(f, 1):  # JSON lines: stream, one record at a time
                 if not line.strip():
                     continue
+                where = f"{path}:{lineno}"
                 try:
-                    rec = json.loads(line)
-                except UnicodeDecodeError:
-                    self.bad(f"{path}:{lineno}", "not UTF-8 text", quiet)
+                    rec = jsonfile.loads(line, where, PrepareError, bad="malformed JSON")
+                except PrepareError as e:  # bad JSON is a bad record: --skip_bad skips it
+                    self.bad(where, str(e)[len(where) + 2:], quiet)
                     continue
-                except ValueError as e:
-                    self.bad(f"{path}:{lineno}", f"malformed JSON ({e.msg} at column {e.colno})", quiet)
-                    continue
-                yield f"{path}:{lineno}", rec
+                yield where, rec
 
     def _table_docs(self, path, quiet):
         """CSV / TSV through the csv module: quoted cells may hold commas, quotes and newlines."""

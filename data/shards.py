@@ -22,7 +22,6 @@ the file names, the token width from the headers, the document start token from 
 of the train split (llm.c starts every document with GPT-2's <|endoftext|>, nano-llama31 with
 Llama 3's <|begin_of_text|>), and the vocabulary from the tokenizer that validate() is given.
 """
-import json
 import os
 import re
 from collections import namedtuple
@@ -30,6 +29,7 @@ from collections import namedtuple
 import numpy as np
 
 import atomic
+import jsonfile
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
@@ -131,18 +131,20 @@ def load_meta(data_dir, infer=True):
     path = os.path.join(data_dir, "meta.json")
     if infer and not os.path.exists(path) and os.path.isdir(data_dir):
         return infer_meta(data_dir)
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-        meta["splits"]["train"], meta["vocab_size"], meta["bos_id"]  # the keys everything relies on
-    except FileNotFoundError:
-        raise ShardError(f"{path}: missing (is {data_dir} a directory made by data.prepare?)") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ShardError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
-    for key in ("vocab_size", "bos_id", "eos_id"):  # a hand-edited file may say anything
-        value = meta.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key == "vocab_size" else 0):
-            raise ShardError(f"{path}: {key} is {value!r}, not a{' positive' if key == 'vocab_size' else ''} integer")
+    if not os.path.exists(path):
+        raise ShardError(f"{path}: missing (is {data_dir} a directory made by data.prepare?)")
+    meta = jsonfile.load(path, ShardError, bad="unreadable")
+    # a hand-edited file may say anything: the keys everything relies on are checked here
+    jsonfile.field(meta, "vocab_size", int, path, ShardError, positive=True)
+    for key in ("bos_id", "eos_id"):
+        if jsonfile.field(meta, key, int, path, ShardError) < 0:
+            raise ShardError(f"{path}: {key} is {meta[key]}, not an integer of at least 0")
+    splits = jsonfile.field(meta, "splits", dict, path, ShardError)
+    for split in splits:
+        listed = jsonfile.field(splits, split, dict, f"{path}: splits", ShardError)
+        jsonfile.field(listed, "shards", list, f"{path}: splits.{split}", ShardError)
+    jsonfile.field(splits, "train", dict, f"{path}: splits", ShardError)
+    jsonfile.field(meta, "tokenizer", dict, path, ShardError, default={})
     return meta
 
 
@@ -244,8 +246,8 @@ def validate(data_dir, split=None, vocab_size=None, tokenizer_sha256=None):
             magic, _, count, _ = read_header(path)
             if magic != expected_magic:
                 raise ShardError(f"{path}: magic {magic} does not match vocab size {meta['vocab_size']} (want {expected_magic})")
-            if count != info["tokens"]:
-                raise ShardError(f"{path}: {count} tokens but meta.json says {info['tokens']}")
+            if count != info.get("tokens"):  # a bad entry is not a count either
+                raise ShardError(f"{path}: {count} tokens but meta.json says {info.get('tokens')!r}")
             tokens = open_shard(path)
             top = int(tokens.max()) if count else 0
             if top >= limit:
