@@ -4,8 +4,8 @@
     python generate.py --ckpt_dir ~/llama/Llama3.1-8B --adapter out/notes/adapter --prompt "Assessment:"
     python generate.py                      # samples from the demo model that `python train.py` makes
 
-stdout holds only the completion (streamed as it is produced for a single prompt; one JSON line per
-prompt for --prompts_file); timings and notes go to stderr.
+stdout holds only the completion (streamed as it is produced for --prompt; one JSON line per prompt
+for --prompts_file, however many it holds); timings and notes go to stderr.
 """
 
 import json
@@ -192,10 +192,19 @@ def _checked_inputs(ckpt_dir, prompt, prompts_file, chat, system):
             raise UserError(f"--prompts_file {prompts_file}: {getattr(e, 'strerror', None) or e}") from None
         if not lines:
             raise UserError(f"--prompts_file {prompts_file}: no prompts in it")
-        if prompts_file.endswith((".jsonl", ".json")) or lines[0][1].lstrip().startswith("{"):
+        if _is_jsonl(prompts_file, lines[0][1]):
             return ckpt_dir, [_jsonl_prompt(prompts_file, i, line) for i, line in lines]
         return ckpt_dir, [Prompt(None, line) for _, line in lines]
     return ckpt_dir, [Prompt(None, prompt or "")]
+
+
+def _is_jsonl(path, first_line):
+    """Whether a prompts file holds JSON records: its name says so (PROMPTS.JSONL, x.ndjson, x.json:
+    data.prepare's file_kind), or else its first line is a JSON object. Neither depends on how many
+    lines there are, so a file of one record is read as one of many would be."""
+    from data.prepare import file_kind
+
+    return file_kind(path) in ("jsonl", "json") or first_line.lstrip().startswith("{")
 
 
 class Prompt:
@@ -300,7 +309,8 @@ def main(ckpt_dir: str = None, prompt: str = None, prompts_file: str = None, ada
         prompt: the text to complete (with --chat: the user's message). Default: an empty document.
         prompts_file: prompts completed as a batch, one JSON line out per prompt: one prompt per line,
             or JSONL ({"id", "prompt"}, or instruction / chat records as data.prepare reads them,
-            laid out as dialogs; ids are kept in the output).
+            laid out as dialogs; ids are kept in the output). JSONL when the name ends .jsonl,
+            .ndjson or .json (any case) or the first line is a JSON object.
         adapter: a LoRA adapter directory saved by train.py (merged into the weights for speed).
         chat: lay the prompt out as a dialog (Llama 3 headers or Llama 2 [INST]) for instruct models.
         system: a system message for --chat.
@@ -329,7 +339,8 @@ def main(ckpt_dir: str = None, prompt: str = None, prompts_file: str = None, ada
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
         torch.manual_seed(seed)
-    streamer = Streamer(tok, prompts[0]) if len(prompts) == 1 else None
+    # --prompt streams its completion; a prompts file, even of one prompt, gives one JSON line per prompt
+    streamer = Streamer(tok, prompts[0]) if prompts_file is None else None
 
     timings = {}
     step = compile_decode_step(model) if compile else None
