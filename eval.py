@@ -98,13 +98,33 @@ def need(record, name, where, kind=str):
     return value
 
 
-def render(template, record, where):
+def check_template(template):
+    """The template, if it only substitutes record fields: plain {field}s, {{ and }} for braces.
+    str.format would also follow {text.upper} or {text[0]} into the value, or apply {text!r} and
+    format specs (which may nest fields), and put a bound method or a repr in every prompt."""
+    import string
+
     try:
-        return template.format(**record)
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as e:  # a lone { or }
+        raise UsageError(f"--template {template!r}: {e}") from None
+    for name, spec, conversion in fields:
+        shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        if not name or name.isdigit():
+            raise UsageError(f"--template {template!r}: {shown} names no field; write {{text}}, {{question}}, ...")
+        if "." in name or "[" in name or conversion or spec:
+            raise UsageError(f"--template {template!r}: {shown} reaches into a field or formats it; only plain "
+                             f"{{field}} substitutions (and {{{{ }}}} for literal braces) are allowed")
+    return template
+
+
+def render(template, record, where):
+    """The template (checked by check_template) with the record's fields filled in."""
+    try:
+        return template.format_map(record)
     except KeyError as e:
         raise DataError(f"{where}: --template needs field {e.args[0]!r}, which the record lacks") from None
-    except (IndexError, ValueError) as e:
-        raise UsageError(f"--template {template!r}: {e}") from None
 
 
 def choice_example(record, where, template):
@@ -622,6 +642,7 @@ def checked_options(opts):
     """Flag combinations cli's per-flag checks cannot see; fills in labels and the checkpoint."""
     if opts.template is not None:  # typed in a shell, "\n" arrives as a backslash and an n
         opts.template = re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m[1]], opts.template)
+        check_template(opts.template)
     if opts.task == "classify" and opts.labels is None:
         raise UsageError("--task classify needs --labels (the verbalizers, e.g. --labels yes,no)")
     opts.labels = [s.strip() for s in (opts.labels or "yes,no").split(",")]
@@ -667,8 +688,9 @@ def main(task: str, data: str, ckpt_dir: str = None, adapter: str = None, out: s
         out: the results file: task, metrics, one item per record in input order, digests.
         labels: classify / rank: the label words in order, comma-separated (the first is the positive
             class); rank defaults to yes,no.
-        template: the prompt as a Python format string over the record's fields, e.g. "{text}\\nLabel:"
-            (\\n and \\t typed in the shell are a newline and a tab).
+        template: the prompt with the record's fields in braces, e.g. "{text}\\nLabel:" (\\n and \\t
+            typed in the shell are a newline and a tab; {{ and }} are literal braces). Only plain
+            {field}s: attributes, indexes, !conversions and :format specs are refused.
         chat: lay each prompt out as a user turn in the tokenizer's chat format (instruct models).
         max_examples: only the first N records.
         batch_size: prompts per batch for generate, windows per batch for perplexity (choice, classify
