@@ -9,7 +9,8 @@ Tasks (records are JSONL, one per line):
     choice      {"question", "choices": [..], "answer": i} (+ "context"), or MedQA's {"question",
                 "options": {"A": ..}, "answer": "C"}: acc, acc_norm (lm-evaluation-harness scoring)
     classify    {"text", "label"} with --labels yes,no: accuracy, macro-F1, AUROC
-    rank        {"query_id", "doc_id", "text", "relevance"}: P@10, NDCG@10, MRR, MAP (trec_eval's)
+    rank        {"query_id", "doc_id", "text", "relevance"}, one per (query, doc) pair (in --qrels too):
+                P@10, NDCG@10, MRR, MAP (trec_eval's)
     generate    {"prompt", "reference"} (or instruction/input/output): ROUGE-1/2/L, corpus BLEU
     perplexity  a shards directory (its val split) or JSONL {"text"}: loss, perplexity, bits per byte
 
@@ -199,13 +200,26 @@ def examples_for(task, records, template, labels, qrels):
         examples = [label_example(r, where, template, labels, task) for where, r in records]
     else:
         examples = [generate_example(r, where, template) for where, r in records]
+    first = {}  # (query, doc) -> the line that judged it
     for (where, _), example in zip(records, examples):
         example["where"] = where
-        if task == "rank" and qrels is None:
+        if task != "rank":
+            continue
+        check_unique(first, (example["query_id"], example["doc_id"]), where)
+        if qrels is None:
             relevance = example["relevance"]
             if not isinstance(relevance, int) or isinstance(relevance, bool):
                 raise DataError(f"{where}: field 'relevance' should be an integer grade (or give --qrels)")
     return examples
+
+
+def check_unique(first, pair, where):
+    """Refuse a second line for the same (query, doc): the document would be retrieved (or judged)
+    twice, each copy a hit, and average precision could pass 1 (MAP 2.0). first: pair -> where."""
+    if pair in first:
+        raise DataError(f"{where}: query {pair[0]!r} and doc {pair[1]!r} again (first at line "
+                        f"{first[pair].rpartition(':')[2]}): one line per (query, doc) pair")
+    first[pair] = where
 
 
 # -----------------------------------------------------------------------------------------------
@@ -396,7 +410,7 @@ def rank_metrics(items, opts):
 
 def read_qrels(path):
     """{query: {doc: grade}} from a TREC qrels file: `qid iteration docid grade` per line."""
-    table = {}
+    table, first = {}, {}
     try:
         with open(path, encoding="utf-8") as f:
             for number, line in enumerate(f, 1):
@@ -405,6 +419,7 @@ def read_qrels(path):
                     continue
                 if len(parts) != 4 or not parts[3].lstrip("-").isdigit():
                     raise DataError(f"{path}:{number}: a qrels line is `query iteration doc grade`")
+                check_unique(first, (parts[0], parts[2]), f"{path}:{number}")
                 table.setdefault(parts[0], {})[parts[2]] = int(parts[3])
     except OSError as e:
         raise UserError(f"--qrels {path}: {e.strerror}") from None
