@@ -341,7 +341,7 @@ def score_generation(model, tok, batch, opts):
             raise DataError(f"{example['where']}: the prompt is {len(prompt)} tokens, over the model's "
                             f"context of {model.args.max_seq_len} (--max_seq_len)")
     outs = sampling.generate(model, prompts, opts.max_new_tokens, opts.temperature, opts.top_p, tok.stop_ids,
-                             opts.generator)
+                             opts.generator, n_words=tok.n_words)
     return [{"completion": sampling.completion_text(tok, p, ids), "reference": e["reference"]}
             for e, p, ids in zip(batch, prompts, outs)]
 

@@ -42,7 +42,7 @@ def next_token(logits, temperature, top_p, generator=None):
 
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=0.6, top_p=0.9, stop_ids=(), generator=None,
-             on_token=None, timings=None, decode_step=None):
+             on_token=None, timings=None, decode_step=None, n_words=None):
     """Complete each prompt (a list of token ids); returns the new tokens of each, stop token excluded.
 
     Prompts of different lengths share one KV cache: decoding starts after the shortest prompt, and
@@ -51,7 +51,9 @@ def generate(model, prompts, max_new_tokens, temperature=0.6, top_p=0.9, stop_id
     a dict passed as timings receives the seconds spent on the prompt ("prefill") and after ("decode").
     decode_step: what runs the one-token steps (default model.decode; compile_decode_step makes a
     compiled one). The prompt goes through model.decode itself: its length varies from call to call.
-    A prompt that is empty or does not fit the model's context raises ValueError.
+    n_words: sample only ids below it (the tokenizer's size): an embedding padded past the
+    tokenizer has rows that no text decodes to. A prompt that is empty or does not fit the model's
+    context raises ValueError.
     """
     decode_step = model.decode if decode_step is None else decode_step
     B, context, lens = len(prompts), model.args.max_seq_len, [len(p) for p in prompts]
@@ -77,7 +79,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.6, top_p=0.9, stop_id
                 logits = decode_step(tokens[:, prev:cur], torch.tensor(prev, device=device))[:, -1]
             else:
                 logits = model.decode(tokens[:, prev:cur], prev)[:, -1]
-            chosen = next_token(logits, temperature, top_p, generator)
+            chosen = next_token(logits[:, :n_words], temperature, top_p, generator)
             chosen = torch.where(is_prompt[:, cur], tokens[:, cur], chosen)
             new = ~is_prompt[:, cur] & ~done
             tokens[:, cur] = chosen
@@ -345,7 +347,7 @@ def main(ckpt_dir: str = None, prompt: str = None, prompts_file: str = None, ada
     timings = {}
     step = compile_decode_step(model) if compile else None
     completions = generate(model, prompts, max_new_tokens, temperature, top_p, tok.stop_ids, generator,
-                           on_token=streamer, timings=timings, decode_step=step)
+                           on_token=streamer, timings=timings, decode_step=step, n_words=tok.n_words)
     if streamer is not None:
         streamer.finish()
     else:
