@@ -65,7 +65,9 @@ def load(path):
     # tiktoken files are text lines "base64 rank", sentencepiece files are a binary protobuf, and
     # a tokenizer.json is a JSON object.
     if data.lstrip()[:1] == b"{":
-        return Llama3Tokenizer(path, sha256, *_read_tokenizer_json(path, data))
+        tok = Llama3Tokenizer(path, sha256, *_read_tokenizer_json(path, data))
+        tok.from_json = True  # whatever the file is called (TOKENIZER.JSON, tok.model): exports copy it
+        return tok
     if _looks_like_tiktoken(data):
         return Llama3Tokenizer(path, sha256, _read_tiktoken(path, sha256), None, LLAMA3_PATTERN)
     return SentencePieceTokenizer(path, sha256)
@@ -194,6 +196,7 @@ def _split_pattern(path, pre):
 
 class Llama3Tokenizer:
     kind = "llama3"
+    from_json = False  # read from a tokenizer.json (load decides by content, not by the name)
 
     def __init__(self, path, sha256, ranks, special, pattern):
         """ranks: {token bytes: id} of the BPE (an id is also its merge priority); special:
@@ -440,7 +443,7 @@ def hf_tokenizer_json(tok) -> str:
     """tokenizer.json (as text) of a Llama 3 tokenizer, built with the tokenizers library: byte-level
     BPE over the ranks, Meta's split regex, BOS added to every encoded text, the control tokens
     as special added tokens."""
-    if tok.path.endswith(".json"):  # read from one: hand on the file as it is
+    if tok.from_json:  # read from one: hand on the file as it is
         with open(tok.path, encoding="utf-8") as f:
             return f.read()
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors

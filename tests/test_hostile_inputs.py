@@ -331,3 +331,13 @@ def padded(tmp_path_factory, llama2_ckpt):
 def test_tokenizer_smaller_than_a_padded_model_is_accepted(padded, tmp_path, command):
     r = run(*pairing_argv(command, padded, padded / "base", tmp_path / "out"))
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("name", ["TOKENIZER.JSON", "tokenizer.model"])
+def test_a_tokenizer_json_under_any_name_is_exported_as_it_is(tmp_path, name):
+    # load tells a tokenizer.json by its content; exports must tell it the same way, not by the name
+    source = os.path.join(os.path.dirname(LLAMA3), "tokenizer.json")
+    shutil.copy(source, tmp_path / name)
+    tok = tokenizer.load(tmp_path / name)
+    with open(source, encoding="utf-8") as f:
+        assert tokenizer.hf_tokenizer_json(tok) == f.read()
