@@ -372,7 +372,8 @@ class Command:
         adapter: a directory written by save_adapter (train.py's OUT_DIR/adapter).
         out: the directory to write (a new one, or with --overwrite a checkpoint to replace).
         tokenizer: the model's tokenizer (tokenizer.model or tokenizer.json); default the one in
-            --ckpt_dir. HF and GGUF exports carry it, with its chat template.
+            --ckpt_dir. HF and GGUF exports carry it, with its chat template; every format checks
+            it against the model's embedding (tokenizer.check_fits).
         overwrite: replace the checkpoint already in --out (only a checkpoint: never other files).
         force: apply the adapter even to a base other than the one it was trained on.
     """

@@ -23,6 +23,7 @@ import sys
 import pytest
 import torch
 
+import eval as evaluation
 import lora
 import model
 import tokenizer
@@ -197,8 +198,6 @@ def test_template_with_fields_and_escaped_braces_is_used(llama3_ckpt, tmp_path):
     item = json.loads((tmp_path / "r.json").read_text())["items"][0]
     tok = tokenizer.load(llama3_ckpt)
     m = model.load(llama3_ckpt)
-    import eval as evaluation
-
     example = {"prompt": "{note 3} fever\nLabel:", "choices": ["yes", "no"], "where": "x"}
     assert item["loglikelihoods"] == pytest.approx(evaluation.score_choices(m, tok, example, False), abs=1e-5)
 
