@@ -259,7 +259,7 @@ def write_notes(path, mb, as_csv):
 def read_notes(path):
     """The texts of a {"text"} JSONL, or of a CSV's TEXT column."""
     with open(path, encoding="utf-8", newline="") as f:
-        if path.endswith(".csv"):
+        if prepare.file_kind(path) == "csv":
             return [rec.get("TEXT") for rec in csv.DictReader(f)]
         return [json.loads(line).get("text") for line in f if line.strip()]
 
@@ -297,7 +297,7 @@ def prepare_peak_memory(path, tok_path, workers, out):
     50 ms. Not ru_maxrss: Linux carries that across fork and exec, so a child started by this
     (large) process would report this process's memory as its own."""
     argv = [sys.executable, "-m", "data.prepare", "--input", path, "--out", out, "--tokenizer", tok_path,
-            "--workers", str(workers)] + (["--text_column", "TEXT"] if path.endswith(".csv") else [])
+            "--workers", str(workers)] + (["--text_column", "TEXT"] if prepare.file_kind(path) == "csv" else [])
     with tempfile.TemporaryFile() as stderr:
         proc = subprocess.Popen(argv, cwd=os.path.dirname(os.path.abspath(__file__)), stderr=stderr)
         peak = 0.0
@@ -331,7 +331,7 @@ def cmd_prepare(args, dev):
         if not texts or not all(isinstance(t, str) for t in texts):
             raise BenchError(f"--input {path}: expected JSON lines with a 'text' field, or a CSV with a TEXT column")
         mb = os.path.getsize(path) / 1e6
-        columns = [("text", "TEXT")] if path.endswith(".csv") else None
+        columns = [("text", "TEXT")] if prepare.file_kind(path) == "csv" else None
 
         if tok.kind == "llama3":
             lib, encode_batch = "tiktoken encode_ordinary_batch", tok.model.encode_ordinary_batch
@@ -358,7 +358,7 @@ def cmd_prepare(args, dev):
         ours_tokens = meta["tokens"] - 2 * meta["documents"]  # without the BOS and EOS that prepare adds
         peak_mib = prepare_peak_memory(path, tok_path, args.workers, os.path.join(tmp, "m")) if args.memory else None
 
-    case = f"{mb:.1f} MB {'CSV' if path.endswith('.csv') else 'JSONL'}, {len(texts):,} notes, {args.workers} workers"
+    case = f"{mb:.1f} MB {'CSV' if prepare.file_kind(path) == 'csv' else 'JSONL'}, {len(texts):,} notes, {args.workers} workers"
     vs, ceiling = f"{lib}, {args.workers} threads", f"ceiling: {args.workers} x single-thread {lib}"
     rows = [row(case, "tokens/s", ours_tokens / ours_s, vs, ref_tokens / ref_s),
             row(case, "MB/s", mb / ours_s, vs, mb / ref_s),

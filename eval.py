@@ -9,7 +9,8 @@ Tasks (records are JSONL, one per line):
     choice      {"question", "choices": [..], "answer": i} (+ "context"), or MedQA's {"question",
                 "options": {"A": ..}, "answer": "C"}: acc, acc_norm (lm-evaluation-harness scoring)
     classify    {"text", "label"} with --labels yes,no: accuracy, macro-F1, AUROC
-    rank        {"query_id", "doc_id", "text", "relevance"}: P@10, NDCG@10, MRR, MAP (trec_eval's)
+    rank        {"query_id", "doc_id", "text", "relevance"}, one per (query, doc) pair (in --qrels too):
+                P@10, NDCG@10, MRR, MAP (trec_eval's)
     generate    {"prompt", "reference"} (or instruction/input/output): ROUGE-1/2/L, corpus BLEU
     perplexity  a shards directory (its val split) or JSONL {"text"}: loss, perplexity, bits per byte
 
@@ -97,13 +98,33 @@ def need(record, name, where, kind=str):
     return value
 
 
-def render(template, record, where):
+def check_template(template):
+    """The template, if it only substitutes record fields: plain {field}s, {{ and }} for braces.
+    str.format would also follow {text.upper} or {text[0]} into the value, or apply {text!r} and
+    format specs (which may nest fields), and put a bound method or a repr in every prompt."""
+    import string
+
     try:
-        return template.format(**record)
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as e:  # a lone { or }
+        raise UsageError(f"--template {template!r}: {e}") from None
+    for name, spec, conversion in fields:
+        shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        if not name or name.isdigit():
+            raise UsageError(f"--template {template!r}: {shown} names no field; write {{text}}, {{question}}, ...")
+        if "." in name or "[" in name or conversion or spec:
+            raise UsageError(f"--template {template!r}: {shown} reaches into a field or formats it; only plain "
+                             f"{{field}} substitutions (and {{{{ }}}} for literal braces) are allowed")
+    return template
+
+
+def render(template, record, where):
+    """The template (checked by check_template) with the record's fields filled in."""
+    try:
+        return template.format_map(record)
     except KeyError as e:
         raise DataError(f"{where}: --template needs field {e.args[0]!r}, which the record lacks") from None
-    except (IndexError, ValueError) as e:
-        raise UsageError(f"--template {template!r}: {e}") from None
 
 
 def choice_example(record, where, template):
@@ -178,13 +199,26 @@ def examples_for(task, records, template, labels, qrels):
         examples = [label_example(r, where, template, labels, task) for where, r in records]
     else:
         examples = [generate_example(r, where, template) for where, r in records]
+    first = {}  # (query, doc) -> the line that judged it
     for (where, _), example in zip(records, examples):
         example["where"] = where
-        if task == "rank" and qrels is None:
+        if task != "rank":
+            continue
+        check_unique(first, (example["query_id"], example["doc_id"]), where)
+        if qrels is None:
             relevance = example["relevance"]
             if not isinstance(relevance, int) or isinstance(relevance, bool):
                 raise DataError(f"{where}: field 'relevance' should be an integer grade (or give --qrels)")
     return examples
+
+
+def check_unique(first, pair, where):
+    """Refuse a second line for the same (query, doc): the document would be retrieved (or judged)
+    twice, each copy a hit, and average precision could pass 1 (MAP 2.0). first: pair -> where."""
+    if pair in first:
+        raise DataError(f"{where}: query {pair[0]!r} and doc {pair[1]!r} again (first at line "
+                        f"{first[pair].rpartition(':')[2]}): one line per (query, doc) pair")
+    first[pair] = where
 
 
 # -----------------------------------------------------------------------------------------------
@@ -306,7 +340,7 @@ def score_generation(model, tok, batch, opts):
             raise DataError(f"{example['where']}: the prompt is {len(prompt)} tokens, over the model's "
                             f"context of {model.args.max_seq_len} (--max_seq_len)")
     outs = sampling.generate(model, prompts, opts.max_new_tokens, opts.temperature, opts.top_p, tok.stop_ids,
-                             opts.generator)
+                             opts.generator, n_words=tok.n_words)
     return [{"completion": sampling.completion_text(tok, p, ids), "reference": e["reference"]}
             for e, p, ids in zip(batch, prompts, outs)]
 
@@ -375,7 +409,7 @@ def rank_metrics(items, opts):
 
 def read_qrels(path):
     """{query: {doc: grade}} from a TREC qrels file: `qid iteration docid grade` per line."""
-    table = {}
+    table, first = {}, {}
     try:
         with open(path, encoding="utf-8") as f:
             for number, line in enumerate(f, 1):
@@ -384,6 +418,7 @@ def read_qrels(path):
                     continue
                 if len(parts) != 4 or not parts[3].lstrip("-").isdigit():
                     raise DataError(f"{path}:{number}: a qrels line is `query iteration doc grade`")
+                check_unique(first, (parts[0], parts[2]), f"{path}:{number}")
                 table.setdefault(parts[0], {})[parts[2]] = int(parts[3])
     except OSError as e:
         raise UserError(f"--qrels {path}: {e.strerror}") from None
@@ -621,6 +656,7 @@ def checked_options(opts):
     """Flag combinations cli's per-flag checks cannot see; fills in labels and the checkpoint."""
     if opts.template is not None:  # typed in a shell, "\n" arrives as a backslash and an n
         opts.template = re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m[1]], opts.template)
+        check_template(opts.template)
     if opts.task == "classify" and opts.labels is None:
         raise UsageError("--task classify needs --labels (the verbalizers, e.g. --labels yes,no)")
     opts.labels = [s.strip() for s in (opts.labels or "yes,no").split(",")]
@@ -667,8 +703,9 @@ def main(task: str, data: str, ckpt_dir: str = None, adapter: str = None, out: s
         out: the results file: task, metrics, one item per record in input order, digests.
         labels: classify / rank: the label words in order, comma-separated (the first is the positive
             class); rank defaults to yes,no.
-        template: the prompt as a Python format string over the record's fields, e.g. "{text}\\nLabel:"
-            (\\n and \\t typed in the shell are a newline and a tab).
+        template: the prompt with the record's fields in braces, e.g. "{text}\\nLabel:" (\\n and \\t
+            typed in the shell are a newline and a tab; {{ and }} are literal braces). Only plain
+            {field}s: attributes, indexes, !conversions and :format specs are refused.
         chat: lay each prompt out as a user turn in the tokenizer's chat format (instruct models).
         max_examples: only the first N records.
         batch_size: prompts per batch for generate, windows per batch for perplexity (choice, classify

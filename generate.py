@@ -4,8 +4,8 @@
     python generate.py --ckpt_dir ~/llama/Llama3.1-8B --adapter out/notes/adapter --prompt "Assessment:"
     python generate.py                      # samples from the demo model that `python train.py` makes
 
-stdout holds only the completion (streamed as it is produced for a single prompt; one JSON line per
-prompt for --prompts_file); timings and notes go to stderr.
+stdout holds only the completion (streamed as it is produced for --prompt; one JSON line per prompt
+for --prompts_file, however many it holds); timings and notes go to stderr.
 """
 
 import json
@@ -44,7 +44,7 @@ def next_token(logits, temperature, top_p, generator=None):
 
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=0.6, top_p=0.9, stop_ids=(), generator=None,
-             on_token=None, timings=None, decode_step=None):
+             on_token=None, timings=None, decode_step=None, n_words=None):
     """Complete each prompt (a list of token ids); returns the new tokens of each, stop token excluded.
 
     Prompts of different lengths share one KV cache: decoding starts after the shortest prompt, and
@@ -53,7 +53,9 @@ def generate(model, prompts, max_new_tokens, temperature=0.6, top_p=0.9, stop_id
     a dict passed as timings receives the seconds spent on the prompt ("prefill") and after ("decode").
     decode_step: what runs the one-token steps (default model.decode; compile_decode_step makes a
     compiled one). The prompt goes through model.decode itself: its length varies from call to call.
-    A prompt that is empty or does not fit the model's context raises ValueError.
+    n_words: sample only ids below it (the tokenizer's size): an embedding padded past the
+    tokenizer has rows that no text decodes to. A prompt that is empty or does not fit the model's
+    context raises ValueError.
     """
     decode_step = model.decode if decode_step is None else decode_step
     B, context, lens = len(prompts), model.args.max_seq_len, [len(p) for p in prompts]
@@ -79,7 +81,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.6, top_p=0.9, stop_id
                 logits = decode_step(tokens[:, prev:cur], torch.tensor(prev, device=device))[:, -1]
             else:
                 logits = model.decode(tokens[:, prev:cur], prev)[:, -1]
-            chosen = next_token(logits, temperature, top_p, generator)
+            chosen = next_token(logits[:, :n_words], temperature, top_p, generator)
             chosen = torch.where(is_prompt[:, cur], tokens[:, cur], chosen)
             new = ~is_prompt[:, cur] & ~done
             tokens[:, cur] = chosen
@@ -194,10 +196,19 @@ def _checked_inputs(ckpt_dir, prompt, prompts_file, chat, system):
             raise UserError(f"--prompts_file {prompts_file}: {getattr(e, 'strerror', None) or e}") from None
         if not lines:
             raise UserError(f"--prompts_file {prompts_file}: no prompts in it")
-        if prompts_file.endswith((".jsonl", ".json")) or lines[0][1].lstrip().startswith("{"):
+        if _is_jsonl(prompts_file, lines[0][1]):
             return ckpt_dir, [_jsonl_prompt(prompts_file, i, line) for i, line in lines]
         return ckpt_dir, [Prompt(None, line) for _, line in lines]
     return ckpt_dir, [Prompt(None, prompt or "")]
+
+
+def _is_jsonl(path, first_line):
+    """Whether a prompts file holds JSON records: its name says so (PROMPTS.JSONL, x.ndjson, x.json:
+    data.prepare's file_kind), or else its first line is a JSON object. Neither depends on how many
+    lines there are, so a file of one record is read as one of many would be."""
+    from data.prepare import file_kind
+
+    return file_kind(path) in ("jsonl", "json") or first_line.lstrip().startswith("{")
 
 
 class Prompt:
@@ -299,7 +310,8 @@ def main(ckpt_dir: str = None, prompt: str = None, prompts_file: str = None, ada
         prompt: the text to complete (with --chat: the user's message). Default: an empty document.
         prompts_file: prompts completed as a batch, one JSON line out per prompt: one prompt per line,
             or JSONL ({"id", "prompt"}, or instruction / chat records as data.prepare reads them,
-            laid out as dialogs; ids are kept in the output).
+            laid out as dialogs; ids are kept in the output). JSONL when the name ends .jsonl,
+            .ndjson or .json (any case) or the first line is a JSON object.
         adapter: a LoRA adapter directory saved by train.py (merged into the weights for speed).
         chat: lay the prompt out as a dialog (Llama 3 headers or Llama 2 [INST]) for instruct models.
         system: a system message for --chat.
@@ -328,12 +340,13 @@ def main(ckpt_dir: str = None, prompt: str = None, prompts_file: str = None, ada
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
         torch.manual_seed(seed)
-    streamer = Streamer(tok, prompts[0]) if len(prompts) == 1 else None
+    # --prompt streams its completion; a prompts file, even of one prompt, gives one JSON line per prompt
+    streamer = Streamer(tok, prompts[0]) if prompts_file is None else None
 
     timings = {}
     step = compile_decode_step(model) if compile else None
     completions = generate(model, prompts, max_new_tokens, temperature, top_p, tok.stop_ids, generator,
-                           on_token=streamer, timings=timings, decode_step=step)
+                           on_token=streamer, timings=timings, decode_step=step, n_words=tok.n_words)
     if streamer is not None:
         streamer.finish()
     else:

@@ -386,7 +386,8 @@ class Command:
         adapter: a directory written by save_adapter (train.py's OUT_DIR/adapter).
         out: the directory to write (a new one, or with --overwrite a checkpoint to replace).
         tokenizer: the model's tokenizer (tokenizer.model or tokenizer.json); default the one in
-            --ckpt_dir. HF and GGUF exports carry it, with its chat template.
+            --ckpt_dir. HF and GGUF exports carry it, with its chat template; every format checks
+            it against the model's embedding (tokenizer.check_fits).
         overwrite: replace the checkpoint already in --out (only a checkpoint: never other files).
         force: apply the adapter even to a base other than the one it was trained on.
     """
@@ -418,28 +419,34 @@ class Command:
         self.base = base or os.path.abspath(self.ckpt_dir)
         self._write(format, gguf_type)
 
-    def _load_tokenizer(self):
-        """The tokenizer exports carry; None (with a note) when the checkpoint has none and no
-        --tokenizer is given."""
+    def _load_tokenizer(self, fmt):
+        """The tokenizer paired with the model (HF and GGUF exports carry it, a merge copies the
+        base's); None when the checkpoint has none and no --tokenizer is given (with a note where
+        the export would have carried it)."""
         import tokenizer as llama_tokenizer
 
         where = ("tokenizer.model", os.path.join("original", "tokenizer.model"), "tokenizer.json")  # tokenizer.load's
         if self.tokenizer is None and not any(os.path.isfile(os.path.join(self.ckpt_dir, w)) for w in where):
-            print(f"lora.py: no tokenizer in {self.ckpt_dir} (pass --tokenizer): the export has no tokenizer files, "
-                  f"and config.json no BOS/EOS ids", file=sys.stderr)
+            if fmt in ("hf", "gguf"):
+                print(f"lora.py: no tokenizer in {self.ckpt_dir} (pass --tokenizer): the export has no tokenizer "
+                      f"files, and config.json no BOS/EOS ids", file=sys.stderr)
             return None
         try:
             return llama_tokenizer.load(self.tokenizer or self.ckpt_dir)
         except llama_tokenizer.TokenizerError as e:
-            raise UserError(f"--tokenizer: {e}") from None
+            raise UserError(f"{'--tokenizer' if self.tokenizer else '--ckpt_dir'}: {e}") from None
 
     def _write(self, fmt, gguf_type="f16"):
         read_adapter_config(self.adapter)  # a wrong adapter path fails before the base is loaded
         self._check_out()
-        tok = self._load_tokenizer() if fmt in ("hf", "gguf") else None
+        tok = self._load_tokenizer(fmt)
         if fmt == "gguf" and tok is None:
             raise UserError(f"--format gguf needs the tokenizer: none in --ckpt_dir {self.ckpt_dir}; pass --tokenizer")
         m = load_model(self.ckpt_dir, dtype=checkpoint.stored_dtype(self.ckpt_dir) if fmt != "peft" else None)
+        if tok is not None:  # every format: what leaves here is used with this tokenizer (llama.cpp refuses a misfit)
+            import tokenizer as llama_tokenizer
+
+            llama_tokenizer.check_fits(tok, m.args.vocab_size, self.ckpt_dir)
         load_adapter(m, self.adapter, force=self.force)
         if fmt != "peft" and read_adapter_config(self.adapter).get("base_quantize") == "nf4":
             # Deployed on the full-precision base, the adapter meets W where it was trained on NF4(W).

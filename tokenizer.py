@@ -71,6 +71,7 @@ def load(path):
     # a tokenizer.json is a JSON object.
     if data.lstrip()[:1] == b"{":
         tok = Llama3Tokenizer(path, sha256, *_read_tokenizer_json(path, data))
+        tok.from_json = True  # whatever the file is called (TOKENIZER.JSON, tok.model): exports copy it
     elif _looks_like_tiktoken(data):
         tok = Llama3Tokenizer(path, sha256, _read_tiktoken(path, sha256), None, LLAMA3_PATTERN)
     else:
@@ -234,6 +235,7 @@ def _split_pattern(path, pre):
 
 class Llama3Tokenizer:
     kind = "llama3"
+    from_json = False  # read from a tokenizer.json (load decides by content, not by the name)
 
     def __init__(self, path, sha256, ranks, special, pattern):
         """ranks: {token bytes: id} of the BPE (an id is also its merge priority); special:
@@ -480,7 +482,7 @@ def hf_tokenizer_json(tok) -> str:
     """tokenizer.json (as text) of a Llama 3 tokenizer, built with the tokenizers library: byte-level
     BPE over the ranks, Meta's split regex, BOS added to every encoded text, the control tokens
     as special added tokens."""
-    if tok.path.endswith(".json"):  # read from one: hand on the file as it was read
+    if tok.from_json:  # read from one: hand on the file as it was read
         return tok.data.decode("utf-8")
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 

@@ -5,11 +5,12 @@
     python -m data.prepare --demo                 # ICD-10-CM tabular list -> shards/icd10cm
 
 Input: a file, a directory (searched recursively) or a glob. .txt/.md files are one document
-each, or many with --doc_separator REGEX (split_documents: streamed, chunk by chunk); .jsonl files
-hold one record per line (.json: JSON lines, or one array of records, which is read whole);
-.csv/.tsv rows (the csv module: quoted cells may span lines) and .parquet rows (pyarrow, batch by
-batch) become records through --text_column / --columns (column_picker), or through their header
-names. Any file but Parquet may be .gz or .zst compressed (open_binary streams it). A record is
+each, or many with --doc_separator REGEX (split_documents: streamed, chunk by chunk); .jsonl and
+.ndjson files hold one record per line (.json: JSON lines, or one array of records, which is read
+whole); .csv/.tsv rows (the csv module: quoted cells may span lines) and .parquet rows (pyarrow, batch
+by batch) become records through --text_column / --columns (column_picker), or through their header
+names. Any file but Parquet may be .gz or .zst compressed (open_binary streams it). Endings count in
+any case (DATA.JSONL, NOTES.CSV.GZ): file_kind decides what a file holds. A record is
 {"text"} (plain text), {"instruction","input","output"} or an alias pair (question/answer,
 prompt/response, prompt/completion, input/output) (instruct), or {"messages": [{"role","content"}]}
 / ShareGPT {"conversations": [{"from","value"}]} (chat).
@@ -59,11 +60,12 @@ from cli import UsageError, UserError, at_least, command_line, interval, non_emp
 from data import shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEXT_EXTS = (".txt", ".md")
-JSON_EXTS = (".jsonl", ".json")
-TABLE_EXTS = (".csv", ".tsv")
-PARQUET_EXTS = (".parquet",)
-COMPRESSED_EXTS = (".gz", ".zst")  # after any of the above but .parquet (which compresses inside)
+# What a file holds, by how its name ends, compared case-insensitively (NOTES.CSV is a CSV): file_kind
+# reads it. .ndjson is another name for JSON lines; a .json file may also be one array of records.
+KINDS = {".txt": "text", ".md": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
+         ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
+TABLE_KINDS = ("csv", "tsv", "parquet")
+COMPRESSIONS = (".gz", ".zst")  # after any of the above but .parquet (which compresses inside)
 # the fields a record may have, and so the names --columns may map columns to
 RECORD_FIELDS = ("text", "instruction", "input", "output", "question", "answer", "prompt", "response",
                  "completion", "system")
@@ -96,16 +98,24 @@ def log(msg):
 # reading records
 
 
-def inner_name(path):
-    """The file name without its .gz / .zst suffix: what the (decompressed) content is."""
-    for ext in COMPRESSED_EXTS:
-        if path.endswith(ext):
-            return path[: -len(ext)]
-    return path
+def compression(path):
+    """".gz" or ".zst" when the file's name says it is compressed (in any case), else None."""
+    ext = os.path.splitext(str(path))[1].lower()
+    return ext if ext in COMPRESSIONS else None
+
+
+def file_kind(path):
+    """What the (decompressed) file holds, from its name whatever the case: "text", "jsonl", "json",
+    "csv", "tsv" or "parquet"; None for a name none of KINDS ends. Every reader that goes by a
+    file's name (here, generate.py --prompts_file) asks this, so DATA.JSONL is never raw text."""
+    path = str(path)
+    squeezed = compression(path)
+    kind = KINDS.get(os.path.splitext(path[: -len(squeezed)] if squeezed else path)[1].lower())
+    return None if kind == "parquet" and squeezed else kind
 
 
 def is_table(path):
-    return inner_name(path).endswith(TABLE_EXTS) or path.endswith(PARQUET_EXTS)
+    return file_kind(path) in TABLE_KINDS
 
 
 def list_files(path, tables=False):
@@ -119,12 +129,12 @@ def list_files(path, tables=False):
         for dirpath, dirnames, filenames in os.walk(path):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             found += [os.path.join(dirpath, f) for f in filenames if not f.startswith(".")
-                      and (inner_name(f).endswith(TEXT_EXTS + JSON_EXTS + TABLE_EXTS) or f.endswith(PARQUET_EXTS))]
+                      and file_kind(f) is not None]
         documents = [f for f in found if not is_table(f)]
         found = found if tables or not documents else documents
         if not found:
-            raise PrepareError(f"--input {path}: no .txt, .md, .json or .jsonl files in it "
-                               f"(nor .csv, .tsv, .parquet, nor .gz / .zst of them)")
+            raise PrepareError(f"--input {path}: no .txt, .md, .json, .jsonl or .ndjson files in it "
+                               f"(nor .csv, .tsv, .parquet, nor .gz / .zst of them, in any case)")
         return sorted(found)
     found = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
     if not found:
@@ -134,9 +144,9 @@ def list_files(path, tables=False):
 
 def open_binary(path):
     """The file's bytes, decompressed on the fly for .gz and .zst: streamed, never read whole."""
-    if path.endswith(".gz"):
+    if compression(path) == ".gz":
         return gzip.open(path, "rb")
-    if path.endswith(".zst"):
+    if compression(path) == ".zst":
         return io.BufferedReader(ZstdReader(path), 1 << 20)
     return open(path, "rb")
 
@@ -309,13 +319,13 @@ class Corpus:
     def docs(self, quiet=False):
         """quiet: a dry pass (vocab training) that neither counts nor reports skipped records."""
         for path in self.files:
-            name = inner_name(path)
+            kind = file_kind(path)  # a file named on the command line with no known ending: text
             try:
-                if name.endswith(JSON_EXTS):
+                if kind in ("jsonl", "json"):
                     yield from self._json_docs(path, quiet)
-                elif name.endswith(TABLE_EXTS):
+                elif kind in ("csv", "tsv"):
                     yield from self._table_docs(path, quiet)
-                elif path.endswith(PARQUET_EXTS):
+                elif kind == "parquet":
                     yield from self._parquet_docs(path, quiet)
                 else:
                     yield from self._text_docs(path, quiet)
@@ -354,7 +364,7 @@ class Corpus:
     def _records(self, path, quiet):
         with open_binary(path) as f:
             head = f.peek(4096)[:4096].lstrip()  # without consuming it: a .gz stream cannot seek back
-            if inner_name(path).endswith(".json") and head.startswith(b"["):
+            if file_kind(path) == "json" and head.startswith(b"["):
                 records = jsonfile.loads(f.read(), path, PrepareError, bad="malformed JSON")
                 for i, rec in enumerate(records):
                     yield f"{path}: record {i}", rec
@@ -373,7 +383,7 @@ class Corpus:
     def _table_docs(self, path, quiet):
         """CSV / TSV through the csv module: quoted cells may hold commas, quotes and newlines."""
         csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # a note can be far over csv's 128 KB default
-        delimiter = "\t" if inner_name(path).endswith(".tsv") else ","
+        delimiter = "\t" if file_kind(path) == "tsv" else ","
         with open_text(path) as f:
             reader = csv.reader(f, delimiter=delimiter)
             try:

@@ -548,7 +548,7 @@ def test_cli_refusals(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     rc, lines = run_prepare("--input", empty, "--out", out, "--tokenizer", LLAMA3)
-    assert_one_line_error(rc, lines, "no .txt, .md, .json or .jsonl files")
+    assert_one_line_error(rc, lines, "no .txt, .md, .json, .jsonl or .ndjson files")
 
     (empty / "blank.jsonl").write_text("\n\n")
     rc, lines = run_prepare("--input", empty, "--out", out, "--tokenizer", LLAMA3)
