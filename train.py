@@ -117,8 +117,9 @@ class TrainConfig:
     save_every: int = flag(None, "checkpoint every N steps (default 500; the demo 200), at the end and on Ctrl-C",
                            positive)
     resume: bool = flag(False, "continue the checkpoint in --out_dir exactly where it stopped")
-    resume_with_changes: bool = flag(False, "let --resume continue with changed schedule, batch or LoRA flags "
-                                            "(each change is logged)")
+    resume_with_changes: bool = flag(False, "let --resume continue with changed schedule or LoRA flags or another "
+                                            "global batch (each change is logged); --batch_size, --grad_accum "
+                                            "and the number of ranks may change freely if their product stays")
     overwrite: bool = flag(False, "start afresh even though --out_dir holds a checkpoint (the demo always does)")
     mlflow: bool = flag(True, "track params, metrics, artifacts ($MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     mlflow_experiment: str = flag("llama", "the mlflow experiment's name", non_empty)
@@ -431,25 +432,37 @@ def checkpoint_dir(cfg):
     return os.path.join(cfg.out_dir, cfg.kind)
 
 
-# The flags a resumed run must keep: they fix the schedule (lr_at), which sequences make each step,
-# and what is trained, so changing one would not continue the run the checkpoint began.
-RESUME_FIXED = ("max_steps", "lr", "warmup_steps", "min_lr_ratio", "batch_size", "grad_accum", "seq_len",
-                "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "rslora")
+# The flags a resumed run must keep: they fix the schedule (lr_at), the length of each sequence and
+# what is trained, so changing one would not continue the run the checkpoint began. Which sequences
+# make each step depends only on the global batch (shards.DataLoader), so --batch_size, --grad_accum
+# and the number of ranks may change as long as their product does not (check_resume_changes).
+RESUME_FIXED = ("max_steps", "lr", "warmup_steps", "min_lr_ratio", "seq_len", "lora_rank", "lora_alpha",
+                "lora_dropout", "lora_targets", "rslora")
+
+
+def global_batch(config):
+    """(rows per optimizer step, how they come about) of a run's config (a dict, as saved)."""
+    world, batch, accum = config.get("world", 1), config["batch_size"], config["grad_accum"]
+    return world * batch * accum, f"{world} rank(s) x --batch_size {batch} x --grad_accum {accum}"
 
 
 def check_resume_changes(cfg, path):
-    """Refuse (one line naming them) flags in RESUME_FIXED that differ from the checkpoint's run,
-    unless --resume_with_changes, which logs them instead. A checkpoint already at or past
-    --max_steps trains nothing more, so nothing it would continue can change."""
+    """Refuse (one line naming them) flags in RESUME_FIXED that differ from the checkpoint's run, or
+    a global batch that differs, unless --resume_with_changes, which logs them instead. A checkpoint
+    already at or past --max_steps trains nothing more, so nothing it would continue can change."""
     state = checkpoint.torch_load(os.path.join(path, "train_state.pt"), mmap=True)
     saved = state.get("config", {})
     if state.get("step", 0) >= cfg.max_steps:
         return
-    changed = [(name, saved[name], getattr(cfg, name)) for name in RESUME_FIXED
+    changed = [f"--{name} {getattr(cfg, name)} (was {saved[name]})" for name in RESUME_FIXED
                if name in saved and saved[name] != getattr(cfg, name)]
+    if "batch_size" in saved and "grad_accum" in saved:
+        (old, old_how), (new, new_how) = global_batch(saved), global_batch(asdict(cfg))
+        if old != new:
+            changed.append(f"the global batch {new} rows = {new_how} (was {old} = {old_how})")
     if not changed:
         return
-    listed = ", ".join(f"--{name} {new} (was {old})" for name, old, new in changed)
+    listed = ", ".join(changed)
     if not cfg.resume_with_changes:
         raise UserError(f"--resume: {listed} differ from the checkpoint's run in {path}, so it would not "
                         f"continue exactly; restore them, or pass --resume_with_changes")
