@@ -10,7 +10,8 @@ What it writes to --out_dir:
     model/               full or from-scratch runs: a Meta checkpoint (generate.py --ckpt_dir OUT/model)
     adapter/             LoRA runs: the adapter (generate.py --ckpt_dir BASE --adapter OUT/adapter)
     .lock                held by the running process: one run per --out_dir
-Both model/ and adapter/ also hold tokenizer.model and train_state.pt (optimizer, step, loader
+Both model/ and adapter/ also hold the tokenizer (tokenizer.model, or tokenizer.json where the run's
+tokenizer is one) and train_state.pt (optimizer, step, loader
 position, config, how long log.jsonl was), so --resume continues exactly (randomness is seeded per
 step from --seed, rank and step, so there is no RNG state to carry).
 
@@ -82,6 +83,8 @@ class TrainConfig:
                          non_empty)
     data: str = flag(None, "token shards (python -m data.prepare); with neither --data nor --ckpt_dir: the demo",
                      non_empty)
+    tokenizer: str = flag(None, "a tokenizer file (tokenizer.model or tokenizer.json) to use instead of the one "
+                                "in --ckpt_dir (or, from scratch, the shards' copy)", non_empty)
     out_dir: str = flag(None, "logs and checkpoints (default out/<the data directory's name>; the demo out/demo)",
                         non_empty)
     # LoRA: adapters on a frozen base
@@ -172,7 +175,8 @@ class TrainConfig:
         self.out_dir = self.out_dir or os.path.join(ROOT, "out", os.path.basename(os.path.normpath(self.data)))
         # what a run writes in --out_dir never replaces what it reads, nor goes through a link
         atomic.check_outputs([("--out_dir", os.path.join(self.out_dir, name)) for name in (self.kind, "log.jsonl", ".lock")],
-                             {"--ckpt_dir": self.ckpt_dir, "--data": self.data, "--eval_data": self.eval_data},
+                             {"--ckpt_dir": self.ckpt_dir, "--data": self.data, "--eval_data": self.eval_data,
+                              "--tokenizer": self.tokenizer},
                              checkpoint.INPUT_FILES + shards.SHARD_FILES)
 
     def _fill(self, defaults):
@@ -266,8 +270,11 @@ def load_model_and_data(cfg, resume_from):
     files, ids beyond the vocabulary."""
     # a full or from-scratch run resumes from its own saved weights: no need to read the base too
     source = resume_from if resume_from and not cfg.lora_rank else cfg.ckpt_dir
-    tokenizer = llama_tokenizer.load(source or cfg.data)  # the checkpoint's, or the shards' own copy
-    data_meta = shards.validate(cfg.data, vocab_size=tokenizer.n_words, tokenizer_sha256=tokenizer.sha256)
+    try:  # --tokenizer, the checkpoint's, or the shards' own copy
+        tokenizer = llama_tokenizer.load(cfg.tokenizer or source or cfg.data)
+    except llama_tokenizer.TokenizerError as e:
+        raise UserError(f"--tokenizer: {e}" if cfg.tokenizer else str(e)) from None
+    data_meta = shards.validate(cfg.data, vocab_size=tokenizer.n_words, tokenizer=tokenizer)
     torch.manual_seed(cfg.seed)  # the same initial weights (and LoRA A matrices) on every rank
     if cfg.fsdp:  # built on the meta device, sharded, then each rank reads only its rows (fsdp.py)
         import fsdp
@@ -476,7 +483,7 @@ def has_checkpoint(cfg):
 
 
 def save_checkpoint(cfg, run, step):
-    """The weights (or adapter), tokenizer.model and train_state.pt, as one directory: a kill at
+    """The weights (or adapter), the tokenizer and train_state.pt, as one directory: a kill at
     any moment leaves the previous checkpoint or this one, never a mix. Under --fsdp every rank
     calls it: the weights are gathered to rank 0, the optimizer saved sharded (fsdp.py)."""
     raw, optimizer = run.raw, run.optimizer.state_dict() if not cfg.fsdp else None
@@ -496,10 +503,11 @@ def save_checkpoint(cfg, run, step):
             import lora
 
             fingerprint = fsdp.adapter_fingerprint(run.raw) if cfg.fsdp else None  # kept by full_model
-            lora.write_adapter(raw, tmp_dir, tokenizer_sha256=run.tokenizer.sha256, fingerprint=fingerprint)
+            lora.write_adapter(raw, tmp_dir, tokenizer_sha256=run.tokenizer.sha256, fingerprint=fingerprint,
+                               tokenizer_fingerprint=run.tokenizer.fingerprint)
         else:
             checkpoint.write_meta(raw, tmp_dir)
-        llama_tokenizer.write_copy(run.tokenizer, os.path.join(tmp_dir, "tokenizer.model"))
+        llama_tokenizer.copy_into(run.tokenizer, tmp_dir)  # tokenizer.model, or a tokenizer.json as such
         torch.save(state, os.path.join(tmp_dir, "train_state.pt"))
 
     return atomic.write_dir(checkpoint_dir(cfg), write)
