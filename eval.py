@@ -458,7 +458,7 @@ def shard_windows(tok, data, seq_len, vocab_size):
     another tokenizer are refused (data.shards.ShardError, naming the file)."""
     from data.shards import DataLoader, validate
 
-    validate(data, "val", vocab_size, tok.sha256)
+    validate(data, "val", vocab_size, tokenizer=tok)
     loader = DataLoader(data, "val", 1, seq_len)
     control = {tok.bos_id, tok.eos_id, *tok.stop_ids}
     windows = []

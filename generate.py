@@ -273,7 +273,7 @@ def load_for_sampling(ckpt_dir, tokenizer=None, adapter=None, device="cpu", dtyp
     if adapter is not None:
         import lora  # only adapters need it
 
-        lora.load_adapter(model, adapter, tokenizer_sha256=tok.sha256, force=force)
+        lora.load_adapter(model, adapter, force=force, tokenizer=tok)
         if quantize is None:
             lora.merge_lora(model)
     return model, tok

