@@ -42,6 +42,7 @@ import torch.distributed as dist
 import atomic
 import checkpoint
 import cli
+import distributed
 import eval as task_eval
 import model as llama
 import tokenizer as llama_tokenizer
@@ -716,11 +717,15 @@ class StopOnSignal:
 
 def main(*args, **flags):
     cfg = TrainConfig(*args, **flags)
-    # Rank 0 claims --out_dir before anything else (torchrun's other ranks wait for it in the
-    # process group's rendezvous), so a refused run touches nothing.
-    with claim_out_dir(cfg) if os.environ.get("RANK", "0") == "0" else nullcontext():
-        setup_distributed(cfg)
-        try:
+    setup_distributed(cfg)
+    distributed.watch()  # one rank's error stops them all within seconds
+    done = False
+    try:
+        # Rank 0 claims --out_dir before anything else (the others wait for it at the barrier), so a
+        # refused run touches nothing and no rank reads a checkpoint that claiming may still settle.
+        with claim_out_dir(cfg) if cfg.rank == 0 else nullcontext():
+            if cfg.world > 1:
+                dist.barrier()
             if cfg.demo:
                 prepare_demo_corpus(cfg)
             run = set_up(cfg)
@@ -730,9 +735,14 @@ def main(*args, **flags):
                 finish(cfg, run, step, last_saved, stop.requested)
             finally:
                 run.logger.close()
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        done = True
+    except BaseException:
+        if cfg.world > 1 and not distributed.failed():
+            distributed.exit_quietly()  # another rank failed first and its error is printed
+        raise
+    finally:
+        if done and dist.is_initialized():  # a failed rank does not wait on the others to tear down
+            dist.destroy_process_group()
 
 
 # The command line is TrainConfig: cli.run reads the flags, their types and defaults from main's

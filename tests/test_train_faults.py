@@ -228,3 +228,52 @@ def test_a_payload_planted_in_any_file_a_resume_reads_never_runs(text_data, tmp_
                 (name, out.stderr[-2000:])
         refused += out.returncode == 1
     assert refused >= 3
+
+
+@pytest.mark.parametrize("rank,when", [(0, "start"), (1, "start"), (0, "mid"), (1, "mid"), (0, "save")])
+def test_one_rank_failing_stops_every_rank_within_seconds(text_data, tmp_path, rank, when):
+    """A rank that fails (at start-up, mid-run while the other waits in backward's all-reduce, or
+    rank 0 saving while under --fsdp the other waits for the checkpoint's path) ends the run on
+    every rank within 30 s, not at the process group's timeout, with its error printed once and no
+    traceback from the others."""
+    flags = [*TINY, "--data", text_data, "--out_dir", tmp_path / "o", "--max_steps", "50"]
+    flags += ["--fsdp", "--save_every", "2"] if when == "save" else ["--save_every", "100"]
+    start = time.time()
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                          "tests/rank_fault.py", str(rank), when, *map(str, flags)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    took = time.time() - start
+    assert out.returncode != 0 and took < 30, (took, out.stderr[-3000:])
+    errors = [line for line in out.stderr.splitlines() if line.startswith("train.py:")]
+    said = {"start": "at start-up", "mid": "mid-run", "save": "saving"}[when]
+    assert errors == [f"train.py: injected failure on rank {rank} {said}"], out.stderr[-3000:]
+    ours = out.stderr.split("torch/distributed/elastic")[0]  # what follows is torchrun's own report
+    assert "Traceback" not in ours and "rank0]:" not in ours and "rank1]:" not in ours, out.stderr[-3000:]
+
+
+def test_a_rank_waiting_in_a_collective_leaves_once_another_has_failed(tmp_path):
+    """distributed.watch on its own, where the transport cannot tell (NCCL, another node): rank 1
+    marks itself failed but stays alive (its sockets open), rank 0 waits in a barrier whose timeout
+    is 30 minutes; the watcher ends rank 0 within seconds."""
+    script = tmp_path / "waits.py"
+    script.write_text(f"""import os, sys, time
+sys.path.insert(0, {ROOT!r})
+import torch.distributed as dist
+import distributed
+dist.init_process_group("gloo")
+distributed.watch()
+if dist.get_rank() == 1:
+    distributed.failed()
+    time.sleep(120)
+else:
+    dist.barrier()
+""")
+    start = time.time()
+    waiting = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                                str(script)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        err = waiting.communicate(timeout=60)[1]
+    finally:
+        waiting.kill()
+    assert waiting.returncode != 0 and time.time() - start < 30, err[-2000:]
+    assert "local_rank: 0" in err and "exitcode  : 1" in err, err[-2000:]
