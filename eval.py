@@ -598,14 +598,26 @@ def evaluate(task, model, tok, units, opts, rank=0, world=1, show_progress=True)
 
 
 def sha256_of(path):
-    """The file's sha256, or for a shards directory that of its meta.json (which names every shard's
-    tokenizer and counts)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "meta.json")
+    """The file's sha256; for a shards directory that of its meta.json (which names every shard's
+    tokenizer and counts), or, for llm.c / nano-llama31 shards without one, of the val shards
+    perplexity scored, names and bytes."""
+    if not os.path.isdir(path):
+        return _sha256_of_files([path], named=False)
+    if os.path.exists(os.path.join(path, "meta.json")):
+        return _sha256_of_files([os.path.join(path, "meta.json")], named=False)
+    from data import shards
+
+    return _sha256_of_files([p for p, _, _ in shards.shard_paths(path, shards.load_meta(path), "val")], named=True)
+
+
+def _sha256_of_files(paths, named):
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    for path in paths:
+        if named:
+            digest.update(os.path.basename(path).encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 

@@ -541,3 +541,21 @@ def test_a_broken_store_is_one_warning_line_and_the_results_stay(tiny, tmp_path)
         [line for line in r.stderr.splitlines() if line.startswith("eval.py: warning: mlflow tracking stopped")]
     assert len([line for line in r.stderr.splitlines() if "mlflow" in line]) == 1
     assert json.loads((tmp_path / "r.json").read_text())["metrics"]["P@10"] >= 0
+
+
+def test_perplexity_of_llm_c_shards_without_meta_json_writes_its_results(tiny, ours, tmp_path):
+    """A nano-llama31 directory (no meta.json): the results carry a digest of the val shards scored."""
+    from data import shards
+
+    _, tok = ours
+    d = tmp_path / "llmc"
+    d.mkdir()
+    for split, text in [("train", TEXTS[0]), ("val", TEXTS[1])]:
+        shards.write_shard(str(d / f"notes_{split}_000000.bin"), tok.encode(text, bos=True, eos=True), ARGS.vocab_size)
+    out = tmp_path / "p.json"
+    r = run_eval("--ckpt_dir", tiny[1], "--task", "perplexity", "--data", d, "--out", out, "--seq_len", 16,
+                 "--mlflow", "false")
+    assert r.returncode == 0, r.stderr
+    results = json.loads(out.read_text())
+    assert results["metrics"]["tokens"] > 0 and len(results["data"]["sha256"]) == 64
+    assert not (d / "meta.json").exists()
