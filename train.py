@@ -23,6 +23,7 @@ Reading guide, top to bottom:
     the run              main -> set_up -> loop -> finish
 """
 
+import errno
 import fcntl
 import inspect
 import json
@@ -159,6 +160,8 @@ class TrainConfig:
             self.warmup_steps = max(1, self.max_steps // 20)
         if self.data is None:
             raise UsageError("--data is required with --ckpt_dir (token shards from python -m data.prepare)")
+        if self.ckpt_dir and not os.path.isdir(atomic.readable(os.path.expanduser(self.ckpt_dir))):
+            raise UserError(f"--ckpt_dir {self.ckpt_dir}: no such checkpoint directory")
         if not self.demo:  # before anything is written: a wrong --data is named as such
             if not os.path.isdir(atomic.readable(self.data)):
                 raise UserError(f"--data {self.data}: no such directory (token shards from python -m data.prepare)")
@@ -550,8 +553,15 @@ class Logger:
             return
         if line:
             print(line, flush=True)
-        with os.fdopen(atomic.open_own(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "w") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with os.fdopen(atomic.open_own(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "w") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise atomic.DiskFullError(f"disk full while appending step {record['step']} to {self.path}; the last "
+                                       f"checkpoint is intact (--resume continues it). Free some space on "
+                                       f"{os.path.dirname(os.path.abspath(self.path))} and try again") from None
         if self.tracker:
             metrics = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
             self.tracker.log_metrics(metrics, step=record["step"])
