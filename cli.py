@@ -104,6 +104,7 @@ def run(command, prog, argv=None, checks=None):
         if parsed is None:  # --help was printed
             return
         subcommand, values = parsed
+        check_kernels()
         _invocation = (shlex.join(shlex.split(prog) + argv), frozenset(values))
         fire_argv = [subcommand] if subcommand else []
         fire_argv += [f"--{name}={value!r}" for name, value in values.items()]  # fire reads literals back
@@ -119,6 +120,21 @@ def run(command, prog, argv=None, checks=None):
         _stop(prog, "interrupted", 130, debug)
     finally:
         _invocation = outer
+
+
+def check_kernels():
+    """LLAMA_KERNELS, checked before any work: a value model.py does not know, or triton where
+    Triton cannot run (a CPU without TRITON_INTERPRET=1), is one line now rather than a
+    KernelError traceback once the model has loaded. model.use_triton holds the rules."""
+    model = sys.modules.get("model")
+    if model is None or not os.environ.get("LLAMA_KERNELS"):
+        return
+    import torch
+
+    try:
+        model.use_triton(torch.empty(0, device="cuda" if torch.cuda.is_available() else "cpu"))
+    except model.KernelError as e:
+        raise UsageError(str(e)) from None
 
 
 def _stop(prog, error, status, debug):

@@ -55,6 +55,8 @@ def mv(W: torch.Tensor, x: torch.Tensor):
 
 
 def status() -> str:
+    if (os.environ.get("LLAMA_KERNELS") or "").strip().lower() == "torch":
+        return "torch.mv (LLAMA_KERNELS=torch)"  # model.cpu_mv never calls the kernel then
     _load()
     return "cpu_gemv.c" if _kernel is not None else f"torch.mv ({_why_not})"
 

@@ -65,12 +65,13 @@ class DataError(UserError):
 # Records: JSONL lines, each turned into what its task scores
 
 
-def read_jsonl(path, limit=None):
-    """[(where, record)] with where = "FILE:LINE", blank lines skipped; stops after limit records."""
+def read_jsonl(path, limit=None, flag="--data"):
+    """[(where, record)] with where = "FILE:LINE", blank lines skipped; stops after limit records.
+    flag: the option that named the file (train.py's is --eval_data)."""
     try:
         f = open(path, encoding="utf-8")
     except OSError as e:
-        raise UserError(f"--data {path}: {e.strerror}") from None
+        raise UserError(f"{flag} {path}: {e.strerror}") from None
     records = []
     with f:
         for number, line in enumerate(f, 1):
@@ -157,8 +158,9 @@ def choice_example(record, where, template):
     return {"prompt": prompt, "choices": [str(c) for c in choices], "answer": index}
 
 
-def label_example(record, where, template, labels, task):
-    """classify / rank: {"prompt", "choices": labels, "answer": index or None, ...}."""
+def label_example(record, where, template, labels, task, labels_from="--labels"):
+    """classify / rank: {"prompt", "choices": labels, "answer": index or None, ...}. labels_from:
+    where the labels came from, for the message (train.py has no --labels)."""
     if task == "rank":
         for name in ("query_id", "doc_id"):
             need(record, name, where, (str, int))
@@ -170,7 +172,7 @@ def label_example(record, where, template, labels, task):
     if task == "classify":
         label = str(need(record, "label", where, (str, int)))
         if label not in labels:
-            raise DataError(f"{where}: label {label!r} is not one of --labels {','.join(labels)}")
+            raise DataError(f"{where}: label {label!r} is not one of {labels_from} {','.join(labels)}")
         example["answer"] = labels.index(label)
     else:
         example.update(query_id=str(record["query_id"]), doc_id=str(record["doc_id"]),
@@ -192,11 +194,11 @@ def generate_example(record, where, template):
     return {"prompt": prompt, "reference": reference}
 
 
-def examples_for(task, records, template, labels, qrels):
+def examples_for(task, records, template, labels, qrels, labels_from="--labels"):
     if task == "choice":
         examples = [choice_example(r, where, template) for where, r in records]
     elif task in ("classify", "rank"):
-        examples = [label_example(r, where, template, labels, task) for where, r in records]
+        examples = [label_example(r, where, template, labels, task, labels_from) for where, r in records]
     else:
         examples = [generate_example(r, where, template) for where, r in records]
     first = {}  # (query, doc) -> the line that judged it
@@ -596,14 +598,26 @@ def evaluate(task, model, tok, units, opts, rank=0, world=1, show_progress=True)
 
 
 def sha256_of(path):
-    """The file's sha256, or for a shards directory that of its meta.json (which names every shard's
-    tokenizer and counts)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "meta.json")
+    """The file's sha256; for a shards directory that of its meta.json (which names every shard's
+    tokenizer and counts), or, for llm.c / nano-llama31 shards without one, of the val shards
+    perplexity scored, names and bytes."""
+    if not os.path.isdir(path):
+        return _sha256_of_files([path], named=False)
+    if os.path.exists(os.path.join(path, "meta.json")):
+        return _sha256_of_files([os.path.join(path, "meta.json")], named=False)
+    from data import shards
+
+    return _sha256_of_files([p for p, _, _ in shards.shard_paths(path, shards.load_meta(path), "val")], named=True)
+
+
+def _sha256_of_files(paths, named):
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    for path in paths:
+        if named:
+            digest.update(os.path.basename(path).encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 
@@ -632,11 +646,14 @@ def summary_table(task, metrics, data):
 
 
 def log_to_mlflow(opts, metrics):
-    """The metrics in the same store as train.py's runs (a run named after --out)."""
+    """The metrics in the same store as train.py's runs (a run named after --out). Names are made
+    valid for mlflow there (P@10 -> P_at_10); a tracking failure is one warning line, and the
+    results file, already written, stays."""
     from train import start_mlflow
 
     tracker = start_mlflow(SimpleNamespace(mlflow_experiment=opts.mlflow_experiment, out_dir=opts.out),
-                           {"task": opts.task, "ckpt_dir": opts.ckpt_dir, "adapter": opts.adapter, "data": opts.data})
+                           {"task": opts.task, "ckpt_dir": opts.ckpt_dir, "adapter": opts.adapter, "data": opts.data},
+                           prog="eval.py")
     if tracker is not None:
         tracker.log_metrics({f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
         tracker.end_run()
@@ -646,10 +663,10 @@ def load_units(task, tok, opts, vocab_size=None):
     """What the task scores, every record checked (before the model is loaded, but for perplexity)."""
     if task == "perplexity" and os.path.isdir(opts.data):
         return shard_windows(tok, opts.data, opts.seq_len, vocab_size)
-    records = read_jsonl(opts.data, opts.max_examples)
+    records = read_jsonl(opts.data, opts.max_examples, opts.data_flag)
     if task == "perplexity":
         return text_windows(tok, records, opts.seq_len)
-    return examples_for(task, records, opts.template, opts.labels, opts.qrels_table)
+    return examples_for(task, records, opts.template, opts.labels, opts.qrels_table, opts.labels_from)
 
 
 def checked_options(opts):
@@ -724,7 +741,8 @@ def main(task: str, data: str, ckpt_dir: str = None, adapter: str = None, out: s
         mlflow: log the metrics to mlflow ($MLFLOW_TRACKING_URI or sqlite:///mlflow.db).
         mlflow_experiment: the mlflow experiment's name.
     """
-    opts = checked_options(SimpleNamespace(**{k: v for k, v in locals().items()}))
+    opts = checked_options(SimpleNamespace(**{k: v for k, v in locals().items()}, data_flag="--data",
+                                           labels_from="--labels"))
     device = device or ("cuda:" + os.environ.get("LOCAL_RANK", "0") if torch.cuda.is_available() else "cpu")
     rank, world = setup_distributed(device)
     units = load_units(task, None, opts) if task != "perplexity" else None  # bad records stop before loading
@@ -753,7 +771,39 @@ def main(task: str, data: str, ckpt_dir: str = None, adapter: str = None, out: s
 # -----------------------------------------------------------------------------------------------
 # During training: train.py --eval_task TASK --eval_data FILE calls this at each evaluation
 
+TRAINING_LABELS = ["yes", "no"]  # classify and rank under train.py: the tasks' defaults (it has no --labels)
 _training_units = {}  # (task, data) -> units, read once per run
+
+
+def check_training_flags(cfg):
+    """train.py's --eval_task / --eval_data, checked when the run is configured, before anything
+    loads; the records themselves are checked by training_units, before the first step."""
+    if cfg.eval_task is None and cfg.eval_data is not None:
+        raise UsageError("--eval_data needs --eval_task (choice, classify, rank, generate or perplexity)")
+    if cfg.eval_task is not None and cfg.eval_data is None:
+        raise UsageError(f"--eval_task {cfg.eval_task} needs --eval_data (the records to score)")
+    if cfg.eval_data is not None and not os.path.exists(atomic.readable(cfg.eval_data)):
+        raise UserError(f"--eval_data {cfg.eval_data}: no such file or directory")
+
+
+def training_options(cfg, model):
+    """eval.py's options as train.py runs a task: its defaults, train.py's flags named in messages."""
+    return SimpleNamespace(task=cfg.eval_task, data=cfg.eval_data, template=None, labels=TRAINING_LABELS, chat=False,
+                           qrels=None, qrels_table=None, max_examples=None, batch_size=cfg.batch_size,
+                           max_new_tokens=64, temperature=0.0, top_p=1.0, generator=None,
+                           seq_len=min(cfg.seq_len, model.args.max_seq_len), data_flag="--eval_data",
+                           labels_from=f"the labels train.py --eval_task {cfg.eval_task} scores:")
+
+
+def training_units(cfg, model, tok):
+    """--eval_task's units, read and checked once per run: train.py calls this in its set-up, so a
+    bad record stops the run before the first step, not at the first evaluation."""
+    if cfg.eval_task is None:
+        return None
+    key = (cfg.eval_task, cfg.eval_data)
+    if key not in _training_units:
+        _training_units[key] = load_units(cfg.eval_task, tok, training_options(cfg, model), model.args.vocab_size)
+    return _training_units[key]
 
 
 def during_training(cfg, run):
@@ -763,20 +813,12 @@ def during_training(cfg, run):
     rank: labels yes,no); the model goes back to training mode afterwards."""
     if cfg.eval_task is None:
         return {}
-    if cfg.eval_data is None:
-        raise UsageError("--eval_task needs --eval_data (the records to score)")
     model = run.raw
-    opts = SimpleNamespace(task=cfg.eval_task, data=cfg.eval_data, template=None, labels=["yes", "no"], chat=False,
-                           qrels=None, qrels_table=None, max_examples=None, batch_size=cfg.batch_size,
-                           max_new_tokens=64, temperature=0.0, top_p=1.0, generator=None,
-                           seq_len=min(cfg.seq_len, model.args.max_seq_len))
-    key = (cfg.eval_task, cfg.eval_data)
-    if key not in _training_units:
-        _training_units[key] = load_units(cfg.eval_task, run.tokenizer, opts, model.args.vocab_size)
+    units = training_units(cfg, model, run.tokenizer)
     training = model.training
     try:
-        metrics, _ = evaluate(cfg.eval_task, model, run.tokenizer, _training_units[key], opts, cfg.rank, cfg.world,
-                              show_progress=False)
+        metrics, _ = evaluate(cfg.eval_task, model, run.tokenizer, units, training_options(cfg, model), cfg.rank,
+                              cfg.world, show_progress=False)
     finally:
         model.train(training)
     return {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "n"}

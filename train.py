@@ -24,12 +24,15 @@ Reading guide, top to bottom:
     the run              main -> set_up -> loop -> finish
 """
 
+import errno
 import fcntl
 import inspect
 import json
+import logging
 import math
 import os
 import pathlib
+import re
 import signal
 import sys
 import time
@@ -162,6 +165,8 @@ class TrainConfig:
             self.warmup_steps = max(1, self.max_steps // 20)
         if self.data is None:
             raise UsageError("--data is required with --ckpt_dir (token shards from python -m data.prepare)")
+        if self.ckpt_dir and not os.path.isdir(atomic.readable(os.path.expanduser(self.ckpt_dir))):
+            raise UserError(f"--ckpt_dir {self.ckpt_dir}: no such checkpoint directory")
         if not self.demo:  # before anything is written: a wrong --data is named as such
             if not os.path.isdir(atomic.readable(self.data)):
                 raise UserError(f"--data {self.data}: no such directory (token shards from python -m data.prepare)")
@@ -170,6 +175,7 @@ class TrainConfig:
             raise UsageError("--lora_rank needs --ckpt_dir: LoRA adapts a pretrained model")
         if self.quantize and not self.lora_rank:
             raise UsageError("--quantize needs --lora_rank: only a frozen base can be held in NF4")
+        task_eval.check_training_flags(self)
         if self.fsdp and self.eval_task:
             raise UsageError("--eval_task cannot run under --fsdp (its ranks score unequal shares of the records, "
                              "a sharded model needs all of them in step); run eval.py on the saved checkpoint")
@@ -549,7 +555,7 @@ class Logger:
         the steps up to the checkpoint (those after it will be run again), and continues mlflow run
         run_id (the one train_state.pt recorded). model_args: the model that trains, whose shape
         mlflow records (not the from-scratch flags a fine-tune ignores)."""
-        self.enabled, self.mlflow, self.run_id = enabled, None, run_id
+        self.enabled, self.tracker, self.run_id = enabled, None, run_id
         self.path = os.path.join(cfg.out_dir, "log.jsonl")
         if not enabled:
             return
@@ -560,8 +566,8 @@ class Logger:
             os.ftruncate(fd, keep_log_bytes)
             os.close(fd)
         if cfg.mlflow:
-            self.mlflow = start_mlflow(cfg, mlflow_params(config, model_args), run_id)
-            self.run_id = self.mlflow.active_run().info.run_id if self.mlflow else run_id
+            self.tracker = start_mlflow(cfg, mlflow_params(config, model_args), run_id)
+            self.run_id = self.tracker.run_id if self.tracker else run_id
 
     def step(self, record, line=None):
         """Append record to log.jsonl (and mlflow); print line, if any."""
@@ -569,30 +575,37 @@ class Logger:
             return
         if line:
             print(line, flush=True)
-        with os.fdopen(atomic.open_own(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "w") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.mlflow:
+        try:
+            with os.fdopen(atomic.open_own(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "w") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise atomic.DiskFullError(f"disk full while appending step {record['step']} to {self.path}; the last "
+                                       f"checkpoint is intact (--resume continues it). Free some space on "
+                                       f"{os.path.dirname(os.path.abspath(self.path))} and try again") from None
+        if self.tracker:
             metrics = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
-            self.mlflow.log_metrics(metrics, step=record["step"])
+            self.tracker.log_metrics(metrics, step=record["step"])
 
     def size(self):
         return os.path.getsize(self.path) if os.path.exists(self.path) else 0
 
     def artifact(self, path):
-        if self.mlflow and os.path.exists(path):
-            (self.mlflow.log_artifacts if os.path.isdir(path) else self.mlflow.log_artifact)(path)
+        if self.tracker:
+            self.tracker.artifact(path)
 
     def close(self):
         """End the mlflow run with what is ending the process: FINISHED, KILLED (Ctrl-C, SIGTERM:
         --resume will continue the same run) or FAILED (a NaN stop, any error). Called from a
         finally block, where sys.exc_info() is the exception leaving it."""
-        if self.mlflow:
+        if self.tracker:
             error = sys.exc_info()[1]
             interrupted = isinstance(error, KeyboardInterrupt) or (isinstance(error, SystemExit) and error.code == 130)
             status = "FINISHED" if error is None or (isinstance(error, SystemExit) and not error.code) else \
                 "KILLED" if interrupted else "FAILED"
-            self.mlflow.end_run(status=status)
-            self.mlflow = None
+            self.tracker.end_run(status=status)
+            self.tracker = None
 
 
 # ModelArgs' fields that are also flags: they shape a model trained from scratch only.
@@ -607,31 +620,110 @@ def mlflow_params(config, model_args):
         for name in MODEL_FLAGS:
             params.pop(name, None)
         params.update(asdict(model_args))  # with the derived head_dim and hidden_dim
-    return {k: str(v)[:250] for k, v in params.items()}
+    return params
 
 
-def start_mlflow(cfg, params, run_id=None):
-    """mlflow, with run_id continued (--resume) or a new run started and params logged; None (and a
-    note) where it cannot be used."""
+def start_mlflow(cfg, params, run_id=None, prog="train.py"):
+    """A Tracker on run_id continued (--resume) or on a new run with params logged; None (and the
+    one warning line) where mlflow cannot be used."""
     try:
-        import mlflow  # slow to import; only when asked for
-
-        if not os.environ.get("MLFLOW_TRACKING_URI"):
-            mlflow.set_tracking_uri("sqlite:///mlflow.db")
-        _set_experiment(mlflow, cfg.mlflow_experiment or "llama")
-        if run_id:
-            try:
-                mlflow.start_run(run_id=run_id)
-                return mlflow
-            except Exception as e:  # another tracking store than the one that began the run
-                print(f"train.py: mlflow run {run_id} not found ({type(e).__name__}); starting a new one",
-                      file=sys.stderr)
-        mlflow.start_run(run_name=os.path.basename(os.path.abspath(cfg.out_dir)))
-        mlflow.log_params(params)
-        return mlflow
+        with quiet_mlflow():
+            tracker = _start_run(cfg, run_id, prog)
     except Exception as e:  # tracking is a convenience: never lose a run over it
-        print(f"train.py: mlflow disabled ({type(e).__name__}: {e})", file=sys.stderr)
+        warn_tracking_stopped(prog, e)
         return None
+    if tracker.run_id != run_id:
+        tracker.log_params(params)
+    return tracker if tracker.mlflow else None
+
+
+def _start_run(cfg, run_id, prog):
+    """mlflow's run: run_id's, or a new one named after --out_dir (then its params are still to log)."""
+    import mlflow
+
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        mlflow.set_tracking_uri("sqlite:///mlflow.db")
+    _set_experiment(mlflow, cfg.mlflow_experiment or "llama")
+    if run_id:
+        try:
+            mlflow.start_run(run_id=run_id)
+            return Tracker(mlflow, prog)
+        except Exception as e:  # another tracking store than the one that began the run
+            print(f"{prog}: mlflow run {run_id} not found ({type(e).__name__}); starting a new one", file=sys.stderr)
+    mlflow.start_run(run_name=os.path.basename(os.path.abspath(cfg.out_dir)))
+    return Tracker(mlflow, prog)
+
+
+@contextmanager
+def quiet_mlflow():
+    """mlflow logs its own warnings and tracebacks about a failing store; the warning line below
+    reports the failure once, so its logger is silenced while it works for us."""
+    import mlflow  # slow to import; only when asked for (and its import sets its logger's level)
+
+    logger = logging.getLogger("mlflow")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def mlflow_name(name):
+    """A metric or param name mlflow accepts (alphanumerics, _ - . : / and spaces): eval.py's
+    "P@10" becomes "P_at_10". The results file keeps eval.py's own names; only the store sees these."""
+    return re.sub(r"[^\w\-.:/ ]", "_", str(name).replace("@", "_at_"))
+
+
+class Tracker:
+    """mlflow behind one guard. Tracking is a convenience: the first failure of any kind (store down
+    or locked, a value it refuses, a database made unwritable mid-run) is reported in one warning
+    line, tracking stops, and the run goes on with its checkpoints and log.jsonl."""
+
+    def __init__(self, mlflow, prog):
+        self.mlflow, self.prog = mlflow, prog
+        self.run_id = mlflow.active_run().info.run_id
+
+    def _call(self, method, *args, **kwargs):
+        if self.mlflow is None:
+            return
+        try:
+            with quiet_mlflow():
+                getattr(self.mlflow, method)(*args, **kwargs)
+        except Exception as e:
+            warn_tracking_stopped(self.prog, e)
+            self._abandon()
+
+    def _abandon(self):
+        """Leave mlflow's run, which its store may refuse too: else mlflow's own exit hook would
+        try to end it and log the same failure again, traceback and all."""
+        mlflow, self.mlflow = self.mlflow, None
+        try:
+            with quiet_mlflow():
+                mlflow.end_run(status="FAILED")
+        except Exception:
+            pass  # already reported
+
+    def log_params(self, params):
+        self._call("log_params", {mlflow_name(k): str(v)[:250] for k, v in params.items()})
+
+    def log_metrics(self, metrics, step=None):
+        self._call("log_metrics", {mlflow_name(k): v for k, v in metrics.items()}, step=step)
+
+    def artifact(self, path):
+        if os.path.exists(path):
+            self._call("log_artifacts" if os.path.isdir(path) else "log_artifact", path)
+
+    def end_run(self, status="FINISHED"):
+        self._call("end_run", status=status)
+        self.mlflow = None
+
+
+def warn_tracking_stopped(prog, error):
+    """The one line a tracking failure prints (mlflow's messages can run to many lines)."""
+    message = (str(error).strip().splitlines() or [""])[0][:200]
+    print(f"{prog}: warning: mlflow tracking stopped ({type(error).__name__}: {message}); "
+          f"the run goes on without it", file=sys.stderr)
 
 
 def _set_experiment(mlflow, name):
@@ -761,6 +853,7 @@ def set_up(cfg):
     if resume_from:
         check_resume_changes(cfg, resume_from)
     raw, tokenizer, data_meta = load_model_and_data(cfg, resume_from)
+    task_eval.training_units(cfg, raw, tokenizer)  # --eval_task's records: a bad one stops the run here
     if cfg.doc_mask is None:
         cfg.doc_mask = bool(data_meta.get("has_mask"))  # instruction / chat data
     train_loader = shards.DataLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, cfg.rank, cfg.world, seed=cfg.seed)

@@ -6,6 +6,8 @@
         JSON line per N, and stops after the first N that the run finishes without reaching.
     python tests/faults.py disk_full SAVE TRAIN_FLAGS...
         train.py with TRAIN_FLAGS, the disk full (ENOSPC) at the first file its SAVE-th save writes.
+    python tests/faults.py log_full STEP TRAIN_FLAGS...
+        train.py with TRAIN_FLAGS, log.jsonl's appends after the STEP-th written to /dev/full (ENOSPC).
 
 A file-system step is a call, made inside atomic.write_dir, that creates, renames or removes a
 file or directory (fsync is not one: a killed process loses nothing the kernel already has).
@@ -141,9 +143,25 @@ def disk_full(save, flags):
     cli.run(train.main, prog="train.py", argv=flags)
 
 
+def log_full(step, flags):
+    open_own, appended = atomic.open_own, []
+
+    def full_after(path, *args, **kwargs):
+        if str(path).endswith("log.jsonl"):
+            appended.append(path)
+            if len(appended) > step:
+                return os.open("/dev/full", os.O_WRONLY)
+        return open_own(path, *args, **kwargs)
+
+    atomic.open_own = full_after
+    cli.run(train.main, prog="train.py", argv=flags)
+
+
 if __name__ == "__main__":
     command, argument, flags = sys.argv[1], sys.argv[2], sys.argv[3:]
     if command == "kill_each_step":
         kill_each_step(argument, flags)
+    elif command == "log_full":
+        log_full(int(argument), flags)
     else:
         disk_full(int(argument), flags)

@@ -505,3 +505,73 @@ def test_rank_with_qrels_and_max_examples(tiny, tmp_path):
     qrels.write_text("q1 0 b\n")
     r = run_eval("--ckpt_dir", tiny[1], "--task", "rank", "--data", data, "--qrels", qrels, "--out", out, "--mlflow", "false")
     assert r.returncode == 1 and r.stderr.strip() == f"eval.py: {qrels}:1: a qrels line is `query iteration doc grade`"
+
+
+# -- mlflow on, against a real SQLite store (issue 22) --------------------------------------------
+
+RANK_RECORDS = [{"text": t, "label": l, "query_id": q, "doc_id": d, "relevance": g}
+                for t, l, q, d, g in [("fever and cough", "yes", "q1", "a", 2), ("broken arm", "no", "q1", "b", 0),
+                                      ("chest pain", "yes", "q2", "a", 1), ("sepsis", "no", "q2", "b", 0)]]
+
+
+def task_data(task, tmp_path):
+    """A small records file for each task, and the flags it needs."""
+    if task == "choice":
+        return write_jsonl(tmp_path / "choice.jsonl", CHOICE_RECORDS[:2]), []
+    if task in ("classify", "rank"):
+        return write_jsonl(tmp_path / "cr.jsonl", RANK_RECORDS), ["--labels", "yes,no"] if task == "classify" else []
+    if task == "generate":
+        return write_jsonl(tmp_path / "g.jsonl", [{"prompt": "BP", "reference": "high"}]), ["--max_new_tokens", 2]
+    return write_jsonl(tmp_path / "p.jsonl", [{"text": t} for t in TEXTS[:2]]), ["--seq_len", 16]
+
+
+def test_every_task_logs_to_a_sqlite_mlflow_store_with_valid_names(tiny, tmp_path):
+    """eval.py as the README runs it, mlflow on: rank's P@10 is stored as eval_P_at_10, the
+    results file keeps P@10, and no run ends in a traceback."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for task in evaluation.TASKS:
+        data, extra = task_data(task, tmp_path)
+        out = tmp_path / f"{task}.json"
+        r = run_eval("--ckpt_dir", tiny[1], "--task", task, "--data", data, "--out", out, *extra,
+                     env={"MLFLOW_TRACKING_URI": uri})
+        assert r.returncode == 0 and "Traceback" not in r.stderr and "warning" not in r.stderr, (task, r.stderr)
+        assert json.loads(out.read_text())["metrics"]
+    assert "P@10" in json.loads((tmp_path / "rank.json").read_text())["metrics"]
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("llama").experiment_id])
+    stored = {r.data.params["task"]: set(r.data.metrics) for r in runs}
+    assert set(stored) == set(evaluation.TASKS)
+    assert {"eval_P_at_10", "eval_NDCG_at_10", "eval_MAP"} <= stored["rank"]
+    assert "eval_acc" in stored["choice"] and "eval_perplexity" in stored["perplexity"]
+
+
+def test_a_broken_store_is_one_warning_line_and_the_results_stay(tiny, tmp_path):
+    (tmp_path / "mlflow.db").write_bytes(b"not a database" * 100)  # (root ignores permissions: corrupt it)
+    data, extra = task_data("rank", tmp_path)
+    r = run_eval("--ckpt_dir", tiny[1], "--task", "rank", "--data", data, "--out", tmp_path / "r.json",
+                 env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert [line for line in r.stderr.splitlines() if "mlflow" in line] == \
+        [line for line in r.stderr.splitlines() if line.startswith("eval.py: warning: mlflow tracking stopped")]
+    assert len([line for line in r.stderr.splitlines() if "mlflow" in line]) == 1
+    assert json.loads((tmp_path / "r.json").read_text())["metrics"]["P@10"] >= 0
+
+
+def test_perplexity_of_llm_c_shards_without_meta_json_writes_its_results(tiny, ours, tmp_path):
+    """A nano-llama31 directory (no meta.json): the results carry a digest of the val shards scored."""
+    from data import shards
+
+    _, tok = ours
+    d = tmp_path / "llmc"
+    d.mkdir()
+    for split, text in [("train", TEXTS[0]), ("val", TEXTS[1])]:
+        shards.write_shard(str(d / f"notes_{split}_000000.bin"), tok.encode(text, bos=True, eos=True), ARGS.vocab_size)
+    out = tmp_path / "p.json"
+    r = run_eval("--ckpt_dir", tiny[1], "--task", "perplexity", "--data", d, "--out", out, "--seq_len", 16,
+                 "--mlflow", "false")
+    assert r.returncode == 0, r.stderr
+    results = json.loads(out.read_text())
+    assert results["metrics"]["tokens"] > 0 and len(results["data"]["sha256"]) == 64
+    assert not (d / "meta.json").exists()

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -394,3 +395,77 @@ def test_tokenizer_flag_stands_in_for_a_checkpoint_without_one(base_ckpt, text_d
     _one_line_error(train(*common, "--tokenizer", tmp_path / "nothing.model", check=False), "--tokenizer")
     train(*common, "--tokenizer", text_data / "tokenizer.model")
     assert (tmp_path / "o" / "model" / "tokenizer.model").read_bytes() == (text_data / "tokenizer.model").read_bytes()
+
+
+# -- mlflow on against a real SQLite store; --eval_task checked before the first step (issue 22) ----
+
+MLFLOW_ON = [a for a in TINY if a not in ("--mlflow", "false")]
+RANK_RECORDS = [{"query_id": q, "doc_id": d, "text": t, "relevance": g}
+                for q, d, t, g in [("q1", "a", "fever and cough", 1), ("q1", "b", "broken arm", 0),
+                                   ("q2", "a", "chest pain", 1), ("q2", "b", "rash", 0)]]
+
+
+def _records(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_eval_task_rank_with_mlflow_on_finishes_and_stores_valid_names(text_data, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    data = _records(tmp_path / "rank.jsonl", RANK_RECORDS)
+    r = train(*MLFLOW_ON, "--data", text_data, "--out_dir", tmp_path / "o", "--max_steps", "2", "--eval_every", "2",
+              "--eval_task", "rank", "--eval_data", data, env={"MLFLOW_TRACKING_URI": uri})
+    assert "Traceback" not in r.stderr and "warning" not in r.stderr, r.stderr
+    assert (tmp_path / "o" / "model" / "train_state.pt").exists()
+    last = json.loads((tmp_path / "o" / "log.jsonl").read_text().splitlines()[-1])
+    assert "eval_P@10" in last  # log.jsonl keeps eval.py's names
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    run = client.search_runs([client.get_experiment_by_name("llama").experiment_id])[0]
+    assert run.info.status == "FINISHED"
+    assert {"eval_P_at_10", "eval_NDCG_at_10", "val_loss"} <= set(run.data.metrics)
+
+
+def test_a_store_broken_mid_run_is_one_warning_line_and_the_run_finishes(text_data, tmp_path):
+    """The database is locked by another writer once the first step is logged (root ignores file
+    permissions, and SQLite rewrites a corrupted header from its cache):
+    the run finishes with its checkpoint and every log.jsonl line, and says so once."""
+    db = tmp_path / "mlflow.db"
+    out_dir = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "train.py", *MLFLOW_ON, "--data", str(text_data), "--out_dir",
+                             str(out_dir), "--max_steps", "100", "--eval_every", "100", "--log_every", "50"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"})
+    deadline = time.time() + 300
+    while not ((out_dir / "log.jsonl").exists() and (out_dir / "log.jsonl").read_text()) and time.time() < deadline:
+        time.sleep(0.02)
+    store = sqlite3.connect(db, timeout=60)  # another writer holds the database: "database is locked"
+    store.execute("BEGIN EXCLUSIVE")
+    _, err = proc.communicate(timeout=600)
+    store.close()
+    assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+    assert len((out_dir / "log.jsonl").read_text().splitlines()) == 100
+    assert (out_dir / "model" / "train_state.pt").exists()
+    mentions = [line for line in err.splitlines() if "mlflow" in line.lower()]
+    assert len(mentions) == 1 and mentions[0].startswith("train.py: warning: mlflow tracking stopped"), err
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--eval_task", "rank"], "train.py: --eval_task rank needs --eval_data (the records to score)"),
+    (["--eval_task", "choice", "--eval_data", "{tmp}/missing.jsonl"],
+     "train.py: --eval_data {tmp}/missing.jsonl: no such file"),
+    (["--eval_task", "choice", "--eval_data", "{tmp}/rank.jsonl"], "train.py: {tmp}/rank.jsonl:1: missing field"),
+    (["--eval_task", "classify", "--eval_data", "{tmp}/labels.jsonl"], "train.py: {tmp}/labels.jsonl:2: label 'maybe' "
+     "is not one of the labels train.py --eval_task classify scores: yes,no"),
+    (["--eval_data", "{tmp}/rank.jsonl"], "train.py: --eval_data needs --eval_task"),
+])
+def test_eval_task_data_is_checked_before_the_first_step(text_data, tmp_path, flags, says):
+    _records(tmp_path / "rank.jsonl", RANK_RECORDS)
+    _records(tmp_path / "labels.jsonl", [{"text": "fever", "label": "yes"}, {"text": "rash", "label": "maybe"}])
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    r = train(*TINY, "--data", text_data, "--out_dir", tmp_path / "o", "--max_steps", "4", "--eval_every", "4",
+              *flags, check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert says.replace("{tmp}", str(tmp_path)) in r.stderr, r.stderr
+    assert "--labels" not in r.stderr and not (tmp_path / "o" / "log.jsonl").exists()
