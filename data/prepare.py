@@ -131,6 +131,11 @@ def list_files(path, tables=False):
             found += [os.path.join(dirpath, f) for f in filenames if not f.startswith(".")
                       and file_kind(f) is not None]
         documents = [f for f in found if not is_table(f)]
+        skipped = [] if tables or not documents else sorted(set(found) - set(documents))
+        if skipped:  # said, not dropped in silence: the user may have meant them
+            shown = ", ".join(os.path.relpath(f, path) for f in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+            log(f"skipping {len(skipped)} table(s) in {path} beside its documents ({shown}); pass --text_column "
+                f"or --columns to read them too")
         found = found if tables or not documents else documents
         if not found:
             raise PrepareError(f"--input {path}: no .txt, .md, .json, .jsonl or .ndjson files in it "

@@ -711,3 +711,21 @@ def test_a_killed_run_leaves_nothing_the_next_one_keeps(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["c.jsonl", "out", "out.tmp"]
     assert (tmp_path / "out.tmp" / "mine.txt").read_text() == "the user's"
     shards.validate(str(out))
+
+
+def test_tables_beside_documents_are_skipped_with_a_word(tmp_path):
+    """A directory of notes with a CSV beside them reads the notes; the CSV is named as skipped, and
+    --text_column reads it too."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "notes.txt").write_text("patient stable\n")
+    (src / "codes.csv").write_text("code,text\nI10,hypertension\n")
+    rc, lines = run_prepare("--input", src, "--out", tmp_path / "a", "--tokenizer", LLAMA3)
+    assert rc == 0, lines
+    said = [line for line in lines if "skipping" in line]
+    assert said == [f"prepare: skipping 1 table(s) in {src} beside its documents (codes.csv); pass --text_column "
+                    f"or --columns to read them too"], lines
+    rc, lines = run_prepare("--input", src, "--out", tmp_path / "b", "--tokenizer", LLAMA3, "--text_column", "text")
+    assert rc == 0 and not [line for line in lines if "skipping" in line], lines
+    records = lambda d: json.loads((d / "meta.json").read_text())["records"]["text"]  # noqa: E731
+    assert (records(tmp_path / "a"), records(tmp_path / "b")) == (1, 2)
