@@ -24,6 +24,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import torch
 import torch.nn as nn
@@ -450,7 +451,11 @@ class Command:
         tok = self._load_tokenizer(fmt)
         if fmt == "gguf" and tok is None:
             raise UserError(f"--format gguf needs the tokenizer: none in --ckpt_dir {self.ckpt_dir}; pass --tokenizer")
+        start = time.time()
+        _say(f"loading {self.ckpt_dir} ...")  # a 70B base takes minutes: say what is happening
         m = load_model(self.ckpt_dir, dtype=checkpoint.stored_dtype(self.ckpt_dir) if fmt != "peft" else None)
+        _say(f"loaded {sum(p.numel() for p in m.parameters()) / 1e9:.2f}B parameters in {time.time() - start:.1f}s; "
+             f"{'writing the adapter' if fmt == 'peft' else 'merging the adapter and writing'} ({fmt}) to {self.out} ...")
         if tok is not None:  # every format: what leaves here is used with this tokenizer (llama.cpp refuses a misfit)
             import tokenizer as llama_tokenizer
 
@@ -487,7 +492,8 @@ class Command:
                 llama_tokenizer.copy_into(tok, fresh)
 
         checkpoint.replace_checkpoint(self.out, fill)
-        print(f"lora.py: wrote {self.out}", file=sys.stderr)
+        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(self.out) for f in files)
+        _say(f"wrote {self.out} ({size / 2**30:.2f} GiB) in {time.time() - start:.1f}s")
 
     def _check_out(self):
         """--out may be new, or with --overwrite a checkpoint; never the base, the adapter, a directory
@@ -508,6 +514,10 @@ class Command:
 
 # What marks a directory as a checkpoint --overwrite may replace: any layout this project writes.
 CHECKPOINT_MARKERS = ("params.json", "config.json", "adapter.json", "adapter_config.json", "model.gguf")
+
+
+def _say(message):
+    print(f"lora.py: {message}", file=sys.stderr, flush=True)
 
 
 def main(argv=None):

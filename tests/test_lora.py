@@ -249,6 +249,10 @@ def test_cli_merge_and_export(ckpts, tmp_path):
     r = run_cli("merge", "--ckpt_dir", ckpts["llama3.2"], "--adapter", tmp_path / "a", "--out", tmp_path / "merged")
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(tmp_path / "merged")) == ["consolidated.00.pth", "params.json"]
+    # progress as it goes (a 70B merge takes minutes): what it loads, then what it writes, with times
+    said = r.stderr.splitlines()
+    assert said[0] == f"lora.py: loading {ckpts['llama3.2']} ..." and "parameters in" in said[1], r.stderr
+    assert said[-1].startswith(f"lora.py: wrote {tmp_path / 'merged'} (") and said[-1].endswith("s"), r.stderr
     tokens = tokens_for("llama3.2")
     with torch.no_grad():
         ours = m(tokens)
