@@ -50,7 +50,8 @@ def generate(model, prompts, max_new_tokens, temperature=0.6, top_p=0.9, stop_id
     Prompts of different lengths share one KV cache: decoding starts after the shortest prompt, and
     for rows whose prompt is longer the prompt's own token is written instead of the sample (Meta's
     scheme), so every row sees exactly its own tokens. on_token(row, token) is called as tokens come;
-    a dict passed as timings receives the seconds spent on the prompt ("prefill") and after ("decode").
+    a dict passed as timings receives the seconds spent on the prompt ("prefill") and after ("decode"),
+    and in "first_step" the first one-token step's (a compiled step compiles there).
     decode_step: what runs the one-token steps (default model.decode; compile_decode_step makes a
     compiled one). The prompt goes through model.decode itself: its length varies from call to call.
     n_words: sample only ids below it (the tokenizer's size): an embedding padded past the
@@ -77,6 +78,9 @@ def generate(model, prompts, max_new_tokens, temperature=0.6, top_p=0.9, stop_id
             if cur == min(lens) + 1 and timings is not None:
                 sync()
                 timings["prefill"] = time.perf_counter() - t0
+            if cur == min(lens) + 2 and timings is not None:
+                sync()
+                timings["first_step"] = time.perf_counter() - t0 - timings["prefill"]
             if cur - prev == 1:  # one token: a tensor position keeps a compiled step from specialising
                 logits = decode_step(tokens[:, prev:cur], torch.tensor(prev, device=device))[:, -1]
             else:
@@ -344,6 +348,9 @@ def main(ckpt_dir: str = None, prompt: str = None, prompts_file: str = None, ada
     streamer = Streamer(tok, prompts[0]) if prompts_file is None else None
 
     timings = {}
+    if compile and device == "cpu":
+        print("generate.py: note: --compile on a CPU decodes through torch.compile, which cannot use "
+              "cpu_gemv.c's bf16 projection: eager decoding is usually faster there (BENCHMARKS.md)", file=sys.stderr)
     step = compile_decode_step(model) if compile else None
     completions = generate(model, prompts, max_new_tokens, temperature, top_p, tok.stop_ids, generator,
                            on_token=streamer, timings=timings, decode_step=step, n_words=tok.n_words)
@@ -355,7 +362,7 @@ def main(ckpt_dir: str = None, prompt: str = None, prompts_file: str = None, ada
             print(json.dumps({**row, "prompt": p.shown(), "completion": completion_text(tok, prompt_ids, ids)},
                              ensure_ascii=False))
     note_context_cuts(prompts, completions, max_new_tokens, model.args.max_seq_len)
-    print(rates_line(prompts, completions, timings), file=sys.stderr)
+    print(rates_line(prompts, completions, timings, compiled=compile), file=sys.stderr)
 
 
 def note_context_cuts(prompts, completions, max_new_tokens, context):
@@ -369,18 +376,23 @@ def note_context_cuts(prompts, completions, max_new_tokens, context):
               f"(--max_seq_len, or a shorter prompt, gives more room)", file=sys.stderr)
 
 
-def rates_line(prompts, completions, timings):
+def rates_line(prompts, completions, timings, compiled=False):
     """The stderr timing line. The prompt pass yields each completion's first token, so the decode
-    rate counts only the tokens after it; with none (one-token runs) it says so rather than 0/s."""
+    rate counts only the tokens after it; with none (one-token runs) it says so rather than 0/s.
+    compiled: the first step compiled the decode step, so its time and tokens are left out of the
+    rate and shown apart."""
     n_prompt, n_new = sum(map(len, prompts)), sum(map(len, completions))
     prefill = max(timings["prefill"], 1e-9)
     line = f"prompt: {n_prompt} tokens in {timings['prefill']:.2f}s ({n_prompt / prefill:.1f} tokens/s)"
-    stepped = n_new - sum(1 for ids in completions if ids)
+    stepped, decode, skipped = n_new - sum(1 for ids in completions if ids), timings["decode"], ""
+    if compiled and "first_step" in timings:
+        stepped -= sum(1 for ids in completions if len(ids) > 1)
+        decode -= timings["first_step"]
+        skipped = f", after {timings['first_step']:.2f}s compiling in the first step"
     if stepped <= 0:
-        return line + f"; decode: {n_new} token(s), all from the prompt pass (no decode steps to time)"
-    decode = max(timings["decode"], 1e-9)
+        return line + f"; decode: {n_new} token(s), all from the prompt pass (no decode steps to time{skipped})"
     return line + (f"; decode: {n_new} tokens in {timings['decode']:.2f}s "
-                   f"({stepped / decode:.1f} tokens/s after the first)")
+                   f"({stepped / max(decode, 1e-9):.1f} tokens/s after the first{skipped})")
 
 
 if __name__ == "__main__":

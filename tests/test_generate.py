@@ -248,3 +248,17 @@ def test_cli_notes_a_context_cut_and_one_token_rates(llama3_ckpt):
                                                         "--max_new_tokens", "3").stderr
     one = run_generate("--ckpt_dir", llama3_ckpt, "--prompt", "Pt c/o SOB", "--max_new_tokens", "1")
     assert one.returncode == 0 and "no decode steps" in one.stderr and " 0.0 tokens/s" not in one.stderr
+
+
+def test_compile_on_a_cpu_says_so_and_its_compile_time_is_not_a_decode_rate(llama3_ckpt):
+    r = run_generate("--ckpt_dir", llama3_ckpt, "--prompt", "Hello", "--max_new_tokens", "1", "--compile",
+                     "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert "generate.py: note: --compile on a CPU decodes through torch.compile" in r.stderr
+    # 3 rows: the prompt pass gives each its first token; the first one-token step (2 tokens, one
+    # row stopped) compiled for 5 s; then 3 tokens in 1 s: 3 tokens/s, not 5 in 6 s
+    prompts, completions = [[1, 2], [1, 2], [1, 2]], [[5, 6, 7], [5, 6, 7, 8], [5]]
+    timings = {"prefill": 0.5, "first_step": 5.0, "decode": 6.0}
+    assert generate.rates_line(prompts, completions, timings).endswith("(0.8 tokens/s after the first)")
+    assert generate.rates_line(prompts, completions, timings, compiled=True).endswith(
+        "(3.0 tokens/s after the first, after 5.00s compiling in the first step)")
