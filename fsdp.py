@@ -327,7 +327,8 @@ def load_adapter(model, ckpt_dir):
     from safetensors.torch import load_file
 
     fingerprint = adapter_fingerprint(model)  # every rank, before any of them can refuse
-    lora._check_base(ckpt_dir, lora.read_adapter_config(ckpt_dir), model, None, False, fingerprint)
+    lora._check_base(ckpt_dir, lora.read_adapter_config(ckpt_dir), model, None, False, fingerprint,
+                     remedy=lora.RESUME_REMEDY)  # only train.py --resume loads a sharded adapter
     weights = os.path.join(ckpt_dir, "adapter.safetensors")
     try:
         tensors = load_file(weights)  # the adapter is small: every rank reads it whole

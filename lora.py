@@ -240,11 +240,16 @@ def read_adapter_config(path) -> dict:
     return cfg
 
 
-def _check_base(path, cfg, inner, tokenizer_sha256, force, fingerprint=None, tokenizer=None):
+# What a user can do about an adapter trained on another base, said by the command that refuses it.
+FORCE_REMEDY = "pass --force to apply it anyway"
+RESUME_REMEDY = "--resume it with the --ckpt_dir it was trained on, or start afresh with --overwrite"
+
+
+def _check_base(path, cfg, inner, tokenizer_sha256, force, fingerprint=None, tokenizer=None, remedy=FORCE_REMEDY):
     """The adapter only makes sense on the base (and tokenizer) it was trained on: compare the shapes
     that matter, the tokenizer (tokenizer: by what it encodes; else tokenizer_sha256: its file) and,
     unless forced, the base weights' fingerprint (fingerprint: the base's, where the caller has it
-    already)."""
+    already). remedy: what the refusal tells the user to do (the flag their command has)."""
     try:
         saved = checkpoint.model_args(os.path.join(path, "adapter.json"), cfg["base_params"])
     except CheckpointError as e:  # the adapter's file, so the adapter's error
@@ -270,17 +275,18 @@ def _check_base(path, cfg, inner, tokenizer_sha256, force, fingerprint=None, tok
         this = fingerprint or base_fingerprint(inner)
         if trained_on != this:
             raise AdapterError(f"{path}: adapter was trained on another base (weights fingerprint {trained_on}, "
-                               f"this base {this}); pass --force to apply it anyway")
+                               f"this base {this}); {remedy}")
 
 
-def load_adapter(model, path, tokenizer_sha256=None, force=False, tokenizer=None):
+def load_adapter(model, path, tokenizer_sha256=None, force=False, tokenizer=None, remedy=FORCE_REMEDY):
     """Apply a saved adapter to model (a base Transformer, or one with the same LoRA config); the
     tokenizer it is used with, if known, is checked (tokenizer: by what it encodes).
     Everything that can be wrong with the files is checked before the model is touched; force
-    applies it even to a base other than the one it was trained on (same shapes, other weights)."""
+    applies it even to a base other than the one it was trained on (same shapes, other weights);
+    remedy: what a refusal of another base tells the user to do."""
     path = _adapter_dir(path)
     cfg, inner = read_adapter_config(path), _unwrap(model)
-    _check_base(path, cfg, inner, tokenizer_sha256, force, tokenizer=tokenizer)
+    _check_base(path, cfg, inner, tokenizer_sha256, force, tokenizer=tokenizer, remedy=remedy)
     have, keys = getattr(inner, "lora_config", None), ("rank", "alpha", "targets", "use_rslora")
     if have and any(have[k] != cfg.get(k, False) for k in keys):
         raise AdapterError(f"{path}: adapter config {({k: cfg.get(k) for k in keys})} differs from the "

@@ -532,7 +532,10 @@ def restore_checkpoint(cfg, path, raw, optimizer, train_loader):
         import fsdp
         import lora
 
-        (fsdp.load_adapter if cfg.fsdp else lora.load_adapter)(raw, path)
+        if cfg.fsdp:
+            fsdp.load_adapter(raw, path)
+        else:
+            lora.load_adapter(raw, path, remedy=lora.RESUME_REMEDY)
     if sharded:  # resharded to this run's ranks; whole, without --fsdp
         import fsdp
 

@@ -469,3 +469,21 @@ def test_eval_task_data_is_checked_before_the_first_step(text_data, tmp_path, fl
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
     assert says.replace("{tmp}", str(tmp_path)) in r.stderr, r.stderr
     assert "--labels" not in r.stderr and not (tmp_path / "o" / "log.jsonl").exists()
+
+
+def test_resume_on_another_base_names_what_train_py_can_do(base_ckpt, text_data, tmp_path):
+    """A LoRA run resumed over a base of the same shape but other weights is refused, and the line
+    says what train.py offers (it has no --force)."""
+    other = tmp_path / "other"
+    m = model.load(base_ckpt)
+    torch.manual_seed(1)
+    m.init_weights()
+    model.save(m, other)
+    shutil.copy(base_ckpt / "tokenizer.model", other / "tokenizer.model")
+    common = [*TINY, "--data", text_data, "--lora_rank", "4", "--out_dir", tmp_path / "o"]
+    train(*common, "--ckpt_dir", base_ckpt, "--max_steps", "1")
+    out = train(*common, "--ckpt_dir", other, "--max_steps", "2", "--resume", "--resume_with_changes", check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr and "--force" not in out.stderr, out.stderr
+    last = out.stderr.splitlines()[-1]  # (the line before it lists the changed --max_steps)
+    assert "adapter was trained on another base" in last and last.endswith(
+        "; --resume it with the --ckpt_dir it was trained on, or start afresh with --overwrite"), out.stderr
