@@ -400,7 +400,9 @@ def train_step(cfg, model, loader, autocast, stop_requested=False):
 
 @torch.no_grad()
 def evaluate(model, loader, steps, world, autocast, doc_mask):
-    """Mean validation loss over `steps` batches, weighted by target tokens across all ranks."""
+    """Mean validation loss over `steps` batches, weighted by target tokens across all ranks; None
+    where those batches hold no target token (instruction data whose prompts fill them), which is no
+    loss at all rather than a perfect one."""
     model.eval()
     loader.reset()
     total = torch.zeros(2, dtype=torch.float64, device=next(model.parameters()).device)
@@ -411,7 +413,7 @@ def evaluate(model, loader, steps, world, autocast, doc_mask):
         total += torch.stack([loss_sum.double(), (y != -100).sum().double()])
     all_reduce_sum(total, world)
     model.train()
-    return (total[0] / total[1].clamp(min=1)).item()
+    return (total[0] / total[1]).item() if total[1] > 0 else None
 
 
 def sample(raw, tokenizer, prompt, max_new_tokens=48, chat=False):
@@ -920,7 +922,8 @@ def loop(cfg, run, stop):
         evaluated = step % cfg.eval_every == 0 or step == cfg.max_steps
         if evaluated:
             val = evaluate(run.model, run.val_loader, cfg.eval_steps, cfg.world, run.autocast, cfg.doc_mask)
-            record.update(val_loss=round(val, 6), val_ppl=round(math.exp(min(val, 50)), 3))
+            record.update(val_loss=None if val is None else round(val, 6),  # None: JSON null, not sent to mlflow
+                          val_ppl=None if val is None else round(math.exp(min(val, 50)), 3))
             record.update(task_eval.during_training(cfg, run))  # --eval_task: eval.py's metrics, {} without
         eta = (time.time() - t_start) / (step - run.start_step) * (cfg.max_steps - step)
         shown = evaluated or step % cfg.log_every == 0 or step == run.start_step + 1
@@ -946,7 +949,8 @@ def step_line(cfg, run, record, eta):
         line += f" | MFU {100 * record['mfu']:.1f}%"
     line += f" | ETA {format_eta(eta)}"
     if "val_loss" in record:
-        line += f" | val {record['val_loss']:.4f} ppl {record['val_ppl']:.2f}"
+        line += (f" | val {record['val_loss']:.4f} ppl {record['val_ppl']:.2f}" if record["val_loss"] is not None
+                 else " | val - (no target tokens in the validation batches: raise --eval_steps or --seq_len)")
         if cfg.sample_prompt and cfg.rank == 0 and cfg.fsdp:  # decoding would need every rank in step
             line += "\n  sample: (none under --fsdp: generate.py samples the saved checkpoint)"
         elif cfg.sample_prompt and cfg.rank == 0:

@@ -160,6 +160,21 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(text_data, tmp_path):
     assert state["step"] >= 1 and all(torch.isfinite(p).all() for p in m.parameters())
 
 
+def test_validation_batches_without_targets_report_no_loss_not_a_perfect_one(text_data, tmp_path):
+    """Instruction records whose prompts fill the validation batches leave no target token there: the
+    run says so, and log.jsonl holds null, where it once claimed val 0.0000 ppl 1.00."""
+    with open(tmp_path / "qa.jsonl", "w") as f:
+        for i in range(20):
+            long_prompt = " ".join(f"fever {i} cough" for _ in range(100))
+            f.write(json.dumps({"instruction": long_prompt, "output": "rest"}) + "\n")
+    prepare(tmp_path / "qa.jsonl", tmp_path / "shards", "--tokenizer", text_data / "tokenizer.model",
+            "--val_fraction", "0.1")
+    out = train(*TINY, "--data", tmp_path / "shards", "--out_dir", tmp_path / "o", "--max_steps", "1",
+                "--batch_size", "1")
+    assert "val - (no target tokens in the validation batches" in out.stdout, out.stdout
+    assert log(tmp_path / "o")[-1]["val_loss"] is None
+
+
 def _one_line_error(out, message):
     assert out.returncode != 0
     assert "Traceback" not in out.stderr
