@@ -223,8 +223,8 @@ def write_inputs(work):
     with open(work / "HealthCareMagic-100k.jsonl", "w") as f:
         for i in range(40):
             f.write(json.dumps({"instruction": "If you are a doctor, please answer the medical questions.",
-                                "input": f"I have had a cough for {i % 9 + 2} days. {note(i)}",
-                                "output": f"Rest, fluids, and see a doctor if it lasts past day {i % 9 + 7}."}) + "\n")
+                                "input": f"I have had a cough for {i % 9 + 2} days.",
+                                "output": f"Rest, fluids, and a doctor past day {i % 9 + 7}. {note(i)}"}) + "\n")
     with gzip.open(work / "NOTEEVENTS.csv.gz", "wt", newline="") as f:  # MIMIC-III's table, a few columns
         table = csv.writer(f)
         table.writerow(["ROW_ID", "SUBJECT_ID", "CATEGORY", "TEXT"])
@@ -274,7 +274,7 @@ def test_readme_commands_run_as_written(tmp_path):
         r = subprocess.run(as_run(words), cwd=work, env=env, input=stdin, capture_output=True, text=True, timeout=600)
         what = f"{shlex.join(words)}\n  ran as: {shlex.join(as_run(words))}\n{r.stderr[-3000:]}"
         assert r.returncode == 0 and "Traceback" not in r.stderr, what
-        assert "mlflow tracking stopped" not in r.stderr, what
+        assert "mlflow tracking stopped" not in r.stderr and "no target tokens" not in r.stdout, what
         for path in documented_outputs(words):
             assert os.path.exists(work / path), f"{path} missing after {what}"
         tracked += "train.py" in words or "eval.py" in words
