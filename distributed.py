@@ -10,6 +10,7 @@ agents are not told at all.
 Read top to bottom:
     watch      after init_process_group: a daemon thread per rank polls the process group's store
                (which every node shares) and ends its rank once another rank has failed
+    stop       before the process group is torn down (the store must not be in use as it goes)
     failed     called by a rank as its error propagates: marks the store, and says whether this
                rank is the first to fail (the one that prints the error; the others exit quietly)
 """
@@ -17,13 +18,13 @@ Read top to bottom:
 import os
 import sys
 import threading
-import time
 
 import torch.distributed as dist
 
 _KEY = "llama/failed"  # the number of ranks that have failed
 _POLL_S = 1.0
-_failing = threading.Event()  # this rank is failing: its own watcher must let it print and exit
+_stop = threading.Event()  # the watcher's end: the run is over, or this rank is failing and prints why
+_watcher = []
 
 
 def _store():
@@ -38,23 +39,32 @@ def watch():
     store = _store() if dist.is_initialized() and dist.get_world_size() > 1 else None
     if store is None:
         return
-    threading.Thread(target=_watch, args=(store,), daemon=True, name="fail-together").start()
+    _stop.clear()
+    _watcher.append(threading.Thread(target=_watch, args=(store,), daemon=True, name="fail-together"))
+    _watcher[-1].start()
 
 
 def _watch(store):
-    while not _failing.is_set():
-        time.sleep(_POLL_S)
+    while not _stop.wait(_POLL_S):
         try:
-            if store.check([_KEY]) and not _failing.is_set():
+            if store.check([_KEY]):
                 os._exit(1)  # another rank failed and said why; this one was waiting on it
         except Exception:  # the store is gone: torchrun is already tearing the job down
             return
 
 
+def stop():
+    """End the watcher and wait for it: a store destroyed while the thread is inside it aborts the
+    process (C++'s terminate)."""
+    _stop.set()
+    while _watcher:
+        _watcher.pop().join()
+
+
 def failed() -> bool:
     """Mark this rank as failed; True if it is the first rank to fail (so the one to print the
     error). Without a multi-rank process group, always True."""
-    _failing.set()
+    stop()
     store = _store() if dist.is_initialized() and dist.get_world_size() > 1 else None
     if store is None:
         return True

@@ -175,10 +175,10 @@ class TrainConfig:
             raise UsageError("--lora_rank needs --ckpt_dir: LoRA adapts a pretrained model")
         if self.quantize and not self.lora_rank:
             raise UsageError("--quantize needs --lora_rank: only a frozen base can be held in NF4")
-        task_eval.check_training_flags(self)
-        if self.fsdp and self.eval_task:
+        if self.fsdp and self.eval_task:  # (before its records are looked for: they could not be used)
             raise UsageError("--eval_task cannot run under --fsdp (its ranks score unequal shares of the records, "
                              "a sharded model needs all of them in step); run eval.py on the saved checkpoint")
+        task_eval.check_training_flags(self)
         self.out_dir = self.out_dir or os.path.join(ROOT, "out", os.path.basename(os.path.normpath(self.data)))
         # what a run writes in --out_dir never replaces what it reads, nor goes through a link
         atomic.check_outputs([("--out_dir", os.path.join(self.out_dir, name)) for name in (self.kind, "log.jsonl", ".lock")],
@@ -839,6 +839,7 @@ def main(*args, **flags):
         raise
     finally:
         if done and dist.is_initialized():  # a failed rank does not wait on the others to tear down
+            distributed.stop()
             dist.destroy_process_group()
 
 
