@@ -6,6 +6,7 @@
     python bench.py load    --model llama3-1b [--layouts hf,meta] [--cache warm,cold]
     python bench.py decode  --model llama3-8b --batch 1 [--prompt_len 128] [--new_tokens 256]
     python bench.py eval    --model tiny --items 20 [--lm_eval_batch_size 4]
+    python bench.py save    [--dim 1024] [--n_layers 8] [--vocab 32000] [--tmp_dir DIR]
 
 Each prints a table: case, metric, our figure, the reference stack (vs) and its figure from the same
 process, and ratio = ours / reference last; --json PATH writes the rows with device, versions, date and
@@ -14,7 +15,7 @@ decode measure work users do on CPUs too, so their CPU figures are measurements 
 train and eval exist for the GPU, and on a CPU they run at tiny shapes so that CI tests the harness.
 """
 
-CPU_MEASURES = {"prepare", "load", "decode"}  # the subcommands whose CPU figures mean something
+CPU_MEASURES = {"prepare", "load", "decode", "save"}  # the subcommands whose CPU figures mean something
 
 import contextlib
 import csv
@@ -1066,6 +1067,46 @@ def cmd_eval(args, dev):
 # Command line
 
 
+# -----------------------------------------------------------------------------------------------
+# save: a full fine-tune's checkpoint as train.py writes it, against a bare torch.save of the same bytes
+
+
+def cmd_save(args, dev):
+    """The weights and AdamW's two moments (12 bytes per parameter in fp32), as atomic.write_dir
+    writes a checkpoint (a marked temporary directory, every file fsync'd, swapped in) and as one
+    torch.save to one file then fsync: what the SLURM lead time must cover, at this disk's speed."""
+    import atomic
+
+    a = llama.ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.dim // 64, vocab_size=args.vocab)
+    m = llama.Transformer(a)
+    moments = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in m.named_parameters()}
+    n_params = sum(p.numel() for p in m.parameters())
+    where = tempfile.mkdtemp(dir=args.tmp_dir)
+
+    def ours():
+        def write(d):
+            checkpoint.write_meta(m, d)
+            torch.save({"step": 1, "optimizer": moments}, os.path.join(d, "train_state.pt"))
+        atomic.write_dir(os.path.join(where, "model"), write)
+
+    def reference():
+        path = os.path.join(where, "bare.pt")
+        torch.save({"model": m.state_dict(), "optimizer": moments}, path)
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+
+    try:
+        t_ours, t_ref = (median_time(fn, dev, args.warmup, args.iters) for fn in (ours, reference))
+        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(where, "model")) for f in fs)
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+    rows = [row("save", "seconds", t_ours, "torch.save + fsync", t_ref),
+            row("save", "GB/s", size / t_ours / 1e9, "torch.save + fsync", size / t_ref / 1e9)]
+    report(args, dev, f"checkpoint save: {n_params / 1e6:.0f}M parameters, {size / 1e9:.2f} GB", rows,
+           [f"on {args.tmp_dir or tempfile.gettempdir()}; ours = train.py's save (atomic.write_dir), weights "
+            f"and AdamW moments in fp32"])
+
+
 def token_counts(text):
     return [int(v) for v in text.split(",")]
 
@@ -1074,7 +1115,7 @@ def token_counts(text):
 CHECKS = {"json": non_empty, "device": torch_device, "warmup": at_least(0), "iters": positive,
           "tokenizer": non_empty, "mb": positive, "workers": positive, "input": non_empty,
           "tokens": Check(lambda v: min(token_counts(v)) > 0, "comma-separated positive integers"),
-          "dim": positive, "hidden": positive, "heads": positive, "kv_heads": positive, "head_dim": positive,
+          "dim": positive, "n_layers": positive, "hidden": positive, "heads": positive, "kv_heads": positive, "head_dim": positive,
           "vocab": positive, "ce_tokens": positive, "kernels.compile": one_of("auto", "true", "false"),
           "model": one_of(*sorted(PRESETS)), "lora_rank": at_least(0), "lora_alpha": positive,
           "seq_len": at_least(2), "batch_size": positive, "steps": positive, "quantize": one_of("nf4"),
@@ -1195,6 +1236,15 @@ class Bench:
             lm_eval_batch_size: lm-eval's --batch_size (its requests per forward pass).
         """
         self._run(cmd_eval, locals())
+
+    def save(self, dim: int = 1024, n_layers: int = 8, vocab: int = 32000, tmp_dir: str = None):
+        """A full fine-tune's checkpoint save (atomic.write_dir) vs one torch.save + fsync, seconds.
+
+        Args:
+            dim, n_layers, vocab: the model's shape (the default is 168M parameters, 2 GB to write).
+            tmp_dir: the file system to write on (default: the system's temporary directory).
+        """
+        self._run(cmd_save, locals())
 
     def _run(self, cmd, flags):
         """Resolve the shared flags for the device, then run one subcommand with them and its own flags."""

@@ -27,7 +27,7 @@ def bench(tmp_path, *argv, env=None):
     columns = header.split()
     assert columns[:3] == ["case", "metric", "ours"] and columns[-1] == "ratio" and "reference" in columns
     assert {"subcommand", "command", "device", "versions", "date", "claims", "rows", "notes"} <= set(record)
-    measures_the_cpu = argv[0] in ("prepare", "load", "decode")  # the others exist for the GPU
+    measures_the_cpu = argv[0] in ("prepare", "load", "decode", "save")  # the others exist for the GPU
     assert record["subcommand"] == argv[0] and record["claims"] is measures_the_cpu
     assert record["rows"] and all(ROW_KEYS <= set(row) for row in record["rows"])
     for row in record["rows"]:  # each row is printed, naming its reference stack
@@ -134,6 +134,15 @@ def test_prepare(tmp_path):
     assert row["metric"] == "tokens/s" and "tiktoken" in row["vs"]
     assert number(row["ours"]) and number(row["reference"]) and number(row["ratio"])
     assert "token counts agree" in stdout
+
+
+def test_save(tmp_path):
+    stdout, record = bench(tmp_path, "save", "--dim", "64", "--n_layers", "1", "--vocab", "256", "--tmp_dir",
+                           str(tmp_path), "--warmup", "0", "--iters", "1")
+    seconds, rate = record["rows"]
+    assert (seconds["metric"], rate["metric"]) == ("seconds", "GB/s") and "fsync" in seconds["vs"]
+    assert all(number(r["ours"]) and number(r["reference"]) for r in record["rows"])
+    assert os.listdir(tmp_path) == ["rows.json"]  # both copies removed after timing
 
 
 def test_bad_flags_stop_with_one_line():
