@@ -457,11 +457,11 @@ class Command:
         tok = self._load_tokenizer(fmt)
         if fmt == "gguf" and tok is None:
             raise UserError(f"--format gguf needs the tokenizer: none in --ckpt_dir {self.ckpt_dir}; pass --tokenizer")
-        start = time.time()
-        _say(f"loading {self.ckpt_dir} ...")  # a 70B base takes minutes: say what is happening
+        start, say = time.time(), _progress(self.ckpt_dir)
+        say(f"loading {self.ckpt_dir} ...")
         m = load_model(self.ckpt_dir, dtype=checkpoint.stored_dtype(self.ckpt_dir) if fmt != "peft" else None)
-        _say(f"loaded {sum(p.numel() for p in m.parameters()) / 1e9:.2f}B parameters in {time.time() - start:.1f}s; "
-             f"{'writing the adapter' if fmt == 'peft' else 'merging the adapter and writing'} ({fmt}) to {self.out} ...")
+        say(f"loaded {sum(p.numel() for p in m.parameters()) / 1e9:.2f}B parameters in {time.time() - start:.1f}s; "
+            f"{'writing the adapter' if fmt == 'peft' else 'merging the adapter and writing'} ({fmt}) to {self.out} ...")
         if tok is not None:  # every format: what leaves here is used with this tokenizer (llama.cpp refuses a misfit)
             import tokenizer as llama_tokenizer
 
@@ -499,7 +499,7 @@ class Command:
 
         checkpoint.replace_checkpoint(self.out, fill)
         size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(self.out) for f in files)
-        _say(f"wrote {self.out} ({size / 2**30:.2f} GiB) in {time.time() - start:.1f}s")
+        say(f"wrote {self.out} ({size / 2**30:.2f} GiB) in {time.time() - start:.1f}s")
 
     def _check_out(self):
         """--out may be new, or with --overwrite a checkpoint; never the base, the adapter, a directory
@@ -522,8 +522,18 @@ class Command:
 CHECKPOINT_MARKERS = ("params.json", "config.json", "adapter.json", "adapter_config.json", "model.gguf")
 
 
-def _say(message):
-    print(f"lora.py: {message}", file=sys.stderr, flush=True)
+# Bases this large take long enough to load and write (tens of seconds and up) that silence would look
+# like a hang; smaller ones finish before a progress line would help, and an error stays one line.
+PROGRESS_BYTES = 1 << 30
+
+
+def _progress(ckpt_dir):
+    """A function that prints a progress line on stderr, or does nothing for a small base."""
+    weights = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(ckpt_dir) for f in files
+                  if f.endswith((".pth", ".safetensors")))
+    if weights < PROGRESS_BYTES:
+        return lambda message: None
+    return lambda message: print(f"lora.py: {message}", file=sys.stderr, flush=True)
 
 
 def main(argv=None):
