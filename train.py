@@ -165,7 +165,7 @@ class TrainConfig:
             self.warmup_steps = max(1, self.max_steps // 20)
         if self.data is None:
             raise UsageError("--data is required with --ckpt_dir (token shards from python -m data.prepare)")
-        if self.ckpt_dir and not os.path.isdir(atomic.readable(os.path.expanduser(self.ckpt_dir))):
+        if self.ckpt_dir and not os.path.isdir(atomic.readable(self.ckpt_dir)):
             raise UserError(f"--ckpt_dir {self.ckpt_dir}: no such checkpoint directory")
         if not self.demo:  # before anything is written: a wrong --data is named as such
             if not os.path.isdir(atomic.readable(self.data)):
