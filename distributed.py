@@ -13,6 +13,7 @@ Read top to bottom:
     stop       before the process group is torn down (the store must not be in use as it goes)
     failed     called by a rank as its error propagates: marks the store, and says whether this
                rank is the first to fail (the one that prints the error; the others exit quietly)
+    exit_quietly   how the others leave: at once, without the process group's teardown
 """
 
 import os
