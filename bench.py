@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
+import common
 import generate
 import lora
 import model as llama
@@ -633,12 +634,12 @@ def cmd_train(args, dev):
         missing = "waits for a GPU (bitsandbytes' QLoRA path is CUDA's)"
     ref = {"error": missing} if missing else train_side("ref", args, a, dev, batch)
 
-    N, flops = train.matmul_params(a, args.lora_rank), train.flops_per_token(a, args.seq_len, args.lora_rank)
+    N, flops = common.matmul_params(a, args.lora_rank), common.flops_per_token(a, args.seq_len, args.lora_rank)
     tokens = args.batch_size * args.seq_len
     mfu = lambda r, peak: 100 * flops * tokens / r["step_s"] / peak  # noqa: E731
     metrics = {"tokens/s": lambda r: tokens / r["step_s"], "step ms": lambda r: 1e3 * r["step_s"],
                "MFU % of measured matmul": lambda r: mfu(r, mm_tflops * 1e12)}
-    name, peak = train.peak_flops(dev)
+    name, peak = common.peak_flops(dev)
     if name:
         metrics[f"MFU % of {name} peak"] = lambda r: mfu(r, peak)
     metrics["peak GiB"] = lambda r: r["peak"]
@@ -653,7 +654,7 @@ def cmd_train(args, dev):
     if args.quantize:
         rows.append(nf4_memory_row(args, a, case))
     notes = [f"FLOPs/token = {'4N (LoRA: no gradients for the frozen weights)' if args.lora_rank else '6N'} + "
-             f"12*L*H*Q*T (train.flops_per_token) = {flops:.4g} with N = {N:.4g}, L*H*Q*T = "
+             f"12*L*H*Q*T (common.flops_per_token) = {flops:.4g} with N = {N:.4g}, L*H*Q*T = "
              f"{a.n_layers}*{a.n_heads}*{a.head_dim}*{args.seq_len}; "
              "N = weights in matmuls (projections, adapters, output layer; not the embedding lookup or norms); "
              "activation-checkpointing recomputation is not counted.",
@@ -961,7 +962,7 @@ def cmd_decode(args, dev):
                      row(case, "% of roofline", ours_pct, vs, ref if ref_pct is None else ref_pct)]
             chosen.append(f"{mode}: ours {dtype_name(ours_dtype)}, transformers {dtype_name(ref_dtype) if ref_dtype else '-'}")
     kv_mb = 2 * a.n_layers * a.n_kv_heads * a.head_dim * (P + N) * B * 2 / 1e6
-    weight_gb = train.matmul_params(a) * 2 / 1e9
+    weight_gb = common.matmul_params(a) * 2 / 1e9
     compiled = args.compile == "true" or (args.compile == "auto" and dev.type == "cuda")
     notes = [f"both load the same bf16 checkpoint (random weights) from disk, with each tool's default dtype or the "
              f"one named ({'; '.join(chosen)}).",

@@ -33,7 +33,6 @@ import math
 import os
 import re
 import sys
-import time
 from types import SimpleNamespace
 
 import torch
@@ -42,6 +41,7 @@ import torch.distributed as dist
 import atomic
 import checkpoint
 import cli
+import common
 import jsonfile
 import generate as sampling
 from cli import UsageError, UserError, at_least, interval, non_empty, one_of, positive, run, torch_device
@@ -510,14 +510,6 @@ def perplexity_metrics(items, opts):
 # The run: the work split across torchrun ranks, gathered on rank 0, written once
 
 
-def setup_distributed(device):
-    """(rank, world): torchrun's RANK / WORLD_SIZE, or 0 of 1 for a plain `python` run."""
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return rank, world
-
-
 def gather(results, error, rank, world, n):
     """Every rank's results (rank r did units r, r + world, ...) back in unit order. A rank that
     failed sends its error instead, and every rank then stops with the first one (none waits forever)."""
@@ -534,27 +526,6 @@ def gather(results, error, rank, world, n):
     for r, (part, _) in enumerate(parts):
         merged[r::world] = part
     return merged
-
-
-class Progress:
-    """`label 37/120 [=====     ] 12.3/s ETA 0m07s` on stderr, redrawn at most twice a second."""
-
-    def __init__(self, total, label, enabled):
-        self.total, self.label, self.enabled = total, label, enabled
-        self.done, self.t0, self.shown = 0, time.perf_counter(), 0.0
-
-    def advance(self, k=1):
-        from train import format_eta
-
-        self.done += k
-        now = time.perf_counter()
-        if not self.enabled or (now - self.shown < 0.5 and self.done < self.total):
-            return
-        self.shown, rate = now, self.done / max(now - self.t0, 1e-9)
-        bar = "=" * (20 * self.done // max(self.total, 1))
-        end = "\n" if self.done >= self.total else ""
-        print(f"\r{self.label} {self.done}/{self.total} [{bar:<20}] {rate:.1f}/s "
-              f"ETA {format_eta((self.total - self.done) / rate)}", end=end, file=sys.stderr, flush=True)
 
 
 def score_units(task, model, tok, units, opts, progress):
@@ -583,7 +554,7 @@ def evaluate(task, model, tok, units, opts, rank=0, world=1, show_progress=True)
     across ranks. Every rank gets the results; the model is left in eval mode."""
     model.eval()
     mine = units[rank::world]
-    progress = Progress(len(mine), f"eval {task}", show_progress and rank == 0)
+    progress = common.Progress(len(mine), f"eval {task}", show_progress and rank == 0)
     results, error = [], None
     try:
         results = score_units(task, model, tok, mine, opts, progress)
@@ -649,11 +620,9 @@ def log_to_mlflow(opts, metrics):
     """The metrics in the same store as train.py's runs (a run named after --out). Names are made
     valid for mlflow there (P@10 -> P_at_10); a tracking failure is one warning line, and the
     results file, already written, stays."""
-    from train import start_mlflow
-
-    tracker = start_mlflow(SimpleNamespace(mlflow_experiment=opts.mlflow_experiment, out_dir=opts.out),
-                           {"task": opts.task, "ckpt_dir": opts.ckpt_dir, "adapter": opts.adapter, "data": opts.data},
-                           prog="eval.py")
+    tracker = common.start_mlflow(opts.mlflow_experiment, os.path.basename(os.path.abspath(opts.out)),
+                                  {"task": opts.task, "ckpt_dir": opts.ckpt_dir, "adapter": opts.adapter,
+                                   "data": opts.data}, prog="eval.py")
     if tracker is not None:
         tracker.log_metrics({f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
         tracker.end_run()
@@ -743,8 +712,7 @@ def main(task: str, data: str, ckpt_dir: str = None, adapter: str = None, out: s
     """
     opts = checked_options(SimpleNamespace(**{k: v for k, v in locals().items()}, data_flag="--data",
                                            labels_from="--labels"))
-    device = device or ("cuda:" + os.environ.get("LOCAL_RANK", "0") if torch.cuda.is_available() else "cpu")
-    rank, world = setup_distributed(device)
+    rank, world, device = common.setup_distributed(device)
     units = load_units(task, None, opts) if task != "perplexity" else None  # bad records stop before loading
     model, tok = sampling.load_for_sampling(os.path.expanduser(opts.ckpt_dir), tokenizer, adapter, device, dtype,
                                             max_seq_len, force, quantize)
@@ -764,8 +732,7 @@ def main(task: str, data: str, ckpt_dir: str = None, adapter: str = None, out: s
         print(summary_table(task, metrics, data))
         if mlflow:
             log_to_mlflow(opts, metrics)
-    if world > 1:
-        dist.destroy_process_group()
+    common.teardown()
 
 
 # -----------------------------------------------------------------------------------------------

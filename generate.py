@@ -16,6 +16,7 @@ import time
 import torch
 
 import atomic
+import common
 import jsonfile
 import model as llama
 import tokenizer as llama_tokenizer
@@ -334,7 +335,7 @@ def main(ckpt_dir: str = None, prompt: str = None, prompts_file: str = None, ada
         force: apply --adapter even to a base other than the one it was trained on.
     """
     ckpt_dir, texts = _checked_inputs(ckpt_dir, prompt, prompts_file, chat, system)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or common.default_device()
     t0 = time.perf_counter()
     model, tok = load_for_sampling(ckpt_dir, tokenizer, adapter, device, dtype, max_seq_len, force, quantize)
     print(f"loaded {ckpt_dir} in {time.perf_counter() - t0:.1f}s ({device}, "

@@ -28,11 +28,8 @@ import errno
 import fcntl
 import inspect
 import json
-import logging
 import math
 import os
-import pathlib
-import re
 import signal
 import sys
 import time
@@ -45,7 +42,7 @@ import torch.distributed as dist
 import atomic
 import checkpoint
 import cli
-import distributed
+import common
 import eval as task_eval
 import model as llama
 import tokenizer as llama_tokenizer
@@ -56,8 +53,6 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEMO_DATA = os.path.join(ROOT, "shards", "icd10cm")
 DEMO_OUT = os.path.join(ROOT, "out", "demo")
 ADAMW_BETAS = (0.9, 0.95)
-# bf16 dense peak of the GPUs we know, for MFU; other devices print no MFU.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
 
 
 class TrainingError(UserError):
@@ -241,17 +236,9 @@ def claim_out_dir(cfg):
 
 
 def setup_distributed(cfg):
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python` run is rank 0 of 1."""
-    cfg.world, cfg.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if cfg.device is None:
-        cfg.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
-    if cfg.device.startswith("cuda"):
-        torch.cuda.set_device(cfg.device)
-    if cfg.world > 1:
-        dist.init_process_group(backend="nccl" if cfg.device.startswith("cuda") else "gloo")
-    elif cfg.fsdp:  # FSDP2 shards over a process group; without torchrun, one of one rank
-        dist.init_process_group(backend="nccl" if cfg.device.startswith("cuda") else "gloo",
-                                store=dist.HashStore(), rank=0, world_size=1)
+    """Where this process runs (common.py): torchrun's rank of world, or 0 of 1; FSDP2 shards over a
+    process group, so --fsdp without torchrun gets a group of its own."""
+    cfg.rank, cfg.world, cfg.device = common.setup_distributed(cfg.device, group_of_one=cfg.fsdp)
 
 
 def all_reduce_sum(t, world):
@@ -571,7 +558,8 @@ class Logger:
             os.ftruncate(fd, keep_log_bytes)
             os.close(fd)
         if cfg.mlflow:
-            self.tracker = start_mlflow(cfg, mlflow_params(config, model_args), run_id)
+            self.tracker = common.start_mlflow(cfg.mlflow_experiment, os.path.basename(os.path.abspath(cfg.out_dir)),
+                                               mlflow_params(config, model_args), run_id)
             self.run_id = self.tracker.run_id if self.tracker else run_id
 
     def step(self, record, line=None):
@@ -628,152 +616,6 @@ def mlflow_params(config, model_args):
     return params
 
 
-def start_mlflow(cfg, params, run_id=None, prog="train.py"):
-    """A Tracker on run_id continued (--resume) or on a new run with params logged; None (and the
-    one warning line) where mlflow cannot be used."""
-    try:
-        with quiet_mlflow():
-            tracker = _start_run(cfg, run_id, prog)
-    except Exception as e:  # tracking is a convenience: never lose a run over it
-        warn_tracking_stopped(prog, e)
-        return None
-    if tracker.run_id != run_id:
-        tracker.log_params(params)
-    return tracker if tracker.mlflow else None
-
-
-def _start_run(cfg, run_id, prog):
-    """mlflow's run: run_id's, or a new one named after --out_dir (then its params are still to log)."""
-    import mlflow
-
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        mlflow.set_tracking_uri("sqlite:///mlflow.db")
-    _set_experiment(mlflow, cfg.mlflow_experiment or "llama")
-    if run_id:
-        try:
-            mlflow.start_run(run_id=run_id)
-            return Tracker(mlflow, prog)
-        except Exception as e:  # another tracking store than the one that began the run
-            print(f"{prog}: mlflow run {run_id} not found ({type(e).__name__}); starting a new one", file=sys.stderr)
-    mlflow.start_run(run_name=os.path.basename(os.path.abspath(cfg.out_dir)))
-    return Tracker(mlflow, prog)
-
-
-@contextmanager
-def quiet_mlflow():
-    """mlflow logs its own warnings and tracebacks about a failing store; the warning line below
-    reports the failure once, so its logger is silenced while it works for us."""
-    import mlflow  # slow to import; only when asked for (and its import sets its logger's level)
-
-    logger = logging.getLogger("mlflow")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL + 1)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def mlflow_name(name):
-    """A metric or param name mlflow accepts (alphanumerics, _ - . : / and spaces): eval.py's
-    "P@10" becomes "P_at_10". The results file keeps eval.py's own names; only the store sees these."""
-    return re.sub(r"[^\w\-.:/ ]", "_", str(name).replace("@", "_at_"))
-
-
-class Tracker:
-    """mlflow behind one guard. Tracking is a convenience: the first failure of any kind (store down
-    or locked, a value it refuses, a database made unwritable mid-run) is reported in one warning
-    line, tracking stops, and the run goes on with its checkpoints and log.jsonl."""
-
-    def __init__(self, mlflow, prog):
-        self.mlflow, self.prog = mlflow, prog
-        self.run_id = mlflow.active_run().info.run_id
-
-    def _call(self, method, *args, **kwargs):
-        if self.mlflow is None:
-            return
-        try:
-            with quiet_mlflow():
-                getattr(self.mlflow, method)(*args, **kwargs)
-        except Exception as e:
-            warn_tracking_stopped(self.prog, e)
-            self._abandon()
-
-    def _abandon(self):
-        """Leave mlflow's run, which its store may refuse too: else mlflow's own exit hook would
-        try to end it and log the same failure again, traceback and all."""
-        mlflow, self.mlflow = self.mlflow, None
-        try:
-            with quiet_mlflow():
-                mlflow.end_run(status="FAILED")
-        except Exception:
-            pass  # already reported
-
-    def log_params(self, params):
-        self._call("log_params", {mlflow_name(k): str(v)[:250] for k, v in params.items()})
-
-    def log_metrics(self, metrics, step=None):
-        self._call("log_metrics", {mlflow_name(k): v for k, v in metrics.items()}, step=step)
-
-    def artifact(self, path):
-        if os.path.exists(path):
-            self._call("log_artifacts" if os.path.isdir(path) else "log_artifact", path)
-
-    def end_run(self, status="FINISHED"):
-        self._call("end_run", status=status)
-        self.mlflow = None
-
-
-def warn_tracking_stopped(prog, error):
-    """The one line a tracking failure prints (mlflow's messages can run to many lines)."""
-    message = (str(error).strip().splitlines() or [""])[0][:200]
-    print(f"{prog}: warning: mlflow tracking stopped ({type(error).__name__}: {message}); "
-          f"the run goes on without it", file=sys.stderr)
-
-
-def _set_experiment(mlflow, name):
-    """Select (creating if need be) the experiment. A database store has no place of its own for
-    artifacts, and mlflow would put a new experiment's in ./mlruns of whatever directory the run
-    started from: they go beside the database file instead."""
-    uri = mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
-        db_dir = os.path.dirname(os.path.abspath(uri[len("sqlite:///"):]))
-        mlflow.create_experiment(name, artifact_location=pathlib.Path(db_dir, "mlartifacts").as_uri())
-    mlflow.set_experiment(name)
-
-
-def matmul_params(args, lora_rank=0, lora_targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3")):
-    """Weights that take part in matrix products: every projection and the output layer (tied or
-    not), not the embedding lookup or the norms; plus LoRA adapters of this rank on lora_targets."""
-    q, kv, hidden = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.hidden_dim
-    shapes = {"wq": (args.dim, q), "wk": (args.dim, kv), "wv": (args.dim, kv), "wo": (q, args.dim),
-              "w1": (args.dim, hidden), "w2": (hidden, args.dim), "w3": (args.dim, hidden)}
-    per_layer = sum(i * o + (lora_rank * (i + o) if name in lora_targets else 0) for name, (i, o) in shapes.items())
-    return args.n_layers * per_layer + args.vocab_size * args.dim
-
-
-def flops_per_token(args, seq_len, lora_rank=0, lora_targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3")):
-    """Training FLOPs per token: 6N for a full step (2N forward, 4N backward) with N = matmul_params;
-    with LoRA the frozen weights get no gradient, 4N. Attention scores and their use add
-    12 * layers * heads * head_dim * seq_len (activation-checkpointing recomputation is not counted)."""
-    n = matmul_params(args, lora_rank, lora_targets)
-    return (4 if lora_rank else 6) * n + 12 * args.n_layers * args.n_heads * args.head_dim * seq_len
-
-
-def peak_flops(device):
-    """(name, bf16 dense FLOP/s) of a GPU we know, else (None, None): MFU = achieved / peak."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None, None
-    gpu = torch.cuda.get_device_name(device)
-    return next(((name, flops) for name, flops in PEAK_FLOPS.items() if name in gpu), (None, None))
-
-
-def format_eta(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 # -----------------------------------------------------------------------------------------------
 # The run: main -> set_up -> loop -> finish
 
@@ -815,9 +657,7 @@ class StopOnSignal:
 def main(*args, **flags):
     cfg = TrainConfig(*args, **flags)
     setup_distributed(cfg)
-    distributed.watch()  # one rank's error stops them all within seconds
-    done = False
-    try:
+    with common.ranks(cfg.world):  # one rank's error stops them all within seconds
         # Rank 0 claims --out_dir before anything else (the others wait for it at the barrier), so a
         # refused run touches nothing and no rank reads a checkpoint that claiming may still settle.
         with claim_out_dir(cfg) if cfg.rank == 0 else nullcontext():
@@ -832,15 +672,6 @@ def main(*args, **flags):
                 finish(cfg, run, step, last_saved, stop.requested)
             finally:
                 run.logger.close()
-        done = True
-    except BaseException:
-        if cfg.world > 1 and not distributed.failed():
-            distributed.exit_quietly()  # another rank failed first and its error is printed
-        raise
-    finally:
-        if done and dist.is_initialized():  # a failed rank does not wait on the others to tear down
-            distributed.stop()
-            dist.destroy_process_group()
 
 
 # The command line is TrainConfig: cli.run reads the flags, their types and defaults from main's
@@ -871,13 +702,13 @@ def set_up(cfg):
 
     config = dict(asdict(cfg), tokenizer_sha256=tokenizer.sha256)
     on_cuda = cfg.device.startswith("cuda")
-    flops = flops_per_token(raw.args, cfg.seq_len, cfg.lora_rank, cfg.lora_target_names)
+    flops = common.flops_per_token(raw.args, cfg.seq_len, cfg.lora_rank, cfg.lora_target_names)
     run = Run(raw=raw, model=for_training(cfg, raw), tokenizer=tokenizer, optimizer=optimizer,
               train_loader=train_loader, val_loader=val_loader, config=config, start_step=state.get("step", 0),
               autocast=torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else nullcontext(),
               logger=Logger(cfg, config, master, keep_log_bytes=state.get("log_bytes"), model_args=raw.args,
                             run_id=state.get("mlflow_run_id")), flops_per_token=flops,
-              peak_flops=peak_flops(cfg.device)[1])
+              peak_flops=common.peak_flops(cfg.device)[1])
     if master:
         n_params = sum(p.numel() for p in raw.parameters())
         n_trainable = sum(p.numel() for p in raw.parameters() if p.requires_grad)
@@ -948,7 +779,7 @@ def step_line(cfg, run, record, eta):
             f"grad {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s")
     if "mfu" in record:
         line += f" | MFU {100 * record['mfu']:.1f}%"
-    line += f" | ETA {format_eta(eta)}"
+    line += f" | ETA {common.format_eta(eta)}"
     if "val_loss" in record:
         line += (f" | val {record['val_loss']:.4f} ppl {record['val_ppl']:.2f}" if record["val_loss"] is not None
                  else " | val - (no target tokens in the validation batches: raise --eval_steps or --seq_len)")

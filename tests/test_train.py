@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+import common
 import model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -298,7 +299,7 @@ def test_log_every_prints_every_nth_step_and_logs_all(text_data, tmp_path):
 
 
 def test_flops_count_the_weights_the_model_multiplies_by():
-    """train.flops_per_token (which bench.py uses too) counts every matrix but the embedding lookup:
+    """common.flops_per_token (which bench.py uses too) counts every matrix but the embedding lookup:
     checked against a real model, with LoRA on some projections."""
     import lora
     import train as trainer
@@ -307,10 +308,10 @@ def test_flops_count_the_weights_the_model_multiplies_by():
     m = model.Transformer(args)
     lora.apply_lora(m, rank=4, alpha=8, targets=("wq", "wv", "w2"))
     in_matmuls = sum(p.numel() for name, p in m.named_parameters() if p.dim() == 2 and "tok_embeddings" not in name)
-    assert trainer.matmul_params(args, 4, ("wq", "wv", "w2")) == in_matmuls
+    assert common.matmul_params(args, 4, ("wq", "wv", "w2")) == in_matmuls
     attention = 12 * 2 * 4 * 16 * 128
-    assert trainer.flops_per_token(args, 128, 4, ("wq", "wv", "w2")) == 4 * in_matmuls + attention
-    assert trainer.flops_per_token(args, 128) == 6 * trainer.matmul_params(args) + attention
+    assert common.flops_per_token(args, 128, 4, ("wq", "wv", "w2")) == 4 * in_matmuls + attention
+    assert common.flops_per_token(args, 128) == 6 * common.matmul_params(args) + attention
 
 
 # -- --resume keeps the run it continues; mlflow follows it ------------------------------------------

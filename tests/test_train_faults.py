@@ -252,18 +252,18 @@ def test_one_rank_failing_stops_every_rank_within_seconds(text_data, tmp_path, r
 
 
 def test_a_rank_waiting_in_a_collective_leaves_once_another_has_failed(tmp_path):
-    """distributed.watch on its own, where the transport cannot tell (NCCL, another node): rank 1
+    """common.watch on its own, where the transport cannot tell (NCCL, another node): rank 1
     marks itself failed but stays alive (its sockets open), rank 0 waits in a barrier whose timeout
     is 30 minutes; the watcher ends rank 0 within seconds."""
     script = tmp_path / "waits.py"
     script.write_text(f"""import os, sys, time
 sys.path.insert(0, {ROOT!r})
 import torch.distributed as dist
-import distributed
+import common
 dist.init_process_group("gloo")
-distributed.watch()
+common.watch()
 if dist.get_rank() == 1:
-    distributed.failed()
+    common.failed()
     time.sleep(120)
 else:
     dist.barrier()
