@@ -1,4 +1,4 @@
-"""The command line every entry point shares: python-fire underneath, made strict.
+"""The command line every entry point shares: python-fire's convention, made strict.
 
     run(main, prog="generate.py", checks={"top_p": interval("(0, 1]"), "device": torch_device})
 
@@ -8,9 +8,11 @@ the flags its subcommands share and whose public methods are the subcommands (fi
 against the signature and types every value from the annotations (int, float, bool, str, and
 Optional of those; `x: int = None` is Optional[int]); each entry point declares its range checks in
 one mapping from flag name to a check below (a key "sub.flag" applies to one subcommand only).
-Only then does fire call the command, with every value already typed.
+Only then is the command called, with the typed values of the flags given (the others keep the
+signature's defaults): the command line is parsed once, here.
 
-Why not plain fire: it runs `main` with defaults when it meets a flag it does not know, reads values
+Why not python-fire itself, whose convention this keeps (`--flag value`, `--flag=value`, `--noflag`,
+subcommand first): it runs `main` with defaults when it meets a flag it does not know, reads values
 as Python literals (`--prompt 1e5` would arrive as 100000.0, `--lr abc` as the text "abc"), and
 shows help through a pager.
 
@@ -93,8 +95,6 @@ def interval(text):
 def run(command, prog, argv=None, checks=None):
     """Run `command` with the flags in argv (default: sys.argv[1:]); a user's mistake ends the
     process with one line on stderr and the exit status the module docstring lists."""
-    import fire  # only here: importing cli costs nothing to modules that merely use its errors
-
     global _invocation
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     debug = os.environ.get("LLAMA_DEBUG") == "1"
@@ -106,9 +106,7 @@ def run(command, prog, argv=None, checks=None):
         subcommand, values = parsed
         check_kernels()
         _invocation = (shlex.join(shlex.split(prog) + argv), frozenset(values))
-        fire_argv = [subcommand] if subcommand else []
-        fire_argv += [f"--{name}={value!r}" for name, value in values.items()]  # fire reads literals back
-        fire.Fire(command, command=fire_argv, name=prog)
+        call(command, subcommand, values)
     except BrokenPipeError:  # stdout closed early (`--help | head`): nothing is wrong, nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail
         sys.exit(141)
@@ -120,6 +118,16 @@ def run(command, prog, argv=None, checks=None):
         _stop(prog, "interrupted", 130, debug)
     finally:
         _invocation = outer
+
+
+def call(command, subcommand, values):
+    """command(**values), or for a class command its subcommand method on an instance made from the
+    shared flags (those of __init__)."""
+    if subcommand is None:
+        return command(**values)
+    shared = inspect.signature(command.__init__).parameters
+    instance = command(**{name: value for name, value in values.items() if name in shared})
+    return getattr(instance, subcommand)(**{name: value for name, value in values.items() if name not in shared})
 
 
 def check_kernels():
@@ -197,7 +205,7 @@ def parse(command, argv, prog, checks):
         name, has_value, text = arg[2:].partition("=")
         name = name.replace("-", "_")
         if name not in flags and name.startswith("no") and not has_value and _is_bool(flags.get(name[2:])):
-            name, has_value, text = name[2:], True, "false"  # fire's --noflag
+            name, has_value, text = name[2:], True, "false"  # --noflag, fire's way of saying --flag false
         if name not in flags:
             raise UsageError(f"unknown flag --{name}{_did_you_mean(name, flags, '--')}; see {where} --help")
         if name in values:
@@ -337,7 +345,7 @@ def help_text(command, prog, subcommand, checks):
         return "\n".join(lines)
     where = f"{prog} {subcommand}" if subcommand else prog
     summary = _summary(subcommands[subcommand] if subcommand else command)
-    lines = [f"usage: {where} [--flag value ...]", "", summary, ""]
+    lines = [f"usage: {where} [--flag value ...]", "", *textwrap.wrap(summary, _HELP_WIDTH), ""]
     for name, flag in signature_flags(command, subcommand, checks).items():
         left = f"  --{name}" + ("" if flag.type is bool else f" {flag.type.__name__.upper()}")
         shown = not flag.required and flag.default is not None and flag.default is not False  # a switch is off

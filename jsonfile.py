@@ -9,9 +9,9 @@ library: data/prepare.py imports it and must not import torch.
 
 Read top to bottom:
   MAX_DEPTH      how deeply a document may nest
-  loads, load    a string / a file parsed, its depth checked (load: its top-level kind too)
-  field          obj[key] of an expected kind, absent or null -> a default where one is given
-  expect         any value of an expected kind (int never a bool; float finite; positive if asked)
+  loads, load    a string / a file parsed, its depth checked (load: its top-level type too)
+  field          obj[key] of an expected type, absent or null -> a default where one is given
+  expect         any value of an expected type (int never a bool; float finite; positive if asked)
 """
 
 import json
@@ -45,23 +45,23 @@ def loads(text, where, error=JSONError, bad="not JSON"):
     return value
 
 
-def load(path, error=JSONError, bad="not JSON", kind=dict):
-    """The JSON file at path parsed (loads), its top level of kind (None: any): error naming the file."""
+def load(path, error=JSONError, bad="not JSON", expected=dict):
+    """The JSON file at path parsed (loads), its top level of expected (None: any): error naming the file."""
     try:
         with open(path, "rb") as f:
             text = f.read()
     except OSError as e:
         raise error(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
     value = loads(text, path, error, bad)
-    if kind is not None and not _is(value, kind):
-        raise error(f"{path}: {_name(kind)} expected at the top level, got {_json_type(value)}")
+    if expected is not None and not _is(value, expected):
+        raise error(f"{path}: {_name(expected)} expected at the top level, got {_json_type(value)}")
     return value
 
 
 REQUIRED = object()  # field's default when the key must be there
 
 
-def field(obj, key, kind, where, error=JSONError, default=REQUIRED, positive=False):
+def field(obj, key, expected, where, error=JSONError, default=REQUIRED, positive=False):
     """obj[key] (obj: a dict read from where) checked by expect; an absent key (or a null, where
     a default is given) is default, or error(f"{where}: {key} is missing")."""
     value = obj.get(key)
@@ -70,40 +70,40 @@ def field(obj, key, kind, where, error=JSONError, default=REQUIRED, positive=Fal
             return default
         if key not in obj:
             raise error(f"{where}: {key} is missing")
-    return expect(value, kind, f"{where}: {key}", error, positive)
+    return expect(value, expected, f"{where}: {key}", error, positive)
 
 
-def expect(value, kind, what, error=JSONError, positive=False):
-    """value if it is of kind (int, float, bool, str, list or dict; a tuple of them: any), else
+def expect(value, expected, what, error=JSONError, positive=False):
+    """value if it is of expected (int, float, bool, str, list or dict; a tuple of them: any), else
     error(f"{what} is {value!r}, not ..."). JSON's true is no number; an int is a fine float (and
     comes back as one); a float must be finite. positive: a number must also be above 0."""
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    ok = any(_is(value, k) for k in kinds)
+    types = expected if isinstance(expected, tuple) else (expected,)
+    ok = any(_is(value, k) for k in types)
     if ok and positive and not isinstance(value, bool) and isinstance(value, (int, float)):
         ok = value > 0
     if not ok:
-        wanted = " or ".join(_name(k) for k in kinds)
+        wanted = " or ".join(_name(k) for k in types)
         if positive:
             wanted = wanted.replace("an integer", "a positive integer").replace("a finite number", "a positive number")
         raise error(f"{what} is {_short(value)}, not {wanted}")
-    return float(value) if kinds == (float,) else value
+    return float(value) if types == (float,) else value
 
 
-def _is(value, kind):
-    if kind is float:
+def _is(value, expected):
+    if expected is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) != float("inf") \
             and value == value  # NaN is the one value unequal to itself
-    if kind is int:
+    if expected is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, kind)
+    return isinstance(value, expected)
 
 
 _NAMES = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
           list: "a list", dict: "an object"}
 
 
-def _name(kind):
-    return _NAMES.get(kind, getattr(kind, "__name__", str(kind)))
+def _name(expected):
+    return _NAMES.get(expected, getattr(expected, "__name__", str(expected)))
 
 
 def _json_type(value):

@@ -38,16 +38,20 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import atomic
 import checkpoint
 import cli
 import common
 import eval as task_eval
+import fsdp
+import generate
+import lora
 import model as llama
 import tokenizer as llama_tokenizer
 from cli import Check, UsageError, UserError, at_least, interval, non_empty, one_of, positive, torch_device
-from data import shards
+from data import prepare, shards
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEMO_DATA = os.path.join(ROOT, "shards", "icd10cm")
@@ -75,8 +79,9 @@ def flag(default, meaning, check=None):
 
 @dataclass
 class TrainConfig:
-    """Everything a run is told: one field per flag of train.py. Flags that default to None take
-    their value from DEMO (in the demo) or DEFAULTS (below), or from other flags (__post_init__)."""
+    """Everything a run is told: one field per flag of train.py, its default beside its meaning.
+    Flags that default to None take their value from other flags (__post_init__); `python train.py`
+    alone starts from the DEMO preset instead (main)."""
     # what to train, on what, and where
     ckpt_dir: str = flag(None, "a Meta or HF checkpoint to fine-tune; without it a model is trained from scratch",
                          non_empty)
@@ -95,12 +100,12 @@ class TrainConfig:
     quantize: str = flag(None, "nf4 holds the frozen base's projections in 4-bit NF4 (QLoRA; needs --lora_rank)",
                          one_of("nf4"))
     # the batch and the schedule
-    max_steps: int = flag(None, "optimizer steps (default 1000; the demo 800)", positive)
+    max_steps: int = flag(1000, "optimizer steps", positive)
     batch_size: int = flag(8, "rows per micro-batch per rank; the global batch is batch_size * grad_accum * ranks",
                            positive)
-    seq_len: int = flag(None, "tokens per row (default 1024; the demo 256)", positive)
+    seq_len: int = flag(1024, "tokens per row", positive)
     grad_accum: int = flag(1, "micro-steps per optimizer step", positive)
-    lr: float = flag(None, "peak learning rate (default 3e-4 from scratch or LoRA, 2e-5 full fine-tune; demo 2e-3)",
+    lr: float = flag(None, "peak learning rate (default 3e-4 from scratch or LoRA, 2e-5 full fine-tune)",
                      positive)
     warmup_steps: int = flag(None, "linear warmup steps (default 5% of max_steps), then cosine", at_least(0))
     min_lr_ratio: float = flag(0.1, "the cosine ends at lr * min_lr_ratio", interval("[0, 1]"))
@@ -108,15 +113,15 @@ class TrainConfig:
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0: no clipping)", at_least(0))
     # evaluation, logging, checkpoints
     eval_every: int = flag(100, "validation loss and perplexity every N steps, and at the end", positive)
-    eval_steps: int = flag(None, "validation batches per rank (default 20; the demo 10)", positive)
+    eval_steps: int = flag(20, "validation batches per rank", positive)
     sample_prompt: str = flag(None, "also print a short greedy sample from this prompt at each evaluation")
     eval_task: str = flag(None, "also score an eval.py task at each evaluation: choice, classify, rank, generate, "
                           "perplexity (metrics go to log.jsonl and mlflow as eval_*)",
                           cli.one_of(*task_eval.TASKS))
     eval_data: str = flag(None, "the records for --eval_task (eval.py's JSONL formats)", non_empty)
-    log_every: int = flag(None, "print a step line every N steps (default 1; the demo 20); log.jsonl has every step",
+    log_every: int = flag(1, "print a step line every N steps; log.jsonl has every step",
                           positive)
-    save_every: int = flag(None, "checkpoint every N steps (default 500; the demo 200), at the end and on Ctrl-C",
+    save_every: int = flag(500, "checkpoint every N steps, at the end and on Ctrl-C",
                            positive)
     resume: bool = flag(False, "continue the checkpoint in --out_dir exactly where it stopped")
     resume_with_changes: bool = flag(False, "let --resume continue with changed schedule or LoRA flags or another "
@@ -134,10 +139,10 @@ class TrainConfig:
     fsdp: bool = flag(False, "shard weights, gradients and optimizer state over the ranks (FSDP2, fsdp.py), for "
                              "models whose training state does not fit one GPU; under torchrun, or one process")
     # the shape of a model trained from scratch (model.ModelArgs)
-    dim: int = flag(None, "model width (default 512; the demo 256)", positive)
-    n_layers: int = flag(None, "transformer blocks (default 8; the demo 4)", positive)
-    n_heads: int = flag(None, "attention heads (default 8; the demo 4)", positive)
-    n_kv_heads: int = flag(None, "key/value heads, for grouped-query attention (default n_heads; the demo 2)", positive)
+    dim: int = flag(512, "model width", positive)
+    n_layers: int = flag(8, "transformer blocks", positive)
+    n_heads: int = flag(8, "attention heads", positive)
+    n_kv_heads: int = flag(None, "key/value heads, for grouped-query attention (default n_heads)", positive)
     multiple_of: int = flag(64, "the SwiGLU hidden size is rounded up to a multiple of this", positive)
     ffn_dim_multiplier: float = flag(None, "scales the SwiGLU hidden size (Llama 3: 1.3 or 1.5)", positive)
     norm_eps: float = flag(1e-5, "RMSNorm epsilon", positive)
@@ -152,8 +157,6 @@ class TrainConfig:
         if self.demo:  # the demo's corpus and sizes, except where a flag says otherwise
             self.data, self.overwrite = DEMO_DATA, True
             self.out_dir = DEMO_OUT if self.out_dir is None else self.out_dir
-            self._fill(DEMO)
-        self._fill(DEFAULTS)
         if self.lr is None:
             self.lr = 2e-5 if self.ckpt_dir and not self.lora_rank else 3e-4
         if self.warmup_steps is None:
@@ -176,33 +179,26 @@ class TrainConfig:
         task_eval.check_training_flags(self)
         self.out_dir = self.out_dir or os.path.join(ROOT, "out", os.path.basename(os.path.normpath(self.data)))
         # what a run writes in --out_dir never replaces what it reads, nor goes through a link
-        atomic.check_outputs([("--out_dir", os.path.join(self.out_dir, name)) for name in (self.kind, "log.jsonl", ".lock")],
+        atomic.check_outputs([("--out_dir", os.path.join(self.out_dir, name)) for name in (self.checkpoint_name, "log.jsonl", ".lock")],
                              {"--ckpt_dir": self.ckpt_dir, "--data": self.data, "--eval_data": self.eval_data,
                               "--tokenizer": self.tokenizer},
                              checkpoint.INPUT_FILES + shards.SHARD_FILES)
-
-    def _fill(self, defaults):
-        for name, value in defaults.items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
 
     @property
     def lora_target_names(self):
         return tuple(name.strip() for name in self.lora_targets.split(","))
 
     @property
-    def kind(self):
+    def checkpoint_name(self):
         """What a checkpoint of this run holds, and the name of its directory in out_dir."""
         return "adapter" if self.lora_rank else "model"
 
 
-# Flags that default to None take these values: the demo's first, then everyone's. The demo model
-# is small enough for 2 CPU cores to train in a few minutes, big enough to learn the structure of
-# ICD-10-CM entries; it prints about 40 step lines.
+# `python train.py` with neither --data nor --ckpt_dir: the demo, whose preset stands in for the
+# defaults of the flags not given. Its model is small enough for 2 CPU cores to train in a few
+# minutes, big enough to learn the structure of ICD-10-CM entries; it prints about 40 step lines.
 DEMO = dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, seq_len=256, max_steps=800, lr=2e-3,
             eval_steps=10, save_every=200, log_every=20, sample_prompt="J45 Asthma")
-DEFAULTS = dict(dim=512, n_layers=8, n_heads=8, seq_len=1024, max_steps=1000, eval_steps=20,
-                save_every=500, log_every=1)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -250,8 +246,6 @@ def all_reduce_sum(t, world):
 def prepare_demo_corpus(cfg):
     if not os.path.exists(os.path.join(cfg.data, "meta.json")):
         if cfg.rank == 0:  # one rank writes the corpus, the others wait for it
-            from data import prepare
-
             print(f"preparing the demo corpus in {cfg.data} ...", file=sys.stderr)
             prepare.main(["--demo", "--out", cfg.data])
         if cfg.world > 1:
@@ -271,8 +265,6 @@ def load_model_and_data(cfg, resume_from):
     data_meta = shards.validate(cfg.data, vocab_size=tokenizer.n_words, tokenizer=tokenizer)
     torch.manual_seed(cfg.seed)  # the same initial weights (and LoRA A matrices) on every rank
     if cfg.fsdp:  # built on the meta device, sharded, then each rank reads only its rows (fsdp.py)
-        import fsdp
-
         dtype = torch.bfloat16 if cfg.lora_rank and cfg.device.startswith("cuda") else torch.float32
         raw = fsdp.load(None if source else scratch_args(cfg, data_meta), source, cfg.device, dtype, seed=cfg.seed,
                         adapt=lambda model: add_lora(cfg, model), quantize=cfg.quantize)
@@ -307,8 +299,6 @@ def scratch_args(cfg, data_meta):
 def add_lora(cfg, raw):
     """--lora_rank's adapters on raw (nothing without it)."""
     if cfg.lora_rank:
-        import lora
-
         lora.apply_lora(raw, rank=cfg.lora_rank, alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
                         dropout=cfg.lora_dropout, targets=cfg.lora_target_names,
                         use_rslora=cfg.rslora)
@@ -319,8 +309,6 @@ def for_training(cfg, raw):
     raw is sharded already)."""
     model = torch.compile(raw) if cfg.compile else raw
     if cfg.world > 1 and not cfg.fsdp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         # No buffer sync per step: the only buffer is the RoPE table, the same on every rank (64 MB for
         # Llama 3.1's 131072 positions). torch 2.13 renamed the switch.
         no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
@@ -372,10 +360,10 @@ def train_step(cfg, model, loader, autocast, stop_requested=False):
         x, y, pos = x.to(cfg.device), y.to(cfg.device), pos.to(cfg.device)
         # DDP all-reduces on every backward unless told not to: only the last micro-step syncs.
         # An FSDP2 model (--fsdp) reduce-scatters likewise (averaging over ranks too), told by a switch.
-        last, sharded = i == cfg.grad_accum - 1, hasattr(model, "set_requires_gradient_sync")
-        if sharded:
+        last, fsdp_model = i == cfg.grad_accum - 1, hasattr(model, "set_requires_gradient_sync")
+        if fsdp_model:
             model.set_requires_gradient_sync(last)
-        sync = nullcontext() if cfg.world == 1 or last or sharded else model.no_sync()
+        sync = nullcontext() if cfg.world == 1 or last or fsdp_model else model.no_sync()
         with sync:
             with autocast:
                 loss = model(x, y, positions=pos if cfg.doc_mask else None, reduction="sum")
@@ -406,15 +394,13 @@ def evaluate(model, loader, steps, world, autocast, doc_mask):
 def sample(raw, tokenizer, prompt, max_new_tokens=48, chat=False):
     """A greedy completion of prompt (with chat: of a user message in the tokenizer's chat layout),
     as one line."""
-    from generate import completion_text, encode_prompts, generate
-
-    prompt_ids = encode_prompts(tokenizer, [prompt], chat, None)[0]
+    prompt_ids = generate.encode_prompts(tokenizer, [prompt], chat, None)[0]
     if len(prompt_ids) >= raw.args.max_seq_len:  # a progress note must not stop the run
         return f"(--sample_prompt is {len(prompt_ids)} tokens, the context {raw.args.max_seq_len}: no sample)"
-    ids = generate(raw, [prompt_ids], max_new_tokens, temperature=0, stop_ids=tokenizer.stop_ids)[0]
+    ids = generate.generate(raw, [prompt_ids], max_new_tokens, temperature=0, stop_ids=tokenizer.stop_ids)[0]
     raw.train()
     shown = f"[user] {prompt} [assistant] " if chat else prompt
-    return (shown + completion_text(tokenizer, prompt_ids, ids)).replace("\n", " / ")
+    return (shown + generate.completion_text(tokenizer, prompt_ids, ids)).replace("\n", " / ")
 
 
 def check_finite(cfg, step, **values):
@@ -432,7 +418,7 @@ def check_finite(cfg, step, **values):
 
 
 def checkpoint_dir(cfg):
-    return os.path.join(cfg.out_dir, cfg.kind)
+    return os.path.join(cfg.out_dir, cfg.checkpoint_name)
 
 
 # The flags a resumed run must keep: they fix the schedule (lr_at), the length of each sequence and
@@ -479,34 +465,42 @@ def has_checkpoint(cfg):
 
 
 def save_checkpoint(cfg, run, step):
-    """The weights (or adapter), the tokenizer and train_state.pt, as one directory: a kill at
-    any moment leaves the previous checkpoint or this one, never a mix. Under --fsdp every rank
-    calls it: the weights are gathered to rank 0, the optimizer saved sharded (fsdp.py)."""
-    raw, optimizer = run.raw, run.optimizer.state_dict() if not cfg.fsdp else None
+    """The one way a run saves, whatever its mode (full or LoRA; one process, DDP or FSDP): check
+    the trained weights are finite, write the weights (or adapter), the tokenizer and train_state.pt
+    as one directory (a kill at any moment leaves the previous checkpoint or this one, never a mix),
+    and say so. Every rank calls it: under --fsdp every rank takes part (the weights are gathered to
+    rank 0, each rank writes its optimizer shard, fsdp.py); otherwise rank 0 writes alone. Returns
+    the checkpoint's path on rank 0, None on the others."""
+    trained = [p for p in run.raw.parameters() if p.requires_grad]
+    check_finite(cfg, step, weights=all(bool(torch.isfinite(p).all()) for p in trained))
+    whole = run.raw
     if cfg.fsdp:
-        import fsdp
-
-        raw = fsdp.full_model(run.raw)  # rank 0: the whole model (a LoRA run: its adapters) on the CPU
+        whole = fsdp.full_model(run.raw)  # rank 0: the whole model (a LoRA run: its adapters) on the CPU
         if cfg.rank != 0:
-            return fsdp.save_optimizer(run.raw, run.optimizer)  # into rank 0's directory
-    state = {"step": step, "optimizer": optimizer, "loader": run.train_loader.state_dict(),
-             "config": run.config, "log_bytes": run.logger.size(), "mlflow_run_id": run.logger.run_id}
+            fsdp.save_optimizer(run.raw, run.optimizer)  # into rank 0's directory
+            return None
+    elif cfg.rank != 0:
+        return None
+    path = atomic.write_dir(checkpoint_dir(cfg), lambda tmp_dir: write_checkpoint(cfg, run, step, whole, tmp_dir))
+    print(f"saved {path} at step {step}", file=sys.stderr)
+    return path
 
-    def write(tmp_dir):
-        if cfg.fsdp:
-            fsdp.save_optimizer(run.raw, run.optimizer, tmp_dir)
-        if cfg.lora_rank:
-            import lora
 
-            fingerprint = fsdp.adapter_fingerprint(run.raw) if cfg.fsdp else None  # kept by full_model
-            lora.write_adapter(raw, tmp_dir, tokenizer_sha256=run.tokenizer.sha256, fingerprint=fingerprint,
-                               tokenizer_fingerprint=run.tokenizer.fingerprint)
-        else:
-            checkpoint.write_meta(raw, tmp_dir)
-        llama_tokenizer.copy_into(run.tokenizer, tmp_dir)  # tokenizer.model, or a tokenizer.json as such
-        torch.save(state, os.path.join(tmp_dir, "train_state.pt"))
-
-    return atomic.write_dir(checkpoint_dir(cfg), write)
+def write_checkpoint(cfg, run, step, whole, tmp_dir):
+    """Fill tmp_dir (atomic.write_dir renames it into place) on rank 0; whole: the model on one rank."""
+    if cfg.fsdp:
+        fsdp.save_optimizer(run.raw, run.optimizer, tmp_dir)
+    if cfg.lora_rank:
+        fingerprint = fsdp.adapter_fingerprint(run.raw) if cfg.fsdp else None  # kept by full_model
+        lora.write_adapter(whole, tmp_dir, tokenizer_sha256=run.tokenizer.sha256, fingerprint=fingerprint,
+                           tokenizer_fingerprint=run.tokenizer.fingerprint)
+    else:
+        checkpoint.write_meta(whole, tmp_dir)
+    llama_tokenizer.copy_into(run.tokenizer, tmp_dir)  # tokenizer.model, or a tokenizer.json as such
+    state = {"step": step, "optimizer": None if cfg.fsdp else run.optimizer.state_dict(),  # --fsdp: in DCP's files
+             "loader": run.train_loader.state_dict(), "config": run.config, "log_bytes": run.logger.size(),
+             "mlflow_run_id": run.logger.run_id}
+    torch.save(state, os.path.join(tmp_dir, "train_state.pt"))
 
 
 def restore_checkpoint(cfg, path, raw, optimizer, train_loader):
@@ -514,20 +508,15 @@ def restore_checkpoint(cfg, path, raw, optimizer, train_loader):
     loaded from the checkpoint already); returns train_state. There is no RNG state to restore:
     each step seeds from (seed, rank, step), which the config and the step determine."""
     state = checkpoint.torch_load(os.path.join(path, "train_state.pt"), map_location=cfg.device)
-    sharded = state["optimizer"] is None  # saved by an --fsdp run: the optimizer is in DCP's files
-    if cfg.fsdp and not sharded:
+    optimizer_in_dcp = state["optimizer"] is None  # saved by an --fsdp run: the optimizer is in DCP's files
+    if cfg.fsdp and not optimizer_in_dcp:
         raise UserError(f"{path} was saved by a run without --fsdp: --resume it without --fsdp")
     if cfg.lora_rank:
-        import fsdp
-        import lora
-
         if cfg.fsdp:
             fsdp.load_adapter(raw, path)
         else:
             lora.load_adapter(raw, path, remedy=lora.RESUME_REMEDY)
-    if sharded:  # resharded to this run's ranks; whole, without --fsdp
-        import fsdp
-
+    if optimizer_in_dcp:  # resharded to this run's ranks; whole, without --fsdp
         fsdp.load_optimizer(raw, optimizer, path)
     else:
         optimizer.load_state_dict(state["optimizer"])
@@ -654,8 +643,10 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
 
-def main(*args, **flags):
-    cfg = TrainConfig(*args, **flags)
+def main(**flags):
+    if flags.get("ckpt_dir") is None and flags.get("data") is None:
+        flags = {**DEMO, **flags}  # the demo: its preset, under the flags given
+    cfg = TrainConfig(**flags)
     setup_distributed(cfg)
     with common.ranks(cfg.world):  # one rank's error stops them all within seconds
         # Rank 0 claims --out_dir before anything else (the others wait for it at the barrier), so a
@@ -675,11 +666,13 @@ def main(*args, **flags):
 
 
 # The command line is TrainConfig: cli.run reads the flags, their types and defaults from main's
-# signature and --help their meanings from its docstring, so main takes the dataclass's (fire passes
-# the values positionally, in the dataclass's order).
+# signature and --help their meanings from its docstring, so main takes the dataclass's (and is
+# called with the flags given, by name).
 main.__signature__ = inspect.signature(TrainConfig)
-main.__doc__ = "Train a Llama (python train.py alone runs the ICD-10-CM demo).\n\nArgs:\n" + "\n".join(
-    f"    {f.name}: {f.metadata['help']}" for f in fields(TrainConfig) if f.init)
+main.__doc__ = ("Train a Llama. python train.py alone runs the ICD-10-CM demo, whose preset replaces the "
+                "defaults of the flags not given: " + " ".join(f"--{k} {v!r}" if isinstance(v, str) else f"--{k} {v}"
+                                                              for k, v in DEMO.items()) +
+                ".\n\nArgs:\n" + "\n".join(f"    {f.name}: {f.metadata['help']}" for f in fields(TrainConfig) if f.init))
 
 
 def set_up(cfg):
@@ -761,11 +754,7 @@ def loop(cfg, run, stop):
         shown = evaluated or step % cfg.log_every == 0 or step == run.start_step + 1
         run.logger.step(record, step_line(cfg, run, record, eta) if shown else None)
         if step % cfg.save_every == 0 and step < cfg.max_steps:
-            check_finite(cfg, step, weights=all(bool(torch.isfinite(p).all()) for p in trainable))
-            if cfg.rank == 0 or cfg.fsdp:  # under --fsdp every rank gathers and writes its shard
-                path = save_checkpoint(cfg, run, step)
-            if cfg.rank == 0:
-                print(f"saved {path} at step {step}", file=sys.stderr)
+            save_checkpoint(cfg, run, step)
             last_saved = step
     return step, last_saved
 
@@ -795,11 +784,8 @@ def step_line(cfg, run, record, eta):
 def finish(cfg, run, step, last_saved, interrupted):
     """Save what the last periodic checkpoint missed, then leave together."""
     if step > last_saved or step == 0:
-        check_finite(cfg, step, weights=all(bool(torch.isfinite(p).all()) for p in run.raw.parameters()))
-        if cfg.rank == 0 or cfg.fsdp:  # under --fsdp every rank gathers and writes its shard
-            path = save_checkpoint(cfg, run, step)
+        path = save_checkpoint(cfg, run, step)
         if cfg.rank == 0:
-            print(f"saved {path} at step {step}", file=sys.stderr)
             run.logger.artifact(os.path.join(cfg.out_dir, "log.jsonl"))
             if cfg.lora_rank:
                 run.logger.artifact(path)

@@ -3,6 +3,7 @@ resume after Ctrl-C, LoRA, and one clear line for each thing a user can get wron
 
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -503,3 +504,23 @@ def test_resume_on_another_base_names_what_train_py_can_do(base_ckpt, text_data,
     last = out.stderr.splitlines()[-1]  # (the line before it lists the changed --max_steps)
     assert "adapter was trained on another base" in last and last.endswith(
         "; --resume it with the --ckpt_dir it was trained on, or start afresh with --overwrite"), out.stderr
+
+
+def test_help_states_each_default_as_a_run_applies_it(text_data, tmp_path):
+    """Every default --help shows is the value a run given no such flag holds (each default is
+    stated once, beside its meaning); the demo's preset is listed in the help's summary."""
+    import train as trainer
+
+    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    blocks = re.split(r"^(?=  --)", out.stdout, flags=re.M)[1:]  # one per flag, its wrapped lines joined
+    shown = {m[1]: m[2] for m in (re.match(r"  --(\w+)[\s\S]*?\[default ([^;\]]+)", " ".join(b.split()).replace("--", "  --", 1))
+                                  for b in blocks) if m}
+    cfg = trainer.TrainConfig(data=str(text_data), out_dir=str(tmp_path / "o"))
+    assert len(shown) > 20, out.stdout
+    for name, text in shown.items():
+        value = getattr(cfg, name)
+        assert text == (str(value).lower() if isinstance(value, bool) else str(value)), (name, text, value)
+    preset = " ".join(out.stdout.split("\n\n")[1].split())
+    for name, value in trainer.DEMO.items():
+        assert f"--{name} {value!r}" in preset if isinstance(value, str) else f"--{name} {value} " in preset + " "
