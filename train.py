@@ -68,8 +68,8 @@ class TrainingError(UserError):
 # The configuration: one field per flag
 
 LORA_TARGETS = Check(lambda v: 0 < len({t.strip() for t in v.split(",")}) and
-                     {t.strip() for t in v.split(",")} <= {"wq", "wk", "wv", "wo", "w1", "w2", "w3"},
-                     "comma-separated names from wq, wk, wv, wo, w1, w2, w3")
+                     {t.strip() for t in v.split(",")} <= set(llama.PROJECTIONS),
+                     f"comma-separated names from {', '.join(llama.PROJECTIONS)}")
 
 
 def flag(default, meaning, check=None):
@@ -95,7 +95,7 @@ class TrainConfig:
     lora_rank: int = flag(0, "> 0 trains LoRA adapters of this rank on the frozen --ckpt_dir", at_least(0))
     lora_alpha: float = flag(None, "LoRA scale numerator (default 2 * lora_rank)", positive)
     lora_dropout: float = flag(0.0, "dropout on the LoRA branch's input", interval("[0, 1)"))
-    lora_targets: str = flag("wq,wk,wv,wo,w1,w2,w3", "comma-separated projections to adapt", LORA_TARGETS)
+    lora_targets: str = flag(",".join(llama.PROJECTIONS), "comma-separated projections to adapt", LORA_TARGETS)
     rslora: bool = flag(False, "scale LoRA by alpha / sqrt(rank) instead of alpha / rank")
     quantize: str = flag(None, "nf4 holds the frozen base's projections in 4-bit NF4 (QLoRA; needs --lora_rank)",
                          one_of("nf4"))
@@ -289,16 +289,14 @@ def load_model_and_data(cfg, resume_from):
         dtype = torch.bfloat16 if cfg.lora_rank and cfg.device.startswith("cuda") else torch.float32
         raw = fsdp.load(None if source else scratch_args(cfg, data_meta), source, cfg.device, dtype, seed=cfg.seed,
                         adapt=lambda model: add_lora(cfg, model), quantize=cfg.quantize)
-        raw.args.max_seq_len = max(raw.args.max_seq_len, cfg.seq_len)
-        raw.reset_rope()
+        raw.extend_context(cfg.seq_len)
         if source:
             llama_tokenizer.check_fits(tokenizer, raw.args.vocab_size, source)
     elif source:
         # LoRA keeps the frozen base in bf16 on CUDA; full training keeps fp32 master weights.
         dtype = torch.bfloat16 if cfg.lora_rank and cfg.device.startswith("cuda") else torch.float32
-        raw = llama.load(source, device=cfg.device, dtype=dtype, quantize=cfg.quantize)
-        raw.args.max_seq_len = max(raw.args.max_seq_len, cfg.seq_len)
-        raw.reset_rope()
+        raw = checkpoint.load(source, device=cfg.device, dtype=dtype, quantize=cfg.quantize)
+        raw.extend_context(cfg.seq_len)
         llama_tokenizer.check_fits(tokenizer, raw.args.vocab_size, source)
     else:
         raw = llama.Transformer(scratch_args(cfg, data_meta)).to(cfg.device)
@@ -742,7 +740,7 @@ def _set_experiment(mlflow, name):
     mlflow.set_experiment(name)
 
 
-def matmul_params(args, lora_rank=0, lora_targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3")):
+def matmul_params(args, lora_rank=0, lora_targets=llama.PROJECTIONS):
     """Weights that take part in matrix products: every projection and the output layer (tied or
     not), not the embedding lookup or the norms; plus LoRA adapters of this rank on lora_targets."""
     q, kv, hidden = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.hidden_dim
@@ -752,7 +750,7 @@ def matmul_params(args, lora_rank=0, lora_targets=("wq", "wk", "wv", "wo", "w1",
     return args.n_layers * per_layer + args.vocab_size * args.dim
 
 
-def flops_per_token(args, seq_len, lora_rank=0, lora_targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3")):
+def flops_per_token(args, seq_len, lora_rank=0, lora_targets=llama.PROJECTIONS):
     """Training FLOPs per token: 6N for a full step (2N forward, 4N backward) with N = matmul_params;
     with LoRA the frozen weights get no gradient, 4N. Attention scores and their use add
     12 * layers * heads * head_dim * seq_len (activation-checkpointing recomputation is not counted)."""
