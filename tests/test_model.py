@@ -103,6 +103,23 @@ def _small_model(seed):
     return m
 
 
+def test_the_model_keeps_its_rope_table(tmp_path):
+    """Nobody outside model.py rebuilds the RoPE table: it follows the model onto the meta device and
+    back (to_empty), stays fp32 through .to(dtype), and grows with extend_context."""
+    m = _small_model(0)
+    fresh = model.rope_table(m.args)
+    m.to(torch.bfloat16)  # casts the buffer too; the next forward computes it again in fp32
+    with torch.no_grad():
+        m(torch.randint(0, 50, (1, 9)))
+    assert m.rope.dtype == torch.float32 and torch.equal(m.rope, fresh)
+    m.extend_context(m.args.max_seq_len * 2)
+    assert m.rope.shape[0] == m.args.max_seq_len and torch.equal(m.rope[: fresh.shape[0]], fresh)
+    with torch.device("meta"):
+        empty = model.Transformer(m.args)
+    empty.to_empty(device="cpu")
+    assert torch.equal(empty.rope, model.rope_table(m.args))
+
+
 def test_save_replaces_the_checkpoint_whole(tmp_path):
     """checkpoint.save over a directory: the new weights and params.json arrive together, stale shards and
     trainer state go, files that are not part of a checkpoint (tokenizer, notes) are carried over."""
