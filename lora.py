@@ -8,15 +8,16 @@ percent of the weights) get gradients and optimizer state. Afterwards B A can be
 Read top to bottom:
   LoRALinear          one wrapped nn.Linear: forward, merge, unmerge
   apply_lora          wrap the targeted layers of a Transformer, freeze everything else
-  merge_lora          fold every adapter in and put plain nn.Linear back (for model.save); an adapter
+  merge_lora          fold every adapter in and put plain nn.Linear back (for checkpoint.save); an adapter
                       trained on an NF4 base merges into the full-precision base (nf4_gap measures how far
                       that base is from the NF4 one it learned on)
-  save/load_adapter   adapter.safetensors + adapter.json, checked against the base model
+  save/load_adapter   adapter.safetensors + adapter.json, checked against the base model (check_base)
+                      and copied in (copy_adapter; fsdp.py's sharded resume uses both too)
   export_peft         the same adapter in peft's names, for transformers' LlamaForCausalLM
   save_hf             a merged HF checkpoint (config.json + model.safetensors)
   Command             `python lora.py merge|export ...` (run by cli); --format gguf is gguf_export.py's
-The file layouts themselves (HF names, the q/k RoPE permutation, writing a directory whole) are
-checkpoint.py's.
+The file layouts themselves (HF and GGUF names, the q/k RoPE permutation, which files make a
+checkpoint, writing a directory whole) are checkpoint.py's.
 """
 
 import hashlib
@@ -34,12 +35,12 @@ from safetensors.torch import load_file, save_file
 
 import atomic
 import checkpoint
+import gguf_export
 import jsonfile
+import tokenizer
+from checkpoint import CHECKPOINT_MARKERS, CheckpointError
 from cli import UsageError, UserError, non_empty, one_of, run
-from model import CheckpointError, NF4Linear, fingerprint_sample
-from model import load as load_model
-
-TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+from model import PROJECTIONS, NF4Linear, fingerprint_sample
 
 
 class AdapterError(ValueError):
@@ -116,13 +117,13 @@ def lora_modules(model):
     return [(n, m) for n, m in _unwrap(model).named_modules() if isinstance(m, LoRALinear)]
 
 
-def apply_lora(model, rank: int, alpha: float, dropout: float = 0.0, targets=TARGETS, use_rslora=False):
+def apply_lora(model, rank: int, alpha: float, dropout: float = 0.0, targets=PROJECTIONS, use_rslora=False):
     """Freeze every weight of the model and wrap the targeted linear layers with LoRA, in place."""
     model = _unwrap(model)
     targets = [targets] if isinstance(targets, str) else list(targets)
-    unknown = [t for t in targets if t not in TARGETS]
+    unknown = [t for t in targets if t not in PROJECTIONS]
     if unknown or not targets:
-        raise ValueError(f"LoRA targets {unknown or targets}: expected some of {', '.join(TARGETS)}")
+        raise ValueError(f"LoRA targets {unknown or targets}: expected some of {', '.join(PROJECTIONS)}")
     if not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
     if getattr(model, "lora_config", None):
@@ -141,7 +142,7 @@ def apply_lora(model, rank: int, alpha: float, dropout: float = 0.0, targets=TAR
 
 
 def merge_lora(model):
-    """Fold every adapter into its base weight and put the plain nn.Linear back, so model.save
+    """Fold every adapter into its base weight and put the plain nn.Linear back, so checkpoint.save
     writes an ordinary Meta checkpoint. The base weights stay frozen (requires_grad False)."""
     inner = _unwrap(model)
     for name, lora in lora_modules(inner):
@@ -235,8 +236,8 @@ def read_adapter_config(path) -> dict:
                                          ("base_fingerprint", str, None, False),
                                          ("base_quantize", str, None, False)]:
         jsonfile.field(cfg, key, kind, cfg_path, AdapterError, default, positive)
-    if not cfg["targets"] or not all(t in TARGETS for t in cfg["targets"]):
-        raise AdapterError(f"{cfg_path}: targets is {cfg['targets']!r}, not a list of {', '.join(TARGETS)}")
+    if not cfg["targets"] or not all(t in PROJECTIONS for t in cfg["targets"]):
+        raise AdapterError(f"{cfg_path}: targets is {cfg['targets']!r}, not a list of {', '.join(PROJECTIONS)}")
     return cfg
 
 
@@ -245,11 +246,14 @@ FORCE_REMEDY = "pass --force to apply it anyway"
 RESUME_REMEDY = "--resume it with the --ckpt_dir it was trained on, or start afresh with --overwrite"
 
 
-def _check_base(path, cfg, inner, tokenizer_sha256, force, fingerprint=None, tokenizer=None, remedy=FORCE_REMEDY):
-    """The adapter only makes sense on the base (and tokenizer) it was trained on: compare the shapes
-    that matter, the tokenizer (tokenizer: by what it encodes; else tokenizer_sha256: its file) and,
-    unless forced, the base weights' fingerprint (fingerprint: the base's, where the caller has it
-    already). remedy: what the refusal tells the user to do (the flag their command has)."""
+def check_base(path, cfg, model, *, tokenizer_sha256=None, tok=None, force=False, fingerprint=None,
+               remedy=FORCE_REMEDY):
+    """The adapter in path (cfg: its read_adapter_config) only makes sense on the base (and
+    tokenizer) it was trained on: compare the shapes that matter with model's, the tokenizer (tok:
+    by what it encodes; else tokenizer_sha256: its file) and, unless forced, the base weights'
+    fingerprint (fingerprint: the base's, where the caller has it already). remedy: what the
+    refusal tells the user to do (the flag their command has). AdapterError if it does not fit."""
+    inner = _unwrap(model)
     try:
         saved = checkpoint.model_args(os.path.join(path, "adapter.json"), cfg["base_params"])
     except CheckpointError as e:  # the adapter's file, so the adapter's error
@@ -260,11 +264,9 @@ def _check_base(path, cfg, inner, tokenizer_sha256, force, fingerprint=None, tok
         raise AdapterError(f"{path}: adapter was trained on a base with "
                            f"{', '.join(f'{f} {getattr(saved, f)}' for f in differ)}; this model has "
                            f"{', '.join(f'{f} {getattr(inner.args, f)}' for f in differ)}")
-    if tokenizer is not None:
-        import tokenizer as llama_tokenizer
-
-        tokenizer_sha256 = tokenizer.sha256
-        same = llama_tokenizer.same_tokenizer(tokenizer, cfg.get("tokenizer_sha256"), cfg.get("tokenizer_fingerprint"))
+    if tok is not None:
+        tokenizer_sha256 = tok.sha256
+        same = tokenizer.same_tokenizer(tok, cfg.get("tokenizer_sha256"), cfg.get("tokenizer_fingerprint"))
     else:
         same = tokenizer_sha256 == cfg.get("tokenizer_sha256")
     if tokenizer_sha256 and cfg.get("tokenizer_sha256") and not same:
@@ -280,13 +282,13 @@ def _check_base(path, cfg, inner, tokenizer_sha256, force, fingerprint=None, tok
 
 def load_adapter(model, path, tokenizer_sha256=None, force=False, tokenizer=None, remedy=FORCE_REMEDY):
     """Apply a saved adapter to model (a base Transformer, or one with the same LoRA config); the
-    tokenizer it is used with, if known, is checked (tokenizer: by what it encodes).
+    tokenizer it is used with, if known, is checked (tokenizer: a loaded one, by what it encodes).
     Everything that can be wrong with the files is checked before the model is touched; force
     applies it even to a base other than the one it was trained on (same shapes, other weights);
     remedy: what a refusal of another base tells the user to do."""
     path = _adapter_dir(path)
     cfg, inner = read_adapter_config(path), _unwrap(model)
-    _check_base(path, cfg, inner, tokenizer_sha256, force, tokenizer=tokenizer, remedy=remedy)
+    check_base(path, cfg, inner, tokenizer_sha256=tokenizer_sha256, tok=tokenizer, force=force, remedy=remedy)
     have, keys = getattr(inner, "lora_config", None), ("rank", "alpha", "targets", "use_rslora")
     if have and any(have[k] != cfg.get(k, False) for k in keys):
         raise AdapterError(f"{path}: adapter config {({k: cfg.get(k) for k in keys})} differs from the "
@@ -307,18 +309,24 @@ def load_adapter(model, path, tokenizer_sha256=None, force=False, tokenizer=None
     if not have:
         apply_lora(inner, cfg["rank"], cfg["alpha"], cfg.get("dropout", 0.0), cfg["targets"],
                    cfg.get("use_rslora", False))
-    params = dict(inner.named_parameters())
-    expected = set(lora_state_dict(inner))
+    copy_adapter(inner, tensors, weights)
+    return model
+
+
+@torch.no_grad()
+def copy_adapter(model, tensors, weights, copy=torch.Tensor.copy_):
+    """tensors ({name: tensor} read from the adapter file weights) into model's LoRA parameters,
+    after checking that they are the model's adapters, name for name and shape for shape.
+    copy(param, tensor) puts one in place (fsdp.py: this rank's rows of it)."""
+    params, expected = dict(_unwrap(model).named_parameters()), set(lora_state_dict(model))
     if set(tensors) != expected:
         odd = sorted(set(tensors) ^ expected)
         raise AdapterError(f"{weights}: tensors do not match the model's adapters ({', '.join(odd[:3])} ...)")
-    with torch.no_grad():
-        for name, t in tensors.items():
-            if t.shape != params[name].shape:
-                raise AdapterError(f"{weights}: {name} is {tuple(t.shape)}, the model expects "
-                                   f"{tuple(params[name].shape)}")
-            params[name].copy_(t)
-    return model
+    for name, t in tensors.items():
+        if t.shape != params[name].shape:
+            raise AdapterError(f"{weights}: {name} is {tuple(t.shape)}, the model expects "
+                               f"{tuple(params[name].shape)}")
+        copy(params[name], t)
 
 
 # -- transformers / peft export ----------------------------------------------------------------------
@@ -335,9 +343,7 @@ def write_peft(model, out_dir, base_model_name_or_path=None):
         module, _, which = name.rpartition(".")  # 'layers.0.attention.wq', 'lora_A'
         t = checkpoint.permute_qk(name, t, args, checkpoint.meta_to_hf_rope) if which == "lora_B" else t
         tensors[f"base_model.model.{checkpoint.hf_name(module)}.{which}.weight"] = t.contiguous()
-    # peft matches target_modules against the ends of module names: "q_proj", "gate_proj", ...
-    hf_targets = sorted(theirs.rpartition(".")[2] for ours, theirs in checkpoint.HF_NAMES.items()
-                        if ours.rpartition(".")[2] in cfg["targets"])
+    hf_targets = checkpoint.hf_modules(cfg["targets"])  # peft matches the ends of module names
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg["rank"], "lora_alpha": cfg["alpha"],
               "lora_dropout": cfg["dropout"], "target_modules": hf_targets, "use_rslora": cfg["use_rslora"],
               "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
@@ -439,16 +445,14 @@ class Command:
         """The tokenizer paired with the model (HF and GGUF exports carry it, a merge copies it under
         its own kind's name); None when the checkpoint has none and no --tokenizer is given (with a
         note where the export would have carried it)."""
-        import tokenizer as llama_tokenizer
-
-        if self.tokenizer is None and llama_tokenizer.find(self.ckpt_dir) is None:
+        if self.tokenizer is None and tokenizer.find(self.ckpt_dir) is None:
             if fmt in ("hf", "gguf"):
                 print(f"lora.py: no tokenizer in {self.ckpt_dir} (pass --tokenizer): the export has no tokenizer "
                       f"files, and config.json no BOS/EOS ids", file=sys.stderr)
             return None
         try:
-            return llama_tokenizer.load(self.tokenizer or self.ckpt_dir)
-        except llama_tokenizer.TokenizerError as e:
+            return tokenizer.load(self.tokenizer or self.ckpt_dir)
+        except tokenizer.TokenizerError as e:
             raise UserError(f"{'--tokenizer' if self.tokenizer else '--ckpt_dir'}: {e}") from None
 
     def _write(self, fmt, gguf_type="f16"):
@@ -459,13 +463,11 @@ class Command:
             raise UserError(f"--format gguf needs the tokenizer: none in --ckpt_dir {self.ckpt_dir}; pass --tokenizer")
         start, say = time.time(), _progress(self.ckpt_dir)
         say(f"loading {self.ckpt_dir} ...")
-        m = load_model(self.ckpt_dir, dtype=checkpoint.stored_dtype(self.ckpt_dir) if fmt != "peft" else None)
+        m = checkpoint.load(self.ckpt_dir, dtype=checkpoint.stored_dtype(self.ckpt_dir) if fmt != "peft" else None)
         say(f"loaded {sum(p.numel() for p in m.parameters()) / 1e9:.2f}B parameters in {time.time() - start:.1f}s; "
             f"{'writing the adapter' if fmt == 'peft' else 'merging the adapter and writing'} ({fmt}) to {self.out} ...")
         if tok is not None:  # every format: what leaves here is used with this tokenizer (llama.cpp refuses a misfit)
-            import tokenizer as llama_tokenizer
-
-            llama_tokenizer.check_fits(tok, m.args.vocab_size, self.ckpt_dir)
+            tokenizer.check_fits(tok, m.args.vocab_size, self.ckpt_dir)
         load_adapter(m, self.adapter, force=self.force)
         if fmt != "peft" and read_adapter_config(self.adapter).get("base_quantize") == "nf4":
             # Deployed on the full-precision base, the adapter meets W where it was trained on NF4(W).
@@ -478,24 +480,18 @@ class Command:
                 write_peft(m, fresh, self.base)
                 return
             if fmt == "gguf":
-                import gguf_export
-
                 gguf_export.write_gguf(_unwrap(m), merged_state_dict(m), tok, os.path.join(fresh, "model.gguf"),
                                        gguf_type)
                 return
             if fmt == "hf":
                 checkpoint.write_hf(_unwrap(m), fresh, merged_state_dict(m), tok)
                 if tok is not None:
-                    import tokenizer as llama_tokenizer
-
-                    llama_tokenizer.write_hf_files(tok, fresh)
+                    tokenizer.write_hf_files(tok, fresh)
                     return
             else:
                 checkpoint.write_meta(merge_lora(m), fresh)
             if tok is not None:  # the base's (wherever it keeps it) or --tokenizer, under its own kind's name
-                import tokenizer as llama_tokenizer
-
-                llama_tokenizer.copy_into(tok, fresh)
+                tokenizer.copy_into(tok, fresh)
 
         checkpoint.replace_checkpoint(self.out, fill)
         size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(self.out) for f in files)
@@ -516,10 +512,6 @@ class Command:
         if not any(os.path.exists(os.path.join(self.out, name)) for name in CHECKPOINT_MARKERS):
             raise UserError(f"--out {self.out}: holds no checkpoint ({', '.join(CHECKPOINT_MARKERS)}); "
                             f"--overwrite only replaces checkpoints")
-
-
-# What marks a directory as a checkpoint --overwrite may replace: any layout this project writes.
-CHECKPOINT_MARKERS = ("params.json", "config.json", "adapter.json", "adapter_config.json", "model.gguf")
 
 
 # Bases this large take long enough to load and write (tens of seconds and up) that silence would look

@@ -7,9 +7,11 @@ Read top to bottom:
   Attention        grouped-query attention; KVCache holds its keys and values while decoding
   FeedForward      SwiGLU
   Transformer      the stack: forward() trains and scores (logits, or the mean cross-entropy),
-                   decode() runs prompt chunks and single tokens against the KV cache
-  NF4              QLoRA's 4-bit frozen projections, bitsandbytes' format: nf4_quantize, NF4Linear
-  load / save      the entry points to checkpoint.py, which reads and writes the file layouts
+                   decode() runs prompt chunks and single tokens against the KV cache; it keeps
+                   its RoPE table itself (rebuilt where the model lands, or when extend_context
+                   grows the context); init_weights for training from scratch
+  NF4              QLoRA's 4-bit frozen projections, bitsandbytes' format: nf4_quantize, NF4Linear,
+                   nf4_projections (a model's projections swapped for them)
   Fused kernels    Triton twins of rms_norm, apply_rope, swiglu, linear_cross_entropy and
                    nf4_dequantize, switched in at the file's last lines (on CUDA, or when
                    LLAMA_KERNELS=triton); and cpu_mv's, a C kernel for one token's bf16
@@ -325,19 +327,33 @@ class Transformer(nn.Module):
         return self.output.weight is self.tok_embeddings.weight
 
     def init_weights(self, std: float = 0.02):
-        """Random init for training from scratch: normal(0, std), output projections scaled down
-        by sqrt(2 * n_layers) so the residual stream does not grow with depth (GPT-2's rule)."""
+        """Random init for training from scratch, each parameter by init_parameter's rule."""
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(p)
-            elif name.endswith(("wo.weight", "w2.weight")):
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.args.n_layers))
-            else:
-                nn.init.normal_(p, 0.0, std)
-        self.reset_rope()
+            self.init_parameter(name, p, std)
 
-    def reset_rope(self):
+    def init_parameter(self, name: str, p: torch.Tensor, std: float = 0.02):
+        """The parameter called name (or a tensor of its shape standing in for it: fsdp.py fills one
+        full tensor at a time) drawn from scratch: normal(0, std), output projections scaled down by
+        sqrt(2 * n_layers) so the residual stream does not grow with depth (GPT-2's rule); norms one."""
+        if name.endswith("norm.weight"):
+            nn.init.ones_(p)
+        elif name.endswith(("wo.weight", "w2.weight")):
+            nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.args.n_layers))
+        else:
+            nn.init.normal_(p, 0.0, std)
+
+    def extend_context(self, max_seq_len: int):
+        """Make room for sequences of max_seq_len tokens (a run training longer than the checkpoint's
+        context): args.max_seq_len grows to it, and the RoPE table with it."""
+        self.args.max_seq_len = max(self.args.max_seq_len, max_seq_len)
+        self._rope(self.tok_embeddings.weight.device)
+
+    def to_empty(self, *, device, recurse: bool = True):
+        """nn.Module.to_empty, then the RoPE table computed on device: it is no weight that a
+        checkpoint or init_weights fills in, and to_empty leaves it uninitialised."""
+        super().to_empty(device=device, recurse=recurse)
         self.rope = rope_table(self.args, device=self.tok_embeddings.weight.device)
+        return self
 
     def forward(self, tokens, targets=None, positions=None, reduction: str = "mean"):
         """Training and scoring: tokens (B, T) int64 -> float logits (B, T, vocab), or with targets
@@ -387,8 +403,13 @@ class Transformer(nn.Module):
         return self.norm(h)
 
     def _rope(self, device):
-        if self.rope.device != device or self.rope.is_meta:  # built on the meta device, or moved
-            self.reset_rope()
+        """The RoPE table, rebuilt on the weights' device where it no longer fits: built on the meta
+        device (a model made to receive a checkpoint), left on another device, cast by .to(dtype)
+        (it stays fp32), or shorter than args.max_seq_len."""
+        rope = self.rope
+        if (rope.is_meta or rope.device != device or rope.dtype != torch.float32
+                or rope.shape[0] < self.args.max_seq_len):
+            self.rope = rope_table(self.args, device=self.tok_embeddings.weight.device)
         return self.rope
 
     def setup_cache(self, max_batch_size: int, max_seq_len: Optional[int] = None):
@@ -540,38 +561,20 @@ class _NF4Matmul(torch.autograd.Function):
         return dy @ ctx.layer.dequantize(dy.dtype), None
 
 
-PROJECTIONS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # what quantize="nf4" holds in NF4
+PROJECTIONS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # each block's projections: NF4's, LoRA's targets
 
 
-# -----------------------------------------------------------------------------------------------
-# Loading and saving: the file layouts live in checkpoint.py, which builds on this file (so it is
-# imported when first needed, not above)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be loaded; the message names the file."""
-
-
-def load(ckpt_dir, device="cpu", dtype=None, quantize: Optional[str] = None,
-         max_seq_len: Optional[int] = None) -> Transformer:
-    """A Transformer from a Meta (params.json + consolidated.NN.pth) or HF (config.json +
-    safetensors) checkpoint directory. dtype: None is bf16 on CUDA; on a CPU the checkpoint's
-    own dtype where the CPU computes it natively (bf16 on AVX-512 BF16 / AMX), else fp32; or a torch
-    dtype, or a name ("bf16"); quantize: None, or "nf4" to hold the projections (PROJECTIONS) in NF4,
-    quantized as they are read, the model computing in dtype; max_seq_len: the context to build for,
-    default the checkpoint's."""
-    import checkpoint
-
-    return checkpoint.load(ckpt_dir, device, dtype, max_seq_len, quantize=quantize)
-
-
-def save(model: Transformer, out_dir) -> None:
-    """Write model in Meta's layout (params.json + consolidated.00.pth), which load() and Meta's own
-    code read. out_dir is replaced as a whole (tokenizer and other files that are not part of a
-    checkpoint carried over): a kill at any moment leaves the old checkpoint or the new one."""
-    import checkpoint
-
-    checkpoint.save(model, out_dir)
+def nf4_projections(model: Transformer, quantized: Optional[dict] = None) -> Transformer:
+    """Each block's projections (PROJECTIONS) swapped in place from nn.Linear to NF4Linear: the
+    layer in quantized under its weight's name ('layers.0.attention.wq.weight') where given (made as
+    a checkpoint was read), else one quantized from the nn.Linear's own weight (on the meta device
+    that computes nothing: only the shapes). Returns model."""
+    for name, module in list(model.named_modules()):
+        parent, _, child = name.rpartition(".")
+        if child in PROJECTIONS and isinstance(module, nn.Linear):
+            layer = quantized.pop(f"{name}.weight") if quantized is not None else NF4Linear(module.weight.detach())
+            setattr(model.get_submodule(parent), child, layer)
+    return model
 
 
 # -----------------------------------------------------------------------------------------------

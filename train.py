@@ -67,8 +67,8 @@ class TrainingError(UserError):
 # The configuration: one field per flag
 
 LORA_TARGETS = Check(lambda v: 0 < len({t.strip() for t in v.split(",")}) and
-                     {t.strip() for t in v.split(",")} <= {"wq", "wk", "wv", "wo", "w1", "w2", "w3"},
-                     "comma-separated names from wq, wk, wv, wo, w1, w2, w3")
+                     {t.strip() for t in v.split(",")} <= set(llama.PROJECTIONS),
+                     f"comma-separated names from {', '.join(llama.PROJECTIONS)}")
 
 
 def flag(default, meaning, check=None):
@@ -95,7 +95,7 @@ class TrainConfig:
     lora_rank: int = flag(0, "> 0 trains LoRA adapters of this rank on the frozen --ckpt_dir", at_least(0))
     lora_alpha: float = flag(None, "LoRA scale numerator (default 2 * lora_rank)", positive)
     lora_dropout: float = flag(0.0, "dropout on the LoRA branch's input", interval("[0, 1)"))
-    lora_targets: str = flag("wq,wk,wv,wo,w1,w2,w3", "comma-separated projections to adapt", LORA_TARGETS)
+    lora_targets: str = flag(",".join(llama.PROJECTIONS), "comma-separated projections to adapt", LORA_TARGETS)
     rslora: bool = flag(False, "scale LoRA by alpha / sqrt(rank) instead of alpha / rank")
     quantize: str = flag(None, "nf4 holds the frozen base's projections in 4-bit NF4 (QLoRA; needs --lora_rank)",
                          one_of("nf4"))
@@ -268,16 +268,14 @@ def load_model_and_data(cfg, resume_from):
         dtype = torch.bfloat16 if cfg.lora_rank and cfg.device.startswith("cuda") else torch.float32
         raw = fsdp.load(None if source else scratch_args(cfg, data_meta), source, cfg.device, dtype, seed=cfg.seed,
                         adapt=lambda model: add_lora(cfg, model), quantize=cfg.quantize)
-        raw.args.max_seq_len = max(raw.args.max_seq_len, cfg.seq_len)
-        raw.reset_rope()
+        raw.extend_context(cfg.seq_len)
         if source:
             llama_tokenizer.check_fits(tokenizer, raw.args.vocab_size, source)
     elif source:
         # LoRA keeps the frozen base in bf16 on CUDA; full training keeps fp32 master weights.
         dtype = torch.bfloat16 if cfg.lora_rank and cfg.device.startswith("cuda") else torch.float32
-        raw = llama.load(source, device=cfg.device, dtype=dtype, quantize=cfg.quantize)
-        raw.args.max_seq_len = max(raw.args.max_seq_len, cfg.seq_len)
-        raw.reset_rope()
+        raw = checkpoint.load(source, device=cfg.device, dtype=dtype, quantize=cfg.quantize)
+        raw.extend_context(cfg.seq_len)
         llama_tokenizer.check_fits(tokenizer, raw.args.vocab_size, source)
     else:
         raw = llama.Transformer(scratch_args(cfg, data_meta)).to(cfg.device)

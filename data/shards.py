@@ -30,6 +30,7 @@ import numpy as np
 
 import atomic
 import jsonfile
+import tokenizer
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
@@ -265,9 +266,7 @@ def validate(data_dir, split=None, vocab_size=None, tokenizer_sha256=None, token
 
 
 def _made_with(tok, made_with):
-    import tokenizer as llama_tokenizer
-
-    return llama_tokenizer.same_tokenizer(tok, made_with.get("sha256"), made_with.get("fingerprint"))
+    return tokenizer.same_tokenizer(tok, made_with.get("sha256"), made_with.get("fingerprint"))
 
 
 def _vocabulary_for_inferred(data_dir, meta, vocab_size):

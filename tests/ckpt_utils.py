@@ -1,5 +1,5 @@
 """Tiny random Llama checkpoints, made with transformers as the reference, written in every layout
-model.load reads: HF (safetensors, single or indexed; classic or transformers-5 config) and Meta
+checkpoint.load reads: HF (safetensors, single or indexed; classic or transformers-5 config) and Meta
 (params.json + consolidated.NN.pth, any number of model-parallel shards)."""
 
 import json

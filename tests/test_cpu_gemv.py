@@ -10,6 +10,7 @@ import tempfile
 import pytest
 import torch
 
+import checkpoint
 import cpu_gemv
 import generate
 import model
@@ -83,7 +84,7 @@ def bf16_pair(tmp_path_factory):
     hf = hf_model("llama3.1", seed=5).to(torch.bfloat16)
     hf.generation_config.eos_token_id = None
     path = write_meta(meta_state_dict(hf), meta_params_for("llama3.1"), tmp_path_factory.mktemp("bf16"))
-    return hf, model.load(path, dtype=torch.bfloat16)
+    return hf, checkpoint.load(path, dtype=torch.bfloat16)
 
 
 @needs_kernel

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import eval as evaluation
+import checkpoint
 import model
 import tokenizer
 from ckpt_utils import hf_config, meta_state_dict, write_meta
@@ -46,7 +47,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ours(tiny):
-    return model.load(tiny[1], max_seq_len=ARGS.max_seq_len), tokenizer.load(tiny[1])
+    return checkpoint.load(tiny[1], max_seq_len=ARGS.max_seq_len), tokenizer.load(tiny[1])
 
 
 def reference_loglikelihood(hf, tok, context, continuation):

@@ -83,7 +83,7 @@ def make_base(root, tok):
     with torch.no_grad():
         for name, p in m.named_parameters():
             p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.08 * torch.randn_like(p))
-    model.save(m, root / "base")
+    checkpoint.save(m, root / "base")
     shutil.copy(tok.path, root / "base" / "tokenizer.model")
     randomize_adapters(lora.apply_lora(m, rank=4, alpha=8), seed=1, scale=0.2)
     lora.save_adapter(m, root / "adapter", tokenizer_sha256=tok.sha256)
@@ -151,7 +151,7 @@ def test_hf_export_serves_chat_as_generate_does(base, tok3, tmp_path):
                         "--chat", "--system", DIALOG[0]["content"], "--prompt", DIALOG[1]["content"],
                         "--temperature", "0", "--max_new_tokens", "12"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    ours = generate.generate(model.load(out), [prompt], 12, temperature=0, stop_ids=tok3.stop_ids)[0]
+    ours = generate.generate(checkpoint.load(out), [prompt], 12, temperature=0, stop_ids=tok3.stop_ids)[0]
     assert ours == theirs and len(ours) > 0
     assert r.stdout == tok3.decode(ours) + "\n"
 
@@ -160,7 +160,7 @@ def test_peft_export_names_its_base_and_loads_offline(base, tok3, tmp_path, monk
     from peft import AutoPeftModelForCausalLM
 
     hf_base = tmp_path / "hf_base"  # transformers needs the base in its layout
-    checkpoint.save_hf(model.load(base["ckpt"]), hf_base, tok=tok3)
+    checkpoint.save_hf(checkpoint.load(base["ckpt"]), hf_base, tok=tok3)
     default = export(base, tmp_path / "p0", "--format", "peft")
     with open(default / "adapter_config.json") as f:
         assert json.load(f)["base_model_name_or_path"] == os.path.abspath(base["ckpt"])
@@ -267,7 +267,7 @@ def test_gguf_cli_and_llama_cpp_greedy(small_base, small_tok, tmp_path):
         if t in tok3.stop_ids or len(theirs) == 12:
             break
         theirs.append(t)
-    ours = generate.generate(model.load(export(base, tmp_path / "m", "--format", "hf")), [prompt], 12,
+    ours = generate.generate(checkpoint.load(export(base, tmp_path / "m", "--format", "hf")), [prompt], 12,
                              temperature=0, stop_ids=tok3.stop_ids)[0]
     assert theirs == ours and len(ours) > 0
 
@@ -309,5 +309,5 @@ def test_hf_export_llama2_chat_template(llama2_base, tmp_path):
         theirs = hf.generate(ids, max_new_tokens=10, do_sample=False, attention_mask=torch.ones_like(ids))
     theirs = theirs[0, len(prompt):].tolist()
     theirs = theirs[: next((i for i, t in enumerate(theirs) if t in tok.stop_ids), len(theirs))]
-    ours = generate.generate(model.load(out), [prompt], 10, temperature=0, stop_ids=tok.stop_ids)[0]
+    ours = generate.generate(checkpoint.load(out), [prompt], 10, temperature=0, stop_ids=tok.stop_ids)[0]
     assert ours == theirs and len(ours) > 0

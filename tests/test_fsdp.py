@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
+import checkpoint
 import lora
-import model
 from ckpt_utils import hf_model, write_hf
 from test_train import (ROOT, TINY, _one_line_error, base_ckpt, interrupt_after, log, losses,  # noqa: F401  (fixtures)
                         text_data, train)
@@ -50,7 +50,7 @@ def tied_hf_base(tmp_path_factory, text_data):
 @pytest.mark.parametrize("kind", ["scratch", "lora", "full_tied_hf", "qlora"])
 def test_fsdp_equals_one_process_and_writes_what_ddp_writes(text_data, base_ckpt, tied_hf_base, tmp_path, kind):
     """The loss curve of 2 FSDP ranks equals one process with 2 micro-steps (|gap| < 1e-4), and the
-    checkpoint it writes loads with model.load (or as an adapter) and equals the 2-rank DDP run's."""
+    checkpoint it writes loads with checkpoint.load (or as an adapter) and equals the 2-rank DDP run's."""
     common = [*TINY, "--data", text_data, "--max_steps", "5", "--eval_every", "5",
               "--lr", "1e-3" if kind == "full_tied_hf" else "3e-3"]
     if kind in ("lora", "qlora"):
@@ -70,13 +70,13 @@ def test_fsdp_equals_one_process_and_writes_what_ddp_writes(text_data, base_ckpt
     assert losses(tmp_path / "fsdp") != [losses(tmp_path / "fsdp")[0]] * 5  # it trained
 
     if kind in ("lora", "qlora"):  # the adapter applies onto its base (fingerprint checked) and equals DDP's
-        a, b = model.load(base_ckpt), model.load(base_ckpt)
+        a, b = checkpoint.load(base_ckpt), checkpoint.load(base_ckpt)
         lora.load_adapter(a, tmp_path / "fsdp" / "adapter")
         lora.load_adapter(b, tmp_path / "ddp" / "adapter")
         a, b = lora.lora_state_dict(a), lora.lora_state_dict(b)
         assert any(t.abs().sum() > 0 for name, t in a.items() if name.endswith("lora_B"))  # trained
     else:
-        a, b = (model.load(tmp_path / run / "model") for run in ("fsdp", "ddp"))
+        a, b = (checkpoint.load(tmp_path / run / "model") for run in ("fsdp", "ddp"))
         assert a.tied == b.tied == (kind == "full_tied_hf")
         a, b = a.state_dict(), b.state_dict()
     assert a.keys() == b.keys()
@@ -199,7 +199,7 @@ def test_a_lora_save_gathers_only_the_adapters(text_data, base_ckpt, tmp_path, q
     adapters = {n: d for n, d in got["held"].items() if n.endswith(("lora_A", "lora_B"))}
     assert adapters and set(adapters.values()) == {"cpu"}
     assert {d for n, d in got["held"].items() if n not in adapters} == {"meta"}  # no base weight on rank 0
-    base = model.load(base_ckpt, quantize=quantize)
+    base = checkpoint.load(base_ckpt, quantize=quantize)
     lora.apply_lora(base, rank=4, alpha=8)
     assert got["fingerprint"] == lora.base_fingerprint(base)
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import checkpoint
 import generate
 import model
 import tokenizer
@@ -24,7 +25,7 @@ def tiny(tmp_path_factory):
     hf = hf_model("llama3.1", seed=3)
     hf.generation_config.eos_token_id = None  # compare whole runs, no early stop
     path = write_meta(meta_state_dict(hf), meta_params_for("llama3.1"), tmp_path_factory.mktemp("ckpt"))
-    return hf, model.load(path)
+    return hf, checkpoint.load(path)
 
 
 def test_greedy_equals_transformers(tiny):
@@ -91,7 +92,7 @@ def llama3_ckpt(tmp_path_factory):
     m.init_weights(std=0.5)  # peaked distributions, so greedy and sampled runs differ
     m.tie_weights()
     path = tmp_path_factory.mktemp("llama3")
-    model.save(m, path)
+    checkpoint.save(m, path)
     shutil.copy(LLAMA3_TOKENIZER, path / "tokenizer.model")
     return path
 
@@ -106,7 +107,7 @@ def test_cli_greedy_prints_only_the_completion(llama3_ckpt):
                        "--max_new_tokens", "8")
     assert out.returncode == 0, out.stderr
     tok = tokenizer.load(llama3_ckpt)
-    m = model.load(llama3_ckpt)
+    m = checkpoint.load(llama3_ckpt)
     ids = generate.generate(m, [tok.encode("Pt c/o SOB", bos=True, eos=False)], 8, temperature=0,
                             stop_ids=tok.stop_ids)[0]
     assert out.stdout == generate.completion_text(tok, tok.encode("Pt c/o SOB", bos=True, eos=False), ids) + "\n"
@@ -178,7 +179,7 @@ def llama2_ckpt(tmp_path_factory):
     m = model.Transformer(model.ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=n_words, multiple_of=32,
                                           max_seq_len=64))
     m.init_weights()
-    model.save(m, path)
+    checkpoint.save(m, path)
     return path
 
 
@@ -222,7 +223,7 @@ def test_cli_jsonl_prompts_keep_ids_and_chat_layouts(llama3_ckpt, tmp_path):
     assert [r["id"] for r in rows] == ["a1", 7, "c", "d"]
     assert [r["prompt"] for r in rows] == ["Pt c/o SOB", "Summarize the note.\n\nBP 142/91, HR 104.", "What is I10?",
                                            "Multi-line\nnote?"]
-    tok, m = tokenizer.load(llama3_ckpt), model.load(llama3_ckpt)
+    tok, m = tokenizer.load(llama3_ckpt), checkpoint.load(llama3_ckpt)
     prompts = [tok.encode("Pt c/o SOB", bos=True, eos=False),
                tok.encode_dialog([{"role": "user", "content": "Summarize the note.\n\nBP 142/91, HR 104."}]),
                tok.encode_dialog(records[2]["messages"]),
@@ -240,7 +241,7 @@ def test_cli_notes_a_context_cut_and_one_token_rates(llama3_ckpt):
                        "--max_new_tokens", "40", "--max_seq_len", "12")
     assert out.returncode == 0, out.stderr
     tok = tokenizer.load(llama3_ckpt)
-    ids = generate.generate(model.load(llama3_ckpt, max_seq_len=12), [tok.encode("Pt c/o SOB", bos=True, eos=False)],
+    ids = generate.generate(checkpoint.load(llama3_ckpt, max_seq_len=12), [tok.encode("Pt c/o SOB", bos=True, eos=False)],
                             40, temperature=0, stop_ids=tok.stop_ids)[0]
     assert len(tok.encode("Pt c/o SOB", bos=True, eos=False)) + len(ids) == 12  # the context ended it
     assert f"stopped at the context of 12 tokens after {len(ids)} of 40 new tokens" in out.stderr

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import eval as evaluation
+import checkpoint
 import lora
 import model
 import tokenizer
@@ -197,7 +198,7 @@ def test_template_with_fields_and_escaped_braces_is_used(llama3_ckpt, tmp_path):
     assert r.returncode == 0, r.stderr
     item = json.loads((tmp_path / "r.json").read_text())["items"][0]
     tok = tokenizer.load(llama3_ckpt)
-    m = model.load(llama3_ckpt)
+    m = checkpoint.load(llama3_ckpt)
     example = {"prompt": "{note 3} fever\nLabel:", "choices": ["yes", "no"], "where": "x"}
     assert item["loglikelihoods"] == pytest.approx(evaluation.score_choices(m, tok, example, False), abs=1e-5)
 
@@ -260,7 +261,7 @@ def make_ckpt(path, vocab_size, tokenizer_file):
     m = model.Transformer(model.ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=vocab_size,
                                           multiple_of=32, rope_theta=500000.0, max_seq_len=64))
     m.init_weights()
-    model.save(m, path / "base")
+    checkpoint.save(m, path / "base")
     shutil.copy(tokenizer_file, path / "base" / "tokenizer.model")
     lora.apply_lora(m, rank=2, alpha=4)
     lora.save_adapter(m, path / "adapter", tokenizer_sha256=tokenizer.load(tokenizer_file).sha256)

@@ -54,7 +54,7 @@ def pristine(tmp_path_factory):
     m = model.Transformer(model.ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=tok.n_words, multiple_of=16,
                                           max_seq_len=32))
     m.init_weights()
-    model.save(m, root / "meta")
+    checkpoint.save(m, root / "meta")
     checkpoint.save_hf(m, root / "hf")
     shutil.copytree(root / "hf", root / "hfi")
     names = checkpoint.map_safetensors(root / "hf" / "model.safetensors")[1]
@@ -114,12 +114,12 @@ def command(entry, w):
 
 def api(entry, w):
     """The Python call that reads entry's file, and the error class it must raise (None: no API)."""
-    calls = {"meta": (lambda: model.load(w / "meta"), model.CheckpointError),
-             "hf": (lambda: model.load(w / "hf"), model.CheckpointError),
-             "index": (lambda: model.load(w / "hfi"), model.CheckpointError),
-             "safetensors": (lambda: model.load(w / "hf"), model.CheckpointError),
-             "adapter": (lambda: lora.load_adapter(model.load(w / "meta"), w / "adapter"), lora.AdapterError),
-             "adapter_meta": (lambda: lora.load_adapter(model.load(w / "meta"), w / "adapter"), lora.AdapterError),
+    calls = {"meta": (lambda: checkpoint.load(w / "meta"), checkpoint.CheckpointError),
+             "hf": (lambda: checkpoint.load(w / "hf"), checkpoint.CheckpointError),
+             "index": (lambda: checkpoint.load(w / "hfi"), checkpoint.CheckpointError),
+             "safetensors": (lambda: checkpoint.load(w / "hf"), checkpoint.CheckpointError),
+             "adapter": (lambda: lora.load_adapter(checkpoint.load(w / "meta"), w / "adapter"), lora.AdapterError),
+             "adapter_meta": (lambda: lora.load_adapter(checkpoint.load(w / "meta"), w / "adapter"), lora.AdapterError),
              "tokenizer": (lambda: tokenizer.load(w / "tok" / "tokenizer.json"), tokenizer.TokenizerError),
              "shards": (lambda: shards.load_meta(w / "shards"), shards.ShardError)}
     return calls.get(entry, (None, None))

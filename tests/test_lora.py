@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
+import checkpoint
 import lora
 import model
 from ckpt_utils import (VARIANTS, hf_model, meta_params_for, meta_state_dict, randomize_adapters, rel_err,
@@ -28,7 +29,7 @@ def ckpts(tmp_path_factory):
 
 
 def lora_model(path, seed=0, **kw):
-    m = model.load(path)
+    m = checkpoint.load(path)
     lora.apply_lora(m, rank=kw.pop("rank", 4), alpha=kw.pop("alpha", 8), **kw)
     return randomize_adapters(m, seed)
 
@@ -101,7 +102,7 @@ def test_apply_lora_freezes_all_but_adapters(ckpts):
 
 
 def test_apply_lora_rejects_bad_arguments(ckpts):
-    m = model.load(ckpts["llama2"])
+    m = checkpoint.load(ckpts["llama2"])
     with pytest.raises(ValueError, match="'wqkv'"):
         lora.apply_lora(m, rank=4, alpha=8, targets=("wq", "wqkv"))
     with pytest.raises(ValueError, match="rank"):
@@ -113,7 +114,7 @@ def test_apply_lora_rejects_bad_arguments(ckpts):
 
 @pytest.mark.parametrize("variant", ["llama2", "llama3.2"])
 def test_merge_keeps_logits_and_unmerge_restores(ckpts, variant, tmp_path):
-    base = model.load(ckpts[variant])
+    base = checkpoint.load(ckpts[variant])
     m = lora_model(ckpts[variant])
     tokens = tokens_for(variant)
     with torch.no_grad():
@@ -128,11 +129,11 @@ def test_merge_keeps_logits_and_unmerge_restores(ckpts, variant, tmp_path):
     for (name, mod) in lora.lora_modules(m):
         assert torch.allclose(mod.base.weight, base.get_submodule(name).weight, atol=1e-6, rtol=0)
 
-    lora.merge_lora(m)  # back to plain nn.Linear: model.save writes an ordinary Meta checkpoint
+    lora.merge_lora(m)  # back to plain nn.Linear: checkpoint.save writes an ordinary Meta checkpoint
     assert not lora.lora_modules(m) and m.lora_config is None
-    model.save(m, tmp_path / "merged")
+    checkpoint.save(m, tmp_path / "merged")
     with torch.no_grad():
-        assert rel_err(model.load(tmp_path / "merged")(tokens), before) < 1e-6
+        assert rel_err(checkpoint.load(tmp_path / "merged")(tokens), before) < 1e-6
 
 
 # -- save / load adapters --------------------------------------------------------------------------
@@ -151,17 +152,17 @@ def test_adapter_round_trip(ckpts, tmp_path):
     assert cfg["targets"] == ["wq", "wk", "w1"] and cfg["tokenizer_sha256"] == "ab" * 32
     assert cfg["base_params"]["n_kv_heads"] == 2
 
-    fresh = lora.load_adapter(model.load(ckpts["llama3.1"]), tmp_path / "a")
+    fresh = lora.load_adapter(checkpoint.load(ckpts["llama3.1"]), tmp_path / "a")
     assert fresh.lora_config == m.lora_config
     tokens = tokens_for("llama3.1")
     with torch.no_grad():
         assert torch.equal(fresh.eval()(tokens), m.eval()(tokens))
     # onto a model that already has the same LoRA layout (e.g. resuming training)
-    again = lora.apply_lora(model.load(ckpts["llama3.1"]), 4, 8, 0.05, ("wq", "wk", "w1"), use_rslora=True)
+    again = lora.apply_lora(checkpoint.load(ckpts["llama3.1"]), 4, 8, 0.05, ("wq", "wk", "w1"), use_rslora=True)
     with torch.no_grad():
         assert torch.equal(lora.load_adapter(again, tmp_path / "a")(tokens), m(tokens))
     with pytest.raises(ValueError, match="tokenizer sha256"):
-        lora.load_adapter(model.load(ckpts["llama3.1"]), tmp_path / "a", tokenizer_sha256="cd" * 32)
+        lora.load_adapter(checkpoint.load(ckpts["llama3.1"]), tmp_path / "a", tokenizer_sha256="cd" * 32)
 
 
 def test_adapter_on_wrong_base_and_bad_files(ckpts, tmp_path):
@@ -169,27 +170,27 @@ def test_adapter_on_wrong_base_and_bad_files(ckpts, tmp_path):
     a = tmp_path / "a"
     lora.save_adapter(m, a)
     with pytest.raises(ValueError, match=r"/a: adapter was trained on a base with n_kv_heads 2, hidden_dim 224; this model has n_kv_heads 1, hidden_dim 256"):
-        lora.load_adapter(model.load(ckpts["llama3.2"]), a)
+        lora.load_adapter(checkpoint.load(ckpts["llama3.2"]), a)
     with pytest.raises(ValueError, match="n_kv_heads 2, vocab_size 384, hidden_dim 224; this model has n_kv_heads 4, vocab_size 300, hidden_dim 192"):
-        lora.load_adapter(model.load(ckpts["llama2"]), a)
-    other = lora.apply_lora(model.load(ckpts["llama3.1"]), rank=8, alpha=8)
+        lora.load_adapter(checkpoint.load(ckpts["llama2"]), a)
+    other = lora.apply_lora(checkpoint.load(ckpts["llama3.1"]), rank=8, alpha=8)
     with pytest.raises(ValueError, match="differs from the model's LoRA config"):
         lora.load_adapter(other, a)
     with pytest.raises(ValueError, match="no such adapter directory"):
-        lora.load_adapter(model.load(ckpts["llama3.1"]), tmp_path / "nope")
+        lora.load_adapter(checkpoint.load(ckpts["llama3.1"]), tmp_path / "nope")
 
     weights = a / "adapter.safetensors"
     weights.write_bytes(weights.read_bytes()[:300])
-    base = model.load(ckpts["llama3.1"])
+    base = checkpoint.load(ckpts["llama3.1"])
     with pytest.raises(ValueError, match="adapter.safetensors: cannot read"):
         lora.load_adapter(base, a)
     assert not lora.lora_modules(base) and not getattr(base, "lora_config", None)  # left untouched
     weights.unlink()
     with pytest.raises(ValueError, match="adapter.safetensors: cannot read"):
-        lora.load_adapter(model.load(ckpts["llama3.1"]), a)
+        lora.load_adapter(checkpoint.load(ckpts["llama3.1"]), a)
     (a / "adapter.json").write_text("{broken")
     with pytest.raises(ValueError, match="adapter.json: cannot read"):
-        lora.load_adapter(model.load(ckpts["llama3.1"]), a)
+        lora.load_adapter(checkpoint.load(ckpts["llama3.1"]), a)
 
 
 # -- exports: peft and transformers ----------------------------------------------------------------
@@ -231,7 +232,7 @@ def test_save_hf_loads_in_transformers_and_back(ckpts, variant, tmp_path):
         ours = m(tokens)
         hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
         assert rel_err(hf(tokens).logits, ours) < 1e-5
-        back = model.load(tmp_path / "hf")
+        back = checkpoint.load(tmp_path / "hf")
         assert back.tied == VARIANTS[variant]["tied"]
         assert rel_err(back(tokens), ours) < 1e-5
 
@@ -253,7 +254,7 @@ def test_cli_merge_and_export(ckpts, tmp_path):
     tokens = tokens_for("llama3.2")
     with torch.no_grad():
         ours = m(tokens)
-        assert rel_err(model.load(tmp_path / "merged")(tokens), ours) < 1e-6
+        assert rel_err(checkpoint.load(tmp_path / "merged")(tokens), ours) < 1e-6
     r = run_cli("export", "--ckpt_dir", ckpts["llama3.2"], "--adapter", tmp_path / "a", "--out", tmp_path / "p",
                 "--format", "peft")
     assert r.returncode == 0, r.stderr
@@ -262,11 +263,11 @@ def test_cli_merge_and_export(ckpts, tmp_path):
                 "--format", "hf")
     assert r.returncode == 0, r.stderr
     with torch.no_grad():
-        assert rel_err(model.load(tmp_path / "h")(tokens), ours) < 1e-5
+        assert rel_err(checkpoint.load(tmp_path / "h")(tokens), ours) < 1e-5
 
 
 def test_cli_merge_keeps_a_bf16_base_bf16(ckpts, tmp_path):
-    model.save(model.load(ckpts["llama2"], dtype=torch.bfloat16), tmp_path / "bf16")
+    checkpoint.save(checkpoint.load(ckpts["llama2"], dtype=torch.bfloat16), tmp_path / "bf16")
     m = lora_model(tmp_path / "bf16")
     assert m.layers[0].attention.wq.lora_A.dtype == torch.float32
     lora.save_adapter(m, tmp_path / "a")
@@ -276,7 +277,7 @@ def test_cli_merge_keeps_a_bf16_base_bf16(ckpts, tmp_path):
     assert all(t.dtype == torch.bfloat16 for t in sd.values())
     tokens = tokens_for("llama2")
     with torch.no_grad():
-        assert rel_err(model.load(tmp_path / "merged")(tokens), m(tokens)) < 2e-2  # bf16 rounding
+        assert rel_err(checkpoint.load(tmp_path / "merged")(tokens), m(tokens)) < 2e-2  # bf16 rounding
 
 
 @pytest.mark.parametrize("case", ["unknown_flag", "missing_adapter", "wrong_base", "bad_format"])
@@ -300,13 +301,13 @@ def test_adapter_remembers_its_base(ckpts, tmp_path):
     m = lora_model(ckpts["llama3.1"])
     lora.save_adapter(m, tmp_path / "a")
     fingerprint = json.loads((tmp_path / "a" / "adapter.json").read_text())["base_fingerprint"]
-    assert fingerprint == lora.base_fingerprint(model.load(ckpts["llama3.1"]))
+    assert fingerprint == lora.base_fingerprint(checkpoint.load(ckpts["llama3.1"]))
     # the base's dtype does not change it; its weights do
-    assert fingerprint == lora.base_fingerprint(model.load(ckpts["llama3.1"], dtype=torch.bfloat16))
+    assert fingerprint == lora.base_fingerprint(checkpoint.load(ckpts["llama3.1"], dtype=torch.bfloat16))
     other = write_meta(meta_state_dict(hf_model("llama3.1", seed=1)), meta_params_for("llama3.1"), tmp_path / "b")
     with pytest.raises(lora.AdapterError, match="trained on another base"):
-        lora.load_adapter(model.load(other), tmp_path / "a")
-    forced = lora.load_adapter(model.load(other), tmp_path / "a", force=True)
+        lora.load_adapter(checkpoint.load(other), tmp_path / "a")
+    forced = lora.load_adapter(checkpoint.load(other), tmp_path / "a", force=True)
     assert lora.lora_modules(forced)
     r = run_cli("merge", "--ckpt_dir", other, "--adapter", tmp_path / "a", "--out", tmp_path / "m")
     assert r.returncode == 1 and "--force" in r.stderr and not os.path.exists(tmp_path / "m")
@@ -352,13 +353,13 @@ def test_cli_never_writes_over_what_it_did_not_make(ckpts, tmp_path):
     assert "would overwrite --ckpt_dir" in one_line_refusal("merge", *common, "--out",
                                                             os.path.dirname(ckpts["llama3.1"]), "--overwrite", status=2)
     # --overwrite replaces the checkpoint as a whole: an HF export over a Meta checkpoint leaves no
-    # params.json behind for model.load to prefer, nor the stale train_state.pt
+    # params.json behind for checkpoint.load to prefer, nor the stale train_state.pt
     r = run_cli("export", *common, "--out", first, "--format", "hf", "--overwrite")
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(first)) == ["config.json", "model.safetensors"]
     tokens = tokens_for("llama3.1")
     with torch.no_grad():
-        assert rel_err(model.load(first)(tokens), m(tokens)) < 1e-5
+        assert rel_err(checkpoint.load(first)(tokens), m(tokens)) < 1e-5
 
 
 def test_cli_merge_onto_a_full_disk_is_one_line(tmp_path, small_disk):
@@ -366,7 +367,7 @@ def test_cli_merge_onto_a_full_disk_is_one_line(tmp_path, small_disk):
     torch.manual_seed(0)
     base = model.Transformer(model.ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=8000, multiple_of=16))
     base.init_weights()
-    model.save(base, tmp_path / "base")
+    checkpoint.save(base, tmp_path / "base")
     lora.save_adapter(lora.apply_lora(base, rank=2, alpha=4), tmp_path / "a")
     out = small_disk / "merged"
     r = run_cli("merge", "--ckpt_dir", tmp_path / "base", "--adapter", tmp_path / "a", "--out", out)

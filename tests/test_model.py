@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import checkpoint
 import model
 from ckpt_utils import (VARIANTS, hf_model, meta_params_for, meta_state_dict, rel_err, tokens_for, write_hf,
                         write_meta)
@@ -45,7 +46,7 @@ def test_logits_match_transformers(reference, kind, tmp_path):
     path = _layout(kind, variant, hf, tmp_path / kind)
     if kind == "hf-classic-indexed":
         assert os.path.exists(os.path.join(path, "model.safetensors.index.json"))
-    m = model.load(path)
+    m = checkpoint.load(path)
     assert m.tied == VARIANTS[variant]["tied"]
     assert m.args.hidden_dim == hf.config.intermediate_size
     with torch.no_grad():
@@ -56,7 +57,7 @@ def test_logits_match_transformers(reference, kind, tmp_path):
 
 def test_loss_matches_transformers(reference, tmp_path):
     variant, hf, tokens, _ = reference
-    m = model.load(_layout("meta", variant, hf, tmp_path / "m"))
+    m = checkpoint.load(_layout("meta", variant, hf, tmp_path / "m"))
     targets = tokens.roll(-1, dims=1)
     targets[:, -1] = -100
     targets[0, :5] = -100  # masked prompt tokens
@@ -69,7 +70,7 @@ def test_loss_matches_transformers(reference, tmp_path):
 
 def test_kv_cache_decoding_equals_full_forward(reference, tmp_path):
     variant, hf, tokens, _ = reference
-    m = model.load(_layout("meta", variant, hf, tmp_path / "m"))
+    m = checkpoint.load(_layout("meta", variant, hf, tmp_path / "m"))
     with torch.no_grad():
         full = m(tokens)
         m.setup_cache(max_batch_size=4, max_seq_len=64)
@@ -81,12 +82,12 @@ def test_kv_cache_decoding_equals_full_forward(reference, tmp_path):
 
 def test_save_load_round_trip(reference, tmp_path):
     variant, hf, tokens, ref = reference
-    m = model.load(_layout("hf", variant, hf, tmp_path / "hf"))
-    model.save(m, tmp_path / "out")
+    m = checkpoint.load(_layout("hf", variant, hf, tmp_path / "hf"))
+    checkpoint.save(m, tmp_path / "out")
     params = json.loads((tmp_path / "out" / "params.json").read_text())
     assert "use_scaled_rope" in params or variant == "llama2"
     assert sorted(os.listdir(tmp_path / "out")) == ["consolidated.00.pth", "params.json"]
-    m2 = model.load(tmp_path / "out")
+    m2 = checkpoint.load(tmp_path / "out")
     assert m2.tied == m.tied
     with torch.no_grad():
         assert torch.equal(m2(tokens), m(tokens))
@@ -102,8 +103,25 @@ def _small_model(seed):
     return m
 
 
+def test_the_model_keeps_its_rope_table(tmp_path):
+    """Nobody outside model.py rebuilds the RoPE table: it follows the model onto the meta device and
+    back (to_empty), stays fp32 through .to(dtype), and grows with extend_context."""
+    m = _small_model(0)
+    fresh = model.rope_table(m.args)
+    m.to(torch.bfloat16)  # casts the buffer too; the next forward computes it again in fp32
+    with torch.no_grad():
+        m(torch.randint(0, 50, (1, 9)))
+    assert m.rope.dtype == torch.float32 and torch.equal(m.rope, fresh)
+    m.extend_context(m.args.max_seq_len * 2)
+    assert m.rope.shape[0] == m.args.max_seq_len and torch.equal(m.rope[: fresh.shape[0]], fresh)
+    with torch.device("meta"):
+        empty = model.Transformer(m.args)
+    empty.to_empty(device="cpu")
+    assert torch.equal(empty.rope, model.rope_table(m.args))
+
+
 def test_save_replaces_the_checkpoint_whole(tmp_path):
-    """model.save over a directory: the new weights and params.json arrive together, stale shards and
+    """checkpoint.save over a directory: the new weights and params.json arrive together, stale shards and
     trainer state go, files that are not part of a checkpoint (tokenizer, notes) are carried over."""
     out = tmp_path / "ckpt"
     out.mkdir()
@@ -113,20 +131,18 @@ def test_save_replaces_the_checkpoint_whole(tmp_path):
     (out / "notes").mkdir()
     (out / "notes" / "run.txt").write_text("kept")
     m = _small_model(0)
-    model.save(m, out)
+    checkpoint.save(m, out)
     assert sorted(os.listdir(out)) == ["consolidated.00.pth", "notes", "params.json", "tokenizer.model"]
     assert (out / "tokenizer.model").read_text() == "tokenizer" and (out / "notes" / "run.txt").read_text() == "kept"
     assert os.listdir(tmp_path) == ["ckpt"]  # no .tmp, .new or .old left beside it
     tokens = torch.randint(0, 50, (1, 9))
     with torch.no_grad():
-        assert torch.equal(model.load(out)(tokens), m(tokens))
+        assert torch.equal(checkpoint.load(out)(tokens), m(tokens))
 
 
 def test_failed_save_leaves_the_old_checkpoint(tmp_path, monkeypatch):
-    import checkpoint
-
     out = tmp_path / "ckpt"
-    model.save(_small_model(0), out)
+    checkpoint.save(_small_model(0), out)
     before = {name: (out / name).read_bytes() for name in os.listdir(out)}
 
     def fail(args):
@@ -134,7 +150,7 @@ def test_failed_save_leaves_the_old_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint, "meta_params", fail)
     with pytest.raises(RuntimeError, match="killed"):
-        model.save(_small_model(1), out)
+        checkpoint.save(_small_model(1), out)
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
     assert os.listdir(tmp_path) == ["ckpt"]
 
@@ -158,25 +174,25 @@ def test_ffn_hidden_dim_arithmetic():
 def test_dtype_default_and_override(tmp_path):
     hf = hf_model("llama3.2")
     path = write_hf(hf, tmp_path / "hf")
-    assert model.load(path).tok_embeddings.weight.dtype == torch.float32
-    m = model.load(path, dtype="bf16")
+    assert checkpoint.load(path).tok_embeddings.weight.dtype == torch.float32
+    m = checkpoint.load(path, dtype="bf16")
     assert m.layers[0].attention.wq.weight.dtype == torch.bfloat16
     assert m(tokens_for("llama3.2")).dtype == torch.float32
     with pytest.raises(ValueError, match="--dtype"):
-        model.load(path, dtype="fp8")
+        checkpoint.load(path, dtype="fp8")
 
 
 # -- bad input ------------------------------------------------------------------------------------
 
 
 def test_missing_directory_and_weights(tmp_path):
-    with pytest.raises(model.CheckpointError, match="no such checkpoint directory"):
-        model.load(tmp_path / "nope")
-    with pytest.raises(model.CheckpointError, match="neither params.json"):
-        model.load(tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match="no such checkpoint directory"):
+        checkpoint.load(tmp_path / "nope")
+    with pytest.raises(checkpoint.CheckpointError, match="neither params.json"):
+        checkpoint.load(tmp_path)
     (tmp_path / "params.json").write_text(json.dumps(meta_params_for("llama2")))
-    with pytest.raises(model.CheckpointError, match="no consolidated"):
-        model.load(tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match="no consolidated"):
+        checkpoint.load(tmp_path)
 
 
 def test_model_args_resolve_derived_sizes(tmp_path):
@@ -187,8 +203,8 @@ def test_model_args_resolve_derived_sizes(tmp_path):
     params = meta_params_for("llama2")
     params["n_heads"] = 5  # does not divide dim 64
     write_meta(meta_state_dict(hf_model("llama2")), params, tmp_path)
-    with pytest.raises(model.CheckpointError, match=r"params.json: dim 64, n_heads 5"):
-        model.load(tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match=r"params.json: dim 64, n_heads 5"):
+        checkpoint.load(tmp_path)
 
 
 def test_params_that_disagree_with_weights(tmp_path):
@@ -197,8 +213,8 @@ def test_params_that_disagree_with_weights(tmp_path):
     params = meta_params_for("llama3.1")
     params["n_kv_heads"] = 4  # the weights have 2
     write_meta(sd, params, tmp_path)
-    with pytest.raises(model.CheckpointError, match=r"params.json disagrees with the weights: .*wk"):
-        model.load(tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match=r"params.json disagrees with the weights: .*wk"):
+        checkpoint.load(tmp_path)
 
 
 def test_corrupt_weights_file(tmp_path):
@@ -206,23 +222,23 @@ def test_corrupt_weights_file(tmp_path):
     write_meta(meta_state_dict(hf), meta_params_for("llama2"), tmp_path)
     path = tmp_path / "consolidated.00.pth"
     path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(model.CheckpointError, match="consolidated.00.pth: cannot read"):
-        model.load(tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match="consolidated.00.pth: cannot read"):
+        checkpoint.load(tmp_path)
     (tmp_path / "params.json").write_text("{not json")
-    with pytest.raises(model.CheckpointError, match="params.json: cannot read"):
-        model.load(tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match="params.json: cannot read"):
+        checkpoint.load(tmp_path)
 
 
 # -- memory ---------------------------------------------------------------------------------------
 
 _PEAK = r"""
-import os, sys, torch, model
+import os, sys, torch, checkpoint
 def rss_hwm():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM"):
             return int(line.split()[1]) * 1024
 before = rss_hwm()
-m = model.load(sys.argv[1], dtype=torch.float32)
+m = checkpoint.load(sys.argv[1], dtype=torch.float32)
 print(before, rss_hwm())
 """
 
@@ -240,7 +256,7 @@ def test_peak_memory_while_loading(tmp_path, layout):
             p.normal_(0, 0.02)
     path = tmp_path / layout
     if layout == "meta":
-        model.save(m, path)
+        checkpoint.save(m, path)
         size = os.path.getsize(path / "consolidated.00.pth")
     else:
         from transformers import LlamaForCausalLM
@@ -268,7 +284,7 @@ def test_document_masking_equals_each_document_alone(tmp_path, monkeypatch, flex
     import functools
     import warnings
 
-    m = model.load(write_hf(hf_model("llama3.1"), tmp_path))
+    m = checkpoint.load(write_hf(hf_model("llama3.1"), tmp_path))
     monkeypatch.setattr(model, "document_mask", functools.partial(model.document_mask, flex=flex))
     g = torch.Generator().manual_seed(5)
     docs = [torch.randint(0, 384, (n,), generator=g) for n in (11, 23, 7)]
@@ -296,14 +312,12 @@ def test_document_masking_equals_each_document_alone(tmp_path, monkeypatch, flex
 def test_params_json_is_checked_field_by_field(tmp_path, key, value, message):
     params = dict(meta_params_for("llama2"), **{key: value})
     path = write_meta(meta_state_dict(hf_model("llama2")), params, tmp_path / "ckpt")
-    with pytest.raises(model.CheckpointError) as e:
-        model.load(path)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.load(path)
     assert str(path / "params.json") in str(e.value) and message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_torch_files_that_are_not_plain_tensors_are_one_line(tmp_path):
-    import checkpoint
-
     class Payload:
         def __reduce__(self):
             return (os.system, ("echo never run",))
@@ -315,7 +329,7 @@ def test_torch_files_that_are_not_plain_tensors_are_one_line(tmp_path):
     for name, message in [("evil.pth", "could run code"), ("cut.pth", "cannot read"), ("empty.pth", "cannot read"),
                           ("missing.pth", "missing")]:
         for mmap in (False, True):
-            with pytest.raises(model.CheckpointError) as e:
+            with pytest.raises(checkpoint.CheckpointError) as e:
                 checkpoint.torch_load(tmp_path / name, mmap=mmap)
             text = str(e.value)
             assert text.startswith(str(tmp_path / name)) and message in text and "\n" not in text
@@ -330,8 +344,8 @@ def test_config_json_sizes_are_checked(tmp_path, key, value):
     if value is None:
         del config[key]
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(model.CheckpointError) as e:
-        model.load(path)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.load(path)
     assert str(path / "config.json") in str(e.value) and f"{key} is" in str(e.value) and "\n" not in str(e.value)
 
 
@@ -367,7 +381,7 @@ def test_mapped_load_equals_a_copied_load(tmp_path, layout, dtype):
     """Weights already in the asked dtype stay in the file's mapping (the HF q/k rows, which change
     order, are the only copies), and the logits equal a model given copied tensors."""
     path, sd = _checkpoint(layout, dtype, tmp_path / layout)
-    m = model.load(path, dtype=dtype)
+    m = checkpoint.load(path, dtype=dtype)
     weights = dict(m.named_parameters())
     copied = {"wq", "wk"} if layout == "hf" else set()
     for name, w in weights.items():
@@ -381,7 +395,6 @@ def test_mapped_load_equals_a_copied_load(tmp_path, layout, dtype):
     ref.load_state_dict({k: v.clone() for k, v in sd.items()}, strict=False, assign=True)
     if "output.weight" not in sd:
         ref.tie_weights()
-    ref.reset_rope()
     tokens = tokens_for("llama3.1")
     with torch.no_grad():
         assert torch.equal(m(tokens), ref.eval()(tokens))
@@ -394,12 +407,12 @@ def test_changing_the_loaded_model_never_writes_the_checkpoint(tmp_path, layout)
     path, sd = _checkpoint(layout, torch.float32, tmp_path / layout)
     digest = lambda: {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in path.iterdir()}  # noqa: E731
     before = digest()
-    m = model.load(path, dtype=torch.float32)
+    m = checkpoint.load(path, dtype=torch.float32)
     with torch.no_grad():
         for p in m.parameters():
             p.mul_(-3).add_(1)
     assert digest() == before
-    again = model.load(path, dtype=torch.float32)
+    again = checkpoint.load(path, dtype=torch.float32)
     assert torch.equal(again.layers[1].feed_forward.w2.weight, sd["layers.1.feed_forward.w2.weight"])
 
 
@@ -417,9 +430,9 @@ def test_changing_the_loaded_model_never_writes_the_checkpoint(tmp_path, layout)
 def test_cpu_default_dtype_follows_the_checkpoint_and_the_cpu(tmp_path, monkeypatch, caps, stored, expected):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
     path, _ = _checkpoint("hf", stored, tmp_path / "hf")
-    m = model.load(path)
+    m = checkpoint.load(path)
     assert {p.dtype for p in m.parameters()} == {expected}
-    assert model.load(path, dtype="fp32").tok_embeddings.weight.dtype == torch.float32  # --dtype decides
+    assert checkpoint.load(path, dtype="fp32").tok_embeddings.weight.dtype == torch.float32  # --dtype decides
     from checkpoint import resolve_dtype
     assert resolve_dtype(None, "cuda", stored=torch.float32) == torch.bfloat16  # CUDA's default is unchanged
 
@@ -429,21 +442,21 @@ def test_bad_safetensors_files_are_one_line(tmp_path):
     weights = path / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
-    with pytest.raises(model.CheckpointError, match=r"model.safetensors: .*truncated"):
-        model.load(path)
+    with pytest.raises(checkpoint.CheckpointError, match=r"model.safetensors: .*truncated"):
+        checkpoint.load(path)
     weights.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00[1,2]")
-    with pytest.raises(model.CheckpointError, match=r"model.safetensors: cannot read .*not a JSON object"):
-        model.load(path)
+    with pytest.raises(checkpoint.CheckpointError, match=r"model.safetensors: cannot read .*not a JSON object"):
+        checkpoint.load(path)
     weights.write_bytes(b"")
-    with pytest.raises(model.CheckpointError, match=r"model.safetensors: cannot read .*no safetensors header"):
-        model.load(path)
+    with pytest.raises(checkpoint.CheckpointError, match=r"model.safetensors: cannot read .*no safetensors header"):
+        checkpoint.load(path)
 
 
 def test_loading_does_not_import_the_compiler(tmp_path):
     """Ops on the meta device run through torch._refs, whose first use imports torch._dynamo: over a
     second of every start of generate.py or eval.py. Building the model to load skips them."""
     path, _ = _checkpoint("hf", torch.bfloat16, tmp_path / "hf")
-    code = ("import sys, torch, model\nm = model.load(sys.argv[1])\nwith torch.no_grad(): m(torch.arange(1, 9)[None])\n"
+    code = ("import sys, torch, checkpoint\nm = checkpoint.load(sys.argv[1])\nwith torch.no_grad(): m(torch.arange(1, 9)[None])\n"
             "print('torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": ROOT})

@@ -137,7 +137,7 @@ def ckpts(tmp_path_factory):
 
 @pytest.mark.parametrize("variant", ["llama2", "llama3.2", "hf"])
 def test_load_quantized(ckpts, variant):
-    full, q = model.load(ckpts[variant]), model.load(ckpts[variant], quantize="nf4")
+    full, q = checkpoint.load(ckpts[variant]), checkpoint.load(ckpts[variant], quantize="nf4")
     dense = dict(full.named_parameters())
     nf4_bytes = bf16_bytes = 0
     for name, module in q.named_modules():
@@ -154,13 +154,13 @@ def test_load_quantized(ckpts, variant):
     tokens = tokens_for("llama3.1" if variant == "hf" else variant)
     with torch.no_grad():
         assert 1e-3 < rel_err(q(tokens), full(tokens)) < 0.5  # quantized, and still the same model
-    bf16 = model.load(ckpts[variant], dtype=torch.bfloat16, quantize="nf4")
+    bf16 = checkpoint.load(ckpts[variant], dtype=torch.bfloat16, quantize="nf4")
     assert bf16.tok_embeddings.weight.dtype == torch.bfloat16  # computes in bf16, from the same bytes
     assert torch.equal(bf16.layers[0].attention.wq.packed, q.layers[0].attention.wq.packed)
     with torch.no_grad():
         assert rel_err(bf16(tokens), q(tokens)) < 3e-2
     with pytest.raises(ValueError, match="quantize"):
-        model.load(ckpts[variant], quantize="int3")
+        checkpoint.load(ckpts[variant], quantize="int3")
 
 
 def test_loading_holds_one_full_precision_weight_at_a_time(ckpts, monkeypatch):
@@ -181,7 +181,7 @@ def test_loading_holds_one_full_precision_weight_at_a_time(ckpts, monkeypatch):
         return quantize(weight)
 
     monkeypatch.setattr(model, "nf4_quantize", watched)
-    model.load(ckpts["hf"], quantize="nf4")
+    checkpoint.load(ckpts["hf"], quantize="nf4")
     assert len(copies) == 2 * 2 and len(views) == 5 * 2  # wq and wk copied in each of 2 layers
 
 
@@ -218,7 +218,7 @@ def test_lora_step_matches_peft_on_bitsandbytes(ckpts, variant, tmp_path):
     1e-2 or more, as the unquantized base asserted at the end does."""
     from peft import PeftModel
 
-    q = model.load(ckpts[variant], quantize="nf4")
+    q = checkpoint.load(ckpts[variant], quantize="nf4")
     randomize_adapters(lora.apply_lora(q, rank=4, alpha=8), seed=0)
     lora.export_peft(q, tmp_path / "peft")
     ref = PeftModel.from_pretrained(_with_linear4bit(hf_model(variant)), tmp_path / "peft", is_trainable=True)
@@ -235,7 +235,7 @@ def test_lora_step_matches_peft_on_bitsandbytes(ckpts, variant, tmp_path):
                                        checkpoint.hf_to_meta_rope)
         assert rel_err(m.lora_A.grad, theirs.lora_A["default"].weight.grad) < 1e-5, name
         assert rel_err(m.lora_B.grad, grad_b) < 1e-5, name
-    full = lora.apply_lora(model.load(ckpts[variant]), rank=4, alpha=8)
+    full = lora.apply_lora(checkpoint.load(ckpts[variant]), rank=4, alpha=8)
     with torch.no_grad():
         for (_, a), (_, b) in zip(lora.lora_modules(full), lora.lora_modules(q)):
             a.lora_A.copy_(b.lora_A)
@@ -244,7 +244,7 @@ def test_lora_step_matches_peft_on_bitsandbytes(ckpts, variant, tmp_path):
 
 
 def test_merge_refuses_an_nf4_base(ckpts):
-    q = lora.apply_lora(model.load(ckpts["llama2"], quantize="nf4"), rank=2, alpha=4)
+    q = lora.apply_lora(checkpoint.load(ckpts["llama2"], quantize="nf4"), rank=2, alpha=4)
     with pytest.raises(ValueError, match="full-precision"):
         lora.merge_lora(q)
 
@@ -264,7 +264,7 @@ def test_train_qlora_lowers_the_loss_and_resumes_exactly(base_ckpt, text_data, t
     assert sum(straight[-10:]) < sum(straight[:10])
     adapter = json.loads((tmp_path / "straight" / "adapter" / "adapter.json").read_text())
     assert adapter["base_quantize"] == "nf4"
-    assert adapter["base_fingerprint"] == lora.base_fingerprint(model.load(base_ckpt))
+    assert adapter["base_fingerprint"] == lora.base_fingerprint(checkpoint.load(base_ckpt))
     # generate.py samples with the adapter beside the NF4 base, as it was trained
     gen = subprocess.run([sys.executable, "generate.py", "--ckpt_dir", str(base_ckpt), "--adapter",
                           str(tmp_path / "straight" / "adapter"), "--quantize", "nf4", "--prompt", "patient",
@@ -285,7 +285,7 @@ def test_quantize_needs_lora(base_ckpt, text_data, tmp_path):  # noqa: F811
 
 
 def test_merge_and_generate_from_a_qlora_adapter(ckpts, tmp_path):
-    q = lora.apply_lora(model.load(ckpts["llama2"], quantize="nf4"), rank=4, alpha=8)
+    q = lora.apply_lora(checkpoint.load(ckpts["llama2"], quantize="nf4"), rank=4, alpha=8)
     with torch.no_grad():
         for _, m in lora.lora_modules(q):
             m.lora_B.normal_(0, 0.05)
@@ -294,12 +294,12 @@ def test_merge_and_generate_from_a_qlora_adapter(ckpts, tmp_path):
                           str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    full = lora.apply_lora(model.load(ckpts["llama2"]), rank=4, alpha=8)
+    full = lora.apply_lora(checkpoint.load(ckpts["llama2"]), rank=4, alpha=8)
     lora.load_adapter(full, tmp_path / "adapter")  # the same base fingerprint: no --force needed
     quantization, change = lora.nf4_gap(full)
     assert f"differ from what it learned on by {100 * quantization:.2f}%" in out.stderr
     assert f"the adapter changes them by {100 * change:.2f}%" in out.stderr
     assert 0.01 < quantization < 0.2 and change > 0
-    merged, tokens = model.load(tmp_path / "merged"), tokens_for("llama2")
+    merged, tokens = checkpoint.load(tmp_path / "merged"), tokens_for("llama2")
     with torch.no_grad():
         assert rel_err(merged(tokens), full(tokens)) < 1e-5  # merged into the full-precision base

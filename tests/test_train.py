@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+import checkpoint
 import common
 import model
 
@@ -114,7 +115,7 @@ def test_two_ranks_equal_one_rank_with_two_micro_steps(text_data, base_ckpt, tmp
 
         a, b = (load_file(tmp_path / run / "adapter" / "adapter.safetensors") for run in ("one", "two"))
     else:
-        a, b = (model.load(tmp_path / run / "model").state_dict() for run in ("one", "two"))
+        a, b = (checkpoint.load(tmp_path / run / "model").state_dict() for run in ("one", "two"))
     assert a.keys() == b.keys()
     for name in a:
         assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6), name
@@ -128,7 +129,7 @@ def test_token_weighted_accumulation_equals_one_large_batch(instruct_data, tmp_p
     assert close([r["loss"] for r in big], [r["loss"] for r in acc])
     # masked SFT data: fewer targets than tokens, and micro-batches carry different counts
     assert all(r["target_tokens"] < 4 * 32 for r in big)
-    a, b = model.load(tmp_path / "big" / "model"), model.load(tmp_path / "acc" / "model")
+    a, b = checkpoint.load(tmp_path / "big" / "model"), checkpoint.load(tmp_path / "acc" / "model")
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), name
 
@@ -158,7 +159,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(text_data, tmp_path):
     lines = [line for line in out.stderr.splitlines() if line.startswith("train.py:")]
     assert len(lines) == 1 and "stopped without saving" in lines[0] and "Traceback" not in out.stderr
     state = torch.load(tmp_path / "model" / "train_state.pt", weights_only=True)
-    m = model.load(tmp_path / "model")  # the last good checkpoint loads and is finite
+    m = checkpoint.load(tmp_path / "model")  # the last good checkpoint loads and is finite
     assert state["step"] >= 1 and all(torch.isfinite(p).all() for p in m.parameters())
 
 
@@ -209,7 +210,7 @@ def base_ckpt(tmp_path_factory, text_data):
     torch.manual_seed(0)
     m = model.Transformer(args)
     m.init_weights()
-    model.save(m, path)
+    checkpoint.save(m, path)
     shutil.copy(text_data / "tokenizer.model", path / "tokenizer.model")
     return path
 
@@ -236,7 +237,7 @@ def test_lora_trains_only_the_adapter(base_ckpt, instruct_data, tmp_path):
     # the base is untouched and the adapter applies on top of it
     import lora
 
-    m = model.load(base_ckpt)
+    m = checkpoint.load(base_ckpt)
     before = m(torch.arange(20)[None]).detach()
     lora.load_adapter(m, tmp_path / "adapter")
     assert not torch.allclose(m(torch.arange(20)[None]), before)
@@ -368,7 +369,7 @@ def test_mlflow_one_run_across_interrupt_and_resume(base_ckpt, text_data, tmp_pa
     assert sorted(m.step for m in history) == list(range(1, 201)) and stopped < 200
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == losses(tmp_path / "o")
     params = runs[0].data.params
-    base = model.load(base_ckpt).args
+    base = checkpoint.load(base_ckpt).args
     assert (params["dim"], params["n_layers"], params["hidden_dim"]) == tuple(map(str, (base.dim, base.n_layers,
                                                                                         base.hidden_dim)))
     assert params["dim"] == "32" and "48" not in params.values()
@@ -400,7 +401,7 @@ def test_sample_prompt_uses_the_chat_layout_on_instruction_data(instruct_data, t
     seen = []
     monkeypatch.setattr(generate, "generate", lambda m, prompts, *a, **k: seen.append(prompts[0]) or [[]])
     tok = llama_tokenizer.load(instruct_data)
-    trainer.sample(model.load(tmp_path / "model"), tok, "What is 3 plus 3?", chat=True)
+    trainer.sample(checkpoint.load(tmp_path / "model"), tok, "What is 3 plus 3?", chat=True)
     assert seen == [tok.encode_dialog([{"role": "user", "content": "What is 3 plus 3?"}])]
 
 
@@ -492,10 +493,10 @@ def test_resume_on_another_base_names_what_train_py_can_do(base_ckpt, text_data,
     """A LoRA run resumed over a base of the same shape but other weights is refused, and the line
     says what train.py offers (it has no --force)."""
     other = tmp_path / "other"
-    m = model.load(base_ckpt)
+    m = checkpoint.load(base_ckpt)
     torch.manual_seed(1)
     m.init_weights()
-    model.save(m, other)
+    checkpoint.save(m, other)
     shutil.copy(base_ckpt / "tokenizer.model", other / "tokenizer.model")
     common = [*TINY, "--data", text_data, "--lora_rank", "4", "--out_dir", tmp_path / "o"]
     train(*common, "--ckpt_dir", base_ckpt, "--max_steps", "1")
