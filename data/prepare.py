@@ -56,7 +56,7 @@ import atomic
 from cli import UsageError, UserError, at_least, command_line, interval, non_empty, one_of, positive, run
 from data import shards
 from data.records import (DECOMPRESS_ERRORS, RECORD_KINDS, Doc, RecordError, corrupt, file_kind, is_table, open_text,
-                          read, record_to_doc)
+                          read_records, record_to_doc)
 from tokenizer import TokenizerError, load as load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,7 +167,7 @@ class Corpus:
                 raise corrupt(path, e) from None
 
     def _record_docs(self, path, quiet):
-        for where, rec in read(path, self.columns, self.fmt, lambda error: self.skip(error, quiet)):
+        for where, rec in read_records(path, self.columns, self.fmt, lambda error: self.skip(error, quiet)):
             try:
                 yield record_to_doc(rec, self.fmt, where)
             except RecordError as e:

@@ -13,7 +13,7 @@ Reading guide, top to bottom:
     JSON         parse (one line to a record), read_jsonl (eval.py), is_jsonl (generate.py),
                  json_records (data.prepare: JSON lines, or one array of records)
     tables       CSV / TSV through the csv module, Parquet through pyarrow: column_picker
-    read         any record file by its kind (what data.prepare calls)
+    read_records any record file by its kind (what data.prepare calls)
     layout       record_to_doc: a record as a text document or a finished dialog (data.prepare);
                  prompt_of: a record up to its open assistant turn (generate.py);
                  need: one typed field of a record (eval.py's tasks)
@@ -303,7 +303,7 @@ def parquet_records(path, columns, fmt, batch_rows=1024):
         raise RecordError(f"{path}: unreadable Parquet data after row {row_no} ({e})") from None
 
 
-def read(path, columns=None, fmt="auto", skip=None, flag="--input"):
+def read_records(path, columns=None, fmt="auto", skip=None, flag="--input"):
     """(where, record) of any record file (RECORD_KINDS), by its kind. columns: [(record field,
     column)] for tables (None: the header's own names); fmt: the record kind asked for (a table
     without a fitting column is refused); skip: as json_lines."""
