@@ -41,10 +41,10 @@ import torch.nn.functional as F
 import atomic
 import checkpoint
 import common
-import eval
 import generate
 import lora
 import model
+import tasks
 import tokenizer
 import train
 from cli import Check, UserError, at_least, command_line, non_empty, one_of, positive, run, torch_device
@@ -1033,12 +1033,12 @@ def cmd_eval(args, dev):
     a = model.ModelArgs(**{**PRESETS[args.model], "vocab_size": tok.n_words}, max_seq_len=args.max_seq_len)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     items = choice_items(args.items)
-    opts = SimpleNamespace(chat=False)
+    choice = tasks.Choice(tasks.Options())
     m = build_ours(a, args.model in TIED, dev, dtype).eval()
 
     def score_all():
         for item in items:
-            eval.score_choice(m, tok, item, opts)
+            choice.score(m, tok, [item])
 
     ours = per_second(args.items, score_all, dev, args)
     m = None

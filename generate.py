@@ -18,10 +18,11 @@ import torch
 import atomic
 import checkpoint
 import common
-import jsonfile
-import model as llama
-import tokenizer as llama_tokenizer
+import lora
 from cli import UsageError, UserError, interval, non_empty, one_of, positive, run, torch_device
+from data import records
+from model import set_kernels
+from tokenizer import check_fits, load as load_tokenizer
 
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "demo", "model")
 
@@ -93,9 +94,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.6, top_p=0.9, stop_id
             tokens[:, cur] = chosen
             done |= new & torch.isin(chosen, stop)
             if on_token is not None:
-                for row in new.nonzero().flatten().tolist():
-                    if not done[row]:
-                        on_token(row, chosen[row].item())
+                _emit(on_token, new & ~done, chosen)
             done |= cur + 1 >= last
             prev = cur
             if done.all():
@@ -106,7 +105,17 @@ def generate(model, prompts, max_new_tokens, temperature=0.6, top_p=0.9, stop_id
         sync()
         timings.setdefault("prefill", time.perf_counter() - t0)
         timings["decode"] = time.perf_counter() - t0 - timings["prefill"]
+    return _completions(tokens, lens, last, stop_ids)
 
+
+def _emit(on_token, rows, chosen):
+    """on_token(row, token) for each row in the mask rows (new tokens of rows not done)."""
+    for row in rows.nonzero().flatten().tolist():
+        on_token(row, chosen[row].item())
+
+
+def _completions(tokens, lens, last, stop_ids):
+    """Each row's new tokens, up to (not including) its first stop token."""
     rows = [tokens[i, n : int(last[i])].tolist() for i, n in enumerate(lens)]
     return [row[: next((j for j, t in enumerate(row) if t in stop_ids), len(row))] for row in rows]
 
@@ -140,11 +149,11 @@ def compile_decode_step(model):
     compiled = torch.compile(model.decode, mode=mode, fullgraph=True, dynamic=False)
 
     def step(tokens, start_pos):
-        previous = llama.set_kernels("torch")
+        previous = set_kernels("torch")
         try:
             return compiled(tokens, start_pos)
         finally:
-            llama.set_kernels(previous)
+            set_kernels(previous)
 
     return step
 
@@ -181,40 +190,27 @@ class Streamer:
         self.out.flush()
 
 
-def _checked_inputs(ckpt_dir, prompt, prompts_file, chat, system):
-    """The checkpoint directory and the prompt texts main's flags ask for, checked before any loading."""
-    if prompt is not None and prompts_file is not None:
-        raise UsageError("give --prompt or --prompts_file, not both")
-    if system is not None and not chat:
-        raise UsageError("--system only applies with --chat")
+def checked_ckpt_dir(ckpt_dir):
+    """--ckpt_dir (default: the demo model `python train.py` makes), checked before anything loads."""
     if ckpt_dir is None:
         if not os.path.isdir(DEMO_DIR):
             raise UserError("no --ckpt_dir given and no demo model in out/demo/model (run `python train.py` first)")
         ckpt_dir = DEMO_DIR
     if not os.path.isdir(atomic.readable(ckpt_dir)):  # a swap a crash interrupted is finished first
         raise UserError(f"--ckpt_dir {ckpt_dir}: no such checkpoint directory")
-    ckpt_dir = os.path.expanduser(ckpt_dir)
+    return ckpt_dir
+
+
+def _checked_inputs(ckpt_dir, prompt, prompts_file, chat, system):
+    """The checkpoint directory and the prompt texts main's flags ask for, checked before any loading."""
+    if prompt is not None and prompts_file is not None:
+        raise UsageError("give --prompt or --prompts_file, not both")
+    if system is not None and not chat:
+        raise UsageError("--system only applies with --chat")
+    ckpt_dir = os.path.expanduser(checked_ckpt_dir(ckpt_dir))
     if prompts_file is not None:
-        try:
-            with open(prompts_file, encoding="utf-8") as f:
-                lines = [(i, line.rstrip("\n")) for i, line in enumerate(f, 1) if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"--prompts_file {prompts_file}: {getattr(e, 'strerror', None) or e}") from None
-        if not lines:
-            raise UserError(f"--prompts_file {prompts_file}: no prompts in it")
-        if _is_jsonl(prompts_file, lines[0][1]):
-            return ckpt_dir, [_jsonl_prompt(prompts_file, i, line) for i, line in lines]
-        return ckpt_dir, [Prompt(None, line) for _, line in lines]
+        return ckpt_dir, read_prompts(prompts_file)
     return ckpt_dir, [Prompt(None, prompt or "")]
-
-
-def _is_jsonl(path, first_line):
-    """Whether a prompts file holds JSON records: its name says so (PROMPTS.JSONL, x.ndjson, x.json:
-    data.prepare's file_kind), or else its first line is a JSON object. Neither depends on how many
-    lines there are, so a file of one record is read as one of many would be."""
-    from data.prepare import file_kind
-
-    return file_kind(path) in ("jsonl", "json") or first_line.lstrip().startswith("{")
 
 
 class Prompt:
@@ -229,36 +225,20 @@ class Prompt:
         return self.text if self.messages is None else self.messages[-1]["content"]
 
 
-def _jsonl_prompt(path, line_no, line):
-    """A Prompt from one JSONL line: {"id", "prompt"} (a plain prompt), or an instruction or chat
-    record as data.prepare reads them (without, or ignoring, the answer), laid out as it lays them
-    out for training, up to the open assistant turn."""
-    from data.prepare import INSTRUCT_KEYS, BadRecord, record_to_doc
-
-    where = f"--prompts_file {path}:{line_no}"
-    rec = jsonfile.loads(line, where, UserError)
-    if not isinstance(rec, dict):
-        raise UserError(f"{where}: not a JSON object")
-    answers = [a for q, a in INSTRUCT_KEYS if q == "prompt"]
-    if isinstance(rec.get("prompt"), str) and not any(a in rec for a in answers):
-        return Prompt(rec.get("id"), rec["prompt"])
-    # record_to_doc reads finished examples: an unanswered one gets a placeholder answer, dropped below
-    probe, chat_key = dict(rec), next((k for k in ("messages", "conversations") if k in rec), None)
-    pair = next(((q, a) for q, a in INSTRUCT_KEYS if q in rec), None)
-    if chat_key is None and pair and pair[1] not in rec:
-        probe[pair[1]] = "-"
-    turns = rec.get(chat_key)
-    if isinstance(turns, list) and turns and isinstance(turns[-1], dict) and \
-            turns[-1].get("role", turns[-1].get("from")) not in ("assistant", "gpt"):
-        probe[chat_key] = turns + [{"role": "assistant", "content": "-"} if chat_key == "messages"
-                                   else {"from": "gpt", "value": "-"}]
-    try:
-        doc = record_to_doc(probe, "auto", where)
-    except BadRecord as e:
-        raise UserError(f"{where}: {e}") from None
-    if doc.kind == "text":
-        return Prompt(rec.get("id"), doc.payload)
-    return Prompt(rec.get("id"), messages=doc.payload[:-1])
+def read_prompts(path):
+    """The Prompts of a --prompts_file: one per line that is not blank, plain text, or JSONL
+    (data.records.is_jsonl): {"id", "prompt"}, or an instruction or chat record laid out as
+    data.prepare lays it out for training, up to the open assistant turn (data.records.prompt_of)."""
+    found = list(records.lines(path, "--prompts_file"))
+    if not found:
+        raise records.RecordError(f"--prompts_file {path}: no prompts in it")
+    if not records.is_jsonl(path, found[0][1]):
+        return [Prompt(None, records.text_of(line, where)) for where, line in found]
+    prompts = []
+    for where, line in found:
+        record = records.parse(line, where)
+        prompts.append(Prompt(record.get("id"), *records.prompt_of(record, where)))
+    return prompts
 
 
 # Each flag's range, checked by cli before any work (the types come from main's annotations).
@@ -273,12 +253,10 @@ def load_for_sampling(ckpt_dir, tokenizer=None, adapter=None, device="cpu", dtyp
     """(model, tokenizer) ready to sample: the tokenizer checked against the model's embedding, and
     an adapter, if given, checked against the base and merged in (for speed; on an NF4 base it
     stays beside it, since 4-bit weights cannot absorb it)."""
-    tok = llama_tokenizer.load(tokenizer or ckpt_dir)
+    tok = load_tokenizer(tokenizer or ckpt_dir)
     model = checkpoint.load(ckpt_dir, device=device, dtype=dtype, quantize=quantize, max_seq_len=max_seq_len)
-    llama_tokenizer.check_fits(tok, model.args.vocab_size, ckpt_dir)
+    check_fits(tok, model.args.vocab_size, ckpt_dir)
     if adapter is not None:
-        import lora  # only adapters need it
-
         lora.load_adapter(model, adapter, force=force, tokenizer=tok)
         if quantize is None:
             lora.merge_lora(model)
@@ -359,12 +337,17 @@ def main(ckpt_dir: str = None, prompt: str = None, prompts_file: str = None, ada
     if streamer is not None:
         streamer.finish()
     else:
-        for p, prompt_ids, ids in zip(texts, prompts, completions):
-            row = {"id": p.id} if p.id is not None else {}
-            print(json.dumps({**row, "prompt": p.shown(), "completion": completion_text(tok, prompt_ids, ids)},
-                             ensure_ascii=False))
+        print_json_lines(tok, texts, prompts, completions)
     note_context_cuts(prompts, completions, max_new_tokens, model.args.max_seq_len)
     print(rates_line(prompts, completions, timings, compiled=compile), file=sys.stderr)
+
+
+def print_json_lines(tok, texts, prompts, completions):
+    """One JSON line per prompt of a --prompts_file: its id (if its record had one), prompt and completion."""
+    for p, prompt_ids, ids in zip(texts, prompts, completions):
+        row = {"id": p.id} if p.id is not None else {}
+        print(json.dumps({**row, "prompt": p.shown(), "completion": completion_text(tok, prompt_ids, ids)},
+                         ensure_ascii=False))
 
 
 def note_context_cuts(prompts, completions, max_new_tokens, context):

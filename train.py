@@ -44,10 +44,10 @@ import atomic
 import checkpoint
 import cli
 import common
-import eval as task_eval
 import fsdp
 import generate
 import lora
+import tasks
 import model as llama
 import tokenizer as llama_tokenizer
 from cli import Check, UsageError, UserError, at_least, interval, non_empty, one_of, positive, torch_device
@@ -117,7 +117,7 @@ class TrainConfig:
     sample_prompt: str = flag(None, "also print a short greedy sample from this prompt at each evaluation")
     eval_task: str = flag(None, "also score an eval.py task at each evaluation: choice, classify, rank, generate, "
                           "perplexity (metrics go to log.jsonl and mlflow as eval_*)",
-                          cli.one_of(*task_eval.TASKS))
+                          cli.one_of(*tasks.NAMES))
     eval_data: str = flag(None, "the records for --eval_task (eval.py's JSONL formats)", non_empty)
     log_every: int = flag(1, "print a step line every N steps; log.jsonl has every step",
                           positive)
@@ -176,7 +176,7 @@ class TrainConfig:
         if self.fsdp and self.eval_task:  # (before its records are looked for: they could not be used)
             raise UsageError("--eval_task cannot run under --fsdp (its ranks score unequal shares of the records, "
                              "a sharded model needs all of them in step); run eval.py on the saved checkpoint")
-        task_eval.check_training_flags(self)
+        tasks.check_training_flags(self.eval_task, self.eval_data)
         self.out_dir = self.out_dir or os.path.join(ROOT, "out", os.path.basename(os.path.normpath(self.data)))
         # what a run writes in --out_dir never replaces what it reads, nor goes through a link
         atomic.check_outputs([("--out_dir", os.path.join(self.out_dir, name)) for name in (self.checkpoint_name, "log.jsonl", ".lock")],
@@ -622,6 +622,7 @@ class Run:
     start_step: int
     flops_per_token: float
     peak_flops: float  # of this GPU, for MFU; None where unknown
+    task_eval: object = None  # tasks.TrainingEval of --eval_task, None without
 
 
 class StopOnSignal:
@@ -681,7 +682,10 @@ def set_up(cfg):
     if resume_from:
         check_resume_changes(cfg, resume_from)
     raw, tokenizer, data_meta = load_model_and_data(cfg, resume_from)
-    task_eval.training_units(cfg, raw, tokenizer)  # --eval_task's records: a bad one stops the run here
+    task_eval = None  # --eval_task's records, read here: a bad one stops the run before its first step
+    if cfg.eval_task is not None:
+        task_eval = tasks.TrainingEval(cfg.eval_task, cfg.eval_data, raw, tokenizer, cfg.batch_size, cfg.seq_len,
+                                       cfg.rank, cfg.world)
     if cfg.doc_mask is None:
         cfg.doc_mask = bool(data_meta.get("has_mask"))  # instruction / chat data
     train_loader = shards.DataLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, cfg.rank, cfg.world, seed=cfg.seed)
@@ -699,7 +703,7 @@ def set_up(cfg):
               autocast=torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else nullcontext(),
               logger=Logger(cfg, config, master, keep_log_bytes=state.get("log_bytes"), model_args=raw.args,
                             run_id=state.get("mlflow_run_id")), flops_per_token=flops,
-              peak_flops=common.peak_flops(cfg.device)[1])
+              peak_flops=common.peak_flops(cfg.device)[1], task_eval=task_eval)
     if master:
         n_params = sum(p.numel() for p in raw.parameters())
         n_trainable = sum(p.numel() for p in raw.parameters() if p.requires_grad)
@@ -747,7 +751,8 @@ def loop(cfg, run, stop):
             val = evaluate(run.model, run.val_loader, cfg.eval_steps, cfg.world, run.autocast, cfg.doc_mask)
             record.update(val_loss=None if val is None else round(val, 6),  # None: JSON null, not sent to mlflow
                           val_ppl=None if val is None else round(math.exp(min(val, 50)), 3))
-            record.update(task_eval.during_training(cfg, run))  # --eval_task: eval.py's metrics, {} without
+            if run.task_eval is not None:  # --eval_task: eval.py's metrics
+                record.update(run.task_eval(run.raw))
         eta = (time.time() - t_start) / (step - run.start_step) * (cfg.max_steps - step)
         shown = evaluated or step % cfg.log_every == 0 or step == run.start_step + 1
         run.logger.step(record, step_line(cfg, run, record, eta) if shown else None)

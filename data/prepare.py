@@ -8,9 +8,10 @@ Input: a file, a directory (searched recursively) or a glob. .txt/.md files are 
 each, or many with --doc_separator REGEX (split_documents: streamed, chunk by chunk); .jsonl and
 .ndjson files hold one record per line (.json: JSON lines, or one array of records, which is read
 whole); .csv/.tsv rows (the csv module: quoted cells may span lines) and .parquet rows (pyarrow, batch
-by batch) become records through --text_column / --columns (column_picker), or through their header
-names. Any file but Parquet may be .gz or .zst compressed (open_binary streams it). Endings count in
-any case (DATA.JSONL, NOTES.CSV.GZ): file_kind decides what a file holds. A record is
+by batch) become records through --text_column / --columns, or through their header names. Any file
+but Parquet may be .gz or .zst compressed. Endings count in any case (DATA.JSONL, NOTES.CSV.GZ).
+Records are read, and laid out as documents, by data/records.py (shared with eval.py and
+generate.py): file_kind decides what a file holds, a bad record is a RecordError. A record is
 {"text"} (plain text), {"instruction","input","output"} or an alias pair (question/answer,
 prompt/response, prompt/completion, input/output) (instruct), or {"messages": [{"role","content"}]}
 / ShareGPT {"conversations": [{"from","value"}]} (chat).
@@ -36,11 +37,8 @@ repeats of a document before tokenizing (drop_duplicates) and meta.json counts t
 Everything is written to DIR.tmp and swapped in as a whole at the end (atomic.write_dir);
 --overwrite replaces only a shard directory this tool wrote, never the input.
 """
-import csv
 import glob
-import gzip
 import hashlib
-import io
 import json
 import multiprocessing
 import os
@@ -49,45 +47,28 @@ import shutil
 import signal
 import sys
 import time
-import zlib
-from collections import deque, namedtuple
+from collections import deque
 
 import numpy as np
+import sentencepiece
 
 import atomic
-import jsonfile
 from cli import UsageError, UserError, at_least, command_line, interval, non_empty, one_of, positive, run
 from data import shards
+from data.records import (DECOMPRESS_ERRORS, RECORD_KINDS, Doc, RecordError, corrupt, file_kind, is_table, open_text,
+                          read_records, record_to_doc)
+from tokenizer import TokenizerError, load as load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# What a file holds, by how its name ends, compared case-insensitively (NOTES.CSV is a CSV): file_kind
-# reads it. .ndjson is another name for JSON lines; a .json file may also be one array of records.
-KINDS = {".txt": "text", ".md": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
-         ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
-TABLE_KINDS = ("csv", "tsv", "parquet")
-COMPRESSIONS = (".gz", ".zst")  # after any of the above but .parquet (which compresses inside)
 # the fields a record may have, and so the names --columns may map columns to
 RECORD_FIELDS = ("text", "instruction", "input", "output", "question", "answer", "prompt", "response",
                  "completion", "system")
 SEPARATOR_MAX = 1 << 16  # the longest --doc_separator match that is sure to be found across read chunks
-# what a damaged .gz / .zst raises while it is read (zstandard's error joins when it is imported)
-DECOMPRESS_ERRORS = {EOFError, zlib.error, gzip.BadGzipFile}
-INSTRUCT_KEYS = [("instruction", "output"), ("question", "answer"), ("prompt", "response"),
-                 ("prompt", "completion"), ("input", "output")]
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 FORMAT_VERSION = 1
-
-# One document on its way to the tokenizer: where it came from (for messages), its record kind
-# (text / instruct / chat) and what to encode: a string, or a list of chat messages.
-Doc = namedtuple("Doc", "where kind payload")
 
 
 class PrepareError(UserError):
     """A problem the user can fix; cli prints it as one line and exits 1."""
-
-
-class BadRecord(Exception):
-    pass
 
 
 def log(msg):
@@ -96,26 +77,6 @@ def log(msg):
 
 # ---------------------------------------------------------------------------------------------
 # reading records
-
-
-def compression(path):
-    """".gz" or ".zst" when the file's name says it is compressed (in any case), else None."""
-    ext = os.path.splitext(str(path))[1].lower()
-    return ext if ext in COMPRESSIONS else None
-
-
-def file_kind(path):
-    """What the (decompressed) file holds, from its name whatever the case: "text", "jsonl", "json",
-    "csv", "tsv" or "parquet"; None for a name none of KINDS ends. Every reader that goes by a
-    file's name (here, generate.py --prompts_file) asks this, so DATA.JSONL is never raw text."""
-    path = str(path)
-    squeezed = compression(path)
-    kind = KINDS.get(os.path.splitext(path[: -len(squeezed)] if squeezed else path)[1].lower())
-    return None if kind == "parquet" and squeezed else kind
-
-
-def is_table(path):
-    return file_kind(path) in TABLE_KINDS
 
 
 def list_files(path, tables=False):
@@ -147,60 +108,6 @@ def list_files(path, tables=False):
     return found
 
 
-def open_binary(path):
-    """The file's bytes, decompressed on the fly for .gz and .zst: streamed, never read whole."""
-    if compression(path) == ".gz":
-        return gzip.open(path, "rb")
-    if compression(path) == ".zst":
-        return io.BufferedReader(ZstdReader(path), 1 << 20)
-    return open(path, "rb")
-
-
-class ZstdReader(io.RawIOBase):
-    """A .zst file's decompressed bytes, frame after frame (parallel compressors write many). A file
-    that ends inside a frame raises EOFError, as gzip does; zstandard's stream_reader would end quietly."""
-
-    def __init__(self, path):
-        import zstandard  # only for .zst inputs
-
-        DECOMPRESS_ERRORS.add(zstandard.ZstdError)
-        self.file, self.decompressor = open(path, "rb"), zstandard.ZstdDecompressor()
-        self.frame, self.in_frame = self.decompressor.decompressobj(), False
-        self.pending, self.taken = b"", 0  # decompressed bytes, and how many of them were read
-
-    def readable(self):
-        return True
-
-    def readinto(self, buffer):
-        while self.taken == len(self.pending):
-            compressed = self.file.read(1 << 20)
-            if not compressed:
-                if self.in_frame:
-                    raise EOFError("compressed file ended inside a zstd frame")
-                return 0
-            parts = []
-            while compressed:
-                parts.append(self.frame.decompress(compressed))
-                self.in_frame, compressed = True, b""
-                if self.frame.eof:  # the bytes after this frame start the next one
-                    compressed, self.in_frame = self.frame.unused_data, False
-                    self.frame = self.decompressor.decompressobj()
-            self.pending, self.taken = b"".join(parts), 0
-        n = min(len(buffer), len(self.pending) - self.taken)
-        buffer[:n] = self.pending[self.taken:self.taken + n]
-        self.taken += n
-        return n
-
-    def close(self):
-        self.file.close()
-        super().close()
-
-
-def open_text(path):
-    """The file as UTF-8 text, line endings as they are (csv needs newline="", text keeps \\r\\n)."""
-    return io.TextIOWrapper(open_binary(path), encoding="utf-8", newline="")
-
-
 def split_documents(f, separator, chunk_chars=1 << 20):
     """The texts between matches of the compiled regex `separator` in text stream f, read a chunk at a
     time. A match counts only once SEPARATOR_MAX characters follow it (or the stream has ended), so
@@ -223,83 +130,6 @@ def split_documents(f, separator, chunk_chars=1 << 20):
     yield buffer
 
 
-def column_picker(path, names, columns, fmt):
-    """A function: one row (values in the order of `names`) -> a record dict, keyed by the record
-    fields of --columns [(field, column)], or by the header's own names when columns is None."""
-    shown = ", ".join(names[:40]) + (", ..." if len(names) > 40 else "")
-    if columns is None:
-        known = "text" in names or any(q in names and a in names for q, a in INSTRUCT_KEYS)
-        if fmt in ("auto", "text", "jsonl", "instruct") and not known:
-            raise PrepareError(f"{path}: no 'text' or instruction/output columns (its columns: {shown}); "
-                               f"name one with --text_column or --columns")
-        return lambda row: dict(zip(names, row))
-    missing = [column for _, column in columns if column not in names]
-    if missing:
-        raise PrepareError(f"{path}: no column '{missing[0]}' (its columns: {shown})")
-    index = [(field, names.index(column)) for field, column in columns]
-    return lambda row: {field: row[i] for field, i in index}
-
-
-def _text(rec, key, required=True):
-    value = rec.get(key)
-    if value is None and not required:
-        return ""
-    if not isinstance(value, str):
-        raise BadRecord(f"field '{key}' is {'missing' if value is None else 'not a string'}")
-    if required and not value.strip():
-        raise BadRecord(f"field '{key}' is empty")
-    return value
-
-
-def record_to_doc(rec, fmt, where):
-    """(kind, payload) of one JSON record, or BadRecord."""
-    if not isinstance(rec, dict):
-        raise BadRecord("record is not a JSON object")
-    if fmt == "auto":
-        if "messages" in rec or "conversations" in rec:
-            fmt = "chat"
-        elif "text" in rec:
-            fmt = "text"
-        elif any(q in rec and a in rec for q, a in INSTRUCT_KEYS):
-            fmt = "instruct"
-        else:
-            raise BadRecord(f"no 'text', 'messages' or instruction/output fields (keys: {', '.join(list(rec)[:8])})")
-    if fmt in ("text", "jsonl"):
-        return Doc(where, "text", _text(rec, "text"))
-    if fmt == "instruct":
-        pair = next(((q, a) for q, a in INSTRUCT_KEYS if q in rec and a in rec), None)
-        if pair is None:
-            raise BadRecord("no instruction/output (or question/answer, prompt/response, prompt/completion) fields")
-        prompt, answer = _text(rec, pair[0]), _text(rec, pair[1])
-        if pair[0] == "instruction" and _text(rec, "input", required=False).strip():
-            prompt += "\n\n" + rec["input"]
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-        if _text(rec, "system", required=False).strip():
-            messages.insert(0, {"role": "system", "content": rec["system"]})
-        return Doc(where, "instruct", messages)
-    # chat
-    sharegpt = "messages" not in rec
-    turns = rec.get("conversations" if sharegpt else "messages")
-    if not isinstance(turns, list) or not turns:
-        raise BadRecord(f"'{'conversations' if sharegpt else 'messages'}' is missing, empty or not a list")
-    messages = []
-    if _text(rec, "system", required=False).strip():
-        messages.append({"role": "system", "content": rec["system"]})
-    role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise BadRecord(f"message {i} is not an object")
-        role = SHAREGPT_ROLES.get(turn.get(role_key)) if sharegpt else turn.get(role_key)
-        if role not in ("system", "user", "assistant"):
-            raise BadRecord(f"message {i} has role {turn.get(role_key)!r}")
-        if not isinstance(turn.get(content_key), str):
-            raise BadRecord(f"message {i} has no string '{content_key}'")
-        messages.append({"role": role, "content": turn[content_key]})
-    if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
-        raise BadRecord("dialog does not end with a non-empty assistant message")
-    return Doc(where, "chat", messages)
-
-
 class Corpus:
     """Documents from files, read lazily; iterate docs() as many times as needed.
 
@@ -314,35 +144,34 @@ class Corpus:
             raise PrepareError(f"--input {path}: no CSV, TSV or Parquet file for --text_column / --columns")
 
     def bad(self, where, reason, quiet):
+        self.skip(PrepareError(f"{where}: {reason}"), quiet)
+
+    def skip(self, error, quiet):
+        """A bad record or file: the error, or with --skip_bad counted (unless quiet) and passed over."""
         if not self.skip_bad:
-            raise PrepareError(f"{where}: {reason}")
+            raise error
         if not quiet:
             self.skipped += 1
             if self.skipped <= 3:
-                log(f"skipping {where}: {reason}")
+                log(f"skipping {error}")
 
     def docs(self, quiet=False):
         """quiet: a dry pass (vocab training) that neither counts nor reports skipped records."""
         for path in self.files:
-            kind = file_kind(path)  # a file named on the command line with no known ending: text
             try:
-                if kind in ("jsonl", "json"):
-                    yield from self._json_docs(path, quiet)
-                elif kind in ("csv", "tsv"):
-                    yield from self._table_docs(path, quiet)
-                elif kind == "parquet":
-                    yield from self._parquet_docs(path, quiet)
+                if file_kind(path) in RECORD_KINDS:  # a file named on the command line with no known ending: text
+                    yield from self._record_docs(path, quiet)
                 else:
                     yield from self._text_docs(path, quiet)
             except tuple(DECOMPRESS_ERRORS) as e:
-                raise PrepareError(f"{path}: corrupt compressed data ({type(e).__name__}: {e})") from None
+                raise corrupt(path, e) from None
 
-    def _records_to_docs(self, records, quiet):
-        for where, rec in records:
+    def _record_docs(self, path, quiet):
+        for where, rec in read_records(path, self.columns, self.fmt, lambda error: self.skip(error, quiet)):
             try:
                 yield record_to_doc(rec, self.fmt, where)
-            except BadRecord as e:
-                self.bad(where, str(e), quiet)
+            except RecordError as e:
+                self.skip(e, quiet)
 
     def _text_docs(self, path, quiet):
         if self.fmt not in ("auto", "text", "jsonl"):
@@ -362,75 +191,6 @@ class Corpus:
                         yield Doc(f"{path}: document {i}", "text", text)
         except UnicodeDecodeError:
             self.bad(path, "not UTF-8 text", quiet)
-
-    def _json_docs(self, path, quiet):
-        yield from self._records_to_docs(self._records(path, quiet), quiet)
-
-    def _records(self, path, quiet):
-        with open_binary(path) as f:
-            head = f.peek(4096)[:4096].lstrip()  # without consuming it: a .gz stream cannot seek back
-            if file_kind(path) == "json" and head.startswith(b"["):
-                records = jsonfile.loads(f.read(), path, PrepareError, bad="malformed JSON")
-                for i, rec in enumerate(records):
-                    yield f"{path}: record {i}", rec
-                return
-            for lineno, line in enumerate(f, 1):  # JSON lines: stream, one record at a time
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    rec = jsonfile.loads(line, where, PrepareError, bad="malformed JSON")
-                except PrepareError as e:  # bad JSON is a bad record: --skip_bad skips it
-                    self.bad(where, str(e)[len(where) + 2:], quiet)
-                    continue
-                yield where, rec
-
-    def _table_docs(self, path, quiet):
-        """CSV / TSV through the csv module: quoted cells may hold commas, quotes and newlines."""
-        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # a note can be far over csv's 128 KB default
-        delimiter = "\t" if file_kind(path) == "tsv" else ","
-        with open_text(path) as f:
-            reader = csv.reader(f, delimiter=delimiter)
-            try:
-                header = next(reader, None)
-                if header is None:
-                    raise PrepareError(f"{path}: empty (no header row)")
-                pick, line = column_picker(path, header, self.columns, self.fmt), reader.line_num
-                for row_no, row in enumerate(reader, 1):
-                    where = f"{path}: row {row_no} (line {line + 1})"
-                    line = reader.line_num  # where the next row starts, less one (cells may span lines)
-                    if not row:
-                        continue
-                    if len(row) != len(header):
-                        self.bad(where, f"{len(row)} fields where the header has {len(header)}", quiet)
-                        continue
-                    yield from self._records_to_docs([(where, pick(row))], quiet)
-            except csv.Error as e:
-                raise PrepareError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
-            except UnicodeDecodeError:
-                raise PrepareError(f"{path}: not UTF-8 text (after line {reader.line_num})") from None
-
-    def _parquet_docs(self, path, quiet, batch_rows=1024):
-        """Parquet, a batch of rows at a time (pyarrow reads it row group by row group)."""
-        import pyarrow
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.ParquetFile(path)
-        except (pyarrow.ArrowException, OSError) as e:
-            raise PrepareError(f"{path}: not a readable Parquet file ({e})") from None
-        names = table.schema_arrow.names
-        column_picker(path, names, self.columns, self.fmt)  # refuses a missing column, listing the file's
-        wanted = list(dict.fromkeys(column for _, column in self.columns)) if self.columns else names
-        pick = column_picker(path, wanted, self.columns, self.fmt)
-        row_no = 0
-        try:
-            for batch in table.iter_batches(batch_size=batch_rows, columns=wanted):
-                for row in zip(*(column.to_pylist() for column in batch.columns)):
-                    row_no += 1
-                    yield from self._records_to_docs([(f"{path}: row {row_no}", pick(row))], quiet)
-        except (pyarrow.ArrowException, OSError) as e:
-            raise PrepareError(f"{path}: unreadable Parquet data after row {row_no} ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,12 +236,10 @@ _tok = None
 
 def _init_worker(tokenizer_path, in_pool=False):
     global _tok
-    import tokenizer
-
     if in_pool:  # Ctrl-C is the parent's to handle; workers would each print a traceback
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     if _tok is None:  # a forked worker has the parent's (set by encode_all): loading takes ~0.5 s
-        _tok = tokenizer.load(tokenizer_path)
+        _tok = load_tokenizer(tokenizer_path)
 
 
 def doc_bytes(doc):
@@ -653,8 +411,6 @@ class SplitWriter:
 
 def train_vocab(corpus, model_path, vocab_size, seed=0, input_sentence_size=1_000_000):
     """Train a Llama 2 style sentencepiece BPE vocabulary on the corpus text."""
-    import sentencepiece as spm
-
     failure, count, t0 = [], [0], time.time()
     max_lines = 10 * input_sentence_size  # sentencepiece samples input_sentence_size of these
 
@@ -672,10 +428,10 @@ def train_vocab(corpus, model_path, vocab_size, seed=0, input_sentence_size=1_00
         except Exception as e:  # sentencepiece would turn it into a RuntimeError; keep the original
             failure.append(e)
 
-    spm.set_random_generator_seed(seed)  # sentence sampling; otherwise seeded from the clock
+    sentencepiece.set_random_generator_seed(seed)  # sentence sampling; otherwise seeded from the clock
     with open(model_path, "wb") as f:
         try:
-            spm.SentencePieceTrainer.train(
+            sentencepiece.SentencePieceTrainer.train(
                 sentence_iterator=lines(), model_writer=f, model_type="bpe", vocab_size=vocab_size,
                 byte_fallback=True, split_digits=True, normalization_rule_name="identity",
                 remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
@@ -753,21 +509,19 @@ def prepare(corpus, out, tokenizer_path=None, vocab_size=None, val_fraction=0.00
 
 def _tokenizer_into(tmp, corpus, tokenizer_path, vocab_size, seed):
     """Train or copy the tokenizer to tmp/tokenizer.model; returns (tokenizer, its source)."""
-    import tokenizer
-
     model_path = os.path.join(tmp, "tokenizer.model")
     if vocab_size:
         train_vocab(corpus, model_path, vocab_size, seed)
         source = f"trained (--vocab_size {vocab_size})"
     else:
         try:
-            tok = tokenizer.load(tokenizer_path)
-        except tokenizer.TokenizerError as e:
+            tok = load_tokenizer(tokenizer_path)
+        except TokenizerError as e:
             raise PrepareError(f"--tokenizer {tokenizer_path}: {e}") from None
         source = os.path.abspath(tok.path)
         shutil.copyfile(source, model_path)
         return tok, source  # loaded once: the copy is the same bytes
-    return tokenizer.load(model_path), source
+    return load_tokenizer(model_path), source
 
 
 def _write_splits(tmp, corpus, docs, tok, workers, seed, val_fraction, shard_tokens):

@@ -566,7 +566,7 @@ def test_cli_refusals(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": "broken\n{"title": "no text"}\n{"text": "  "}\n')
     rc, lines = run_prepare("--input", bad, "--out", out, "--tokenizer", LLAMA3)
-    assert_one_line_error(rc, lines, "bad.jsonl:3: malformed JSON")
+    assert_one_line_error(rc, lines, "bad.jsonl:3: not JSON")
     assert not out.exists() and not glob.glob(str(tmp_path / "out.*"))  # nothing half-written
 
     bad.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"title": "no text"}\n')

@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +17,9 @@ import torch
 import eval as evaluation
 import checkpoint
 import model
+import tasks
 import tokenizer
+from data.records import RecordError
 from ckpt_utils import hf_config, meta_state_dict, write_meta
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,7 +76,7 @@ def test_choice_loglikelihoods_equal_transformers(tiny, ours, context, choices):
     hf, _ = tiny
     m, tok = ours
     example = {"prompt": context, "choices": choices, "answer": 0, "where": "t:1"}
-    got = evaluation.score_choices(m, tok, example, chat=False)
+    got = tasks.score_choices(m, tok, example, chat=False)
     for ll, choice in zip(got, choices):
         want = reference_loglikelihood(hf, tok, context.rstrip(), context[len(context.rstrip()):] + " " + choice)
         assert abs(ll - want) < 1e-4, (choice, ll, want)
@@ -83,7 +84,7 @@ def test_choice_loglikelihoods_equal_transformers(tiny, ours, context, choices):
 
 def test_trailing_space_moves_into_the_continuation(ours):
     _, tok = ours
-    prompt, cont = evaluation.encode_pair(tok, "Answer: ", " yes", chat=False)
+    prompt, cont = tasks.encode_pair(tok, "Answer: ", " yes", chat=False)
     assert prompt == tok.encode("Answer:", True, False)
     assert tok.decode(cont) == "  yes"
 
@@ -91,10 +92,10 @@ def test_trailing_space_moves_into_the_continuation(ours):
 def test_chat_prompt_ends_in_an_open_assistant_turn(tiny, ours):
     hf, _ = tiny
     m, tok = ours
-    prompt, cont = evaluation.encode_pair(tok, "Is it benign?", " yes", chat=True)
+    prompt, cont = tasks.encode_pair(tok, "Is it benign?", " yes", chat=True)
     assert prompt == tok.encode_dialog([{"role": "user", "content": "Is it benign?"}])
     assert cont == tok.encode("yes", False, False)
-    got = evaluation.continuation_logprobs(m, prompt, [cont])[0]
+    got = tasks.continuation_logprobs(m, prompt, [cont])[0]
     with torch.no_grad():
         logits = hf(torch.tensor([prompt + cont])).logits[0].double().log_softmax(-1)
     want = [logits[len(prompt) - 1 + i, t].item() for i, t in enumerate(cont)]
@@ -103,11 +104,11 @@ def test_chat_prompt_ends_in_an_open_assistant_turn(tiny, ours):
 
 def test_medqa_options_are_listed_and_letters_chosen():
     record = {"question": "Which drug?", "options": {"A": "metformin", "B": "insulin"}, "answer": "B"}
-    example = evaluation.choice_example(record, "f:1", None)
+    example = tasks.Choice(tasks.Options()).unit(record, "f:1")
     assert example["prompt"] == "Question: Which drug?\nA. metformin\nB. insulin\nAnswer:"
     assert example["choices"] == ["A", "B"] and example["answer"] == 1
     pubmedqa = {"question": "Q?", "context": "C.", "choices": ["yes", "no", "maybe"], "answer": 2}
-    assert evaluation.choice_example(pubmedqa, "f:2", None)["prompt"] == "Abstract: C.\nQuestion: Q?\nAnswer:"
+    assert tasks.Choice(tasks.Options()).unit(pubmedqa, "f:2")["prompt"] == "Abstract: C.\nQuestion: Q?\nAnswer:"
 
 
 # -- metrics: the reference libraries and trec_eval's definitions, on cases checked by hand ----------
@@ -116,11 +117,11 @@ def test_medqa_options_are_listed_and_letters_chosen():
 def test_choice_metrics_acc_and_acc_norm(ours):
     items = [{"prediction": 0, "prediction_norm": 1, "answer": 1}, {"prediction": 2, "prediction_norm": 2, "answer": 2},
              {"prediction": 0, "prediction_norm": 0, "answer": 1}, {"prediction": 1, "prediction_norm": 1, "answer": 1}]
-    assert evaluation.choice_metrics(items, None) == {"acc": 0.5, "acc_norm": 0.75, "n": 4}
+    assert tasks.Choice(tasks.Options()).metrics(items) == {"acc": 0.5, "acc_norm": 0.75, "n": 4}
     # acc_norm divides by the characters of the choice (no delimiter): -6/2 = -3 beats -4/1
     m, tok = ours
-    item = evaluation.score_choice(m, tok, {"prompt": "Q:", "choices": ["x", "yy"], "answer": 0, "where": "t:1"},
-                                   SimpleNamespace(chat=False))
+    item = tasks.Choice(tasks.Options()).score(m, tok, [{"prompt": "Q:", "choices": ["x", "yy"], "answer": 0,
+                                                         "where": "t:1"}])[0]
     a, b = item["loglikelihoods"]
     assert item["prediction"] == (0 if a >= b else 1)
     assert item["prediction_norm"] == (0 if a / 1 >= b / 2 else 1)
@@ -131,7 +132,7 @@ def test_classify_metrics_hand_checked():
     # (.9,.6) (.9,.2) (.4,.2) are ordered right, (.4,.6) wrong -> AUROC 3/4
     probs = [[0.9, 0.1], [0.4, 0.6], [0.6, 0.4], [0.2, 0.8]]
     items = [{"answer": a, "prediction": int(p[1] > p[0]), "probabilities": p} for a, p in zip([0, 0, 1, 1], probs)]
-    metrics = evaluation.classify_metrics(items, SimpleNamespace(labels=["yes", "no"]))
+    metrics = tasks.Classify(tasks.Options(labels=["yes", "no"])).metrics(items)
     # predictions 0 1 0 1 vs truth 0 0 1 1: accuracy 1/2; F1 of each class 1/2 -> macro 1/2
     assert metrics == {"accuracy": 0.5, "macro_f1": 0.5, "auroc": 0.75, "n": 4}
 
@@ -142,14 +143,14 @@ def test_classify_multiclass_auroc_is_one_vs_rest_macro():
     probs = [[0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.1, 0.3, 0.6], [0.4, 0.4, 0.2], [0.3, 0.3, 0.4], [0.5, 0.1, 0.4]]
     truth = [0, 1, 2, 1, 2, 0]
     items = [{"answer": t, "prediction": max(range(3), key=p.__getitem__), "probabilities": p} for t, p in zip(truth, probs)]
-    got = evaluation.classify_metrics(items, SimpleNamespace(labels=["a", "b", "c"]))["auroc"]
+    got = tasks.Classify(tasks.Options(labels=["a", "b", "c"])).metrics(items)["auroc"]
     one_vs_rest = [roc_auc_score([t == c for t in truth], [p[c] for p in probs]) for c in range(3)]
     assert got == pytest.approx(sum(one_vs_rest) / 3, abs=1e-12)
 
 
 def test_ranking_measures_hand_checked():
     # graded: retrieved grades 0 2 1 0, judged {2, 1, 1} (one relevant doc never retrieved)
-    m = evaluation.query_measures([0, 2, 1, 0], [2, 1, 1, 0])
+    m = tasks.query_measures([0, 2, 1, 0], [2, 1, 1, 0])
     dcg = 2 / math.log2(3) + 1 / math.log2(4)
     ideal = 2 / math.log2(2) + 1 / math.log2(3) + 1 / math.log2(4)
     assert m["P@10"] == pytest.approx(2 / 10)
@@ -157,24 +158,25 @@ def test_ranking_measures_hand_checked():
     assert m["MRR"] == pytest.approx(1 / 2)
     assert m["MAP"] == pytest.approx((1 / 2 + 2 / 3) / 3)  # precision at each relevant hit / all relevant
     # a query with no relevant document scores 0 on everything (and still counts in the mean)
-    assert evaluation.query_measures([0, 0], [0, 0]) == {"P@10": 0.0, "NDCG@10": 0.0, "MRR": 0.0, "MAP": 0.0}
+    assert tasks.query_measures([0, 0], [0, 0]) == {"P@10": 0.0, "NDCG@10": 0.0, "MRR": 0.0, "MAP": 0.0}
     # only the top 10 count for P@10 and NDCG@10
-    m = evaluation.query_measures([0] * 10 + [1], [1])
+    m = tasks.query_measures([0] * 10 + [1], [1])
     assert m["P@10"] == 0 and m["NDCG@10"] == 0 and m["MRR"] == pytest.approx(1 / 11) and m["MAP"] == pytest.approx(1 / 11)
 
 
-def test_rank_metrics_rank_by_score_average_queries_and_break_ties_by_doc_id():
+def test_rank_metrics_rank_by_score_average_queries_and_break_ties_by_doc_id(tmp_path):
     items = [dict(query_id="q1", doc_id="d1", score=0.2, relevance=1), dict(query_id="q1", doc_id="d2", score=0.9, relevance=0),
              dict(query_id="q1", doc_id="d3", score=0.2, relevance=0),  # ties d1: d3 ranks first
              dict(query_id="q2", doc_id="x", score=0.5, relevance=0)]
-    metrics = evaluation.rank_metrics(items, SimpleNamespace(qrels_table=None))
+    metrics = tasks.Rank(tasks.Options()).metrics(items)
     assert metrics["MRR"] == pytest.approx((1 / 3 + 0) / 2)
     assert metrics["queries"] == 2
-    assert evaluation.run_file_text(items).splitlines()[:3] == [
+    assert tasks.run_file_text(items).splitlines()[:3] == [
         "q1 Q0 d2 1 0.9 llama-eval", "q1 Q0 d3 2 0.2 llama-eval", "q1 Q0 d1 3 0.2 llama-eval"]
     # qrels judge a document no record retrieved: it still counts as relevant (MAP 1/2 for q1)
-    qrels = {"q1": {"d2": 1, "d9": 3}}
-    metrics = evaluation.rank_metrics(items, SimpleNamespace(qrels_table=qrels))
+    qrels = tmp_path / "qrels.txt"
+    qrels.write_text("q1 0 d2 1\nq1 0 d9 3\n")  # {"q1": {"d2": 1, "d9": 3}}
+    metrics = tasks.Rank(tasks.Options(qrels=str(qrels))).metrics(items)
     assert metrics["queries"] == 1 and metrics["MAP"] == pytest.approx(1 / 2) and metrics["MRR"] == 1.0
 
 
@@ -184,8 +186,8 @@ def test_generate_metrics_equal_the_libraries():
 
     items = [{"completion": "the patient has type 2 diabetes", "reference": "patient has type 2 diabetes mellitus"},
              {"completion": "take ibuprofen twice daily", "reference": "take ibuprofen every six hours"}]
-    got = evaluation.generate_metrics(items, None)
-    assert evaluation.generate_metrics([items[0] | {"completion": items[0]["reference"]}], None)["rouge1"] == 1.0
+    got = tasks.Generate(tasks.Options()).metrics(items)
+    assert tasks.Generate(tasks.Options()).metrics([items[0] | {"completion": items[0]["reference"]}])["rouge1"] == 1.0
     # rouge-1 of the first pair by hand: 5 shared unigrams, P 5/6, R 5/6 -> F 5/6; of the second 2/4, 2/5 -> F 4/9
     assert got["rouge1"] == pytest.approx((5 / 6 + 4 / 9) / 2)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
@@ -410,7 +412,7 @@ def test_loglikelihoods_and_accuracy_equal_lm_evaluation_harness(tiny, ours, tmp
     hf_tok._tokenizer.post_processor = processors.TemplateProcessing(
         single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", tok.bos_id)])
     harness = HFLM(pretrained=hf, tokenizer=hf_tok, batch_size=1, max_length=ARGS.max_seq_len)
-    examples = [evaluation.choice_example(r, f"t:{i}", None) for i, r in enumerate(CHOICE_RECORDS)]
+    examples = [tasks.Choice(tasks.Options()).unit(r, f"t:{i}") for i, r in enumerate(CHOICE_RECORDS)]
     examples += [{"prompt": c, "choices": choices, "answer": 0} for c, choices in AWKWARD]
     requests = [Instance(request_type="loglikelihood", doc={}, arguments=(e["prompt"], " " + c), idx=0)
                 for e in examples for c in e["choices"]]
@@ -418,7 +420,7 @@ def test_loglikelihoods_and_accuracy_equal_lm_evaluation_harness(tiny, ours, tmp
     correct_ours = correct_theirs = 0
     for example in examples:
         example["where"] = "t"
-        item = evaluation.score_choice(m, tok, example, SimpleNamespace(chat=False))
+        item = tasks.Choice(tasks.Options()).score(m, tok, [example])[0]
         reference = [next(theirs) for _ in example["choices"]]
         assert max(abs(a - b) for a, b in zip(item["loglikelihoods"], reference)) < 1e-4
         correct_ours += item["prediction"] == example["answer"]
@@ -443,13 +445,11 @@ def test_bench_eval_runs_and_reports_records_per_second(tmp_path):
 
 
 def test_template_escapes_typed_in_a_shell_become_newlines(tmp_path):
-    opts = SimpleNamespace(template=r"{text}\nLabel:\t\\n", task="classify", labels="yes,no", qrels=None,
-                           run_out=None, ckpt_dir=str(tmp_path), data=str(tmp_path), out=str(tmp_path / "r.json"),
-                           adapter=None, tokenizer=None)
-    assert evaluation.checked_options(opts).template == "{text}\nLabel:\t\\n"
-    assert evaluation.render(opts.template, {"text": "fever"}, "f:1") == "fever\nLabel:\t\\n"
-    with pytest.raises(evaluation.DataError, match="f:1: --template needs field 'text'"):
-        evaluation.render(opts.template, {"note": "x"}, "f:1")
+    opts = evaluation.task_options("classify", labels="yes,no", template=r"{text}\nLabel:\t\\n")
+    assert opts.template == "{text}\nLabel:\t\\n"
+    assert tasks.render(opts.template, {"text": "fever"}, "f:1") == "fever\nLabel:\t\\n"
+    with pytest.raises(RecordError, match="f:1: --template needs field 'text'"):
+        tasks.render(opts.template, {"note": "x"}, "f:1")
 
 
 def test_train_eval_task_logs_the_metrics_eval_py_gives_the_saved_model(tmp_path):
@@ -530,7 +530,7 @@ def test_every_task_logs_to_a_sqlite_mlflow_store_with_valid_names(tiny, tmp_pat
     """eval.py as the README runs it, mlflow on: rank's P@10 is stored as eval_P_at_10, the
     results file keeps P@10, and no run ends in a traceback."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    for task in evaluation.TASKS:
+    for task in tasks.NAMES:
         data, extra = task_data(task, tmp_path)
         out = tmp_path / f"{task}.json"
         r = run_eval("--ckpt_dir", tiny[1], "--task", task, "--data", data, "--out", out, *extra,
@@ -543,7 +543,7 @@ def test_every_task_logs_to_a_sqlite_mlflow_store_with_valid_names(tiny, tmp_pat
     client = mlflow.tracking.MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("llama").experiment_id])
     stored = {r.data.params["task"]: set(r.data.metrics) for r in runs}
-    assert set(stored) == set(evaluation.TASKS)
+    assert set(stored) == set(tasks.NAMES)
     assert {"eval_P_at_10", "eval_NDCG_at_10", "eval_MAP"} <= stored["rank"]
     assert "eval_acc" in stored["choice"] and "eval_perplexity" in stored["perplexity"]
 

@@ -23,10 +23,10 @@ import sys
 import pytest
 import torch
 
-import eval as evaluation
 import checkpoint
 import lora
 import model
+import tasks
 import tokenizer
 from test_eval import run_eval, write_jsonl
 from test_generate import llama2_ckpt, llama3_ckpt, run_generate  # noqa: F401 (fixtures)
@@ -200,7 +200,7 @@ def test_template_with_fields_and_escaped_braces_is_used(llama3_ckpt, tmp_path):
     tok = tokenizer.load(llama3_ckpt)
     m = checkpoint.load(llama3_ckpt)
     example = {"prompt": "{note 3} fever\nLabel:", "choices": ["yes", "no"], "where": "x"}
-    assert item["loglikelihoods"] == pytest.approx(evaluation.score_choices(m, tok, example, False), abs=1e-5)
+    assert item["loglikelihoods"] == pytest.approx(tasks.score_choices(m, tok, example, False), abs=1e-5)
 
 
 # -- ranking: one judgement per (query, doc) -------------------------------------------------------------
