@@ -48,8 +48,8 @@ import fsdp
 import generate
 import lora
 import tasks
-import model as llama
-import tokenizer as llama_tokenizer
+import tokenizer
+from model import PROJECTIONS, ModelArgs, Transformer
 from cli import Check, UsageError, UserError, at_least, interval, non_empty, one_of, positive, torch_device
 from data import prepare, shards
 
@@ -67,8 +67,8 @@ class TrainingError(UserError):
 # The configuration: one field per flag
 
 LORA_TARGETS = Check(lambda v: 0 < len({t.strip() for t in v.split(",")}) and
-                     {t.strip() for t in v.split(",")} <= set(llama.PROJECTIONS),
-                     f"comma-separated names from {', '.join(llama.PROJECTIONS)}")
+                     {t.strip() for t in v.split(",")} <= set(PROJECTIONS),
+                     f"comma-separated names from {', '.join(PROJECTIONS)}")
 
 
 def flag(default, meaning, check=None):
@@ -95,7 +95,7 @@ class TrainConfig:
     lora_rank: int = flag(0, "> 0 trains LoRA adapters of this rank on the frozen --ckpt_dir", at_least(0))
     lora_alpha: float = flag(None, "LoRA scale numerator (default 2 * lora_rank)", positive)
     lora_dropout: float = flag(0.0, "dropout on the LoRA branch's input", interval("[0, 1)"))
-    lora_targets: str = flag(",".join(llama.PROJECTIONS), "comma-separated projections to adapt", LORA_TARGETS)
+    lora_targets: str = flag(",".join(PROJECTIONS), "comma-separated projections to adapt", LORA_TARGETS)
     rslora: bool = flag(False, "scale LoRA by alpha / sqrt(rank) instead of alpha / rank")
     quantize: str = flag(None, "nf4 holds the frozen base's projections in 4-bit NF4 (QLoRA; needs --lora_rank)",
                          one_of("nf4"))
@@ -259,61 +259,61 @@ def load_model_and_data(cfg, resume_from):
     # a full or from-scratch run resumes from its own saved weights: no need to read the base too
     source = resume_from if resume_from and not cfg.lora_rank else cfg.ckpt_dir
     try:  # --tokenizer, the checkpoint's, or the shards' own copy
-        tokenizer = llama_tokenizer.load(cfg.tokenizer or source or cfg.data)
-    except llama_tokenizer.TokenizerError as e:
+        tok = tokenizer.load(cfg.tokenizer or source or cfg.data)
+    except tokenizer.TokenizerError as e:
         raise UserError(f"--tokenizer: {e}" if cfg.tokenizer else str(e)) from None
-    data_meta = shards.validate(cfg.data, vocab_size=tokenizer.n_words, tokenizer=tokenizer)
+    data_meta = shards.validate(cfg.data, vocab_size=tok.n_words, tokenizer=tok)
     torch.manual_seed(cfg.seed)  # the same initial weights (and LoRA A matrices) on every rank
     if cfg.fsdp:  # built on the meta device, sharded, then each rank reads only its rows (fsdp.py)
         dtype = torch.bfloat16 if cfg.lora_rank and cfg.device.startswith("cuda") else torch.float32
-        raw = fsdp.load(None if source else scratch_args(cfg, data_meta), source, cfg.device, dtype, seed=cfg.seed,
-                        adapt=lambda model: add_lora(cfg, model), quantize=cfg.quantize)
-        raw.extend_context(cfg.seq_len)
+        model = fsdp.load(None if source else scratch_args(cfg, data_meta), source, cfg.device, dtype, seed=cfg.seed,
+                          adapt=lambda bare: add_lora(cfg, bare), quantize=cfg.quantize)
+        model.extend_context(cfg.seq_len)
         if source:
-            llama_tokenizer.check_fits(tokenizer, raw.args.vocab_size, source)
+            tokenizer.check_fits(tok, model.args.vocab_size, source)
     elif source:
         # LoRA keeps the frozen base in bf16 on CUDA; full training keeps fp32 master weights.
         dtype = torch.bfloat16 if cfg.lora_rank and cfg.device.startswith("cuda") else torch.float32
-        raw = checkpoint.load(source, device=cfg.device, dtype=dtype, quantize=cfg.quantize)
-        raw.extend_context(cfg.seq_len)
-        llama_tokenizer.check_fits(tokenizer, raw.args.vocab_size, source)
+        model = checkpoint.load(source, device=cfg.device, dtype=dtype, quantize=cfg.quantize)
+        model.extend_context(cfg.seq_len)
+        tokenizer.check_fits(tok, model.args.vocab_size, source)
     else:
-        raw = llama.Transformer(scratch_args(cfg, data_meta)).to(cfg.device)
+        model = Transformer(scratch_args(cfg, data_meta)).to(cfg.device)
         torch.manual_seed(cfg.seed)  # init_weights' draws do not depend on how the model was built
-        raw.init_weights()
+        model.init_weights()
     if not cfg.fsdp:
-        add_lora(cfg, raw)
-    raw.activation_checkpointing = cfg.activation_checkpointing
-    return raw, tokenizer, data_meta
+        add_lora(cfg, model)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    return model, tok, data_meta
 
 
 def scratch_args(cfg, data_meta):
     """The shape of a model trained from scratch: the ModelArgs flags, the shards' vocabulary."""
     shape = {k: getattr(cfg, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of",
                                           "ffn_dim_multiplier", "norm_eps", "rope_theta")}
-    return llama.ModelArgs(vocab_size=data_meta["vocab_size"], max_seq_len=cfg.seq_len, **shape)
+    return ModelArgs(vocab_size=data_meta["vocab_size"], max_seq_len=cfg.seq_len, **shape)
 
 
-def add_lora(cfg, raw):
-    """--lora_rank's adapters on raw (nothing without it)."""
+def add_lora(cfg, model):
+    """--lora_rank's adapters on model (nothing without it)."""
     if cfg.lora_rank:
-        lora.apply_lora(raw, rank=cfg.lora_rank, alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
+        lora.apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
                         dropout=cfg.lora_dropout, targets=cfg.lora_target_names,
                         use_rslora=cfg.rslora)
 
 
-def for_training(cfg, raw):
+def for_training(cfg, model):
     """What the loop calls: the model, compiled if asked, wrapped in DDP under torchrun (under --fsdp
-    raw is sharded already)."""
-    model = torch.compile(raw) if cfg.compile else raw
+    model is sharded already)."""
+    wrapped = torch.compile(model) if cfg.compile else model
     if cfg.world > 1 and not cfg.fsdp:
         # No buffer sync per step: the only buffer is the RoPE table, the same on every rank (64 MB for
         # Llama 3.1's 131072 positions). torch 2.13 renamed the switch.
         no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                    else {"broadcast_buffers": False})
-        model = DDP(model, device_ids=[torch.device(cfg.device).index] if cfg.device.startswith("cuda") else None,
-                    **no_sync)
-    return model
+        wrapped = DDP(wrapped, device_ids=[torch.device(cfg.device).index] if cfg.device.startswith("cuda") else None,
+                      **no_sync)
+    return wrapped
 
 
 def make_optimizer(model, lr, weight_decay, betas=ADAMW_BETAS, device="cpu"):
@@ -389,16 +389,16 @@ def evaluate(model, loader, steps, world, autocast, doc_mask):
     return (total[0] / total[1]).item() if total[1] > 0 else None
 
 
-def sample(raw, tokenizer, prompt, max_new_tokens=48, chat=False):
+def sample(model, tok, prompt, max_new_tokens=48, chat=False):
     """A greedy completion of prompt (with chat: of a user message in the tokenizer's chat layout),
     as one line."""
-    prompt_ids = generate.encode_prompts(tokenizer, [prompt], chat, None)[0]
-    if len(prompt_ids) >= raw.args.max_seq_len:  # a progress note must not stop the run
-        return f"(--sample_prompt is {len(prompt_ids)} tokens, the context {raw.args.max_seq_len}: no sample)"
-    ids = generate.generate(raw, [prompt_ids], max_new_tokens, temperature=0, stop_ids=tokenizer.stop_ids)[0]
-    raw.train()
+    prompt_ids = generate.encode_prompts(tok, [prompt], chat, None)[0]
+    if len(prompt_ids) >= model.args.max_seq_len:  # a progress note must not stop the run
+        return f"(--sample_prompt is {len(prompt_ids)} tokens, the context {model.args.max_seq_len}: no sample)"
+    ids = generate.generate(model, [prompt_ids], max_new_tokens, temperature=0, stop_ids=tok.stop_ids)[0]
+    model.train()
     shown = f"[user] {prompt} [assistant] " if chat else prompt
-    return (shown + generate.completion_text(tokenizer, prompt_ids, ids)).replace("\n", " / ")
+    return (shown + generate.completion_text(tok, prompt_ids, ids)).replace("\n", " / ")
 
 
 def check_finite(cfg, step, **values):
@@ -469,13 +469,13 @@ def save_checkpoint(cfg, run, step):
     and say so. Every rank calls it: under --fsdp every rank takes part (the weights are gathered to
     rank 0, each rank writes its optimizer shard, fsdp.py); otherwise rank 0 writes alone. Returns
     the checkpoint's path on rank 0, None on the others."""
-    trained = [p for p in run.raw.parameters() if p.requires_grad]
+    trained = [p for p in run.model.parameters() if p.requires_grad]
     check_finite(cfg, step, weights=all(bool(torch.isfinite(p).all()) for p in trained))
-    whole = run.raw
+    whole = run.model
     if cfg.fsdp:
-        whole = fsdp.full_model(run.raw)  # rank 0: the whole model (a LoRA run: its adapters) on the CPU
+        whole = fsdp.full_model(run.model)  # rank 0: the whole model (a LoRA run: its adapters) on the CPU
         if cfg.rank != 0:
-            fsdp.save_optimizer(run.raw, run.optimizer)  # into rank 0's directory
+            fsdp.save_optimizer(run.model, run.optimizer)  # into rank 0's directory
             return None
     elif cfg.rank != 0:
         return None
@@ -487,21 +487,21 @@ def save_checkpoint(cfg, run, step):
 def write_checkpoint(cfg, run, step, whole, tmp_dir):
     """Fill tmp_dir (atomic.write_dir renames it into place) on rank 0; whole: the model on one rank."""
     if cfg.fsdp:
-        fsdp.save_optimizer(run.raw, run.optimizer, tmp_dir)
+        fsdp.save_optimizer(run.model, run.optimizer, tmp_dir)
     if cfg.lora_rank:
-        fingerprint = fsdp.adapter_fingerprint(run.raw) if cfg.fsdp else None  # kept by full_model
+        fingerprint = fsdp.adapter_fingerprint(run.model) if cfg.fsdp else None  # kept by full_model
         lora.write_adapter(whole, tmp_dir, tokenizer_sha256=run.tokenizer.sha256, fingerprint=fingerprint,
                            tokenizer_fingerprint=run.tokenizer.fingerprint)
     else:
         checkpoint.write_meta(whole, tmp_dir)
-    llama_tokenizer.copy_into(run.tokenizer, tmp_dir)  # tokenizer.model, or a tokenizer.json as such
+    tokenizer.copy_into(run.tokenizer, tmp_dir)  # tokenizer.model, or a tokenizer.json as such
     state = {"step": step, "optimizer": None if cfg.fsdp else run.optimizer.state_dict(),  # --fsdp: in DCP's files
              "loader": run.train_loader.state_dict(), "config": run.config, "log_bytes": run.logger.size(),
              "mlflow_run_id": run.logger.run_id}
     torch.save(state, os.path.join(tmp_dir, "train_state.pt"))
 
 
-def restore_checkpoint(cfg, path, raw, optimizer, train_loader):
+def restore_checkpoint(cfg, path, model, optimizer, train_loader):
     """Restore optimizer and loader position (and a LoRA run's adapter; a full run's weights were
     loaded from the checkpoint already); returns train_state. There is no RNG state to restore:
     each step seeds from (seed, rank, step), which the config and the step determine."""
@@ -511,11 +511,11 @@ def restore_checkpoint(cfg, path, raw, optimizer, train_loader):
         raise UserError(f"{path} was saved by a run without --fsdp: --resume it without --fsdp")
     if cfg.lora_rank:
         if cfg.fsdp:
-            fsdp.load_adapter(raw, path)
+            fsdp.load_adapter(model, path)
         else:
-            lora.load_adapter(raw, path, remedy=lora.RESUME_REMEDY)
+            lora.load_adapter(model, path, remedy=lora.RESUME_REMEDY)
     if optimizer_in_dcp:  # resharded to this run's ranks; whole, without --fsdp
-        fsdp.load_optimizer(raw, optimizer, path)
+        fsdp.load_optimizer(model, optimizer, path)
     else:
         optimizer.load_state_dict(state["optimizer"])
     train_loader.load_state_dict(state["loader"])
@@ -610,8 +610,8 @@ def mlflow_params(config, model_args):
 @dataclass
 class Run:
     """What set-up builds and the loop uses."""
-    raw: torch.nn.Module  # the model itself: what is saved
-    model: torch.nn.Module  # what the loop calls: raw, compiled and/or wrapped in DDP
+    model: torch.nn.Module  # the model itself: what is saved
+    wrapped: torch.nn.Module  # what the loop calls: the model, compiled and/or wrapped in DDP
     tokenizer: object
     optimizer: torch.optim.Optimizer
     train_loader: shards.DataLoader
@@ -681,32 +681,32 @@ def set_up(cfg):
         raise UserError(f"--resume: no checkpoint in {checkpoint_dir(cfg)}")
     if resume_from:
         check_resume_changes(cfg, resume_from)
-    raw, tokenizer, data_meta = load_model_and_data(cfg, resume_from)
+    model, tok, data_meta = load_model_and_data(cfg, resume_from)
     task_eval = None  # --eval_task's records, read here: a bad one stops the run before its first step
     if cfg.eval_task is not None:
-        task_eval = tasks.TrainingEval(cfg.eval_task, cfg.eval_data, raw, tokenizer, cfg.batch_size, cfg.seq_len,
+        task_eval = tasks.TrainingEval(cfg.eval_task, cfg.eval_data, model, tok, cfg.batch_size, cfg.seq_len,
                                        cfg.rank, cfg.world)
     if cfg.doc_mask is None:
         cfg.doc_mask = bool(data_meta.get("has_mask"))  # instruction / chat data
     train_loader = shards.DataLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, cfg.rank, cfg.world, seed=cfg.seed)
     val_loader = shards.DataLoader(cfg.data, "val", cfg.batch_size, cfg.seq_len, cfg.rank, cfg.world)
-    optimizer = make_optimizer(raw, cfg.lr, cfg.weight_decay, device=cfg.device)
-    state = restore_checkpoint(cfg, resume_from, raw, optimizer, train_loader) if resume_from else {}
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, device=cfg.device)
+    state = restore_checkpoint(cfg, resume_from, model, optimizer, train_loader) if resume_from else {}
     if resume_from and master:
         print(f"resuming from {resume_from} at step {state['step']}", file=sys.stderr)
 
-    config = dict(asdict(cfg), tokenizer_sha256=tokenizer.sha256)
+    config = dict(asdict(cfg), tokenizer_sha256=tok.sha256)
     on_cuda = cfg.device.startswith("cuda")
-    flops = common.flops_per_token(raw.args, cfg.seq_len, cfg.lora_rank, cfg.lora_target_names)
-    run = Run(raw=raw, model=for_training(cfg, raw), tokenizer=tokenizer, optimizer=optimizer,
+    flops = common.flops_per_token(model.args, cfg.seq_len, cfg.lora_rank, cfg.lora_target_names)
+    run = Run(model=model, wrapped=for_training(cfg, model), tokenizer=tok, optimizer=optimizer,
               train_loader=train_loader, val_loader=val_loader, config=config, start_step=state.get("step", 0),
               autocast=torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else nullcontext(),
-              logger=Logger(cfg, config, master, keep_log_bytes=state.get("log_bytes"), model_args=raw.args,
+              logger=Logger(cfg, config, master, keep_log_bytes=state.get("log_bytes"), model_args=model.args,
                             run_id=state.get("mlflow_run_id")), flops_per_token=flops,
               peak_flops=common.peak_flops(cfg.device)[1], task_eval=task_eval)
     if master:
-        n_params = sum(p.numel() for p in raw.parameters())
-        n_trainable = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+        n_params = sum(p.numel() for p in model.parameters())
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         what = "LoRA" if cfg.lora_rank else "full fine-tune" if cfg.ckpt_dir else "from scratch"
         print(f"{what}: {n_params / 1e6:.1f}M parameters, {n_trainable / 1e6:.2f}M trained; {cfg.world} rank(s) "
               f"on {cfg.device}; global batch {cfg.batch_size * cfg.grad_accum * cfg.world} x {cfg.seq_len} "
@@ -717,8 +717,8 @@ def set_up(cfg):
 def loop(cfg, run, stop):
     """Optimizer steps from run.start_step to max_steps; returns (step reached, step last saved)."""
     step = last_saved = run.start_step
-    trainable = [p for p in run.raw.parameters() if p.requires_grad]
-    run.raw.train()
+    trainable = [p for p in run.model.parameters() if p.requires_grad]
+    run.model.train()
     t_start = time.time()
     while step < cfg.max_steps:
         t0 = time.time()
@@ -728,7 +728,7 @@ def loop(cfg, run, stop):
         # Dropout draws from a generator seeded by (seed, rank, step): a resumed run, on any
         # number of ranks, draws exactly what an uninterrupted one would.
         torch.manual_seed(hash((cfg.seed, cfg.rank, step)) & 0xFFFF_FFFF)
-        loss, n_targets = train_step(cfg, run.model, run.train_loader, run.autocast, stop.requested)
+        loss, n_targets = train_step(cfg, run.wrapped, run.train_loader, run.autocast, stop.requested)
         if loss is None:  # some rank got the signal; all stop here
             stop.requested = True
             break
@@ -748,11 +748,11 @@ def loop(cfg, run, stop):
             record["mfu"] = round(run.flops_per_token * record["tokens_per_s"] / cfg.world / run.peak_flops, 4)
         evaluated = step % cfg.eval_every == 0 or step == cfg.max_steps
         if evaluated:
-            val = evaluate(run.model, run.val_loader, cfg.eval_steps, cfg.world, run.autocast, cfg.doc_mask)
+            val = evaluate(run.wrapped, run.val_loader, cfg.eval_steps, cfg.world, run.autocast, cfg.doc_mask)
             record.update(val_loss=None if val is None else round(val, 6),  # None: JSON null, not sent to mlflow
                           val_ppl=None if val is None else round(math.exp(min(val, 50)), 3))
             if run.task_eval is not None:  # --eval_task: eval.py's metrics
-                record.update(run.task_eval(run.raw))
+                record.update(run.task_eval(run.model))
         eta = (time.time() - t_start) / (step - run.start_step) * (cfg.max_steps - step)
         shown = evaluated or step % cfg.log_every == 0 or step == run.start_step + 1
         run.logger.step(record, step_line(cfg, run, record, eta) if shown else None)
@@ -780,7 +780,7 @@ def step_line(cfg, run, record, eta):
         elif cfg.sample_prompt and cfg.rank == 0:
             # instruction / chat shards (masked targets) train the chat layout: sample in it too
             chat = bool(shards.load_meta(cfg.data).get("has_mask"))
-            line += "\n  sample: " + sample(run.raw, run.tokenizer, cfg.sample_prompt, chat=chat)
+            line += "\n  sample: " + sample(run.model, run.tokenizer, cfg.sample_prompt, chat=chat)
     return line
 
 

@@ -123,9 +123,9 @@ import fsdp, train
 cfg = train.TrainConfig(**json.loads(sys.argv[1]))
 train.setup_distributed(cfg)
 run = train.set_up(cfg)
-train.train_step(cfg, run.model, run.train_loader, run.autocast)
+train.train_step(cfg, run.wrapped, run.train_loader, run.autocast)
 run.optimizer.step()
-params, states = fsdp.local_bytes(run.raw, run.optimizer)
+params, states = fsdp.local_bytes(run.model, run.optimizer)
 with open(os.path.join(sys.argv[2], f"rank{cfg.rank}.json"), "w") as f:
     json.dump({"rank": cfg.rank, "params": params, "optimizer": states}, f)
 """
@@ -173,8 +173,8 @@ import fsdp, train
 cfg = train.TrainConfig(**json.loads(sys.argv[1]))
 train.setup_distributed(cfg)
 run = train.set_up(cfg)
-plain = fsdp.full_model(run.raw)  # every rank takes part
-fingerprint = fsdp.adapter_fingerprint(run.raw)  # kept from full_model's call: no second gather
+plain = fsdp.full_model(run.model)  # every rank takes part
+fingerprint = fsdp.adapter_fingerprint(run.model)  # kept from full_model's call: no second gather
 if cfg.rank == 0:
     held = {name: str(t.device) for name, t in plain.state_dict().items()}
     with open(sys.argv[2], "w") as f:
