@@ -268,14 +268,14 @@ def model_args(path, values: dict) -> ModelArgs:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def _checked(path, name, value, kind):
-    """value as a field of type kind (int, float, bool or Optional of one) holds it (jsonfile.expect:
+def _checked(path, name, value, expected):
+    """value as a field of type expected (int, float, bool or Optional of one) holds it (jsonfile.expect:
     JSON's true is no number, an int is a fine float); CheckpointError naming the field otherwise."""
-    optional = kind in (Optional[int], Optional[float])
-    kind = {Optional[int]: int, Optional[float]: float}.get(kind, kind)
+    optional = expected in (Optional[int], Optional[float])
+    expected = {Optional[int]: int, Optional[float]: float}.get(expected, expected)
     if value is None and optional:
         return None
-    return jsonfile.expect(value, kind, f"{path}: {name}", CheckpointError)
+    return jsonfile.expect(value, expected, f"{path}: {name}", CheckpointError)
 
 
 def check_sizes(path, args: ModelArgs, shapes: dict, keys: dict):
@@ -351,13 +351,13 @@ def read_meta(ckpt_dir):
         for name, t in first.items():
             if name == "output.weight" and tied:
                 continue
-            kind = name.split(".")[-2]
+            module = name.split(".")[-2]
             if len(shards) == 1 or name.endswith("norm.weight"):
                 yield name, t
             elif name == "tok_embeddings.weight":
                 yield name, torch.cat([s[name] for s in shards], dim=embedding_dim)
-            elif kind in _JOIN_DIM:
-                yield name, torch.cat([s[name] for s in shards], dim=_JOIN_DIM[kind])
+            elif module in _JOIN_DIM:
+                yield name, torch.cat([s[name] for s in shards], dim=_JOIN_DIM[module])
             else:
                 yield name, t  # unknown keys (e.g. rope.freqs) are dropped by load
 
@@ -366,8 +366,8 @@ def read_meta(ckpt_dir):
 
 def _joined_shape(name, t, n_shards, embedding_dim):
     """The shape of a weight once its n_shards model-parallel pieces (t: the first) are joined."""
-    shape, kind = list(t.shape), name.split(".")[-2] if "." in name else name
-    dim = embedding_dim if name == "tok_embeddings.weight" else _JOIN_DIM.get(kind)
+    shape, module = list(t.shape), name.split(".")[-2] if "." in name else name
+    dim = embedding_dim if name == "tok_embeddings.weight" else _JOIN_DIM.get(module)
     if dim is not None and dim < len(shape):
         shape[dim] *= n_shards
     return tuple(shape)
@@ -511,8 +511,8 @@ HF_KEYS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "nu
 
 def hf_args(config: dict, path: str) -> ModelArgs:
     """ModelArgs from a transformers LlamaConfig (config.json), each key checked as it is read."""
-    def get(key, kind, default=jsonfile.REQUIRED, obj=config, where=path):
-        return jsonfile.field(obj, key, kind, where, CheckpointError, default, positive=kind in (int, float))
+    def get(key, expected, default=jsonfile.REQUIRED, obj=config, where=path):
+        return jsonfile.field(obj, key, expected, where, CheckpointError, default, positive=expected in (int, float))
 
     if get("model_type", str, "llama") != "llama":
         raise CheckpointError(f"{path}: model_type {config.get('model_type')!r} is not llama")

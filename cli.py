@@ -236,8 +236,8 @@ def typed_value(name, flag, text):
         else:
             value = flag.type(text)  # int("1e2") and int("2.5") fail, as they should
     except (KeyError, ValueError):
-        kind = {bool: "true or false", int: "an integer", float: "a finite number"}[flag.type]
-        raise UsageError(f"--{name} takes {kind}, not {text!r}") from None
+        wanted = {bool: "true or false", int: "an integer", float: "a finite number"}[flag.type]
+        raise UsageError(f"--{name} takes {wanted}, not {text!r}") from None
     try:
         good = flag.check is None or flag.check.test(value)
     except ValueError:  # a check that parses the text, e.g. a comma-separated list

@@ -227,7 +227,7 @@ def read_adapter_config(path) -> dict:
     missing = [k for k in ("rank", "alpha", "targets", "base_params") if k not in cfg]
     if missing:
         raise AdapterError(f"{cfg_path}: not an adapter config (no {', '.join(missing)})")
-    for key, kind, default, positive in [("rank", int, jsonfile.REQUIRED, True),
+    for key, expected, default, positive in [("rank", int, jsonfile.REQUIRED, True),
                                          ("alpha", float, jsonfile.REQUIRED, True),
                                          ("targets", list, jsonfile.REQUIRED, False),
                                          ("base_params", dict, jsonfile.REQUIRED, False),
@@ -235,7 +235,7 @@ def read_adapter_config(path) -> dict:
                                          ("tokenizer_sha256", str, None, False), ("tokenizer_fingerprint", str, None, False),
                                          ("base_fingerprint", str, None, False),
                                          ("base_quantize", str, None, False)]:
-        jsonfile.field(cfg, key, kind, cfg_path, AdapterError, default, positive)
+        jsonfile.field(cfg, key, expected, cfg_path, AdapterError, default, positive)
     if not cfg["targets"] or not all(t in PROJECTIONS for t in cfg["targets"]):
         raise AdapterError(f"{cfg_path}: targets is {cfg['targets']!r}, not a list of {', '.join(PROJECTIONS)}")
     return cfg
