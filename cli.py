@@ -2,7 +2,8 @@
 
     run(main, prog="generate.py", checks={"top_p": interval("(0, 1]"), "device": torch_device})
 
-A command is a function whose keyword parameters are its flags, or a class whose `__init__` takes
+A command is a function whose keyword parameters are its flags (a `*args` parameter, if it has
+one, takes the arguments that are not flags: `report.py A.json B.json`), or a class whose `__init__` takes
 the flags its subcommands share and whose public methods are the subcommands (fire's convention:
 `python lora.py merge --ckpt_dir ...`). Before any work starts, `run` checks the command line
 against the signature and types every value from the annotations (int, float, bool, str, and
@@ -124,7 +125,8 @@ def call(command, subcommand, values):
     """command(**values), or for a class command its subcommand method on an instance made from the
     shared flags (those of __init__)."""
     if subcommand is None:
-        return command(**values)
+        rest = _rest_name(command)
+        return command(*values.pop(rest, ()), **values) if rest else command(**values)
     shared = inspect.signature(command.__init__).parameters
     instance = command(**{name: value for name, value in values.items() if name in shared})
     return getattr(instance, subcommand)(**{name: value for name, value in values.items() if name not in shared})
@@ -193,13 +195,16 @@ def parse(command, argv, prog, checks):
                              f"choose {_either(subcommands)}")
     flags = signature_flags(command, subcommand, checks)
     where = f"{prog} {subcommand}" if subcommand else prog
-    values = {}
+    values, rest = {}, None if subcommand else _rest_name(command)
     i = 0
     while i < len(argv):
         arg, i = argv[i], i + 1
         if arg in ("-h", "--help"):
             print(help_text(command, prog, subcommand, checks))
             return None
+        if not arg.startswith("--") and rest:
+            values[rest] = values.get(rest, ()) + (arg,)  # `report.py A.json B.json`: the *rest arguments
+            continue
         if not arg.startswith("--"):
             raise UsageError(f"unexpected argument {arg!r}: every option is a --flag (see {where} --help)")
         name, has_value, text = arg[2:].partition("=")
@@ -255,6 +260,14 @@ def _did_you_mean(word, known, prefix):
 def _either(names):
     names = list(names)
     return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+
+
+def _rest_name(command):
+    """The name of a function command's *args parameter (its arguments that are not flags), or None."""
+    if inspect.isclass(command):
+        return None
+    return next((name for name, p in inspect.signature(command).parameters.items() if p.kind == p.VAR_POSITIONAL),
+                None)
 
 
 def _is_bool(flag):
@@ -345,7 +358,9 @@ def help_text(command, prog, subcommand, checks):
         return "\n".join(lines)
     where = f"{prog} {subcommand}" if subcommand else prog
     summary = _summary(subcommands[subcommand] if subcommand else command)
-    lines = [f"usage: {where} [--flag value ...]", "", *textwrap.wrap(summary, _HELP_WIDTH), ""]
+    rest = "" if subcommand else _rest_name(command)
+    rest = f" {rest.upper()} ..." if rest else ""
+    lines = [f"usage: {where}{rest} [--flag value ...]", "", *textwrap.wrap(summary, _HELP_WIDTH), ""]
     for name, flag in signature_flags(command, subcommand, checks).items():
         left = f"  --{name}" + ("" if flag.type is bool else f" {flag.type.__name__.upper()}")
         shown = not flag.required and flag.default is not None and flag.default is not False  # a switch is off
