@@ -31,6 +31,7 @@ Reading guide, top to bottom:
     during training  check_training_flags and TrainingEval: what train.py calls
 """
 
+import functools
 import math
 import os
 import string
@@ -386,16 +387,28 @@ class Generate(Task):
 
     def metrics(self, items):
         import sacrebleu
-        from rouge_score import rouge_scorer
 
-        scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-        scores = [scorer.score(i["reference"], i["completion"]) for i in items]
+        scores = [rouge_fmeasures(i["reference"], i["completion"]) for i in items]
         names = ("rouge1", "rouge2", "rougeL")
-        metrics = {name: sum(s[name].fmeasure for s in scores) / len(scores) for name in names}
+        metrics = {name: sum(s[k] for s in scores) / len(scores) for k, name in enumerate(names)}
         completions, references = [i["completion"] for i in items], [i["reference"] for i in items]
         metrics["bleu"] = sacrebleu.corpus_bleu(completions, [references]).score
         metrics["n"] = len(items)
         return metrics
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def rouge_fmeasures(reference, completion):
+    """(ROUGE-1, ROUGE-2, ROUGE-L) F-measures of one completion, stemmed (rouge-score's scorer).
+    Cached: report.py's bootstrap scores the same pairs on every resample."""
+    return tuple(score.fmeasure for score in _rouge_scorer().score(reference, completion).values())
+
+
+@functools.lru_cache(maxsize=1)
+def _rouge_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
 
 
 class Perplexity(Task):
