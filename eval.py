@@ -14,10 +14,13 @@ Tasks (records are JSONL, one per line; tasks.py has each one's fields, scoring 
 
 Writes --out (default results.json) as {"task", "metrics", "items": [one per record, input order],
 "command", "checkpoint", "data"}; prints a summary table on stdout and progress on stderr.
+With --adapter DIR --compare_baseline it scores the base too (before merging the adapter into the
+same weights): R.json (fine-tuned), R.base.json (base) and report.py's report in R_report/.
 
 Reading guide, top to bottom:
     flags       task_options (the flags tasks read, as tasks.Options), checked_paths (the files)
     outputs     the data's digest, the results and run files, the summary table, mlflow
+    compare     --compare_baseline: the base scored first, the adapter checked to change the weights
     main        the run: flags checked, records checked, the model loaded, tasks.evaluate, outputs
 """
 
@@ -31,10 +34,11 @@ import checkpoint
 import cli
 import common
 import lora
+import report
 import tasks
 from cli import UsageError, UserError, at_least, interval, non_empty, one_of, positive, run, torch_device
 from data.shards import load_meta, shard_paths
-from generate import checked_ckpt_dir, load_for_sampling
+from generate import apply_adapter, checked_ckpt_dir, load_for_sampling
 
 
 # -----------------------------------------------------------------------------------------------
@@ -59,14 +63,14 @@ def task_options(task, labels=None, template=None, qrels=None, run_out=None, **o
     return tasks.Options(template=template, labels=names, qrels=qrels, **options)
 
 
-def checked_paths(ckpt_dir, data, out, run_out, inputs):
+def checked_paths(ckpt_dir, data, outputs, inputs):
     """The checkpoint directory (default: the demo model), every path checked before anything loads:
-    the inputs exist, and no output would overwrite an input. inputs: {flag: path} besides these."""
+    the inputs exist, and no output would overwrite an input (or another output). outputs: {flag:
+    path}; inputs: {flag: path} besides these."""
     ckpt_dir = checked_ckpt_dir(ckpt_dir)
     if not os.path.exists(atomic.readable(data)):
         raise UserError(f"--data {data}: no such file or directory")
-    atomic.check_outputs({"--out": out, "--run_out": run_out},
-                         {"--data": data, "--ckpt_dir": ckpt_dir, **inputs}, checkpoint.INPUT_FILES)
+    atomic.check_outputs(outputs, {"--data": data, "--ckpt_dir": ckpt_dir, **inputs}, checkpoint.INPUT_FILES)
     return ckpt_dir
 
 
@@ -120,15 +124,51 @@ def summary_table(task, metrics, data):
     return "\n".join([f"{task} on {data}"] + [f"  {name:<{width}}  {value:>10}" for name, value in rows])
 
 
-def write_outputs(task, data, model, metrics, items, ckpt_dir, adapter, out, run_out):
-    """The results file (and with --run_out the TREC run file), then the summary on stdout."""
+def results_of(task, data, model, metrics, items, ckpt_dir, adapter):
+    """The results file's content; the weights' fingerprint is the model's as it scored."""
     weights = {"dir": ckpt_dir, "adapter": adapter, "weights_fingerprint": lora.base_fingerprint(model)}
-    results = {"task": task, "metrics": metrics, "items": items, "command": cli.command_line(),
-               "checkpoint": weights, "data": {"path": data, "sha256": sha256_of(data)}}
+    return {"task": task, "metrics": metrics, "items": items, "command": cli.command_line(),
+            "checkpoint": weights, "data": {"path": data, "sha256": sha256_of(data)}}
+
+
+def write_outputs(results, out, run_out):
+    """The results file (and with --run_out the TREC run file), then the summary on stdout."""
     if run_out:
-        write_text(run_out, tasks.run_file_text(items))
+        write_text(run_out, tasks.run_file_text(results["items"]))
     write_results(out, results)
-    print(summary_table(task, metrics, data))
+    print(summary_table(results["task"], results["metrics"], results["data"]["path"]))
+
+
+# -----------------------------------------------------------------------------------------------
+# --compare_baseline: the base scored, the adapter merged into the same model, the report
+
+
+def comparison_paths(compare_baseline, adapter, quantize, out, report_dir):
+    """(the base's results file, the report directory), or (None, None) without --compare_baseline."""
+    if not compare_baseline:
+        if report_dir is not None:
+            raise UsageError("--report_dir only applies with --compare_baseline")
+        return None, None
+    if adapter is None:
+        raise UsageError("--compare_baseline needs --adapter (the fine-tune to compare with its base)")
+    if quantize is not None:  # the adapter stays beside NF4 weights: the fingerprint cannot tell it applied
+        raise UsageError("--compare_baseline does not take --quantize yet; compare in bf16 or fp32")
+    stem = out[:-5] if out.endswith(".json") else out
+    return stem + ".base.json", report_dir or stem + "_report"
+
+
+def score_base(job, model, tok, units, rank, world, task, data, ckpt_dir):
+    """The base's results (the adapter not yet applied), kept in memory until the fine-tune has
+    been scored too: a refused comparison writes nothing."""
+    metrics, items = tasks.evaluate(job, model, tok, units, rank, world)
+    return results_of(task, data, model, metrics, items, ckpt_dir, None)
+
+
+def check_adapter_changed(base, model, adapter):
+    if base["checkpoint"]["weights_fingerprint"] == lora.base_fingerprint(model):
+        raise UserError(f"--adapter {adapter} did not change the model's weights (fingerprint "
+                        f"{base['checkpoint']['weights_fingerprint']} before and after: a no-op adapter, its B "
+                        f"all zero?); nothing to compare")
 
 
 def log_to_mlflow(experiment, out, params, metrics):
@@ -145,7 +185,8 @@ CHECKS = {"task": one_of(*tasks.NAMES), "data": non_empty, "ckpt_dir": non_empty
           "max_examples": positive, "batch_size": positive, "max_new_tokens": positive,
           "temperature": interval("[0, inf)"), "top_p": interval("(0, 1]"), "seq_len": positive,
           "max_seq_len": positive, "seed": at_least(0), "device": torch_device,
-          "dtype": one_of("bf16", "fp16", "fp32"), "quantize": one_of("nf4"), "mlflow_experiment": non_empty}
+          "dtype": one_of("bf16", "fp16", "fp32"), "quantize": one_of("nf4"), "mlflow_experiment": non_empty,
+          "report_dir": non_empty}
 
 
 def main(task: str, data: str, ckpt_dir: str = None, adapter: str = None, out: str = "results.json",
@@ -153,7 +194,8 @@ def main(task: str, data: str, ckpt_dir: str = None, adapter: str = None, out: s
          batch_size: int = 8, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 0.9,
          seed: int = 0, seq_len: int = None, qrels: str = None, run_out: str = None, max_seq_len: int = None,
          tokenizer: str = None, device: str = None, dtype: str = None, quantize: str = None,
-         force: bool = False, mlflow: bool = True, mlflow_experiment: str = "llama"):
+         force: bool = False, mlflow: bool = True, mlflow_experiment: str = "llama", compare_baseline: bool = False,
+         report_dir: str = None):
     """Evaluate a model on a task and write the results file.
 
     Args:
@@ -184,25 +226,48 @@ def main(task: str, data: str, ckpt_dir: str = None, adapter: str = None, out: s
         force: apply --adapter even to a base other than the one it was trained on.
         mlflow: log the metrics to mlflow ($MLFLOW_TRACKING_URI or sqlite:///mlflow.db).
         mlflow_experiment: the mlflow experiment's name.
+        compare_baseline: with --adapter, also score the base (the adapter not applied) on the same
+            records: --out holds the fine-tune's results, OUT.base.json the base's, and the report
+            (report.py: paired bootstrap CIs and p-values, plots, the records that changed most) goes
+            to --report_dir.
+        report_dir: --compare_baseline's report directory (default: OUT without .json, plus _report).
     """
     opts = task_options(task, labels, template, qrels, run_out, chat=chat, max_examples=max_examples,
                         batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                         seed=seed, seq_len=seq_len)
-    ckpt_dir = checked_paths(ckpt_dir, data, out, run_out, {"--qrels": qrels, "--adapter": adapter,
-                                                            "--tokenizer": tokenizer})
+    base_out, report_dir = comparison_paths(compare_baseline, adapter, quantize, out, report_dir)
+    ckpt_dir = checked_paths(ckpt_dir, data, {"--out": out, "--run_out": run_out, "the base's results": base_out,
+                                              "--report_dir": report_dir},
+                             {"--qrels": qrels, "--adapter": adapter, "--tokenizer": tokenizer})
     job = tasks.REGISTRY[task](opts)  # rank reads --qrels here
     rank, world, device = common.setup_distributed(device)
     units = None if job.needs_model else job.units(data)  # bad records stop the run before the model loads
-    model, tok = load_for_sampling(os.path.expanduser(ckpt_dir), tokenizer, adapter, device, dtype, max_seq_len,
-                                   force, quantize)
+    model, tok = load_for_sampling(os.path.expanduser(ckpt_dir), tokenizer, None if compare_baseline else adapter,
+                                   device, dtype, max_seq_len, force, quantize)
     units = units or job.units(data, tok, model)
+    if compare_baseline:
+        base = score_base(job, model, tok, units, rank, world, task, data, ckpt_dir)
+        apply_adapter(model, tok, adapter, force, quantize)
+        check_adapter_changed(base, model, adapter)
     metrics, items = tasks.evaluate(job, model, tok, units, rank, world)
     if rank == 0:
-        write_outputs(task, data, model, metrics, items, ckpt_dir, adapter, out, run_out)
+        if compare_baseline:
+            write_outputs(base, base_out, None)
+        write_outputs(results_of(task, data, model, metrics, items, ckpt_dir, adapter), out, run_out)
         if mlflow:
             log_to_mlflow(mlflow_experiment, out, {"task": task, "ckpt_dir": ckpt_dir, "adapter": adapter,
                                                    "data": data}, metrics)
+        if compare_baseline:
+            write_report([base_out, out], report_dir, mlflow, mlflow_experiment)
     common.teardown()
+
+
+def write_report(paths, report_dir, mlflow, mlflow_experiment):
+    """--compare_baseline's report (report.py's, with its defaults), and its line on stdout."""
+    built = report.build(paths, report_dir, command=cli.command_line())
+    print(f"eval.py: wrote {os.path.join(report_dir, 'report.md')}")
+    if mlflow:
+        report.log_to_mlflow(mlflow_experiment, report_dir, built, prog="eval.py")
 
 
 if __name__ == "__main__":

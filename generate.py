@@ -257,10 +257,15 @@ def load_for_sampling(ckpt_dir, tokenizer=None, adapter=None, device="cpu", dtyp
     model = checkpoint.load(ckpt_dir, device=device, dtype=dtype, quantize=quantize, max_seq_len=max_seq_len)
     check_fits(tok, model.args.vocab_size, ckpt_dir)
     if adapter is not None:
-        lora.load_adapter(model, adapter, force=force, tokenizer=tok)
-        if quantize is None:
-            lora.merge_lora(model)
+        apply_adapter(model, tok, adapter, force, quantize)
     return model, tok
+
+
+def apply_adapter(model, tok, adapter, force=False, quantize=None):
+    """The adapter checked against the base and merged in (on an NF4 base it stays beside it)."""
+    lora.load_adapter(model, adapter, force=force, tokenizer=tok)
+    if quantize is None:
+        lora.merge_lora(model)
 
 
 def encode_prompts(tok, texts, chat, system):
