@@ -243,3 +243,35 @@ def test_compare_baseline_writes_both_results_and_a_report(tiny, tmp_path):
     assert r.returncode == 1 and "did not change the model's weights" in r.stderr, r.stderr
     assert len([line for line in r.stderr.strip().splitlines() if not line.startswith("eval classify")]) == 1
     assert not out.exists() and not (tmp_path / "r.base.json").exists() and not (tmp_path / "r_report").exists()
+
+
+def task_pair(task):
+    """Base and tuned results of a task on 12 made-up records, for the plots of every task."""
+    rng = numpy.random.default_rng(2)
+    sides = []
+    for k in range(2):
+        if task == "choice":
+            items = [{"prediction": int(rng.integers(0, 3)), "prediction_norm": 0, "answer": i % 3} for i in range(12)]
+        elif task == "rank":
+            items = [{"query_id": f"q{i // 4}", "doc_id": f"d{i % 4}", "score": float(rng.random()),
+                      "relevance": int(i % 2)} for i in range(12)]
+        elif task == "generate":
+            items = [{"reference": f"take {i} tablets daily", "completion": ["take tablets", f"{i} tablets daily"][
+                (i + k) % 2]} for i in range(12)]
+        else:
+            items = [{"nll": float(10 + rng.random()), "tokens": 5, "bytes": 20} for _ in range(12)]
+        items = [{"line": f"d.jsonl:{i + 1}", **item} for i, item in enumerate(items)]
+        sides.append(results(task, items, tasks.REGISTRY[task](tasks.Options()).metrics(items), f"fp{k}"))
+    return sides
+
+
+@pytest.mark.parametrize("task", ["choice", "rank", "generate", "perplexity"])
+def test_every_task_gets_its_plot_and_table(tmp_path, task):
+    base, tuned = task_pair(task)
+    paths = [str(write(tmp_path / "base.json", base)), str(write(tmp_path / "tuned.json", tuned))]
+    got = report.build(paths, tmp_path / "out", resamples=50)
+    assert got["metrics"] and all(set(r) == {"base", "tuned", "delta", "ci", "p", "skipped"}
+                                  for r in got["metrics"].values())
+    (plot,) = got["comparisons"][0]["plots"]
+    assert Image.open(tmp_path / "out" / plot).size[0] > 100
+    assert f"]({plot})" in (tmp_path / "out" / "report.md").read_text()
