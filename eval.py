@@ -157,11 +157,16 @@ def comparison_paths(compare_baseline, adapter, quantize, out, report_dir):
     return stem + ".base.json", report_dir or stem + "_report"
 
 
-def score_base(job, model, tok, units, rank, world, task, data, ckpt_dir):
-    """The base's results (the adapter not yet applied), kept in memory until the fine-tune has
-    been scored too: a refused comparison writes nothing."""
+def score_base(job, model, tok, units, rank, world, what, adapting):
+    """The base's results (the adapter not yet applied), then the adapter merged into the model and
+    checked to have changed its weights. The base's results stay in memory until the fine-tune has
+    been scored too: a refused comparison writes nothing. what: (task, data, ckpt_dir); adapting:
+    (adapter, force, quantize)."""
     metrics, items = tasks.evaluate(job, model, tok, units, rank, world)
-    return results_of(task, data, model, metrics, items, ckpt_dir, None)
+    base = results_of(*what[:2], model, metrics, items, what[2], None)
+    apply_adapter(model, tok, *adapting)
+    check_adapter_changed(base, model, adapting[0])
+    return base
 
 
 def check_adapter_changed(base, model, adapter):
@@ -226,11 +231,8 @@ def main(task: str, data: str, ckpt_dir: str = None, adapter: str = None, out: s
         force: apply --adapter even to a base other than the one it was trained on.
         mlflow: log the metrics to mlflow ($MLFLOW_TRACKING_URI or sqlite:///mlflow.db).
         mlflow_experiment: the mlflow experiment's name.
-        compare_baseline: with --adapter, also score the base (the adapter not applied) on the same
-            records: --out holds the fine-tune's results, OUT.base.json the base's, and the report
-            (report.py: paired bootstrap CIs and p-values, plots, the records that changed most) goes
-            to --report_dir.
-        report_dir: --compare_baseline's report directory (default: OUT without .json, plus _report).
+        compare_baseline: with --adapter, also score the base on the same records (OUT.base.json).
+        report_dir: --compare_baseline's report.py report (default: OUT without .json, plus _report).
     """
     opts = task_options(task, labels, template, qrels, run_out, chat=chat, max_examples=max_examples,
                         batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -245,26 +247,32 @@ def main(task: str, data: str, ckpt_dir: str = None, adapter: str = None, out: s
     model, tok = load_for_sampling(os.path.expanduser(ckpt_dir), tokenizer, None if compare_baseline else adapter,
                                    device, dtype, max_seq_len, force, quantize)
     units = units or job.units(data, tok, model)
-    if compare_baseline:
-        base = score_base(job, model, tok, units, rank, world, task, data, ckpt_dir)
-        apply_adapter(model, tok, adapter, force, quantize)
-        check_adapter_changed(base, model, adapter)
+    base = score_base(job, model, tok, units, rank, world, (task, data, ckpt_dir), (adapter, force, quantize)) \
+        if compare_baseline else None  # the base first, then the adapter merged into the same weights
     metrics, items = tasks.evaluate(job, model, tok, units, rank, world)
     if rank == 0:
-        if compare_baseline:
-            write_outputs(base, base_out, None)
-        write_outputs(results_of(task, data, model, metrics, items, ckpt_dir, adapter), out, run_out)
-        if mlflow:
-            log_to_mlflow(mlflow_experiment, out, {"task": task, "ckpt_dir": ckpt_dir, "adapter": adapter,
-                                                   "data": data}, metrics)
-        if compare_baseline:
-            write_report([base_out, out], report_dir, mlflow, mlflow_experiment)
+        results = results_of(task, data, model, metrics, items, ckpt_dir, adapter)
+        write_all(results, out, run_out, (base, base_out, report_dir), mlflow, mlflow_experiment)
     common.teardown()
 
 
-def write_report(paths, report_dir, mlflow, mlflow_experiment):
-    """--compare_baseline's report (report.py's, with its defaults), and its line on stdout."""
-    built = report.build(paths, report_dir, command=cli.command_line())
+def write_all(results, out, run_out, comparison, mlflow, mlflow_experiment):
+    """Rank 0's outputs: the results (and run) file, mlflow, and with --compare_baseline the base's
+    results and the report. comparison: (the base's results or None, its file, the report's directory)."""
+    write_outputs(results, out, run_out)
+    if mlflow:
+        params = {"task": results["task"], "ckpt_dir": results["checkpoint"]["dir"],
+                  "adapter": results["checkpoint"]["adapter"], "data": results["data"]["path"]}
+        log_to_mlflow(mlflow_experiment, out, params, results["metrics"])
+    base, base_out, report_dir = comparison
+    if base is not None:
+        write_report(base, base_out, out, report_dir, mlflow, mlflow_experiment)
+
+
+def write_report(base, base_out, out, report_dir, mlflow, mlflow_experiment):
+    """--compare_baseline's base results, then its report (report.py's, with its defaults)."""
+    write_outputs(base, base_out, None)
+    built = report.build([base_out, out], report_dir, command=cli.command_line())
     print(f"eval.py: wrote {os.path.join(report_dir, 'report.md')}")
     if mlflow:
         report.log_to_mlflow(mlflow_experiment, report_dir, built, prog="eval.py")
