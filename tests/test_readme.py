@@ -277,6 +277,7 @@ def test_readme_commands_run_as_written(tmp_path):
         assert "mlflow tracking stopped" not in r.stderr and "no target tokens" not in r.stdout, what
         for path in documented_outputs(words):
             assert os.path.exists(work / path), f"{path} missing after {what}"
-        tracked += "train.py" in words or "eval.py" in words
+        # one mlflow run per training, evaluation and report; --compare_baseline logs its report's too
+        tracked += any(p in words for p in ("train.py", "eval.py", "report.py")) + ("--compare_baseline" in words)
     with sqlite3.connect(work / "mlflow.db") as db:  # every run and evaluation tracked, and finished
         assert db.execute("select status, count(*) from runs group by status").fetchall() == [("FINISHED", tracked)]
