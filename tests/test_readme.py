@@ -18,6 +18,8 @@ import sqlite3
 import subprocess
 import sys
 
+import matplotlib.image as plt_image
+
 from test_train import ROOT
 
 README = os.path.join(ROOT, "README.md")
@@ -281,3 +283,8 @@ def test_readme_commands_run_as_written(tmp_path):
         tracked += any(p in words for p in ("train.py", "eval.py", "report.py")) + ("--compare_baseline" in words)
     with sqlite3.connect(work / "mlflow.db") as db:  # every run and evaluation tracked, and finished
         assert db.execute("select status, count(*) from runs group by status").fetchall() == [("FINISHED", tracked)]
+    # the Compare section's report: both sides' numbers, and plots that open as images
+    report = json.loads((work / "hcm_compare" / "report.json").read_text())
+    assert report["metrics"] and all({"base", "tuned", "delta", "ci", "p"} <= set(m) for m in report["metrics"].values())
+    plots = sorted((work / "hcm_compare").glob("*.png"))
+    assert plots and all(plt_image.imread(str(p)).ndim == 3 for p in plots), plots
