@@ -290,21 +290,31 @@ def open_sweep(sweep, force):
 
 
 class locked:
-    """flock on a file for the with block; blocking=False yields whether it was got."""
+    """flock on a file: `with locked(path)`, or acquire() (which with blocking=False says whether it
+    got the lock) and release()."""
 
     def __init__(self, path, blocking=True):
-        self.path, self.blocking = path, blocking
+        self.path, self.blocking, self.fd = path, blocking, None
 
-    def __enter__(self):
+    def acquire(self):
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if self.blocking else fcntl.LOCK_NB))
             return True
         except BlockingIOError:
+            self.release()
             return False
 
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
     def __exit__(self, *_):
-        os.close(self.fd)
+        self.release()
 
 
 def write_json(path, value):
@@ -505,7 +515,7 @@ def run_optuna(sweep, parent):
         if taken is None:
             return
         trial, lock = taken
-        with lock:
+        try:
             name = trial_name(trial.number)
             progress.start(name, trial.params)
             record = run_trial(sweep, name, trial.params, parent, reporter(trial))
@@ -513,7 +523,9 @@ def run_optuna(sweep, parent):
                      "FAILED": optuna.trial.TrialState.FAIL}[record["state"]]
             trial.set_user_attr("error", record["error"])
             study.tell(trial, record["objective"] if record["state"] == "FINISHED" else None, state=state)
-            progress.end(record)
+        finally:
+            lock.release()
+        progress.end(record)
 
 
 def load_study(sweep):
@@ -543,14 +555,13 @@ def take_trial(sweep, study):
         for frozen in trials:
             if frozen.state == optuna.trial.TrialState.RUNNING:
                 lock = locked(record_path(sweep, trial_name(frozen.number), ".lock"), blocking=False)
-                if lock.__enter__():  # its process is gone: resume it as the same trial
+                if lock.acquire():  # its process is gone: resume it as the same trial
                     return optuna.trial.Trial(study, frozen._trial_id), lock
-                lock.__exit__()
         if len(trials) >= sweep.optuna["trials"]:
             return None
         trial = study.ask(distributions(sweep.optuna["params"]))
         lock = locked(record_path(sweep, trial_name(trial.number), ".lock"))
-        lock.__enter__()
+        lock.acquire()
         return trial, lock
 
 
