@@ -11,17 +11,9 @@ import time
 import pytest
 import yaml
 
-from test_train import TINY, ROOT, _corpus, prepare
+from test_train import TINY, ROOT, text_data  # noqa: F401 (text_data: the tiny corpus, a fixture)
 
 FAST = [*TINY, "--batch_size", "2", "--log_every", "50"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sweepdata")
-    _corpus(d / "notes.jsonl")
-    prepare(d / "notes.jsonl", d / "shards", "--vocab_size", "300", "--val_fraction", "0.1")
-    return d / "shards"
 
 
 def flags(data, **more):
@@ -69,10 +61,10 @@ def test_dry_run_lists_every_combination_with_tied_flags(tmp_path):
     assert not (tmp_path / "s").exists()  # a dry run writes nothing
 
 
-def test_kill_9_then_the_same_command_runs_each_trial_once_with_mlflow_tree(data, tmp_path):
+def test_kill_9_then_the_same_command_runs_each_trial_once_with_mlflow_tree(text_data, tmp_path):
     d = tmp_path / "lr"
     y = write_yaml(tmp_path / "lr.yaml", dir=str(d), launcher="python",
-                   flags=flags(data, max_steps=60, eval_every=10, mlflow="true", save_every=10),
+                   flags=flags(text_data, max_steps=60, eval_every=10, mlflow="true", save_every=10),
                    grid={"lr": [3e-3, 1e-3]}, objective={"metric": "val_loss", "direction": "minimize"})
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     proc = subprocess.Popen([sys.executable, "sweep.py", str(y)], cwd=ROOT, env={**os.environ, **env},
@@ -104,11 +96,11 @@ def test_kill_9_then_the_same_command_runs_each_trial_once_with_mlflow_tree(data
     assert all(r.info.status == "FINISHED" and "val_loss" in r.data.metrics for r in children)
 
 
-def test_optuna_prunes_a_hopeless_trial(data, tmp_path):
+def test_optuna_prunes_a_hopeless_trial(text_data, tmp_path):
     import optuna
 
     d = tmp_path / "opt"
-    y = write_yaml(tmp_path / "opt.yaml", dir=str(d), flags=flags(data, max_steps=80, eval_every=4),
+    y = write_yaml(tmp_path / "opt.yaml", dir=str(d), flags=flags(text_data, max_steps=80, eval_every=4),
                    optuna={"trials": 6, "seed": 6, "pruner": {"name": "median", "n_startup_trials": 1},
                            "params": {"lr": {"choices": [3e-3, 1e-9]}}},
                    objective={"metric": "val_loss", "direction": "minimize"})
