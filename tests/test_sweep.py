@@ -151,3 +151,63 @@ def test_a_dir_holding_something_else_and_a_changed_yaml_are_refused(tmp_path):
     write_yaml(y, **{**spec, "dir": str(tmp_path / "t"), "grid": {"lr": [1e-3, 2e-3]}})
     out = sweep(y, check=False)
     assert out.returncode == 1 and "has changed" in out.stderr and len(out.stderr.splitlines()) == 1
+
+
+def test_a_trial_runs_on_two_torchrun_ranks(text_data, tmp_path):
+    """The YAML's launcher makes every trial distributed: its train.py runs on 2 gloo ranks."""
+    d = tmp_path / "ddp"
+    y = write_yaml(tmp_path / "ddp.yaml", dir=str(d), launcher="torchrun --nproc_per_node 2 --standalone",
+                   flags=flags(text_data, max_steps=4, eval_every=4), grid={"lr": [3e-3]},
+                   objective={"metric": "val_loss", "direction": "minimize"})
+    sweep(y)
+    (rec,) = records(d).values()
+    assert rec["state"] == "FINISHED", rec
+    assert "2 rank(s)" in (d / "trials" / "trial-0001.err").read_text()
+    assert steps(d / "trial-0001") == [1, 2, 3, 4]
+
+
+def test_two_sweep_processes_share_one_study_each_trial_once(text_data, tmp_path):
+    import optuna
+
+    d = tmp_path / "shared"
+    y = write_yaml(tmp_path / "shared.yaml", dir=str(d), flags=flags(text_data, max_steps=3, eval_every=3),
+                   optuna={"trials": 4, "seed": 0, "pruner": "none", "params": {"lr": {"low": 1e-4, "high": 1e-2,
+                                                                                         "log": True}}},
+                   objective={"metric": "val_loss", "direction": "minimize"})
+    workers = [subprocess.Popen([sys.executable, "sweep.py", str(y)], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [w.communicate(timeout=600) for w in workers]
+    assert all(w.returncode == 0 for w in workers), [err[-2000:] for _, err in outs]
+    study = optuna.load_study(study_name="shared", storage=f"sqlite:///{d / 'study.db'}")
+    finished = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+    assert 4 <= len(finished) <= 5  # a worker may start one trial past the count as the other finishes
+    trial_dirs = sorted(p.name for p in d.iterdir() if p.name.startswith("trial-"))
+    assert len(trial_dirs) == len(finished)
+    for name in trial_dirs:  # each trial ran once: one run of max_steps steps in its log
+        assert steps(d / name) == [1, 2, 3], name
+
+
+def test_worker_k_of_n_splits_a_grid(text_data, tmp_path):
+    d = tmp_path / "split"
+    y = write_yaml(tmp_path / "split.yaml", dir=str(d), flags=flags(text_data, max_steps=2, eval_every=2),
+                   grid={"lr": [1e-3, 2e-3, 3e-3]}, objective={"metric": "val_loss", "direction": "minimize"})
+    sweep(y, "--worker", "1/2")
+    assert sorted(records(d)) == ["trial-0001", "trial-0003"]
+    sweep(y, "--worker", "2/2")
+    rec = records(d)
+    assert sorted(rec) == ["trial-0001", "trial-0002", "trial-0003"]
+    assert all(r["state"] == "FINISHED" for r in rec.values())
+
+
+def test_an_eval_objective_is_read_from_each_trials_results(text_data, tmp_path):
+    d = tmp_path / "ev"
+    y = write_yaml(tmp_path / "ev.yaml", dir=str(d), flags=flags(text_data, max_steps=2, eval_every=2),
+                   grid={"lr": [1e-3, 3e-3]}, eval=f"eval.py --task perplexity --data {text_data} --mlflow false",
+                   objective={"metric": "perplexity", "direction": "minimize"})
+    out = sweep(y)
+    rec = records(d)
+    for name, r in rec.items():
+        results = json.load(open(d / name / "results.json"))
+        assert r["state"] == "FINISHED" and r["objective"] == pytest.approx(results["metrics"]["perplexity"]), r
+    best = min(rec, key=lambda name: rec[name]["objective"])
+    assert best in out.stdout
