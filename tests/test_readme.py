@@ -181,11 +181,13 @@ def documented_outputs(words):
 
 
 def copy_code(work):
-    """The checkout's code (top-level .py/.c and the data package) without its data or outputs."""
+    """The checkout's code (top-level .py/.c, the data package, the example sweeps and the SLURM
+    script) without its data or outputs."""
     for name in os.listdir(ROOT):
         if name.endswith((".py", ".c")):
             shutil.copy(os.path.join(ROOT, name), work / name)
-    shutil.copytree(os.path.join(ROOT, "data"), work / "data", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("data", "sweeps", "slurm"):
+        shutil.copytree(os.path.join(ROOT, name), work / name, ignore=shutil.ignore_patterns("__pycache__"))
 
 
 def write_checkpoints(work):
