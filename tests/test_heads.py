@@ -204,3 +204,76 @@ def test_multilabel_balanced_weights_weigh_each_element():
     element = torch.where(targets == 1, w[1], w[0])
     ref = F.binary_cross_entropy_with_logits(logits, targets, weight=element)
     assert torch.allclose(heads.classification_loss(logits, targets, multilabel=True, class_weights=w), ref)
+
+
+def _head_model(multilabel=False, labels=("died", "lived", "transferred")):
+    args = model.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=32,
+                           max_seq_len=64, n_labels=3, multilabel=multilabel, labels=labels, pad_id=PAD)
+    torch.manual_seed(5)
+    m = model.Transformer(args)
+    m.init_weights(std=0.08)
+    return m.eval()
+
+
+@pytest.mark.parametrize("layout", ["meta", "hf"])
+@pytest.mark.parametrize("multilabel, labels", [(False, ("died", "lived", "transferred")), (True, None)])
+def test_save_and_load_keep_the_head(layout, multilabel, labels, tmp_path):
+    m = _head_model(multilabel, labels)
+    (checkpoint.save if layout == "meta" else checkpoint.save_hf)(m, tmp_path / layout)
+    back = checkpoint.load(tmp_path / layout)
+    for key in ("n_labels", "multilabel", "labels", "pad_id"):
+        assert getattr(back.args, key) == getattr(m.args, key), key
+    tokens = padded_batch(300)
+    with torch.no_grad():
+        assert torch.equal(back.classify(tokens), m.classify(tokens))
+        assert torch.equal(back(tokens), m(tokens))  # the LM head is kept beside it
+
+
+def test_transformers_loads_our_hf_save_as_a_classifier(tmp_path):
+    from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
+
+    m = _head_model()
+    checkpoint.save_hf(m, tmp_path / "hf")
+    config = json.load(open(tmp_path / "hf" / "config.json"))
+    assert config["architectures"] == ["LlamaForSequenceClassification"]
+    assert (config["num_labels"], config["pad_token_id"], config["problem_type"]) == \
+        (3, PAD, "single_label_classification")
+    assert config["id2label"] == {"0": "died", "1": "lived", "2": "transferred"}
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    assert isinstance(hf, LlamaForSequenceClassification) and hf.config.label2id["lived"] == 1
+    tokens = padded_batch(300)
+    ref, _ = hf_logits(hf, tokens)
+    with torch.no_grad():
+        assert rel_err(m.classify(tokens), ref) < 1e-5
+
+
+def test_a_model_without_a_head_saves_as_before(tmp_path):
+    args = model.ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=300, multiple_of=32, max_seq_len=64)
+    m = model.Transformer(args)
+    assert m.score is None and "score.weight" not in m.state_dict()
+    assert not {"n_labels", "multilabel", "labels", "pad_id"} & set(checkpoint.meta_params(args))
+    config = checkpoint.hf_config(args, tied=False, dtype=torch.float32)
+    assert config["architectures"] == ["LlamaForCausalLM"] and "num_labels" not in config
+    with pytest.raises(ValueError, match="needs a head"):
+        m.classify(torch.ones(1, 3, dtype=torch.long))
+
+
+def test_bad_head_configs_are_one_line(tmp_path):
+    with pytest.raises(ValueError, match="distinct names"):
+        model.ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=300, n_labels=2, labels=("a", "a"))
+    with pytest.raises(ValueError, match="n_labels is 0"):
+        model.ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=300, multilabel=True)
+    checkpoint.save_hf(_head_model(), tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    config = json.load(open(path))
+    config["id2label"] = {"0": "a", "1": "b"}
+    json.dump(config, open(path, "w"))
+    with pytest.raises(checkpoint.CheckpointError, match="id2label names 2 labels, but score.weight has 3"):
+        checkpoint.load(tmp_path / "hf")
+    meta = tmp_path / "meta"
+    checkpoint.save(_head_model(), meta)
+    params = json.load(open(meta / "params.json"))
+    params["labels"] = ["a", 1, "c"]
+    json.dump(params, open(meta / "params.json", "w"))
+    with pytest.raises(checkpoint.CheckpointError, match="labels item is 1"):
+        checkpoint.load(meta)
