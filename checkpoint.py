@@ -12,11 +12,13 @@ Read top to bottom:
                            check_context), each weight as it lands (check_shape, check_complete: the
                            same for fsdp.py's sharded load); every JSON file read through jsonfile.py's bounds
   Meta layout              params.json + consolidated.NN.pth: read_meta (model-parallel shards
-                           joined), write_meta, save
+                           joined), write_meta, save; a classification head's keys (n_labels,
+                           multilabel, labels, pad_id) only where the model has one
   Names                    the one table of tensor names: ours, HF's, GGUF's (hf_name / our_name,
                            gguf_name, hf_modules)
   HF layout                config.json + *.safetensors: the q/k RoPE permutation both ways, read_hf
-                           (map_safetensors), write_hf, save_hf
+                           (map_safetensors; hf_head_args: a head wherever score.weight is stored),
+                           write_hf (hf_head_config: LlamaForSequenceClassification's keys), save_hf
 """
 
 import contextlib
@@ -331,7 +333,6 @@ def read_meta(ckpt_dir):
     params = _read_json(params_path)
     for key in ("dim", "n_layers", "n_heads"):  # every params.json Meta writes has them; no default fits
         jsonfile.field(params, key, int, params_path, CheckpointError)
-    args = model_args(params_path, params)
     paths = sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
     if not paths:
         raise CheckpointError(f"{ckpt_dir}: params.json but no consolidated.NN.pth weights")
@@ -339,6 +340,9 @@ def read_meta(ckpt_dir):
     for p in paths:
         shards.append(torch_load(p, mmap=True))  # mmap: the weights stay in the page cache, not our heap
     first = shards[0]
+    if "score.weight" in first and "n_labels" not in params:  # as in read_hf, the weight says there is a head
+        params = {**params, "n_labels": first["score.weight"].shape[0]}
+    args = model_args(params_path, params)
     if "tok_embeddings.weight" not in first:
         raise CheckpointError(f"{paths[0]}: no tok_embeddings.weight in it (not a Llama checkpoint)")
     tied = "output.weight" not in first or first["output.weight"].data_ptr() == first["tok_embeddings.weight"].data_ptr()

@@ -277,3 +277,17 @@ def test_bad_head_configs_are_one_line(tmp_path):
     json.dump(params, open(meta / "params.json", "w"))
     with pytest.raises(checkpoint.CheckpointError, match="labels item is 1"):
         checkpoint.load(meta)
+
+
+def test_a_meta_head_without_its_params_keys_is_kept(tmp_path):
+    m = _head_model(labels=None)
+    checkpoint.save(m, tmp_path / "meta")
+    params = json.load(open(tmp_path / "meta" / "params.json"))
+    for key in ("n_labels", "multilabel", "labels", "pad_id"):
+        del params[key]
+    json.dump(params, open(tmp_path / "meta" / "params.json", "w"))
+    back = checkpoint.load(tmp_path / "meta")
+    assert back.args.n_labels == 3
+    tokens = padded_batch(300)
+    with torch.no_grad():
+        assert torch.equal(back.classify(tokens, pad_id=PAD), m.classify(tokens))
