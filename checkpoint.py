@@ -12,11 +12,13 @@ Read top to bottom:
                            check_context), each weight as it lands (check_shape, check_complete: the
                            same for fsdp.py's sharded load); every JSON file read through jsonfile.py's bounds
   Meta layout              params.json + consolidated.NN.pth: read_meta (model-parallel shards
-                           joined), write_meta, save
+                           joined), write_meta, save; a classification head's keys (n_labels,
+                           multilabel, labels, pad_id) only where the model has one
   Names                    the one table of tensor names: ours, HF's, GGUF's (hf_name / our_name,
                            gguf_name, hf_modules)
   HF layout                config.json + *.safetensors: the q/k RoPE permutation both ways, read_hf
-                           (map_safetensors), write_hf, save_hf
+                           (map_safetensors; hf_head_args: a head wherever score.weight is stored),
+                           write_hf (hf_head_config: LlamaForSequenceClassification's keys), save_hf
 """
 
 import contextlib
@@ -269,13 +271,18 @@ def model_args(path, values: dict) -> ModelArgs:
 
 
 def _checked(path, name, value, expected):
-    """value as a field of type expected (int, float, bool or Optional of one) holds it (jsonfile.expect:
-    JSON's true is no number, an int is a fine float); CheckpointError naming the field otherwise."""
-    optional = expected in (Optional[int], Optional[float])
-    expected = {Optional[int]: int, Optional[float]: float}.get(expected, expected)
+    """value as a field of type expected (int, float, bool, Optional of one, or Optional[tuple]: a list
+    of strings, the head's labels) holds it (jsonfile.expect: JSON's true is no number, an int is a
+    fine float); CheckpointError naming the field otherwise."""
+    optional = expected in (Optional[int], Optional[float], Optional[tuple])
+    expected = {Optional[int]: int, Optional[float]: float, Optional[tuple]: list}.get(expected, expected)
     if value is None and optional:
         return None
-    return jsonfile.expect(value, expected, f"{path}: {name}", CheckpointError)
+    value = jsonfile.expect(value, expected, f"{path}: {name}", CheckpointError)
+    if expected is list:
+        for item in value:
+            jsonfile.expect(item, str, f"{path}: {name} item", CheckpointError)
+    return value
 
 
 def check_sizes(path, args: ModelArgs, shapes: dict, keys: dict):
@@ -326,7 +333,6 @@ def read_meta(ckpt_dir):
     params = _read_json(params_path)
     for key in ("dim", "n_layers", "n_heads"):  # every params.json Meta writes has them; no default fits
         jsonfile.field(params, key, int, params_path, CheckpointError)
-    args = model_args(params_path, params)
     paths = sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
     if not paths:
         raise CheckpointError(f"{ckpt_dir}: params.json but no consolidated.NN.pth weights")
@@ -334,6 +340,9 @@ def read_meta(ckpt_dir):
     for p in paths:
         shards.append(torch_load(p, mmap=True))  # mmap: the weights stay in the page cache, not our heap
     first = shards[0]
+    if "score.weight" in first and "n_labels" not in params:  # as in read_hf, the weight says there is a head
+        params = {**params, "n_labels": first["score.weight"].shape[0]}
+    args = model_args(params_path, params)
     if "tok_embeddings.weight" not in first:
         raise CheckpointError(f"{paths[0]}: no tok_embeddings.weight in it (not a Llama checkpoint)")
     tied = "output.weight" not in first or first["output.weight"].data_ptr() == first["tok_embeddings.weight"].data_ptr()
@@ -395,6 +404,9 @@ def meta_params(args: ModelArgs) -> dict:
                   "rope_original_max_seq_len"):
             if getattr(args, k) != getattr(defaults, k):
                 p[k] = getattr(args, k)
+    if args.n_labels:  # a classification head; without one params.json stays exactly Meta's
+        p.update(n_labels=args.n_labels, multilabel=args.multilabel, pad_id=args.pad_id,
+                 labels=None if args.labels is None else list(args.labels))
     return p
 
 
@@ -425,12 +437,14 @@ def save(model, out_dir):
 # -----------------------------------------------------------------------------------------------
 # Names: each of our modules as transformers (HF) and llama.cpp (GGUF) call it, one row each: our
 # name, HF's, GGUF's. Inside a block the names follow "layers.N." (HF: "model.layers.N.", GGUF:
-# "blk.N."); the first three are top-level. peft names its adapters after HF's.
+# "blk.N."); the first four are top-level (score: the classification head, transformers'
+# LlamaForSequenceClassification's name). peft names its adapters after HF's.
 
 TENSOR_NAMES = tuple(tuple(row.split()) for row in """
     tok_embeddings      model.embed_tokens          token_embd
     norm                model.norm                  output_norm
     output              lm_head                     output
+    score               score                       cls
     attention.wq        self_attn.q_proj            attn_q
     attention.wk        self_attn.k_proj            attn_k
     attention.wv        self_attn.v_proj            attn_v
@@ -547,6 +561,29 @@ def hf_args(config: dict, path: str) -> ModelArgs:
     return args
 
 
+def hf_head_args(args: ModelArgs, config: dict, path: str, n_labels: int) -> ModelArgs:
+    """args with the classification head that config.json describes and whose weight (score.weight)
+    has n_labels rows. The weight, not num_labels, says whether there is a head: transformers writes
+    id2label for every model. Names of transformers' making (LABEL_0, ...) are no known labels."""
+    def get(key, expected):
+        return jsonfile.field(config, key, expected, path, CheckpointError, None)
+
+    problem = get("problem_type", str)
+    if problem not in (None, "single_label_classification", "multi_label_classification"):
+        raise CheckpointError(f"{path}: problem_type {problem!r}: expected single_label_classification "
+                              "or multi_label_classification")
+    id2label = get("id2label", dict) or {}
+    if id2label and sorted(id2label) != sorted(str(i) for i in range(n_labels)):
+        raise CheckpointError(f"{path}: id2label names {len(id2label)} labels, but score.weight has {n_labels}")
+    labels = [id2label[str(i)] for i in range(n_labels)] if id2label else None
+    if labels == [f"LABEL_{i}" for i in range(n_labels)]:
+        labels = None
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ModelArgs) if f.init}
+    values.update(n_labels=n_labels, multilabel=problem == "multi_label_classification",
+                  labels=labels, pad_id=get("pad_token_id", int))
+    return model_args(path, values)
+
+
 def hf_config(args: ModelArgs, tied: bool, dtype: torch.dtype, tok=None) -> dict:
     """config.json for transformers' LlamaForCausalLM (the classic layout, which transformers 5 reads too).
     tok: the model's tokenizer, whose BOS/EOS ids it records (without them transformers assumes
@@ -556,14 +593,30 @@ def hf_config(args: ModelArgs, tied: bool, dtype: torch.dtype, tok=None) -> dict
         rope_scaling = {"rope_type": "llama3", "factor": args.rope_scaling_factor,
                         "low_freq_factor": args.rope_low_freq_factor, "high_freq_factor": args.rope_high_freq_factor,
                         "original_max_position_embeddings": args.rope_original_max_seq_len}
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+    return {"architectures": ["LlamaForSequenceClassification" if args.n_labels else "LlamaForCausalLM"],
+            "model_type": "llama", "hidden_act": "silu",
             "hidden_size": args.dim, "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
             "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads,
             "head_dim": args.head_dim, "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps,
             "rope_theta": args.rope_theta, "rope_scaling": rope_scaling,
             "max_position_embeddings": args.max_seq_len, "attention_bias": False, "mlp_bias": False,
             "tie_word_embeddings": tied, "torch_dtype": str(dtype).removeprefix("torch."),
-            **({"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id} if tok is not None else {})}
+            **({"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id} if tok is not None else {}),
+            **hf_head_config(args)}
+
+
+def hf_head_config(args: ModelArgs) -> dict:
+    """config.json's keys for the classification head (none without one), as transformers'
+    LlamaForSequenceClassification reads them: it pools at the last token that is not pad_token_id.
+    id2label and label2id only where the labels' names are known (transformers makes LABEL_i up)."""
+    if not args.n_labels:
+        return {}
+    config = {"num_labels": args.n_labels, "pad_token_id": args.pad_id,
+              "problem_type": "multi_label_classification" if args.multilabel else "single_label_classification"}
+    if args.labels is not None:
+        config["id2label"] = {str(i): name for i, name in enumerate(args.labels)}
+        config["label2id"] = {name: i for i, name in enumerate(args.labels)}
+    return config
 
 
 def hf_generation_config(tok) -> dict:
@@ -577,7 +630,8 @@ def hf_generation_config(tok) -> dict:
 def read_hf(ckpt_dir):
     """(args, an iterator of (name, tensor) in our names and Meta's q/k layout, tied, the config path)."""
     config_path = os.path.join(ckpt_dir, HF_MARKER)
-    args = hf_args(_read_json(config_path), config_path)
+    config = _read_json(config_path)
+    args = hf_args(config, config_path)
     index = os.path.join(ckpt_dir, "model.safetensors.index.json")
     if os.path.exists(index):
         paths = [os.path.join(ckpt_dir, f) for f in sorted(set(_index_files(index)))]
@@ -588,6 +642,8 @@ def read_hf(ckpt_dir):
     files = [map_safetensors(p) for p in paths]
     tied = not any("lm_head.weight" in tensors for _, tensors in files)
     shapes = {our_name(name): tuple(t.shape) for _, stored in files for name, t in stored.items()}
+    if "score.weight" in shapes:  # transformers' LlamaForSequenceClassification, or ours
+        args = hf_head_args(args, config, config_path, shapes["score.weight"][0])
     check_sizes(config_path, args, shapes, HF_KEYS)
 
     def tensors():

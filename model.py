@@ -1,12 +1,15 @@
 """A Llama (2, 3, 3.1, 3.2) in one file: the architecture in plain PyTorch, then its fused kernels.
 
 Read top to bottom:
-  ModelArgs        the hyper-parameters, named as in Meta's params.json; derived sizes resolved once
+  ModelArgs        the hyper-parameters, named as in Meta's params.json; derived sizes resolved once;
+                   the classification head's labels (n_labels 0: none)
   RMSNorm, RoPE    normalisation and rotary position embedding (with Llama 3.1 frequency scaling)
   Linear           a projection without bias (one token's product on a CPU: a matrix-vector kernel)
   Attention        grouped-query attention; KVCache holds its keys and values while decoding
   FeedForward      SwiGLU
   Transformer      the stack: forward() trains and scores (logits, or the mean cross-entropy),
+                   classify() pools the classification head's logits (score) at each document's
+                   last token, padded or packed (left_padding_positions, last_tokens);
                    decode() runs prompt chunks and single tokens against the KV cache; it keeps
                    its RoPE table itself (rebuilt where the model lands, or when extend_context
                    grows the context); init_weights for training from scratch
@@ -52,6 +55,11 @@ class ModelArgs:
     rope_high_freq_factor: float = 4.0
     rope_original_max_seq_len: int = 8192
     max_seq_len: int = 4096  # the longest context RoPE tables and the KV cache are built for
+    # A classification head (Transformer.score, classify): 0 labels is none, the plain language model.
+    n_labels: int = 0
+    multilabel: bool = False  # each label on or off (sigmoid, BCE); else exactly one label (softmax, CE)
+    labels: Optional[tuple] = None  # the labels' names in the head's order, where known
+    pad_id: Optional[int] = None  # the token that pads rows for the head (classify's default)
     # Derived in __post_init__, not arguments: use dataclasses.replace to change dim, heads or FFN.
     head_dim: int = field(init=False)
     hidden_dim: int = field(init=False)
@@ -77,6 +85,16 @@ class ModelArgs:
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        self._check_head()
+
+    def _check_head(self):
+        if self.n_labels < 0 or (self.n_labels == 0 and (self.multilabel or self.labels)):
+            raise ValueError(f"n_labels is {self.n_labels}: a head needs at least 1 label "
+                             "(multilabel and labels describe a head)")
+        if self.labels is not None:
+            self.labels = tuple(self.labels)  # params.json gives a list
+            if len(self.labels) != self.n_labels or len(set(self.labels)) != len(self.labels):
+                raise ValueError(f"labels {list(self.labels)[:8]} must be {self.n_labels} distinct names (n_labels)")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -299,6 +317,32 @@ def linear_cross_entropy(h, weight, targets, ignore_index: int = -100, reduction
     return loss if reduction == "sum" else loss / (targets != ignore_index).sum().clamp(min=1)
 
 
+def left_padding_positions(tokens, pad_id):
+    """positions (B, T) for forward that keep a row's leading padding out of its document: each pad
+    before the row's first other token is a one-token document of its own (position 0), and the
+    document counts 0, 1, ... from that first token on (what follows it, padding included, is
+    causally behind it). None, the plain causal mask, where no row starts with pad_id."""
+    if pad_id is None or not bool((tokens[:, 0] == pad_id).any()):
+        return None
+    leading = (tokens != pad_id).int().cummax(dim=1).values == 0  # pads before the first other token
+    T = tokens.shape[1]
+    index = torch.arange(T, device=tokens.device).expand_as(tokens)
+    return torch.where(leading, 0, index - leading.sum(dim=1, keepdim=True))
+
+
+def last_tokens(starts, real=None):
+    """The flat index (into B*T) of each document's last real token, documents in row-major order.
+    starts (B, T) bool: where documents start (each row's first token among them); real (B, T) bool:
+    the tokens that are not padding (None: all). A document without one gives its first token."""
+    flat_starts = starts.flatten()
+    doc = flat_starts.cumsum(0) - 1  # each token's document
+    index = torch.arange(doc.numel(), device=doc.device)
+    first = index[flat_starts]
+    candidate = index if real is None else torch.where(real.flatten(), index, -1)
+    last = torch.full_like(first, -1).scatter_reduce(0, doc, candidate, reduce="amax")
+    return torch.where(last < 0, first, last)
+
+
 def _check_reduction(reduction):
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction {reduction!r}: expected 'mean' or 'sum'")
@@ -314,6 +358,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = Linear(args.dim, args.vocab_size)
+        # The classification head, from the same normalised hidden state as output (classify)
+        self.score = Linear(args.dim, args.n_labels) if args.n_labels else None
         # Not a state-dict entry: rebuilt from args wherever the model lands.
         self.register_buffer("rope", rope_table(args), persistent=False)
         self.activation_checkpointing = False
@@ -360,6 +406,16 @@ class Transformer(nn.Module):
         the cross-entropy over targets != -100 (mean, or "sum", which the trainer normalises itself).
         positions: (B, T) position of each token inside its own document, restarting at 0 where a
         document starts (packed training rows); attention then stays inside each document."""
+        h = self.hidden(tokens, positions)
+        if targets is None:
+            return self.output(h).float()
+        # output is a plain nn.Linear (LoRA wraps only the blocks' projections), so the loss can take
+        # its weight and, on the fused path, never hold the (B*T, vocab) logits at once.
+        return linear_cross_entropy(h, self.output.weight, targets, reduction=reduction)
+
+    def hidden(self, tokens, positions=None):
+        """The trunk that forward and classify share: tokens (B, T) -> the final normalised hidden
+        states (B, T, dim), under the document mask where positions are given (see forward)."""
         T = tokens.shape[1]
         if positions is None:
             if T > self.args.max_seq_len:
@@ -368,12 +424,28 @@ class Transformer(nn.Module):
         else:
             rope = self._rope(tokens.device)[positions]  # (B, T, head_dim/2, 2): each document from 0
             mask = document_mask(positions)
-        h = self._blocks(tokens, rope, mask)
-        if targets is None:
-            return self.output(h).float()
-        # output is a plain nn.Linear (LoRA wraps only the blocks' projections), so the loss can take
-        # its weight and, on the fused path, never hold the (B*T, vocab) logits at once.
-        return linear_cross_entropy(h, self.output.weight, targets, reduction=reduction)
+        return self._blocks(tokens, rope, mask)
+
+    def classify(self, tokens, positions=None, pad_id=None):
+        """The head's float logits, one row per document: (n_docs, n_labels).
+
+        Each document is pooled at its last token that is not pad_id (default args.pad_id; None:
+        its last token), transformers' rule, so right and left padding alike; a document of padding
+        alone is pooled at its first token, as transformers pools a row of padding.
+        positions None: each row is one document (n_docs = B); leading padding is kept out of the
+        document's attention and positions, so a left-padded row scores as the document run alone.
+        positions (B, T) as forward takes them: packed rows, a document starting wherever a position
+        is 0 (and at each row's start); logits come row by row, left to right in each row. Padding
+        after a row's last document continues its positions, so it is no document of its own."""
+        if self.score is None:
+            raise ValueError("classify needs a head: this model has n_labels 0")
+        pad_id = self.args.pad_id if pad_id is None else pad_id
+        starts = torch.zeros_like(tokens, dtype=torch.bool) if positions is None else positions == 0
+        starts[:, 0] = True
+        attend = positions if positions is not None else left_padding_positions(tokens, pad_id)
+        h = self.hidden(tokens, attend)
+        last = last_tokens(starts, None if pad_id is None else tokens != pad_id)
+        return self.score(h.flatten(0, 1)[last]).float()
 
     def decode(self, tokens, start_pos):
         """Decoding with the KV cache (setup_cache first): tokens (B, T) at positions start_pos ..

@@ -1,0 +1,80 @@
+"""The classification head's losses: what train.py's --head classify minimises over the logits that
+model.Transformer.classify pools, one row per document.
+
+Read top to bottom:
+  balanced_class_weights  --class_weights balanced: scikit-learn's rule n / (K * count), from counts
+  classification_loss     one call for every head: cross-entropy (one label per document: multiclass,
+                          and binary as two classes, as transformers' single-label case), or
+                          BCE-with-logits (multilabel); class weights; focal loss (--focal_gamma,
+                          --focal_alpha): softmax focal for one label, torchvision's
+                          sigmoid_focal_loss for multilabel
+Every loss is a mean over the batch (a weighted mean where class weights weigh single-label
+documents, as F.cross_entropy's weight= does), in fp32.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def balanced_class_weights(counts, n_docs: Optional[int] = None, multilabel: bool = False) -> torch.Tensor:
+    """scikit-learn's compute_class_weight("balanced"): n / (K * count) per class.
+
+    One label per document: counts (K,) documents of each label, n their sum -> weights (K,).
+    Multilabel: each label is its own binary problem (its K = 2 classes, absent and present), so
+    counts (K,) documents carrying each label, n_docs all documents -> weights (2, K): row 0 for a
+    label's absence, row 1 for its presence. A count of 0 is taken as 1: its weight then never
+    applies (no document has that class) and stays finite.
+    """
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    if not multilabel:
+        return (counts.sum() / (len(counts) * counts.clamp(min=1))).float()
+    if n_docs is None or n_docs < counts.max():
+        raise ValueError(f"multilabel class weights need n_docs >= every label's count, got {n_docs}")
+    present_absent = torch.stack([n_docs - counts, counts]).clamp(min=1)
+    return (n_docs / (2 * present_absent)).float()
+
+
+def classification_loss(logits, labels, multilabel: bool = False, class_weights=None,
+                        focal_gamma: float = 0.0, focal_alpha: Optional[float] = None) -> torch.Tensor:
+    """The mean loss of logits (N, K) against labels: (N,) label indices, or for multilabel (N, K)
+    of 0/1. class_weights: balanced_class_weights' (K,) or, multilabel, (2, K). focal_gamma > 0
+    scales each term by (1 - p_t)^gamma (Lin et al. 2017); focal_alpha weighs the positive class by
+    alpha and the negative by 1 - alpha (multilabel, and binary heads: class 1 is positive)."""
+    logits = logits.float()
+    if multilabel:
+        return _sigmoid_loss(logits, labels.float(), class_weights, focal_gamma, focal_alpha)
+    if focal_alpha is not None and logits.shape[1] != 2:
+        raise ValueError(f"--focal_alpha weighs a positive class: a binary or multilabel head's, not "
+                         f"{logits.shape[1]} classes (use --class_weights)")
+    return _softmax_loss(logits, labels.long(), class_weights, focal_gamma, focal_alpha)
+
+
+def _softmax_loss(logits, labels, class_weights, gamma, alpha):
+    """Cross-entropy, each document's term -w_y (1 - p_y)^gamma log p_y (gamma 0: plain CE),
+    averaged with F.cross_entropy's weighting: divided by the sum of the documents' w_y."""
+    log_p = F.log_softmax(logits, dim=-1).gather(1, labels[:, None]).squeeze(1)
+    weight = torch.ones_like(log_p) if class_weights is None else class_weights.to(log_p)[labels]
+    if alpha is not None:
+        weight = weight * torch.where(labels == 1, alpha, 1 - alpha)
+    focal = (1 - log_p.exp()) ** gamma if gamma else 1.0
+    normaliser = weight.sum() if class_weights is not None else len(labels)
+    return -(weight * focal * log_p).sum() / normaliser
+
+
+def _sigmoid_loss(logits, targets, class_weights, gamma, alpha):
+    """BCE-with-logits per (document, label), mean over all of them; with gamma or alpha, torchvision's
+    sigmoid_focal_loss: ce * (1 - p_t)^gamma, times alpha_t = alpha for a present label, 1 - alpha
+    for an absent one."""
+    loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    if gamma:
+        p = torch.sigmoid(logits)
+        p_t = p * targets + (1 - p) * (1 - targets)
+        loss = loss * (1 - p_t) ** gamma
+    if alpha is not None:
+        loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
+    if class_weights is not None:
+        absent, present = class_weights.to(loss)
+        loss = loss * (present * targets + absent * (1 - targets))
+    return loss.mean()
