@@ -7,6 +7,7 @@ little-endian int32 ([0] magic, [1] version, [2] token count), then the tokens.
     magic 20240801, version 7: uint32 tokens (Llama 3)
     magic 20241123, version 1: NAME.mask sidecar, one uint8 per token, 1 = training target
     magic 20241124, version 1: NAME.docs sidecar, one uint8 per token, 1 = a document starts here
+    magic 20241125, version 1: NAME.labels sidecar (labelled shards, below), int32 values
 
 A split is the concatenation of its shards in name order (train_000000.bin, train_000001.bin,
 ...); documents may run across a shard boundary. A dataset has mask files for every shard or
@@ -14,7 +15,25 @@ for none (none = every token is a target), and likewise docs files (none = a doc
 every BOS token). A document is a whole record: a text, an instruction record or a whole dialog.
 Docs files exist because BOS is not always a document start: Llama 2's chat layout puts a BOS
 before every exchange of a dialog. DIR/meta.json describes the whole thing ("has_mask",
-"has_docs").
+"has_docs", "has_labels").
+
+Labelled shards (data.prepare on records with labels): every record is one document, BOS text EOS,
+and each shard has a NAME.labels sidecar listing the documents that start in it. Its header is the
+usual 256 int32 with [2] = the number of int32 values after the header (so the file size checks
+as for the other files), [3] = the number of documents listed, [4] = the number of labels in the
+vocabulary, [5] = 1 for a multilabel dataset, 0 for a single-label one. Then, per document in
+token order, int32 values
+
+    start  k  id_1 ... id_k
+
+start: the token offset of its BOS in this shard; k: how many labels it has (always 1 when
+single-label; 0 or more when multilabel); ids: indices into meta.json's "labels", ascending. A
+document ends where the next one starts (in this shard or a later one) or at the end of the
+split, and may run across a shard boundary like any other. Sparse ids rather than a bitset: a
+clinical note carries a handful of ~1,300 ICD codes. meta.json holds "labels" (the vocabulary,
+sorted, or as --labels gave it), "multilabel", and "label_counts" {split: [documents carrying
+each label, in vocabulary order]}. Labelled shards are still plain text shards to DataLoader
+(no mask or docs files: a document starts at each BOS); LabelledLoader reads the labels.
 
 A directory of llm.c / nano-llama31 shards has no meta.json (say fineweb_train_000001.bin,
 fineweb_val_000000.bin): infer_meta reads it as it is. The splits come from "train" / "val" in
@@ -38,16 +57,18 @@ MAGIC_U16, VERSION_U16 = 20240520, 1
 MAGIC_U32, VERSION_U32 = 20240801, 7
 MAGIC_MASK, VERSION_MASK = 20241123, 1
 MAGIC_DOCS, VERSION_DOCS = 20241124, 1
+MAGIC_LABELS, VERSION_LABELS = 20241125, 1
 # (magic, version) -> element type of the payload
 FORMATS = {
     (MAGIC_U16, VERSION_U16): np.dtype("<u2"),
     (MAGIC_U32, VERSION_U32): np.dtype("<u4"),
     (MAGIC_MASK, VERSION_MASK): np.dtype("u1"),
     (MAGIC_DOCS, VERSION_DOCS): np.dtype("u1"),
+    (MAGIC_LABELS, VERSION_LABELS): np.dtype("<i4"),
 }
 SPLITS = ("train", "val")
 # The files a shard directory consists of (data.prepare's and llm.c's), which no output replaces.
-SHARD_FILES = ("*.bin", "*.mask", "*.docs", "meta.json", "tokenizer.model")
+SHARD_FILES = ("*.bin", "*.mask", "*.docs", "*.labels", "meta.json", "tokenizer.model")
 # llm.c / nano-llama31 shard names: the split is a word of the name (tinyshakespeare_val.bin)
 SPLIT_IN_NAME = re.compile(r"(?:^|[_.-])(train|val)(?:[_.-]|$)")
 
@@ -118,6 +139,48 @@ def write_docs(path, docs):
     _write_atomic(path, make_header(MAGIC_DOCS, VERSION_DOCS, docs.size), docs)
 
 
+def write_labels(path, documents, n_labels, multilabel):
+    """documents: [(start token offset in this shard, label ids)] of the documents starting in it."""
+    values = [v for start, ids in documents for v in (start, len(ids), *sorted(ids))]
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:6] = MAGIC_LABELS, VERSION_LABELS, len(values), len(documents), n_labels, int(multilabel)
+    _write_atomic(path, header.tobytes(), np.asarray(values, dtype="<i4"))
+
+
+LabelSidecar = namedtuple("LabelSidecar", "starts offsets ids n_labels multilabel")
+LabelSidecar.__doc__ = """A .labels file read: document i starts at token starts[i] of its shard
+and has the label ids ids[offsets[i]:offsets[i+1]] (int64 arrays)."""
+
+
+def read_labels(path, shard_tokens):
+    """The LabelSidecar of a .labels file beside a shard of shard_tokens tokens, checked through."""
+    magic, _, count, _ = read_header(path)
+    if magic != MAGIC_LABELS:
+        raise ShardError(f"{path}: magic {magic} is not a labels file's ({MAGIC_LABELS})")
+    with open(path, "rb") as f:
+        n_docs, n_labels, multilabel = (int(v) for v in np.frombuffer(f.read(24), dtype="<i4")[3:6])
+    values = np.asarray(open_shard(path), dtype=np.int64)
+    starts, offsets, ids, at = [], [0], [], 0
+    while at < count and len(starts) < n_docs:
+        k = int(values[at + 1]) if at + 1 < count else -1
+        if k < 0 or at + 2 + k > count or (not multilabel and k != 1):
+            raise ShardError(f"{path}: document {len(starts)} has a bad label count {k}")
+        starts.append(int(values[at]))
+        ids.append(values[at + 2:at + 2 + k])
+        offsets.append(offsets[-1] + k)
+        at += 2 + k
+    ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    if at != count or len(starts) != n_docs:
+        raise ShardError(f"{path}: {n_docs} documents in the header, but the values hold {len(starts)} "
+                         f"and {count - at} values more")
+    if np.any(np.diff(starts) <= 0) or (starts and not 0 <= starts[0] <= starts[-1] < shard_tokens):
+        raise ShardError(f"{path}: document starts are not increasing offsets inside the shard's {shard_tokens} tokens")
+    if ids.size and (ids.min() < 0 or ids.max() >= n_labels):
+        raise ShardError(f"{path}: label id {int(ids.max() if ids.max() >= n_labels else ids.min())} "
+                         f"outside the {n_labels} labels")
+    return LabelSidecar(np.asarray(starts, np.int64), np.asarray(offsets, np.int64), ids, n_labels, bool(multilabel))
+
+
 def open_shard(path):
     """The payload of a shard, mask or docs file as a read-only memmap (header checked)."""
     _, _, count, dtype = read_header(path)
@@ -146,7 +209,17 @@ def load_meta(data_dir, infer=True):
         jsonfile.field(listed, "shards", list, f"{path}: splits.{split}", ShardError)
     jsonfile.field(splits, "train", dict, f"{path}: splits", ShardError)
     jsonfile.field(meta, "tokenizer", dict, path, ShardError, default={})
+    if meta.get("has_labels"):
+        _check_label_meta(meta, path)
     return meta
+
+
+def _check_label_meta(meta, path):
+    """A labelled dataset's vocabulary: distinct non-empty names, and whether it is multilabel."""
+    names = jsonfile.field(meta, "labels", list, path, ShardError)
+    if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise ShardError(f"{path}: 'labels' must be distinct non-empty strings")
+    jsonfile.field(meta, "multilabel", bool, path, ShardError)
 
 
 def infer_meta(data_dir):
@@ -200,6 +273,35 @@ def shard_paths(data_dir, meta, split):
         out.append((path, stem + ".mask" if meta.get("has_mask") else None,
                     stem + ".docs" if meta.get("has_docs") else None))
     return out
+
+
+def label_paths(data_dir, meta, split):
+    """The .labels file beside each shard of a split (shard_paths' order)."""
+    return [path[: -len(".bin")] + ".labels" for path, _, _ in shard_paths(data_dir, meta, split)]
+
+
+def split_labels(data_dir, meta, split):
+    """(starts, offsets, ids) of every document of a labelled split, starts counted in the split's
+    concatenated stream: document i is tokens [starts[i], starts[i+1]) (the last one runs to the
+    end) with label ids ids[offsets[i]:offsets[i+1]]. Checks the .labels files against meta.json."""
+    if not meta.get("has_labels"):
+        raise ShardError(f"{os.path.join(data_dir, 'meta.json')}: these shards have no labels "
+                         f"(made by data.prepare from records without a label field)")
+    starts, offsets, ids, base = [], [np.zeros(1, np.int64)], [], 0
+    for path, label_path in zip([p for p, _, _ in shard_paths(data_dir, meta, split)], label_paths(data_dir, meta, split)):
+        count = read_header(path)[2]
+        side = read_labels(label_path, count)
+        if side.n_labels != len(meta["labels"]) or side.multilabel != meta["multilabel"]:
+            raise ShardError(f"{label_path}: {side.n_labels} labels, multilabel {side.multilabel}; meta.json says "
+                             f"{len(meta['labels'])}, multilabel {meta['multilabel']}")
+        starts.append(side.starts + base)
+        offsets.append(side.offsets[1:] + offsets[-1][-1])
+        ids.append(side.ids)
+        base += count
+    starts = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+    if base and (not starts.size or starts[0] != 0):
+        raise ShardError(f"{label_paths(data_dir, meta, split)[0]}: the split's first token does not start a document")
+    return starts, np.concatenate(offsets), np.concatenate(ids) if ids else np.zeros(0, np.int64)
 
 
 def _check_sidecar(path, magic, what, count, shard_path):
@@ -262,6 +364,8 @@ def validate(data_dir, split=None, vocab_size=None, tokenizer_sha256=None, token
                 docs = _check_sidecar(docs_path, MAGIC_DOCS, "docs", count, path)
                 if k == 0 and count and docs[0] != 1:
                     raise ShardError(f"{docs_path}: the split's first token does not start a document")
+        if meta.get("has_labels"):
+            split_labels(data_dir, meta, name)
     return meta
 
 
@@ -278,6 +382,30 @@ def _vocabulary_for_inferred(data_dir, meta, vocab_size):
         raise ShardError(f"{data_dir}: uint16 shards (llm.c's GPT-2 ones?) cannot hold the ids of a "
                          f"{vocab_size}-token vocabulary; use shards made with this tokenizer")
     meta["vocab_size"] = vocab_size
+
+
+def open_split(data_dir, meta, split):
+    """([tokens], [mask or None], [docs or None]) of a split's shards, as read-only memmaps."""
+    tokens, masks, docs = [], [], []
+    for path, mask_path, docs_path in shard_paths(data_dir, meta, split):
+        tokens.append(open_shard(path))
+        for side_path, sides in ((mask_path, masks), (docs_path, docs)):
+            sides.append(open_shard(side_path) if side_path else None)
+            if side_path and len(sides[-1]) != len(tokens[-1]):
+                raise ShardError(f"{side_path}: length differs from {path}")
+    return tokens, masks, docs
+
+
+def read_stream(arrays, starts, start, n):
+    """n items at offset start of the stream that is arrays (one per shard, shard i beginning at
+    starts[i]) end to end, crossing shard boundaries."""
+    parts, i = [], int(np.searchsorted(starts, start, side="right")) - 1
+    while n > 0:
+        lo = start - starts[i]
+        chunk = arrays[i][lo : lo + n]
+        parts.append(chunk)
+        start, n, i = start + len(chunk), n - len(chunk), i + 1
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 Batch = namedtuple("Batch", "inputs targets positions")
@@ -322,13 +450,7 @@ class DataLoader:
         self.shuffle = (split == "train") if shuffle is None else shuffle
         meta = load_meta(data_dir)
         self.bos_id = meta["bos_id"]
-        self.tokens, self.masks, self.docs = [], [], []
-        for path, mask_path, docs_path in shard_paths(data_dir, meta, split):
-            self.tokens.append(open_shard(path))
-            for side_path, sides in ((mask_path, self.masks), (docs_path, self.docs)):
-                sides.append(open_shard(side_path) if side_path else None)
-                if side_path and len(sides[-1]) != len(self.tokens[-1]):
-                    raise ShardError(f"{side_path}: length differs from {path}")
+        self.tokens, self.masks, self.docs = open_split(data_dir, meta, split)
         # starts[i] = offset of shard i in the concatenated stream
         self.starts = np.cumsum([0] + [len(t) for t in self.tokens])
         self.n_tokens = int(self.starts[-1])
@@ -348,14 +470,7 @@ class DataLoader:
         return self._orders[epoch]
 
     def _read(self, arrays, start, n):
-        """n items from the concatenated stream at start, crossing shard boundaries."""
-        parts, i = [], int(np.searchsorted(self.starts, start, side="right")) - 1
-        while n > 0:
-            lo = start - self.starts[i]
-            chunk = arrays[i][lo : lo + n]
-            parts.append(chunk)
-            start, n, i = start + len(chunk), n - len(chunk), i + 1
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return read_stream(arrays, self.starts, start, n)
 
     def window(self, g):
         """(tokens, mask or None, docs or None) of global sequence g: seq_len + 1 items each."""
