@@ -516,3 +516,143 @@ class DataLoader:
             if state[key] != getattr(self, key):
                 raise ShardError(f"{self.data_dir}: cannot resume: saved {key}={state[key]!r}, now {getattr(self, key)!r}")
         self.seq = int(state["seq"])
+
+
+LabelBatch = namedtuple("LabelBatch", "inputs positions valid rows last labels documents")
+LabelBatch.__doc__ = """One batch of LabelledLoader: inputs, positions (int64) and valid (bool), all
+(batch_size, seq_len); then per document of the batch, row by row and left to right: rows (its
+row), last (the column of its last token, EOS), labels (single-label: int64 (n_docs,) label ids;
+multilabel: float32 multi-hot (n_docs, n_labels)), documents (its index in the split)."""
+
+
+class LabelledLoader:
+    """Deterministic, resumable batches of whole labelled documents (see the labelled shards above).
+
+    Epoch e takes the split's documents in a permutation seeded by (seed, e) (train) or in order
+    (val) and lays them into rows of seq_len: packed, each row takes documents while the next one
+    fits (next-fit, so a row never splits a document), or padded, one document per row. Rows are
+    numbered across epochs; as in DataLoader, one counter `seq` shared by all ranks: next_batch()
+    takes the global rows seq + i*world_size + rank, i < batch_size, and advances seq by
+    world_size*batch_size. So the global batch of a step is the same set of rows (and documents)
+    for any world size and micro-steps with the same world_size*batch_size*grad_accum.
+
+    In a row, positions count 0, 1, ... from each document's start; the padding after the last
+    document holds pad_id (the EOS id) and is one more document of its own (positions from 0), so
+    a document mask built from positions == 0 keeps it apart; valid is False there. A document
+    longer than seq_len cannot be placed: the loader refuses the split (prepare with --max_len).
+    state_dict() holds `seq`; restoring it continues with the very next row.
+    """
+
+    def __init__(self, data_dir, split, batch_size, seq_len, rank=0, world_size=1, seed=0, shuffle=None,
+                 padded=False):
+        import torch  # imported here so data.prepare (which uses this module's format code) starts fast
+
+        self._torch = torch
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        self.data_dir, self.split, self.batch_size, self.seq_len = data_dir, split, batch_size, seq_len
+        self.rank, self.world_size, self.seed, self.padded = rank, world_size, seed, padded
+        self.shuffle = (split == "train") if shuffle is None else shuffle
+        meta = load_meta(data_dir)
+        self.labels, self.multilabel, self.pad_id = meta["labels"], meta["multilabel"], meta["eos_id"]
+        self.tokens, _, _ = open_split(data_dir, meta, split)
+        self.starts = np.cumsum([0] + [len(t) for t in self.tokens])
+        self.doc_starts, self.label_offsets, self.label_ids = split_labels(data_dir, meta, split)
+        self.doc_lengths = np.diff(np.append(self.doc_starts, self.starts[-1]))
+        self.n_documents = len(self.doc_starts)
+        if self.n_documents == 0:
+            raise ShardError(f"{data_dir}: split '{split}' has no documents")
+        self._check_lengths(meta)
+        self.seq, self._epochs, self._epoch_starts = 0, {}, [0]
+
+    def _check_lengths(self, meta):
+        max_len, longest = meta.get("max_len"), int(self.doc_lengths.max())
+        if max_len is not None and max_len > self.seq_len:
+            raise ShardError(f"{self.data_dir}: documents were cut to --max_len {max_len} tokens, more than "
+                             f"seq_len {self.seq_len}; prepare with --max_len {self.seq_len} or raise seq_len")
+        if longest > self.seq_len:
+            raise ShardError(f"{self.data_dir}: split '{self.split}' has a document of {longest} tokens, more than "
+                             f"seq_len {self.seq_len}; prepare with --max_len {self.seq_len} or raise seq_len")
+
+    def epoch_rows(self, epoch):
+        """The rows of an epoch: a list of arrays of document indices, in row order."""
+        if epoch not in self._epochs:
+            if len(self._epochs) >= 2:  # a batch spans at most two epochs
+                self._epochs.pop(min(self._epochs))
+            order = (np.random.default_rng([self.seed, epoch]).permutation(self.n_documents) if self.shuffle
+                     else np.arange(self.n_documents))
+            self._epochs[epoch] = [order[i:i + 1] for i in range(len(order))] if self.padded else self._pack(order)
+        return self._epochs[epoch]
+
+    def _pack(self, order):
+        rows, begin, used = [], 0, 0
+        for i, length in enumerate(self.doc_lengths[order]):
+            if used + length > self.seq_len:
+                rows.append(order[begin:i])
+                begin, used = i, 0
+            used += length
+        return rows + [order[begin:]]
+
+    def locate(self, g):
+        """(epoch, row within it) of global row g. Epoch sizes vary with the packing: their
+        boundaries are kept, each epoch packed once on the way."""
+        while g >= self._epoch_starts[-1]:
+            self._epoch_starts.append(self._epoch_starts[-1] + len(self.epoch_rows(len(self._epoch_starts) - 1)))
+        epoch = int(np.searchsorted(self._epoch_starts, g, side="right")) - 1
+        return epoch, g - self._epoch_starts[epoch]
+
+    @property
+    def epoch(self):
+        """The epoch of the next row (train.py's --epochs counts these)."""
+        return self.locate(self.seq)[0]
+
+    def next_batch(self):
+        B, T = self.batch_size, self.seq_len
+        inputs = np.full((B, T), self.pad_id, dtype=np.int64)
+        positions, valid = np.zeros((B, T), dtype=np.int64), np.zeros((B, T), dtype=bool)
+        rows, last, documents = [], [], []
+        for i in range(B):
+            epoch, row = self.locate(self.seq + i * self.world_size + self.rank)
+            column = 0
+            for doc in self.epoch_rows(epoch)[row]:
+                n = int(self.doc_lengths[doc])
+                inputs[i, column:column + n] = read_stream(self.tokens, self.starts, int(self.doc_starts[doc]), n)
+                positions[i, column:column + n] = np.arange(n)
+                valid[i, column:column + n] = True
+                rows.append(i)
+                last.append(column + n - 1)
+                documents.append(int(doc))
+                column += n
+            positions[i, column:] = np.arange(T - column)  # the padding: a document of its own
+        self.seq += B * self.world_size
+        t = self._torch
+        return LabelBatch(t.from_numpy(inputs), t.from_numpy(positions), t.from_numpy(valid), t.tensor(rows, dtype=t.long),
+                          t.tensor(last, dtype=t.long), self.label_tensor(documents), t.tensor(documents, dtype=t.long))
+
+    def label_ids_of(self, doc):
+        return self.label_ids[self.label_offsets[doc]:self.label_offsets[doc + 1]]
+
+    def label_tensor(self, documents):
+        """Single-label: int64 (n,) ids; multilabel: float32 multi-hot (n, n_labels)."""
+        t = self._torch
+        if not self.multilabel:
+            return t.tensor([int(self.label_ids_of(d)[0]) for d in documents], dtype=t.long)
+        hot = t.zeros(len(documents), len(self.labels))
+        for i, doc in enumerate(documents):
+            hot[i, t.from_numpy(self.label_ids_of(doc))] = 1.0
+        return hot
+
+    def reset(self):
+        """Back to the first row (for repeated evaluation over the val split)."""
+        self.seq = 0
+
+    def state_dict(self):
+        return {"seq": self.seq, "split": self.split, "seq_len": self.seq_len, "n_documents": self.n_documents,
+                "seed": self.seed, "shuffle": self.shuffle, "padded": self.padded}
+
+    def load_state_dict(self, state):
+        for key in ("split", "seq_len", "n_documents", "seed", "shuffle", "padded"):
+            if state.get(key) != getattr(self, key):
+                raise ShardError(f"{self.data_dir}: cannot resume: saved {key}={state.get(key)!r}, "
+                                 f"now {getattr(self, key)!r}")
+        self.seq = int(state["seq"])
