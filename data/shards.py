@@ -554,10 +554,10 @@ class LabelledLoader:
         self.rank, self.world_size, self.seed, self.padded = rank, world_size, seed, padded
         self.shuffle = (split == "train") if shuffle is None else shuffle
         meta = load_meta(data_dir)
+        self.doc_starts, self.label_offsets, self.label_ids = split_labels(data_dir, meta, split)
         self.labels, self.multilabel, self.pad_id = meta["labels"], meta["multilabel"], meta["eos_id"]
         self.tokens, _, _ = open_split(data_dir, meta, split)
         self.starts = np.cumsum([0] + [len(t) for t in self.tokens])
-        self.doc_starts, self.label_offsets, self.label_ids = split_labels(data_dir, meta, split)
         self.doc_lengths = np.diff(np.append(self.doc_starts, self.starts[-1]))
         self.n_documents = len(self.doc_starts)
         if self.n_documents == 0:
