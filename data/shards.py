@@ -287,7 +287,7 @@ def split_labels(data_dir, meta, split):
     if not meta.get("has_labels"):
         raise ShardError(f"{os.path.join(data_dir, 'meta.json')}: these shards have no labels "
                          f"(made by data.prepare from records without a label field)")
-    starts, offsets, ids, base = [], [np.zeros(1, np.int64)], [], 0
+    starts, offsets, ids, base, n_ids = [], [np.zeros(1, np.int64)], [], 0, 0
     for path, label_path in zip([p for p, _, _ in shard_paths(data_dir, meta, split)], label_paths(data_dir, meta, split)):
         count = read_header(path)[2]
         side = read_labels(label_path, count)
@@ -295,8 +295,9 @@ def split_labels(data_dir, meta, split):
             raise ShardError(f"{label_path}: {side.n_labels} labels, multilabel {side.multilabel}; meta.json says "
                              f"{len(meta['labels'])}, multilabel {meta['multilabel']}")
         starts.append(side.starts + base)
-        offsets.append(side.offsets[1:] + offsets[-1][-1])
+        offsets.append(side.offsets[1:] + n_ids)  # a shard may have no document starting in it
         ids.append(side.ids)
+        n_ids += len(side.ids)
         base += count
     starts = np.concatenate(starts) if starts else np.zeros(0, np.int64)
     if base and (not starts.size or starts[0] != 0):
