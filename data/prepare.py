@@ -29,6 +29,13 @@ files are exactly as before. meta.json says which: "has_mask", "has_docs".
 Shards hold exactly --shard_tokens tokens (the last one fewer): documents run across shard
 boundaries, and each mask and docs file matches its shard token for token.
 
+Labelled records (a "label" or "labels" field in JSON, or --label_column NAME in any record file;
+--label_separator SEP splits a cell into a list) make labelled shards: each record is one text
+document, and a .labels sidecar beside each shard lists each document's labels (data/shards.py);
+the rules (single- or multilabel, integer labels, the vocabulary's order) are Labelling's.
+--max_len N cuts every document to N tokens, keeping its start (or its end with --truncate end)
+and its BOS and EOS; the summary and meta.json ("truncated_documents") count the cut ones.
+
 Each document goes to val when a seeded hash of its content falls below --val_fraction, so the
 split streams, does not depend on --workers, and exact duplicates never straddle it. If that
 leaves a split empty, the document nearest the threshold is moved over; if the whole input is
@@ -225,8 +232,8 @@ class Labelling:
 
     def names_of(self, rec, doc, where):
         """The label names of a record (RecordError naming where for a bad one), None when unlabelled."""
-        if self.labelled is None:
-            self.labelled = "label" in rec or "labels" in rec
+        if self.labelled is None:  # an instruction or chat record's "label" field is none of ours
+            self.labelled = doc.kind == "text" and ("label" in rec or "labels" in rec)
         if not self.labelled:
             return None
         if doc.kind != "text":

@@ -300,6 +300,10 @@ def split_labels(data_dir, meta, split):
         n_ids += len(side.ids)
         base += count
     starts = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+    listed = meta["splits"][split].get("documents", len(starts))
+    if listed != len(starts):
+        raise ShardError(f"{os.path.join(data_dir, 'meta.json')}: split '{split}' has {listed!r} documents, "
+                         f"its .labels files {len(starts)}")
     if base and (not starts.size or starts[0] != 0):
         raise ShardError(f"{label_paths(data_dir, meta, split)[0]}: the split's first token does not start a document")
     return starts, np.concatenate(offsets), np.concatenate(ids) if ids else np.zeros(0, np.int64)
@@ -519,11 +523,12 @@ class DataLoader:
         self.seq = int(state["seq"])
 
 
-LabelBatch = namedtuple("LabelBatch", "inputs positions valid rows last labels documents")
+LabelBatch = namedtuple("LabelBatch", "inputs positions valid rows last labels documents epochs")
 LabelBatch.__doc__ = """One batch of LabelledLoader: inputs, positions (int64) and valid (bool), all
 (batch_size, seq_len); then per document of the batch, row by row and left to right: rows (its
 row), last (the column of its last token, EOS), labels (single-label: int64 (n_docs,) label ids;
-multilabel: float32 multi-hot (n_docs, n_labels)), documents (its index in the split)."""
+multilabel: float32 multi-hot (n_docs, n_labels)), documents (its index in the split), epochs (the
+epoch its row belongs to: one pass over val keeps those of epoch 0)."""
 
 
 class LabelledLoader:
@@ -541,7 +546,9 @@ class LabelledLoader:
     document holds pad_id (the EOS id) and is one more document of its own (positions from 0), so
     a document mask built from positions == 0 keeps it apart; valid is False there. A document
     longer than seq_len cannot be placed: the loader refuses the split (prepare with --max_len).
-    state_dict() holds `seq`; restoring it continues with the very next row.
+    state_dict() holds `seq`; restoring it continues with the very next row. One pass over a split
+    (evaluation): reset(), then ceil(len(epoch_rows(0)) / (batch_size * world_size)) batches, keeping
+    the documents whose epochs entry is 0 (the last batch may run into epoch 1).
     """
 
     def __init__(self, data_dir, split, batch_size, seq_len, rank=0, world_size=1, seed=0, shuffle=None,
@@ -611,7 +618,7 @@ class LabelledLoader:
         B, T = self.batch_size, self.seq_len
         inputs = np.full((B, T), self.pad_id, dtype=np.int64)
         positions, valid = np.zeros((B, T), dtype=np.int64), np.zeros((B, T), dtype=bool)
-        rows, last, documents = [], [], []
+        rows, last, documents, epochs = [], [], [], []
         for i in range(B):
             epoch, row = self.locate(self.seq + i * self.world_size + self.rank)
             column = 0
@@ -623,12 +630,14 @@ class LabelledLoader:
                 rows.append(i)
                 last.append(column + n - 1)
                 documents.append(int(doc))
+                epochs.append(epoch)
                 column += n
             positions[i, column:] = np.arange(T - column)  # the padding: a document of its own
         self.seq += B * self.world_size
         t = self._torch
         return LabelBatch(t.from_numpy(inputs), t.from_numpy(positions), t.from_numpy(valid), t.tensor(rows, dtype=t.long),
-                          t.tensor(last, dtype=t.long), self.label_tensor(documents), t.tensor(documents, dtype=t.long))
+                          t.tensor(last, dtype=t.long), self.label_tensor(documents), t.tensor(documents, dtype=t.long),
+                          t.tensor(epochs, dtype=t.long))
 
     def label_ids_of(self, doc):
         return self.label_ids[self.label_offsets[doc]:self.label_offsets[doc + 1]]

@@ -269,7 +269,7 @@ def loader_documents(loader, n_batches):
     for _ in range(n_batches):
         b = loader.next_batch()
         assert b.inputs.shape == b.positions.shape == b.valid.shape == (loader.batch_size, loader.seq_len)
-        first = 0
+        assert b.rows.shape == b.last.shape == b.documents.shape == b.epochs.shape == (len(b.labels),)
         for k, (row, last, doc) in enumerate(zip(b.rows.tolist(), b.last.tolist(), b.documents.tolist())):
             n = int(loader.doc_lengths[doc])
             first = 0 if k == 0 or row != b.rows[k - 1] else b.last[k - 1].item() + 1
@@ -292,6 +292,8 @@ def test_loader_reproduces_every_document_and_its_labels(single, multi, padded):
         loader = LabelledLoader(str(out), "val", 4, 96, padded=padded)
         rows = len(loader.epoch_rows(0))
         seen = loader_documents(loader, -(-rows // 4))[: loader.n_documents]
+        loader.seq -= 4  # the last batch again: what ran into epoch 1 is marked so
+        assert loader.next_batch().epochs.tolist()[-1] == (1 if rows % 4 else 0)
         assert sorted(doc for doc, _, _ in seen) == list(range(loader.n_documents))  # val: each once, in order
         for _, ids, label in seen:
             if loader.multilabel:
