@@ -29,6 +29,13 @@ files are exactly as before. meta.json says which: "has_mask", "has_docs".
 Shards hold exactly --shard_tokens tokens (the last one fewer): documents run across shard
 boundaries, and each mask and docs file matches its shard token for token.
 
+Labelled records (a "label" or "labels" field in JSON, or --label_column NAME in any record file;
+--label_separator SEP splits a cell into a list) make labelled shards: each record is one text
+document, and a .labels sidecar beside each shard lists each document's labels (data/shards.py);
+the rules (single- or multilabel, integer labels, the vocabulary's order) are Labelling's.
+--max_len N cuts every document to N tokens, keeping its start (or its end with --truncate end)
+and its BOS and EOS; the summary and meta.json ("truncated_documents") count the cut ones.
+
 Each document goes to val when a seeded hash of its content falls below --val_fraction, so the
 split streams, does not depend on --workers, and exact duplicates never straddle it. If that
 leaves a split empty, the document nearest the threshold is moved over; if the whole input is
@@ -47,7 +54,7 @@ import shutil
 import signal
 import sys
 import time
-from collections import deque
+from collections import deque, namedtuple
 
 import numpy as np
 import sentencepiece
@@ -55,8 +62,8 @@ import sentencepiece
 import atomic
 from cli import UsageError, UserError, at_least, command_line, interval, non_empty, one_of, positive, run
 from data import shards
-from data.records import (DECOMPRESS_ERRORS, RECORD_KINDS, Doc, RecordError, corrupt, file_kind, is_table, open_text,
-                          read_records, record_to_doc)
+from data.records import (DECOMPRESS_ERRORS, RECORD_KINDS, Doc, RecordError, corrupt, file_kind, is_table, label_field,
+                          label_names, open_text, read_records, record_to_doc)
 from tokenizer import TokenizerError, load as load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,8 +143,9 @@ class Corpus:
     columns: [(record field, column)] for CSV/TSV/Parquet files (None: the header's own names);
     doc_separator: a regex that splits text files into documents (None: one document a file)."""
 
-    def __init__(self, path, fmt="auto", skip_bad=False, columns=None, doc_separator=None):
+    def __init__(self, path, fmt="auto", skip_bad=False, columns=None, doc_separator=None, labelling=None):
         self.files, self.fmt, self.skip_bad = list_files(path, tables=bool(columns)), fmt, skip_bad
+        self.labelling = labelling or Labelling()
         self.columns, self.separator = columns, doc_separator and re.compile(doc_separator)
         self.skipped = 0
         if columns and not any(is_table(f) for f in self.files):
@@ -169,7 +177,9 @@ class Corpus:
     def _record_docs(self, path, quiet):
         for where, rec in read_records(path, self.columns, self.fmt, lambda error: self.skip(error, quiet)):
             try:
-                yield record_to_doc(rec, self.fmt, where)
+                doc = record_to_doc(rec, self.fmt, where)
+                names = self.labelling.names_of(rec, doc, where)
+                yield doc if names is None else LabelledDoc(*doc, names)
             except RecordError as e:
                 self.skip(e, quiet)
 
@@ -194,6 +204,77 @@ class Corpus:
 
 
 # ---------------------------------------------------------------------------------------------
+# labelled records (format of the shards' .labels sidecar: data/shards.py)
+
+# A labelled record's text document and its label names (a tuple; empty for a multilabel record
+# with no labels). Its first three fields are a Doc's, so the tokenizing path takes it as one.
+LabelledDoc = namedtuple("LabelledDoc", Doc._fields + ("labels",))
+
+
+class Labelling:
+    """The label rules of a run, and what its records showed so far.
+
+    A run is labelled when --label_column, --label_separator or --labels is given, or else when its
+    first record has a "label" or "labels" field; then every record must carry its labels. It is
+    multilabel when --label_separator is given, or else as its first labelled record says (a list
+    of labels, "labels": [...]); then a record of the other kind is a bad record. Integer labels are
+    label names as text (7 and "7" are one label). The vocabulary is --labels in its order (a label
+    outside it is a bad record), or else every label seen, sorted as strings (so it does not depend
+    on the records' order). max_len / truncate: each document is cut to max_len tokens (documents
+    keep their BOS and EOS), keeping its start, or its end with truncate "end"."""
+
+    def __init__(self, column=None, separator=None, fixed=None, max_len=None, truncate="start"):
+        self.column, self.separator, self.fixed = column, separator, fixed
+        self.max_len, self.truncate, self.cut = max_len, truncate, 0
+        self.labelled = True if (column or separator or fixed) else None  # None: the first record decides
+        self.multilabel = True if separator else None
+        self.ids = {name: i for i, name in enumerate(fixed or ())}  # name -> id (first-seen order unless fixed)
+
+    def names_of(self, rec, doc, where):
+        """The label names of a record (RecordError naming where for a bad one), None when unlabelled."""
+        if self.labelled is None:  # an instruction or chat record's "label" field is none of ours
+            self.labelled = doc.kind == "text" and ("label" in rec or "labels" in rec)
+        if not self.labelled:
+            return None
+        if doc.kind != "text":
+            raise RecordError(f"{where}: a labelled record is a text record ('text' and its label), not {doc.kind}")
+        field = label_field(rec, self.column, where)
+        names, is_list = label_names(rec[field], where, field, self.separator)
+        if self.multilabel is None:
+            self.multilabel = is_list
+        if is_list != self.multilabel:
+            raise RecordError(f"{where}: {'a list of labels in a single-label' if is_list else 'one label in a multilabel'} "
+                              f"dataset (field '{field}'); every record holds one label or every record a list")
+        unknown = [name for name in names if self.fixed and name not in self.ids]
+        if unknown:
+            raise RecordError(f"{where}: label {unknown[0]!r} is not one of --labels {','.join(self.fixed)}")
+        return tuple(dict.fromkeys(names))
+
+    def intern(self, names):
+        """Label ids of names, in first-seen order until final() renumbers them."""
+        return [self.ids.setdefault(name, len(self.ids)) for name in names]
+
+    def final(self):
+        """(vocabulary, old id -> final id array): --labels' order, or sorted."""
+        names = list(self.fixed) if self.fixed else sorted(self.ids)
+        remap = np.zeros(len(self.ids), dtype=np.int64)
+        for new, name in enumerate(names):
+            remap[self.ids[name]] = new
+        return names, remap
+
+    def shorten(self, ids, mask):
+        """A document cut to max_len tokens, its first (BOS) and last (EOS) kept; counted in self.cut."""
+        if not self.max_len or len(ids) <= self.max_len:
+            return ids, mask
+        self.cut += 1
+        keep = self.max_len - 2
+        middle = slice(1, 1 + keep) if self.truncate == "start" else slice(len(ids) - 1 - keep, len(ids) - 1)
+        ends = [0], [len(ids) - 1]
+        picked = np.concatenate([ends[0], np.arange(len(ids))[middle], ends[1]])
+        return ids[picked], mask[picked]
+
+
+# ---------------------------------------------------------------------------------------------
 # the ICD-10-CM demo corpus
 
 
@@ -201,7 +282,7 @@ class DemoCorpus(Corpus):
     """One document per ICD-10-CM code (chapters, blocks, categories, subcategories)."""
 
     def __init__(self):
-        self.skip_bad, self.skipped = False, 0
+        self.skip_bad, self.skipped, self.labelling = False, 0, Labelling()
 
     def docs(self, quiet=False):
         import simple_icd_10_cm as icd
@@ -351,8 +432,11 @@ class SplitWriter:
         self.shards, self.documents, self.tokens, self.masked = [], 0, 0, 0
         self.files, self.count = None, 0
         self.buffer, self.buffered, self.buffer_tokens = [], 0, buffer_tokens
+        self.doc_labels = []  # (start token in the split, label ids) of each labelled document
 
-    def add(self, ids, mask, masked):
+    def add(self, ids, mask, masked, labels=None):
+        if labels is not None:
+            self.doc_labels.append((self.tokens, labels))
         self.documents += 1
         self.tokens += len(ids)
         self.masked += masked
@@ -492,6 +576,10 @@ def prepare(corpus, out, tokenizer_path=None, vocab_size=None, val_fraction=0.00
         stats, kinds = _write_splits(tmp, corpus, docs, tok, workers, seed, val_fraction, shard_tokens)
         meta = _meta(tok, source, stats, kinds, corpus.skipped, val_fraction, seed, shard_tokens, command)
         meta["duplicates_dropped"] = dropped[0] if dedup else None  # None: --dedup was not asked for
+        meta.update(getattr(corpus.labelling, "meta", {}))
+        if corpus.labelling.max_len:
+            meta.update(max_len=corpus.labelling.max_len, truncate=corpus.labelling.truncate,
+                        truncated_documents=corpus.labelling.cut)
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=2)
         result.update(meta=meta, t_tok=t_tok)
@@ -502,9 +590,20 @@ def prepare(corpus, out, tokenizer_path=None, vocab_size=None, val_fraction=0.00
     dropped = "" if meta["duplicates_dropped"] is None else f"{meta['duplicates_dropped']:,} duplicates dropped; "
     log(f"wrote {out}: train {tr['tokens']:,} tokens / {tr['documents']:,} docs in {len(tr['shards'])} shard(s), "
         f"val {va['tokens']:,} tokens / {va['documents']:,} docs; {meta['masked_tokens']:,} masked tokens; "
-        f"{corpus.skipped} skipped records; {dropped}{t_end - t0:.1f}s in all, "
+        f"{corpus.skipped} skipped records; {dropped}{_labels_said(meta)}{t_end - t0:.1f}s in all, "
         f"{meta['tokens'] / (t_end - result['t_tok']):,.0f} tokens/s tokenizing")
     return meta
+
+
+def _labels_said(meta):
+    """The summary's words on labels and cut documents ("" for neither)."""
+    said = ""
+    if meta.get("has_labels"):
+        said += f"{len(meta['labels']):,} labels ({'multilabel' if meta['multilabel'] else 'one per document'}); "
+    if meta.get("max_len"):
+        said += (f"{meta['truncated_documents']:,} documents cut to --max_len {meta['max_len']} "
+                 f"(keeping their {meta['truncate']}); ")
+    return said
 
 
 def _tokenizer_into(tmp, corpus, tokenizer_path, vocab_size, seed):
@@ -528,20 +627,24 @@ def _write_splits(tmp, corpus, docs, tok, workers, seed, val_fraction, shard_tok
     """Stream the corpus's docs through the tokenizer into train/val shards; returns (each split's stats,
     documents per record kind)."""
     writers = {s: SplitWriter(tmp, s, tok.n_words, shard_tokens) for s in shards.SPLITS}
+    labelling = corpus.labelling
     # Each split holds back its document nearest the threshold (train: lowest hash, val: highest)
     # so that one can be moved if the other split ends up empty.
     held, assigned = {"train": None, "val": None}, {"train": 0, "val": 0}
     kinds = {"text": 0, "instruct": 0, "chat": 0}
     done_docs, done_tokens, t_start, last_log = 0, 0, time.time(), time.time()
     for doc, u, ids, mask, masked, error in encode_all(docs, tok, workers, seed):
-        if error:
-            corpus.bad(doc.where, error, quiet=False)
+        if error or labelling.labelled and not isinstance(doc, LabelledDoc):
+            corpus.bad(doc.where, error or "no labels, in a labelled dataset", quiet=False)
             continue
         kinds[doc.kind] += 1
         split = "val" if u < val_fraction else "train"
         assigned[split] += 1
+        ids, mask = labelling.shorten(ids, mask)
+        masked = len(mask) - int(mask.sum())
         done_docs, done_tokens = done_docs + 1, done_tokens + len(ids)
-        item, h = (u, ids, mask, masked), held[split]
+        labels = labelling.intern(doc.labels) if isinstance(doc, LabelledDoc) else None
+        item, h = (u, ids, mask, masked, labels), held[split]
         if h is None or (u < h[0] if split == "train" else u > h[0]):
             held[split], item = item, h
         if item is not None:
@@ -552,8 +655,10 @@ def _write_splits(tmp, corpus, docs, tok, workers, seed, val_fraction, shard_tok
     total = sum(assigned.values())
     if total == 0:
         raise PrepareError("no documents in the input")
+    if total == 1 and labelling.labelled:
+        raise PrepareError("one labelled record in the input: a labelled dataset needs two or more (train and val)")
     if total == 1:  # nanoGPT's rule: the last val_fraction of the one document's tokens are val
-        _, ids, mask, _ = held["train"] or held["val"]
+        _, ids, mask, _, _ = held["train"] or held["val"]
         cut = min(len(ids) - 1, max(1, round(len(ids) * (1 - val_fraction))))
         log(f"one document in the input: its last {len(ids) - cut:,} of {len(ids):,} tokens are the val split")
         for split, part in (("train", slice(0, cut)), ("val", slice(cut, None))):
@@ -567,12 +672,36 @@ def _write_splits(tmp, corpus, docs, tok, workers, seed, val_fraction, shard_tok
         if h is not None:
             writers[split].add(*h[1:])
     stats = {s: w.finish() for s, w in writers.items()}
+    if labelling.labelled:
+        write_label_files(tmp, writers, labelling)
     if not any(st["masked_tokens"] for st in stats.values()):  # plain text: no sidecars at all
         for st in stats.values():
             for shard in st["shards"]:
                 for ext in SIDECARS:
                     os.remove(os.path.join(tmp, shard["file"][: -len(".bin")] + ext))
     return stats, kinds
+
+
+def write_label_files(tmp, writers, labelling):
+    """The .labels sidecar of every shard (data/shards.py), in the final vocabulary; sets
+    labelling.meta, meta.json's part: the vocabulary and each label's count per split."""
+    names, remap = labelling.final()
+    counts = {}
+    for split, writer in writers.items():
+        bounds = np.cumsum([0] + [shard["tokens"] for shard in writer.shards])
+        per_shard = [[] for _ in writer.shards]
+        count = np.zeros(len(names), dtype=np.int64)
+        for start, ids in writer.doc_labels:
+            k = int(np.searchsorted(bounds, start, side="right")) - 1
+            final = remap[ids] if ids else np.zeros(0, np.int64)
+            per_shard[k].append((start - int(bounds[k]), final.tolist()))
+            count[final] += 1
+        for shard, documents in zip(writer.shards, per_shard):
+            shards.write_labels(os.path.join(tmp, shard["file"][: -len(".bin")] + ".labels"), documents, len(names),
+                                bool(labelling.multilabel))
+        counts[split] = count.tolist()
+    labelling.meta = {"has_labels": True, "labels": names, "multilabel": bool(labelling.multilabel),
+                      "label_counts": counts}
 
 
 def _meta(tok, source, stats, kinds, skipped, val_fraction, seed, shard_tokens, command):
@@ -604,7 +733,8 @@ def _meta(tok, source, stats, kinds, skipped, val_fraction, seed, shard_tokens, 
 CHECKS = {"input": non_empty, "out": non_empty, "tokenizer": non_empty, "vocab_size": at_least(260),
           "text_column": non_empty, "columns": non_empty, "doc_separator": non_empty,
           "format": one_of("auto", "text", "jsonl", "instruct", "chat"), "val_fraction": interval("(0, 1)"),
-          "shard_tokens": positive, "workers": positive}
+          "shard_tokens": positive, "workers": positive, "label_column": non_empty, "label_separator": non_empty,
+          "labels": non_empty, "max_len": at_least(3), "truncate": one_of("start", "end")}
 
 
 def main(argv=None):
@@ -615,7 +745,9 @@ def main(argv=None):
 def cli_prepare(input: str = None, out: str = None, tokenizer: str = None, vocab_size: int = None,
                 format: str = "auto", val_fraction: float = 0.005, seed: int = 0, shard_tokens: int = 100_000_000,
                 skip_bad: bool = False, workers: int = None, overwrite: bool = False, demo: bool = False,
-                text_column: str = None, columns: str = None, doc_separator: str = None, dedup: bool = False):
+                text_column: str = None, columns: str = None, doc_separator: str = None, dedup: bool = False,
+                label_column: str = None, label_separator: str = None, labels: str = None, max_len: int = None,
+                truncate: str = None):
     """Tokenize a corpus into token shards (see data/prepare.py).
 
     Args:
@@ -639,6 +771,13 @@ def cli_prepare(input: str = None, out: str = None, tokenizer: str = None, vocab
         doc_separator: a regular expression that splits text files into documents, such as
             '\\n\\s*\\n' for a blank line (default: each text file is one document).
         dedup: drop exact duplicate documents (counted in the summary and meta.json).
+        label_column: the field or column holding each record's label(s) (JSON default: "label",
+            one, or "labels", a list); labelled records make labelled shards (data/shards.py).
+        label_separator: split each label cell into a list of labels (multilabel), e.g. ';'.
+        labels: the label vocabulary in order, comma-separated (default: the labels seen, sorted);
+            a record with another label is a bad record.
+        max_len: cut each document to this many tokens (BOS and EOS kept).
+        truncate: start keeps a cut document's start (default), end keeps its end.
     """
     if demo:
         if input:
@@ -651,15 +790,30 @@ def cli_prepare(input: str = None, out: str = None, tokenizer: str = None, vocab
     if bool(tokenizer) == bool(vocab_size):
         raise UsageError("give exactly one of --tokenizer and --vocab_size")
     record_columns = parse_columns(text_column, columns)
+    if label_column and record_columns:  # picked beside the text columns, under its own name
+        record_columns.append((label_column, label_column))
+    labelling = labelling_from_flags(label_column, label_separator, labels, max_len, truncate)
     if doc_separator:
         try:
             if re.compile(doc_separator).fullmatch(""):
                 raise UsageError(f"--doc_separator {doc_separator!r}: matches the empty string")
         except re.error as e:
             raise UsageError(f"--doc_separator {doc_separator!r}: not a regular expression ({e})") from None
-    corpus = DemoCorpus() if demo else Corpus(input, format, skip_bad, record_columns, doc_separator)
+    corpus = DemoCorpus() if demo else Corpus(input, format, skip_bad, record_columns, doc_separator, labelling)
     prepare(corpus, out, tokenizer_path=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction, seed=seed,
             shard_tokens=shard_tokens, workers=workers, overwrite=overwrite, command=command_line(), dedup=dedup)
+
+
+def labelling_from_flags(label_column, label_separator, labels, max_len, truncate):
+    """The Labelling of --label_column, --label_separator, --labels, --max_len and --truncate."""
+    if truncate and not max_len:
+        raise UsageError(f"--truncate {truncate}: needs --max_len (the length to cut documents to)")
+    fixed = None
+    if labels is not None:
+        fixed = [name.strip() for name in labels.split(",")]
+        if not all(fixed) or len(set(fixed)) != len(fixed):
+            raise UsageError(f"--labels {labels}: expected distinct, non-empty names, comma-separated")
+    return Labelling(label_column, label_separator, fixed, max_len, truncate or "start")
 
 
 def parse_columns(text_column, columns):

@@ -427,3 +427,45 @@ def need(record, name, where, kind=str):
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
         raise RecordError(f"{where}: field {name!r} should be {getattr(kind, '__name__', kind)}, got {value!r}")
     return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels: what a labelled record (data.prepare --label_column, or JSON "label" / "labels") says
+
+
+def label_names(value, where, field, separator=None):
+    """(names, is_list) of a record's label value. A string or an integer is one label, its text
+    (JSON 7 and "7" are the same label); a list is a set of labels (multilabel), and so is every
+    value when separator splits it (an empty cell, or a missing Parquet one, is the empty set).
+    Names are stripped of surrounding space."""
+    if isinstance(value, list):
+        return tuple(_label_name(v, where, field) for v in value), True
+    if separator is None:
+        return (_label_name(value, where, field),), False
+    if value is None or isinstance(value, str) and not value.strip():
+        return (), True
+    text = _label_name(value, where, field)
+    return tuple(part.strip() for part in text.split(separator) if part.strip()), True
+
+
+def _label_name(value, where, field):
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise RecordError(f"{where}: label {value!r} in field '{field}' is not a string or an integer")
+    name = str(value).strip()
+    if not name:
+        raise RecordError(f"{where}: empty label in field '{field}'")
+    return name
+
+
+def label_field(rec, label_column, where):
+    """The field of a record that holds its labels: --label_column, else "labels" (a list) or
+    "label" (one). RecordError for a record without it, or with both "label" and "labels"."""
+    if label_column is not None:
+        if label_column not in rec:
+            raise RecordError(f"{where}: no label field '{label_column}' (--label_column)")
+        return label_column
+    present = [key for key in ("labels", "label") if key in rec]
+    if len(present) != 1:
+        raise RecordError(f"{where}: {'both' if present else 'neither'} 'label' and 'labels' fields; a labelled "
+                          f"record has one of them")
+    return present[0]

@@ -7,6 +7,7 @@ little-endian int32 ([0] magic, [1] version, [2] token count), then the tokens.
     magic 20240801, version 7: uint32 tokens (Llama 3)
     magic 20241123, version 1: NAME.mask sidecar, one uint8 per token, 1 = training target
     magic 20241124, version 1: NAME.docs sidecar, one uint8 per token, 1 = a document starts here
+    magic 20241125, version 1: NAME.labels sidecar (labelled shards, below), int32 values
 
 A split is the concatenation of its shards in name order (train_000000.bin, train_000001.bin,
 ...); documents may run across a shard boundary. A dataset has mask files for every shard or
@@ -14,7 +15,25 @@ for none (none = every token is a target), and likewise docs files (none = a doc
 every BOS token). A document is a whole record: a text, an instruction record or a whole dialog.
 Docs files exist because BOS is not always a document start: Llama 2's chat layout puts a BOS
 before every exchange of a dialog. DIR/meta.json describes the whole thing ("has_mask",
-"has_docs").
+"has_docs", "has_labels").
+
+Labelled shards (data.prepare on records with labels): every record is one document, BOS text EOS,
+and each shard has a NAME.labels sidecar listing the documents that start in it. Its header is the
+usual 256 int32 with [2] = the number of int32 values after the header (so the file size checks
+as for the other files), [3] = the number of documents listed, [4] = the number of labels in the
+vocabulary, [5] = 1 for a multilabel dataset, 0 for a single-label one. Then, per document in
+token order, int32 values
+
+    start  k  id_1 ... id_k
+
+start: the token offset of its BOS in this shard; k: how many labels it has (always 1 when
+single-label; 0 or more when multilabel); ids: indices into meta.json's "labels", ascending. A
+document ends where the next one starts (in this shard or a later one) or at the end of the
+split, and may run across a shard boundary like any other. Sparse ids rather than a bitset: a
+clinical note carries a handful of ~1,300 ICD codes. meta.json holds "labels" (the vocabulary,
+sorted, or as --labels gave it), "multilabel", and "label_counts" {split: [documents carrying
+each label, in vocabulary order]}. Labelled shards are still plain text shards to DataLoader
+(no mask or docs files: a document starts at each BOS); LabelledLoader reads the labels.
 
 A directory of llm.c / nano-llama31 shards has no meta.json (say fineweb_train_000001.bin,
 fineweb_val_000000.bin): infer_meta reads it as it is. The splits come from "train" / "val" in
@@ -38,16 +57,18 @@ MAGIC_U16, VERSION_U16 = 20240520, 1
 MAGIC_U32, VERSION_U32 = 20240801, 7
 MAGIC_MASK, VERSION_MASK = 20241123, 1
 MAGIC_DOCS, VERSION_DOCS = 20241124, 1
+MAGIC_LABELS, VERSION_LABELS = 20241125, 1
 # (magic, version) -> element type of the payload
 FORMATS = {
     (MAGIC_U16, VERSION_U16): np.dtype("<u2"),
     (MAGIC_U32, VERSION_U32): np.dtype("<u4"),
     (MAGIC_MASK, VERSION_MASK): np.dtype("u1"),
     (MAGIC_DOCS, VERSION_DOCS): np.dtype("u1"),
+    (MAGIC_LABELS, VERSION_LABELS): np.dtype("<i4"),
 }
 SPLITS = ("train", "val")
 # The files a shard directory consists of (data.prepare's and llm.c's), which no output replaces.
-SHARD_FILES = ("*.bin", "*.mask", "*.docs", "meta.json", "tokenizer.model")
+SHARD_FILES = ("*.bin", "*.mask", "*.docs", "*.labels", "meta.json", "tokenizer.model")
 # llm.c / nano-llama31 shard names: the split is a word of the name (tinyshakespeare_val.bin)
 SPLIT_IN_NAME = re.compile(r"(?:^|[_.-])(train|val)(?:[_.-]|$)")
 
@@ -118,6 +139,48 @@ def write_docs(path, docs):
     _write_atomic(path, make_header(MAGIC_DOCS, VERSION_DOCS, docs.size), docs)
 
 
+def write_labels(path, documents, n_labels, multilabel):
+    """documents: [(start token offset in this shard, label ids)] of the documents starting in it."""
+    values = [v for start, ids in documents for v in (start, len(ids), *sorted(ids))]
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:6] = MAGIC_LABELS, VERSION_LABELS, len(values), len(documents), n_labels, int(multilabel)
+    _write_atomic(path, header.tobytes(), np.asarray(values, dtype="<i4"))
+
+
+LabelSidecar = namedtuple("LabelSidecar", "starts offsets ids n_labels multilabel")
+LabelSidecar.__doc__ = """A .labels file read: document i starts at token starts[i] of its shard
+and has the label ids ids[offsets[i]:offsets[i+1]] (int64 arrays)."""
+
+
+def read_labels(path, shard_tokens):
+    """The LabelSidecar of a .labels file beside a shard of shard_tokens tokens, checked through."""
+    magic, _, count, _ = read_header(path)
+    if magic != MAGIC_LABELS:
+        raise ShardError(f"{path}: magic {magic} is not a labels file's ({MAGIC_LABELS})")
+    with open(path, "rb") as f:
+        n_docs, n_labels, multilabel = (int(v) for v in np.frombuffer(f.read(24), dtype="<i4")[3:6])
+    values = np.asarray(open_shard(path), dtype=np.int64)
+    starts, offsets, ids, at = [], [0], [], 0
+    while at < count and len(starts) < n_docs:
+        k = int(values[at + 1]) if at + 1 < count else -1
+        if k < 0 or at + 2 + k > count or (not multilabel and k != 1):
+            raise ShardError(f"{path}: document {len(starts)} has a bad label count {k}")
+        starts.append(int(values[at]))
+        ids.append(values[at + 2:at + 2 + k])
+        offsets.append(offsets[-1] + k)
+        at += 2 + k
+    ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    if at != count or len(starts) != n_docs:
+        raise ShardError(f"{path}: {n_docs} documents in the header, but the values hold {len(starts)} "
+                         f"and {count - at} values more")
+    if np.any(np.diff(starts) <= 0) or (starts and not 0 <= starts[0] <= starts[-1] < shard_tokens):
+        raise ShardError(f"{path}: document starts are not increasing offsets inside the shard's {shard_tokens} tokens")
+    if ids.size and (ids.min() < 0 or ids.max() >= n_labels):
+        raise ShardError(f"{path}: label id {int(ids.max() if ids.max() >= n_labels else ids.min())} "
+                         f"outside the {n_labels} labels")
+    return LabelSidecar(np.asarray(starts, np.int64), np.asarray(offsets, np.int64), ids, n_labels, bool(multilabel))
+
+
 def open_shard(path):
     """The payload of a shard, mask or docs file as a read-only memmap (header checked)."""
     _, _, count, dtype = read_header(path)
@@ -146,7 +209,17 @@ def load_meta(data_dir, infer=True):
         jsonfile.field(listed, "shards", list, f"{path}: splits.{split}", ShardError)
     jsonfile.field(splits, "train", dict, f"{path}: splits", ShardError)
     jsonfile.field(meta, "tokenizer", dict, path, ShardError, default={})
+    if meta.get("has_labels"):
+        _check_label_meta(meta, path)
     return meta
+
+
+def _check_label_meta(meta, path):
+    """A labelled dataset's vocabulary: distinct non-empty names, and whether it is multilabel."""
+    names = jsonfile.field(meta, "labels", list, path, ShardError)
+    if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise ShardError(f"{path}: 'labels' must be distinct non-empty strings")
+    jsonfile.field(meta, "multilabel", bool, path, ShardError)
 
 
 def infer_meta(data_dir):
@@ -200,6 +273,40 @@ def shard_paths(data_dir, meta, split):
         out.append((path, stem + ".mask" if meta.get("has_mask") else None,
                     stem + ".docs" if meta.get("has_docs") else None))
     return out
+
+
+def label_paths(data_dir, meta, split):
+    """The .labels file beside each shard of a split (shard_paths' order)."""
+    return [path[: -len(".bin")] + ".labels" for path, _, _ in shard_paths(data_dir, meta, split)]
+
+
+def split_labels(data_dir, meta, split):
+    """(starts, offsets, ids) of every document of a labelled split, starts counted in the split's
+    concatenated stream: document i is tokens [starts[i], starts[i+1]) (the last one runs to the
+    end) with label ids ids[offsets[i]:offsets[i+1]]. Checks the .labels files against meta.json."""
+    if not meta.get("has_labels"):
+        raise ShardError(f"{os.path.join(data_dir, 'meta.json')}: these shards have no labels "
+                         f"(made by data.prepare from records without a label field)")
+    starts, offsets, ids, base, n_ids = [], [np.zeros(1, np.int64)], [], 0, 0
+    for path, label_path in zip([p for p, _, _ in shard_paths(data_dir, meta, split)], label_paths(data_dir, meta, split)):
+        count = read_header(path)[2]
+        side = read_labels(label_path, count)
+        if side.n_labels != len(meta["labels"]) or side.multilabel != meta["multilabel"]:
+            raise ShardError(f"{label_path}: {side.n_labels} labels, multilabel {side.multilabel}; meta.json says "
+                             f"{len(meta['labels'])}, multilabel {meta['multilabel']}")
+        starts.append(side.starts + base)
+        offsets.append(side.offsets[1:] + n_ids)  # a shard may have no document starting in it
+        ids.append(side.ids)
+        n_ids += len(side.ids)
+        base += count
+    starts = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+    listed = meta["splits"][split].get("documents", len(starts))
+    if listed != len(starts):
+        raise ShardError(f"{os.path.join(data_dir, 'meta.json')}: split '{split}' has {listed!r} documents, "
+                         f"its .labels files {len(starts)}")
+    if base and (not starts.size or starts[0] != 0):
+        raise ShardError(f"{label_paths(data_dir, meta, split)[0]}: the split's first token does not start a document")
+    return starts, np.concatenate(offsets), np.concatenate(ids) if ids else np.zeros(0, np.int64)
 
 
 def _check_sidecar(path, magic, what, count, shard_path):
@@ -262,6 +369,8 @@ def validate(data_dir, split=None, vocab_size=None, tokenizer_sha256=None, token
                 docs = _check_sidecar(docs_path, MAGIC_DOCS, "docs", count, path)
                 if k == 0 and count and docs[0] != 1:
                     raise ShardError(f"{docs_path}: the split's first token does not start a document")
+        if meta.get("has_labels"):
+            split_labels(data_dir, meta, name)
     return meta
 
 
@@ -278,6 +387,30 @@ def _vocabulary_for_inferred(data_dir, meta, vocab_size):
         raise ShardError(f"{data_dir}: uint16 shards (llm.c's GPT-2 ones?) cannot hold the ids of a "
                          f"{vocab_size}-token vocabulary; use shards made with this tokenizer")
     meta["vocab_size"] = vocab_size
+
+
+def open_split(data_dir, meta, split):
+    """([tokens], [mask or None], [docs or None]) of a split's shards, as read-only memmaps."""
+    tokens, masks, docs = [], [], []
+    for path, mask_path, docs_path in shard_paths(data_dir, meta, split):
+        tokens.append(open_shard(path))
+        for side_path, sides in ((mask_path, masks), (docs_path, docs)):
+            sides.append(open_shard(side_path) if side_path else None)
+            if side_path and len(sides[-1]) != len(tokens[-1]):
+                raise ShardError(f"{side_path}: length differs from {path}")
+    return tokens, masks, docs
+
+
+def read_stream(arrays, starts, start, n):
+    """n items at offset start of the stream that is arrays (one per shard, shard i beginning at
+    starts[i]) end to end, crossing shard boundaries."""
+    parts, i = [], int(np.searchsorted(starts, start, side="right")) - 1
+    while n > 0:
+        lo = start - starts[i]
+        chunk = arrays[i][lo : lo + n]
+        parts.append(chunk)
+        start, n, i = start + len(chunk), n - len(chunk), i + 1
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 Batch = namedtuple("Batch", "inputs targets positions")
@@ -322,13 +455,7 @@ class DataLoader:
         self.shuffle = (split == "train") if shuffle is None else shuffle
         meta = load_meta(data_dir)
         self.bos_id = meta["bos_id"]
-        self.tokens, self.masks, self.docs = [], [], []
-        for path, mask_path, docs_path in shard_paths(data_dir, meta, split):
-            self.tokens.append(open_shard(path))
-            for side_path, sides in ((mask_path, self.masks), (docs_path, self.docs)):
-                sides.append(open_shard(side_path) if side_path else None)
-                if side_path and len(sides[-1]) != len(self.tokens[-1]):
-                    raise ShardError(f"{side_path}: length differs from {path}")
+        self.tokens, self.masks, self.docs = open_split(data_dir, meta, split)
         # starts[i] = offset of shard i in the concatenated stream
         self.starts = np.cumsum([0] + [len(t) for t in self.tokens])
         self.n_tokens = int(self.starts[-1])
@@ -348,14 +475,7 @@ class DataLoader:
         return self._orders[epoch]
 
     def _read(self, arrays, start, n):
-        """n items from the concatenated stream at start, crossing shard boundaries."""
-        parts, i = [], int(np.searchsorted(self.starts, start, side="right")) - 1
-        while n > 0:
-            lo = start - self.starts[i]
-            chunk = arrays[i][lo : lo + n]
-            parts.append(chunk)
-            start, n, i = start + len(chunk), n - len(chunk), i + 1
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return read_stream(arrays, self.starts, start, n)
 
     def window(self, g):
         """(tokens, mask or None, docs or None) of global sequence g: seq_len + 1 items each."""
@@ -400,4 +520,149 @@ class DataLoader:
         for key in ("split", "seq_len", "n_windows", "seed", "shuffle"):
             if state[key] != getattr(self, key):
                 raise ShardError(f"{self.data_dir}: cannot resume: saved {key}={state[key]!r}, now {getattr(self, key)!r}")
+        self.seq = int(state["seq"])
+
+
+LabelBatch = namedtuple("LabelBatch", "inputs positions valid rows last labels documents epochs")
+LabelBatch.__doc__ = """One batch of LabelledLoader: inputs, positions (int64) and valid (bool), all
+(batch_size, seq_len); then per document of the batch, row by row and left to right: rows (its
+row), last (the column of its last token, EOS), labels (single-label: int64 (n_docs,) label ids;
+multilabel: float32 multi-hot (n_docs, n_labels)), documents (its index in the split), epochs (the
+epoch its row belongs to: one pass over val keeps those of epoch 0)."""
+
+
+class LabelledLoader:
+    """Deterministic, resumable batches of whole labelled documents (see the labelled shards above).
+
+    Epoch e takes the split's documents in a permutation seeded by (seed, e) (train) or in order
+    (val) and lays them into rows of seq_len: packed, each row takes documents while the next one
+    fits (next-fit, so a row never splits a document), or padded, one document per row. Rows are
+    numbered across epochs; as in DataLoader, one counter `seq` shared by all ranks: next_batch()
+    takes the global rows seq + i*world_size + rank, i < batch_size, and advances seq by
+    world_size*batch_size. So the global batch of a step is the same set of rows (and documents)
+    for any world size and micro-steps with the same world_size*batch_size*grad_accum.
+
+    In a row, positions count 0, 1, ... from each document's start; the padding after the last
+    document holds pad_id (the EOS id) and is one more document of its own (positions from 0), so
+    a document mask built from positions == 0 keeps it apart; valid is False there. A document
+    longer than seq_len cannot be placed: the loader refuses the split (prepare with --max_len).
+    state_dict() holds `seq`; restoring it continues with the very next row. One pass over a split
+    (evaluation): reset(), then ceil(len(epoch_rows(0)) / (batch_size * world_size)) batches, keeping
+    the documents whose epochs entry is 0 (the last batch may run into epoch 1).
+    """
+
+    def __init__(self, data_dir, split, batch_size, seq_len, rank=0, world_size=1, seed=0, shuffle=None,
+                 padded=False):
+        import torch  # imported here so data.prepare (which uses this module's format code) starts fast
+
+        self._torch = torch
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        self.data_dir, self.split, self.batch_size, self.seq_len = data_dir, split, batch_size, seq_len
+        self.rank, self.world_size, self.seed, self.padded = rank, world_size, seed, padded
+        self.shuffle = (split == "train") if shuffle is None else shuffle
+        meta = load_meta(data_dir)
+        self.doc_starts, self.label_offsets, self.label_ids = split_labels(data_dir, meta, split)
+        self.labels, self.multilabel, self.pad_id = meta["labels"], meta["multilabel"], meta["eos_id"]
+        self.tokens, _, _ = open_split(data_dir, meta, split)
+        self.starts = np.cumsum([0] + [len(t) for t in self.tokens])
+        self.doc_lengths = np.diff(np.append(self.doc_starts, self.starts[-1]))
+        self.n_documents = len(self.doc_starts)
+        if self.n_documents == 0:
+            raise ShardError(f"{data_dir}: split '{split}' has no documents")
+        self._check_lengths(meta)
+        self.seq, self._epochs, self._epoch_starts = 0, {}, [0]
+
+    def _check_lengths(self, meta):
+        max_len, longest = meta.get("max_len"), int(self.doc_lengths.max())
+        if max_len is not None and max_len > self.seq_len:
+            raise ShardError(f"{self.data_dir}: documents were cut to --max_len {max_len} tokens, more than "
+                             f"seq_len {self.seq_len}; prepare with --max_len {self.seq_len} or raise seq_len")
+        if longest > self.seq_len:
+            raise ShardError(f"{self.data_dir}: split '{self.split}' has a document of {longest} tokens, more than "
+                             f"seq_len {self.seq_len}; prepare with --max_len {self.seq_len} or raise seq_len")
+
+    def epoch_rows(self, epoch):
+        """The rows of an epoch: a list of arrays of document indices, in row order."""
+        if epoch not in self._epochs:
+            if len(self._epochs) >= 2:  # a batch spans at most two epochs
+                self._epochs.pop(min(self._epochs))
+            order = (np.random.default_rng([self.seed, epoch]).permutation(self.n_documents) if self.shuffle
+                     else np.arange(self.n_documents))
+            self._epochs[epoch] = [order[i:i + 1] for i in range(len(order))] if self.padded else self._pack(order)
+        return self._epochs[epoch]
+
+    def _pack(self, order):
+        rows, begin, used = [], 0, 0
+        for i, length in enumerate(self.doc_lengths[order]):
+            if used + length > self.seq_len:
+                rows.append(order[begin:i])
+                begin, used = i, 0
+            used += length
+        return rows + [order[begin:]]
+
+    def locate(self, g):
+        """(epoch, row within it) of global row g. Epoch sizes vary with the packing: their
+        boundaries are kept, each epoch packed once on the way."""
+        while g >= self._epoch_starts[-1]:
+            self._epoch_starts.append(self._epoch_starts[-1] + len(self.epoch_rows(len(self._epoch_starts) - 1)))
+        epoch = int(np.searchsorted(self._epoch_starts, g, side="right")) - 1
+        return epoch, g - self._epoch_starts[epoch]
+
+    @property
+    def epoch(self):
+        """The epoch of the next row (train.py's --epochs counts these)."""
+        return self.locate(self.seq)[0]
+
+    def next_batch(self):
+        B, T = self.batch_size, self.seq_len
+        inputs = np.full((B, T), self.pad_id, dtype=np.int64)
+        positions, valid = np.zeros((B, T), dtype=np.int64), np.zeros((B, T), dtype=bool)
+        rows, last, documents, epochs = [], [], [], []
+        for i in range(B):
+            epoch, row = self.locate(self.seq + i * self.world_size + self.rank)
+            column = 0
+            for doc in self.epoch_rows(epoch)[row]:
+                n = int(self.doc_lengths[doc])
+                inputs[i, column:column + n] = read_stream(self.tokens, self.starts, int(self.doc_starts[doc]), n)
+                positions[i, column:column + n] = np.arange(n)
+                valid[i, column:column + n] = True
+                rows.append(i)
+                last.append(column + n - 1)
+                documents.append(int(doc))
+                epochs.append(epoch)
+                column += n
+            positions[i, column:] = np.arange(T - column)  # the padding: a document of its own
+        self.seq += B * self.world_size
+        t = self._torch
+        return LabelBatch(t.from_numpy(inputs), t.from_numpy(positions), t.from_numpy(valid), t.tensor(rows, dtype=t.long),
+                          t.tensor(last, dtype=t.long), self.label_tensor(documents), t.tensor(documents, dtype=t.long),
+                          t.tensor(epochs, dtype=t.long))
+
+    def label_ids_of(self, doc):
+        return self.label_ids[self.label_offsets[doc]:self.label_offsets[doc + 1]]
+
+    def label_tensor(self, documents):
+        """Single-label: int64 (n,) ids; multilabel: float32 multi-hot (n, n_labels)."""
+        t = self._torch
+        if not self.multilabel:
+            return t.tensor([int(self.label_ids_of(d)[0]) for d in documents], dtype=t.long)
+        hot = t.zeros(len(documents), len(self.labels))
+        for i, doc in enumerate(documents):
+            hot[i, t.from_numpy(self.label_ids_of(doc))] = 1.0
+        return hot
+
+    def reset(self):
+        """Back to the first row (for repeated evaluation over the val split)."""
+        self.seq = 0
+
+    def state_dict(self):
+        return {"seq": self.seq, "split": self.split, "seq_len": self.seq_len, "n_documents": self.n_documents,
+                "seed": self.seed, "shuffle": self.shuffle, "padded": self.padded}
+
+    def load_state_dict(self, state):
+        for key in ("split", "seq_len", "n_documents", "seed", "shuffle", "padded"):
+            if state.get(key) != getattr(self, key):
+                raise ShardError(f"{self.data_dir}: cannot resume: saved {key}={state.get(key)!r}, "
+                                 f"now {getattr(self, key)!r}")
         self.seq = int(state["seq"])
