@@ -91,10 +91,9 @@ def attach_head(model, n_labels: int, multilabel: bool, labels=None, pad_id=None
     h (p - y) is not zero); the trunk, or LoRA's adapters, from the second step on."""
     import dataclasses
 
-    from model import Linear
-
     model.args = dataclasses.replace(model.args, n_labels=n_labels, multilabel=multilabel,
                                      labels=None if labels is None else tuple(labels), pad_id=pad_id)
+    Linear = type(model.output)  # model.Linear, without heads.py importing model.py (test_structure)
     model.score = Linear(model.args.dim, n_labels).to(device=model.norm.weight.device, dtype=torch.float32)
     torch.nn.init.zeros_(model.score.weight)
     return model

@@ -933,7 +933,7 @@ def step_line(cfg, run, record, eta):
         line += f" | MFU {100 * record['mfu']:.1f}%"
     line += f" | ETA {common.format_eta(eta)}"
     if "val_loss" in record:
-        ppl = f" ppl {record['val_ppl']:.2f}" if "val_ppl" in record else ""
+        ppl = f" ppl {record['val_ppl']:.2f}" if record.get("val_ppl") is not None else ""  # none under --head
         line += (f" | val {record['val_loss']:.4f}{ppl}" if record["val_loss"] is not None
                  else " | val - (no target tokens in the validation batches: raise --eval_steps or --seq_len)")
         if cfg.sample_prompt and cfg.rank == 0 and cfg.fsdp:  # decoding would need every rank in step
