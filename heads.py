@@ -78,3 +78,28 @@ def _sigmoid_loss(logits, targets, class_weights, gamma, alpha):
         absent, present = class_weights.to(loss)
         loss = loss * (present * targets + absent * (1 - targets))
     return loss.mean()
+
+
+def attach_head(model, n_labels: int, multilabel: bool, labels=None, pad_id=None):
+    """Give model (a Transformer without a head) a fresh `score` for n_labels labels, in place, its
+    weight zeros on the device of the model's final norm, in fp32 (under autocast on CUDA it
+    computes in bf16; AdamW keeps fp32 master weights for it, as for LoRA's adapters).
+
+    Zeros, not transformers' normal(0, 0.02): every document starts at the uniform prediction
+    (loss log K), with no preference that a random head would bring (at dim 4096 normal(0, 0.02)
+    gives logits of std ~1.3 from the first step). The head itself learns at once (its gradient
+    h (p - y) is not zero); the trunk, or LoRA's adapters, from the second step on."""
+    import dataclasses
+
+    model.args = dataclasses.replace(model.args, n_labels=n_labels, multilabel=multilabel,
+                                     labels=None if labels is None else tuple(labels), pad_id=pad_id)
+    Linear = type(model.output)  # model.Linear, without heads.py importing model.py (test_structure)
+    model.score = Linear(model.args.dim, n_labels).to(device=model.norm.weight.device, dtype=torch.float32)
+    torch.nn.init.zeros_(model.score.weight)
+    return model
+
+
+def head_config(args) -> dict:
+    """What a head is, as adapter.json's "head" and train.py's checks read it."""
+    return {"n_labels": args.n_labels, "multilabel": args.multilabel,
+            "labels": None if args.labels is None else list(args.labels), "pad_id": args.pad_id}

@@ -20,6 +20,7 @@ The file layouts themselves (HF and GGUF names, the q/k RoPE permutation, which 
 checkpoint, writing a directory whole) are checkpoint.py's.
 """
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -36,6 +37,7 @@ from safetensors.torch import load_file, save_file
 import atomic
 import checkpoint
 import gguf_export
+import heads
 import jsonfile
 import tokenizer
 from checkpoint import CHECKPOINT_MARKERS, CheckpointError
@@ -154,11 +156,15 @@ def merge_lora(model):
 
 
 def lora_state_dict(model) -> dict:
-    """Only the adapter tensors: {'layers.0.attention.wq.lora_A': (r, in), ...lora_B: (out, r)}."""
+    """Only the adapter tensors: {'layers.0.attention.wq.lora_A': (r, in), ...lora_B: (out, r)},
+    and a classification head's 'score.weight' (n_labels, dim) where the model has one: the head is
+    trained in full beside the adapters (peft's modules_to_save), so it belongs to the adapter."""
     sd = {}
     for name, lora in lora_modules(model):
         sd[f"{name}.lora_A"] = lora.lora_A.detach()
         sd[f"{name}.lora_B"] = lora.lora_B.detach()
+    if getattr(_unwrap(model), "score", None) is not None:
+        sd["score.weight"] = _unwrap(model).score.weight.detach()
     return sd
 
 
@@ -175,7 +181,10 @@ def write_adapter(model, out_dir, tokenizer_sha256=None, fingerprint=None, token
     save_adapter, or atomic.write_dir to put more files beside them). fingerprint: the base's, where
     the model passed holds only its adapters (fsdp.full_model)."""
     quantized = any(isinstance(m.base, NF4Linear) for _, m in lora_modules(model))
-    meta = dict(_config(model), base_params=checkpoint.meta_params(_unwrap(model).args),
+    args = _unwrap(model).args
+    head = heads.head_config(args) if args.n_labels else None  # "head": how to rebuild score.weight's module
+    base = dataclasses.replace(args, n_labels=0, multilabel=False, labels=None, pad_id=None)  # the base has none
+    meta = dict(_config(model), base_params=checkpoint.meta_params(base), **({"head": head} if head else {}),
                 base_fingerprint=fingerprint or base_fingerprint(model), tokenizer_sha256=tokenizer_sha256,
                 tokenizer_fingerprint=tokenizer_fingerprint, base_quantize="nf4" if quantized else None)
     tensors = {k: v.contiguous() for k, v in lora_state_dict(model).items()}
@@ -192,7 +201,7 @@ def base_fingerprint(model) -> str:
     inner = _unwrap(model)
     quantized = {name: m for name, m in inner.named_modules() if isinstance(m, NF4Linear)}
     weights = {name: t for name, t in inner.state_dict().items()
-               if not name.endswith(("lora_A", "lora_B")) and name.rpartition(".")[0] not in quantized}
+               if not name.endswith(("lora_A", "lora_B", "score.weight")) and name.rpartition(".")[0] not in quantized}
     # An NF4 layer kept the sample of the full-precision weight it was quantized from: an adapter
     # trained on it belongs to that base, loaded quantized or not.
     weights.update({f"{name}.weight": m.weight_sample for name, m in quantized.items()})
@@ -234,11 +243,35 @@ def read_adapter_config(path) -> dict:
                                          ("dropout", float, 0.0, False), ("use_rslora", bool, False, False),
                                          ("tokenizer_sha256", str, None, False), ("tokenizer_fingerprint", str, None, False),
                                          ("base_fingerprint", str, None, False),
-                                         ("base_quantize", str, None, False)]:
+                                         ("base_quantize", str, None, False), ("head", dict, None, False)]:
         jsonfile.field(cfg, key, expected, cfg_path, AdapterError, default, positive)
+    if cfg.get("head") is not None:
+        check_head_config(cfg["head"], f"{cfg_path}: head")
     if not cfg["targets"] or not all(t in PROJECTIONS for t in cfg["targets"]):
         raise AdapterError(f"{cfg_path}: targets is {cfg['targets']!r}, not a list of {', '.join(PROJECTIONS)}")
     return cfg
+
+
+def check_head_config(head, where):
+    """adapter.json's "head" (heads.head_config): n_labels > 0, multilabel, labels (n_labels names
+    or null), pad_id (a token id or null); AdapterError naming where otherwise."""
+    n = jsonfile.field(head, "n_labels", int, where, AdapterError, positive=True)
+    jsonfile.field(head, "multilabel", bool, where, AdapterError)
+    labels = jsonfile.field(head, "labels", list, where, AdapterError, None)
+    jsonfile.field(head, "pad_id", int, where, AdapterError, None)
+    if labels is not None and (len(labels) != n or len(set(map(str, labels))) != n):
+        raise AdapterError(f"{where}: labels must be {n} distinct names (n_labels)")
+
+
+def fit_head(model, head, path):
+    """Give model the adapter's head (a fresh one, filled by copy_adapter), or check that the head
+    it has is the same one: an adapter trained for other labels is refused, never scored wrongly."""
+    if model.args.n_labels == 0:
+        heads.attach_head(model, head["n_labels"], head["multilabel"], head["labels"], head["pad_id"])
+    elif {k: v for k, v in heads.head_config(model.args).items() if k != "pad_id"} != \
+            {k: v for k, v in head.items() if k != "pad_id"}:
+        raise AdapterError(f"{path}: adapter's head is for labels {head['labels']} (multilabel "
+                           f"{head['multilabel']}); this model's for {heads.head_config(model.args)['labels']}")
 
 
 # What a user can do about an adapter trained on another base, said by the command that refuses it.
@@ -303,9 +336,13 @@ def load_adapter(model, path, tokenizer_sha256=None, force=False, tokenizer=None
         raise AdapterError(f"{weights}: cannot read ({type(e).__name__}: {e})") from None
     header = jsonfile.expect(jsonfile.loads(header, f"{weights}: adapter_json", AdapterError), dict,
                              f"{weights}: adapter_json", AdapterError)
-    if header and any(header.get(k) != cfg.get(k) for k in keys + ("base_params",)):
+    if header and any(header.get(k) != cfg.get(k) for k in keys + ("base_params", "head")):
         raise AdapterError(f"{weights} and adapter.json beside it come from different saves")
+    if ("score.weight" in tensors) != bool(cfg.get("head")):
+        raise AdapterError(f"{weights}: score.weight and adapter.json's head come together, or neither")
 
+    if cfg.get("head"):
+        fit_head(inner, cfg["head"], path)
     if not have:
         apply_lora(inner, cfg["rank"], cfg["alpha"], cfg.get("dropout", 0.0), cfg["targets"],
                    cfg.get("use_rslora", False))
@@ -319,6 +356,8 @@ def copy_adapter(model, tensors, weights, copy=torch.Tensor.copy_):
     after checking that they are the model's adapters, name for name and shape for shape.
     copy(param, tensor) puts one in place (fsdp.py: this rank's rows of it)."""
     params, expected = dict(_unwrap(model).named_parameters()), set(lora_state_dict(model))
+    if "score.weight" not in tensors:  # an adapter without a head, on a model with one: the head stays
+        expected.discard("score.weight")
     if set(tensors) != expected:
         odd = sorted(set(tensors) ^ expected)
         raise AdapterError(f"{weights}: tensors do not match the model's adapters ({', '.join(odd[:3])} ...)")
@@ -341,6 +380,8 @@ def write_peft(model, out_dir, base_model_name_or_path=None):
     tensors = {}
     for name, t in lora_state_dict(model).items():
         module, _, which = name.rpartition(".")  # 'layers.0.attention.wq', 'lora_A'
+        if name == "score.weight":  # a head is no CAUSAL_LM adapter's (its SEQ_CLS export: issue 24, item 7)
+            continue
         t = checkpoint.permute_qk(name, t, args, checkpoint.meta_to_hf_rope) if which == "lora_B" else t
         tensors[f"base_model.model.{checkpoint.hf_name(module)}.{which}.weight"] = t.contiguous()
     hf_targets = checkpoint.hf_modules(cfg["targets"])  # peft matches the ends of module names

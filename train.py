@@ -46,6 +46,7 @@ import cli
 import common
 import fsdp
 import generate
+import heads
 import lora
 import tasks
 import tokenizer
@@ -99,8 +100,20 @@ class TrainConfig:
     rslora: bool = flag(False, "scale LoRA by alpha / sqrt(rank) instead of alpha / rank")
     quantize: str = flag(None, "nf4 holds the frozen base's projections in 4-bit NF4 (QLoRA; needs --lora_rank)",
                          one_of("nf4"))
+    # a classification head (heads.py): labels from labelled shards instead of the next token
+    head: str = flag(None, "classify trains a classification head on labelled shards (python -m data.prepare with "
+                           "labels), pooled at each document's last token; tag: not yet", one_of("classify", "tag"))
+    class_weights: str = flag(None, "balanced weighs each class n / (K * count) by the train split's label counts "
+                                    "(--head)", one_of("balanced"))
+    focal_gamma: float = flag(0.0, "focal loss exponent (--head; 0: plain cross-entropy or BCE)", at_least(0))
+    focal_alpha: float = flag(None, "focal loss weight of the positive class (--head, binary or multilabel)",
+                              interval("[0, 1]"))
+    keep_best: str = flag(None, "also keep OUT_DIR/best, the checkpoint with the best validation val_loss so far "
+                                "(--head; --resume still continues the latest)", one_of("val_loss"))
     # the batch and the schedule
     max_steps: int = flag(1000, "optimizer steps", positive)
+    epochs: int = flag(None, "passes over the training data instead of --max_steps: max_steps becomes "
+                             "ceil(epochs * rows of one epoch / global batch)", positive)
     batch_size: int = flag(8, "rows per micro-batch per rank; the global batch is batch_size * grad_accum * ranks",
                            positive)
     seq_len: int = flag(1024, "tokens per row", positive)
@@ -151,6 +164,7 @@ class TrainConfig:
     rank: int = field(default=0, init=False)
     world: int = field(default=1, init=False)
     demo: bool = field(default=False, init=False)
+    default_warmup: bool = field(default=False, init=False)  # warmup_steps follows max_steps (--epochs sets it)
 
     def __post_init__(self):
         self.demo = self.ckpt_dir is None and self.data is None
@@ -160,7 +174,7 @@ class TrainConfig:
         if self.lr is None:
             self.lr = 2e-5 if self.ckpt_dir and not self.lora_rank else 3e-4
         if self.warmup_steps is None:
-            self.warmup_steps = max(1, self.max_steps // 20)
+            self.warmup_steps, self.default_warmup = max(1, self.max_steps // 20), True
         if self.data is None:
             raise UsageError("--data is required with --ckpt_dir (token shards from python -m data.prepare)")
         if self.ckpt_dir and not os.path.isdir(atomic.readable(self.ckpt_dir)):
@@ -168,7 +182,8 @@ class TrainConfig:
         if not self.demo:  # before anything is written: a wrong --data is named as such
             if not os.path.isdir(atomic.readable(self.data)):
                 raise UserError(f"--data {self.data}: no such directory (token shards from python -m data.prepare)")
-            shards.load_meta(self.data)
+            meta = shards.load_meta(self.data)
+        self.check_head_flags(None if self.demo else meta)
         if self.lora_rank and not self.ckpt_dir:
             raise UsageError("--lora_rank needs --ckpt_dir: LoRA adapts a pretrained model")
         if self.quantize and not self.lora_rank:
@@ -179,10 +194,25 @@ class TrainConfig:
         tasks.check_training_flags(self.eval_task, self.eval_data)
         self.out_dir = self.out_dir or os.path.join(ROOT, "out", os.path.basename(os.path.normpath(self.data)))
         # what a run writes in --out_dir never replaces what it reads, nor goes through a link
-        atomic.check_outputs([("--out_dir", os.path.join(self.out_dir, name)) for name in (self.checkpoint_name, "log.jsonl", ".lock")],
+        atomic.check_outputs([("--out_dir", os.path.join(self.out_dir, name)) for name in (self.checkpoint_name, "best", "log.jsonl", ".lock")],
                              {"--ckpt_dir": self.ckpt_dir, "--data": self.data, "--eval_data": self.eval_data,
                               "--tokenizer": self.tokenizer},
                              checkpoint.INPUT_FILES + shards.SHARD_FILES)
+
+    def check_head_flags(self, meta):
+        """--head and the flags that only it reads; meta: the shards' (None for the demo)."""
+        if self.head is None:
+            given = [f"--{name}" for name in ("class_weights", "focal_alpha", "keep_best") if getattr(self, name)]
+            if given or self.focal_gamma:
+                raise UsageError(f"{(given or ['--focal_gamma'])[0]} needs --head classify")
+            return
+        if self.head == "tag":
+            raise UsageError("--head tag: not yet (--head classify is)")
+        if self.fsdp or self.quantize:
+            raise UsageError(f"--{'fsdp' if self.fsdp else 'quantize'}: not yet with --head")
+        if meta is None or not meta.get("labels"):
+            raise UserError(f"--head classify: --data {self.data} holds no labels (python -m data.prepare labelled "
+                            f"records: JSONL label/labels, or --label_column)")
 
     @property
     def lora_target_names(self):
@@ -223,6 +253,7 @@ def claim_out_dir(cfg):
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         atomic.recover(checkpoint_dir(cfg))
+        atomic.recover(os.path.join(cfg.out_dir, "best"))
         if not cfg.resume and not cfg.overwrite and has_checkpoint(cfg):
             raise UserError(f"{checkpoint_dir(cfg)} holds a checkpoint: --resume to continue it, "
                              f"--overwrite to start afresh, or another --out_dir")
@@ -281,8 +312,12 @@ def load_model_and_data(cfg, resume_from):
         model = Transformer(scratch_args(cfg, data_meta)).to(cfg.device)
         torch.manual_seed(cfg.seed)  # init_weights' draws do not depend on how the model was built
         model.init_weights()
+    if cfg.head:
+        fit_head(cfg, model, data_meta, source)
     if not cfg.fsdp:
         add_lora(cfg, model)
+    if cfg.head:
+        train_head_beside(cfg, model)
     model.activation_checkpointing = cfg.activation_checkpointing
     return model, tok, data_meta
 
@@ -334,6 +369,99 @@ def lr_at(step, cfg):
 
 
 # -----------------------------------------------------------------------------------------------
+# --head classify: the head on the model, its loss through DDP, its validation, --epochs
+
+
+def fit_head(cfg, model, meta, source):
+    """The head for the shards' labels: a fresh one (heads.attach_head: zeros) on a pretrained or
+    from-scratch model, or the one a resumed full run (or a head --ckpt_dir) has, if it is for the
+    same labels. A LoRA run's head comes back on resume with its adapter (lora.load_adapter)."""
+    labels, multilabel = tuple(meta["labels"]), bool(meta["multilabel"])
+    if model.args.n_labels == 0:
+        heads.attach_head(model, len(labels), multilabel, labels, pad_id=meta["eos_id"])  # the loader's pad_id
+    elif (model.args.labels, model.args.multilabel) != (labels, multilabel):
+        raise UserError(f"{source}: its head is for labels {list(model.args.labels or [])[:8]} (multilabel "
+                        f"{model.args.multilabel}); --data {cfg.data} has {list(labels)[:8]} (multilabel {multilabel})")
+
+
+def train_head_beside(cfg, model):
+    """The head trains in full, beside LoRA's adapters (peft's modules_to_save) or the whole model.
+    An untied LM output projection gets no gradient from the head's loss: it is frozen, since DDP
+    refuses a trainable parameter that the loss does not reach (and the LM head stays as it was)."""
+    model.score.weight.requires_grad_(True)
+    if not model.tied:
+        model.output.weight.requires_grad_(False)
+
+
+class HeadLoss(torch.nn.Module):
+    """--head's training forward: the pooled logits of a LabelledLoader batch and their loss,
+    summed over its documents (train_step normalises by the global batch's). DDP syncs the
+    gradients of what its module's forward computes, so the loss must be this module's forward
+    (DDP(HeadLoss(model))), not model.classify called beside the wrapper."""
+
+    def __init__(self, model, multilabel, class_weights=None, focal_gamma=0.0, focal_alpha=None):
+        super().__init__()
+        self.model, self.multilabel, self.class_weights = model, multilabel, class_weights
+        self.focal_gamma, self.focal_alpha = focal_gamma, focal_alpha
+
+    def logits(self, inputs, positions, valid):
+        """(n_docs, n_labels): classify pools each packed document, and also the padding that ends
+        a row (the loader makes it a document of its own, positions from 0): dropped here."""
+        starts = positions == 0
+        starts[:, 0] = True
+        return self.model.classify(inputs, positions)[valid[starts]]
+
+    def loss(self, logits, labels):
+        return heads.classification_loss(logits, labels, self.multilabel, self.class_weights,
+                                         self.focal_gamma, self.focal_alpha)
+
+    def forward(self, inputs, positions, valid, labels):
+        # A mean times the count is the sum (class-weighted cross-entropy: each micro-batch's weighted mean)
+        return self.loss(self.logits(inputs, positions, valid), labels) * len(labels)
+
+
+def head_loss_module(cfg, model, train_loader):
+    weights = None
+    if cfg.class_weights == "balanced":  # from meta.json's train label counts
+        counts = shards.load_meta(cfg.data)["label_counts"]["train"]
+        weights = heads.balanced_class_weights(counts, train_loader.n_documents, model.args.multilabel).to(cfg.device)
+    return HeadLoss(model, model.args.multilabel, weights, cfg.focal_gamma, cfg.focal_alpha)
+
+
+@torch.no_grad()
+def evaluate_head(cfg, head_loss, loader, autocast):
+    """Mean validation loss over one pass of the val split's documents, all ranks together."""
+    head_loss.eval()
+    loader.reset()
+    total = torch.zeros(2, dtype=torch.float64, device=cfg.device)
+    for _ in range(math.ceil(len(loader.epoch_rows(0)) / (loader.batch_size * loader.world_size))):
+        b = loader.next_batch()
+        first = (b.epochs == 0).to(cfg.device)  # the last batch may run into epoch 1: not counted twice
+        with autocast:
+            logits = head_loss.logits(b.inputs.to(cfg.device), b.positions.to(cfg.device), b.valid.to(cfg.device))
+        if first.any():
+            n = int(first.sum())
+            total += torch.tensor([head_loss.loss(logits[first], b.labels.to(cfg.device)[first]).item() * n, n],
+                                  dtype=torch.float64, device=cfg.device)
+    # (the hook for the task's metrics, heads.classification_metrics, goes here: gather logits and labels)
+    all_reduce_sum(total, cfg.world)
+    head_loss.train()
+    return (total[0] / total[1]).item() if total[1] > 0 else None
+
+
+def apply_epochs(cfg):
+    """--epochs N: max_steps from the rows of one epoch (LabelledLoader: its first epoch's packed
+    rows; token shards: their windows) and the global batch; warmup follows unless given."""
+    if cfg.head:
+        rows = len(shards.LabelledLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed).epoch_rows(0))
+    else:
+        rows = shards.DataLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len).n_windows
+    cfg.max_steps = max(1, math.ceil(cfg.epochs * rows / (cfg.batch_size * cfg.grad_accum * cfg.world)))
+    if cfg.default_warmup:
+        cfg.warmup_steps = max(1, cfg.max_steps // 20)
+
+
+# -----------------------------------------------------------------------------------------------
 # One optimizer step's forward and backward; evaluation
 
 
@@ -344,18 +472,17 @@ def train_step(cfg, model, loader, autocast, stop_requested=False):
     device, world and doc_mask from cfg."""
     position = loader.state_dict()
     batches = [loader.next_batch() for _ in range(cfg.grad_accum)]
-    # Normalise by the target tokens of the whole step on all ranks, so masked batches with
+    # Normalise by the target tokens (--head: documents) of the whole step on all ranks, so masked batches with
     # different counts weigh every token equally (a mean of per-batch means would not). The same
     # all-reduce tells every rank whether one of them got Ctrl-C.
-    count = sum(int((b.targets != -100).sum()) for b in batches)
+    count = sum(len(b.labels) if cfg.head else int((b.targets != -100).sum()) for b in batches)
     totals = torch.tensor([count, float(stop_requested)], dtype=torch.float64)
     n_targets, n_stopping = all_reduce_sum(totals.to(cfg.device), cfg.world).tolist()
     if n_stopping:
         loader.load_state_dict(position)  # these sequences were not trained on: resume starts here
         return None, None
     loss_sum = torch.zeros((), device=cfg.device, dtype=torch.float64)
-    for i, (x, y, pos) in enumerate(batches):
-        x, y, pos = x.to(cfg.device), y.to(cfg.device), pos.to(cfg.device)
+    for i, batch in enumerate(batches):
         # DDP all-reduces on every backward unless told not to: only the last micro-step syncs.
         # An FSDP2 model (--fsdp) reduce-scatters likewise (averaging over ranks too), told by a switch.
         last, fsdp_model = i == cfg.grad_accum - 1, hasattr(model, "set_requires_gradient_sync")
@@ -364,11 +491,19 @@ def train_step(cfg, model, loader, autocast, stop_requested=False):
         sync = nullcontext() if cfg.world == 1 or last or fsdp_model else model.no_sync()
         with sync:
             with autocast:
-                loss = model(x, y, positions=pos if cfg.doc_mask else None, reduction="sum")
+                loss = micro_loss(cfg, model, batch)
             # DDP averages gradients over ranks; scaling by world turns that into a sum.
             (loss * (cfg.world / max(n_targets, 1))).backward()
         loss_sum += loss.detach().double()
     return all_reduce_sum(loss_sum, cfg.world).item() / max(n_targets, 1), n_targets
+
+
+def micro_loss(cfg, model, batch):
+    """The summed loss of one micro-batch: over its target tokens, or (--head) its documents."""
+    if cfg.head:  # model: HeadLoss, maybe in DDP
+        return model(*(t.to(cfg.device) for t in (batch.inputs, batch.positions, batch.valid, batch.labels)))
+    x, y, pos = (t.to(cfg.device) for t in batch)
+    return model(x, y, positions=pos if cfg.doc_mask else None, reduction="sum")
 
 
 @torch.no_grad()
@@ -423,7 +558,7 @@ def checkpoint_dir(cfg):
 # what is trained, so changing one would not continue the run the checkpoint began. Which sequences
 # make each step depends only on the global batch (shards.DataLoader), so --batch_size, --grad_accum
 # and the number of ranks may change as long as their product does not (check_resume_changes).
-RESUME_FIXED = ("max_steps", "lr", "warmup_steps", "min_lr_ratio", "seq_len", "lora_rank", "lora_alpha",
+RESUME_FIXED = ("head", "class_weights", "focal_gamma", "focal_alpha", "max_steps", "lr", "warmup_steps", "min_lr_ratio", "seq_len", "lora_rank", "lora_alpha",
                 "lora_dropout", "lora_targets", "rslora")
 
 
@@ -484,6 +619,19 @@ def save_checkpoint(cfg, run, step):
     return path
 
 
+def keep_if_best(cfg, run, step, record):
+    """--keep_best: OUT_DIR/best gets this step's checkpoint where its validation value is the best
+    so far (lowest, for a loss). Written like the latest (atomic.write_dir), by rank 0."""
+    value = record.get(cfg.keep_best)
+    if value is None or (run.best is not None and value >= run.best):
+        return
+    run.best = value
+    if cfg.rank == 0:
+        path = atomic.write_dir(os.path.join(cfg.out_dir, "best"),
+                                lambda tmp_dir: write_checkpoint(cfg, run, step, run.model, tmp_dir))
+        print(f"saved {path} at step {step}: best {cfg.keep_best} {value}", file=sys.stderr)
+
+
 def write_checkpoint(cfg, run, step, whole, tmp_dir):
     """Fill tmp_dir (atomic.write_dir renames it into place) on rank 0; whole: the model on one rank."""
     if cfg.fsdp:
@@ -497,7 +645,7 @@ def write_checkpoint(cfg, run, step, whole, tmp_dir):
     tokenizer.copy_into(run.tokenizer, tmp_dir)  # tokenizer.model, or a tokenizer.json as such
     state = {"step": step, "optimizer": None if cfg.fsdp else run.optimizer.state_dict(),  # --fsdp: in DCP's files
              "loader": run.train_loader.state_dict(), "config": run.config, "log_bytes": run.logger.size(),
-             "mlflow_run_id": run.logger.run_id}
+             "mlflow_run_id": run.logger.run_id, "best": run.best}
     torch.save(state, os.path.join(tmp_dir, "train_state.pt"))
 
 
@@ -623,6 +771,8 @@ class Run:
     flops_per_token: float
     peak_flops: float  # of this GPU, for MFU; None where unknown
     task_eval: object = None  # tasks.TrainingEval of --eval_task, None without
+    head_loss: HeadLoss = None  # --head: the loss module (unwrapped), for validation
+    best: float = None  # --keep_best: the best validation value so far (saved in train_state.pt)
 
 
 class StopOnSignal:
@@ -679,6 +829,8 @@ def set_up(cfg):
     resume_from = checkpoint_dir(cfg) if cfg.resume and has_checkpoint(cfg) else None
     if cfg.resume and not resume_from:
         raise UserError(f"--resume: no checkpoint in {checkpoint_dir(cfg)}")
+    if cfg.epochs:  # before the resume check, which compares max_steps
+        apply_epochs(cfg)
     if resume_from:
         check_resume_changes(cfg, resume_from)
     model, tok, data_meta = load_model_and_data(cfg, resume_from)
@@ -688,8 +840,10 @@ def set_up(cfg):
                                        cfg.rank, cfg.world)
     if cfg.doc_mask is None:
         cfg.doc_mask = bool(data_meta.get("has_mask"))  # instruction / chat data
-    train_loader = shards.DataLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, cfg.rank, cfg.world, seed=cfg.seed)
-    val_loader = shards.DataLoader(cfg.data, "val", cfg.batch_size, cfg.seq_len, cfg.rank, cfg.world)
+    Loader = shards.LabelledLoader if cfg.head else shards.DataLoader  # --head: whole documents, packed
+    train_loader = Loader(cfg.data, "train", cfg.batch_size, cfg.seq_len, cfg.rank, cfg.world, seed=cfg.seed)
+    val_loader = Loader(cfg.data, "val", cfg.batch_size, cfg.seq_len, cfg.rank, cfg.world)
+    head_loss = head_loss_module(cfg, model, train_loader) if cfg.head else None
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, device=cfg.device)
     state = restore_checkpoint(cfg, resume_from, model, optimizer, train_loader) if resume_from else {}
     if resume_from and master:
@@ -698,12 +852,13 @@ def set_up(cfg):
     config = dict(asdict(cfg), tokenizer_sha256=tok.sha256)
     on_cuda = cfg.device.startswith("cuda")
     flops = common.flops_per_token(model.args, cfg.seq_len, cfg.lora_rank, cfg.lora_target_names)
-    run = Run(model=model, wrapped=for_training(cfg, model), tokenizer=tok, optimizer=optimizer,
+    run = Run(model=model, wrapped=for_training(cfg, head_loss or model), tokenizer=tok, optimizer=optimizer,
               train_loader=train_loader, val_loader=val_loader, config=config, start_step=state.get("step", 0),
               autocast=torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else nullcontext(),
               logger=Logger(cfg, config, master, keep_log_bytes=state.get("log_bytes"), model_args=model.args,
                             run_id=state.get("mlflow_run_id")), flops_per_token=flops,
-              peak_flops=common.peak_flops(cfg.device)[1], task_eval=task_eval)
+              peak_flops=common.peak_flops(cfg.device)[1], task_eval=task_eval, head_loss=head_loss,
+              best=state.get("best"))
     if master:
         n_params = sum(p.numel() for p in model.parameters())
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -747,7 +902,10 @@ def loop(cfg, run, stop):
         if run.peak_flops:
             record["mfu"] = round(run.flops_per_token * record["tokens_per_s"] / cfg.world / run.peak_flops, 4)
         evaluated = step % cfg.eval_every == 0 or step == cfg.max_steps
-        if evaluated:
+        if evaluated and cfg.head:
+            val = evaluate_head(cfg, run.head_loss, run.val_loader, run.autocast)
+            record.update(val_loss=None if val is None else round(val, 6))
+        elif evaluated:
             val = evaluate(run.wrapped, run.val_loader, cfg.eval_steps, cfg.world, run.autocast, cfg.doc_mask)
             record.update(val_loss=None if val is None else round(val, 6),  # None: JSON null, not sent to mlflow
                           val_ppl=None if val is None else round(math.exp(min(val, 50)), 3))
@@ -756,6 +914,8 @@ def loop(cfg, run, stop):
         eta = (time.time() - t_start) / (step - run.start_step) * (cfg.max_steps - step)
         shown = evaluated or step % cfg.log_every == 0 or step == run.start_step + 1
         run.logger.step(record, step_line(cfg, run, record, eta) if shown else None)
+        if evaluated and cfg.keep_best:
+            keep_if_best(cfg, run, step, record)
         if step % cfg.save_every == 0 and step < cfg.max_steps:
             save_checkpoint(cfg, run, step)
             last_saved = step
@@ -773,7 +933,8 @@ def step_line(cfg, run, record, eta):
         line += f" | MFU {100 * record['mfu']:.1f}%"
     line += f" | ETA {common.format_eta(eta)}"
     if "val_loss" in record:
-        line += (f" | val {record['val_loss']:.4f} ppl {record['val_ppl']:.2f}" if record["val_loss"] is not None
+        ppl = f" ppl {record['val_ppl']:.2f}" if record.get("val_ppl") is not None else ""  # none under --head
+        line += (f" | val {record['val_loss']:.4f}{ppl}" if record["val_loss"] is not None
                  else " | val - (no target tokens in the validation batches: raise --eval_steps or --seq_len)")
         if cfg.sample_prompt and cfg.rank == 0 and cfg.fsdp:  # decoding would need every rank in step
             line += "\n  sample: (none under --fsdp: generate.py samples the saved checkpoint)"
