@@ -213,16 +213,14 @@ def main(task: str, data: str, ckpt_dir: str = None, adapter: str = None, out: s
         adapter: a LoRA adapter directory saved by train.py (merged into the weights).
         out: the results file: task, metrics, one item per record in input order, digests.
         labels: classify / rank: the label words in order, comma-separated (the first is the positive
-            class); rank defaults to yes,no. A checkpoint with a classification head brings its own
-            labels (given, they must be the same).
+            class); rank defaults to yes,no; a classification head's come from its checkpoint.
         template: the prompt with the record's fields in braces, e.g. "{text}\\nLabel:" (\\n and \\t
             typed in the shell are a newline and a tab; {{ and }} are literal braces). Only plain
             {field}s: attributes, indexes, !conversions and :format specs are refused.
         chat: lay each prompt out as a user turn in the tokenizer's chat format (instruct models).
         max_examples: only the first N records.
-        batch_size: prompts per batch for generate, windows per batch for perplexity, documents per
-            batch for a classification head (zero-shot choice, classify and rank run each record's
-            answers as one batch over one shared prompt cache).
+        batch_size: prompts per batch for generate, windows for perplexity, documents for a head (choice,
+            classify and rank run each record's answers as one batch over one shared prompt cache).
         max_new_tokens, temperature, top_p, seed: generate: sampling as generate.py (default greedy).
         seq_len: perplexity: tokens per window (default the model's context).
         qrels: rank: a TREC qrels file to take relevance from instead of the records.
@@ -251,8 +249,7 @@ def main(task: str, data: str, ckpt_dir: str = None, adapter: str = None, out: s
     units = None if job.needs_model else job.units(data)  # bad records stop the run before the model loads
     model, tok = load_for_sampling(os.path.expanduser(ckpt_dir), tokenizer, None if compare_baseline else adapter,
                                    device, dtype, max_seq_len, force, quantize)
-    job = job.for_model(model)  # classify: the head's task where the model has one
-    units = units or job.units(data, tok, model)
+    job, units = tasks.with_model(job, units, data, tok, model)  # classify: a head's task where there is one
     base = score_base(job, model, tok, units, rank, world, (job, data, ckpt_dir), (adapter, force, quantize)) \
         if compare_baseline else None  # the base first, then the adapter merged into the same weights
     metrics, items = tasks.evaluate(job, model, tok, units, rank, world)

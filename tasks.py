@@ -29,7 +29,8 @@ Reading guide, top to bottom:
     ranking          trec_eval's P@10, NDCG@10, reciprocal rank and average precision, by hand; qrels
                      and run files
     perplexity       windows over shards or JSONL texts, and their losses
-    evaluate         the units split across ranks, the results gathered back in unit order
+    evaluate         with_model (the task for the loaded model: classify's head), the units split
+                     across ranks, the results gathered back in unit order
     during training  check_training_flags and TrainingEval: what train.py calls
 """
 
@@ -46,6 +47,7 @@ import torch.distributed as dist
 import atomic
 import common
 import generate
+import heads
 from cli import UsageError, UserError
 from data.records import RecordError, need, read_jsonl
 from data.shards import DataLoader, validate
@@ -381,13 +383,12 @@ class HeadClassify(Task):
             logits = model.classify(tokens).double()
             probs = logits.sigmoid() if self.multilabel else logits.softmax(-1)
             for u, p in zip(part, probs.tolist()):
-                truth = {"answers": u["answers"]} if self.multilabel else {"answer": u["answer"], "prediction": argmax(p)}
+                truth = {"answers": u["answers"]} if self.multilabel else \
+                    {"answer": u["answer"], "prediction": argmax(p)}
                 results.append({"probabilities": p, **truth})
         return results
 
     def metrics(self, items):
-        import heads
-
         answers = [i["answers"] if self.multilabel else i["answer"] for i in items]
         return heads.classification_metrics([i["probabilities"] for i in items], answers, self.multilabel,
                                             self.labels)
@@ -689,6 +690,13 @@ def gather(results, error, rank, world, n):
     for r, (part, _) in enumerate(parts):
         merged[r::world] = part
     return merged
+
+
+def with_model(task, units, data, tok, model):
+    """(the task that scores the loaded model, its units): classify turns into the head's task where
+    the model has a head; units (None) read now where the task needed the model to read them."""
+    task = task.for_model(model)
+    return task, units or task.units(data, tok, model)
 
 
 def evaluate(task, model, tok, units, rank=0, world=1, show_progress=True):

@@ -1,7 +1,7 @@
 """eval.py --task classify on a checkpoint with a classification head: the metrics equal
 scikit-learn's on hand-checked cases (a multilabel label with one class present is skipped and
 counted, never a NaN), the command writes the head's labels and per item the softmax / sigmoid of
-model.classify on the same text, bad records are one line naming FILE:LINE, and report.py compares
+model.classify on the same text (two torchrun ranks write the same results), bad records are one line naming FILE:LINE, and report.py compares
 two head results files."""
 
 import json
@@ -58,7 +58,8 @@ def test_multiclass_metrics_hand_checked():
     assert m["macro_f1"] == pytest.approx(f1_score(truth, predicted, average="macro"))
     assert m["auroc"] == pytest.approx(roc_auc_score(truth, probs, multi_class="ovr", average="macro"))
     assert m["auroc_ovo"] == pytest.approx(roc_auc_score(truth, probs, multi_class="ovo", average="macro"))
-    # one-vs-rest by hand: class 0 (.7, .3 vs .1 .2 .5): 5/6; class 1 (.6, .4 vs .2 .3 .3): 1; class 2: (.5 vs .1 .3 .1 .4): 1
+    # one-vs-rest by hand: class 0 (.7, .3 against .1 .2 .5): 5/6; class 1 (.6, .4 against .2 .3 .3): 1;
+    # class 2 (.5 against .1 .3 .1 .4): 1
     assert m["auroc"] == pytest.approx((5 / 6 + 1 + 1) / 3)
     absent = heads.classification_metrics(probs[:2], truth[:2], False, ["<=3d", "3-7d", ">7d"])
     assert absent["auroc"] is None and absent["auroc_ovo"] is None and absent["accuracy"] == 1.0
@@ -104,8 +105,9 @@ def write_jsonl(path, records):
     return path
 
 
-def run_eval(*args):
-    return subprocess.run([sys.executable, "eval.py", *map(str, args), "--mlflow", "false"], cwd=ROOT,
+def run_eval(*args, torchrun=False):
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node=2"] if torchrun else [])
+    return subprocess.run(launcher + ["eval.py", *map(str, args), "--mlflow", "false"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -150,6 +152,15 @@ def test_eval_scores_with_the_head(labels, multilabel, tmp_path):
         assert [i["answer"] for i in got["items"]] == answers
     assert got["metrics"] == pytest.approx(heads.classification_metrics(want, answers, multilabel, labels), abs=1e-6)
     assert [i["line"] for i in got["items"]] == [f"{data}:{k + 1}" for k in range(len(NOTES))]
+    if multilabel:  # two ranks, each scoring every other record: the same results
+        from test_eval import assert_same_results
+
+        r = run_eval("--ckpt_dir", ckpt, "--task", "classify", "--data", data, "--out", tmp_path / "two.json",
+                     "--batch_size", "2", torchrun=True)
+        assert r.returncode == 0, r.stderr
+        two = json.loads((tmp_path / "two.json").read_text())
+        got.pop("command"), two.pop("command")
+        assert_same_results(got, two)
     r = run_eval("--ckpt_dir", ckpt, "--task", "classify", "--data", data, "--out", tmp_path / "again.json",
                  "--labels", "a,b" if not multilabel else "x,y,z")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
