@@ -7,7 +7,9 @@
 
 Tasks (records are JSONL, one per line; tasks.py has each one's fields, scoring and metrics):
     choice      multiple choice (MedQA, PubMedQA): acc, acc_norm (lm-evaluation-harness scoring)
-    classify    {"text", "label"} with --labels yes,no: accuracy, macro-F1, AUROC
+    classify    {"text", "label"} with --labels yes,no: accuracy, macro-F1, AUROC; on a checkpoint with a
+                classification head no --labels: {"text", "label"} or {"text", "labels": [...]} scored
+                by the head (results add "labels", "multilabel"; items "probabilities", "answer(s)")
     rank        {"query_id", "doc_id", "text", "relevance"} (or --qrels): P@10, NDCG@10, MRR, MAP
     generate    {"prompt", "reference"} (or instruction/input/output): ROUGE-1/2/L, corpus BLEU
     perplexity  a shards directory (its val split) or JSONL {"text"}: loss, perplexity, bits per byte
@@ -47,16 +49,16 @@ from generate import apply_adapter, checked_ckpt_dir, load_for_sampling
 
 def task_options(task, labels=None, template=None, qrels=None, run_out=None, **options):
     """tasks.Options from eval.py's flags: --template's escapes typed in a shell (\\n, \\t, \\\\)
-    made characters and the template checked; --labels split and checked (classify must give them;
-    rank defaults to yes,no); --qrels and --run_out refused but for rank."""
+    made characters and the template checked; --labels split and checked (classify without them:
+    None, the head's labels; rank defaults to yes,no); --qrels and --run_out refused but for rank."""
     if template is not None:  # typed in a shell, "\n" arrives as a backslash and an n
         template = re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m[1]], template)
         tasks.check_template(template)
-    if task == "classify" and labels is None:
-        raise UsageError("--task classify needs --labels (the verbalizers, e.g. --labels yes,no)")
     names = [s.strip() for s in (labels or "yes,no").split(",")]
     if len(set(names)) != len(names) or "" in names or len(names) < 2:
         raise UsageError(f"--labels must be two or more distinct, non-empty names, got {','.join(names)!r}")
+    if task == "classify" and labels is None:
+        names = None  # a head's from its checkpoint; without a head, Classify.for_model asks for --labels
     for name, value in (("qrels", qrels), ("run_out", run_out)):
         if value is not None and task != "rank":
             raise UsageError(f"--{name} only applies to --task rank")
@@ -124,10 +126,11 @@ def summary_table(task, metrics, data):
     return "\n".join([f"{task} on {data}"] + [f"  {name:<{width}}  {value:>10}" for name, value in rows])
 
 
-def results_of(task, data, model, metrics, items, ckpt_dir, adapter):
-    """The results file's content; the weights' fingerprint is the model's as it scored."""
+def results_of(job, data, model, metrics, items, ckpt_dir, adapter):
+    """The results file's content (with what the task adds: a head's labels); the weights'
+    fingerprint is the model's as it scored."""
     weights = {"dir": ckpt_dir, "adapter": adapter, "weights_fingerprint": lora.base_fingerprint(model)}
-    return {"task": task, "metrics": metrics, "items": items, "command": cli.command_line(),
+    return {"task": job.name, **job.header(), "metrics": metrics, "items": items, "command": cli.command_line(),
             "checkpoint": weights, "data": {"path": data, "sha256": sha256_of(data)}}
 
 
@@ -160,7 +163,7 @@ def comparison_paths(compare_baseline, adapter, quantize, out, report_dir):
 def score_base(job, model, tok, units, rank, world, what, adapting):
     """The base's results (the adapter not yet applied), then the adapter merged into the model and
     checked to have changed its weights. The base's results stay in memory until the fine-tune has
-    been scored too: a refused comparison writes nothing. what: (task, data, ckpt_dir); adapting:
+    been scored too: a refused comparison writes nothing. what: (the task, data, ckpt_dir); adapting:
     (adapter, force, quantize)."""
     metrics, items = tasks.evaluate(job, model, tok, units, rank, world)
     base = results_of(*what[:2], model, metrics, items, what[2], None)
@@ -210,14 +213,14 @@ def main(task: str, data: str, ckpt_dir: str = None, adapter: str = None, out: s
         adapter: a LoRA adapter directory saved by train.py (merged into the weights).
         out: the results file: task, metrics, one item per record in input order, digests.
         labels: classify / rank: the label words in order, comma-separated (the first is the positive
-            class); rank defaults to yes,no.
+            class); rank defaults to yes,no; a classification head's come from its checkpoint.
         template: the prompt with the record's fields in braces, e.g. "{text}\\nLabel:" (\\n and \\t
             typed in the shell are a newline and a tab; {{ and }} are literal braces). Only plain
             {field}s: attributes, indexes, !conversions and :format specs are refused.
         chat: lay each prompt out as a user turn in the tokenizer's chat format (instruct models).
         max_examples: only the first N records.
-        batch_size: prompts per batch for generate, windows per batch for perplexity (choice, classify
-            and rank run each record's answers as one batch over one shared prompt cache).
+        batch_size: prompts per batch for generate, windows for perplexity, documents for a head (choice,
+            classify and rank run each record's answers as one batch over one shared prompt cache).
         max_new_tokens, temperature, top_p, seed: generate: sampling as generate.py (default greedy).
         seq_len: perplexity: tokens per window (default the model's context).
         qrels: rank: a TREC qrels file to take relevance from instead of the records.
@@ -246,12 +249,12 @@ def main(task: str, data: str, ckpt_dir: str = None, adapter: str = None, out: s
     units = None if job.needs_model else job.units(data)  # bad records stop the run before the model loads
     model, tok = load_for_sampling(os.path.expanduser(ckpt_dir), tokenizer, None if compare_baseline else adapter,
                                    device, dtype, max_seq_len, force, quantize)
-    units = units or job.units(data, tok, model)
-    base = score_base(job, model, tok, units, rank, world, (task, data, ckpt_dir), (adapter, force, quantize)) \
+    job, units = tasks.with_model(job, units, data, tok, model)  # classify: a head's task where there is one
+    base = score_base(job, model, tok, units, rank, world, (job, data, ckpt_dir), (adapter, force, quantize)) \
         if compare_baseline else None  # the base first, then the adapter merged into the same weights
     metrics, items = tasks.evaluate(job, model, tok, units, rank, world)
     if rank == 0:
-        results = results_of(task, data, model, metrics, items, ckpt_dir, adapter)
+        results = results_of(job, data, model, metrics, items, ckpt_dir, adapter)
         write_all(results, out, run_out, (base, base_out, report_dir), mlflow, mlflow_experiment)
     common.teardown()
 

@@ -1,4 +1,4 @@
-"""The classification head's losses: what train.py's --head classify minimises over the logits that
+"""The classification head: its losses, what train.py's --head classify minimises over the logits that
 model.Transformer.classify pools, one row per document.
 
 Read top to bottom:
@@ -8,6 +8,9 @@ Read top to bottom:
                           BCE-with-logits (multilabel); class weights; focal loss (--focal_gamma,
                           --focal_alpha): softmax focal for one label, torchvision's
                           sigmoid_focal_loss for multilabel
+  attach_head, head_config  a fresh head on a model (train.py --head), and what an adapter records of it
+  classification_metrics  eval.py's metrics of a head's probabilities (scikit-learn), named as DESIGN.md's
+                          Heads contract names them
 Every loss is a mean over the batch (a weighted mean where class weights weigh single-label
 documents, as F.cross_entropy's weight= does), in fp32.
 """
@@ -103,3 +106,62 @@ def head_config(args) -> dict:
     """What a head is, as adapter.json's "head" and train.py's checks read it."""
     return {"n_labels": args.n_labels, "multilabel": args.multilabel,
             "labels": None if args.labels is None else list(args.labels), "pad_id": args.pad_id}
+
+
+# -----------------------------------------------------------------------------------------------
+# Metrics: what eval.py --task classify reports for a head (scikit-learn computes them)
+
+
+def classification_metrics(probabilities, answers, multilabel: bool, labels, k: int = 5) -> dict:
+    """The head's metrics over N documents, the names DESIGN.md fixes. probabilities (N, K), one per
+    label in the head's order (softmax, or sigmoid for multilabel); answers: each document's label
+    index, or for multilabel its list of label indices. A metric that the evaluated set leaves
+    undefined (an AUROC with one class present) is None.
+
+    binary (2 labels, the second positive): accuracy, f1, auroc, auprc (average precision)
+    multiclass: accuracy, macro_f1, auroc (macro one-vs-rest), auroc_ovo (macro one-vs-one; both
+        need every label present)
+    multilabel: macro_auroc over the labels with both classes present (labels_skipped: how many
+        were not; None when none qualifies), micro_auroc, macro_f1 and micro_f1 with a label on
+        where its probability is >= 0.5 (a label never true nor predicted counts F1 0), and
+        precision_at_{k}: the mean share of each document's k most probable labels that are true
+        (k = min(k, K), as written in the name)."""
+    import numpy
+    from sklearn.metrics import (accuracy_score, average_precision_score, f1_score, roc_auc_score)
+
+    probs = numpy.asarray(probabilities, dtype=numpy.float64).reshape(len(answers), len(labels))
+    n_labels = len(labels)
+    if multilabel:
+        truth = numpy.zeros(probs.shape, dtype=int)
+        for row, on in enumerate(answers):
+            truth[row, list(on)] = 1
+        both = [j for j in range(n_labels) if 0 < truth[:, j].sum() < len(truth)]
+        predicted = (probs >= 0.5).astype(int)
+        k = min(k, n_labels)
+        top = numpy.argsort(-probs, axis=1, kind="stable")[:, :k]
+        metrics = {"macro_auroc": roc_auc_score(truth[:, both], probs[:, both], average="macro") if both else None,
+                   "labels_skipped": n_labels - len(both),
+                   "micro_auroc": roc_auc_score(truth.ravel(), probs.ravel()) if 0 < truth.sum() < truth.size
+                   else None,
+                   "macro_f1": f1_score(truth, predicted, average="macro", zero_division=0),
+                   "micro_f1": f1_score(truth, predicted, average="micro", zero_division=0),
+                   f"precision_at_{k}": numpy.take_along_axis(truth, top, axis=1).sum(axis=1).mean() / k}
+    else:
+        truth, predicted = numpy.asarray(answers, dtype=int), probs.argmax(axis=1)
+        present = len(set(truth.tolist()))
+        if n_labels == 2:
+            metrics = {"accuracy": accuracy_score(truth, predicted),
+                       "f1": f1_score(truth, predicted, pos_label=1, average="binary", zero_division=0),
+                       "auroc": roc_auc_score(truth, probs[:, 1]) if present == 2 else None,
+                       "auprc": average_precision_score(truth, probs[:, 1]) if present == 2 else None}
+        else:
+            every = present == n_labels  # sklearn's multiclass AUROCs need every class in y_true
+            scores = probs / probs.sum(axis=1, keepdims=True)  # exact sums of 1, as sklearn checks
+            metrics = {"accuracy": accuracy_score(truth, predicted),
+                       "macro_f1": f1_score(truth, predicted, average="macro", labels=list(range(n_labels)),
+                                            zero_division=0),
+                       "auroc": roc_auc_score(truth, scores, multi_class="ovr", average="macro") if every else None,
+                       "auroc_ovo": roc_auc_score(truth, scores, multi_class="ovo", average="macro") if every
+                       else None}
+    metrics = {name: v if v is None or isinstance(v, int) else float(v) for name, v in metrics.items()}
+    return {**metrics, "n": len(answers)}

@@ -71,7 +71,7 @@ def load_results(path):
 
 def item_key(task, item):
     """What identifies a record in a results file: its line number and its truth."""
-    fields = ("answer", "reference", "query_id", "doc_id", "relevance", "tokens", "bytes")
+    fields = ("answer", "answers", "reference", "query_id", "doc_id", "relevance", "tokens", "bytes")
     return (str(item.get("line", "")).rpartition(":")[2],) + tuple(item.get(f) for f in fields)
 
 
@@ -95,9 +95,12 @@ def check_pair(base, tuned, base_path, tuned_path):
 
 
 def task_of(results):
-    """The tasks.py task that recomputes the results' metrics (classify's label count from the items)."""
+    """The tasks.py task that recomputes the results' metrics (classify's label count from the items;
+    a classification head's results carry "labels" and "multilabel": tasks.HeadClassify)."""
     items = results["items"]
     labels = results.get("labels") or [str(k) for k in range(len(items[0].get("probabilities", [0, 0])))]
+    if "multilabel" in results:
+        return tasks.HeadClassify(tasks.Options(labels=labels), labels, results["multilabel"])
     return tasks.REGISTRY[results["task"]](tasks.Options(labels=labels))
 
 
@@ -171,8 +174,9 @@ def summary(base, tuned, d, resamples):
 
 
 def record_scores(task, items):
-    """[(record label, score)]: choice correct (0/1), classify the truth's probability, generate
-    ROUGE-L, perplexity minus the loss per token; rank: one entry per query, its P@10."""
+    """[(record label, score)]: choice correct (0/1), classify the truth's probability (multilabel:
+    the mean over labels of the probability of each label's truth, on or off), generate ROUGE-L,
+    perplexity minus the loss per token; rank: one entry per query, its P@10."""
     if task == "rank":
         ranked = tasks.ranked_queries(items)
         grades = {(i["query_id"], i["doc_id"]): i["relevance"] for i in items}
@@ -182,10 +186,18 @@ def record_scores(task, items):
         return [(q, tasks.query_measures([grades[(q, d)] for d, _ in docs], judged[q])["P@10"])
                 for q, docs in ranked.items()]
     score = {"choice": lambda i: float(i["prediction"] == i["answer"]),
-             "classify": lambda i: i["probabilities"][i["answer"]],
+             "classify": truth_probability,
              "generate": lambda i: tasks.rouge_fmeasures(i["reference"], i["completion"])[2],
              "perplexity": lambda i: -i["nll"] / max(i["tokens"], 1)}[task]
     return [(str(i.get("line", k + 1)), score(i)) for k, i in enumerate(items)]
+
+
+def truth_probability(item):
+    """A classify item's probability of its truth; multilabel ("answers"), the mean over its labels."""
+    if "answers" not in item:
+        return item["probabilities"][item["answer"]]
+    on = set(item["answers"])
+    return sum(p if k in on else 1 - p for k, p in enumerate(item["probabilities"])) / len(item["probabilities"])
 
 
 def records_by_line(data_path):
@@ -225,6 +237,10 @@ def describe(task, base_items, tuned_items, k, records):
     if task == "perplexity":
         return {"prompt": prompt, "base_output": f"loss {b['nll'] / max(b['tokens'], 1):.4f}",
                 "tuned_output": f"loss {t['nll'] / max(t['tokens'], 1):.4f}"}
+    if "answers" in b:  # a multilabel head: label indices, those at probability >= 0.5 predicted
+        on = lambda item: ",".join(str(k) for k, p in enumerate(item["probabilities"]) if p >= 0.5)
+        return {"prompt": prompt, "reference": ",".join(map(str, b["answers"])), "base_output": on(b),
+                "tuned_output": on(t)}
     choices = record.get("choices") or list(record.get("options", {})) or None
     name = (lambda j: choices[j]) if choices and all(j < len(choices) for j in (b["answer"], b["prediction"],
                                                                                   t["prediction"])) else str
@@ -254,14 +270,15 @@ def save(pyplot, fig, out_dir, name, title):
 
 
 def plot_classify(base, tuned, out_dir, names):
-    """ROC and precision-recall of both models (the first label positive; several labels:
-    micro-averaged one-vs-rest); with more than two labels also each model's confusion matrix."""
+    """ROC and precision-recall of both models (the first label positive, a head's second; several
+    labels: micro-averaged one-vs-rest, multilabel over every (record, label)); with more than two
+    labels, one each, also each model's confusion matrix."""
     from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve
 
     pyplot = figure()
     fig, (roc, pr) = pyplot.subplots(1, 2, figsize=(10, 4.5))
     for side, results in (("base", base), ("fine-tuned", tuned)):
-        truth, probs = curve_inputs(results["items"])
+        truth, probs = curve_inputs(results["items"], positive=1 if "multilabel" in results else 0)
         if len(set(truth.tolist())) < 2:
             continue  # one class: no curve
         fpr, tpr, _ = roc_curve(truth, probs)
@@ -274,7 +291,7 @@ def plot_classify(base, tuned, out_dir, names):
     roc.legend(), pr.legend()
     made = [save(pyplot, fig, out_dir, "roc_pr.png", f"{names[1]} against {names[0]}")]
     n_labels = len(base["items"][0]["probabilities"])
-    if n_labels > 2:
+    if n_labels > 2 and not base.get("multilabel"):
         fig, axes = pyplot.subplots(1, 2, figsize=(10, 4.5))
         for ax, side, results in zip(axes, ("base", "fine-tuned"), (base, tuned)):
             matrix = confusion_matrix([i["answer"] for i in results["items"]],
@@ -285,14 +302,16 @@ def plot_classify(base, tuned, out_dir, names):
     return made
 
 
-def curve_inputs(items):
-    """(truth 0/1, score) for the curves: the first label's probability against "is the first
-    label"; with more labels every (item, label) pair, micro-averaged."""
+def curve_inputs(items, positive=0):
+    """(truth 0/1, score) for the curves: the positive label's probability against "is the
+    positive label"; with more labels (or multilabel "answers") every (item, label) pair,
+    micro-averaged."""
     probs = numpy.asarray([i["probabilities"] for i in items], dtype=numpy.float64)
     truth = numpy.zeros_like(probs)
-    truth[numpy.arange(len(items)), [i["answer"] for i in items]] = 1
-    if probs.shape[1] == 2:
-        return truth[:, 0], probs[:, 0]
+    for row, item in enumerate(items):
+        truth[row, item["answers"] if "answers" in item else item["answer"]] = 1
+    if probs.shape[1] == 2 and "answers" not in items[0]:
+        return truth[:, positive], probs[:, positive]
     return truth.ravel(), probs.ravel()
 
 

@@ -8,7 +8,9 @@ across torchrun ranks.
 Tasks (records are JSONL, one per line, read by data/records.py):
     choice      {"question", "choices": [..], "answer": i} (+ "context"), or MedQA's {"question",
                 "options": {"A": ..}, "answer": "C"}: acc, acc_norm (lm-evaluation-harness scoring)
-    classify    {"text", "label"} with labels yes,no: accuracy, macro-F1, AUROC
+    classify    {"text", "label"} with labels yes,no: accuracy, macro-F1, AUROC; on a model with a
+                classification head, its probabilities for {"text", "label"} or {"text", "labels":
+                [...]}, the labels the head's (heads.classification_metrics' metrics)
     rank        {"query_id", "doc_id", "text", "relevance"}, one per (query, doc) pair (in qrels too):
                 P@10, NDCG@10, MRR, MAP (trec_eval's)
     generate    {"prompt", "reference"} (or instruction/input/output): ROUGE-1/2/L, corpus BLEU
@@ -23,11 +25,12 @@ Reading guide, top to bottom:
     options          Options: what tasks read besides records (eval.py's flags, or train.py's defaults)
     templates        check_template, render: prompts from record fields only
     scoring          continuation log-likelihoods, lm-evaluation-harness's way, one prompt cache per record
-    tasks            Task, Choice, Classify, Rank, Generate, Perplexity; REGISTRY and NAMES
+    tasks            Task, Choice, Classify (HeadClassify for a head), Rank, Generate, Perplexity; REGISTRY and NAMES
     ranking          trec_eval's P@10, NDCG@10, reciprocal rank and average precision, by hand; qrels
                      and run files
     perplexity       windows over shards or JSONL texts, and their losses
-    evaluate         the units split across ranks, the results gathered back in unit order
+    evaluate         with_model (the task for the loaded model: classify's head), the units split
+                     across ranks, the results gathered back in unit order
     during training  check_training_flags and TrainingEval: what train.py calls
 """
 
@@ -44,6 +47,7 @@ import torch.distributed as dist
 import atomic
 import common
 import generate
+import heads
 from cli import UsageError, UserError
 from data.records import RecordError, need, read_jsonl
 from data.shards import DataLoader, validate
@@ -191,6 +195,14 @@ class Task:
     def __init__(self, opts):
         self.opts = opts
 
+    def for_model(self, model):
+        """The task that scores this model (classify: the head's, where the model has one)."""
+        return self
+
+    def header(self):
+        """What the results file holds besides task, metrics and items (a head's labels)."""
+        return {}
+
     def units(self, data, tok=None, model=None):
         """Every record of the file data, each checked into a unit (dict) that knows its line."""
         records = read_jsonl(data, self.opts.max_examples, self.opts.data_flag)
@@ -261,9 +273,20 @@ class Choice(Task):
 
 
 class Classify(Task):
-    """Labels as continuations of the prompt: accuracy, macro-F1, AUROC (the first label positive)."""
+    """Labels as continuations of the prompt: accuracy, macro-F1, AUROC (the first label positive).
+    A model with a classification head is scored by its head instead (HeadClassify), so the records
+    are read once the model is loaded and known."""
     name = "classify"
     template = "{text}\nAnswer:"
+    needs_model = True
+
+    def for_model(self, model):
+        if model.args.n_labels:
+            return HeadClassify.of(model, self.opts)
+        if self.opts.labels is None:
+            raise UsageError("--task classify needs --labels (the verbalizers, e.g. --labels yes,no), or a "
+                             "checkpoint with a classification head; this one has none")
+        return self
 
     def unit(self, record, where):
         need(record, "text", where)
@@ -292,6 +315,83 @@ class Classify(Task):
             metrics["auroc"] = None  # one-vs-rest needs every class in the data
         metrics = {k: float(v) if v is not None else None for k, v in metrics.items()}  # numpy's to plain floats
         return {**metrics, "n": len(items)}
+
+
+class HeadClassify(Task):
+    """A classification head's probabilities (model.classify: softmax, or sigmoid for multilabel)
+    for {"text", "label"} or, multilabel, {"text", "labels": [...]} records, the labels the head's
+    own (model.args.labels). Each text is one document, BOS text EOS, cut to the model's context
+    keeping its start (and its BOS and EOS, as data.prepare --max_len cuts). Metrics:
+    heads.classification_metrics. Picked by Classify.for_model; report.py makes one from a results
+    file's "labels" and "multilabel"."""
+    name = "classify"
+    batched = True
+    needs_model = True
+
+    def __init__(self, opts, labels, multilabel=False):
+        super().__init__(opts)
+        self.labels, self.multilabel = list(labels), multilabel
+
+    @classmethod
+    def of(cls, model, opts):
+        """The model's head as a task: its labels (or, unnamed in the checkpoint, --labels where
+        given, else 0, 1, ...); --labels other than the checkpoint's is refused."""
+        args, given = model.args, opts.labels
+        labels = list(args.labels) if args.labels is not None else given or [str(k) for k in range(args.n_labels)]
+        if given is not None and given != labels:
+            raise UsageError(f"--labels {','.join(given)} differ from the checkpoint's head labels {','.join(labels)}"
+                             f" (leave --labels out: a head's labels come from its checkpoint)")
+        return cls(opts, labels, args.multilabel)
+
+    def header(self):
+        return {"labels": self.labels, "multilabel": self.multilabel}
+
+    def units(self, data, tok=None, model=None):
+        units = super().units(data)
+        context = model.args.max_seq_len
+        for u in units:
+            ids = tok.encode(u.pop("text"), bos=True, eos=True)
+            u["ids"] = ids if len(ids) <= context else ids[: context - 1] + ids[-1:]
+        return units
+
+    def unit(self, record, where):
+        text, known = need(record, "text", where), f"the head's labels {','.join(self.labels[:20])}" + \
+            (", ..." if len(self.labels) > 20 else "")
+        if self.multilabel:
+            names = need(record, "labels", where, list)
+        elif "labels" in record and "label" not in record:
+            raise RecordError(f"{where}: a list of labels, but the head takes one label per record (not multilabel)")
+        else:
+            names = [need(record, "label", where, (str, int))]
+        index = {name: k for k, name in enumerate(self.labels)}
+        for name in names:
+            if str(name) not in index or isinstance(name, bool):
+                raise RecordError(f"{where}: label {name!r} is not one of {known}")
+        answers = sorted({index[str(name)] for name in names})
+        return {"text": text, **({"answers": answers} if self.multilabel else {"answer": answers[0]})}
+
+    @torch.inference_mode()
+    def score(self, model, tok, batch):
+        pad_id, device = model.args.pad_id, model.tok_embeddings.weight.device
+        rows = [batch] if pad_id is not None else [[u] for u in batch]  # no pad token: one document a row
+        results = []
+        for part in rows:
+            T = max(len(u["ids"]) for u in part)
+            tokens = torch.full((len(part), T), 0 if pad_id is None else pad_id, dtype=torch.long, device=device)
+            for i, u in enumerate(part):
+                tokens[i, : len(u["ids"])] = torch.tensor(u["ids"])
+            logits = model.classify(tokens).double()
+            probs = logits.sigmoid() if self.multilabel else logits.softmax(-1)
+            for u, p in zip(part, probs.tolist()):
+                truth = {"answers": u["answers"]} if self.multilabel else \
+                    {"answer": u["answer"], "prediction": argmax(p)}
+                results.append({"probabilities": p, **truth})
+        return results
+
+    def metrics(self, items):
+        answers = [i["answers"] if self.multilabel else i["answer"] for i in items]
+        return heads.classification_metrics([i["probabilities"] for i in items], answers, self.multilabel,
+                                            self.labels)
 
 
 class Rank(Task):
@@ -590,6 +690,13 @@ def gather(results, error, rank, world, n):
     for r, (part, _) in enumerate(parts):
         merged[r::world] = part
     return merged
+
+
+def with_model(task, units, data, tok, model):
+    """(the task that scores the loaded model, its units): classify turns into the head's task where
+    the model has a head; units (None) read now where the task needed the model to read them."""
+    task = task.for_model(model)
+    return task, units or task.units(data, tok, model)
 
 
 def evaluate(task, model, tok, units, rank=0, world=1, show_progress=True):
