@@ -575,7 +575,7 @@ def train_side(which, args, a, dev, batch):
                 lora.apply_lora(m, args.lora_rank, alpha)
             m.activation_checkpointing = args.activation_checkpointing
             net = torch.compile(m) if args.compile else m
-            c = SimpleNamespace(grad_accum=1, device=str(dev), world=1, doc_mask=False)
+            c = SimpleNamespace(grad_accum=1, device=str(dev), world=1, doc_mask=False, head=None)
             loader = SimpleNamespace(next_batch=lambda: batch, state_dict=dict, load_state_dict=lambda state: None)
             forward_backward = lambda: train.train_step(c, net, loader, autocast)  # noqa: E731
         else:
