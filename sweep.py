@@ -537,8 +537,11 @@ def load_study(sweep):
     pruner = (optuna.pruners.NopPruner() if pruner.get("name") == "none" or sweep.source != "log" else
               optuna.pruners.MedianPruner(**{k: v for k, v in pruner.items() if k != "name"}))
     storage = sweep.storage or "sqlite:///" + os.path.abspath(os.path.join(sweep.dir, "study.db"))
-    return optuna.create_study(storage=storage, study_name=os.path.basename(os.path.normpath(sweep.dir)),
-                               direction=sweep.direction, sampler=sampler, pruner=pruner, load_if_exists=True)
+    # Workers starting together would each create the storage's tables (optuna's schema migration
+    # inserts its version row once: the second insert fails), so one creates while the others wait.
+    with locked(os.path.join(sweep.dir, ".study.lock")):
+        return optuna.create_study(storage=storage, study_name=os.path.basename(os.path.normpath(sweep.dir)),
+                                   direction=sweep.direction, sampler=sampler, pruner=pruner, load_if_exists=True)
 
 
 def finished_count(study):
