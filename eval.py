@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import re
+from types import SimpleNamespace
 
 import atomic
 import checkpoint
@@ -47,10 +48,11 @@ from generate import apply_adapter, checked_ckpt_dir, load_for_sampling
 # Flags: what cli's per-flag checks cannot see
 
 
-def task_options(task, labels=None, template=None, qrels=None, run_out=None, **options):
+def task_options(task, labels=None, template=None, qrels=None, run_out=None, records=(None,) * 5, **options):
     """tasks.Options from eval.py's flags: --template's escapes typed in a shell (\\n, \\t, \\\\)
     made characters and the template checked; --labels split and checked (classify without them:
-    None, the head's labels; rank defaults to yes,no); --qrels and --run_out refused but for rank."""
+    None, the head's labels; rank defaults to yes,no); --qrels and --run_out refused but for rank;
+    records: (--text_column, --label_column, --label_separator, --max_len, --truncate), classify's."""
     if template is not None:  # typed in a shell, "\n" arrives as a backslash and an n
         template = re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m[1]], template)
         tasks.check_template(template)
@@ -62,7 +64,12 @@ def task_options(task, labels=None, template=None, qrels=None, run_out=None, **o
     for name, value in (("qrels", qrels), ("run_out", run_out)):
         if value is not None and task != "rank":
             raise UsageError(f"--{name} only applies to --task rank")
-    return tasks.Options(template=template, labels=names, qrels=qrels, **options)
+    record_flags = dict(zip(("text_column", "label_column", "label_separator", "max_len", "truncate"), records))
+    given = [name for name, value in record_flags.items() if value is not None]
+    if given and task != "classify":
+        raise UsageError(f"--{given[0]} only applies to --task classify (a classification head's records)")
+    return tasks.Options(template=template, labels=names, qrels=qrels, **options,
+                         **{k: v for k, v in record_flags.items() if v is not None})
 
 
 def checked_paths(ckpt_dir, data, outputs, inputs):
@@ -194,7 +201,8 @@ CHECKS = {"task": one_of(*tasks.NAMES), "data": non_empty, "ckpt_dir": non_empty
           "temperature": interval("[0, inf)"), "top_p": interval("(0, 1]"), "seq_len": positive,
           "max_seq_len": positive, "seed": at_least(0), "device": torch_device,
           "dtype": one_of("bf16", "fp16", "fp32"), "quantize": one_of("nf4"), "mlflow_experiment": non_empty,
-          "report_dir": non_empty}
+          "report_dir": non_empty, "text_column": non_empty, "label_column": non_empty,
+          "label_separator": non_empty, "max_len": at_least(3), "truncate": one_of("start", "end")}
 
 
 def main(task: str, data: str, ckpt_dir: str = None, adapter: str = None, out: str = "results.json",
@@ -203,12 +211,14 @@ def main(task: str, data: str, ckpt_dir: str = None, adapter: str = None, out: s
          seed: int = 0, seq_len: int = None, qrels: str = None, run_out: str = None, max_seq_len: int = None,
          tokenizer: str = None, device: str = None, dtype: str = None, quantize: str = None,
          force: bool = False, mlflow: bool = True, mlflow_experiment: str = "llama", compare_baseline: bool = False,
-         report_dir: str = None):
+         report_dir: str = None, text_column: str = None, label_column: str = None, label_separator: str = None,
+         max_len: int = None, truncate: str = None):
     """Evaluate a model on a task and write the results file.
 
     Args:
         task: choice, classify, rank, generate or perplexity (see the top of tasks.py for each one's records).
-        data: the records (JSONL); for perplexity also a shards directory (its val split).
+        data: the records (JSONL; for a classification head also CSV/TSV/Parquet, as data.prepare
+            reads them); for perplexity also a shards directory (its val split).
         ckpt_dir: Meta or HF checkpoint; default out/demo, the model `python train.py` makes.
         adapter: a LoRA adapter directory saved by train.py (merged into the weights).
         out: the results file: task, metrics, one item per record in input order, digests.
@@ -236,26 +246,40 @@ def main(task: str, data: str, ckpt_dir: str = None, adapter: str = None, out: s
         mlflow_experiment: the mlflow experiment's name.
         compare_baseline: with --adapter, also score the base on the same records (OUT.base.json).
         report_dir: --compare_baseline's report.py report (default: OUT without .json, plus _report).
+        text_column: a head's records: the column (or field) holding the text (default: text).
+        label_column: a head's records: the column (or field) holding the label(s) (default: label,
+            or labels for a list).
+        label_separator: a head's records: split each label cell into a list (multilabel), e.g. ';'.
+        max_len, truncate: cut each of a head's documents to max_len tokens (default: the model's
+            context), keeping its start (truncate start, the default) or its end, as data.prepare cuts.
     """
-    opts = task_options(task, labels, template, qrels, run_out, chat=chat, max_examples=max_examples,
-                        batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                        seed=seed, seq_len=seq_len)
-    base_out, report_dir = comparison_paths(compare_baseline, adapter, quantize, out, report_dir)
-    ckpt_dir = checked_paths(ckpt_dir, data, {"--out": out, "--run_out": run_out, "the base's results": base_out,
-                                              "--report_dir": report_dir},
-                             {"--qrels": qrels, "--adapter": adapter, "--tokenizer": tokenizer})
-    job = tasks.REGISTRY[task](opts)  # rank reads --qrels here
-    rank, world, device = common.setup_distributed(device)
-    units = None if job.needs_model else job.units(data)  # bad records stop the run before the model loads
-    model, tok = load_for_sampling(os.path.expanduser(ckpt_dir), tokenizer, None if compare_baseline else adapter,
-                                   device, dtype, max_seq_len, force, quantize)
-    job, units = tasks.with_model(job, units, data, tok, model)  # classify: a head's task where there is one
-    base = score_base(job, model, tok, units, rank, world, (job, data, ckpt_dir), (adapter, force, quantize)) \
-        if compare_baseline else None  # the base first, then the adapter merged into the same weights
+    run_eval(SimpleNamespace(**locals()))
+
+
+def run_eval(f):
+    """main's run, its flags as one namespace: flags checked, records checked, the model loaded,
+    tasks.evaluate, outputs."""
+    opts = task_options(f.task, f.labels, f.template, f.qrels, f.run_out, chat=f.chat, max_examples=f.max_examples,
+                        batch_size=f.batch_size, max_new_tokens=f.max_new_tokens, temperature=f.temperature,
+                        top_p=f.top_p, seed=f.seed, seq_len=f.seq_len,
+                        records=(f.text_column, f.label_column, f.label_separator, f.max_len, f.truncate))
+    base_out, report_dir = comparison_paths(f.compare_baseline, f.adapter, f.quantize, f.out, f.report_dir)
+    ckpt_dir = checked_paths(f.ckpt_dir, f.data, {"--out": f.out, "--run_out": f.run_out,
+                                                  "the base's results": base_out, "--report_dir": report_dir},
+                             {"--qrels": f.qrels, "--adapter": f.adapter, "--tokenizer": f.tokenizer})
+    job = tasks.REGISTRY[f.task](opts)  # rank reads --qrels here
+    rank, world, device = common.setup_distributed(f.device)
+    units = None if job.needs_model else job.units(f.data)  # bad records stop the run before the model loads
+    model, tok = load_for_sampling(os.path.expanduser(ckpt_dir), f.tokenizer, None if f.compare_baseline else f.adapter,
+                                   device, f.dtype, f.max_seq_len, f.force, f.quantize)
+    job, units = tasks.with_model(job, units, f.data, tok, model)  # classify: a head's task where there is one
+    adapting = (f.adapter, f.force, f.quantize)
+    base = score_base(job, model, tok, units, rank, world, (job, f.data, ckpt_dir), adapting) \
+        if f.compare_baseline else None  # the base first, then the adapter merged into the same weights
     metrics, items = tasks.evaluate(job, model, tok, units, rank, world)
     if rank == 0:
-        results = results_of(job, data, model, metrics, items, ckpt_dir, adapter)
-        write_all(results, out, run_out, (base, base_out, report_dir), mlflow, mlflow_experiment)
+        results = results_of(job, f.data, model, metrics, items, ckpt_dir, f.adapter)
+        write_all(results, f.out, f.run_out, (base, base_out, report_dir), f.mlflow, f.mlflow_experiment)
     common.teardown()
 
 

@@ -35,6 +35,7 @@ Reading guide, top to bottom:
 """
 
 import functools
+import itertools
 import math
 import os
 import string
@@ -49,7 +50,7 @@ import common
 import generate
 import heads
 from cli import UsageError, UserError
-from data.records import RecordError, need, read_jsonl
+from data.records import RecordError, is_table, label_field, label_names, need, read_jsonl, read_records
 from data.shards import DataLoader, validate
 
 CONTEXT_TEMPLATE = "Abstract: {context}\nQuestion: {question}\nAnswer:"  # PubMedQA, as lm-eval lays it out
@@ -78,6 +79,12 @@ class Options:
     qrels: Optional[str] = None  # rank: a TREC qrels file to take relevance from
     data_flag: str = "--data"
     labels_from: str = "--labels"
+    # classify on a head: its records read and cut as data.prepare's flags of the same names do
+    text_column: Optional[str] = None  # the text's column or field (None: "text")
+    label_column: Optional[str] = None  # the label's (None: "label", or "labels" for a list)
+    label_separator: Optional[str] = None  # splits a label cell into a list (multilabel)
+    max_len: Optional[int] = None  # tokens a document keeps (None: the model's context)
+    truncate: Optional[str] = None  # a longer document keeps its start (None, "start") or its end ("end")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -182,6 +189,15 @@ def argmax(values):
     return max(range(len(values)), key=lambda i: (values[i], -i))  # the first of equal maxima, as numpy
 
 
+def cut(ids, keep, truncate=None):
+    """A document (BOS ... EOS) of more than keep tokens cut to keep, its BOS and EOS kept and the
+    rest taken from its start or its end: the cut data.prepare --max_len --truncate makes."""
+    if len(ids) <= keep:
+        return ids
+    middle = ids[len(ids) - 1 - (keep - 2) : -1] if truncate == "end" else ids[1 : keep - 1]
+    return ids[:1] + middle + ids[-1:]
+
+
 # -----------------------------------------------------------------------------------------------
 # Tasks
 
@@ -283,6 +299,11 @@ class Classify(Task):
     def for_model(self, model):
         if model.args.n_labels:
             return HeadClassify.of(model, self.opts)
+        given = [name for name in ("text_column", "label_column", "label_separator", "max_len", "truncate")
+                 if getattr(self.opts, name) is not None]
+        if given:
+            raise UsageError(f"--{given[0]} applies to a classification head's records; this checkpoint has no head "
+                             f"(its records are JSONL {{\"text\", \"label\"}}, scored through --labels)")
         if self.opts.labels is None:
             raise UsageError("--task classify needs --labels (the verbalizers, e.g. --labels yes,no), or a "
                              "checkpoint with a classification head; this one has none")
@@ -347,27 +368,40 @@ class HeadClassify(Task):
         return {"labels": self.labels, "multilabel": self.multilabel}
 
     def units(self, data, tok=None, model=None):
-        units = super().units(data)
-        context = model.args.max_seq_len
+        opts = self.opts
+        units = [{**self.unit(record, where), "where": where} for where, record in self.records(data)]
+        keep = min(opts.max_len or model.args.max_seq_len, model.args.max_seq_len)
         for u in units:
-            ids = tok.encode(u.pop("text"), bos=True, eos=True)
-            u["ids"] = ids if len(ids) <= context else ids[: context - 1] + ids[-1:]
+            u["ids"] = cut(tok.encode(u.pop("text"), bos=True, eos=True), keep, opts.truncate)
         return units
 
+    def records(self, data):
+        """(where, record) of JSONL, or of a CSV/TSV/Parquet table (its text column named "text"
+        here, its label column by its own name), the first --max_examples of them."""
+        opts = self.opts
+        if not is_table(data):
+            return read_jsonl(data, opts.max_examples, opts.data_flag)
+        columns = [("text", opts.text_column or "text"), *([(opts.label_column,) * 2] if opts.label_column else
+                                                          [("label", "label")])]
+        records = list(itertools.islice(read_records(data, columns, "table", flag=opts.data_flag), opts.max_examples))
+        if not records:
+            raise RecordError(f"{data}: no records in it")
+        return records
+
     def unit(self, record, where):
-        text, known = need(record, "text", where), f"the head's labels {','.join(self.labels[:20])}" + \
+        opts, known = self.opts, f"the head's labels {','.join(self.labels[:20])}" + \
             (", ..." if len(self.labels) > 20 else "")
-        if self.multilabel:
-            names = need(record, "labels", where, list)
-        elif "labels" in record and "label" not in record:
-            raise RecordError(f"{where}: a list of labels, but the head takes one label per record (not multilabel)")
-        else:
-            names = [need(record, "label", where, (str, int))]
+        text = need(record, opts.text_column if opts.text_column and opts.text_column in record else "text", where)
+        column = label_field(record, opts.label_column, where)
+        names, is_list = label_names(record[column], where, column, opts.label_separator)
+        if is_list != self.multilabel:
+            raise RecordError(f"{where}: {'a list of labels' if is_list else 'one label'} in field '{column}', but the "
+                              f"head is {'multilabel (a list per record; --label_separator splits a cell)' if self.multilabel else 'single-label'}")
         index = {name: k for k, name in enumerate(self.labels)}
         for name in names:
-            if str(name) not in index or isinstance(name, bool):
+            if name not in index:
                 raise RecordError(f"{where}: label {name!r} is not one of {known}")
-        answers = sorted({index[str(name)] for name in names})
+        answers = sorted({index[name] for name in names})
         return {"text": text, **({"answers": answers} if self.multilabel else {"answer": answers[0]})}
 
     @torch.inference_mode()

@@ -172,12 +172,15 @@ def test_bad_records_name_file_and_line(tmp_path):
     single = tasks.HeadClassify(tasks.Options(labels=None), labels)
     multi = tasks.HeadClassify(tasks.Options(labels=None), labels, multilabel=True)
     cases = [(single, {"text": "x", "label": "maybe"}, "label 'maybe' is not one of the head's labels lived,died"),
-             (single, {"text": "x", "labels": ["died"]}, "a list of labels, but the head takes one label"),
+             (single, {"text": "x", "labels": ["died"]}, "a list of labels in field 'labels', but the head is single-label"),
              (single, {"label": "died"}, "missing field 'text'"),
              (multi, {"text": "x", "labels": ["died", "zzz"]}, "label 'zzz' is not one of"),
-             (multi, {"text": "x", "label": "died"}, "missing field 'labels'")]
+             (multi, {"text": "x", "label": "died"}, "one label in field 'label', but the head is multilabel"),
+             (single, {"text": "x", "label": "died", "labels": ["died"]}, "both 'label' and 'labels' fields"),
+             (single, {"text": "x", "label": True}, "label True in field 'label' is not a string or an integer")]
     for job, bad, says in cases:
-        data = write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok", "label": "lived", "labels": ["lived"]}, bad])
+        good = {"text": "ok", **({"labels": ["lived"]} if job.multilabel else {"label": "lived"})}
+        data = write_jsonl(tmp_path / "bad.jsonl", [good, bad])
         with pytest.raises(RecordError, match=f"^{data}:2: {says}"):
             job.units(str(data), tokenizer.load(LLAMA3_TOKENIZER), None)
     ckpt = head_checkpoint(tmp_path / "ckpt", labels, False)
@@ -186,6 +189,48 @@ def test_bad_records_name_file_and_line(tmp_path):
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == \
         f"eval.py: {data}:2: label 'maybe' is not one of the head's labels lived,died", r.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_csv_records_read_and_cut_as_data_prepare_does(tmp_path):
+    """A CORe/MIMIC-style CSV (codes in one cell, ';'-separated) scored by a multilabel head, the
+    notes cut to --max_len keeping their end: the probabilities of classify on the same cut ids."""
+    import csv
+
+    labels = ["401.9", "428.0", "584.9"]
+    ckpt = head_checkpoint(tmp_path / "ckpt", labels, True)
+    codes = ["401.9;428.0", "", "584.9", " 428.0 ; 401.9 ", "401.9", "584.9;401.9"]
+    with open(tmp_path / "test.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["hadm_id", "TEXT", "ICD9_CODES"])
+        w.writerows([k, note, c] for k, (note, c) in enumerate(zip(NOTES, codes)))
+    out = tmp_path / "r.json"
+    r = run_eval("--ckpt_dir", ckpt, "--task", "classify", "--data", tmp_path / "test.csv", "--out", out,
+                 "--text_column", "TEXT", "--label_column", "ICD9_CODES", "--label_separator", ";",
+                 "--max_len", "12", "--truncate", "end")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(out.read_text())
+    m, tok = checkpoint.load(ckpt).eval(), tokenizer.load(ckpt)
+    for item, note, c in zip(got["items"], NOTES, codes):
+        ids = tok.encode(note, bos=True, eos=True)
+        ids = ids if len(ids) <= 12 else ids[:1] + ids[-11:]  # BOS, then the last 11 tokens (EOS among them)
+        with torch.no_grad():
+            want = m.classify(torch.tensor([ids])).double()[0].sigmoid().tolist()
+        assert item["probabilities"] == pytest.approx(want, abs=1e-5)
+        assert item["answers"] == sorted(labels.index(x.strip()) for x in c.split(";") if x.strip())
+    assert any(len(tok.encode(n, bos=True, eos=True)) > 12 for n in NOTES)  # the cut was exercised
+    for flags, says in [(["--label_column", "CODES"], "no column 'CODES'"),
+                        ([], "one label in field 'ICD9_CODES', but the head is multilabel")]:
+        r = run_eval("--ckpt_dir", ckpt, "--task", "classify", "--data", tmp_path / "test.csv", "--out", out,
+                     "--text_column", "TEXT", *(flags or ["--label_column", "ICD9_CODES"]))
+        assert r.returncode == 1 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = run_eval("--task", "choice", "--data", tmp_path / "test.csv", "--label_column", "x")
+    assert r.returncode == 2 and "--label_column only applies to --task classify" in r.stderr, r.stderr
+
+
+def test_record_flags_need_a_head():
+    plain = model.Transformer(model.ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=300, max_seq_len=16))
+    with pytest.raises(UsageError, match="^--truncate applies to a classification head's records"):
+        tasks.Classify(tasks.Options(labels=["yes", "no"], truncate="end")).for_model(plain)
 
 
 def test_labels_from_the_checkpoint_or_flag():
