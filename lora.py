@@ -11,11 +11,13 @@ Read top to bottom:
   merge_lora          fold every adapter in and put plain nn.Linear back (for checkpoint.save); an adapter
                       trained on an NF4 base merges into the full-precision base (nf4_gap measures how far
                       that base is from the NF4 one it learned on)
-  save/load_adapter   adapter.safetensors + adapter.json, checked against the base model (check_base)
-                      and copied in (copy_adapter; fsdp.py's sharded resume uses both too)
-  base adapters       the two-step recipe: an adapter trained on base + another adapter (train.py
-                      --base_adapter) records that chain (adapter.json base_adapters); merge_base_adapter
-                      folds a chain into the base, and load_adapter does so first (read_chain checks it)
+  save/load_adapter   adapter.safetensors + adapter.json (read_tensors), checked against the base model
+                      (check_base) and copied in (copy_adapter; fsdp.py's sharded resume uses both too)
+  base adapters       the two-step recipe: an adapter trained on base + other adapters (train.py
+                      --base_adapter: merge_base_adapter) records that chain (chain_of: adapter.json
+                      base_adapters, each a path and its sha256); load_adapter merges it first (read_chain
+                      finds each link unchanged, check_foldable, fold_chain). PEFT cannot stack: export
+                      --format peft refuses a chain, --format hf merges it whole
   export_peft         the same adapter in peft's names, for transformers' LlamaForCausalLM
   save_hf             a merged HF checkpoint (config.json + model.safetensors)
   Command             `python lora.py merge|export ...` (run by cli); --format gguf is gguf_export.py's

@@ -98,8 +98,8 @@ class TrainConfig:
     lora_dropout: float = flag(0.0, "dropout on the LoRA branch's input", interval("[0, 1)"))
     lora_targets: str = flag(",".join(PROJECTIONS), "comma-separated projections to adapt", LORA_TARGETS)
     rslora: bool = flag(False, "scale LoRA by alpha / sqrt(rank) instead of alpha / rank")
-    base_adapter: str = flag(None, "a LoRA adapter (say, a domain adapter trained on notes) merged into --ckpt_dir as it "
-                                   "loads: the run trains on base + it, and a LoRA run's adapter records the chain",
+    base_adapter: str = flag(None, "a LoRA adapter (say, a domain adapter trained on notes) merged into --ckpt_dir "
+                                   "as it loads: the run trains on base + it; a LoRA run's adapter records the chain",
                              non_empty)
     quantize: str = flag(None, "nf4 holds the frozen base's projections in 4-bit NF4 (QLoRA; needs --lora_rank)",
                          one_of("nf4"))
@@ -591,13 +591,15 @@ def global_batch(config):
 
 def check_resume_changes(cfg, path):
     """Refuse (one line naming them) flags in RESUME_FIXED that differ from the checkpoint's run, or
-    a global batch that differs, unless --resume_with_changes, which logs them instead. A checkpoint
+    a global batch that differs, unless --resume_with_changes, which logs them instead (never another
+    --base_adapter: the base the run trains on). A checkpoint
     already at or past --max_steps trains nothing more, so nothing it would continue can change."""
     state = checkpoint.torch_load(os.path.join(path, "train_state.pt"), mmap=True)
     saved = state.get("config", {})
     if saved.get("base_adapter") != cfg.base_adapter:  # what the run trains on: fixed, whatever else may change
-        raise UserError(f"--resume: --base_adapter {cfg.base_adapter or '(none)'} differs from the checkpoint's run in {path} "
-                        f"(--base_adapter {saved.get('base_adapter') or '(none)'}), which trained on the base with that merged in; "
+        now, then = cfg.base_adapter or "(none)", saved.get("base_adapter") or "(none)"
+        raise UserError(f"--resume: --base_adapter {now} differs from the checkpoint's run in {path} "
+                        f"(--base_adapter {then}), which trained on the base with that merged in; "
                         f"pass the same --base_adapter")
     if state.get("step", 0) >= cfg.max_steps:
         return

@@ -109,7 +109,7 @@ def test_downstream_records_the_chain_and_the_plain_base(downstream, domain, bas
     assert meta["base_fingerprint"] == domain_meta["base_fingerprint"] == plain  # check_base keeps its meaning
 
 
-def test_eval_classify_equals_base_plus_domain_plus_downstream(downstream, domain, base, labelled, tmp_path):  # noqa: F811
+def test_eval_classify_equals_base_plus_domain_plus_downstream(downstream, domain, base, tmp_path):  # noqa: F811
     notes = ["patient reports fever and cough since monday", "denies chest pain mild rash",
              "fever nausea headache", "reports mild headache"]
     data = tmp_path / "val.jsonl"
@@ -145,7 +145,8 @@ def test_changed_or_missing_base_adapter_is_one_line(downstream, domain, base, l
                 "--out", tmp_path / "r.json", "--mlflow", "false")
         one_line(r, str(downstream), str(domain), "has changed", "put the one it was trained on back")
         changed = lora.merge_base_adapter(checkpoint.load(base), domain)  # as train.py --resume merges it
-        with pytest.raises(lora.AdapterError, match=re.escape(f"this model has {domain} (sha256 {sha256(weights)[:12]}")):
+        now = re.escape(f"this model has {domain} (sha256 {sha256(weights)[:12]}")
+        with pytest.raises(lora.AdapterError, match=now):
             lora.load_adapter(changed, downstream)
         weights.write_bytes(original)
         shutil.move(domain, moved)
@@ -165,7 +166,8 @@ def test_changed_or_missing_base_adapter_is_one_line(downstream, domain, base, l
 # -- exports -----------------------------------------------------------------------------------------
 
 
-def test_export_hf_of_a_chain_equals_in_memory_and_peft_is_refused(downstream, domain, base, labelled, tmp_path):  # noqa: F811
+def test_export_hf_of_a_chain_equals_in_memory_and_peft_is_refused(downstream, domain, base, labelled,  # noqa: F811
+                                                                    tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     r = run("lora.py", "export", "--format", "hf", "--ckpt_dir", base, "--adapter", downstream,
@@ -209,7 +211,7 @@ def test_a_chain_of_two_loads_in_order(text, base, domain, labelled, tmp_path): 
 
 def test_resume_with_a_chain_equals_uninterrupted(labelled, base, domain, text, tmp_path):  # noqa: F811
     common = [*HEAD, "--data", labelled, "--ckpt_dir", base, "--base_adapter", domain, "--lora_rank", "4",
-              "--max_steps", "30", "--save_every", "1000"]
+              "--max_steps", "20", "--save_every", "1000"]
     train(*common, "--out_dir", tmp_path / "straight")
     status, err = interrupt_after([*common, "--out_dir", tmp_path / "cut"], tmp_path / "cut", 5, signal.SIGTERM)
     assert status == 130, err
