@@ -435,7 +435,7 @@ def read_chain(path, cfg, model) -> list:
                                f"trained on back there")
         link_cfg = read_adapter_config(link["path"])
         if (link_cfg.get("base_adapters") or []) != chain[:i] or link_cfg.get("head"):
-            raise AdapterError(f"{where}, whose own adapter.json does not record the chain before it")
+            raise AdapterError(f"{where}, whose own adapter.json records another chain before it, or a head")
         links.append((link["path"], link_cfg, read_tensors(link["path"], link_cfg)[1]))
     return links
 
