@@ -11,8 +11,13 @@ Read top to bottom:
   merge_lora          fold every adapter in and put plain nn.Linear back (for checkpoint.save); an adapter
                       trained on an NF4 base merges into the full-precision base (nf4_gap measures how far
                       that base is from the NF4 one it learned on)
-  save/load_adapter   adapter.safetensors + adapter.json, checked against the base model (check_base)
-                      and copied in (copy_adapter; fsdp.py's sharded resume uses both too)
+  save/load_adapter   adapter.safetensors + adapter.json (read_tensors), checked against the base model
+                      (check_base) and copied in (copy_adapter; fsdp.py's sharded resume uses both too)
+  base adapters       the two-step recipe: an adapter trained on base + other adapters (train.py
+                      --base_adapter: merge_base_adapter) records that chain (chain_of: adapter.json
+                      base_adapters, each a path and its sha256); load_adapter merges it first (read_chain
+                      finds each link unchanged, check_foldable, fold_chain). PEFT cannot stack: export
+                      --format peft refuses a chain, --format hf merges it whole
   export_peft         the same adapter in peft's names, for transformers' LlamaForCausalLM
   save_hf             a merged HF checkpoint (config.json + model.safetensors)
   Command             `python lora.py merge|export ...` (run by cli); --format gguf is gguf_export.py's
@@ -181,11 +186,15 @@ def write_adapter(model, out_dir, tokenizer_sha256=None, fingerprint=None, token
     save_adapter, or atomic.write_dir to put more files beside them). fingerprint: the base's, where
     the model passed holds only its adapters (fsdp.full_model)."""
     quantized = any(isinstance(m.base, NF4Linear) for _, m in lora_modules(model))
-    args = _unwrap(model).args
+    inner = _unwrap(model)
+    args, chain = inner.args, getattr(inner, "base_adapters", None)  # chain: merge_base_adapter's, if any
     head = heads.head_config(args) if args.n_labels else None  # "head": how to rebuild score.weight's module
     base = dataclasses.replace(args, n_labels=0, multilabel=False, labels=None, pad_id=None)  # the base has none
+    # On a chain the base is still the plain one (the chain says what goes on it), so check_base keeps its meaning.
+    fingerprint = fingerprint or getattr(inner, "plain_fingerprint", None) or base_fingerprint(model)
     meta = dict(_config(model), base_params=checkpoint.meta_params(base), **({"head": head} if head else {}),
-                base_fingerprint=fingerprint or base_fingerprint(model), tokenizer_sha256=tokenizer_sha256,
+                **({"base_adapters": chain} if chain else {}), base_fingerprint=fingerprint,
+                tokenizer_sha256=tokenizer_sha256,
                 tokenizer_fingerprint=tokenizer_fingerprint, base_quantize="nf4" if quantized else None)
     tensors = {k: v.contiguous() for k, v in lora_state_dict(model).items()}
     # A copy of the config inside the weights file lets load_adapter notice a pair from two saves.
@@ -247,6 +256,12 @@ def read_adapter_config(path) -> dict:
         jsonfile.field(cfg, key, expected, cfg_path, AdapterError, default, positive)
     if cfg.get("head") is not None:
         check_head_config(cfg["head"], f"{cfg_path}: head")
+    for i, link in enumerate(jsonfile.field(cfg, "base_adapters", list, cfg_path, AdapterError, None) or []):
+        where = f"{cfg_path}: base_adapters[{i}]"
+        jsonfile.expect(link, dict, where, AdapterError)
+        jsonfile.field(link, "path", str, where, AdapterError)
+        if len(jsonfile.field(link, "sha256", str, where, AdapterError)) != 64:
+            raise AdapterError(f"{where}: sha256 is not a SHA-256 hex digest")
     if not cfg["targets"] or not all(t in PROJECTIONS for t in cfg["targets"]):
         raise AdapterError(f"{cfg_path}: targets is {cfg['targets']!r}, not a list of {', '.join(PROJECTIONS)}")
     return cfg
@@ -316,17 +331,44 @@ def check_base(path, cfg, model, *, tokenizer_sha256=None, tok=None, force=False
 def load_adapter(model, path, tokenizer_sha256=None, force=False, tokenizer=None, remedy=FORCE_REMEDY):
     """Apply a saved adapter to model (a base Transformer, or one with the same LoRA config); the
     tokenizer it is used with, if known, is checked (tokenizer: a loaded one, by what it encodes).
-    Everything that can be wrong with the files is checked before the model is touched; force
-    applies it even to a base other than the one it was trained on (same shapes, other weights);
-    remedy: what a refusal of another base tells the user to do."""
+    An adapter trained on base + other adapters (adapter.json base_adapters) has them merged into
+    the base first, each found unchanged and checked as it would be alone (unless model has that
+    chain merged already: train.py --resume). Everything that can be wrong with the files is
+    checked before the model is touched; force applies it even to a base other than the one it was
+    trained on (same shapes, other weights); remedy: what a refusal of another base tells the user to do."""
     path = _adapter_dir(path)
     cfg, inner = read_adapter_config(path), _unwrap(model)
-    check_base(path, cfg, inner, tokenizer_sha256=tokenizer_sha256, tok=tokenizer, force=force, remedy=remedy)
+    links = read_chain(path, cfg, inner)
+    plain = getattr(inner, "plain_fingerprint", None) or base_fingerprint(inner)  # before any merge
+    for link_path, link_cfg, _ in links:  # each base adapter's own checks, as it would have alone
+        check_base(link_path, link_cfg, inner, tokenizer_sha256=tokenizer_sha256, tok=tokenizer, force=force,
+                   fingerprint=plain, remedy=remedy)
+    check_base(path, cfg, inner, tokenizer_sha256=tokenizer_sha256, tok=tokenizer, force=force, fingerprint=plain,
+               remedy=remedy)
     have, keys = getattr(inner, "lora_config", None), ("rank", "alpha", "targets", "use_rslora")
     if have and any(have[k] != cfg.get(k, False) for k in keys):
         raise AdapterError(f"{path}: adapter config {({k: cfg.get(k) for k in keys})} differs from the "
                            f"model's LoRA config {({k: have[k] for k in keys})}")
+    weights, tensors = read_tensors(path, cfg)
+    if ("score.weight" in tensors) != bool(cfg.get("head")):
+        raise AdapterError(f"{weights}: score.weight and adapter.json's head come together, or neither")
+    for link_path, link_cfg, link_tensors in links:
+        check_foldable(inner, link_tensors, os.path.join(link_path, "adapter.safetensors"), path)
 
+    if links:
+        fold_chain(inner, links, cfg["base_adapters"], plain)
+    if cfg.get("head"):
+        fit_head(inner, cfg["head"], path)
+    if not have:
+        apply_lora(inner, cfg["rank"], cfg["alpha"], cfg.get("dropout", 0.0), cfg["targets"],
+                   cfg.get("use_rslora", False))
+    copy_adapter(inner, tensors, weights)
+    return model
+
+
+def read_tensors(path, cfg):
+    """(file, {name: tensor}) of the adapter in directory path, whose adapter.json is cfg: the copy of
+    the config inside the weights file must agree with it (one save, not a pair from two)."""
     weights = os.path.join(path, "adapter.safetensors")
     try:
         with safe_open(weights, framework="pt") as f:
@@ -336,18 +378,119 @@ def load_adapter(model, path, tokenizer_sha256=None, force=False, tokenizer=None
         raise AdapterError(f"{weights}: cannot read ({type(e).__name__}: {e})") from None
     header = jsonfile.expect(jsonfile.loads(header, f"{weights}: adapter_json", AdapterError), dict,
                              f"{weights}: adapter_json", AdapterError)
-    if header and any(header.get(k) != cfg.get(k) for k in keys + ("base_params", "head")):
+    keys = ("rank", "alpha", "targets", "use_rslora", "base_params", "head", "base_adapters")
+    if header and any(header.get(k) != cfg.get(k) for k in keys):
         raise AdapterError(f"{weights} and adapter.json beside it come from different saves")
-    if ("score.weight" in tensors) != bool(cfg.get("head")):
-        raise AdapterError(f"{weights}: score.weight and adapter.json's head come together, or neither")
+    return weights, tensors
 
+
+# -- base adapters: the two-step recipe (a domain adapter merged, then a downstream one trained) --------
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def chain_of(path) -> list:
+    """What an adapter trained with --base_adapter path records in adapter.json's base_adapters:
+    path's own chain, then path itself, in the order they merge; each as {"path": the absolute
+    directory, "sha256": of its adapter.safetensors (which holds a copy of its adapter.json)}."""
+    path = os.path.abspath(_adapter_dir(path))
+    cfg = read_adapter_config(path)
     if cfg.get("head"):
-        fit_head(inner, cfg["head"], path)
-    if not have:
-        apply_lora(inner, cfg["rank"], cfg["alpha"], cfg.get("dropout", 0.0), cfg["targets"],
-                   cfg.get("use_rslora", False))
-    copy_adapter(inner, tensors, weights)
+        raise AdapterError(f"{path}: a classification adapter (adapter.json head) cannot be a base adapter: "
+                           f"only an LM adapter (trained without --head) merges into the base")
+    try:
+        sha256 = file_sha256(os.path.join(path, "adapter.safetensors"))
+    except OSError as e:
+        raise AdapterError(f"{os.path.join(path, 'adapter.safetensors')}: cannot read ({e.strerror})") from None
+    return [*(cfg.get("base_adapters") or []), {"path": path, "sha256": sha256}]
+
+
+def read_chain(path, cfg, model) -> list:
+    """[(directory, adapter.json, tensors)] of each base adapter the adapter in path (cfg: its
+    adapter.json) was trained on top of, to be merged into model; [] where model has that chain
+    merged already. Each must be where it was and unchanged (its sha256), else one line naming
+    both adapters and what to do."""
+    chain, merged = cfg.get("base_adapters") or [], getattr(model, "base_adapters", None) or []
+    if merged:
+        if merged != chain:
+            raise AdapterError(f"{path}: adapter was trained on the base with {_paths(chain)} merged in; this "
+                               f"model has {_paths(merged)} merged in")
+        return []
+    links = []
+    for i, link in enumerate(chain):
+        where = f"{path} was trained on the base with {link['path']} merged in (adapter.json base_adapters[{i}])"
+        weights = os.path.join(link["path"], "adapter.safetensors")
+        if not os.path.isfile(weights):
+            raise AdapterError(f"{where}, which is missing: put that adapter back there (its adapter.safetensors "
+                               f"has sha256 {link['sha256'][:12]}...)")
+        if file_sha256(weights) != link["sha256"]:
+            raise AdapterError(f"{where}, which has changed since (adapter.safetensors sha256 now "
+                               f"{file_sha256(weights)[:12]}..., then {link['sha256'][:12]}...): put the one it was "
+                               f"trained on back there")
+        link_cfg = read_adapter_config(link["path"])
+        if (link_cfg.get("base_adapters") or []) != chain[:i] or link_cfg.get("head"):
+            raise AdapterError(f"{where}, whose own adapter.json records another chain before it, or a head")
+        links.append((link["path"], link_cfg, read_tensors(link["path"], link_cfg)[1]))
+    return links
+
+
+def _paths(chain):
+    return " + ".join(f"{link['path']} (sha256 {link['sha256'][:12]}...)" for link in chain) or "nothing"
+
+
+def merge_base_adapter(model, path, tok=None):
+    """train.py --base_adapter path: path's chain, then path itself, folded into model's weights
+    (each checked against the plain base and tokenizer tok, as load_adapter checks an adapter), so
+    that what trains next trains on base + them. The chain and the plain base's fingerprint stay on
+    the model for write_adapter to record. Returns model."""
+    inner, chain = _unwrap(model), chain_of(path)
+    links = read_chain(path, {"base_adapters": chain}, inner)
+    plain = base_fingerprint(inner)
+    for link_path, link_cfg, tensors in links:
+        check_base(link_path, link_cfg, inner, tok=tok, fingerprint=plain, remedy="pass the --ckpt_dir it was "
+                   "trained on")
+        check_foldable(inner, tensors, os.path.join(link_path, "adapter.safetensors"), path)
+    fold_chain(inner, links, chain, plain)
     return model
+
+
+def _fold_target(model, name):
+    """The nn.Linear whose weight the base adapter's module name changes (inside a LoRALinear too)."""
+    layer = dict(model.named_modules()).get(name)
+    return layer.base if isinstance(layer, LoRALinear) else layer
+
+
+def check_foldable(model, tensors, weights, path):
+    """Each lora_A/lora_B pair of a base adapter's tensors (read from weights) fits a plain linear
+    layer of model; an NF4 one cannot take a merge (path: the adapter trained on top, for the message)."""
+    for name in sorted({k.rpartition(".")[0] for k in tensors}):
+        layer, a, b = _fold_target(model, name), tensors.get(f"{name}.lora_A"), tensors.get(f"{name}.lora_B")
+        if isinstance(layer, NF4Linear):
+            raise AdapterError(f"{path}: trained on the base with {os.path.dirname(weights)} merged into its "
+                               f"full-precision weights, which an NF4 base cannot take: load it without --quantize")
+        if not isinstance(layer, nn.Linear) or a is None or b is None or a.shape[0] != b.shape[1] or \
+                (b.shape[0], a.shape[1]) != tuple(layer.weight.shape):
+            raise AdapterError(f"{weights}: {name}'s lora_A and lora_B do not fit the model")
+
+
+@torch.no_grad()
+def fold_chain(model, links, chain, plain):
+    """Merge each base adapter (links: read_chain's) into model's weights, in order, as LoRALinear.merge
+    does (in fp32, rounded once to the weight's dtype); record the chain and the plain base's
+    fingerprint on model."""
+    for _, cfg, tensors in links:
+        scale = cfg["alpha"] / math.sqrt(cfg["rank"]) if cfg.get("use_rslora") else cfg["alpha"] / cfg["rank"]
+        for name in sorted({k.rpartition(".")[0] for k in tensors}):
+            w = _fold_target(model, name).weight
+            delta = (tensors[f"{name}.lora_B"].float() @ tensors[f"{name}.lora_A"].float()) * scale
+            w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
+    model.base_adapters, model.plain_fingerprint = chain, plain
 
 
 @torch.no_grad()
@@ -479,6 +622,11 @@ class Command:
         """
         if base is not None and format != "peft":
             raise UsageError("--base only applies to --format peft")
+        chain = read_adapter_config(self.adapter).get("base_adapters") if format == "peft" else None
+        if chain:  # peft puts one adapter on the plain base: it has no way to merge others in first
+            raise UserError(f"--format peft: {self.adapter} was trained on the base with {_paths(chain)} merged in "
+                            f"(adapter.json base_adapters), which a PEFT adapter cannot carry; --format hf writes "
+                            f"the base with the whole chain merged")
         self.base = base or os.path.abspath(self.ckpt_dir)
         self._write(format, gguf_type)
 

@@ -50,7 +50,7 @@ import heads
 import lora
 import tasks
 import tokenizer
-from model import PROJECTIONS, ModelArgs, Transformer
+from model import PROJECTIONS, ModelArgs, Transformer, nf4_projections
 from cli import Check, UsageError, UserError, at_least, interval, non_empty, one_of, positive, torch_device
 from data import prepare, shards
 
@@ -98,6 +98,9 @@ class TrainConfig:
     lora_dropout: float = flag(0.0, "dropout on the LoRA branch's input", interval("[0, 1)"))
     lora_targets: str = flag(",".join(PROJECTIONS), "comma-separated projections to adapt", LORA_TARGETS)
     rslora: bool = flag(False, "scale LoRA by alpha / sqrt(rank) instead of alpha / rank")
+    base_adapter: str = flag(None, "a LoRA adapter (say, a domain adapter trained on notes) merged into --ckpt_dir "
+                                   "as it loads: the run trains on base + it; a LoRA run's adapter records the chain",
+                             non_empty)
     quantize: str = flag(None, "nf4 holds the frozen base's projections in 4-bit NF4 (QLoRA; needs --lora_rank)",
                          one_of("nf4"))
     # a classification head (heads.py): labels from labelled shards instead of the next token
@@ -188,6 +191,8 @@ class TrainConfig:
             raise UsageError("--lora_rank needs --ckpt_dir: LoRA adapts a pretrained model")
         if self.quantize and not self.lora_rank:
             raise UsageError("--quantize needs --lora_rank: only a frozen base can be held in NF4")
+        if self.base_adapter:
+            self.check_base_adapter()
         if self.fsdp and self.eval_task:  # (before its records are looked for: they could not be used)
             raise UsageError("--eval_task cannot run under --fsdp (its ranks score unequal shares of the records, "
                              "a sharded model needs all of them in step); run eval.py on the saved checkpoint")
@@ -196,8 +201,18 @@ class TrainConfig:
         # what a run writes in --out_dir never replaces what it reads, nor goes through a link
         atomic.check_outputs([("--out_dir", os.path.join(self.out_dir, name)) for name in (self.checkpoint_name, "best", "log.jsonl", ".lock")],
                              {"--ckpt_dir": self.ckpt_dir, "--data": self.data, "--eval_data": self.eval_data,
-                              "--tokenizer": self.tokenizer},
+                              "--tokenizer": self.tokenizer, "--base_adapter": self.base_adapter},
                              checkpoint.INPUT_FILES + shards.SHARD_FILES)
+
+    def check_base_adapter(self):
+        """--base_adapter: on a --ckpt_dir, not under --fsdp, an adapter directory (made absolute: the
+        adapter this run writes records where it is)."""
+        if not self.ckpt_dir:
+            raise UsageError("--base_adapter needs --ckpt_dir: the base it is merged into")
+        if self.fsdp:
+            raise UsageError("--base_adapter: not yet with --fsdp (merge it first: python lora.py merge)")
+        self.base_adapter = os.path.abspath(os.path.expanduser(self.base_adapter))
+        lora.read_adapter_config(self.base_adapter)  # a wrong path fails before the base is loaded
 
     def check_head_flags(self, meta):
         """--head and the flags that only it reads; meta: the shards' (None for the demo)."""
@@ -305,9 +320,15 @@ def load_model_and_data(cfg, resume_from):
     elif source:
         # LoRA keeps the frozen base in bf16 on CUDA; full training keeps fp32 master weights.
         dtype = torch.bfloat16 if cfg.lora_rank and cfg.device.startswith("cuda") else torch.float32
-        model = checkpoint.load(source, device=cfg.device, dtype=dtype, quantize=cfg.quantize)
+        chained = cfg.base_adapter and source == cfg.ckpt_dir  # a full run resumes from weights merged already
+        # --base_adapter merges into the full-precision weights: NF4 (--quantize) comes after it
+        model = checkpoint.load(source, device=cfg.device, dtype=dtype, quantize=None if chained else cfg.quantize)
         model.extend_context(cfg.seq_len)
         tokenizer.check_fits(tok, model.args.vocab_size, source)
+        if chained:
+            lora.merge_base_adapter(model, cfg.base_adapter, tok)
+            if cfg.quantize:
+                nf4_projections(model)
     else:
         model = Transformer(scratch_args(cfg, data_meta)).to(cfg.device)
         torch.manual_seed(cfg.seed)  # init_weights' draws do not depend on how the model was built
@@ -570,10 +591,16 @@ def global_batch(config):
 
 def check_resume_changes(cfg, path):
     """Refuse (one line naming them) flags in RESUME_FIXED that differ from the checkpoint's run, or
-    a global batch that differs, unless --resume_with_changes, which logs them instead. A checkpoint
+    a global batch that differs, unless --resume_with_changes, which logs them instead (never another
+    --base_adapter: the base the run trains on). A checkpoint
     already at or past --max_steps trains nothing more, so nothing it would continue can change."""
     state = checkpoint.torch_load(os.path.join(path, "train_state.pt"), mmap=True)
     saved = state.get("config", {})
+    if saved.get("base_adapter") != cfg.base_adapter:  # what the run trains on: fixed, whatever else may change
+        now, then = cfg.base_adapter or "(none)", saved.get("base_adapter") or "(none)"
+        raise UserError(f"--resume: --base_adapter {now} differs from the checkpoint's run in {path} "
+                        f"(--base_adapter {then}), which trained on the base with that merged in; "
+                        f"pass the same --base_adapter")
     if state.get("step", 0) >= cfg.max_steps:
         return
     changed = [f"--{name} {getattr(cfg, name)} (was {saved[name]})" for name in RESUME_FIXED
