@@ -458,9 +458,10 @@ class Transformer(nn.Module):
         positions (B, T) as forward takes them: packed rows, a document starting wherever a position
         is 0 (and at each row's start); logits come row by row, left to right in each row. Padding
         after a row's last document continues its positions, so it is no document of its own."""
-        if self.score is None or self.args.head_kind != "classify":
-            raise ValueError(f"classify needs a classification head: this model has {self.args.n_labels} labels, "
-                             f"head_kind {self.args.head_kind!r}")
+        if self.score is None:
+            raise ValueError("classify needs a head: this model has n_labels 0")
+        if self.args.head_kind != "classify":
+            raise ValueError("classify needs a classification head: this model's is a tag head (tag())")
         pad_id = self.args.pad_id if pad_id is None else pad_id
         starts = torch.zeros_like(tokens, dtype=torch.bool) if positions is None else positions == 0
         starts[:, 0] = True

@@ -982,11 +982,9 @@ def cli_prepare(input: str = None, out: str = None, tokenizer: str = None, vocab
         label_separator: split each label cell into a list of labels (multilabel), e.g. ';'.
         labels: the label (or tag) vocabulary in order, comma-separated (default: the labels seen,
             sorted); a record with another label is a bad record. Integer tags index it.
-        max_len: cut each document to this many tokens (BOS and EOS kept); a tagged sentence is
-            split at word boundaries instead.
+        max_len: cut each document to this many tokens (BOS and EOS kept); split a tagged sentence.
         truncate: start keeps a cut document's start (default), end keeps its end.
-        label_all_subwords: tagged data: every token of a word carries its tag (a B-X word's later
-            tokens I-X), not only its first.
+        label_all_subwords: tagged data: every token of a word carries its tag, not only its first.
         ignore_tags: tagged data: tags whose words carry no target, comma-separated (default IGN).
     """
     if demo:
@@ -1003,18 +1001,28 @@ def cli_prepare(input: str = None, out: str = None, tokenizer: str = None, vocab
     if label_column and record_columns:  # picked beside the text columns, under its own name
         record_columns.append((label_column, label_column))
     labelling = labelling_from_flags(label_column, label_separator, labels, max_len, truncate)
-    ignored = ("IGN",) if ignore_tags is None else tuple(t.strip() for t in ignore_tags.split(",") if t.strip())
-    tagging = Tagging(labelling.fixed, ignored, label_all_subwords, max_len)
+    tagging = Tagging(labelling.fixed, ignore_tags_flag(ignore_tags), label_all_subwords, max_len)
+    check_separator(doc_separator)
+    corpus = DemoCorpus() if demo else Corpus(input, format, skip_bad, record_columns, doc_separator, labelling, tagging)
+    prepare(corpus, out, tokenizer_path=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction, seed=seed,
+            shard_tokens=shard_tokens, workers=workers, overwrite=overwrite, command=command_line(), dedup=dedup)
+
+
+def ignore_tags_flag(ignore_tags):
+    """The tags --ignore_tags names (default IGN)."""
+    if ignore_tags is None:
+        return ("IGN",)
+    return tuple(name.strip() for name in ignore_tags.split(",") if name.strip())
+
+
+def check_separator(doc_separator):
+    """--doc_separator must be a regular expression that never matches the empty string."""
     if doc_separator:
         try:
             if re.compile(doc_separator).fullmatch(""):
                 raise UsageError(f"--doc_separator {doc_separator!r}: matches the empty string")
         except re.error as e:
             raise UsageError(f"--doc_separator {doc_separator!r}: not a regular expression ({e})") from None
-    corpus = DemoCorpus() if demo else Corpus(input, format, skip_bad, record_columns, doc_separator, labelling,
-                                                   tagging)
-    prepare(corpus, out, tokenizer_path=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction, seed=seed,
-            shard_tokens=shard_tokens, workers=workers, overwrite=overwrite, command=command_line(), dedup=dedup)
 
 
 def labelling_from_flags(label_column, label_separator, labels, max_len, truncate):
