@@ -36,6 +36,17 @@ the rules (single- or multilabel, integer labels, the vocabulary's order) are La
 --max_len N cuts every document to N tokens, keeping its start (or its end with --truncate end)
 and its BOS and EOS; the summary and meta.json ("truncated_documents") count the cut ones.
 
+Tagged records ({"tokens": [words], "tags": [tags]} in JSON, HF's token-classification layout;
+--columns tokens=words,tags=ner_tags renames JSON fields and picks Parquet columns; or .conll files,
+word<TAB>tag lines with a blank line between sentences) make tagged shards: each sentence is one
+document, BOS, the words joined by spaces, EOS, and a .tags sidecar beside each shard gives each
+token its tag (data/shards.py). Each word is encoded apart (tokenizer encode_words, checked against
+the joined text), so its tokens are known exactly; its first token carries its tag, or with
+--label_all_subwords all of them (transformers' run_ner rules); words tagged IGN (--ignore_tags)
+carry none. The rules (integer tags through --labels, the vocabulary's order, --max_len splitting
+a sentence between words, each piece a document) are Tagging's; meta.json holds the tags and
+their counts, and the summary says how many sentences were split.
+
 Each document goes to val when a seeded hash of its content falls below --val_fraction, so the
 split streams, does not depend on --workers, and exact duplicates never straddle it. If that
 leaves a split empty, the document nearest the threshold is moved over; if the whole input is
@@ -791,7 +802,7 @@ def _write_splits(tmp, corpus, docs, tok, workers, seed, val_fraction, shard_tok
     # Each split holds back its document nearest the threshold (train: lowest hash, val: highest)
     # so that one can be moved if the other split ends up empty.
     held, assigned = {"train": None, "val": None}, {"train": 0, "val": 0}
-    kinds = {"text": 0, "instruct": 0, "chat": 0, "tagged": 0}
+    kinds = {"text": 0, "instruct": 0, "chat": 0}  # and "tagged", in a tagged dataset
     done_docs, done_tokens, t_start, last_log = 0, 0, time.time(), time.time()
     for doc, u, ids, mask, masked, error, word_of in encode_all(docs, tok, workers, seed):
         split = "val" if u < val_fraction else "train"
@@ -800,7 +811,7 @@ def _write_splits(tmp, corpus, docs, tok, workers, seed, val_fraction, shard_tok
         except RecordError as e:
             corpus.skip(e, quiet=False)
             continue
-        kinds[doc.kind] += 1
+        kinds[doc.kind] = kinds.get(doc.kind, 0) + 1
         assigned[split] += 1
         done_docs, done_tokens = done_docs + 1, done_tokens + sum(len(p[0]) for p in pieces)
         item, h = (u, pieces), held[split]
