@@ -203,6 +203,8 @@ class Corpus:
         if self.fmt not in ("auto", "text", "jsonl"):
             self.bad(path, f"plain-text file but --format {self.fmt}", quiet)
             return
+        if self.tagging.tagged is None:  # a text document first: the dataset is not a tagged one
+            self.tagging.tagged = False
         try:
             with open_text(path) as f:
                 if not self.separator:

@@ -428,3 +428,26 @@ def test_heads_refuse_the_other_kind():
     assert c.score.bias is None and "kind" not in heads.head_config(c.args)
     with pytest.raises(ValueError, match="tag head"):
         c.tag(torch.ones(1, 3, dtype=torch.long))
+
+
+def test_parquet_in_hf_datasets_layout(tmp_path, hf_tok):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    records = sentences(15, seed=9)
+    order = ["O", "B-DIS", "I-DIS", "IGN", "B-CHEM", "I-CHEM"]
+    table = pa.table({"id": [str(k) for k in range(len(records))], "tokens": [r["tokens"] for r in records],
+                      "ner_tags": [[order.index(t) for t in r["tags"]] for r in records]})
+    pq.write_table(table, tmp_path / "train.parquet")
+    meta = in_process("--input", tmp_path / "train.parquet", "--out", tmp_path / "o", "--labels", ",".join(order),
+                      "--columns", "tokens=tokens,tags=ner_tags")
+    vocabulary = [t for t in order if t != "IGN"]
+    assert meta["tags"] == vocabulary
+    assert shard_documents(tmp_path / "o") == expected_documents(hf_tok, records, vocabulary)
+
+
+def test_a_text_file_before_tagged_records_makes_them_bad_records(tmp_path):
+    (tmp_path / "a.txt").write_text("a plain note")
+    write_jsonl(tmp_path / "b.jsonl", sentences(3))
+    rc, lines = run_prepare("--input", tmp_path, "--out", tmp_path / "o", "--tokenizer", LLAMA3)
+    assert_one_line_error(rc, lines, "b.jsonl:1: no 'text'")
