@@ -89,14 +89,14 @@ def expected_documents(hf_tok, records, label_list, all_subwords=False, max_len=
     return out
 
 
-def shard_documents(data_dir):
+def shard_documents(data_dir, bos=BOS):
     """{ids: tags} of every document of both splits, read straight from the files (not the loader)."""
     meta = shards.load_meta(data_dir)
     out = {}
     for split in shards.SPLITS:
         tokens, tags = shards.split_tags(data_dir, meta, split)
         tokens, tags = np.concatenate(tokens).astype(np.int64), np.concatenate(tags)
-        starts = list(np.flatnonzero(tokens == BOS)) + [len(tokens)]
+        starts = list(np.flatnonzero(tokens == bos)) + [len(tokens)]
         for a, b in zip(starts, starts[1:]):
             out[tuple(tokens[a:b].tolist())] = tuple(tags[a:b].tolist())
     return out
@@ -451,3 +451,33 @@ def test_a_text_file_before_tagged_records_makes_them_bad_records(tmp_path):
     write_jsonl(tmp_path / "b.jsonl", sentences(3))
     rc, lines = run_prepare("--input", tmp_path, "--out", tmp_path / "o", "--tokenizer", LLAMA3)
     assert_one_line_error(rc, lines, "b.jsonl:1: no 'text'")
+
+
+def test_tags_stay_aligned_across_shard_boundaries(tmp_path, hf_tok):
+    records = sentences(12, seed=11)
+    write_jsonl(tmp_path / "a.jsonl", records)
+    meta = in_process("--input", tmp_path / "a.jsonl", "--out", tmp_path / "o", "--shard_tokens", 7)
+    assert len(meta["splits"]["train"]["shards"]) > 3
+    assert shard_documents(tmp_path / "o") == expected_documents(hf_tok, records, TAGS)
+    shards.validate(tmp_path / "o")
+
+
+def test_a_trained_sentencepiece_vocabulary_tags_each_words_first_piece(tmp_path):
+    import sentencepiece
+
+    records = sentences(80, seed=12)
+    write_jsonl(tmp_path / "a.jsonl", records)
+    prepare.main(["--input", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "o"), "--vocab_size", "300",
+                  "--workers", "1", "--val_fraction", "0.25"])
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "o" / "tokenizer.model"))
+    want = {}
+    for rec in records:
+        ids, tags = [sp.bos_id()], [-100]
+        for word, tag in zip(rec["tokens"], rec["tags"]):
+            pieces = sp.encode(word)  # "\u2581word": the space before it is its first piece's
+            ids += pieces
+            tags += [-100 if tag == "IGN" else TAGS.index(tag)] + [-100] * (len(pieces) - 1)
+        assert ids[1:] == sp.encode(" ".join(rec["tokens"]))
+        want[tuple(ids + [sp.eos_id()])] = tuple(tags + [-100])
+    assert shard_documents(tmp_path / "o", sp.bos_id()) == want
+
