@@ -12,13 +12,14 @@ Read top to bottom:
                            check_context), each weight as it lands (check_shape, check_complete: the
                            same for fsdp.py's sharded load); every JSON file read through jsonfile.py's bounds
   Meta layout              params.json + consolidated.NN.pth: read_meta (model-parallel shards
-                           joined), write_meta, save; a classification head's keys (n_labels,
-                           multilabel, labels, pad_id) only where the model has one
+                           joined), write_meta, save; a head's keys (n_labels, multilabel, labels,
+                           pad_id; head_kind for a tag head) only where the model has one
   Names                    the one table of tensor names: ours, HF's, GGUF's (hf_name / our_name,
                            gguf_name, hf_modules)
   HF layout                config.json + *.safetensors: the q/k RoPE permutation both ways, read_hf
-                           (map_safetensors; hf_head_args: a head wherever score.weight is stored),
-                           write_hf (hf_head_config: LlamaForSequenceClassification's keys), save_hf
+                           (map_safetensors; hf_head_args: a head wherever score.weight is stored, a
+                           tag head where score.bias is), write_hf (hf_head_config:
+                           LlamaForSequenceClassification's or LlamaForTokenClassification's keys), save_hf
 """
 
 import contextlib
@@ -342,6 +343,8 @@ def read_meta(ckpt_dir):
     first = shards[0]
     if "score.weight" in first and "n_labels" not in params:  # as in read_hf, the weight says there is a head
         params = {**params, "n_labels": first["score.weight"].shape[0]}
+    if "score.bias" in first and "head_kind" not in params:  # and its bias that it is a tag head
+        params = {**params, "head_kind": "tag"}
     args = model_args(params_path, params)
     if "tok_embeddings.weight" not in first:
         raise CheckpointError(f"{paths[0]}: no tok_embeddings.weight in it (not a Llama checkpoint)")
@@ -407,6 +410,8 @@ def meta_params(args: ModelArgs) -> dict:
     if args.n_labels:  # a classification head; without one params.json stays exactly Meta's
         p.update(n_labels=args.n_labels, multilabel=args.multilabel, pad_id=args.pad_id,
                  labels=None if args.labels is None else list(args.labels))
+        if args.head_kind != "classify":  # a classification head's params.json stays as it was
+            p["head_kind"] = args.head_kind
     return p
 
 
@@ -561,10 +566,12 @@ def hf_args(config: dict, path: str) -> ModelArgs:
     return args
 
 
-def hf_head_args(args: ModelArgs, config: dict, path: str, n_labels: int) -> ModelArgs:
-    """args with the classification head that config.json describes and whose weight (score.weight)
-    has n_labels rows. The weight, not num_labels, says whether there is a head: transformers writes
-    id2label for every model. Names of transformers' making (LABEL_0, ...) are no known labels."""
+def hf_head_args(args: ModelArgs, config: dict, path: str, n_labels: int, tag: bool = False) -> ModelArgs:
+    """args with the head that config.json describes and whose weight (score.weight) has n_labels
+    rows. The weight, not num_labels, says whether there is a head: transformers writes id2label for
+    every model; and its bias (tag) that it is a tag head (LlamaForTokenClassification's score has
+    one, LlamaForSequenceClassification's none). Names of transformers' making (LABEL_0, ...) are no
+    known labels."""
     def get(key, expected):
         return jsonfile.field(config, key, expected, path, CheckpointError, None)
 
@@ -579,8 +586,10 @@ def hf_head_args(args: ModelArgs, config: dict, path: str, n_labels: int) -> Mod
     if labels == [f"LABEL_{i}" for i in range(n_labels)]:
         labels = None
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ModelArgs) if f.init}
+    if tag and problem == "multi_label_classification":
+        raise CheckpointError(f"{path}: a tag head (score.bias) with problem_type {problem}")
     values.update(n_labels=n_labels, multilabel=problem == "multi_label_classification",
-                  labels=labels, pad_id=get("pad_token_id", int))
+                  labels=labels, pad_id=get("pad_token_id", int), head_kind="tag" if tag else "classify")
     return model_args(path, values)
 
 
@@ -593,7 +602,7 @@ def hf_config(args: ModelArgs, tied: bool, dtype: torch.dtype, tok=None) -> dict
         rope_scaling = {"rope_type": "llama3", "factor": args.rope_scaling_factor,
                         "low_freq_factor": args.rope_low_freq_factor, "high_freq_factor": args.rope_high_freq_factor,
                         "original_max_position_embeddings": args.rope_original_max_seq_len}
-    return {"architectures": ["LlamaForSequenceClassification" if args.n_labels else "LlamaForCausalLM"],
+    return {"architectures": [HF_ARCHITECTURES[args.head_kind] if args.n_labels else "LlamaForCausalLM"],
             "model_type": "llama", "hidden_act": "silu",
             "hidden_size": args.dim, "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
             "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads,
@@ -605,14 +614,18 @@ def hf_config(args: ModelArgs, tied: bool, dtype: torch.dtype, tok=None) -> dict
             **hf_head_config(args)}
 
 
+HF_ARCHITECTURES = {"classify": "LlamaForSequenceClassification", "tag": "LlamaForTokenClassification"}
+
+
 def hf_head_config(args: ModelArgs) -> dict:
     """config.json's keys for the classification head (none without one), as transformers'
     LlamaForSequenceClassification reads them: it pools at the last token that is not pad_token_id.
     id2label and label2id only where the labels' names are known (transformers makes LABEL_i up)."""
     if not args.n_labels:
         return {}
-    config = {"num_labels": args.n_labels, "pad_token_id": args.pad_id,
-              "problem_type": "multi_label_classification" if args.multilabel else "single_label_classification"}
+    config = {"num_labels": args.n_labels, "pad_token_id": args.pad_id}
+    if args.head_kind == "classify":  # a tag head's loss is token classification's, no problem_type
+        config["problem_type"] = "multi_label_classification" if args.multilabel else "single_label_classification"
     if args.labels is not None:
         config["id2label"] = {str(i): name for i, name in enumerate(args.labels)}
         config["label2id"] = {name: i for i, name in enumerate(args.labels)}
@@ -642,8 +655,8 @@ def read_hf(ckpt_dir):
     files = [map_safetensors(p) for p in paths]
     tied = not any("lm_head.weight" in tensors for _, tensors in files)
     shapes = {our_name(name): tuple(t.shape) for _, stored in files for name, t in stored.items()}
-    if "score.weight" in shapes:  # transformers' LlamaForSequenceClassification, or ours
-        args = hf_head_args(args, config, config_path, shapes["score.weight"][0])
+    if "score.weight" in shapes:  # transformers' LlamaForSequenceClassification (or ForTokenClassification), or ours
+        args = hf_head_args(args, config, config_path, shapes["score.weight"][0], tag="score.bias" in shapes)
     check_sizes(config_path, args, shapes, HF_KEYS)
 
     def tensors():

@@ -1,5 +1,6 @@
-"""The classification head: its losses, what train.py's --head classify minimises over the logits that
-model.Transformer.classify pools, one row per document.
+"""The heads: their losses, what train.py's --head classify minimises over the logits that
+model.Transformer.classify pools, one row per document, and --head tag over model.Transformer.tag's,
+one row per token.
 
 Read top to bottom:
   balanced_class_weights  --class_weights balanced: scikit-learn's rule n / (K * count), from counts
@@ -8,6 +9,7 @@ Read top to bottom:
                           BCE-with-logits (multilabel); class weights; focal loss (--focal_gamma,
                           --focal_alpha): softmax focal for one label, torchvision's
                           sigmoid_focal_loss for multilabel
+  tag_loss                the tag head's: classification_loss over the tokens that carry a tag
   attach_head, head_config  a fresh head on a model (train.py --head), and what an adapter records of it
   classification_metrics  eval.py's metrics of a head's probabilities (scikit-learn), named as DESIGN.md's
                           Heads contract names them
@@ -83,10 +85,23 @@ def _sigmoid_loss(logits, targets, class_weights, gamma, alpha):
     return loss.mean()
 
 
-def attach_head(model, n_labels: int, multilabel: bool, labels=None, pad_id=None):
+def tag_loss(logits, targets, class_weights=None, focal_gamma: float = 0.0, focal_alpha: Optional[float] = None,
+             ignore_index: int = -100) -> torch.Tensor:
+    """The tag head's loss: logits (B, T, K) against targets (B, T) tag ids, ignore_index where a token
+    carries none (data/shards.py's TagBatch). classification_loss over the tagged tokens alone, so a
+    mean over them (weighted with class_weights, as F.cross_entropy's weight=); 0, with zero
+    gradients, where the batch has none (not F.cross_entropy's NaN)."""
+    tagged = targets != ignore_index
+    if not bool(tagged.any()):
+        return logits.float().sum() * 0.0
+    return classification_loss(logits[tagged], targets[tagged], False, class_weights, focal_gamma, focal_alpha)
+
+
+def attach_head(model, n_labels: int, multilabel: bool, labels=None, pad_id=None, kind: str = "classify"):
     """Give model (a Transformer without a head) a fresh `score` for n_labels labels, in place, its
     weight zeros on the device of the model's final norm, in fp32 (under autocast on CUDA it
-    computes in bf16; AdamW keeps fp32 master weights for it, as for LoRA's adapters).
+    computes in bf16; AdamW keeps fp32 master weights for it, as for LoRA's adapters). kind "tag":
+    a tag head (model.head_layer: with a bias, zeros too).
 
     Zeros, not transformers' normal(0, 0.02): every document starts at the uniform prediction
     (loss log K), with no preference that a random head would bring (at dim 4096 normal(0, 0.02)
@@ -95,17 +110,26 @@ def attach_head(model, n_labels: int, multilabel: bool, labels=None, pad_id=None
     import dataclasses
 
     model.args = dataclasses.replace(model.args, n_labels=n_labels, multilabel=multilabel,
-                                     labels=None if labels is None else tuple(labels), pad_id=pad_id)
-    Linear = type(model.output)  # model.Linear, without heads.py importing model.py (test_structure)
-    model.score = Linear(model.args.dim, n_labels).to(device=model.norm.weight.device, dtype=torch.float32)
-    torch.nn.init.zeros_(model.score.weight)
+                                     labels=None if labels is None else tuple(labels), pad_id=pad_id, head_kind=kind)
+    if kind == "tag":
+        model.score = torch.nn.Linear(model.args.dim, n_labels)
+    else:
+        Linear = type(model.output)  # model.Linear, without heads.py importing model.py (test_structure)
+        model.score = Linear(model.args.dim, n_labels)
+    model.score.to(device=model.norm.weight.device, dtype=torch.float32)
+    for p in model.score.parameters():
+        torch.nn.init.zeros_(p)
     return model
 
 
 def head_config(args) -> dict:
-    """What a head is, as adapter.json's "head" and train.py's checks read it."""
-    return {"n_labels": args.n_labels, "multilabel": args.multilabel,
-            "labels": None if args.labels is None else list(args.labels), "pad_id": args.pad_id}
+    """What a head is, as adapter.json's "head" and train.py's checks read it ("kind" only for a tag
+    head: a classification head's record stays as it was)."""
+    config = {"n_labels": args.n_labels, "multilabel": args.multilabel,
+              "labels": None if args.labels is None else list(args.labels), "pad_id": args.pad_id}
+    if args.head_kind != "classify":
+        config["kind"] = args.head_kind
+    return config
 
 
 # -----------------------------------------------------------------------------------------------

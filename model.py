@@ -2,7 +2,7 @@
 
 Read top to bottom:
   ModelArgs        the hyper-parameters, named as in Meta's params.json; derived sizes resolved once;
-                   the classification head's labels (n_labels 0: none)
+                   the head's labels (n_labels 0: none) and kind (head_kind: classify | tag)
   RMSNorm, RoPE    normalisation and rotary position embedding (with Llama 3.1 frequency scaling)
   Linear           a projection without bias (one token's product on a CPU: a matrix-vector kernel)
   Attention        grouped-query attention; KVCache holds its keys and values while decoding
@@ -10,6 +10,7 @@ Read top to bottom:
   Transformer      the stack: forward() trains and scores (logits, or the mean cross-entropy),
                    classify() pools the classification head's logits (score) at each document's
                    last token, padded or packed (left_padding_positions, last_tokens);
+                   tag() the tag head's logits at every token (head_layer: score with bias);
                    decode() runs prompt chunks and single tokens against the KV cache; it keeps
                    its RoPE table itself (rebuilt where the model lands, or when extend_context
                    grows the context); init_weights for training from scratch
@@ -38,6 +39,9 @@ import cpu_gemv
 # Configuration
 
 
+HEAD_KINDS = ("classify", "tag")
+
+
 @dataclass
 class ModelArgs:
     dim: int = 4096
@@ -60,6 +64,10 @@ class ModelArgs:
     multilabel: bool = False  # each label on or off (sigmoid, BCE); else exactly one label (softmax, CE)
     labels: Optional[tuple] = None  # the labels' names in the head's order, where known
     pad_id: Optional[int] = None  # the token that pads rows for the head (classify's default)
+    # "classify": one row of logits per document (classify; score without bias, as transformers'
+    # LlamaForSequenceClassification); "tag": one per token (tag; score with bias, as its
+    # LlamaForTokenClassification)
+    head_kind: str = "classify"
     # Derived in __post_init__, not arguments: use dataclasses.replace to change dim, heads or FFN.
     head_dim: int = field(init=False)
     hidden_dim: int = field(init=False)
@@ -88,6 +96,10 @@ class ModelArgs:
         self._check_head()
 
     def _check_head(self):
+        if self.head_kind not in HEAD_KINDS:
+            raise ValueError(f"head_kind {self.head_kind!r}: expected one of {', '.join(HEAD_KINDS)}")
+        if self.head_kind == "tag" and self.multilabel:
+            raise ValueError("a tag head is not multilabel (one tag per token)")
         if self.n_labels < 0 or (self.n_labels == 0 and (self.multilabel or self.labels)):
             raise ValueError(f"n_labels is {self.n_labels}: a head needs at least 1 label "
                              "(multilabel and labels describe a head)")
@@ -343,6 +355,15 @@ def last_tokens(starts, real=None):
     return torch.where(last < 0, first, last)
 
 
+def head_layer(args: ModelArgs):
+    """The head's `score` (None without one): a classification head is a projection without bias
+    (transformers' LlamaForSequenceClassification), a tag head an nn.Linear with one (its
+    LlamaForTokenClassification)."""
+    if not args.n_labels:
+        return None
+    return nn.Linear(args.dim, args.n_labels) if args.head_kind == "tag" else Linear(args.dim, args.n_labels)
+
+
 def _check_reduction(reduction):
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction {reduction!r}: expected 'mean' or 'sum'")
@@ -358,8 +379,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = Linear(args.dim, args.vocab_size)
-        # The classification head, from the same normalised hidden state as output (classify)
-        self.score = Linear(args.dim, args.n_labels) if args.n_labels else None
+        # The head, from the same normalised hidden state as output (classify, tag)
+        self.score = head_layer(args)
         # Not a state-dict entry: rebuilt from args wherever the model lands.
         self.register_buffer("rope", rope_table(args), persistent=False)
         self.activation_checkpointing = False
@@ -439,6 +460,8 @@ class Transformer(nn.Module):
         after a row's last document continues its positions, so it is no document of its own."""
         if self.score is None:
             raise ValueError("classify needs a head: this model has n_labels 0")
+        if self.args.head_kind != "classify":
+            raise ValueError("classify needs a classification head: this model's is a tag head (tag())")
         pad_id = self.args.pad_id if pad_id is None else pad_id
         starts = torch.zeros_like(tokens, dtype=torch.bool) if positions is None else positions == 0
         starts[:, 0] = True
@@ -446,6 +469,16 @@ class Transformer(nn.Module):
         h = self.hidden(tokens, attend)
         last = last_tokens(starts, None if pad_id is None else tokens != pad_id)
         return self.score(h.flatten(0, 1)[last]).float()
+
+    def tag(self, tokens, positions=None):
+        """The tag head's float logits for every token: (B, T, n_labels), from each position's final
+        hidden state (transformers' LlamaForTokenClassification). positions as forward takes them
+        (packed rows, each document attending only to itself); None: each row one causal sequence,
+        so a right-padded row's real tokens score as the sentence run alone."""
+        if self.score is None or self.args.head_kind != "tag":
+            raise ValueError(f"tag needs a tag head: this model has {self.args.n_labels} labels, head_kind "
+                             f"{self.args.head_kind!r}")
+        return self.score(self.hidden(tokens, positions)).float()
 
     def decode(self, tokens, start_pos):
         """Decoding with the KV cache (setup_cache first): tokens (B, T) at positions start_pos ..

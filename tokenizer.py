@@ -4,7 +4,8 @@
     ids = tok.encode("Pt c/o SOB", bos=True, eos=False)
     ids = tok.encode_dialog([{"role": "user", "content": "Hi"}])  # ends with an open assistant turn
 
-Both classes expose the same small interface: encode, decode, encode_dialog, encode_dialog_targets,
+Both classes expose the same small interface: encode, decode, encode_words (tagged words, each word's
+ids apart), encode_dialog, encode_dialog_targets,
 bos_id, eos_id, stop_ids, n_words, path, sha256, kind, data (the bytes read), fingerprint (of what it
 encodes: two files that turn every text into the same ids have the same one).
 
@@ -324,6 +325,13 @@ class Llama3Tokenizer:
     def decode(self, ids):
         return self.model.decode(list(ids))
 
+    def encode_words(self, words):
+        """[ids of each word] of the text " ".join(words), cut where each word starts: every word
+        after the first keeps the space before it (" patient"), as the BPE's pre-tokenizer splits the
+        joined text (a piece never runs from a word across the next space; a number's space is a piece
+        of its own, " " then "123"). data.prepare checks the joined ids against encode(text)."""
+        return [self.encode((" " if i else "") + word, False, False) for i, word in enumerate(words)]
+
     # Meta's ChatFormat: <|start_header_id|>role<|end_header_id|>\n\n content <|eot_id|>
     def _header(self, role):
         return [self.start_header_id] + self.encode(role, False, False) + [self.end_header_id] + \
@@ -436,6 +444,13 @@ class SentencePieceTokenizer:
 
     def decode(self, ids):
         return self.model.decode(list(ids))
+
+    def encode_words(self, words):
+        """[ids of each word] of the text " ".join(words), cut where each word starts: sentencepiece
+        writes a space as the "▁" that starts the word after it and adds one before the text
+        (add_dummy_prefix), so each word encoded alone is its part of the joined ids ("▁patient");
+        data.prepare checks the joined ids against encode(text) (a model without the dummy prefix fails it)."""
+        return [self.model.encode(word) for word in words]
 
     def _turns(self, messages):
         """Meta's Llama 2 chat rules: fold the system prompt into the first user message, then

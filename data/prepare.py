@@ -36,6 +36,17 @@ the rules (single- or multilabel, integer labels, the vocabulary's order) are La
 --max_len N cuts every document to N tokens, keeping its start (or its end with --truncate end)
 and its BOS and EOS; the summary and meta.json ("truncated_documents") count the cut ones.
 
+Tagged records ({"tokens": [words], "tags": [tags]} in JSON, HF's token-classification layout;
+--columns tokens=words,tags=ner_tags renames JSON fields and picks Parquet columns; or .conll files,
+word<TAB>tag lines with a blank line between sentences) make tagged shards: each sentence is one
+document, BOS, the words joined by spaces, EOS, and a .tags sidecar beside each shard gives each
+token its tag (data/shards.py). Each word is encoded apart (tokenizer encode_words, checked against
+the joined text), so its tokens are known exactly; its first token carries its tag, or with
+--label_all_subwords all of them (transformers' run_ner rules); words tagged IGN (--ignore_tags)
+carry none. The rules (integer tags through --labels, the vocabulary's order, --max_len splitting
+a sentence between words, each piece a document) are Tagging's; meta.json holds the tags and
+their counts, and the summary says how many sentences were split.
+
 Each document goes to val when a seeded hash of its content falls below --val_fraction, so the
 split streams, does not depend on --workers, and exact duplicates never straddle it. If that
 leaves a split empty, the document nearest the threshold is moved over; if the whole input is
@@ -62,14 +73,14 @@ import sentencepiece
 import atomic
 from cli import UsageError, UserError, at_least, command_line, interval, non_empty, one_of, positive, run
 from data import shards
-from data.records import (DECOMPRESS_ERRORS, RECORD_KINDS, Doc, RecordError, corrupt, file_kind, is_table, label_field,
-                          label_names, open_text, read_records, record_to_doc)
+from data.records import (DECOMPRESS_ERRORS, RECORD_KINDS, TAGGED_FIELDS, Doc, RecordError, corrupt, file_kind, is_table,
+                          label_field, label_names, open_text, read_records, record_to_doc, tagged_words)
 from tokenizer import TokenizerError, load as load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the fields a record may have, and so the names --columns may map columns to
 RECORD_FIELDS = ("text", "instruction", "input", "output", "question", "answer", "prompt", "response",
-                 "completion", "system")
+                 "completion", "system") + TAGGED_FIELDS
 SEPARATOR_MAX = 1 << 16  # the longest --doc_separator match that is sure to be found across read chunks
 FORMAT_VERSION = 1
 
@@ -143,12 +154,14 @@ class Corpus:
     columns: [(record field, column)] for CSV/TSV/Parquet files (None: the header's own names);
     doc_separator: a regex that splits text files into documents (None: one document a file)."""
 
-    def __init__(self, path, fmt="auto", skip_bad=False, columns=None, doc_separator=None, labelling=None):
-        self.files, self.fmt, self.skip_bad = list_files(path, tables=bool(columns)), fmt, skip_bad
-        self.labelling = labelling or Labelling()
+    def __init__(self, path, fmt="auto", skip_bad=False, columns=None, doc_separator=None, labelling=None,
+                 tagging=None):
+        tagged_columns = any(field in TAGGED_FIELDS for field, _ in columns or ())
+        self.files, self.fmt, self.skip_bad = list_files(path, tables=bool(columns) and not tagged_columns), fmt, skip_bad
+        self.labelling, self.tagging = labelling or Labelling(), tagging or Tagging()
         self.columns, self.separator = columns, doc_separator and re.compile(doc_separator)
         self.skipped = 0
-        if columns and not any(is_table(f) for f in self.files):
+        if columns and not tagged_columns and not any(is_table(f) for f in self.files):
             raise PrepareError(f"--input {path}: no CSV, TSV or Parquet file for --text_column / --columns")
 
     def bad(self, where, reason, quiet):
@@ -177,6 +190,9 @@ class Corpus:
     def _record_docs(self, path, quiet):
         for where, rec in read_records(path, self.columns, self.fmt, lambda error: self.skip(error, quiet)):
             try:
+                if self.tagging.is_tagged(rec, path, self.labelling):
+                    yield self.tagging.doc_of(rec, where)
+                    continue
                 doc = record_to_doc(rec, self.fmt, where)
                 names = self.labelling.names_of(rec, doc, where)
                 yield doc if names is None else LabelledDoc(*doc, names)
@@ -187,6 +203,8 @@ class Corpus:
         if self.fmt not in ("auto", "text", "jsonl"):
             self.bad(path, f"plain-text file but --format {self.fmt}", quiet)
             return
+        if self.tagging.tagged is None:  # a text document first: the dataset is not a tagged one
+            self.tagging.tagged = False
         try:
             with open_text(path) as f:
                 if not self.separator:
@@ -275,6 +293,116 @@ class Labelling:
 
 
 # ---------------------------------------------------------------------------------------------
+# tagged records (format of the shards' .tags sidecar: data/shards.py)
+
+# A tagged sentence: payload is its words, tags their raw tags (strings, or integers into --labels).
+TaggedDoc = namedtuple("TaggedDoc", Doc._fields + ("tags",))
+IGNORED = -100  # a token without a tag: not a word's first token, or a word tagged IGN / --ignore_tags
+IGNORED_WORD = -1  # provisional: the first token of a word tagged IGN (counted, then IGNORED)
+
+
+class Tagging:
+    """The tag rules of a run, and what its sentences showed so far.
+
+    A run is tagged when its first record is: a CoNLL sentence, or a record with a "tokens" field
+    (after --columns); then every record must be a tagged one. Tags are strings, or integers that
+    index --labels (HF's ClassLabel: ner_tags 3 = the fourth name); the vocabulary is --labels in
+    its order (a tag outside it is a bad record), or else every tag seen, sorted. Tags in `ignore`
+    (IGN, or --ignore_tags) are in no vocabulary: their words carry no target. Each word's first
+    token carries its tag; with all_subwords its other tokens too (a B-X word's as I-X where I-X
+    is a tag, transformers' run_ner --label_all_tokens). A sentence of more than max_len tokens
+    (BOS and EOS included) is split at word boundaries into several documents (counted in split).
+
+    While the shards are written, the .tags files hold provisional values: 2*id on a word's first
+    token, 2*id + 1 on its other tokens (all_subwords), IGNORED_WORD on an ignored word's first
+    token, IGNORED elsewhere; finish_tag_files maps them to the final vocabulary's ids."""
+
+    def __init__(self, fixed=None, ignore=("IGN",), all_subwords=False, max_len=None):
+        self.fixed, self.ignore, self.all_subwords, self.max_len = fixed, set(ignore), all_subwords, max_len
+        self.tagged, self.split = None, 0
+        self.ids = {name: i for i, name in enumerate(n for n in fixed or () if n not in self.ignore)}
+
+    def is_tagged(self, rec, path, labelling):
+        """Whether the run is tagged (decided by its first record), hence rec one of its records."""
+        if self.tagged is None:
+            self.tagged = file_kind(path) == "conll" or "tokens" in rec
+            if self.tagged and (labelling.column or labelling.separator):
+                raise UsageError("--label_column / --label_separator are for labelled records, not tagged ones "
+                                 "(tokens and tags)")
+            if self.tagged:
+                labelling.labelled = False  # --labels and --max_len are the tags' now
+        return self.tagged
+
+    def doc_of(self, rec, where):
+        words, tags = tagged_words(rec, where)
+        return TaggedDoc(where, "tagged", words, tuple(self.tag_name(tag, where) for tag in tags))
+
+    def tag_name(self, tag, where):
+        """A raw tag as a name: an integer through --labels; an unknown name is a RecordError."""
+        if isinstance(tag, int):
+            if not self.fixed:
+                raise RecordError(f"{where}: integer tag {tag}: name the tags with --labels (in id order)")
+            if not 0 <= tag < len(self.fixed):
+                raise RecordError(f"{where}: tag {tag} is no index into --labels ({len(self.fixed)} names)")
+            return self.fixed[tag]
+        if self.fixed and tag not in self.fixed and tag not in self.ignore:
+            raise RecordError(f"{where}: tag {tag!r} is not one of --labels {','.join(self.fixed)}")
+        return tag
+
+    def token_tags(self, doc, word_of):
+        """The provisional tag of each token (word_of: each token's word, -1 for BOS and EOS)."""
+        ids = [None if name in self.ignore else self.ids.setdefault(name, len(self.ids)) for name in doc.tags]
+        per_word = np.array([IGNORED_WORD if i is None else 2 * i for i in ids] + [IGNORED], dtype=np.int64)
+        tags = per_word[word_of]  # word_of -1 (BOS, EOS) takes the IGNORED at the end
+        first = np.r_[True, word_of[1:] != word_of[:-1]]
+        later = ~first & (tags >= 0)
+        tags[later] = tags[later] + 1 if self.all_subwords else IGNORED
+        tags[~first & (tags == IGNORED_WORD)] = IGNORED
+        return tags
+
+    def pieces(self, doc, ids, word_of):
+        """[(ids, tags)]: the sentence as one document, or split at word boundaries into documents
+        of at most max_len tokens (each BOS ... EOS); RecordError for a word that alone is too long."""
+        tags = self.token_tags(doc, word_of)
+        if not self.max_len or len(ids) <= self.max_len:
+            return [(ids, tags)]
+        self.split += 1
+        starts = np.flatnonzero(np.r_[False, word_of[1:-1] != word_of[:-2]])  # each word's first token
+        ends = np.r_[starts[1:], len(ids) - 1]
+        room, out, begin = self.max_len - 2, [], 1
+        for i, (start, end) in enumerate(zip(starts, ends)):
+            if end - start > room:
+                raise RecordError(f"{doc.where}: word {i} ({doc.payload[i][:30]!r}) alone is {end - start} tokens, "
+                                  f"more than --max_len {self.max_len} holds with BOS and EOS")
+            if end - begin > room:
+                out.append((begin, start))
+                begin = start
+        out.append((begin, len(ids) - 1))
+        ends_ids = [ids[:1], ids[-1:]]
+        return [(np.concatenate([ends_ids[0], ids[a:b], ends_ids[1]]),
+                 np.concatenate([[IGNORED], tags[a:b], [IGNORED]])) for a, b in out]
+
+    def final(self):
+        """(vocabulary, provisional value -> final value as a function of an int array)."""
+        names = [n for n in self.fixed if n not in self.ignore] if self.fixed else sorted(self.ids)
+        remap = np.zeros(max(len(self.ids), 1), dtype=np.int64)
+        for new, name in enumerate(names):
+            remap[self.ids[name]] = new
+        index = {name: i for i, name in enumerate(names)}
+        inside = np.array([index.get("I-" + n[2:], i) if n.startswith("B-") else i for i, n in enumerate(names)]
+                          + [0], dtype=np.int64)
+
+        def convert(values):
+            values = np.asarray(values, dtype=np.int64)
+            known = values >= 0
+            first = remap[np.where(known, values, 0) // 2]
+            out = np.where(values % 2 == 0, first, inside[first])
+            return np.where(known, out, IGNORED)
+
+        return names, remap, convert
+
+
+# ---------------------------------------------------------------------------------------------
 # the ICD-10-CM demo corpus
 
 
@@ -282,7 +410,7 @@ class DemoCorpus(Corpus):
     """One document per ICD-10-CM code (chapters, blocks, categories, subcategories)."""
 
     def __init__(self):
-        self.skip_bad, self.skipped, self.labelling = False, 0, Labelling()
+        self.skip_bad, self.skipped, self.labelling, self.tagging = False, 0, Labelling(), Tagging()
 
     def docs(self, quiet=False):
         import simple_icd_10_cm as icd
@@ -327,6 +455,8 @@ def doc_bytes(doc):
     """A document's content as bytes: what the split hash and --dedup look at."""
     if doc.kind == "text":
         return doc.payload.encode("utf-8")
+    if doc.kind == "tagged":  # the same words tagged otherwise are another document
+        return json.dumps([doc.payload, doc.tags], ensure_ascii=False).encode("utf-8")
     return json.dumps(doc.payload, sort_keys=True, ensure_ascii=False).encode("utf-8")
 
 
@@ -343,16 +473,34 @@ def drop_duplicates(docs, dropped):
         yield doc
 
 
+def encode_words(words):
+    """(ids, word_of) of a tagged sentence: BOS, the words joined by spaces, EOS, and each token's
+    word (-1 for BOS and EOS). The words are encoded apart (tokenizer's encode_words) so that each
+    token's word is known exactly; their ids must be those of the joined text, or ValueError."""
+    pieces = _tok.encode_words(words)
+    ids = [i for piece in pieces for i in piece]
+    if ids != _tok.encode(" ".join(words), bos=False, eos=False):
+        raise ValueError("this tokenizer encodes the words apart otherwise than the sentence (a token across "
+                         "a word boundary); tagged data needs one that does not")
+    word_of = np.repeat(np.arange(len(words), dtype=np.int32), [len(p) for p in pieces])
+    return [_tok.bos_id] + ids + [_tok.eos_id], np.r_[np.int32(-1), word_of, np.int32(-1)].astype(np.int32)
+
+
 def _encode_batch(docs, seed):
-    """Tokenize a batch of Docs. Returns ([(split_hash, n_tokens, n_masked, error)], ids, mask):
-    ids (uint32) and mask (uint8) are the batch's documents end to end -- two arrays pickle back
-    to the parent far faster than thousands of small ones. split_hash is uniform in [0, 1)."""
-    info, ids, masks = [], [], []
+    """Tokenize a batch of Docs. Returns ([(split_hash, n_tokens, n_masked, error)], ids, mask,
+    word_of): ids (uint32) and mask (uint8) are the batch's documents end to end -- arrays pickle
+    back to the parent far faster than thousands of small ones -- and word_of (int32) each token's
+    word, for the tagged documents only (encode_words). split_hash is uniform in [0, 1)."""
+    info, ids, masks, words = [], [], [], []
     for doc in docs:
         digest = hashlib.blake2b(doc_bytes(doc), digest_size=8, key=str(seed).encode()).digest()
         u = int.from_bytes(digest, "little") / 2**64
         try:
-            if doc.kind == "text":
+            if doc.kind == "tagged":
+                doc_ids, word_of = encode_words(doc.payload)
+                doc_mask = np.ones(len(doc_ids), dtype=np.uint8)
+                words.append(word_of)
+            elif doc.kind == "text":
                 doc_ids = _tok.encode(doc.payload, bos=True, eos=True)
                 doc_mask = np.ones(len(doc_ids), dtype=np.uint8)
             else:
@@ -364,16 +512,18 @@ def _encode_batch(docs, seed):
         info.append((u, len(doc_ids), len(doc_mask) - int(doc_mask.sum()), None))
         ids.append(np.asarray(doc_ids, dtype=np.uint32))
         masks.append(doc_mask)
+    words = np.concatenate(words) if words else np.zeros(0, np.int32)
     if not ids:
-        return info, np.zeros(0, np.uint32), np.zeros(0, np.uint8)
-    return info, np.concatenate(ids), np.concatenate(masks)
+        return info, np.zeros(0, np.uint32), np.zeros(0, np.uint8), words
+    return info, np.concatenate(ids), np.concatenate(masks), words
 
 
 def _batches(docs, max_docs=256, max_chars=1 << 20):
     batch, chars = [], 0
     for doc in docs:
         batch.append(doc)
-        chars += len(doc.payload) if doc.kind == "text" else sum(len(m["content"]) for m in doc.payload)
+        chars += len(doc.payload) if doc.kind == "text" else sum(len(m) if doc.kind == "tagged" else len(m["content"])
+                                                                 for m in doc.payload)
         if len(batch) >= max_docs or chars >= max_chars:
             yield batch
             batch, chars = [], 0
@@ -382,15 +532,18 @@ def _batches(docs, max_docs=256, max_chars=1 << 20):
 
 
 def _unbatch(batch, result):
-    info, ids, mask = result
-    start = 0
+    info, ids, mask, words = result
+    start = word_start = 0
     for doc, (u, n, masked, error) in zip(batch, info):
-        yield doc, u, ids[start:start + n], mask[start:start + n], masked, error
+        word_of = None
+        if doc.kind == "tagged" and not error:
+            word_of, word_start = words[word_start:word_start + n], word_start + n
+        yield doc, u, ids[start:start + n], mask[start:start + n], masked, error, word_of
         start += n
 
 
 def encode_all(docs, tok, workers, seed):
-    """Yield (doc, split_hash, ids, mask, n_masked, error) in input order, tokenizing with the
+    """Yield (doc, split_hash, ids, mask, n_masked, error, word_of) in input order, tokenizing with the
     loaded tokenizer tok on `workers` processes."""
     global _tok
     _tok = tok  # workers started by fork inherit it; others load tok.path
@@ -423,8 +576,8 @@ SIDECARS = (".mask", ".docs")  # written beside every shard, removed at the end 
 
 
 class SplitWriter:
-    """Appends documents to DIR/SPLIT_NNNNNN.bin (+ .mask, .docs), starting a new shard every
-    shard_tokens."""
+    """Appends documents to DIR/SPLIT_NNNNNN.bin (+ .mask, .docs, and .tags once a document with
+    tags comes: a tagged dataset's come from the first on), starting a new shard every shard_tokens."""
 
     def __init__(self, out_dir, split, vocab_size, shard_tokens, buffer_tokens=1 << 20):
         self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
@@ -433,16 +586,23 @@ class SplitWriter:
         self.files, self.count = None, 0
         self.buffer, self.buffered, self.buffer_tokens = [], 0, buffer_tokens
         self.doc_labels = []  # (start token in the split, label ids) of each labelled document
+        self.tagged, self.tag_words, self.ignored_words = False, np.zeros(0, np.int64), 0  # words per provisional tag
 
-    def add(self, ids, mask, masked, labels=None):
+    def add(self, ids, mask, masked, labels=None, tags=None):
         if labels is not None:
             self.doc_labels.append((self.tokens, labels))
+        if tags is not None:
+            self.tagged = True
+            found = np.bincount(tags[(tags >= 0) & (tags % 2 == 0)] // 2)
+            self.tag_words = np.pad(self.tag_words, (0, max(0, len(found) - len(self.tag_words))))
+            self.tag_words[:len(found)] += found
+            self.ignored_words += int((tags == IGNORED_WORD).sum())
         self.documents += 1
         self.tokens += len(ids)
         self.masked += masked
         # Buffered because many small writes cost more than one big one; copied because a slice
         # would keep its whole tokenized batch alive until the buffer is flushed.
-        self.buffer.append((ids.copy(), mask.copy()))
+        self.buffer.append((ids.copy(), mask.copy(), None if tags is None else tags.astype(np.int32)))
         self.buffered += len(ids)
         if self.buffered >= self.buffer_tokens:
             self._flush()
@@ -450,10 +610,11 @@ class SplitWriter:
     def _flush(self):
         if not self.buffer:
             return
-        ids = np.concatenate([i for i, _ in self.buffer]).astype(self.dtype)
-        mask = np.concatenate([m for _, m in self.buffer])
+        ids = np.concatenate([i for i, _, _ in self.buffer]).astype(self.dtype)
+        mask = np.concatenate([m for _, m, _ in self.buffer])
+        tags = np.concatenate([t for _, _, t in self.buffer]) if self.tagged else None
         docs = np.zeros(len(ids), dtype=np.uint8)
-        docs[np.cumsum([0] + [len(i) for i, _ in self.buffer[:-1]])] = 1  # documents are never empty
+        docs[np.cumsum([0] + [len(i) for i, _, _ in self.buffer[:-1]])] = 1  # documents are never empty
         self.buffer, self.buffered = [], 0
         start = 0
         while start < len(ids):
@@ -463,6 +624,8 @@ class SplitWriter:
             self.files[0].write(ids[start:start + n].tobytes())
             self.files[1].write(mask[start:start + n].tobytes())
             self.files[2].write(docs[start:start + n].tobytes())
+            if tags is not None:
+                self.files[3].write(tags[start:start + n].tobytes())
             self.count += n
             start += n
             if self.count == self.shard_tokens:
@@ -470,7 +633,8 @@ class SplitWriter:
 
     def _open(self):
         name = f"{self.split}_{len(self.shards):06d}"
-        self.names = [os.path.join(self.out_dir, name + ext) for ext in (".bin",) + SIDECARS]
+        self.names = [os.path.join(self.out_dir, name + ext) for ext in (".bin",) + SIDECARS
+                      + ((".tags",) if self.tagged else ())]
         self.files = [open(p, "wb") for p in self.names]
         for f in self.files:  # placeholder header, rewritten once the count is known
             f.write(shards.make_header(0, 0, 0))
@@ -478,7 +642,7 @@ class SplitWriter:
 
     def _close(self):
         formats = [(self.magic, self.version), (shards.MAGIC_MASK, shards.VERSION_MASK),
-                   (shards.MAGIC_DOCS, shards.VERSION_DOCS)]
+                   (shards.MAGIC_DOCS, shards.VERSION_DOCS), (shards.MAGIC_TAGS, shards.VERSION_TAGS)]
         for f, (magic, version) in zip(self.files, formats):
             f.seek(0)
             f.write(shards.make_header(magic, version, self.count))
@@ -501,7 +665,8 @@ def train_vocab(corpus, model_path, vocab_size, seed=0, input_sentence_size=1_00
     def lines():
         try:
             for doc in corpus.docs(quiet=True):
-                texts = [doc.payload] if doc.kind == "text" else [m["content"] for m in doc.payload]
+                texts = ([doc.payload] if doc.kind == "text" else [" ".join(doc.payload)] if doc.kind == "tagged"
+                         else [m["content"] for m in doc.payload])
                 for text in texts:
                     for line in text.split("\n"):
                         if line.strip():
@@ -577,7 +742,10 @@ def prepare(corpus, out, tokenizer_path=None, vocab_size=None, val_fraction=0.00
         meta = _meta(tok, source, stats, kinds, corpus.skipped, val_fraction, seed, shard_tokens, command)
         meta["duplicates_dropped"] = dropped[0] if dedup else None  # None: --dedup was not asked for
         meta.update(getattr(corpus.labelling, "meta", {}))
-        if corpus.labelling.max_len:
+        meta.update(getattr(corpus.tagging, "meta", {}))
+        if corpus.tagging.tagged:
+            meta.update(max_len=corpus.tagging.max_len)
+        elif corpus.labelling.max_len:
             meta.update(max_len=corpus.labelling.max_len, truncate=corpus.labelling.truncate,
                         truncated_documents=corpus.labelling.cut)
         with open(os.path.join(tmp, "meta.json"), "w") as f:
@@ -600,7 +768,12 @@ def _labels_said(meta):
     said = ""
     if meta.get("has_labels"):
         said += f"{len(meta['labels']):,} labels ({'multilabel' if meta['multilabel'] else 'one per document'}); "
-    if meta.get("max_len"):
+    if meta.get("has_tags"):
+        said += (f"{len(meta['tags']):,} tags on {sum(sum(c) for c in meta['tag_counts'].values()):,} words "
+                 f"({sum(meta['ignored_words'].values()):,} words ignored); ")
+        if meta.get("max_len"):
+            said += f"{meta['split_sentences']:,} sentences split at --max_len {meta['max_len']}; "
+    elif meta.get("max_len"):
         said += (f"{meta['truncated_documents']:,} documents cut to --max_len {meta['max_len']} "
                  f"(keeping their {meta['truncate']}); ")
     return said
@@ -627,38 +800,70 @@ def _write_splits(tmp, corpus, docs, tok, workers, seed, val_fraction, shard_tok
     """Stream the corpus's docs through the tokenizer into train/val shards; returns (each split's stats,
     documents per record kind)."""
     writers = {s: SplitWriter(tmp, s, tok.n_words, shard_tokens) for s in shards.SPLITS}
-    labelling = corpus.labelling
+    labelling, tagging = corpus.labelling, corpus.tagging
     # Each split holds back its document nearest the threshold (train: lowest hash, val: highest)
     # so that one can be moved if the other split ends up empty.
     held, assigned = {"train": None, "val": None}, {"train": 0, "val": 0}
-    kinds = {"text": 0, "instruct": 0, "chat": 0}
+    kinds = {"text": 0, "instruct": 0, "chat": 0}  # and "tagged", in a tagged dataset
     done_docs, done_tokens, t_start, last_log = 0, 0, time.time(), time.time()
-    for doc, u, ids, mask, masked, error in encode_all(docs, tok, workers, seed):
-        if error or labelling.labelled and not isinstance(doc, LabelledDoc):
-            corpus.bad(doc.where, error or "no labels, in a labelled dataset", quiet=False)
-            continue
-        kinds[doc.kind] += 1
+    for doc, u, ids, mask, masked, error, word_of in encode_all(docs, tok, workers, seed):
         split = "val" if u < val_fraction else "train"
+        try:
+            pieces = _pieces(doc, ids, mask, error, word_of, labelling, tagging)
+        except RecordError as e:
+            corpus.skip(e, quiet=False)
+            continue
+        kinds[doc.kind] = kinds.get(doc.kind, 0) + 1
         assigned[split] += 1
-        ids, mask = labelling.shorten(ids, mask)
-        masked = len(mask) - int(mask.sum())
-        done_docs, done_tokens = done_docs + 1, done_tokens + len(ids)
-        labels = labelling.intern(doc.labels) if isinstance(doc, LabelledDoc) else None
-        item, h = (u, ids, mask, masked, labels), held[split]
+        done_docs, done_tokens = done_docs + 1, done_tokens + sum(len(p[0]) for p in pieces)
+        item, h = (u, pieces), held[split]
         if h is None or (u < h[0] if split == "train" else u > h[0]):
             held[split], item = item, h
         if item is not None:
-            writers[split].add(*item[1:])
+            for piece in item[1]:
+                writers[split].add(*piece)
         if time.time() - last_log > 3:
             last_log = time.time()
             log(f"{done_docs:,} documents, {done_tokens:,} tokens, {done_tokens / (last_log - t_start):,.0f} tokens/s")
+    _place_held(writers, held, assigned, labelling.labelled or tagging.tagged, val_fraction)
+    stats = {s: w.finish() for s, w in writers.items()}
+    if labelling.labelled:
+        write_label_files(tmp, writers, labelling)
+    if tagging.tagged:
+        finish_tag_files(tmp, writers, tagging)
+    if not any(st["masked_tokens"] for st in stats.values()):  # plain text: no sidecars at all
+        for st in stats.values():
+            for shard in st["shards"]:
+                for ext in SIDECARS:
+                    os.remove(os.path.join(tmp, shard["file"][: -len(".bin")] + ext))
+    return stats, kinds
+
+
+def _pieces(doc, ids, mask, error, word_of, labelling, tagging):
+    """[(ids, mask, n_masked, label ids or None, tags or None)]: the documents one doc becomes
+    (a tagged sentence longer than --max_len: several); RecordError for a bad one."""
+    if error or labelling.labelled and not isinstance(doc, LabelledDoc):
+        raise RecordError(f"{doc.where}: {error or 'no labels, in a labelled dataset'}")
+    if tagging.tagged and not isinstance(doc, TaggedDoc):
+        raise RecordError(f"{doc.where}: not a tagged record (tokens and tags), in a tagged dataset")
+    if isinstance(doc, TaggedDoc):
+        return [(piece, np.ones(len(piece), np.uint8), 0, None, tags)
+                for piece, tags in tagging.pieces(doc, ids, word_of)]
+    ids, mask = labelling.shorten(ids, mask)
+    labels = labelling.intern(doc.labels) if isinstance(doc, LabelledDoc) else None
+    return [(ids, mask, len(mask) - int(mask.sum()), labels, None)]
+
+
+def _place_held(writers, held, assigned, labelled, val_fraction):
+    """Write each split's held-back document, first moving one over to a split left empty."""
     total = sum(assigned.values())
     if total == 0:
         raise PrepareError("no documents in the input")
-    if total == 1 and labelling.labelled:
-        raise PrepareError("one labelled record in the input: a labelled dataset needs two or more (train and val)")
+    if total == 1 and labelled:
+        raise PrepareError("one labelled (or tagged) record in the input: such a dataset needs two or more "
+                           "(train and val)")
     if total == 1:  # nanoGPT's rule: the last val_fraction of the one document's tokens are val
-        _, ids, mask, _, _ = held["train"] or held["val"]
+        (ids, mask, _, _, _), = (held["train"] or held["val"])[1]
         cut = min(len(ids) - 1, max(1, round(len(ids) * (1 - val_fraction))))
         log(f"one document in the input: its last {len(ids) - cut:,} of {len(ids):,} tokens are the val split")
         for split, part in (("train", slice(0, cut)), ("val", slice(cut, None))):
@@ -670,16 +875,8 @@ def _write_splits(tmp, corpus, docs, tok, workers, seed, val_fraction, shard_tok
         held["train"], held["val"] = held["val"], None
     for split, h in held.items():
         if h is not None:
-            writers[split].add(*h[1:])
-    stats = {s: w.finish() for s, w in writers.items()}
-    if labelling.labelled:
-        write_label_files(tmp, writers, labelling)
-    if not any(st["masked_tokens"] for st in stats.values()):  # plain text: no sidecars at all
-        for st in stats.values():
-            for shard in st["shards"]:
-                for ext in SIDECARS:
-                    os.remove(os.path.join(tmp, shard["file"][: -len(".bin")] + ext))
-    return stats, kinds
+            for piece in h[1]:
+                writers[split].add(*piece)
 
 
 def write_label_files(tmp, writers, labelling):
@@ -702,6 +899,27 @@ def write_label_files(tmp, writers, labelling):
         counts[split] = count.tolist()
     labelling.meta = {"has_labels": True, "labels": names, "multilabel": bool(labelling.multilabel),
                       "label_counts": counts}
+
+
+def finish_tag_files(tmp, writers, tagging):
+    """Each shard's .tags sidecar in the final vocabulary (Tagging's provisional values mapped), its
+    header completed; sets tagging.meta, meta.json's part: the tags and each one's words per split."""
+    names, remap, convert = tagging.final()
+    for writer in writers.values():
+        for shard in writer.shards:
+            path = os.path.join(tmp, shard["file"][: -len(".bin")] + ".tags")
+            values = convert(shards.open_shard(path))
+            shards.write_tags(path, values, len(names))
+    counts, ignored = {}, {}
+    for split, writer in writers.items():
+        count = np.zeros(len(names), dtype=np.int64)
+        words = np.zeros(len(tagging.ids), np.int64)
+        words[:len(writer.tag_words)] = writer.tag_words
+        np.add.at(count, remap[np.arange(len(words))], words)  # provisional -> final ids
+        counts[split], ignored[split] = count.tolist(), writer.ignored_words
+    tagging.meta = {"has_tags": True, "tags": names, "tag_counts": counts, "ignored_words": ignored,
+                    "ignore_tags": sorted(tagging.ignore), "label_all_subwords": tagging.all_subwords,
+                    "split_sentences": tagging.split}
 
 
 def _meta(tok, source, stats, kinds, skipped, val_fraction, seed, shard_tokens, command):
@@ -734,7 +952,7 @@ CHECKS = {"input": non_empty, "out": non_empty, "tokenizer": non_empty, "vocab_s
           "text_column": non_empty, "columns": non_empty, "doc_separator": non_empty,
           "format": one_of("auto", "text", "jsonl", "instruct", "chat"), "val_fraction": interval("(0, 1)"),
           "shard_tokens": positive, "workers": positive, "label_column": non_empty, "label_separator": non_empty,
-          "labels": non_empty, "max_len": at_least(3), "truncate": one_of("start", "end")}
+          "labels": non_empty, "max_len": at_least(3), "truncate": one_of("start", "end"), "ignore_tags": non_empty}
 
 
 def main(argv=None):
@@ -747,7 +965,7 @@ def cli_prepare(input: str = None, out: str = None, tokenizer: str = None, vocab
                 skip_bad: bool = False, workers: int = None, overwrite: bool = False, demo: bool = False,
                 text_column: str = None, columns: str = None, doc_separator: str = None, dedup: bool = False,
                 label_column: str = None, label_separator: str = None, labels: str = None, max_len: int = None,
-                truncate: str = None):
+                truncate: str = None, label_all_subwords: bool = False, ignore_tags: str = None):
     """Tokenize a corpus into token shards (see data/prepare.py).
 
     Args:
@@ -767,17 +985,20 @@ def cli_prepare(input: str = None, out: str = None, tokenizer: str = None, vocab
         text_column: the CSV/TSV/Parquet column that holds plain text (default: one named text).
         columns: CSV/TSV/Parquet columns as record fields, e.g. instruction=question,output=answer
             (fields: text, instruction, input, output, question, answer, prompt, response,
-            completion, system).
+            completion, system, tokens, tags); tokens and tags also rename JSON fields
+            (tokens=words,tags=ner_tags).
         doc_separator: a regular expression that splits text files into documents, such as
             '\\n\\s*\\n' for a blank line (default: each text file is one document).
         dedup: drop exact duplicate documents (counted in the summary and meta.json).
         label_column: the field or column holding each record's label(s) (JSON default: "label",
             one, or "labels", a list); labelled records make labelled shards (data/shards.py).
         label_separator: split each label cell into a list of labels (multilabel), e.g. ';'.
-        labels: the label vocabulary in order, comma-separated (default: the labels seen, sorted);
-            a record with another label is a bad record.
-        max_len: cut each document to this many tokens (BOS and EOS kept).
+        labels: the label (or tag) vocabulary in order, comma-separated (default: the labels seen,
+            sorted); a record with another label is a bad record. Integer tags index it.
+        max_len: cut each document to this many tokens (BOS and EOS kept); split a tagged sentence.
         truncate: start keeps a cut document's start (default), end keeps its end.
+        label_all_subwords: tagged data: every token of a word carries its tag, not only its first.
+        ignore_tags: tagged data: tags whose words carry no target, comma-separated (default IGN).
     """
     if demo:
         if input:
@@ -793,15 +1014,28 @@ def cli_prepare(input: str = None, out: str = None, tokenizer: str = None, vocab
     if label_column and record_columns:  # picked beside the text columns, under its own name
         record_columns.append((label_column, label_column))
     labelling = labelling_from_flags(label_column, label_separator, labels, max_len, truncate)
+    tagging = Tagging(labelling.fixed, ignore_tags_flag(ignore_tags), label_all_subwords, max_len)
+    check_separator(doc_separator)
+    corpus = DemoCorpus() if demo else Corpus(input, format, skip_bad, record_columns, doc_separator, labelling, tagging)
+    prepare(corpus, out, tokenizer_path=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction, seed=seed,
+            shard_tokens=shard_tokens, workers=workers, overwrite=overwrite, command=command_line(), dedup=dedup)
+
+
+def ignore_tags_flag(ignore_tags):
+    """The tags --ignore_tags names (default IGN)."""
+    if ignore_tags is None:
+        return ("IGN",)
+    return tuple(name.strip() for name in ignore_tags.split(",") if name.strip())
+
+
+def check_separator(doc_separator):
+    """--doc_separator must be a regular expression that never matches the empty string."""
     if doc_separator:
         try:
             if re.compile(doc_separator).fullmatch(""):
                 raise UsageError(f"--doc_separator {doc_separator!r}: matches the empty string")
         except re.error as e:
             raise UsageError(f"--doc_separator {doc_separator!r}: not a regular expression ({e})") from None
-    corpus = DemoCorpus() if demo else Corpus(input, format, skip_bad, record_columns, doc_separator, labelling)
-    prepare(corpus, out, tokenizer_path=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction, seed=seed,
-            shard_tokens=shard_tokens, workers=workers, overwrite=overwrite, command=command_line(), dedup=dedup)
 
 
 def labelling_from_flags(label_column, label_separator, labels, max_len, truncate):

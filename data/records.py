@@ -13,10 +13,14 @@ Reading guide, top to bottom:
     JSON         parse (one line to a record), read_jsonl (eval.py), is_jsonl (generate.py),
                  json_records (data.prepare: JSON lines, or one array of records)
     tables       CSV / TSV through the csv module, Parquet through pyarrow: column_picker
-    read_records any record file by its kind (what data.prepare calls)
+    CoNLL        conll_records: word<TAB>tag lines (or whitespace-separated, the tag last), a blank
+                 line between sentences, -DOCSTART- skipped; each sentence a {"tokens", "tags"} record
+    read_records any record file by its kind (what data.prepare calls); renamed (--columns on JSON)
     layout       record_to_doc: a record as a text document or a finished dialog (data.prepare);
                  prompt_of: a record up to its open assistant turn (generate.py);
                  need: one typed field of a record (eval.py's tasks)
+    labels       label_names, label_field: a labelled record's labels (data.prepare --label_column)
+    tags         tagged_words: a tagged record's words and raw tags, checked (data.prepare)
 
 Plain standard library (pyarrow and zstandard only when such a file is read): data.prepare imports
 this and must not import torch.
@@ -36,9 +40,9 @@ from cli import UserError
 # What a file holds, by how its name ends, compared case-insensitively (NOTES.CSV is a CSV): file_kind
 # reads it. .ndjson is another name for JSON lines; a .json file may also be one array of records.
 KINDS = {".txt": "text", ".md": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
-         ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
+         ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".conll": "conll"}
 TABLE_KINDS = ("csv", "tsv", "parquet")
-RECORD_KINDS = ("jsonl", "json") + TABLE_KINDS
+RECORD_KINDS = ("jsonl", "json", "conll") + TABLE_KINDS
 COMPRESSIONS = (".gz", ".zst")  # after any of the above but .parquet (which compresses inside)
 # what a damaged .gz / .zst raises while it is read (zstandard's error joins when it is imported)
 DECOMPRESS_ERRORS = {EOFError, zlib.error, gzip.BadGzipFile}
@@ -303,16 +307,78 @@ def parquet_records(path, columns, fmt, batch_rows=1024):
         raise RecordError(f"{path}: unreadable Parquet data after row {row_no} ({e})") from None
 
 
+# ---------------------------------------------------------------------------------------------
+# CoNLL: one word a line, its tag in the last column; a blank line ends a sentence
+
+DOCSTART = "-DOCSTART-"
+
+
+def conll_records(path, skip=None):
+    """({"tokens", "tags"} of each sentence, where: FILE:LINE of its first line). A line is
+    word<TAB>...<TAB>tag, or without a tab whitespace-separated (CoNLL-2003's "EU NNP B-NP B-ORG"):
+    the first column is the word, the last its tag. A line of one column is a bad line, which makes
+    its sentence a bad record (skip: as json_lines). -DOCSTART- lines (and their blank line) are no
+    sentence."""
+    with open_text(path) as f:
+        sentence, start, error, number = [], None, None, 0
+        try:
+            for number, line in enumerate(f, 1):
+                line = line.rstrip("\r\n")
+                if line.strip():
+                    columns = line.split("\t") if "\t" in line else line.split()
+                    if columns[0] == DOCSTART:
+                        continue
+                    start = start or number
+                    if len(columns) < 2 or not columns[0].strip() or not columns[-1].strip():
+                        error = error or RecordError(f"{path}:{number}: not word<TAB>tag (no separator, or an "
+                                                     f"empty column): {line[:60]!r}")
+                    sentence.append((columns[0].strip(), columns[-1].strip()))
+                    continue
+                yield from _conll_sentence(path, start, sentence, error, skip)
+                sentence, start, error = [], None, None
+        except UnicodeDecodeError:
+            raise RecordError(f"{path}:{number + 1}: not UTF-8 text") from None
+        yield from _conll_sentence(path, start, sentence, error, skip)
+
+
+def _conll_sentence(path, start, sentence, error, skip):
+    if error is not None:
+        passed_over(error, skip)
+    elif sentence:
+        yield f"{path}:{start}", {"tokens": [w for w, _ in sentence], "tags": [t for _, t in sentence]}
+
+
+def renamed(rec, columns, where):
+    """A JSON record's fields under the names --columns gives them [(record field, field)]."""
+    missing = [column for _, column in columns if column not in rec]
+    if missing:
+        raise RecordError(f"{where}: no field '{missing[0]}' (--columns; its fields: {', '.join(list(rec)[:8])})")
+    return {field: rec[column] for field, column in columns}
+
+
 def read_records(path, columns=None, fmt="auto", skip=None, flag="--input"):
     """(where, record) of any record file (RECORD_KINDS), by its kind. columns: [(record field,
-    column)] for tables (None: the header's own names); fmt: the record kind asked for (a table
-    without a fitting column is refused); skip: as json_lines."""
+    column)] for tables (None: the header's own names), and for JSON records whose fields they
+    rename where they name a tagged record's fields (tokens, tags); fmt: the record kind asked
+    for (a table without a fitting column is refused); skip: as json_lines."""
     kind = file_kind(path)
     if kind in ("csv", "tsv"):
         return csv_records(path, columns, fmt, skip)
     if kind == "parquet":
         return parquet_records(path, columns, fmt)
+    if kind == "conll":
+        return conll_records(path, skip)
+    if columns and any(field in TAGGED_FIELDS for field, _ in columns):
+        return _renamed_records(json_records(path, flag, skip), columns, skip)
     return json_records(path, flag, skip)
+
+
+def _renamed_records(records, columns, skip):
+    for where, rec in records:
+        try:
+            yield where, renamed(rec, columns, where)
+        except RecordError as e:
+            passed_over(e, skip)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,3 +535,31 @@ def label_field(rec, label_column, where):
         raise RecordError(f"{where}: {'both' if present else 'neither'} 'label' and 'labels' fields; a labelled "
                           f"record has one of them")
     return present[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tags: what a tagged record ({"tokens": [words], "tags": [tags]}, or a CoNLL sentence) says
+
+TAGGED_FIELDS = ("tokens", "tags")
+
+
+def tagged_words(rec, where):
+    """(words, tags) of a tagged record, checked: a non-empty list of words (non-empty strings
+    without whitespace: the text is the words joined by spaces) and as many tags, each a string
+    or an integer (an index into --labels)."""
+    words, tags = rec.get("tokens"), rec.get("tags")
+    for name, value in (("tokens", words), ("tags", tags)):
+        if not isinstance(value, list):
+            raise RecordError(f"{where}: field '{name}' is {'missing' if value is None else 'not a list'} "
+                              f"(a tagged record is {{\"tokens\": [words], \"tags\": [tags]}})")
+    if not words:
+        raise RecordError(f"{where}: empty sentence (no tokens)")
+    if len(words) != len(tags):
+        raise RecordError(f"{where}: {len(words)} tokens but {len(tags)} tags")
+    for i, word in enumerate(words):
+        if not isinstance(word, str) or not word or word != word.strip() or len(word.split()) != 1:
+            raise RecordError(f"{where}: token {i} ({word!r}) is not a word (a non-empty string without spaces)")
+    for i, tag in enumerate(tags):
+        if isinstance(tag, bool) or not isinstance(tag, (str, int)) or isinstance(tag, str) and not tag.strip():
+            raise RecordError(f"{where}: tag {i} ({tag!r}) is not a non-empty string or an integer")
+    return tuple(words), [tag.strip() if isinstance(tag, str) else tag for tag in tags]

@@ -8,6 +8,7 @@ little-endian int32 ([0] magic, [1] version, [2] token count), then the tokens.
     magic 20241123, version 1: NAME.mask sidecar, one uint8 per token, 1 = training target
     magic 20241124, version 1: NAME.docs sidecar, one uint8 per token, 1 = a document starts here
     magic 20241125, version 1: NAME.labels sidecar (labelled shards, below), int32 values
+    magic 20241126, version 1: NAME.tags sidecar (tagged shards, below), one int32 per token
 
 A split is the concatenation of its shards in name order (train_000000.bin, train_000001.bin,
 ...); documents may run across a shard boundary. A dataset has mask files for every shard or
@@ -35,6 +36,19 @@ sorted, or as --labels gave it), "multilabel", and "label_counts" {split: [docum
 each label, in vocabulary order]}. Labelled shards are still plain text shards to DataLoader
 (no mask or docs files: a document starts at each BOS); LabelledLoader reads the labels.
 
+Tagged shards (data.prepare on tagged records: {"tokens": [words], "tags": [tags]} or CoNLL): every
+sentence (or each piece of one longer than --max_len, split at word boundaries) is one document,
+BOS words EOS, the words joined by spaces; a document starts at each BOS. Each shard has a
+NAME.tags sidecar: the usual 256-int32 header ([2] = the token count, as the shard's, [3] = the
+number of tags in the vocabulary), then one int32 per token: the tag id (an index into
+meta.json's "tags") on each word's first token (with --label_all_subwords on its every token, a
+B-X word's later tokens as I-X), and -100 on every other token (BOS, EOS, later sub-word tokens,
+words tagged IGN or --ignore_tags): -100 is the ignore index of the loss and of the metrics.
+meta.json holds "has_tags", "tags" (the vocabulary, sorted, or as --labels gave it), "tag_counts"
+{split: [words carrying each tag]}, "ignored_words" {split: n}, "ignore_tags",
+"label_all_subwords", "split_sentences" and "max_len". To DataLoader they are plain text shards;
+TaggedLoader reads the tags (TagBatch).
+
 A directory of llm.c / nano-llama31 shards has no meta.json (say fineweb_train_000001.bin,
 fineweb_val_000000.bin): infer_meta reads it as it is. The splits come from "train" / "val" in
 the file names, the token width from the headers, the document start token from the first token
@@ -58,6 +72,8 @@ MAGIC_U32, VERSION_U32 = 20240801, 7
 MAGIC_MASK, VERSION_MASK = 20241123, 1
 MAGIC_DOCS, VERSION_DOCS = 20241124, 1
 MAGIC_LABELS, VERSION_LABELS = 20241125, 1
+MAGIC_TAGS, VERSION_TAGS = 20241126, 1
+IGNORE_INDEX = -100  # a token without a tag, in a .tags file and in TagBatch.targets
 # (magic, version) -> element type of the payload
 FORMATS = {
     (MAGIC_U16, VERSION_U16): np.dtype("<u2"),
@@ -65,10 +81,11 @@ FORMATS = {
     (MAGIC_MASK, VERSION_MASK): np.dtype("u1"),
     (MAGIC_DOCS, VERSION_DOCS): np.dtype("u1"),
     (MAGIC_LABELS, VERSION_LABELS): np.dtype("<i4"),
+    (MAGIC_TAGS, VERSION_TAGS): np.dtype("<i4"),
 }
 SPLITS = ("train", "val")
 # The files a shard directory consists of (data.prepare's and llm.c's), which no output replaces.
-SHARD_FILES = ("*.bin", "*.mask", "*.docs", "*.labels", "meta.json", "tokenizer.model")
+SHARD_FILES = ("*.bin", "*.mask", "*.docs", "*.labels", "*.tags", "meta.json", "tokenizer.model")
 # llm.c / nano-llama31 shard names: the split is a word of the name (tinyshakespeare_val.bin)
 SPLIT_IN_NAME = re.compile(r"(?:^|[_.-])(train|val)(?:[_.-]|$)")
 
@@ -147,6 +164,34 @@ def write_labels(path, documents, n_labels, multilabel):
     _write_atomic(path, header.tobytes(), np.asarray(values, dtype="<i4"))
 
 
+def write_tags(path, tags, n_tags):
+    """tags: one int per token of the shard beside it, a tag id below n_tags or IGNORE_INDEX."""
+    tags = np.asarray(tags, dtype="<i4")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:4] = MAGIC_TAGS, VERSION_TAGS, tags.size, n_tags
+    _write_atomic(path, header.tobytes(), tags)
+
+
+def read_tags(path, shard_tokens, n_tags):
+    """The tags of a .tags file (a read-only memmap) beside a shard of shard_tokens tokens, checked:
+    one per token, each a tag id below n_tags (meta.json's) or IGNORE_INDEX."""
+    magic, _, count, _ = read_header(path)
+    if magic != MAGIC_TAGS:
+        raise ShardError(f"{path}: magic {magic} is not a tags file's ({MAGIC_TAGS})")
+    with open(path, "rb") as f:
+        stated = int(np.frombuffer(f.read(16), dtype="<i4")[3])
+    if stated != n_tags:
+        raise ShardError(f"{path}: {stated} tags in its header, meta.json lists {n_tags}")
+    if count != shard_tokens:
+        raise ShardError(f"{path}: {count} tags for {shard_tokens} tokens in its shard")
+    tags = open_shard(path)
+    bad = (tags != IGNORE_INDEX) & ((tags < 0) | (tags >= n_tags))
+    if bad.any():
+        raise ShardError(f"{path}: tag {int(tags[bad][0])} at token {int(np.flatnonzero(bad)[0])} is neither "
+                         f"{IGNORE_INDEX} nor one of the {n_tags} tags")
+    return tags
+
+
 LabelSidecar = namedtuple("LabelSidecar", "starts offsets ids n_labels multilabel")
 LabelSidecar.__doc__ = """A .labels file read: document i starts at token starts[i] of its shard
 and has the label ids ids[offsets[i]:offsets[i+1]] (int64 arrays)."""
@@ -211,6 +256,10 @@ def load_meta(data_dir, infer=True):
     jsonfile.field(meta, "tokenizer", dict, path, ShardError, default={})
     if meta.get("has_labels"):
         _check_label_meta(meta, path)
+    if meta.get("has_tags"):
+        names = jsonfile.field(meta, "tags", list, path, ShardError)
+        if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+            raise ShardError(f"{path}: 'tags' must be distinct non-empty strings")
     return meta
 
 
@@ -226,7 +275,7 @@ def infer_meta(data_dir):
     """The meta of a directory of llm.c / nano-llama31 shards without meta.json ("inferred": true;
     vocab_size None until validate() is given the tokenizer's). Raises ShardError naming the file."""
     names, listing = {split: [] for split in SPLITS}, sorted(os.listdir(data_dir))
-    sidecar = next((name for name in listing if name.endswith((".mask", ".docs"))), None)
+    sidecar = next((name for name in listing if name.endswith((".mask", ".docs", ".labels", ".tags"))), None)
     if sidecar:  # data.prepare's shards: without meta.json, nothing would say the masks are there
         raise ShardError(f"{os.path.join(data_dir, 'meta.json')}: missing, yet {sidecar} is there; "
                          f"re-run data.prepare")
@@ -309,6 +358,19 @@ def split_labels(data_dir, meta, split):
     return starts, np.concatenate(offsets), np.concatenate(ids) if ids else np.zeros(0, np.int64)
 
 
+def split_tags(data_dir, meta, split):
+    """(tokens, tags) of a tagged split: each a list of its shards' arrays (memmaps), the tags
+    checked (read_tags)."""
+    if not meta.get("has_tags"):
+        raise ShardError(f"{os.path.join(data_dir, 'meta.json')}: these shards have no tags (made by "
+                         f"data.prepare from records without tokens and tags)")
+    tokens, tags = [], []
+    for path, _, _ in shard_paths(data_dir, meta, split):
+        tokens.append(open_shard(path))
+        tags.append(read_tags(path[: -len(".bin")] + ".tags", len(tokens[-1]), len(meta["tags"])))
+    return tokens, tags
+
+
 def _check_sidecar(path, magic, what, count, shard_path):
     """Open a mask or docs file that must hold `count` 0/1 values, one per token of shard_path."""
     got, _, got_count, _ = read_header(path)
@@ -371,6 +433,8 @@ def validate(data_dir, split=None, vocab_size=None, tokenizer_sha256=None, token
                     raise ShardError(f"{docs_path}: the split's first token does not start a document")
         if meta.get("has_labels"):
             split_labels(data_dir, meta, name)
+        if meta.get("has_tags"):
+            split_tags(data_dir, meta, name)
     return meta
 
 
@@ -666,3 +730,67 @@ class LabelledLoader:
                 raise ShardError(f"{self.data_dir}: cannot resume: saved {key}={state.get(key)!r}, "
                                  f"now {getattr(self, key)!r}")
         self.seq = int(state["seq"])
+
+
+TagBatch = namedtuple("TagBatch", "inputs positions valid targets rows documents epochs")
+TagBatch.__doc__ = """One batch of TaggedLoader: inputs, positions (int64), valid (bool) and targets
+(int64: each token's tag id, IGNORE_INDEX where it has none and on padding), all (batch_size,
+seq_len); then per document of the batch, row by row and left to right: rows (its row), documents
+(its index in the split), epochs (the epoch its row belongs to)."""
+
+
+class TaggedLoader(LabelledLoader):
+    """Deterministic, resumable batches of whole tagged documents (see the tagged shards above), laid
+    out into rows as LabelledLoader lays out labelled ones (packed or padded; the same global batch
+    for any world size; state_dict, reset, one pass over val alike), with each token's tag as its
+    target: TagBatch. A document starts at each BOS token (tagged shards have no docs files)."""
+
+    def __init__(self, data_dir, split, batch_size, seq_len, rank=0, world_size=1, seed=0, shuffle=None,
+                 padded=False):
+        import torch  # imported here so data.prepare (which uses this module's format code) starts fast
+
+        self._torch = torch
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        self.data_dir, self.split, self.batch_size, self.seq_len = data_dir, split, batch_size, seq_len
+        self.rank, self.world_size, self.seed, self.padded = rank, world_size, seed, padded
+        self.shuffle = (split == "train") if shuffle is None else shuffle
+        meta = load_meta(data_dir)
+        self.tokens, self.tags = split_tags(data_dir, meta, split)
+        self.labels, self.pad_id = meta["tags"], meta["eos_id"]
+        self.starts = np.cumsum([0] + [len(t) for t in self.tokens])
+        self.doc_starts = np.concatenate([np.flatnonzero(np.asarray(t) == meta["bos_id"]) + base
+                                          for t, base in zip(self.tokens, self.starts)]).astype(np.int64)
+        if self.starts[-1] and (not self.doc_starts.size or self.doc_starts[0] != 0):
+            raise ShardError(f"{data_dir}: split '{split}' does not start with BOS (a document start)")
+        self.doc_lengths = np.diff(np.append(self.doc_starts, self.starts[-1]))
+        self.n_documents = len(self.doc_starts)
+        if self.n_documents == 0:
+            raise ShardError(f"{data_dir}: split '{split}' has no documents")
+        self._check_lengths(meta)
+        self.seq, self._epochs, self._epoch_starts = 0, {}, [0]
+
+    def next_batch(self):
+        B, T = self.batch_size, self.seq_len
+        inputs = np.full((B, T), self.pad_id, dtype=np.int64)
+        targets = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
+        positions, valid = np.zeros((B, T), dtype=np.int64), np.zeros((B, T), dtype=bool)
+        rows, documents, epochs = [], [], []
+        for i in range(B):
+            epoch, row = self.locate(self.seq + i * self.world_size + self.rank)
+            column = 0
+            for doc in self.epoch_rows(epoch)[row]:
+                n, start = int(self.doc_lengths[doc]), int(self.doc_starts[doc])
+                inputs[i, column:column + n] = read_stream(self.tokens, self.starts, start, n)
+                targets[i, column:column + n] = read_stream(self.tags, self.starts, start, n)
+                positions[i, column:column + n] = np.arange(n)
+                valid[i, column:column + n] = True
+                rows.append(i)
+                documents.append(int(doc))
+                epochs.append(epoch)
+                column += n
+            positions[i, column:] = np.arange(T - column)  # the padding: a document of its own
+        self.seq += B * self.world_size
+        t = self._torch
+        return TagBatch(t.from_numpy(inputs), t.from_numpy(positions), t.from_numpy(valid), t.from_numpy(targets),
+                        t.tensor(rows, dtype=t.long), t.tensor(documents, dtype=t.long), t.tensor(epochs, dtype=t.long))
