@@ -193,7 +193,7 @@ def write_adapter(model, out_dir, tokenizer_sha256=None, fingerprint=None, token
     # On a chain the base is still the plain one (the chain says what goes on it), so check_base keeps its meaning.
     fingerprint = fingerprint or getattr(inner, "plain_fingerprint", None) or base_fingerprint(model)
     meta = dict(_config(model), base_params=checkpoint.meta_params(base), **({"head": head} if head else {}),
-                **({"base_adapters": chain} if chain else {}), base_fingerprint=fingerprint,
+                **({"base_adapters": with_relative_paths(chain, out_dir)} if chain else {}), base_fingerprint=fingerprint,
                 tokenizer_sha256=tokenizer_sha256,
                 tokenizer_fingerprint=tokenizer_fingerprint, base_quantize="nf4" if quantized else None)
     tensors = {k: v.contiguous() for k, v in lora_state_dict(model).items()}
@@ -260,6 +260,7 @@ def read_adapter_config(path) -> dict:
         where = f"{cfg_path}: base_adapters[{i}]"
         jsonfile.expect(link, dict, where, AdapterError)
         jsonfile.field(link, "path", str, where, AdapterError)
+        jsonfile.field(link, "relative", str, where, AdapterError, None)
         if len(jsonfile.field(link, "sha256", str, where, AdapterError)) != 64:
             raise AdapterError(f"{where}: sha256 is not a SHA-256 hex digest")
     if not cfg["targets"] or not all(t in PROJECTIONS for t in cfg["targets"]):
@@ -355,8 +356,9 @@ def load_adapter(model, path, tokenizer_sha256=None, force=False, tokenizer=None
     for link_path, link_cfg, link_tensors in links:
         check_foldable(inner, link_tensors, os.path.join(link_path, "adapter.safetensors"), path)
 
-    if links:
-        fold_chain(inner, links, cfg["base_adapters"], plain)
+    if links:  # recorded where each link was found, for an adapter trained further (--resume) to record
+        fold_chain(inner, links, [{**link, "path": here} for link, (here, _, _) in zip(cfg["base_adapters"], links)],
+                   plain)
     if cfg.get("head"):
         fit_head(inner, cfg["head"], path)
     if not have:
@@ -418,26 +420,49 @@ def read_chain(path, cfg, model) -> list:
     both adapters and what to do."""
     chain, merged = cfg.get("base_adapters") or [], getattr(model, "base_adapters", None) or []
     if merged:
-        if merged != chain:
+        if _digests(merged) != _digests(chain):
             raise AdapterError(f"{path}: adapter was trained on the base with {_paths(chain)} merged in; this "
                                f"model has {_paths(merged)} merged in")
         return []
     links = []
     for i, link in enumerate(chain):
         where = f"{path} was trained on the base with {link['path']} merged in (adapter.json base_adapters[{i}])"
-        weights = os.path.join(link["path"], "adapter.safetensors")
+        here = link_dir(link, path)
+        weights = os.path.join(here, "adapter.safetensors")
         if not os.path.isfile(weights):
-            raise AdapterError(f"{where}, which is missing: put that adapter back there (its adapter.safetensors "
-                               f"has sha256 {link['sha256'][:12]}...)")
+            raise AdapterError(f"{where}, which is missing: put that adapter back there, or at "
+                               f"{link.get('relative', link['path'])} from {path} (its adapter.safetensors has sha256 "
+                               f"{link['sha256'][:12]}...)")
         if file_sha256(weights) != link["sha256"]:
-            raise AdapterError(f"{where}, which has changed since (adapter.safetensors sha256 now "
+            raise AdapterError(f"{where}, which has changed since ({weights} sha256 now "
                                f"{file_sha256(weights)[:12]}..., then {link['sha256'][:12]}...): put the one it was "
                                f"trained on back there")
-        link_cfg = read_adapter_config(link["path"])
-        if (link_cfg.get("base_adapters") or []) != chain[:i] or link_cfg.get("head"):
+        link_cfg = read_adapter_config(here)
+        if _digests(link_cfg.get("base_adapters") or []) != _digests(chain[:i]) or link_cfg.get("head"):
             raise AdapterError(f"{where}, whose own adapter.json records another chain before it, or a head")
-        links.append((link["path"], link_cfg, read_tensors(link["path"], link_cfg)[1]))
+        links.append((here, link_cfg, read_tensors(here, link_cfg)[1]))
     return links
+
+
+def link_dir(link, path):
+    """Where a base adapter of the adapter in path is: where adapter.json recorded it, or else, when
+    the adapters moved together (out/ copied to another machine), at the same place relative to path."""
+    if os.path.isfile(os.path.join(link["path"], "adapter.safetensors")) or not link.get("relative"):
+        return link["path"]
+    moved = os.path.normpath(os.path.join(os.path.abspath(path), link["relative"]))
+    return moved if os.path.isfile(os.path.join(moved, "adapter.safetensors")) else link["path"]
+
+
+def with_relative_paths(chain, out_dir):
+    """The chain as an adapter written to out_dir records it: each base adapter's absolute directory,
+    sha256 and its path relative to out_dir (a sibling of the finished directory while it is
+    written: the same relative path), so the adapters can move together."""
+    return [{"path": link["path"], "sha256": link["sha256"],
+             "relative": os.path.relpath(link["path"], os.path.abspath(out_dir))} for link in chain]
+
+
+def _digests(chain):
+    return [link["sha256"] for link in chain]
 
 
 def _paths(chain):

@@ -103,7 +103,8 @@ def tokens(labelled, n=3, length=20):  # noqa: F811
 
 def test_downstream_records_the_chain_and_the_plain_base(downstream, domain, base):  # noqa: F811
     meta, domain_meta = (json.load(open(d / "adapter.json")) for d in (downstream, domain))
-    assert meta["base_adapters"] == [{"path": str(domain), "sha256": sha256(domain / "adapter.safetensors")}]
+    assert meta["base_adapters"] == [{"path": str(domain), "sha256": sha256(domain / "adapter.safetensors"),
+                                      "relative": os.path.relpath(domain, downstream)}]
     assert "base_adapters" not in domain_meta  # an adapter on the plain base records no chain
     plain = lora.base_fingerprint(checkpoint.load(base))
     assert meta["base_fingerprint"] == domain_meta["base_fingerprint"] == plain  # check_base keeps its meaning
@@ -161,6 +162,29 @@ def test_changed_or_missing_base_adapter_is_one_line(downstream, domain, base, l
             shutil.move(moved, domain)
         weights.write_bytes(original)
     lora.load_adapter(checkpoint.load(base), downstream)  # back where it was: loads again
+
+
+def test_adapters_moved_together_still_find_each_other(downstream, domain, base, tmp_path):  # noqa: F811
+    """out/ copied to another machine: the chain is found at the same place relative to the adapter
+    trained on it (adapter.json base_adapters[].relative), checked by its sha256 as before."""
+    common = os.path.commonpath([domain, downstream])
+    copied = {d: tmp_path / "copy" / os.path.relpath(d, common) for d in (domain, downstream)}
+    for d, there in copied.items():
+        shutil.copytree(d, there)
+    want = lora.load_adapter(checkpoint.load(base), downstream)
+    hidden = tmp_path / "hidden"
+    shutil.move(domain, hidden)  # the recorded absolute path no longer exists
+    try:
+        got = lora.load_adapter(checkpoint.load(base), copied[downstream])
+        assert got.base_adapters[0]["path"] == str(copied[domain])  # recorded where it was found
+        tokens = torch.tensor([[1, 5, 9, 2]])
+        with torch.no_grad():
+            assert torch.equal(got.classify(tokens), want.classify(tokens))
+        (copied[domain] / "adapter.safetensors").write_bytes(b"")  # found there, but not the same file
+        with pytest.raises(lora.AdapterError, match="missing|changed"):
+            lora.load_adapter(checkpoint.load(base), copied[downstream])
+    finally:
+        shutil.move(hidden, domain)
 
 
 # -- exports -----------------------------------------------------------------------------------------
