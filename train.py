@@ -219,7 +219,6 @@ class TrainConfig:
         if self.keep_best:
             self.keep_best = best_metric(self.keep_best, meta)
 
-
     @property
     def lora_target_names(self):
         return tuple(name.strip() for name in self.lora_targets.split(","))
@@ -375,7 +374,8 @@ def lr_at(step, cfg):
 
 
 # -----------------------------------------------------------------------------------------------
-# --head classify: the head on the model, its loss through DDP, its validation, --epochs
+# --head classify: the head on the model, its loss through DDP, its validation (the loss, and the
+# task's metrics over every rank's documents, gathered), --keep_best's metric, --epochs
 
 
 def fit_head(cfg, model, meta, source):

@@ -82,6 +82,28 @@ def test_metric_names_are_the_ones_classification_metrics_gives():
         assert tuple(name for name in got if name != "n") == heads.metric_names(n_labels, multilabel)
 
 
+@pytest.mark.parametrize("multilabel,weighted,gamma,alpha", [(False, True, 0.0, None), (False, True, 2.0, 0.25),
+                                                              (False, False, 1.0, 0.7), (True, True, 2.0, 0.25),
+                                                              (True, False, 0.0, None)])
+def test_loss_sums_and_normalisers_of_parts_add_up_to_the_loss_of_the_whole(multilabel, weighted, gamma, alpha):
+    """Split a batch anyhow: sum(loss_sum) / sum(loss_normaliser) over the parts is the batch's
+    classification_loss (for class-weighted cross-entropy: F.cross_entropy's weighted mean)."""
+    torch.manual_seed(0)
+    logits = torch.randn(10, 2) * 2
+    labels = (torch.rand(10, 2) < 0.3).float() if multilabel else torch.tensor([0, 0, 0, 0, 0, 0, 0, 1, 1, 0])
+    counts = labels.sum(0) if multilabel else torch.bincount(labels, minlength=2)
+    w = heads.balanced_class_weights(counts, len(labels), multilabel) if weighted else None
+    whole = heads.classification_loss(logits, labels, multilabel, w, gamma, alpha)
+    parts = [(0, 1), (1, 4), (4, 10)]
+    total = sum(heads.loss_sum(logits[a:b], labels[a:b], multilabel, w, gamma, alpha) for a, b in parts)
+    normaliser = sum(heads.loss_normaliser(labels[a:b], multilabel, w, alpha) for a, b in parts)
+    assert torch.allclose(total / normaliser, whole, rtol=1e-6)
+    if weighted and not multilabel and alpha is None and not gamma:
+        assert torch.allclose(whole, F.cross_entropy(logits, labels, weight=w), rtol=1e-6)
+        mean_of_means = sum(heads.classification_loss(logits[a:b], labels[a:b], False, w) * (b - a) for a, b in parts) / 10
+        assert not torch.allclose(mean_of_means, whole, rtol=1e-3)  # what a per-batch mean would give
+
+
 def _head_model(data, seed=0):
     torch.manual_seed(seed)
     m = model.Transformer(model.ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300,
