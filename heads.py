@@ -9,12 +9,16 @@ Read top to bottom:
                           BCE-with-logits (multilabel); class weights; focal loss (--focal_gamma,
                           --focal_alpha): softmax focal for one label, torchvision's
                           sigmoid_focal_loss for multilabel
+  loss_sum, loss_normaliser  the two halves of that mean (loss = sum / normaliser), so train.py can
+                          take the mean over a global batch split across micro-batches and ranks
   tag_loss                the tag head's: classification_loss over the tokens that carry a tag
   attach_head, head_config  a fresh head on a model (train.py --head), and what an adapter records of it
   classification_metrics  eval.py's metrics of a head's probabilities (scikit-learn), named as DESIGN.md's
                           Heads contract names them
+  metric_names, probabilities  which metrics a head's task has (train.py --keep_best), and the
+                          probabilities its logits give (softmax, or sigmoid for multilabel)
 Every loss is a mean over the batch (a weighted mean where class weights weigh single-label
-documents, as F.cross_entropy's weight= does), in fp32.
+documents, as F.cross_entropy's weight= does), in fp32: loss_sum / loss_normaliser.
 """
 
 from typing import Optional
@@ -47,6 +51,15 @@ def classification_loss(logits, labels, multilabel: bool = False, class_weights=
     of 0/1. class_weights: balanced_class_weights' (K,) or, multilabel, (2, K). focal_gamma > 0
     scales each term by (1 - p_t)^gamma (Lin et al. 2017); focal_alpha weighs the positive class by
     alpha and the negative by 1 - alpha (multilabel, and binary heads: class 1 is positive)."""
+    return (loss_sum(logits, labels, multilabel, class_weights, focal_gamma, focal_alpha) /
+            loss_normaliser(labels, multilabel, class_weights, focal_alpha))
+
+
+def loss_sum(logits, labels, multilabel: bool = False, class_weights=None, focal_gamma: float = 0.0,
+             focal_alpha: Optional[float] = None) -> torch.Tensor:
+    """classification_loss times its normaliser: the sum of the weighted terms. Sums and normalisers
+    of several batches add up, so sum(loss_sum) / sum(loss_normaliser) is the loss of all of them
+    as one batch (train.py: a global batch over micro-batches and ranks)."""
     logits = logits.float()
     if multilabel:
         return _sigmoid_loss(logits, labels.float(), class_weights, focal_gamma, focal_alpha)
@@ -56,20 +69,36 @@ def classification_loss(logits, labels, multilabel: bool = False, class_weights=
     return _softmax_loss(logits, labels.long(), class_weights, focal_gamma, focal_alpha)
 
 
-def _softmax_loss(logits, labels, class_weights, gamma, alpha):
-    """Cross-entropy, each document's term -w_y (1 - p_y)^gamma log p_y (gamma 0: plain CE),
-    averaged with F.cross_entropy's weighting: divided by the sum of the documents' w_y."""
-    log_p = F.log_softmax(logits, dim=-1).gather(1, labels[:, None]).squeeze(1)
-    weight = torch.ones_like(log_p) if class_weights is None else class_weights.to(log_p)[labels]
+def loss_normaliser(labels, multilabel: bool = False, class_weights=None, focal_alpha: Optional[float] = None):
+    """What classification_loss divides loss_sum by, from the labels alone (so it is known before
+    the forward): multilabel, the number of (document, label) terms; one label, the number of
+    documents, or with class weights the sum of the documents' weights (F.cross_entropy's weighted
+    mean; a binary head's focal_alpha is then part of each weight)."""
+    if multilabel:
+        return labels.numel()
+    if class_weights is None:
+        return len(labels)
+    return _softmax_weights(labels.long(), class_weights, focal_alpha).sum()
+
+
+def _softmax_weights(labels, class_weights, alpha):
+    weight = torch.ones(labels.shape, dtype=torch.float32, device=labels.device) if class_weights is None \
+        else class_weights.float().to(labels.device)[labels]
     if alpha is not None:
         weight = weight * torch.where(labels == 1, alpha, 1 - alpha)
+    return weight
+
+
+def _softmax_loss(logits, labels, class_weights, gamma, alpha):
+    """Cross-entropy summed, each document's term -w_y (1 - p_y)^gamma log p_y (gamma 0: plain CE)."""
+    log_p = F.log_softmax(logits, dim=-1).gather(1, labels[:, None]).squeeze(1)
+    weight = _softmax_weights(labels, class_weights, alpha).to(log_p)
     focal = (1 - log_p.exp()) ** gamma if gamma else 1.0
-    normaliser = weight.sum() if class_weights is not None else len(labels)
-    return -(weight * focal * log_p).sum() / normaliser
+    return -(weight * focal * log_p).sum()
 
 
 def _sigmoid_loss(logits, targets, class_weights, gamma, alpha):
-    """BCE-with-logits per (document, label), mean over all of them; with gamma or alpha, torchvision's
+    """BCE-with-logits per (document, label), summed; with gamma or alpha, torchvision's
     sigmoid_focal_loss: ce * (1 - p_t)^gamma, times alpha_t = alpha for a present label, 1 - alpha
     for an absent one."""
     loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
@@ -82,7 +111,7 @@ def _sigmoid_loss(logits, targets, class_weights, gamma, alpha):
     if class_weights is not None:
         absent, present = class_weights.to(loss)
         loss = loss * (present * targets + absent * (1 - targets))
-    return loss.mean()
+    return loss.sum()
 
 
 def tag_loss(logits, targets, class_weights=None, focal_gamma: float = 0.0, focal_alpha: Optional[float] = None,
@@ -189,3 +218,17 @@ def classification_metrics(probabilities, answers, multilabel: bool, labels, k: 
                        else None}
     metrics = {name: v if v is None or isinstance(v, int) else float(v) for name, v in metrics.items()}
     return {**metrics, "n": len(answers)}
+
+
+def metric_names(n_labels: int, multilabel: bool, k: int = 5) -> tuple:
+    """The metrics classification_metrics gives a head of n_labels labels (besides "n"), in its order."""
+    if multilabel:
+        return ("macro_auroc", "labels_skipped", "micro_auroc", "macro_f1", "micro_f1",
+                f"precision_at_{min(k, n_labels)}")
+    return ("accuracy", "f1", "auroc", "auprc") if n_labels == 2 else ("accuracy", "macro_f1", "auroc", "auroc_ovo")
+
+
+def probabilities(logits, multilabel: bool) -> torch.Tensor:
+    """A head's probabilities from its logits (N, K), in fp64: sigmoid per label (multilabel), else softmax."""
+    logits = logits.double()
+    return logits.sigmoid() if multilabel else logits.softmax(-1)

@@ -111,8 +111,11 @@ class TrainConfig:
     focal_gamma: float = flag(0.0, "focal loss exponent (--head; 0: plain cross-entropy or BCE)", at_least(0))
     focal_alpha: float = flag(None, "focal loss weight of the positive class (--head, binary or multilabel)",
                               interval("[0, 1]"))
-    keep_best: str = flag(None, "also keep OUT_DIR/best, the checkpoint with the best validation val_loss so far "
-                                "(--head; --resume still continues the latest)", one_of("val_loss"))
+    keep_best: str = flag(None, "also keep OUT_DIR/best, the checkpoint with the best validation METRIC so far "
+                                "(--head; --resume still continues the latest): val_loss (lowest), or a metric of the "
+                                "head's task (highest; the val_ prefix optional): binary accuracy, f1, auroc, auprc; "
+                                "multiclass accuracy, macro_f1, auroc, auroc_ovo; multilabel macro_auroc, "
+                                "micro_auroc, macro_f1, micro_f1, precision_at_5", non_empty)
     # the batch and the schedule
     max_steps: int = flag(1000, "optimizer steps", positive)
     epochs: int = flag(None, "passes over the training data instead of --max_steps: max_steps becomes "
@@ -228,6 +231,8 @@ class TrainConfig:
         if meta is None or not meta.get("labels"):
             raise UserError(f"--head classify: --data {self.data} holds no labels (python -m data.prepare labelled "
                             f"records: JSONL label/labels, or --label_column)")
+        if self.keep_best:
+            self.keep_best = best_metric(self.keep_best, meta)
 
     @property
     def lora_target_names(self):
@@ -390,7 +395,8 @@ def lr_at(step, cfg):
 
 
 # -----------------------------------------------------------------------------------------------
-# --head classify: the head on the model, its loss through DDP, its validation, --epochs
+# --head classify: the head on the model, its loss through DDP, its validation (the loss, and the
+# task's metrics over every rank's documents, gathered), --keep_best's metric, --epochs
 
 
 def fit_head(cfg, model, meta, source):
@@ -405,6 +411,19 @@ def fit_head(cfg, model, meta, source):
                         f"{model.args.multilabel}); --data {cfg.data} has {list(labels)[:8]} (multilabel {multilabel})")
 
 
+def best_metric(name, meta):
+    """--keep_best's log.jsonl key ("val_loss", "val_auroc", ...) for name, with or without val_,
+    if the shards' task (meta: binary, multiclass or multilabel) has that metric."""
+    labels, multilabel = meta["labels"], bool(meta["multilabel"])
+    names = [m for m in heads.metric_names(len(labels), multilabel) if m != "labels_skipped"]  # a count, not a score
+    bare = name[len("val_"):] if name.startswith("val_") else name
+    if bare not in ["loss", *names]:
+        task = "multilabel" if multilabel else "binary" if len(labels) == 2 else "multiclass"
+        raise UsageError(f"--keep_best {name}: not a validation metric of this {task} head (--data's labels); "
+                         f"choose val_loss or one of {', '.join(names)}")
+    return "val_" + bare
+
+
 def train_head_beside(cfg, model):
     """The head trains in full, beside LoRA's adapters (peft's modules_to_save) or the whole model.
     An untied LM output projection gets no gradient from the head's loss: it is frozen, since DDP
@@ -416,7 +435,9 @@ def train_head_beside(cfg, model):
 
 class HeadLoss(torch.nn.Module):
     """--head's training forward: the pooled logits of a LabelledLoader batch and their loss,
-    summed over its documents (train_step normalises by the global batch's). DDP syncs the
+    summed over its documents (heads.loss_sum; train_step divides by the global batch's
+    heads.loss_normaliser, so the step's loss is the mean over the whole global batch, class
+    weights included, for any number of ranks and micro-steps). DDP syncs the
     gradients of what its module's forward computes, so the loss must be this module's forward
     (DDP(HeadLoss(model))), not model.classify called beside the wrapper."""
 
@@ -432,13 +453,15 @@ class HeadLoss(torch.nn.Module):
         starts[:, 0] = True
         return self.model.classify(inputs, positions)[valid[starts]]
 
-    def loss(self, logits, labels):
-        return heads.classification_loss(logits, labels, self.multilabel, self.class_weights,
-                                         self.focal_gamma, self.focal_alpha)
+    def loss_sum(self, logits, labels):
+        return heads.loss_sum(logits, labels, self.multilabel, self.class_weights, self.focal_gamma, self.focal_alpha)
+
+    def normaliser(self, labels):
+        """What this batch adds to the divisor of the global batch's loss (heads.loss_normaliser)."""
+        return float(heads.loss_normaliser(labels, self.multilabel, self.class_weights, self.focal_alpha))
 
     def forward(self, inputs, positions, valid, labels):
-        # A mean times the count is the sum (class-weighted cross-entropy: each micro-batch's weighted mean)
-        return self.loss(self.logits(inputs, positions, valid), labels) * len(labels)
+        return self.loss_sum(self.logits(inputs, positions, valid), labels)
 
 
 def head_loss_module(cfg, model, train_loader):
@@ -451,23 +474,66 @@ def head_loss_module(cfg, model, train_loader):
 
 @torch.no_grad()
 def evaluate_head(cfg, head_loss, loader, autocast):
-    """Mean validation loss over one pass of the val split's documents, all ranks together."""
+    """One pass over the val split's documents, all ranks together: (val_loss, metrics). val_loss is
+    the mean loss over all of them, as training's (heads.loss_sum / loss_normaliser); metrics
+    {"val_<name>": value} the task's (val_metrics), on rank 0 ({} on the others)."""
     head_loss.eval()
+    logits, labels, documents = val_logits(cfg, head_loss, loader, autocast)
+    totals = torch.tensor([head_loss.loss_sum(logits, labels).item(), head_loss.normaliser(labels)],
+                          dtype=torch.float64, device=cfg.device)
+    all_reduce_sum(totals, cfg.world)
+    metrics = val_metrics(cfg, head_loss.model.args, logits, labels, documents)
+    head_loss.train()
+    return ((totals[0] / totals[1]).item() if totals[1] > 0 else None), metrics
+
+
+def val_logits(cfg, head_loss, loader, autocast):
+    """This rank's share of one pass over the val split (LabelledLoader's recipe): the (logits,
+    labels, document indices) of its documents in epoch 0 (the last batch may run into epoch 1:
+    those are not counted twice)."""
     loader.reset()
-    total = torch.zeros(2, dtype=torch.float64, device=cfg.device)
+    parts = []
     for _ in range(math.ceil(len(loader.epoch_rows(0)) / (loader.batch_size * loader.world_size))):
         b = loader.next_batch()
-        first = (b.epochs == 0).to(cfg.device)  # the last batch may run into epoch 1: not counted twice
+        first = b.epochs == 0
         with autocast:
             logits = head_loss.logits(b.inputs.to(cfg.device), b.positions.to(cfg.device), b.valid.to(cfg.device))
-        if first.any():
-            n = int(first.sum())
-            total += torch.tensor([head_loss.loss(logits[first], b.labels.to(cfg.device)[first]).item() * n, n],
-                                  dtype=torch.float64, device=cfg.device)
-    # (the hook for the task's metrics, heads.classification_metrics, goes here: gather logits and labels)
-    all_reduce_sum(total, cfg.world)
-    head_loss.train()
-    return (total[0] / total[1]).item() if total[1] > 0 else None
+        parts.append((logits.float()[first.to(cfg.device)], b.labels[first].to(cfg.device),
+                      b.documents[first].to(cfg.device)))
+    return [torch.cat(column) for column in zip(*parts)]
+
+
+def val_metrics(cfg, args, logits, labels, documents):
+    """heads.classification_metrics of every rank's documents, gathered to every rank, computed once
+    on rank 0 in document order (so any number of ranks gives the very same input), as
+    {"val_<name>": value} (None where undefined: an AUROC of one class; all None for non-finite
+    logits, which scikit-learn would refuse); {} on the other ranks. args: the model's ModelArgs."""
+    documents, logits, labels = (all_gather_rows(t, cfg.world) for t in (documents, logits.double(), labels))
+    if cfg.rank != 0:
+        return {}
+    order = documents.argsort()
+    probs, labels = heads.probabilities(logits[order], args.multilabel).cpu(), labels[order].cpu()
+    if not torch.isfinite(probs).all():
+        return {f"val_{name}": None for name in heads.metric_names(args.n_labels, args.multilabel)}
+    answers = [row.nonzero().flatten().tolist() for row in labels] if args.multilabel else labels.tolist()
+    metrics = heads.classification_metrics(probs.numpy(), answers, args.multilabel,
+                                           list(args.labels or range(args.n_labels)))
+    return {f"val_{name}": value for name, value in metrics.items()}
+
+
+def all_gather_rows(t, world):
+    """Every rank's t (n_r, ...) concatenated in rank order, n_r differing between ranks: each is
+    padded to the longest for the collective (gloo and NCCL gather equal shapes), then cut back."""
+    if world == 1:
+        return t
+    count = torch.tensor([len(t)], device=t.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    padded = t.new_zeros((max(int(n) for n in counts), *t.shape[1:]))
+    padded[:len(t)] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:int(n)] for part, n in zip(parts, counts)])
 
 
 def apply_epochs(cfg):
@@ -493,12 +559,13 @@ def train_step(cfg, model, loader, autocast, stop_requested=False):
     device, world and doc_mask from cfg."""
     position = loader.state_dict()
     batches = [loader.next_batch() for _ in range(cfg.grad_accum)]
-    # Normalise by the target tokens (--head: documents) of the whole step on all ranks, so masked batches with
-    # different counts weigh every token equally (a mean of per-batch means would not). The same
-    # all-reduce tells every rank whether one of them got Ctrl-C.
-    count = sum(len(b.labels) if cfg.head else int((b.targets != -100).sum()) for b in batches)
-    totals = torch.tensor([count, float(stop_requested)], dtype=torch.float64)
-    n_targets, n_stopping = all_reduce_sum(totals.to(cfg.device), cfg.world).tolist()
+    # Normalise by the target tokens (--head: heads.loss_normaliser, the documents or their class
+    # weights) of the whole step on all ranks, so masked batches with different counts weigh every
+    # token equally (a mean of per-batch means would not), and a class-weighted loss is the weighted
+    # mean over the global batch. The same all-reduce tells every rank whether one of them got Ctrl-C.
+    counts = [step_counts(cfg, model, b) for b in batches]
+    totals = torch.tensor([*map(sum, zip(*counts)), float(stop_requested)], dtype=torch.float64)
+    normaliser, n_targets, n_stopping = all_reduce_sum(totals.to(cfg.device), cfg.world).tolist()
     if n_stopping:
         loader.load_state_dict(position)  # these sequences were not trained on: resume starts here
         return None, None
@@ -514,9 +581,22 @@ def train_step(cfg, model, loader, autocast, stop_requested=False):
             with autocast:
                 loss = micro_loss(cfg, model, batch)
             # DDP averages gradients over ranks; scaling by world turns that into a sum.
-            (loss * (cfg.world / max(n_targets, 1))).backward()
+            (loss * (cfg.world / divisor(normaliser))).backward()
         loss_sum += loss.detach().double()
-    return all_reduce_sum(loss_sum, cfg.world).item() / max(n_targets, 1), n_targets
+    return all_reduce_sum(loss_sum, cfg.world).item() / divisor(normaliser), n_targets
+
+
+def divisor(normaliser):
+    """A global batch without targets (or whose class weights sum to 0) has loss 0, not 0 / 0."""
+    return normaliser if normaliser > 0 else 1
+
+
+def step_counts(cfg, model, batch):
+    """(what the loss of this micro-batch is divided by, its target tokens or --head documents)."""
+    if cfg.head:  # model: HeadLoss, maybe in DDP (.module) or compiled (which forwards the attribute)
+        return getattr(model, "module", model).normaliser(batch.labels), len(batch.labels)
+    n = int((batch.targets != -100).sum())
+    return n, n
 
 
 def micro_loss(cfg, model, batch):
@@ -648,15 +728,36 @@ def save_checkpoint(cfg, run, step):
 
 def keep_if_best(cfg, run, step, record):
     """--keep_best: OUT_DIR/best gets this step's checkpoint where its validation value is the best
-    so far (lowest, for a loss). Written like the latest (atomic.write_dir), by rank 0."""
+    so far (lowest for val_loss, highest for a metric; ties keep the earlier). An undefined (None)
+    or NaN value is never best. Written like the latest (atomic.write_dir), by rank 0 (the only
+    rank with the metrics); its train_state.pt records best_metric, best and best_step."""
     value = record.get(cfg.keep_best)
-    if value is None or (run.best is not None and value >= run.best):
+    if value is None or not math.isfinite(value) or (run.best is not None and not better(cfg, value, run.best)):
         return
-    run.best = value
+    run.best, run.best_step = value, step
     if cfg.rank == 0:
         path = atomic.write_dir(os.path.join(cfg.out_dir, "best"),
                                 lambda tmp_dir: write_checkpoint(cfg, run, step, run.model, tmp_dir))
         print(f"saved {path} at step {step}: best {cfg.keep_best} {value}", file=sys.stderr)
+
+
+def better(cfg, value, best):
+    return value < best if cfg.keep_best == "val_loss" else value > best
+
+
+def best_so_far(cfg, state):
+    """(best, best_step) of --keep_best from a resumed train_state (saved before best_metric was
+    recorded: val_loss, then the only choice); (None, None) when --keep_best names another metric
+    now, whose best starts afresh."""
+    if not cfg.keep_best or state.get("best") is None:
+        return None, None
+    if state.get("best_metric", "val_loss") != cfg.keep_best:
+        if cfg.rank == 0:
+            print(f"train.py: --keep_best {cfg.keep_best}: the checkpoint kept the best "
+                  f"{state.get('best_metric', 'val_loss')}; OUT_DIR/best follows {cfg.keep_best} from now on",
+                  file=sys.stderr)
+        return None, None
+    return state["best"], state.get("best_step")
 
 
 def write_checkpoint(cfg, run, step, whole, tmp_dir):
@@ -672,7 +773,8 @@ def write_checkpoint(cfg, run, step, whole, tmp_dir):
     tokenizer.copy_into(run.tokenizer, tmp_dir)  # tokenizer.model, or a tokenizer.json as such
     state = {"step": step, "optimizer": None if cfg.fsdp else run.optimizer.state_dict(),  # --fsdp: in DCP's files
              "loader": run.train_loader.state_dict(), "config": run.config, "log_bytes": run.logger.size(),
-             "mlflow_run_id": run.logger.run_id, "best": run.best}
+             "mlflow_run_id": run.logger.run_id, "best": run.best, "best_step": run.best_step,
+             "best_metric": cfg.keep_best}
     torch.save(state, os.path.join(tmp_dir, "train_state.pt"))
 
 
@@ -800,6 +902,7 @@ class Run:
     task_eval: object = None  # tasks.TrainingEval of --eval_task, None without
     head_loss: HeadLoss = None  # --head: the loss module (unwrapped), for validation
     best: float = None  # --keep_best: the best validation value so far (saved in train_state.pt)
+    best_step: int = None  # and the step that reached it
 
 
 class StopOnSignal:
@@ -877,6 +980,7 @@ def set_up(cfg):
         print(f"resuming from {resume_from} at step {state['step']}", file=sys.stderr)
 
     config = dict(asdict(cfg), tokenizer_sha256=tok.sha256)
+    best_state = best_so_far(cfg, state)  # --keep_best's value and step so far
     on_cuda = cfg.device.startswith("cuda")
     flops = common.flops_per_token(model.args, cfg.seq_len, cfg.lora_rank, cfg.lora_target_names)
     run = Run(model=model, wrapped=for_training(cfg, head_loss or model), tokenizer=tok, optimizer=optimizer,
@@ -885,7 +989,7 @@ def set_up(cfg):
               logger=Logger(cfg, config, master, keep_log_bytes=state.get("log_bytes"), model_args=model.args,
                             run_id=state.get("mlflow_run_id")), flops_per_token=flops,
               peak_flops=common.peak_flops(cfg.device)[1], task_eval=task_eval, head_loss=head_loss,
-              best=state.get("best"))
+              best=best_state[0], best_step=best_state[1])
     if master:
         n_params = sum(p.numel() for p in model.parameters())
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -929,9 +1033,9 @@ def loop(cfg, run, stop):
         if run.peak_flops:
             record["mfu"] = round(run.flops_per_token * record["tokens_per_s"] / cfg.world / run.peak_flops, 4)
         evaluated = step % cfg.eval_every == 0 or step == cfg.max_steps
-        if evaluated and cfg.head:
-            val = evaluate_head(cfg, run.head_loss, run.val_loader, run.autocast)
-            record.update(val_loss=None if val is None else round(val, 6))
+        if evaluated and cfg.head:  # val_loss, and on rank 0 the task's metrics (val_auroc, ...)
+            val, metrics = evaluate_head(cfg, run.head_loss, run.val_loader, run.autocast)
+            record.update(val_loss=None if val is None else round(val, 6), **metrics)
         elif evaluated:
             val = evaluate(run.wrapped, run.val_loader, cfg.eval_steps, cfg.world, run.autocast, cfg.doc_mask)
             record.update(val_loss=None if val is None else round(val, 6),  # None: JSON null, not sent to mlflow
@@ -963,6 +1067,7 @@ def step_line(cfg, run, record, eta):
         ppl = f" ppl {record['val_ppl']:.2f}" if record.get("val_ppl") is not None else ""  # none under --head
         line += (f" | val {record['val_loss']:.4f}{ppl}" if record["val_loss"] is not None
                  else " | val - (no target tokens in the validation batches: raise --eval_steps or --seq_len)")
+        line += metrics_text(record)
         if cfg.sample_prompt and cfg.rank == 0 and cfg.fsdp:  # decoding would need every rank in step
             line += "\n  sample: (none under --fsdp: generate.py samples the saved checkpoint)"
         elif cfg.sample_prompt and cfg.rank == 0:
@@ -970,6 +1075,15 @@ def step_line(cfg, run, record, eta):
             chat = bool(shards.load_meta(cfg.data).get("has_mask"))
             line += "\n  sample: " + sample(run.model, run.tokenizer, cfg.sample_prompt, chat=chat)
     return line
+
+
+def metrics_text(record):
+    """--head's validation metrics for the step line, compactly: " auroc 0.912 f1 0.800 ...", - where
+    undefined ("" without a head)."""
+    shown = {k[len("val_"):]: v for k, v in record.items() if k.startswith("val_") and k not in
+             ("val_loss", "val_ppl", "val_n")}
+    return "".join(f" {name} " + ("-" if v is None else f"{v}" if isinstance(v, int) else f"{v:.3f}")
+                   for name, v in shown.items())
 
 
 def finish(cfg, run, step, last_saved, interrupted):

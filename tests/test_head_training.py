@@ -90,6 +90,10 @@ def test_from_scratch_learns_a_separable_task_from_a_csv(labelled, tmp_path):
     assert sum((p > 0.5) == t for p, t in zip(probs, truth)) / len(truth) > 0.8
     best = min(r["val_loss"] for r in records if "val_loss" in r)
     assert torch.load(tmp_path / "best" / "train_state.pt", weights_only=False)["best"] == best
+    # the last evaluation's metrics: the saved model's, AUROC as counted by hand over every val note
+    assert records[-1]["val_n"] == len(truth)
+    assert records[-1]["val_auroc"] == pytest.approx(auroc(probs, truth), abs=1e-6)
+    assert records[-1]["val_accuracy"] == pytest.approx(sum((p > 0.5) == t for p, t in zip(probs, truth)) / len(truth))
 
 
 def test_epochs_sets_max_steps_from_the_rows_of_an_epoch(labelled, tmp_path):
