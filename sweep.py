@@ -69,6 +69,7 @@ import yaml
 import atomic
 import cli
 import common
+import heads
 import train
 from cli import Check, UsageError, UserError
 
@@ -77,6 +78,9 @@ KEYS = {"dir", "launcher", "flags", "grid", "optuna", "storage", "eval", "object
 TRAIN_FLAGS = {f.name for f in fields(train.TrainConfig) if f.init}
 OWN_FLAGS = ("out_dir", "resume", "overwrite")  # the sweep sets these itself
 LOG_KEYS = {"loss", "lr", "tokens", "target_tokens", "grad_norm", "tokens_per_s", "mfu", "val_loss", "val_ppl"}
+# --head classify runs log their validation metrics too (val_auroc, val_macro_auroc, ..., val_precision_at_K)
+HEAD_LOG_KEYS = {f"val_{name}" for n_labels, multilabel in ((2, False), (3, False), (5, True))
+                 for name in heads.metric_names(n_labels, multilabel) if name != "labels_skipped"}
 DONE = ("FINISHED", "FAILED", "PRUNED")
 FAILURES_IN_A_ROW = 3  # then the sweep stops: every trial is likely to fail the same way
 POLL_SECONDS = 0.5
@@ -149,9 +153,11 @@ def objective(path, spec):
     if direction not in ("minimize", "maximize"):
         raise UserError(f"{path}: objective's direction must be minimize or maximize")
     metric, source = str(obj["metric"]), "eval" if spec.get("eval") else "log"
-    if source == "log" and metric not in LOG_KEYS and not metric.startswith("eval_"):
+    head_metric = metric in HEAD_LOG_KEYS or re.fullmatch(r"val_precision_at_\d+", metric)
+    if source == "log" and metric not in LOG_KEYS and not head_metric and not metric.startswith("eval_"):
         raise UserError(f"{path}: no trial reports the objective {metric!r}: log.jsonl has "
-                        f"{', '.join(sorted(LOG_KEYS))} and eval_* (with --eval_task); give eval: for eval.py's")
+                        f"{', '.join(sorted(LOG_KEYS))}, eval_* (with --eval_task) and a head's "
+                        f"{', '.join(sorted(HEAD_LOG_KEYS))}; give eval: for eval.py's")
     return metric, direction, source
 
 

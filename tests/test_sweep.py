@@ -11,6 +11,9 @@ import time
 import pytest
 import yaml
 
+import sweep as sweep_module
+from cli import UserError
+
 from test_train import TINY, ROOT, text_data  # noqa: F401 (text_data: the tiny corpus, a fixture)
 
 FAST = [*TINY, "--batch_size", "2", "--log_every", "50"]
@@ -134,6 +137,17 @@ def test_bad_yaml_is_one_line_and_starts_nothing(tmp_path, spec, message):
     assert out.returncode != 0 and message in out.stderr, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "s").exists()
+
+
+def test_a_heads_validation_metrics_are_objectives():
+    """train.py --head classify logs val_<metric> for its task (train.evaluate_head): each one is an
+    objective a sweep may name; a metric no head logs is not."""
+    for metric in ("val_auroc", "val_macro_auroc", "val_macro_f1", "val_auprc", "val_precision_at_5", "val_auroc_ovo"):
+        assert sweep_module.objective("s.yaml", {"objective": {"metric": metric, "direction": "maximize"}}) == \
+            (metric, "maximize", "log")
+    for metric in ("val_labels_skipped", "val_aurc", "auroc"):
+        with pytest.raises(UserError, match="no trial reports"):
+            sweep_module.objective("s.yaml", {"objective": {"metric": metric, "direction": "maximize"}})
 
 
 def test_a_dir_holding_something_else_and_a_changed_yaml_are_refused(tmp_path):
