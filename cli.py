@@ -163,8 +163,9 @@ def command_line():
 
 
 def given_flags():
-    """The names of the flags the running command was given (the others have their defaults)."""
-    return _invocation[1]
+    """The names of the flags the running command was given (the others have their defaults); none
+    outside a command (a test building a config itself)."""
+    return _invocation[1] if _invocation else frozenset()
 
 
 # -----------------------------------------------------------------------------------------------

@@ -181,6 +181,8 @@ class TrainConfig:
             self.lr = 2e-5 if self.ckpt_dir and not self.lora_rank else 3e-4
         if self.warmup_steps is None:
             self.warmup_steps, self.default_warmup = max(1, self.max_steps // 20), True
+        if self.epochs and "max_steps" in cli.given_flags():
+            raise UsageError("--epochs and --max_steps: give one (--epochs sets max_steps from the data)")
         if self.data is None:
             raise UsageError("--data is required with --ckpt_dir (token shards from python -m data.prepare)")
         if self.ckpt_dir and not os.path.isdir(atomic.readable(self.ckpt_dir)):

@@ -156,3 +156,5 @@ def test_head_on_unlabelled_shards_and_unfinished_modes_are_one_line(labelled, t
     _one_line_error(train(*TINY, "--head", "tag", "--data", labelled, check=False), "not yet")
     _one_line_error(train(*HEAD, "--data", labelled, "--fsdp", check=False), "not yet with --head")
     _one_line_error(train(*TINY, "--data", labelled, "--class_weights", "balanced", check=False), "needs --head")
+    _one_line_error(train(*HEAD, "--data", labelled, "--epochs", "2", "--max_steps", "5", check=False),
+                    "--epochs and --max_steps: give one")
