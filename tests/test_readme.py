@@ -53,8 +53,9 @@ SHRINK = {
 # A model trained from scratch (train.py without --ckpt_dir, the demo included): its shape too,
 # replaced or appended, so that the evaluations of the demo model take seconds.
 FROM_SCRATCH = {"--dim": "48", "--n_layers": "1"}
-# Replaced where the README gives it: a vocabulary that a corpus of a few kilobytes can train.
-RESIZE = {"--vocab_size": "300"}
+# Replaced where the README gives them: a vocabulary that a corpus of a few kilobytes can train; notes
+# cut to fit the shrunk rows (the loader refuses documents longer than --seq_len).
+RESIZE = {"--vocab_size": "300", "--max_len": "128"}
 
 
 # -- reading the README ----------------------------------------------------------------------------
@@ -139,7 +140,10 @@ def as_run(words):
     words = [STAND_INS.get(w, w) for w in words]
     for program in [w for w in words if w in SHRINK]:
         for flag, value in SHRINK[program].items():
-            set_flag(words, flag, value)
+            if not (flag == "--max_steps" and "--epochs" in words):  # --epochs sets the steps (one epoch here)
+                set_flag(words, flag, value)
+    if "--epochs" in words:
+        set_flag(words, "--epochs", "1")
     if "train.py" in words and "--ckpt_dir" not in words:
         for flag, value in FROM_SCRATCH.items():
             set_flag(words, flag, value)
@@ -160,7 +164,8 @@ def documented_outputs(words):
         out_dir = flag(words, "--out_dir", os.path.join("out", os.path.basename(data) if data else "demo"))
         kept = "adapter" if "--lora_rank" in words else "model"
         demo = [] if data or "--ckpt_dir" in words else [os.path.join("shards", "icd10cm", "meta.json")]
-        return demo + [os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, kept, "train_state.pt")]
+        best = [os.path.join(out_dir, "best", "train_state.pt")] if "--keep_best" in words else []
+        return demo + [os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, kept, "train_state.pt")] + best
     if "data.prepare" in words:
         return [os.path.join(flag(words, "--out"), "meta.json")]
     if "lora.py" in words:
@@ -235,9 +240,27 @@ def write_inputs(work):
         for i in range(30):
             table.writerow([i, 100 + i % 5, "Nursing", f'{note(i % 24)}\nAssessment: "stable", afebrile.'])
     (work / "notes.txt").write_text("\n\n".join(note(i) for i in range(30)) + "\n")
+    write_labelled_tables(work)
     (work / "corpus").mkdir()
     for i in range(40):
         (work / "corpus" / f"doc_{i:02d}.txt").write_text("\n".join(note(i * 3 + j) for j in range(3)) + "\n")
+
+
+def write_labelled_tables(work):
+    """CORe's MIMIC-III task files, made up: mortality (id, text, hospital_expire_flag) and diagnoses
+    (id, text, short_codes: comma-separated ICD-9 codes), train and test."""
+    codes = ["401.9", "428.0", "584.9", "250.00"]
+    for split, n in (("train", 80), ("test", 16)):
+        with open(work / f"mp_in_adm_{split}.csv", "w", newline="") as f:
+            table = csv.writer(f)
+            table.writerow(["id", "text", "hospital_expire_flag"])
+            for i in range(n):
+                table.writerow([i, note(i % 24)[:300] + (" Comfort care, family at bedside." if i % 2 else ""), i % 2])
+        with open(work / f"dia_plus_{split}.csv", "w", newline="") as f:
+            table = csv.writer(f)
+            table.writerow(["id", "text", "short_codes"])
+            for i in range(n):
+                table.writerow([i, note(i % 24)[:300], ",".join(codes[k] for k in range(4) if (i >> k) & 1)])
 
 
 def free_port():
