@@ -131,8 +131,9 @@ class TrainConfig:
     weight_decay: float = flag(0.1, "AdamW weight decay, on matrices only", at_least(0))
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0: no clipping)", at_least(0))
     # evaluation, logging, checkpoints
-    eval_every: int = flag(100, "validation loss and perplexity every N steps, and at the end", positive)
-    eval_steps: int = flag(20, "validation batches per rank", positive)
+    eval_every: int = flag(100, "validation loss and perplexity (--head: and the task's metrics) every N steps, "
+                                "and at the end", positive)
+    eval_steps: int = flag(20, "validation batches per rank (--head: every val document, always)", positive)
     sample_prompt: str = flag(None, "also print a short greedy sample from this prompt at each evaluation")
     eval_task: str = flag(None, "also score an eval.py task at each evaluation: choice, classify, rank, generate, "
                           "perplexity (metrics go to log.jsonl and mlflow as eval_*)",
