@@ -217,6 +217,9 @@ def full_model(model):
     A LoRA run gathers only its adapters (and a head's score, trained beside them): the frozen base
     stays on the meta device, and its fingerprint (for the adapter's record) is computed once, gathering one tensor at a time, and
     kept. What train.py's checkpoint writers take, with adapter_fingerprint(model)."""
+    # The root's weights (embedding, norm, output, score) stay gathered after a forward without
+    # backward (a validation pass): back to the shards that full_tensor gathers
+    model.reshard()
     if getattr(model, "lora_config", None):
         adapter_fingerprint(model)
         state = {name: p.full_tensor().cpu() for name, p in model.named_parameters()

@@ -10,6 +10,7 @@ trained like the rest, saved in our checkpoint and in DCP's optimizer state; sto
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -202,7 +203,8 @@ def test_fsdp_head_equals_one_process(labelled, base, tmp_path, kind):
 @pytest.mark.parametrize("kind", ["full", "lora"])
 def test_fsdp_head_stops_and_resumes_exactly(labelled, base, tmp_path, kind):
     """SIGTERM to torchrun, then --resume on 2 ranks: the uninterrupted run's losses, exactly (the
-    head's weights from our checkpoint, its AdamW moments from DCP's files)."""
+    head's weights from our checkpoint, its AdamW moments from DCP's files); on 1 rank with 2
+    micro-steps, the same global batch, within fp32 rounding."""
     common = [*TINY, "--head", "classify", "--data", labelled, "--ckpt_dir", base, "--max_steps", "40",
               "--eval_every", "10", "--save_every", "1000", "--batch_size", "2", "--lr", "3e-3", "--fsdp"]
     if kind == "lora":
@@ -212,7 +214,65 @@ def test_fsdp_head_stops_and_resumes_exactly(labelled, base, tmp_path, kind):
                                   signal.SIGTERM)
     assert status != 0 and "continue with --resume" in err, err[-3000:]
     name = "model" if kind == "full" else "adapter"
-    assert 4 <= torch.load(tmp_path / "cut" / name / "train_state.pt", weights_only=False)["step"] < 40
+    stopped = torch.load(tmp_path / "cut" / name / "train_state.pt", weights_only=False)["step"]
+    assert 4 <= stopped < 40
+    shutil.copytree(tmp_path / "cut", tmp_path / "cut1")
     torchrun(*common, "--out_dir", tmp_path / "cut", "--resume")
     assert losses(tmp_path / "cut") == losses(tmp_path / "straight")
     assert [r.get("val_loss") for r in log(tmp_path / "cut")] == [r.get("val_loss") for r in log(tmp_path / "straight")]
+    # on 1 rank with 2 micro-steps (FSDP's gradient sync switched through HeadLoss), DCP resharding
+    train(*common, "--out_dir", tmp_path / "cut1", "--resume", "--grad_accum", "2")
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "cut1")
+    assert resumed[:stopped] == straight[:stopped] and max_gap(resumed[stopped:], straight[stopped:]) < 1e-5
+
+
+# What set-up gives one rank under --fsdp --head: the head's weight a DTensor sharded by rows like
+# the rest, trained (in the optimizer), the LM output frozen; into a file per rank.
+SHARDED = """
+import json, os, sys
+import train
+cfg = train.TrainConfig(**json.loads(sys.argv[1]))
+train.setup_distributed(cfg)
+run = train.set_up(cfg)
+w = run.model.score.weight
+in_optimizer = any(p is w for group in run.optimizer.param_groups for p in group["params"])
+with open(os.path.join(sys.argv[2], f"rank{cfg.rank}.json"), "w") as f:
+    json.dump({"type": type(w).__name__, "placements": [str(p) for p in w.placements],
+               "local": list(w.to_local().shape), "global": list(w.shape), "trained": w.requires_grad and in_optimizer,
+               "output_frozen": not run.model.output.weight.requires_grad}, f)
+"""
+
+
+def test_fsdp_shards_the_head_like_the_rest(labelled, base, tmp_path):
+    flags = dict(data=str(labelled), ckpt_dir=str(base), out_dir=str(tmp_path / "o"), seq_len=96, batch_size=2,
+                 mlflow=False, fsdp=True, head="classify", lora_rank=4)
+    probe = tmp_path / "probe.py"
+    probe.write_text(SHARDED)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                          str(probe), json.dumps(flags), str(tmp_path)], cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:  # 2 labels x dim 32: one row per rank
+        assert r == {"type": "DTensor", "placements": ["Shard(dim=0)"], "local": [1, 32], "global": [2, 32],
+                     "trained": True, "output_frozen": True}, r
+
+
+def test_fsdp_resume_on_data_with_other_labels_is_one_line(labelled, base, tmp_path):
+    """A head checkpoint resumed on shards whose labels differ: refused in one line, full and LoRA
+    (--fsdp on one process reads the adapter through fsdp.load_adapter)."""
+    from test_head_training import prepare
+    from test_train import _one_line_error
+
+    import csv
+    with open(labelled.parent / "notes.csv") as f, open(tmp_path / "flipped.csv", "w", newline="") as g:
+        csv.writer(g).writerows([row[0], {"yes": "no", "no": "yes"}.get(row[1], row[1])] for row in csv.reader(f))
+    prepare(tmp_path / "flipped.csv", tmp_path / "flipped", "--text_column", "note", "--label_column", "fever",
+            "--tokenizer", labelled / "tokenizer.model", "--labels", "yes,no", "--val_fraction", "0.2")
+    for extra in ([], ["--lora_rank", "4"]):
+        common = [*TINY, "--head", "classify", "--ckpt_dir", base, "--max_steps", "1", "--batch_size", "2", "--fsdp",
+                  *extra]
+        out_dir = tmp_path / ("lora" if extra else "full")
+        train(*common, "--data", labelled, "--out_dir", out_dir)
+        _one_line_error(train(*common, "--data", tmp_path / "flipped", "--out_dir", out_dir, "--resume", check=False),
+                        "['no', 'yes']")
