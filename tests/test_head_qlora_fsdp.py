@@ -237,7 +237,7 @@ run = train.set_up(cfg)
 w = run.model.score.weight
 in_optimizer = any(p is w for group in run.optimizer.param_groups for p in group["params"])
 with open(os.path.join(sys.argv[2], f"rank{cfg.rank}.json"), "w") as f:
-    json.dump({"type": type(w).__name__, "placements": [str(p) for p in w.placements],
+    json.dump({"type": type(w).__name__, "placements": [[type(p).__name__, getattr(p, "dim", None)] for p in w.placements],
                "local": list(w.to_local().shape), "global": list(w.shape), "trained": w.requires_grad and in_optimizer,
                "output_frozen": not run.model.output.weight.requires_grad}, f)
 """
@@ -254,7 +254,7 @@ def test_fsdp_shards_the_head_like_the_rest(labelled, base, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for r in ranks:  # 2 labels x dim 32: one row per rank
-        assert r == {"type": "DTensor", "placements": ["Shard(dim=0)"], "local": [1, 32], "global": [2, 32],
+        assert r == {"type": "DTensor", "placements": [["Shard", 0]], "local": [1, 32], "global": [2, 32],
                      "trained": True, "output_frozen": True}, r
 
 
