@@ -215,8 +215,9 @@ def full_model(model):
     """Every rank takes part; rank 0 gets a plain Transformer on the CPU holding the full weights,
     gathered one tensor at a time, so no GPU ever holds the whole model; the other ranks get None.
     A LoRA run gathers only its adapters (and a head's score, trained beside them): the frozen base
-    stays on the meta device, and its fingerprint (for the adapter's record) is computed once, gathering one tensor at a time, and
-    kept. What train.py's checkpoint writers take, with adapter_fingerprint(model)."""
+    stays on the meta device, and its fingerprint (for the adapter's record) is computed once,
+    gathering one tensor at a time, and kept. What train.py's checkpoint writers take, with
+    adapter_fingerprint(model)."""
     # The root's weights (embedding, norm, output, score) stay gathered after a forward without
     # backward (a validation pass): back to the shards that full_tensor gathers
     model.reshard()
@@ -324,8 +325,9 @@ class _SafeReader(dcp.FileSystemReader):
 
 def load_adapter(model, ckpt_dir):
     """A LoRA run's own saved adapter (lora.write_adapter's adapter.safetensors) into the shards of
-    its A and B matrices: each rank copies its rows. First, as lora.load_adapter does, the base it
-    was trained on is checked against this one (shapes and weights' fingerprint)."""
+    its A and B matrices (and a head's score): each rank copies its rows. First, as
+    lora.load_adapter does, the base it was trained on is checked against this one (shapes and
+    weights' fingerprint), and its head against the run's (the data's labels)."""
     fingerprint = adapter_fingerprint(model)  # every rank, before any of them can refuse
     cfg = lora.read_adapter_config(ckpt_dir)
     lora.check_base(ckpt_dir, cfg, model, fingerprint=fingerprint,

@@ -404,7 +404,9 @@ class HeadLoss(torch.nn.Module):
     """--head's training forward: the pooled logits of a LabelledLoader batch and their loss,
     summed over its documents (train_step normalises by the global batch's). DDP syncs the
     gradients of what its module's forward computes, so the loss must be this module's forward
-    (DDP(HeadLoss(model))), not model.classify called beside the wrapper."""
+    (DDP(HeadLoss(model))), not model.classify called beside the wrapper. Under --fsdp the model is
+    sharded already (classify has FSDP's hooks, fsdp.shard) and HeadLoss is not wrapped: it passes
+    train_step's gradient-sync switch on to the model."""
 
     def __init__(self, model, multilabel, class_weights=None, focal_gamma=0.0, focal_alpha=None):
         super().__init__()
