@@ -76,8 +76,10 @@ def test_nf4_pooled_logits_equal_transformers_on_the_dequantized_weights(tmp_pat
         ours = q.classify(tokens)
     ref, _ = hf_logits(hf, tokens)
     assert q.args.pad_id == PAD and ours.shape == (5, 3)
-    for row in range(len(tokens)):
-        assert rel_err(ours[row], ref[row]) < 1e-5, row
+    gaps = [rel_err(ours[row], ref[row]) for row in range(len(tokens))]
+    print(f"\nNF4 + LoRA head vs transformers on the dequantized weights: max row rel err {max(gaps):.1e}; "
+          f"vs the unquantized model {rel_err(ours, before):.1e}")
+    assert max(gaps) < 1e-5, gaps  # each kind of row on its own
     assert rel_err(ours, before) > 1e-3  # the 4-bit weights and the adapters do change the logits
 
 
