@@ -7,15 +7,16 @@ again in backward) and freed after, and gradients are reduce-scattered, each ran
 Nothing here is a sharding scheme of our own: it is fully_shard plus the I/O around it.
 
 Reading guide, top to bottom:
-    shard            fully_shard on each TransformerBlock, then on the root; bf16 compute with fp32
-                     gradient reduction on CUDA
-    load             the model built on the meta device (no memory), LoRA-wrapped, sharded, then each
-                     rank fills only its own rows: from a checkpoint (memory-mapped, so a rank reads
-                     only its pages, converted to the training dtype after slicing), or from
-                     init_parameter's and apply_lora's draws, replayed one full tensor at a time, so
-                     the weights equal an unsharded run's from the same seed; with --quantize nf4
+    shard            fully_shard on each TransformerBlock, then on the root (forward and classify,
+                     the head's forward); bf16 compute with fp32 gradient reduction on CUDA
+    load             the model built on the meta device (no memory), given its head and LoRA
+                     adapters (train.py adapt), sharded, then each rank fills only its own rows:
+                     from a checkpoint (memory-mapped, so a rank reads only its pages, converted to
+                     the training dtype after slicing), or from init_parameter's and apply_lora's
+                     draws, replayed one full tensor at a time, so the weights equal an unsharded
+                     run's from the same seed (a new head: zeros, _fill_head); with --quantize nf4
                      each projection is quantized whole and each rank keeps its share of the codes
-    save             the full weights (a LoRA run: its adapters, and the base's fingerprint taken
+    save             the full weights (a LoRA run: its adapters and head, and the base's fingerprint taken
                      once) gathered to rank 0 one tensor at a time into a plain model on the CPU,
                      written by the ordinary writers (checkpoint.write_meta, lora.write_adapter);
                      the optimizer state sharded with torch.distributed.checkpoint (DCP), each rank
@@ -41,7 +42,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 import checkpoint
 import lora
@@ -67,6 +68,9 @@ def shard(model, device, cast=True):
     for block in model.layers:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
+    # FSDP gathers the root's weights (embedding, norm, output, a head's score) in hooks around
+    # forward; --head calls classify instead, which must get the same hooks
+    register_fsdp_forward_method(model, "classify")
     return model
 
 
@@ -77,8 +81,10 @@ def shard(model, device, cast=True):
 def load(args, ckpt_dir, device, dtype, adapt, seed, quantize=None):
     """A sharded Transformer. ckpt_dir: a Meta or HF checkpoint to read (args is then taken from
     it), or None to initialise one of shape args as an unsharded run would (init_weights). adapt:
-    applied to the model on the meta device before sharding (LoRA wrapping); LoRA's A matrices are
-    then drawn as apply_lora draws them. dtype: of the weights read or initialised (LoRA adapters
+    applied to the model on the meta device before sharding (a classification head, LoRA wrapping),
+    so FSDP shards what it adds like the rest; LoRA's A matrices are then drawn as apply_lora draws
+    them, and a head that adapt attaches is zeros, as heads.attach_head makes it (a head the
+    checkpoint has is read from it). dtype: of the weights read or initialised (LoRA adapters
     stay fp32). seed: the RNG state an unsharded run starts its draws from. quantize="nf4": the
     blocks' projections in NF4, as checkpoint.load(quantize="nf4") holds them, sharded too.
     Transformer.to_empty computes the RoPE table on device."""
@@ -92,17 +98,29 @@ def load(args, ckpt_dir, device, dtype, adapt, seed, quantize=None):
     if quantize:
         nf4_projections(model)  # on the meta device: only the shapes
         _nf4_shardable(model, device)
+    had_head = model.score is not None
     adapt(model)
+    fresh = {"score.weight"} if model.score is not None and not had_head else set()
     shard(model, device, cast=not quantize)
     model.to_empty(device=device)
     torch.manual_seed(seed)
     with torch.no_grad():
         if ckpt_dir:
-            _fill_from_checkpoint(model, tensors, ckpt_dir, config_path, device)
+            _fill_from_checkpoint(model, tensors, ckpt_dir, config_path, device, fresh)
         else:
-            _fill_from_init(model, device)
+            _fill_from_init(model, device, fresh)
+        for name in fresh:
+            _fill_head(model.get_parameter(name))
         _fill_lora(model, device)
     return model
+
+
+def _fill_head(param):
+    """A new head's weight: zeros, as heads.attach_head makes it. Its nn.Linear first draws the
+    usual init on the CPU, which the zeros replace; on the meta device nothing was drawn, so the
+    draw is replayed here: LoRA's A matrices, drawn next, then equal an unsharded run's."""
+    torch.nn.init.kaiming_uniform_(torch.empty(param.shape, dtype=torch.float32), a=math.sqrt(5))
+    param.to_local().zero_()
 
 
 def _copy_rows(param, full):
@@ -119,9 +137,10 @@ def _copy_rows(param, full):
     local.copy_(mine)
 
 
-def _fill_from_checkpoint(model, tensors, ckpt_dir, config_path, device):
+def _fill_from_checkpoint(model, tensors, ckpt_dir, config_path, device, fresh=()):
     """Each checkpoint tensor's rows into the shard of its parameter (a LoRA-wrapped projection's
-    weight is NAME.base.weight), or quantized into its NF4 layer; checkpoint.load's checks."""
+    weight is NAME.base.weight), or quantized into its NF4 layer; checkpoint.load's checks. fresh:
+    parameters the checkpoint does not hold (a new head), filled by the caller."""
     params = dict(model.named_parameters())
     nf4 = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, NF4Linear)}
     filled = set()
@@ -136,7 +155,8 @@ def _fill_from_checkpoint(model, tensors, ckpt_dir, config_path, device):
         else:
             _copy_rows(params[ours], full)
         filled.add(ours)
-    expected = set(nf4) | {n for n in params if not n.endswith(("lora_A", "lora_B", ".packed", ".absmax"))}
+    expected = set(nf4) | {n for n in params if not n.endswith(("lora_A", "lora_B", ".packed", ".absmax"))
+                           and n not in fresh}
     checkpoint.check_complete(ckpt_dir, expected, filled)
 
 
@@ -163,11 +183,14 @@ def _fill_nf4(layer, full, device):
         setattr(layer, name, getattr(quantized, name))
 
 
-def _fill_from_init(model, device):
+def _fill_from_init(model, device, fresh=()):
     """Transformer.init_weights over whole tensors one at a time (in its order, each by its
     init_parameter rule), each rank keeping its rows of each: the weights an unsharded run draws
-    from the same RNG state, without any rank holding the whole model."""
+    from the same RNG state, without any rank holding the whole model. fresh: parameters an
+    unsharded run attaches after init_weights (a head), left to the caller."""
     for name, param in model.named_parameters():
+        if name in fresh:
+            continue
         full = torch.empty(param.shape, dtype=param.dtype, device=device)
         model.init_parameter(name, full)
         _copy_rows(param, full)
@@ -191,13 +214,17 @@ def _fill_lora(model, device):
 def full_model(model):
     """Every rank takes part; rank 0 gets a plain Transformer on the CPU holding the full weights,
     gathered one tensor at a time, so no GPU ever holds the whole model; the other ranks get None.
-    A LoRA run gathers only its adapters: the frozen base stays on the meta device, and its
-    fingerprint (for the adapter's record) is computed once, gathering one tensor at a time, and
-    kept. What train.py's checkpoint writers take, with adapter_fingerprint(model)."""
+    A LoRA run gathers only its adapters (and a head's score, trained beside them): the frozen base
+    stays on the meta device, and its fingerprint (for the adapter's record) is computed once,
+    gathering one tensor at a time, and kept. What train.py's checkpoint writers take, with
+    adapter_fingerprint(model)."""
+    # The root's weights (embedding, norm, output, score) stay gathered after a forward without
+    # backward (a validation pass): back to the shards that full_tensor gathers
+    model.reshard()
     if getattr(model, "lora_config", None):
         adapter_fingerprint(model)
         state = {name: p.full_tensor().cpu() for name, p in model.named_parameters()
-                 if name.endswith((".lora_A", ".lora_B"))}
+                 if name.endswith((".lora_A", ".lora_B")) or name == "score.weight"}
     else:
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
@@ -298,11 +325,17 @@ class _SafeReader(dcp.FileSystemReader):
 
 def load_adapter(model, ckpt_dir):
     """A LoRA run's own saved adapter (lora.write_adapter's adapter.safetensors) into the shards of
-    its A and B matrices: each rank copies its rows. First, as lora.load_adapter does, the base it
-    was trained on is checked against this one (shapes and weights' fingerprint)."""
+    its A and B matrices (and a head's score): each rank copies its rows. First, as
+    lora.load_adapter does, the base it was trained on is checked against this one (shapes and
+    weights' fingerprint), and its head against the run's (the data's labels)."""
     fingerprint = adapter_fingerprint(model)  # every rank, before any of them can refuse
-    lora.check_base(ckpt_dir, lora.read_adapter_config(ckpt_dir), model, fingerprint=fingerprint,
+    cfg = lora.read_adapter_config(ckpt_dir)
+    lora.check_base(ckpt_dir, cfg, model, fingerprint=fingerprint,
                     remedy=lora.RESUME_REMEDY)  # only train.py --resume loads a sharded adapter
+    if cfg.get("head") and model.score is None:
+        raise lora.AdapterError(f"{ckpt_dir}: the adapter holds a classification head; --resume it with --head")
+    if cfg.get("head"):  # the model's head (train.py fit_head: the data's labels) must be the adapter's
+        lora.fit_head(model, cfg["head"], ckpt_dir)
     weights = os.path.join(ckpt_dir, "adapter.safetensors")
     try:
         tensors = load_file(weights)  # the adapter is small: every rank reads it whole

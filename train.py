@@ -229,8 +229,8 @@ class TrainConfig:
             return
         if self.head == "tag":
             raise UsageError("--head tag: not yet (--head classify is)")
-        if self.fsdp or self.quantize:
-            raise UsageError(f"--{'fsdp' if self.fsdp else 'quantize'}: not yet with --head")
+        if self.fsdp and self.keep_best:  # every rank must take part in a sharded save; keep_if_best is rank 0's
+            raise UsageError("--keep_best: not yet with --fsdp")
         if meta is None or not meta.get("labels"):
             raise UserError(f"--head classify: --data {self.data} holds no labels (python -m data.prepare labelled "
                             f"records: JSONL label/labels, or --label_column)")
@@ -321,7 +321,7 @@ def load_model_and_data(cfg, resume_from):
     if cfg.fsdp:  # built on the meta device, sharded, then each rank reads only its rows (fsdp.py)
         dtype = torch.bfloat16 if cfg.lora_rank and cfg.device.startswith("cuda") else torch.float32
         model = fsdp.load(None if source else scratch_args(cfg, data_meta), source, cfg.device, dtype, seed=cfg.seed,
-                          adapt=lambda bare: add_lora(cfg, bare), quantize=cfg.quantize)
+                          adapt=lambda bare: adapt(cfg, bare, data_meta, source), quantize=cfg.quantize)
         model.extend_context(cfg.seq_len)
         if source:
             tokenizer.check_fits(tok, model.args.vocab_size, source)
@@ -341,12 +341,8 @@ def load_model_and_data(cfg, resume_from):
         model = Transformer(scratch_args(cfg, data_meta)).to(cfg.device)
         torch.manual_seed(cfg.seed)  # init_weights' draws do not depend on how the model was built
         model.init_weights()
-    if cfg.head:
-        fit_head(cfg, model, data_meta, source)
     if not cfg.fsdp:
-        add_lora(cfg, model)
-    if cfg.head:
-        train_head_beside(cfg, model)
+        adapt(cfg, model, data_meta, source)
     model.activation_checkpointing = cfg.activation_checkpointing
     return model, tok, data_meta
 
@@ -356,6 +352,17 @@ def scratch_args(cfg, data_meta):
     shape = {k: getattr(cfg, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of",
                                           "ffn_dim_multiplier", "norm_eps", "rope_theta")}
     return ModelArgs(vocab_size=data_meta["vocab_size"], max_seq_len=cfg.seq_len, **shape)
+
+
+def adapt(cfg, model, data_meta, source):
+    """What the run trains, added to the loaded model: --head's head (fit_head), --lora_rank's
+    adapters, the head trained beside them. Under --fsdp on the meta device, before sharding
+    (fsdp.load), so that FSDP shards the head and the adapters as it shards the rest."""
+    if cfg.head:
+        fit_head(cfg, model, data_meta, source)
+    add_lora(cfg, model)
+    if cfg.head:
+        train_head_beside(cfg, model)
 
 
 def add_lora(cfg, model):
@@ -442,12 +449,16 @@ class HeadLoss(torch.nn.Module):
     heads.loss_normaliser, so the step's loss is the mean over the whole global batch, class
     weights included, for any number of ranks and micro-steps). DDP syncs the
     gradients of what its module's forward computes, so the loss must be this module's forward
-    (DDP(HeadLoss(model))), not model.classify called beside the wrapper."""
+    (DDP(HeadLoss(model))), not model.classify called beside the wrapper. Under --fsdp the model is
+    sharded already (classify has FSDP's hooks, fsdp.shard) and HeadLoss is not wrapped: it passes
+    train_step's gradient-sync switch on to the model."""
 
     def __init__(self, model, multilabel, class_weights=None, focal_gamma=0.0, focal_alpha=None):
         super().__init__()
         self.model, self.multilabel, self.class_weights = model, multilabel, class_weights
         self.focal_gamma, self.focal_alpha = focal_gamma, focal_alpha
+        if hasattr(model, "set_requires_gradient_sync"):  # --fsdp: train_step's switch reaches the model
+            self.set_requires_gradient_sync = model.set_requires_gradient_sync
 
     def logits(self, inputs, positions, valid):
         """(n_docs, n_labels): classify pools each packed document, and also the padding that ends

@@ -154,7 +154,8 @@ def test_head_on_unlabelled_shards_and_unfinished_modes_are_one_line(labelled, t
     _one_line_error(train(*HEAD, "--data", tmp_path / "text", "--out_dir", tmp_path / "o", check=False),
                     f"--data {tmp_path / 'text'} holds no labels")
     _one_line_error(train(*TINY, "--head", "tag", "--data", labelled, check=False), "not yet")
-    _one_line_error(train(*HEAD, "--data", labelled, "--fsdp", check=False), "not yet with --head")
+    _one_line_error(train(*HEAD, "--data", labelled, "--fsdp", "--keep_best", "val_loss", check=False),
+                    "--keep_best: not yet with --fsdp")
     _one_line_error(train(*TINY, "--data", labelled, "--class_weights", "balanced", check=False), "needs --head")
     _one_line_error(train(*HEAD, "--data", labelled, "--epochs", "2", "--max_steps", "5", check=False),
                     "--epochs and --max_steps: give one")
