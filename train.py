@@ -747,6 +747,9 @@ def keep_if_best(cfg, run, step, record):
     rank with the metrics); its train_state.pt records best_metric, best and best_step."""
     value = record.get(cfg.keep_best)
     if value is None or not math.isfinite(value) or (run.best is not None and not better(cfg, value, run.best)):
+        if step == cfg.max_steps and run.best is None and cfg.rank == 0:  # said, so nobody looks for it
+            print(f"train.py: warning: --keep_best {cfg.keep_best} was undefined at every evaluation (a val split "
+                  f"with one class?): no {os.path.join(cfg.out_dir, 'best')} written", file=sys.stderr)
         return
     run.best, run.best_step = value, step
     if cfg.rank == 0:

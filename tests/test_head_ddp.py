@@ -228,6 +228,18 @@ def test_keep_best_never_takes_an_undefined_value():
     assert (run.best, run.best_step) == (0.4, 3)
 
 
+def test_keep_best_says_when_it_kept_nothing(capsys, tmp_path):
+    """A metric undefined at every evaluation (one class in the val split): the last one says that
+    no best/ was written, so nobody scores a checkpoint that is not there."""
+    run = SimpleNamespace(best=None, best_step=None)
+    cfg = SimpleNamespace(keep_best="val_auroc", rank=0, max_steps=4, out_dir=str(tmp_path))
+    for step in (2, 4):
+        train.keep_if_best(cfg, run, step, {"val_auroc": None})
+    err = capsys.readouterr().err
+    assert err.count("warning: --keep_best val_auroc was undefined at every evaluation") == 1
+    assert str(tmp_path / "best") in err and not (tmp_path / "best").exists()
+
+
 def test_resume_keeps_the_best_so_far(multiclass, tmp_path):
     common = [*HEAD, "--data", multiclass, "--batch_size", "4", "--max_steps", "16", "--eval_every", "2",
               "--save_every", "1000", "--keep_best", "val_auroc"]

@@ -250,7 +250,7 @@ def write_labelled_tables(work):
     """CORe's MIMIC-III task files, made up: mortality (id, text, hospital_expire_flag) and diagnoses
     (id, text, short_codes: comma-separated ICD-9 codes), train and test."""
     codes = ["401.9", "428.0", "584.9", "250.00"]
-    for split, n in (("train", 80), ("test", 16)):
+    for split, n in (("train", 160), ("test", 16)):  # 16 val notes of both classes: an AUROC to keep the best by
         with open(work / f"mp_in_adm_{split}.csv", "w", newline="") as f:
             table = csv.writer(f)
             table.writerow(["id", "text", "hospital_expire_flag"])
