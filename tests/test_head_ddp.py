@@ -218,7 +218,7 @@ def test_keep_best_metric_keeps_the_highest_and_refuses_a_metric_the_task_lacks(
 
 def test_keep_best_never_takes_an_undefined_value():
     run = SimpleNamespace(best=None, best_step=None)
-    cfg = SimpleNamespace(keep_best="val_auroc", rank=1)  # rank 1: nothing is written
+    cfg = SimpleNamespace(keep_best="val_auroc", rank=1, max_steps=100)  # rank 1: nothing is written
     for step, value in [(1, None), (2, float("nan")), (3, 0.6), (4, float("nan")), (5, 0.6), (6, 0.7), (7, None)]:
         train.keep_if_best(cfg, run, step, {"val_auroc": value})
     assert (run.best, run.best_step) == (0.7, 6)
