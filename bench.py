@@ -753,9 +753,9 @@ def head_step_hf(args, a, dev, docs, labels):
     return m, forward_backward
 
 
-def head_step_time(args, build):
-    """Median seconds of a whole optimizer step (forward, backward, clip, AdamW) of build()'s model."""
-    m, forward_backward = build()
+def optimizer_step(built):
+    """One whole optimizer step (forward, backward, clip, AdamW) of built = (model, forward_backward)."""
+    m, forward_backward = built
     m.train()
     optimizer = train.make_optimizer(m, 3e-4, 0.1, (0.9, 0.95), "cpu")
     trainable = [p for p in m.parameters() if p.requires_grad]
@@ -765,10 +765,22 @@ def head_step_time(args, build):
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    seconds = median_time(step, torch.device("cpu"), args.warmup, args.steps)
-    m = optimizer = trainable = None
-    free_memory(torch.device("cpu"))
-    return seconds
+    return step
+
+
+def interleaved_times(args, steps):
+    """Median seconds per step of each of steps ({name: step}), their steps taken in turn (one of each,
+    round after round), so that a load that other work puts on a shared machine falls on all alike."""
+    for _ in range(args.warmup):
+        for step in steps.values():
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(args.steps):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def cmd_classify(args, dev):
@@ -781,9 +793,12 @@ def cmd_classify(args, dev):
     docs, labels = head_documents(args, a)
     packed, padded = head_rows(docs, labels, args.seq_len, False), head_rows(docs, labels, args.seq_len, True)
     missing = reference_missing(args)
-    ref = missing or head_step_time(args, lambda: head_step_hf(args, a, dev, docs, labels))
-    t_packed = head_step_time(args, lambda: head_step_ours(args, a, dev, packed))
-    t_padded = head_step_time(args, lambda: head_step_ours(args, a, dev, padded))
+    steps = {"packed": optimizer_step(head_step_ours(args, a, dev, packed)),
+             "padded": optimizer_step(head_step_ours(args, a, dev, padded))}
+    if not missing:
+        steps["ref"] = optimizer_step(head_step_hf(args, a, dev, docs, labels))
+    times = interleaved_times(args, steps)
+    t_packed, t_padded, ref = times["packed"], times["padded"], missing or times["ref"]
     case = f"d{a.dim} L{a.n_layers} LoRA r{args.lora_rank}, {args.documents} docs of {args.min_len}-{args.max_len}"
     vs = "transformers+peft"
     rate = lambda t: t if isinstance(t, str) else args.documents / t  # noqa: E731
@@ -801,7 +816,8 @@ def cmd_classify(args, dev):
              "(shards.LabelledLoader's rows: packed as train.py --head classify trains, or padded=True)",
              "step = forward + backward (ours: train.train_step over train.HeadLoss; transformers: labels= with "
              "attention_mask) + grad clip + AdamW (train.make_optimizer), LoRA on every projection + the head "
-             f"trained in full (peft: modules_to_save); median of {args.steps} steps after {args.warmup} warm-ups"]
+             f"trained in full (peft: modules_to_save); median of {args.steps} steps after {args.warmup} warm-ups, the "
+             "three stacks stepping in turn (one step each, round after round)"]
     report(args, dev, "Head training step (classify)", rows, notes)
 
 
