@@ -787,7 +787,7 @@ def cmd_classify(args, dev):
     if args.min_len > args.max_len or args.max_len > args.seq_len:
         raise BenchError(f"--min_len {args.min_len} <= --max_len {args.max_len} <= --seq_len {args.seq_len} must hold")
     if dev.type != "cpu":
-        raise BenchError("classify measures this CPU: run it with --device cpu")
+        raise BenchError(f"classify measures this CPU: --device {dev} is not one")
     a = model.ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.dim // 64, n_kv_heads=max(1, args.dim // 256),
                         vocab_size=args.vocab, multiple_of=64, max_seq_len=args.seq_len)
     docs, labels = head_documents(args, a)
@@ -1358,6 +1358,7 @@ class Bench:
             min_len, max_len: the documents' lengths, uniform between them.
             steps: timed optimizer steps (median).
         """
+        self.shared["device"] = self.shared["device"] or "cpu"  # a measurement of this CPU, GPU or not
         self._run(cmd_classify, locals())
 
     def load(self, model: str = "llama3-1b", ckpt_dir: str = None, layouts: str = "hf,meta", cache: str = "warm,cold",
