@@ -769,18 +769,22 @@ def optimizer_step(built):
 
 
 def interleaved_times(args, steps):
-    """Median seconds per step of each of steps ({name: step}), their steps taken in turn (one of each,
-    round after round), so that a load that other work puts on a shared machine falls on all alike."""
+    """({name: median wall seconds per step}, {name: median CPU seconds per step}) of each of steps
+    ({name: step}), their steps taken in turn (one of each, round after round), so that the load other
+    work puts on a shared machine falls on all alike. CPU seconds (this process's, all threads) count
+    the work a step did, however long the scheduler kept it waiting."""
     for _ in range(args.warmup):
         for step in steps.values():
             step()
-    times = {name: [] for name in steps}
+    wall, cpu = {name: [] for name in steps}, {name: [] for name in steps}
     for _ in range(args.steps):
         for name, step in steps.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    median = lambda times: {name: statistics.median(t) for name, t in times.items()}  # noqa: E731
+    return median(wall), median(cpu)
 
 
 def cmd_classify(args, dev):
@@ -793,20 +797,22 @@ def cmd_classify(args, dev):
     docs, labels = head_documents(args, a)
     packed, padded = head_rows(docs, labels, args.seq_len, False), head_rows(docs, labels, args.seq_len, True)
     missing = reference_missing(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     steps = {"packed": optimizer_step(head_step_ours(args, a, dev, packed)),
              "padded": optimizer_step(head_step_ours(args, a, dev, padded))}
     if not missing:
         steps["ref"] = optimizer_step(head_step_hf(args, a, dev, docs, labels))
-    times = interleaved_times(args, steps)
-    t_packed, t_padded, ref = times["packed"], times["padded"], missing or times["ref"]
+    wall, cpu = interleaved_times(args, steps)
     case = f"d{a.dim} L{a.n_layers} LoRA r{args.lora_rank}, {args.documents} docs of {args.min_len}-{args.max_len}"
-    vs = "transformers+peft"
-    rate = lambda t: t if isinstance(t, str) else args.documents / t  # noqa: E731
-    ms = lambda t: t if isinstance(t, str) else 1e3 * t  # noqa: E731
-    rows = [row(f"{case}, packed {len(packed.inputs)}x{args.seq_len}", "examples/s", rate(t_packed), vs, rate(ref)),
-            row(f"{case}, padded {len(padded.inputs)}x{args.seq_len}", "examples/s", rate(t_padded), vs, rate(ref)),
-            row(f"{case}, packed {len(packed.inputs)}x{args.seq_len}", "step ms", ms(t_packed), vs, ms(ref)),
-            row(f"{case}, padded {len(padded.inputs)}x{args.seq_len}", "step ms", ms(t_padded), vs, ms(ref))]
+    layouts = {"packed": f"{case}, packed {len(packed.inputs)}x{args.seq_len}",
+               "padded": f"{case}, padded {len(padded.inputs)}x{args.seq_len}"}
+    per_example, ms = (lambda t: args.documents / t), (lambda t: 1e3 * t)  # noqa: E731
+    # examples per CPU second: the work a step does, whatever the load on the machine kept it waiting
+    metrics = [(wall, "examples/s", per_example), (wall, "step ms", ms), (cpu, "examples/CPU s", per_example),
+               (cpu, "CPU ms/step", ms)]
+    rows = [row(label, metric, get(times[layout]), "transformers+peft", missing or get(times["ref"]))
+            for times, metric, get in metrics for layout, label in layouts.items()]
     longest, tokens = max(len(d) for d in docs), sum(len(d) for d in docs)
     caps = torch.cpu.get_capabilities()
     notes = [f"CPU: {caps.get('cpu_name')}, {caps.get('num_physical_cores')} physical cores "
@@ -817,7 +823,8 @@ def cmd_classify(args, dev):
              "step = forward + backward (ours: train.train_step over train.HeadLoss; transformers: labels= with "
              "attention_mask) + grad clip + AdamW (train.make_optimizer), LoRA on every projection + the head "
              f"trained in full (peft: modules_to_save); median of {args.steps} steps after {args.warmup} warm-ups, the "
-             "three stacks stepping in turn (one step each, round after round)"]
+             "three stacks stepping in turn (one step each, round after round); CPU = this process's CPU time "
+             "(time.process_time, all threads)"]
     report(args, dev, "Head training step (classify)", rows, notes)
 
 
@@ -1268,7 +1275,7 @@ CHECKS = {"json": non_empty, "device": torch_device, "warmup": at_least(0), "ite
           "seq_len": at_least(2), "batch_size": positive, "steps": positive, "quantize": one_of("nf4"),
           "batch": positive, "prompt_len": positive, "new_tokens": at_least(2),
           "decode.compile": one_of("auto", "true", "false"), "items": positive, "max_seq_len": positive,
-          "lm_eval_batch_size": positive, "labels": at_least(2), "documents": positive, "min_len": positive,
+          "lm_eval_batch_size": positive, "labels": at_least(2), "documents": positive, "min_len": positive, "threads": positive,
           "max_len": positive, "ckpt_dir": non_empty, "tmp_dir": non_empty,
           "layouts": Check(lambda v: set(v.split(",")) <= {"hf", "meta"} and v.strip(","), "hf, meta or hf,meta"),
           "cache": Check(lambda v: set(v.split(",")) <= {"warm", "cold"} and v.strip(","), "warm, cold or warm,cold"),
@@ -1344,7 +1351,7 @@ class Bench:
 
     def classify(self, no_reference: bool = False, dim: int = 256, n_layers: int = 4, vocab: int = 8192,
                  lora_rank: int = 8, labels: int = 4, seq_len: int = 256, documents: int = 32, min_len: int = 32,
-                 max_len: int = 128, steps: int = 5):
+                 max_len: int = 128, steps: int = 5, threads: int = None):
         """A head training step (LoRA + the classification head) on this CPU, examples/s: ours on packed
         rows and on padded rows vs transformers' LlamaForSequenceClassification + peft.
 
@@ -1357,6 +1364,7 @@ class Bench:
             documents: documents per step (the examples).
             min_len, max_len: the documents' lengths, uniform between them.
             steps: timed optimizer steps (median).
+            threads: torch's intra-op threads (default: torch's own, one per core).
         """
         self.shared["device"] = self.shared["device"] or "cpu"  # a measurement of this CPU, GPU or not
         self._run(cmd_classify, locals())

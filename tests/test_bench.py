@@ -57,7 +57,8 @@ def test_classify(tmp_path):
     stdout, record = bench(tmp_path, "classify", "--dim", "64", "--n_layers", "2", "--vocab", "256", "--seq_len", "32",
                            "--documents", "6", "--min_len", "4", "--max_len", "16", "--steps", "1", "--warmup", "0")
     rows = {(row["case"].rpartition(", ")[2].split()[0], row["metric"]): row for row in record["rows"]}
-    assert set(rows) == {(layout, metric) for layout in ("packed", "padded") for metric in ("examples/s", "step ms")}
+    assert set(rows) == {(layout, metric) for layout in ("packed", "padded")
+                         for metric in ("examples/s", "step ms", "examples/CPU s", "CPU ms/step")}
     assert all(row["vs"] == "transformers+peft" and number(row["ours"]) for row in rows.values())
     assert rows["padded", "examples/s"]["case"].endswith("padded 6x32")  # one document per row
     if HF:
