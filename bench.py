@@ -11,8 +11,9 @@
 
 Each prints a table: case, metric, our figure, the reference stack (vs) and its figure from the same
 process, and ratio = ours / reference last; --json PATH writes the rows with device, versions, date and
-command, for BENCHMARKS.md. Weights are random: speed does not depend on their values. prepare, load and
-decode measure work users do on CPUs too, so their CPU figures are measurements of that CPU; kernels,
+command, for BENCHMARKS.md. Weights are random: speed does not depend on their values. prepare, load,
+decode, save and classify (a classification head's LoRA training step on a small shape, packed and
+padded rows) measure work users do on CPUs too, so their CPU figures are measurements of that CPU; kernels,
 train and eval exist for the GPU, and on a CPU they run at tiny shapes so that CI tests the harness.
 """
 

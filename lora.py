@@ -505,13 +505,13 @@ class Command:
             format: peft (adapter_config.json + adapter_model.safetensors, for transformers + peft;
                 an adapter with a head is a SEQ_CLS one, the head in modules_to_save, and head_config.json
                 holds the config keys the base must be built with: the export prints the Python that
-                loads it), hf (the merged model as
-                config.json + model.safetensors + generation_config.json, with tokenizer.json and
-                tokenizer_config.json; with a head, LlamaForSequenceClassification's config) or gguf (the
-                merged model as model.gguf, for llama.cpp, tokenizer and chat template inside; the
-                language model only: a head is left out).
+                loads it), hf (the merged model as config.json + model.safetensors +
+                generation_config.json, with tokenizer.json and tokenizer_config.json; with a head,
+                LlamaForSequenceClassification's config) or gguf (the merged model as model.gguf, for
+                llama.cpp, tokenizer and chat template inside; the language model only: a head is
+                left out).
             base: peft's base_model_name_or_path: the hub name or HF-layout directory of the base
-                (default: --ckpt_dir as given, made absolute).
+                (default: --ckpt_dir as given, made absolute; transformers reads only the HF layout).
             gguf_type: the GGUF weights' type: f32, f16, bf16 or q8_0 (norms stay f32).
         """
         if base is not None and format != "peft":
