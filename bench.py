@@ -6,16 +6,18 @@
     python bench.py load    --model llama3-1b [--layouts hf,meta] [--cache warm,cold]
     python bench.py decode  --model llama3-8b --batch 1 [--prompt_len 128] [--new_tokens 256]
     python bench.py eval    --model tiny --items 20 [--lm_eval_batch_size 4]
+    python bench.py classify [--dim 256] [--n_layers 4] [--seq_len 256] [--documents 32] [--min_len 32] [--max_len 128]
     python bench.py save    [--dim 1024] [--n_layers 8] [--vocab 32000] [--tmp_dir DIR]
 
 Each prints a table: case, metric, our figure, the reference stack (vs) and its figure from the same
 process, and ratio = ours / reference last; --json PATH writes the rows with device, versions, date and
-command, for BENCHMARKS.md. Weights are random: speed does not depend on their values. prepare, load and
-decode measure work users do on CPUs too, so their CPU figures are measurements of that CPU; kernels,
+command, for BENCHMARKS.md. Weights are random: speed does not depend on their values. prepare, load,
+decode, save and classify (a classification head's LoRA training step on a small shape, packed and
+padded rows) measure work users do on CPUs too, so their CPU figures are measurements of that CPU; kernels,
 train and eval exist for the GPU, and on a CPU they run at tiny shapes so that CI tests the harness.
 """
 
-CPU_MEASURES = {"prepare", "load", "decode", "save"}  # the subcommands whose CPU figures mean something
+CPU_MEASURES = {"prepare", "load", "decode", "save", "classify"}  # the subcommands whose CPU figures mean something
 
 import contextlib
 import csv
@@ -42,6 +44,7 @@ import atomic
 import checkpoint
 import common
 import generate
+import heads
 import lora
 import model
 import tasks
@@ -487,7 +490,9 @@ def build_ours(a, tied, dev, dtype):
     return m
 
 
-def build_hf(a, tied, dev, dtype):
+def build_hf(a, tied, dev, dtype, head=None):
+    """transformers' LlamaForCausalLM of the same shape; head ({num_labels, pad_token_id, ...}:
+    config keys) makes it LlamaForSequenceClassification instead."""
     import transformers
 
     rope = {"rope_type": "default", "rope_theta": a.rope_theta}
@@ -504,8 +509,9 @@ def build_hf(a, tied, dev, dtype):
     else:  # transformers 4 keeps the theta beside the scaling
         config["rope_theta"] = rope.pop("rope_theta")
         config["rope_scaling"] = rope if a.use_scaled_rope else None
+    cls = transformers.LlamaForSequenceClassification if head else transformers.LlamaForCausalLM
     with torch.device(dev), default_dtype(dtype):
-        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
+        return cls(transformers.LlamaConfig(**config, **(head or {})))
 
 
 def reference_missing(args):
@@ -674,6 +680,153 @@ def cmd_train(args, dev):
              "peak GiB = torch.cuda.max_memory_allocated over the steps (weights, optimizer state, activations); each "
              "stack is freed and the peak reset before the other is built."]
     report(args, dev, "Training", rows, notes)
+
+
+# -----------------------------------------------------------------------------------------------
+# classify: a head training step (LoRA + the head) on short documents of varied lengths, ours on
+# packed rows and on padded rows against transformers' LlamaForSequenceClassification + peft
+
+HEAD_PAD = 0  # the padding token id; no document holds it
+
+
+def head_documents(args, a):
+    """args.documents random documents (lengths uniform in [min_len, max_len]) and their labels."""
+    g = torch.Generator().manual_seed(0)
+    r = random.Random(0)
+    docs = [torch.randint(1, a.vocab_size, (r.randint(args.min_len, args.max_len),), generator=g)
+            for _ in range(args.documents)]
+    return docs, torch.randint(0, args.labels, (args.documents,), generator=g)
+
+
+def head_rows(docs, labels, seq_len, padded):
+    """docs laid into rows of seq_len as shards.LabelledLoader lays them: packed (next-fit, each
+    document's positions from 0, the padding that ends a row a document of its own) or padded (one
+    document per row). A batch as train.micro_loss reads it (inputs, positions, valid, labels)."""
+    rows, row, used = [], [], 0
+    for i, d in enumerate(docs):
+        if row and (padded or used + len(d) > seq_len):
+            rows.append(row)
+            row, used = [], 0
+        row.append(i)
+        used += len(d)
+    rows.append(row)
+    inputs = torch.full((len(rows), seq_len), HEAD_PAD, dtype=torch.long)
+    positions, valid = torch.zeros_like(inputs), torch.zeros_like(inputs, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        column = 0
+        for doc in row:
+            n = len(docs[doc])
+            inputs[i, column:column + n], positions[i, column:column + n] = docs[doc], torch.arange(n)
+            valid[i, column:column + n] = True
+            column += n
+        positions[i, column:] = torch.arange(seq_len - column)
+    return SimpleNamespace(inputs=inputs, positions=positions, valid=valid, labels=labels)
+
+
+def head_step_ours(args, a, dev, batch):
+    """(model, one forward + backward): train.py's --head classify step (HeadLoss through train_step)."""
+    m = build_ours(a, False, dev, torch.float32)
+    heads.attach_head(m, args.labels, False, pad_id=HEAD_PAD)
+    lora.apply_lora(m, args.lora_rank, 2 * args.lora_rank)
+    train.train_head_beside(None, m)
+    c = SimpleNamespace(grad_accum=1, device=str(dev), world=1, doc_mask=True, head="classify")
+    loader = SimpleNamespace(next_batch=lambda: batch, state_dict=dict, load_state_dict=lambda state: None)
+    net = train.HeadLoss(m, False)
+    return m, lambda: train.train_step(c, net, loader, contextlib.nullcontext())
+
+
+def head_step_hf(args, a, dev, docs, labels):
+    """(model, one forward + backward): transformers + peft (SEQ_CLS, score in modules_to_save) on the
+    documents right-padded to the longest one (transformers' DataCollatorWithPadding)."""
+    from peft import LoraConfig, get_peft_model
+
+    m = build_hf(a, False, dev, torch.float32, head=dict(num_labels=args.labels, pad_token_id=HEAD_PAD,
+                                                          problem_type="single_label_classification"))
+    m = get_peft_model(m, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
+                                     target_modules=HF_TARGETS, task_type="SEQ_CLS", modules_to_save=["score"]))
+    x = torch.nn.utils.rnn.pad_sequence(docs, batch_first=True, padding_value=HEAD_PAD).to(dev)
+    mask, y = (x != HEAD_PAD).long(), labels.to(dev)
+
+    def forward_backward():
+        loss = m(input_ids=x, attention_mask=mask, labels=y, use_cache=False).loss
+        loss.backward()
+        return loss.item()
+    return m, forward_backward
+
+
+def optimizer_step(built):
+    """One whole optimizer step (forward, backward, clip, AdamW) of built = (model, forward_backward)."""
+    m, forward_backward = built
+    m.train()
+    optimizer = train.make_optimizer(m, 3e-4, 0.1, (0.9, 0.95), "cpu")
+    trainable = [p for p in m.parameters() if p.requires_grad]
+
+    def step():
+        forward_backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def interleaved_times(args, steps):
+    """({name: median wall seconds per step}, {name: median CPU seconds per step}) of each of steps
+    ({name: step}), their steps taken in turn (one of each, round after round), so that the load other
+    work puts on a shared machine falls on all alike. CPU seconds (this process's, all threads) count
+    the work a step did, however long the scheduler kept it waiting."""
+    for _ in range(args.warmup):
+        for step in steps.values():
+            step()
+    wall, cpu = {name: [] for name in steps}, {name: [] for name in steps}
+    for _ in range(args.steps):
+        for name, step in steps.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            step()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    median = lambda times: {name: statistics.median(t) for name, t in times.items()}  # noqa: E731
+    return median(wall), median(cpu)
+
+
+def cmd_classify(args, dev):
+    if args.min_len > args.max_len or args.max_len > args.seq_len:
+        raise BenchError(f"--min_len {args.min_len} <= --max_len {args.max_len} <= --seq_len {args.seq_len} must hold")
+    if dev.type != "cpu":
+        raise BenchError(f"classify measures this CPU: --device {dev} is not one")
+    a = model.ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.dim // 64, n_kv_heads=max(1, args.dim // 256),
+                        vocab_size=args.vocab, multiple_of=64, max_seq_len=args.seq_len)
+    docs, labels = head_documents(args, a)
+    packed, padded = head_rows(docs, labels, args.seq_len, False), head_rows(docs, labels, args.seq_len, True)
+    missing = reference_missing(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps = {"packed": optimizer_step(head_step_ours(args, a, dev, packed)),
+             "padded": optimizer_step(head_step_ours(args, a, dev, padded))}
+    if not missing:
+        steps["ref"] = optimizer_step(head_step_hf(args, a, dev, docs, labels))
+    wall, cpu = interleaved_times(args, steps)
+    case = f"d{a.dim} L{a.n_layers} LoRA r{args.lora_rank}, {args.documents} docs of {args.min_len}-{args.max_len}"
+    layouts = {"packed": f"{case}, packed {len(packed.inputs)}x{args.seq_len}",
+               "padded": f"{case}, padded {len(padded.inputs)}x{args.seq_len}"}
+    per_example, ms = (lambda t: args.documents / t), (lambda t: 1e3 * t)  # noqa: E731
+    # examples per CPU second: the work a step does, whatever the load on the machine kept it waiting
+    metrics = [(wall, "examples/s", per_example), (wall, "step ms", ms), (cpu, "examples/CPU s", per_example),
+               (cpu, "CPU ms/step", ms)]
+    rows = [row(label, metric, get(times[layout]), "transformers+peft", missing or get(times["ref"]))
+            for times, metric, get in metrics for layout, label in layouts.items()]
+    longest, tokens = max(len(d) for d in docs), sum(len(d) for d in docs)
+    caps = torch.cpu.get_capabilities()
+    notes = [f"CPU: {caps.get('cpu_name')}, {caps.get('num_physical_cores')} physical cores "
+             f"(torch.cpu.get_capabilities()); {torch.get_num_threads()} torch threads; fp32",
+             f"{tokens} document tokens per step; the reference pads them to the longest ({args.documents}x{longest} "
+             f"slots); ours packed fills {len(packed.inputs)}x{args.seq_len}, ours padded {len(padded.inputs)}x{args.seq_len} "
+             "(shards.LabelledLoader's rows: packed as train.py --head classify trains, or padded=True)",
+             "step = forward + backward (ours: train.train_step over train.HeadLoss; transformers: labels= with "
+             "attention_mask) + grad clip + AdamW (train.make_optimizer), LoRA on every projection + the head "
+             f"trained in full (peft: modules_to_save); median of {args.steps} steps after {args.warmup} warm-ups, the "
+             "three stacks stepping in turn (one step each, round after round); CPU = this process's CPU time "
+             "(time.process_time, all threads)"]
+    report(args, dev, "Head training step (classify)", rows, notes)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1123,7 +1276,8 @@ CHECKS = {"json": non_empty, "device": torch_device, "warmup": at_least(0), "ite
           "seq_len": at_least(2), "batch_size": positive, "steps": positive, "quantize": one_of("nf4"),
           "batch": positive, "prompt_len": positive, "new_tokens": at_least(2),
           "decode.compile": one_of("auto", "true", "false"), "items": positive, "max_seq_len": positive,
-          "lm_eval_batch_size": positive, "ckpt_dir": non_empty, "tmp_dir": non_empty,
+          "lm_eval_batch_size": positive, "labels": at_least(2), "documents": positive, "min_len": positive, "threads": positive,
+          "max_len": positive, "ckpt_dir": non_empty, "tmp_dir": non_empty,
           "layouts": Check(lambda v: set(v.split(",")) <= {"hf", "meta"} and v.strip(","), "hf, meta or hf,meta"),
           "cache": Check(lambda v: set(v.split(",")) <= {"warm", "cold"} and v.strip(","), "warm, cold or warm,cold"),
           "dtypes": Check(lambda v: set(v.split(",")) <= set(DECODE_DTYPES), "comma-separated default, bf16, fp32")}
@@ -1195,6 +1349,26 @@ class Bench:
                 peft over bitsandbytes Linear4bit, on CUDA); also the model's bytes against bf16.
         """
         self._run(cmd_train, locals())
+
+    def classify(self, no_reference: bool = False, dim: int = 256, n_layers: int = 4, vocab: int = 8192,
+                 lora_rank: int = 8, labels: int = 4, seq_len: int = 256, documents: int = 32, min_len: int = 32,
+                 max_len: int = 128, steps: int = 5, threads: int = None):
+        """A head training step (LoRA + the classification head) on this CPU, examples/s: ours on packed
+        rows and on padded rows vs transformers' LlamaForSequenceClassification + peft.
+
+        Args:
+            no_reference: skip transformers + peft.
+            dim, n_layers, vocab: the model's shape (heads of 64; a key/value head per 4 query heads).
+            lora_rank: the LoRA rank (alpha 2 * rank), every projection.
+            labels: the head's labels (single-label).
+            seq_len: our rows' width.
+            documents: documents per step (the examples).
+            min_len, max_len: the documents' lengths, uniform between them.
+            steps: timed optimizer steps (median).
+            threads: torch's intra-op threads (default: torch's own, one per core).
+        """
+        self.shared["device"] = self.shared["device"] or "cpu"  # a measurement of this CPU, GPU or not
+        self._run(cmd_classify, locals())
 
     def load(self, model: str = "llama3-1b", ckpt_dir: str = None, layouts: str = "hf,meta", cache: str = "warm,cold",
              no_reference: bool = False, tmp_dir: str = None):

@@ -15,7 +15,7 @@ Read top to bottom:
                            joined), write_meta, save; a head's keys (n_labels, multilabel, labels,
                            pad_id; head_kind for a tag head) only where the model has one
   Names                    the one table of tensor names: ours, HF's, GGUF's (hf_name / our_name,
-                           gguf_name, hf_modules)
+                           gguf_name: None for the head, which GGUF has no tensor for; hf_modules)
   HF layout                config.json + *.safetensors: the q/k RoPE permutation both ways, read_hf
                            (map_safetensors; hf_head_args: a head wherever score.weight is stored, a
                            tag head where score.bias is), write_hf (hf_head_config:
@@ -54,7 +54,8 @@ class CheckpointError(ValueError):
 # consolidated.01.pth or train_state.pt must not survive beside new weights); anything else there,
 # such as tokenizer files or notes, is carried over.
 CHECKPOINT_FILES = ("params.json", "consolidated.*.pth", "config.json", "*.safetensors", "*.safetensors.index.json",
-                    "adapter.json", "adapter_config.json", "train_state.pt", "generation_config.json", "*.gguf")
+                    "adapter.json", "adapter_config.json", "head_config.json", "train_state.pt", "generation_config.json",
+                    "*.gguf")
 # What a command's output may never replace inside a checkpoint it reads (atomic.check_outputs).
 INPUT_FILES = CHECKPOINT_FILES + ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "*.safetensors",
                                   "*.distcp", ".metadata")
@@ -443,13 +444,14 @@ def save(model, out_dir):
 # Names: each of our modules as transformers (HF) and llama.cpp (GGUF) call it, one row each: our
 # name, HF's, GGUF's. Inside a block the names follow "layers.N." (HF: "model.layers.N.", GGUF:
 # "blk.N."); the first four are top-level (score: the classification head, transformers'
-# LlamaForSequenceClassification's name). peft names its adapters after HF's.
+# LlamaForSequenceClassification's name; GGUF has none, "-": llama.cpp's cls tensor is a reranker's
+# output, which our head is not). peft names its adapters after HF's.
 
 TENSOR_NAMES = tuple(tuple(row.split()) for row in """
     tok_embeddings      model.embed_tokens          token_embd
     norm                model.norm                  output_norm
     output              lm_head                     output
-    score               score                       cls
+    score               score                       -
     attention.wq        self_attn.q_proj            attn_q
     attention.wk        self_attn.k_proj            attn_k
     attention.wv        self_attn.v_proj            attn_v
@@ -475,9 +477,11 @@ def our_name(name: str) -> str:
     return _rename(name, _FROM_HF, "model.layers.", "layers.")
 
 
-def gguf_name(name: str) -> str:
-    """'layers.3.attention.wq.weight' -> 'blk.3.attn_q.weight'; 'tok_embeddings.weight' -> 'token_embd.weight'."""
-    return _rename(name, GGUF_NAMES, "layers.", "blk.")
+def gguf_name(name: str) -> Optional[str]:
+    """'layers.3.attention.wq.weight' -> 'blk.3.attn_q.weight'; 'tok_embeddings.weight' -> 'token_embd.weight';
+    None for a tensor GGUF has no name for (the classification head's)."""
+    renamed = _rename(name, GGUF_NAMES, "layers.", "blk.")
+    return None if renamed.partition(".")[0] == "-" else renamed
 
 
 def hf_modules(projections) -> list:

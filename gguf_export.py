@@ -6,7 +6,8 @@ with the `gguf` package that llama.cpp maintains, so the key names and encodings
 
 Read top to bottom (the tensor names, blk.N.attn_q and so on, are checkpoint.py's name table):
   TYPES          the weight types offered, by name
-  write_gguf     metadata, tokenizer, tensors: the file
+  write_gguf     metadata, tokenizer, tensors: the file (the language model: a classification head
+                 has no GGUF tensor, and is left out with a note)
   _tensor        one tensor in f32 / f16 / bf16 / q8_0 (norms and RoPE factors always f32)
   _tokenizer     the vocabulary as llama.cpp reads it: byte-level BPE (Llama 3) or sentencepiece
 The q/k rows stay in Meta's interleaved RoPE order: that is the order llama.cpp's kernels rotate
@@ -14,6 +15,7 @@ The q/k rows stay in Meta's interleaved RoPE order: that is the order llama.cpp'
 """
 
 import dataclasses
+import sys
 
 import numpy as np
 import torch
@@ -53,6 +55,10 @@ def write_gguf(model, state_dict, tok, path, weight_type="f16", name="llama"):
     for key, t in state_dict.items():
         if key == "output.weight" and model.tied:
             continue  # llama.cpp reuses token_embd when there is no output tensor
+        if gguf_name(key) is None:  # the head: llama.cpp would read a cls tensor as a reranker's
+            print(f"gguf_export: the classification head ({key}, {args.n_labels} labels) is not in the GGUF, "
+                  f"which holds the language model only (llama.cpp has no such head)", file=sys.stderr)
+            continue
         _tensor(writer, gguf_name(key), t, qtype)
     if args.use_scaled_rope:
         # Llama 3.1's frequency scaling, as llama.cpp takes it: per-pair divisors of the base frequencies

@@ -18,7 +18,9 @@ Read top to bottom:
                       base_adapters, each a path and its sha256); load_adapter merges it first (read_chain
                       finds each link unchanged, check_foldable, fold_chain). PEFT cannot stack: export
                       --format peft refuses a chain, --format hf merges it whole
-  export_peft         the same adapter in peft's names, for transformers' LlamaForCausalLM
+  export_peft         the same adapter in peft's names, for transformers' LlamaForCausalLM; with a head a
+                      SEQ_CLS adapter (score in modules_to_save) for LlamaForSequenceClassification,
+                      whose config keys go into head_config.json (write_peft_head, peft_head_recipe)
   save_hf             a merged HF checkpoint (config.json + model.safetensors)
   Command             `python lora.py merge|export ...` (run by cli); --format gguf is gguf_export.py's
 The file layouts themselves (HF and GGUF names, the q/k RoPE permutation, which files make a
@@ -541,25 +543,56 @@ def copy_adapter(model, tensors, weights, copy=torch.Tensor.copy_):
 
 def write_peft(model, out_dir, base_model_name_or_path=None):
     """adapter_config.json + adapter_model.safetensors, into a directory being filled, that
-    peft.PeftModel.from_pretrained loads onto
-    transformers' LlamaForCausalLM of the same base. The adapter is the same; only names and the
-    q/k lora_B rows (the output side, which RoPE sees) change. lora_A reads x, whose order agrees."""
+    peft.PeftModel.from_pretrained loads onto transformers' LlamaForCausalLM of the same base, or
+    with a head onto its LlamaForSequenceClassification (write_peft_head). The adapter is the same;
+    only names and the q/k lora_B rows (the output side, which RoPE sees) change. lora_A reads x,
+    whose order agrees."""
     cfg, args = _config(model), _unwrap(model).args
     tensors = {}
     for name, t in lora_state_dict(model).items():
         module, _, which = name.rpartition(".")  # 'layers.0.attention.wq', 'lora_A'
-        if name == "score.weight":  # a head is no CAUSAL_LM adapter's (its SEQ_CLS export: issue 24, item 7)
+        if name == "score.weight":  # peft saves a modules_to_save module under its own name, not its copy's
+            tensors[f"base_model.model.{PEFT_HEAD}.weight"] = t.float().contiguous()
             continue
         t = checkpoint.permute_qk(name, t, args, checkpoint.meta_to_hf_rope) if which == "lora_B" else t
         tensors[f"base_model.model.{checkpoint.hf_name(module)}.{which}.weight"] = t.contiguous()
     hf_targets = checkpoint.hf_modules(cfg["targets"])  # peft matches the ends of module names
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg["rank"], "lora_alpha": cfg["alpha"],
-              "lora_dropout": cfg["dropout"], "target_modules": hf_targets, "use_rslora": cfg["use_rslora"],
-              "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-              "modules_to_save": None, "base_model_name_or_path": base_model_name_or_path}
+    config = {"peft_type": "LORA", "task_type": "SEQ_CLS" if args.n_labels else "CAUSAL_LM", "r": cfg["rank"],
+              "lora_alpha": cfg["alpha"], "lora_dropout": cfg["dropout"], "target_modules": hf_targets,
+              "use_rslora": cfg["use_rslora"], "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+              "init_lora_weights": True, "modules_to_save": [PEFT_HEAD] if args.n_labels else None,
+              "base_model_name_or_path": base_model_name_or_path}
 
     save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"))
     checkpoint.write_json(os.path.join(out_dir, "adapter_config.json"), config)
+    if args.n_labels:
+        write_peft_head(args, out_dir)
+
+
+# The head's module in transformers' LlamaForSequenceClassification (checkpoint.TENSOR_NAMES), which a
+# SEQ_CLS adapter lists in modules_to_save: peft trains a copy of it in full and saves that copy as
+# base_model.model.score.weight, the key it loads back into the copy.
+PEFT_HEAD = checkpoint.hf_name("score")
+PEFT_HEAD_CONFIG = "head_config.json"
+
+
+def write_peft_head(args, out_dir):
+    """head_config.json: the config keys (num_labels, problem_type, pad_token_id, id2label and
+    label2id) that the base must be built with for the adapter's head. A hub base's config.json has
+    none of them (transformers would build 2 labels), and peft keeps no model config. They go in
+    through the config's constructor, which turns JSON's string keys of id2label into ints (keyword
+    arguments to from_pretrained are set as they are, and would leave them strings):
+        config = AutoConfig.from_pretrained(BASE)
+        config = type(config).from_dict({**config.to_dict(), **json.load(open("OUT/head_config.json"))})
+        model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(BASE, config=config), OUT)"""
+    checkpoint.write_json(os.path.join(out_dir, PEFT_HEAD_CONFIG), checkpoint.hf_head_config(args))
+
+
+def peft_head_recipe(base, out) -> str:
+    """The Python (one line) that loads a SEQ_CLS export in out onto base, as write_peft_head says."""
+    return (f"c = AutoConfig.from_pretrained({str(base)!r}); c = type(c).from_dict({{**c.to_dict(), "
+            f"**json.load(open({os.path.join(out, PEFT_HEAD_CONFIG)!r}))}}); model = PeftModel.from_pretrained("
+            f"AutoModelForSequenceClassification.from_pretrained({str(base)!r}, config=c), {str(out)!r})")
 
 
 def export_peft(model, out_dir, base_model_name_or_path=None):
@@ -637,12 +670,16 @@ class Command:
         """Write the adapter for peft, or a merged HF or GGUF checkpoint.
 
         Args:
-            format: peft (adapter_config.json + adapter_model.safetensors, for transformers + peft),
-                hf (the merged model as config.json + model.safetensors + generation_config.json, with
-                tokenizer.json and tokenizer_config.json) or gguf (the merged model as model.gguf, for
-                llama.cpp, tokenizer and chat template inside).
+            format: peft (adapter_config.json + adapter_model.safetensors, for transformers + peft;
+                an adapter with a head is a SEQ_CLS one, the head in modules_to_save, and head_config.json
+                holds the config keys the base must be built with: the export prints the Python that
+                loads it), hf (the merged model as config.json + model.safetensors +
+                generation_config.json, with tokenizer.json and tokenizer_config.json; with a head,
+                LlamaForSequenceClassification's config) or gguf (the merged model as model.gguf, for
+                llama.cpp, tokenizer and chat template inside; the language model only: a head is
+                left out).
             base: peft's base_model_name_or_path: the hub name or HF-layout directory of the base
-                (default: --ckpt_dir as given, made absolute).
+                (default: --ckpt_dir as given, made absolute; transformers reads only the HF layout).
             gguf_type: the GGUF weights' type: f32, f16, bf16 or q8_0 (norms stay f32).
         """
         if base is not None and format != "peft":
@@ -692,6 +729,9 @@ class Command:
         def fill(fresh):
             if fmt == "peft":
                 write_peft(m, fresh, self.base)
+                if m.args.n_labels:
+                    print(f"lora.py: a SEQ_CLS adapter; load it with {peft_head_recipe(self.base, self.out)}",
+                          file=sys.stderr)
                 return
             if fmt == "gguf":
                 gguf_export.write_gguf(_unwrap(m), merged_state_dict(m), tok, os.path.join(fresh, "model.gguf"),

@@ -27,7 +27,7 @@ def bench(tmp_path, *argv, env=None):
     columns = header.split()
     assert columns[:3] == ["case", "metric", "ours"] and columns[-1] == "ratio" and "reference" in columns
     assert {"subcommand", "command", "device", "versions", "date", "claims", "rows", "notes"} <= set(record)
-    measures_the_cpu = argv[0] in ("prepare", "load", "decode", "save")  # the others exist for the GPU
+    measures_the_cpu = argv[0] in ("prepare", "load", "decode", "save", "classify")  # the others exist for the GPU
     assert record["subcommand"] == argv[0] and record["claims"] is measures_the_cpu
     assert record["rows"] and all(ROW_KEYS <= set(row) for row in record["rows"])
     for row in record["rows"]:  # each row is printed, naming its reference stack
@@ -51,6 +51,19 @@ def test_train(tmp_path):
     else:
         assert "not installed" in rows["tokens/s"]["reference"]
     assert "FLOPs/token = 4N" in stdout and "12*L*H*Q*T" in stdout
+
+
+def test_classify(tmp_path):
+    stdout, record = bench(tmp_path, "classify", "--dim", "64", "--n_layers", "2", "--vocab", "256", "--seq_len", "32",
+                           "--documents", "6", "--min_len", "4", "--max_len", "16", "--steps", "1", "--warmup", "0")
+    rows = {(row["case"].rpartition(", ")[2].split()[0], row["metric"]): row for row in record["rows"]}
+    assert set(rows) == {(layout, metric) for layout in ("packed", "padded")
+                         for metric in ("examples/s", "step ms", "examples/CPU s", "CPU ms/step")}
+    assert all(row["vs"] == "transformers+peft" and number(row["ours"]) for row in rows.values())
+    assert rows["padded", "examples/s"]["case"].endswith("padded 6x32")  # one document per row
+    if HF:
+        assert all(number(row["reference"]) and number(row["ratio"]) for row in rows.values())
+    assert "torch.cpu.get_capabilities()" in stdout and "the reference pads them to the longest (6x" in stdout
 
 
 def test_train_full_without_reference(tmp_path):
