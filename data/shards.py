@@ -626,16 +626,21 @@ class LabelledLoader:
         self.rank, self.world_size, self.seed, self.padded = rank, world_size, seed, padded
         self.shuffle = (split == "train") if shuffle is None else shuffle
         meta = load_meta(data_dir)
-        self.doc_starts, self.label_offsets, self.label_ids = split_labels(data_dir, meta, split)
-        self.labels, self.multilabel, self.pad_id = meta["labels"], meta["multilabel"], meta["eos_id"]
-        self.tokens, _, _ = open_split(data_dir, meta, split)
-        self.starts = np.cumsum([0] + [len(t) for t in self.tokens])
+        self._read(meta)  # tokens, starts, doc_starts and what each document is labelled with
         self.doc_lengths = np.diff(np.append(self.doc_starts, self.starts[-1]))
         self.n_documents = len(self.doc_starts)
         if self.n_documents == 0:
             raise ShardError(f"{data_dir}: split '{split}' has no documents")
         self._check_lengths(meta)
         self.seq, self._epochs, self._epoch_starts = 0, {}, [0]
+
+    def _read(self, meta):
+        """The split's token streams (tokens, starts: their offsets), its documents' first tokens
+        (doc_starts) and their labels (the .labels sidecar)."""
+        self.doc_starts, self.label_offsets, self.label_ids = split_labels(self.data_dir, meta, self.split)
+        self.labels, self.multilabel, self.pad_id = meta["labels"], meta["multilabel"], meta["eos_id"]
+        self.tokens, _, _ = open_split(self.data_dir, meta, self.split)
+        self.starts = np.cumsum([0] + [len(t) for t in self.tokens])
 
     def _check_lengths(self, meta):
         max_len, longest = meta.get("max_len"), int(self.doc_lengths.max())
@@ -678,11 +683,14 @@ class LabelledLoader:
         """The epoch of the next row (train.py's --epochs counts these)."""
         return self.locate(self.seq)[0]
 
-    def next_batch(self):
+    def lay_out(self):
+        """The next batch's rows: (inputs, positions, valid) arrays (batch_size, seq_len) and, per
+        document, row by row and left to right, (row, column, document, length, epoch); advances
+        to the batch after it."""
         B, T = self.batch_size, self.seq_len
         inputs = np.full((B, T), self.pad_id, dtype=np.int64)
         positions, valid = np.zeros((B, T), dtype=np.int64), np.zeros((B, T), dtype=bool)
-        rows, last, documents, epochs = [], [], [], []
+        placed = []
         for i in range(B):
             epoch, row = self.locate(self.seq + i * self.world_size + self.rank)
             column = 0
@@ -691,14 +699,17 @@ class LabelledLoader:
                 inputs[i, column:column + n] = read_stream(self.tokens, self.starts, int(self.doc_starts[doc]), n)
                 positions[i, column:column + n] = np.arange(n)
                 valid[i, column:column + n] = True
-                rows.append(i)
-                last.append(column + n - 1)
-                documents.append(int(doc))
-                epochs.append(epoch)
+                placed.append((i, column, int(doc), n, epoch))
                 column += n
             positions[i, column:] = np.arange(T - column)  # the padding: a document of its own
         self.seq += B * self.world_size
+        return inputs, positions, valid, placed
+
+    def next_batch(self):
+        inputs, positions, valid, placed = self.lay_out()
         t = self._torch
+        rows, columns, documents, lengths, epochs = (list(column) for column in zip(*placed)) if placed else ([],) * 5
+        last = [c + n - 1 for c, n in zip(columns, lengths)]
         return LabelBatch(t.from_numpy(inputs), t.from_numpy(positions), t.from_numpy(valid), t.tensor(rows, dtype=t.long),
                           t.tensor(last, dtype=t.long), self.label_tensor(documents), t.tensor(documents, dtype=t.long),
                           t.tensor(epochs, dtype=t.long))
@@ -745,52 +756,22 @@ class TaggedLoader(LabelledLoader):
     for any world size; state_dict, reset, one pass over val alike), with each token's tag as its
     target: TagBatch. A document starts at each BOS token (tagged shards have no docs files)."""
 
-    def __init__(self, data_dir, split, batch_size, seq_len, rank=0, world_size=1, seed=0, shuffle=None,
-                 padded=False):
-        import torch  # imported here so data.prepare (which uses this module's format code) starts fast
-
-        self._torch = torch
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} not in [0, {world_size})")
-        self.data_dir, self.split, self.batch_size, self.seq_len = data_dir, split, batch_size, seq_len
-        self.rank, self.world_size, self.seed, self.padded = rank, world_size, seed, padded
-        self.shuffle = (split == "train") if shuffle is None else shuffle
-        meta = load_meta(data_dir)
-        self.tokens, self.tags = split_tags(data_dir, meta, split)
+    def _read(self, meta):
+        """The split's token streams, its documents' first tokens (each BOS) and each token's tag."""
+        self.tokens, self.tags = split_tags(self.data_dir, meta, self.split)
         self.labels, self.pad_id = meta["tags"], meta["eos_id"]
         self.starts = np.cumsum([0] + [len(t) for t in self.tokens])
         self.doc_starts = np.concatenate([np.flatnonzero(np.asarray(t) == meta["bos_id"]) + base
                                           for t, base in zip(self.tokens, self.starts)]).astype(np.int64)
         if self.starts[-1] and (not self.doc_starts.size or self.doc_starts[0] != 0):
-            raise ShardError(f"{data_dir}: split '{split}' does not start with BOS (a document start)")
-        self.doc_lengths = np.diff(np.append(self.doc_starts, self.starts[-1]))
-        self.n_documents = len(self.doc_starts)
-        if self.n_documents == 0:
-            raise ShardError(f"{data_dir}: split '{split}' has no documents")
-        self._check_lengths(meta)
-        self.seq, self._epochs, self._epoch_starts = 0, {}, [0]
+            raise ShardError(f"{self.data_dir}: split '{self.split}' does not start with BOS (a document start)")
 
     def next_batch(self):
-        B, T = self.batch_size, self.seq_len
-        inputs = np.full((B, T), self.pad_id, dtype=np.int64)
-        targets = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
-        positions, valid = np.zeros((B, T), dtype=np.int64), np.zeros((B, T), dtype=bool)
-        rows, documents, epochs = [], [], []
-        for i in range(B):
-            epoch, row = self.locate(self.seq + i * self.world_size + self.rank)
-            column = 0
-            for doc in self.epoch_rows(epoch)[row]:
-                n, start = int(self.doc_lengths[doc]), int(self.doc_starts[doc])
-                inputs[i, column:column + n] = read_stream(self.tokens, self.starts, start, n)
-                targets[i, column:column + n] = read_stream(self.tags, self.starts, start, n)
-                positions[i, column:column + n] = np.arange(n)
-                valid[i, column:column + n] = True
-                rows.append(i)
-                documents.append(int(doc))
-                epochs.append(epoch)
-                column += n
-            positions[i, column:] = np.arange(T - column)  # the padding: a document of its own
-        self.seq += B * self.world_size
+        inputs, positions, valid, placed = self.lay_out()
+        targets = np.full(inputs.shape, IGNORE_INDEX, dtype=np.int64)
+        for i, column, doc, n, _ in placed:
+            targets[i, column:column + n] = read_stream(self.tags, self.starts, int(self.doc_starts[doc]), n)
+        rows, _, documents, _, epochs = zip(*placed) if placed else ([],) * 5
         t = self._torch
         return TagBatch(t.from_numpy(inputs), t.from_numpy(positions), t.from_numpy(valid), t.from_numpy(targets),
                         t.tensor(rows, dtype=t.long), t.tensor(documents, dtype=t.long), t.tensor(epochs, dtype=t.long))
