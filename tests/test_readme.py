@@ -250,17 +250,19 @@ def write_labelled_tables(work):
     """CORe's MIMIC-III task files, made up: mortality (id, text, hospital_expire_flag) and diagnoses
     (id, text, short_codes: comma-separated ICD-9 codes), train and test."""
     codes = ["401.9", "428.0", "584.9", "250.00"]
-    for split, n in (("train", 160), ("test", 16)):  # 16 val notes of both classes: an AUROC to keep the best by
+    for split, n in (("train", 160), ("test", 16)):  # unique notes: val (a hash of each) holds both classes
         with open(work / f"mp_in_adm_{split}.csv", "w", newline="") as f:
             table = csv.writer(f)
             table.writerow(["id", "text", "hospital_expire_flag"])
             for i in range(n):
-                table.writerow([i, note(i % 24)[:300] + (" Comfort care, family at bedside." if i % 2 else ""), i % 2])
+                text = f"Admission {split} {i}. " + note(i % 24)[:300] + (" Comfort care, family at bedside." if i % 2 else "")
+                table.writerow([i, text, i % 2])
         with open(work / f"dia_plus_{split}.csv", "w", newline="") as f:
             table = csv.writer(f)
             table.writerow(["id", "text", "short_codes"])
             for i in range(n):
-                table.writerow([i, note(i % 24)[:300], ",".join(codes[k] for k in range(4) if (i >> k) & 1)])
+                text = f"Admission {split} {i}. " + note(i % 24)[:300]
+                table.writerow([i, text, ",".join(codes[k] for k in range(4) if (i >> k) & 1)])
 
 
 def free_port():
