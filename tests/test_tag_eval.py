@@ -172,7 +172,7 @@ def test_eval_predicts_transformers_argmax_at_run_ners_first_subwords(tmp_path, 
     assert (m["precision"], m["recall"], m["f1"]) == pytest.approx(seqeval_scores(kept_t, kept_p), abs=1e-12)
     assert m["f1_strict"] == pytest.approx(seqeval_scores(kept_t, kept_p, mode="strict", scheme=IOB2)[2], abs=1e-12)
     assert m["token_accuracy"] == pytest.approx(sum(t == p for s in kept for t, p in s) / sum(map(len, kept)))
-    assert m == pytest.approx(tagging.tag_metrics(truth, predicted, {"IGN"}))
+    assert m == tagging.tag_metrics(truth, predicted, {"IGN"})
     assert "f1_strict" in r.stdout and "support" in r.stdout  # the summary and its per-type table
     # two ranks, each tagging every other sentence: the same results file
     r = run_eval("--ckpt_dir", ckpt, "--task", "tag", "--data", data, "--out", tmp_path / "two.json",
@@ -181,6 +181,38 @@ def test_eval_predicts_transformers_argmax_at_run_ners_first_subwords(tmp_path, 
     two = json.loads((tmp_path / "two.json").read_text())
     got.pop("command"), two.pop("command")
     assert_same_results(got, two)
+
+
+def test_eval_pieces_are_data_prepares_documents(tmp_path):
+    """The documents data.prepare --max_len 16 writes (split sentences too) are the pieces eval reads,
+    and each word's tag sits in the shards at the position where eval reads its prediction."""
+    import collections
+
+    import model
+    import numpy as np
+    from data import shards
+    from test_labels import in_process
+
+    records = sentences(40, seed=5)
+    write_jsonl(tmp_path / "ner.jsonl", records)
+    in_process("--input", tmp_path / "ner.jsonl", "--out", tmp_path / "shards", "--max_len", 16)
+    on_file = collections.Counter()
+    for split in shards.SPLITS:
+        tokens, tags = shards.split_tags(tmp_path / "shards", shards.load_meta(tmp_path / "shards"), split)
+        tokens, tags = np.concatenate(tokens).astype(np.int64), np.concatenate(tags)
+        starts = list(np.flatnonzero(tokens == BOS)) + [len(tokens)]
+        on_file.update((tuple(tokens[a:b].tolist()), tuple(tags[a:b].tolist())) for a, b in zip(starts, starts[1:]))
+    tiny = model.Transformer(model.ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=128256, max_seq_len=64))
+    job = tasks.Tag(tasks.Options(labels=None, max_len=16), TAGS)
+    units = job.units(str(tmp_path / "ner.jsonl"), tokenizer.load(LLAMA3), tiny)
+    read = collections.Counter()
+    for u in units:
+        for ids, firsts in u["pieces"]:
+            tags = [-100] * len(ids)
+            for position, word in firsts:
+                tags[position] = TAGS.index(u["tags"][word]) if u["tags"][word] != "IGN" else -100
+            read[(tuple(ids), tuple(tags))] += 1
+    assert sum(read.values()) > len(units) and read == on_file
 
 
 def test_conll_and_bad_records_are_one_line(tmp_path):
@@ -211,7 +243,8 @@ def test_conll_and_bad_records_are_one_line(tmp_path):
         tasks.Tag(tasks.Options(labels=None)).for_model(tiny)
 
 
-def test_eval_refuses_in_one_line(tmp_path):
+def test_eval_refuses_in_one_line_and_logs_to_mlflow(tmp_path):
+    import test_eval
     import test_head_eval
 
     plain = test_head_eval.head_checkpoint(tmp_path / "cls", ["lived", "died"], False)
@@ -227,11 +260,20 @@ def test_eval_refuses_in_one_line(tmp_path):
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and f"{bad}:2: tag 'Q'" in r.stderr, r.stderr
     r = run_eval("--ckpt_dir", ckpt, "--task", "classify", "--data", data, "--out", tmp_path / "r.json")
     assert r.returncode == 2 and "a tag head" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the numbers logged (the per-type table and a None are not)
+    r = test_eval.run_eval("--ckpt_dir", ckpt, "--task", "tag", "--data", data, "--out", tmp_path / "m.json",
+                           env={"MLFLOW_TRACKING_URI": uri})
+    assert r.returncode == 0 and "warning" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    run, = client.search_runs([client.get_experiment_by_name("llama").experiment_id])
+    assert {"eval_f1", "eval_precision", "eval_recall", "eval_token_accuracy", "eval_macro_f1"} <= set(run.data.metrics)
     for flags, says in [(["--labels", "a,b"], "--labels does not apply to --task tag"),
                         (["--text_column", "x"], "--text_column only applies to --task classify")]:
         r = run_eval("--ckpt_dir", ckpt, "--task", "tag", "--data", data, *flags)
         assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert not (tmp_path / "r.json").exists()
+    assert not (tmp_path / "r.json").exists() and (tmp_path / "m.json").exists()
 
 
 # -- tag.py: raw text ---------------------------------------------------------------------------------
@@ -307,3 +349,20 @@ def test_report_compares_two_tag_results(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="tag heads with other labels"):
         report.build([str(paths[0]), str(tmp_path / "other.json")], str(tmp_path / "rep2"), resamples=5)
+
+
+def test_training_eval_scores_the_tag_head(tmp_path):
+    """train.py --eval_task tag: the head's labels, the same metrics as eval.py's task."""
+    import heads
+    import model
+
+    m = model.Transformer(model.ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=128256, max_seq_len=32))
+    m.init_weights(std=0.3)
+    heads.attach_head(m, len(TAGS), False, TAGS, pad_id=0, kind="tag")
+    data = write_jsonl(tmp_path / "val.jsonl", sentences(6, seed=2))
+    tok = tokenizer.load(LLAMA3)
+    logged = tasks.TrainingEval("tag", str(data), m, tok, 4, None, 0, 1)(m)
+    job = tasks.Tag(tasks.Options(labels=None), TAGS)
+    metrics, _ = tasks.evaluate(job, m, tok, job.units(str(data), tok, m), show_progress=False)
+    assert logged == {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "n"}
+    assert {"eval_f1", "eval_token_accuracy"} <= set(logged)
