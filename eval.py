@@ -46,6 +46,8 @@ import lora
 import report
 import tasks
 from cli import UsageError, UserError, at_least, interval, non_empty, one_of, positive, run, torch_device
+from data import prepare
+from data.records import TAGGED_FIELDS
 from data.shards import load_meta, shard_paths
 from generate import apply_adapter, checked_ckpt_dir, load_for_sampling
 
@@ -55,12 +57,12 @@ from generate import apply_adapter, checked_ckpt_dir, load_for_sampling
 
 
 def task_options(task, labels=None, template=None, qrels=None, run_out=None, records=(None,) * 5,
-                 ignore_tags=None, **options):
+                 ignore_tags=None, columns=None, **options):
     """tasks.Options from eval.py's flags: --template's escapes typed in a shell (\\n, \\t, \\\\)
     made characters and the template checked; --labels split and checked (classify without them:
     None, the head's labels; rank defaults to yes,no); --qrels and --run_out refused but for rank;
     records: (--text_column, --label_column, --label_separator, --max_len, --truncate), classify's
-    (--max_len tag's too); ignore_tags: tag's, comma-separated."""
+    (--max_len tag's too); ignore_tags, columns: tag's (tag_columns)."""
     if template is not None:  # typed in a shell, "\n" arrives as a backslash and an n
         template = re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m[1]], template)
         tasks.check_template(template)
@@ -83,8 +85,23 @@ def task_options(task, labels=None, template=None, qrels=None, run_out=None, rec
         if task != "tag":
             raise UsageError("--ignore_tags only applies to --task tag")
         record_flags["ignore_tags"] = tuple(t.strip() for t in ignore_tags.split(",") if t.strip())
+    if columns is not None:
+        record_flags["columns"] = tag_columns(task, columns)
     return tasks.Options(template=template, labels=names, qrels=qrels, **options,
                          **{k: v for k, v in record_flags.items() if v is not None})
+
+
+def tag_columns(task, columns):
+    """--columns tokens=words,tags=ner_tags as data.prepare reads it: [(field, column)], a field not
+    named read under its own name."""
+    if task != "tag":
+        raise UsageError("--columns only applies to --task tag (a tag head's records)")
+    pairs = prepare.parse_columns(None, columns)
+    other = [field for field, _ in pairs if field not in TAGGED_FIELDS]
+    if other:
+        raise UsageError(f"--columns: field '{other[0]}' is not a tagged record's (tokens, tags)")
+    named = {field for field, _ in pairs}
+    return pairs + [(field, field) for field in TAGGED_FIELDS if field not in named]
 
 
 def checked_paths(ckpt_dir, data, outputs, inputs):
@@ -226,7 +243,7 @@ CHECKS = {"task": one_of(*tasks.NAMES), "data": non_empty, "ckpt_dir": non_empty
           "dtype": one_of("bf16", "fp16", "fp32"), "quantize": one_of("nf4"), "mlflow_experiment": non_empty,
           "report_dir": non_empty, "text_column": non_empty, "label_column": non_empty,
           "label_separator": non_empty, "max_len": at_least(3), "truncate": one_of("start", "end"),
-          "ignore_tags": non_empty}
+          "ignore_tags": non_empty, "columns": non_empty}
 
 
 def main(task: str, data: str, ckpt_dir: str = None, adapter: str = None, out: str = "results.json",
@@ -236,7 +253,7 @@ def main(task: str, data: str, ckpt_dir: str = None, adapter: str = None, out: s
          tokenizer: str = None, device: str = None, dtype: str = None, quantize: str = None,
          force: bool = False, mlflow: bool = True, mlflow_experiment: str = "llama", compare_baseline: bool = False,
          report_dir: str = None, text_column: str = None, label_column: str = None, label_separator: str = None,
-         max_len: int = None, truncate: str = None, ignore_tags: str = None):
+         max_len: int = None, truncate: str = None, ignore_tags: str = None, columns: str = None):
     """Evaluate a model on a task and write the results file.
 
     Args:
@@ -278,6 +295,8 @@ def main(task: str, data: str, ckpt_dir: str = None, adapter: str = None, out: s
             context), keeping its start (truncate start, the default) or its end, as data.prepare cuts;
             tag: a sentence of more tokens is split between words into pieces (as data.prepare splits).
         ignore_tags: tag: the tags whose words no metric scores (default IGN), comma-separated.
+        columns: tag: the JSON fields (or Parquet columns) holding the words and the tags, e.g.
+            tokens=words,tags=ner_tags (as data.prepare --columns; default tokens and tags).
     """
     run_eval(SimpleNamespace(**locals()))
 
@@ -289,7 +308,7 @@ def run_eval(f):
                         batch_size=f.batch_size, max_new_tokens=f.max_new_tokens, temperature=f.temperature,
                         top_p=f.top_p, seed=f.seed, seq_len=f.seq_len,
                         records=(f.text_column, f.label_column, f.label_separator, f.max_len, f.truncate),
-                        ignore_tags=f.ignore_tags)
+                        ignore_tags=f.ignore_tags, columns=f.columns)
     base_out, report_dir = comparison_paths(f.compare_baseline, f.adapter, f.quantize, f.out, f.report_dir)
     ckpt_dir = checked_paths(f.ckpt_dir, f.data, {"--out": f.out, "--run_out": f.run_out,
                                                   "the base's results": base_out, "--report_dir": report_dir},

@@ -95,6 +95,7 @@ class Options:
     truncate: Optional[str] = None  # a longer document keeps its start (None, "start") or its end ("end")
     # tag: the words whose truth tag is one of these are left out of the metrics (data.prepare's --ignore_tags)
     ignore_tags: tuple = ("IGN",)
+    columns: Optional[list] = None  # tag: [(field, JSON field or Parquet column)] (data.prepare's --columns)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -491,8 +492,9 @@ def tag_head_labels(model, task="--task tag"):
 
 
 class Tag(Task):
-    """A tag head's prediction for every word of {"tokens": [words], "tags": [tags]} records (JSONL)
-    or CoNLL sentences, read as data.prepare reads them (data.records: read_records, tagged_words):
+    """A tag head's prediction for every word of {"tokens": [words], "tags": [tags]} records (JSONL or
+    Parquet, opts.columns naming other fields) or CoNLL sentences, read as data.prepare reads them
+    (data.records: read_records, tagged_words):
     tags are the head's label names, integers index them, and words tagged one of opts.ignore_tags
     are scored by no metric. Each sentence is encoded as prepare encodes it and split where it is
     longer than the model's context (or opts.max_len); a word's tag is read at its first sub-word.
@@ -519,7 +521,8 @@ class Tag(Task):
     def units(self, data, tok=None, model=None):
         context = model.args.max_seq_len
         keep = min(self.opts.max_len or context, context)
-        records = itertools.islice(read_records(data, flag=self.opts.data_flag), self.opts.max_examples)
+        records = itertools.islice(read_records(data, self.opts.columns, flag=self.opts.data_flag),
+                                   self.opts.max_examples)
         units = []
         for where, record in records:
             unit = self.unit(record, where)

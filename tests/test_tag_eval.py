@@ -366,3 +366,32 @@ def test_training_eval_scores_the_tag_head(tmp_path):
     metrics, _ = tasks.evaluate(job, m, tok, job.units(str(data), tok, m), show_progress=False)
     assert logged == {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "n"}
     assert {"eval_f1", "eval_token_accuracy"} <= set(logged)
+
+
+def test_columns_name_other_fields_in_jsonl_and_parquet(tmp_path):
+    """HF token-classification layout: {"words", "ner_tags": [ints]} as JSONL and as Parquet."""
+    import pyarrow
+    import pyarrow.parquet
+
+    import eval as evaluation
+    import model
+
+    rows = [{"id": 0, "words": ["Aspirin", "eased", "angina"], "ner_tags": [0, 4, 1]},
+            {"id": 1, "words": ["no", "fever"], "ner_tags": [4, 1]}]
+    jsonl = write_jsonl(tmp_path / "hf.jsonl", rows)
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), tmp_path / "hf.parquet")
+    opts = evaluation.task_options("tag", columns="tokens=words,tags=ner_tags")
+    assert opts.columns == [("tokens", "words"), ("tags", "ner_tags")] and opts.labels is None
+    tiny = model.Transformer(model.ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=128256, max_seq_len=32))
+    want = [(["Aspirin", "eased", "angina"], ["B-CHEM", "O", "B-DIS"]), (["no", "fever"], ["O", "B-DIS"])]
+    for data in (jsonl, tmp_path / "hf.parquet"):
+        units = tasks.Tag(opts, TAGS).units(str(data), tokenizer.load(LLAMA3), tiny)
+        assert [(u["words"], u["tags"]) for u in units] == want, data
+    assert evaluation.task_options("tag", columns="tokens=words").columns == [("tokens", "words"), ("tags", "tags")]
+    for task, columns, says in [("classify", "tokens=words", "--columns only applies to --task tag"),
+                                ("tag", "text=words", "field 'text' is not a tagged record's"),
+                                ("tag", "words", "expected field=column")]:
+        with pytest.raises(UsageError, match=says):
+            evaluation.task_options(task, columns=columns)
+    with pytest.raises(UsageError, match="--ignore_tags only applies to --task tag"):
+        evaluation.task_options("classify", ignore_tags="IGN")
