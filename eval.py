@@ -26,7 +26,8 @@ With --adapter DIR --compare_baseline it scores the base too (before merging the
 same weights): R.json (fine-tuned), R.base.json (base) and report.py's report in R_report/.
 
 Reading guide, top to bottom:
-    flags       task_options (the flags tasks read, as tasks.Options), checked_paths (the files)
+    flags       task_options (the flags tasks read, as tasks.Options; tag_columns: --columns), checked_paths
+                (the files)
     outputs     the data's digest, the results and run files, the summary table, mlflow
     compare     --compare_baseline: the base scored first, the adapter checked to change the weights
     main        the run: flags checked, records checked, the model loaded, tasks.evaluate, outputs

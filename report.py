@@ -233,7 +233,7 @@ def changed_most(base, tuned, top=TOP):
     rows.sort(key=lambda r: r["change"])
     gains = [r for r in reversed(rows[-top:]) if r["change"] > 0]
     losses = [r for r in rows[:top] if r["change"] < 0]
-    records = records_by_line(base["data"].get("path", "")) if task != "rank" else {}
+    records = records_by_line(base["data"].get("path", "")) if task not in ("rank", "tag") else {}  # tag: items say it
     for row in gains + losses:
         row.update(describe(task, base["items"], tuned["items"], row.pop("index"), records))
     return gains + losses
