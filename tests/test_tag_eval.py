@@ -395,3 +395,20 @@ def test_columns_name_other_fields_in_jsonl_and_parquet(tmp_path):
             evaluation.task_options(task, columns=columns)
     with pytest.raises(UsageError, match="--ignore_tags only applies to --task tag"):
         evaluation.task_options("classify", ignore_tags="IGN")
+
+
+def test_tag_py_reads_texts_lines_and_jsonl(tmp_path):
+    import tag
+
+    (tmp_path / "n.txt").write_text("first note\n\n  \nsecond\tnote\r\n", encoding="utf-8")
+    assert tag.texts_of(None, str(tmp_path / "n.txt")) == [(f"{tmp_path / 'n.txt'}:1", "first note"),
+                                                           (f"{tmp_path / 'n.txt'}:4", "second\tnote")]
+    data = write_jsonl(tmp_path / "n.jsonl", [{"text": "a b"}, {"note": "c"}])
+    with pytest.raises(RecordError, match=f"^{data}:2: .*'text'"):
+        tag.texts_of(None, str(data))
+    assert tag.texts_of(None, str(write_jsonl(tmp_path / "ok.jsonl", [{"text": "a b"}]))) == [(f"{tmp_path / 'ok.jsonl'}:1", "a b")]
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9\n")
+    with pytest.raises(RecordError, match="not UTF-8"):
+        tag.texts_of(None, str(tmp_path / "bad.txt"))
+    with pytest.raises(UsageError, match="--text TEXT or --input FILE"):
+        tag.texts_of(None, None)
