@@ -3,6 +3,7 @@
     python eval.py --ckpt_dir ~/llama/Llama3.1-8B --task choice --data medqa.jsonl
     python eval.py --ckpt_dir ~/llama/Llama3.1-8B --adapter out/notes/adapter --task classify \
         --data mortality.jsonl --labels yes,no
+    python eval.py --ckpt_dir out/ner/model --task tag --data test.conll     # a tag head's checkpoint
     torchrun --nproc_per_node 8 eval.py ...          # records split across ranks, gathered on rank 0
 
 Tasks (records are JSONL, one per line; tasks.py has each one's fields, scoring and metrics):
@@ -10,6 +11,11 @@ Tasks (records are JSONL, one per line; tasks.py has each one's fields, scoring 
     classify    {"text", "label"} with --labels yes,no: accuracy, macro-F1, AUROC; on a checkpoint with a
                 classification head no --labels: {"text", "label"} or {"text", "labels": [...]} scored
                 by the head (results add "labels", "multilabel"; items "probabilities", "answer(s)")
+    tag         on a checkpoint with a tag head: {"tokens": [words], "tags": [tags]} or a CoNLL file, as
+                data.prepare reads them (IGN / --ignore_tags words unscored): entity precision, recall,
+                f1 (seqeval's default mode, micro), f1_strict (IOB2), macro_f1, per_type, token_accuracy,
+                invalid_transitions (results add "labels"; items "words", "tags", "predicted")
+                (tag.py tags raw text and prints its entities with character offsets)
     rank        {"query_id", "doc_id", "text", "relevance"} (or --qrels): P@10, NDCG@10, MRR, MAP
     generate    {"prompt", "reference"} (or instruction/input/output): ROUGE-1/2/L, corpus BLEU
     perplexity  a shards directory (its val split) or JSONL {"text"}: loss, perplexity, bits per byte
@@ -20,7 +26,8 @@ With --adapter DIR --compare_baseline it scores the base too (before merging the
 same weights): R.json (fine-tuned), R.base.json (base) and report.py's report in R_report/.
 
 Reading guide, top to bottom:
-    flags       task_options (the flags tasks read, as tasks.Options), checked_paths (the files)
+    flags       task_options (the flags tasks read, as tasks.Options; tag_columns: --columns), checked_paths
+                (the files)
     outputs     the data's digest, the results and run files, the summary table, mlflow
     compare     --compare_baseline: the base scored first, the adapter checked to change the weights
     main        the run: flags checked, records checked, the model loaded, tasks.evaluate, outputs
@@ -40,6 +47,8 @@ import lora
 import report
 import tasks
 from cli import UsageError, UserError, at_least, interval, non_empty, one_of, positive, run, torch_device
+from data import prepare
+from data.records import TAGGED_FIELDS
 from data.shards import load_meta, shard_paths
 from generate import apply_adapter, checked_ckpt_dir, load_for_sampling
 
@@ -48,28 +57,52 @@ from generate import apply_adapter, checked_ckpt_dir, load_for_sampling
 # Flags: what cli's per-flag checks cannot see
 
 
-def task_options(task, labels=None, template=None, qrels=None, run_out=None, records=(None,) * 5, **options):
+def task_options(task, labels=None, template=None, qrels=None, run_out=None, records=(None,) * 5,
+                 ignore_tags=None, columns=None, **options):
     """tasks.Options from eval.py's flags: --template's escapes typed in a shell (\\n, \\t, \\\\)
     made characters and the template checked; --labels split and checked (classify without them:
     None, the head's labels; rank defaults to yes,no); --qrels and --run_out refused but for rank;
-    records: (--text_column, --label_column, --label_separator, --max_len, --truncate), classify's."""
+    records: (--text_column, --label_column, --label_separator, --max_len, --truncate), classify's
+    (--max_len tag's too); ignore_tags, columns: tag's (tag_columns)."""
     if template is not None:  # typed in a shell, "\n" arrives as a backslash and an n
         template = re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m[1]], template)
         tasks.check_template(template)
     names = [s.strip() for s in (labels or "yes,no").split(",")]
     if len(set(names)) != len(names) or "" in names or len(names) < 2:
         raise UsageError(f"--labels must be two or more distinct, non-empty names, got {','.join(names)!r}")
-    if task == "classify" and labels is None:
+    if task == "tag" and labels is not None:
+        raise UsageError("--labels does not apply to --task tag: a tag head's labels come from its checkpoint")
+    if task in ("classify", "tag") and labels is None:
         names = None  # a head's from its checkpoint; without a head, Classify.for_model asks for --labels
     for name, value in (("qrels", qrels), ("run_out", run_out)):
         if value is not None and task != "rank":
             raise UsageError(f"--{name} only applies to --task rank")
     record_flags = dict(zip(("text_column", "label_column", "label_separator", "max_len", "truncate"), records))
     given = [name for name, value in record_flags.items() if value is not None]
-    if given and task != "classify":
-        raise UsageError(f"--{given[0]} only applies to --task classify (a classification head's records)")
+    if given and task != "classify" and (task != "tag" or given != ["max_len"]):
+        raise UsageError(f"--{given[0]} only applies to --task classify (a classification head's records)"
+                         + (" or --task tag" if given[0] == "max_len" else ""))
+    if ignore_tags is not None:
+        if task != "tag":
+            raise UsageError("--ignore_tags only applies to --task tag")
+        record_flags["ignore_tags"] = tuple(t.strip() for t in ignore_tags.split(",") if t.strip())
+    if columns is not None:
+        record_flags["columns"] = tag_columns(task, columns)
     return tasks.Options(template=template, labels=names, qrels=qrels, **options,
                          **{k: v for k, v in record_flags.items() if v is not None})
+
+
+def tag_columns(task, columns):
+    """--columns tokens=words,tags=ner_tags as data.prepare reads it: [(field, column)], a field not
+    named read under its own name."""
+    if task != "tag":
+        raise UsageError("--columns only applies to --task tag (a tag head's records)")
+    pairs = prepare.parse_columns(None, columns)
+    other = [field for field, _ in pairs if field not in TAGGED_FIELDS]
+    if other:
+        raise UsageError(f"--columns: field '{other[0]}' is not a tagged record's (tokens, tags)")
+    named = {field for field, _ in pairs}
+    return pairs + [(field, field) for field in TAGGED_FIELDS if field not in named]
 
 
 def checked_paths(ckpt_dir, data, outputs, inputs):
@@ -127,10 +160,18 @@ def write_text(path, text):
 
 
 def summary_table(task, metrics, data):
+    """The metrics, one a line; tag's per-type table (precision, recall, f1, support) after them."""
     rows = [(name, "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value))
-            for name, value in metrics.items()]
+            for name, value in metrics.items() if not isinstance(value, dict)]
     width = max(len(name) for name, _ in rows)
-    return "\n".join([f"{task} on {data}"] + [f"  {name:<{width}}  {value:>10}" for name, value in rows])
+    lines = [f"{task} on {data}"] + [f"  {name:<{width}}  {value:>10}" for name, value in rows]
+    per_type = metrics.get("per_type") or {}
+    if per_type:
+        wide = max(len("type"), *map(len, per_type))
+        lines.append(f"  {'type':<{wide}}  {'precision':>9}  {'recall':>9}  {'f1':>9}  {'support':>7}")
+        lines += [f"  {name:<{wide}}  {r['precision']:>9.4f}  {r['recall']:>9.4f}  {r['f1']:>9.4f}  {r['support']:>7}"
+                  for name, r in per_type.items()]
+    return "\n".join(lines)
 
 
 def results_of(job, data, model, metrics, items, ckpt_dir, adapter):
@@ -202,7 +243,8 @@ CHECKS = {"task": one_of(*tasks.NAMES), "data": non_empty, "ckpt_dir": non_empty
           "max_seq_len": positive, "seed": at_least(0), "device": torch_device,
           "dtype": one_of("bf16", "fp16", "fp32"), "quantize": one_of("nf4"), "mlflow_experiment": non_empty,
           "report_dir": non_empty, "text_column": non_empty, "label_column": non_empty,
-          "label_separator": non_empty, "max_len": at_least(3), "truncate": one_of("start", "end")}
+          "label_separator": non_empty, "max_len": at_least(3), "truncate": one_of("start", "end"),
+          "ignore_tags": non_empty, "columns": non_empty}
 
 
 def main(task: str, data: str, ckpt_dir: str = None, adapter: str = None, out: str = "results.json",
@@ -212,13 +254,13 @@ def main(task: str, data: str, ckpt_dir: str = None, adapter: str = None, out: s
          tokenizer: str = None, device: str = None, dtype: str = None, quantize: str = None,
          force: bool = False, mlflow: bool = True, mlflow_experiment: str = "llama", compare_baseline: bool = False,
          report_dir: str = None, text_column: str = None, label_column: str = None, label_separator: str = None,
-         max_len: int = None, truncate: str = None):
+         max_len: int = None, truncate: str = None, ignore_tags: str = None, columns: str = None):
     """Evaluate a model on a task and write the results file.
 
     Args:
-        task: choice, classify, rank, generate or perplexity (see the top of tasks.py for each one's records).
-        data: the records (JSONL; for a classification head also CSV/TSV/Parquet, as data.prepare
-            reads them); for perplexity also a shards directory (its val split).
+        task: choice, classify, tag, rank, generate or perplexity (see the top of tasks.py for each one's records).
+        data: the records (JSONL; for a classification head also CSV/TSV/Parquet, for a tag head also
+            CoNLL, as data.prepare reads them); for perplexity also a shards directory (its val split).
         ckpt_dir: Meta or HF checkpoint; default out/demo, the model `python train.py` makes.
         adapter: a LoRA adapter directory saved by train.py (merged into the weights).
         out: the results file: task, metrics, one item per record in input order, digests.
@@ -251,7 +293,11 @@ def main(task: str, data: str, ckpt_dir: str = None, adapter: str = None, out: s
             or labels for a list).
         label_separator: a head's records: split each label cell into a list (multilabel), e.g. ';'.
         max_len, truncate: cut each of a head's documents to max_len tokens (default: the model's
-            context), keeping its start (truncate start, the default) or its end, as data.prepare cuts.
+            context), keeping its start (truncate start, the default) or its end, as data.prepare cuts;
+            tag: a sentence of more tokens is split between words into pieces (as data.prepare splits).
+        ignore_tags: tag: the tags whose words no metric scores (default IGN), comma-separated.
+        columns: tag: the JSON fields (or Parquet columns) holding the words and the tags, e.g.
+            tokens=words,tags=ner_tags (as data.prepare --columns; default tokens and tags).
     """
     run_eval(SimpleNamespace(**locals()))
 
@@ -262,7 +308,8 @@ def run_eval(f):
     opts = task_options(f.task, f.labels, f.template, f.qrels, f.run_out, chat=f.chat, max_examples=f.max_examples,
                         batch_size=f.batch_size, max_new_tokens=f.max_new_tokens, temperature=f.temperature,
                         top_p=f.top_p, seed=f.seed, seq_len=f.seq_len,
-                        records=(f.text_column, f.label_column, f.label_separator, f.max_len, f.truncate))
+                        records=(f.text_column, f.label_column, f.label_separator, f.max_len, f.truncate),
+                        ignore_tags=f.ignore_tags, columns=f.columns)
     base_out, report_dir = comparison_paths(f.compare_baseline, f.adapter, f.quantize, f.out, f.report_dir)
     ckpt_dir = checked_paths(f.ckpt_dir, f.data, {"--out": f.out, "--run_out": f.run_out,
                                                   "the base's results": base_out, "--report_dir": report_dir},

@@ -9,7 +9,7 @@ writes DIR (default: the second file's name without .json, plus _report) as a wh
                   produced each side (command, checkpoint, adapter, data digest), the records that
                   changed most
     report.json   {"metrics": {name: {"base", "tuned", "delta", "ci": [lo, hi], "p", "skipped"}}, ...}
-    *.png         by task: ROC and precision-recall (classify), accuracy by answer (choice), ROUGE-L
+    *.png         by task: ROC and precision-recall (classify), f1 per entity type (tag), accuracy by answer (choice), ROUGE-L
                   per item (generate), P@10 per query (rank), loss per record (perplexity); with
                   --train_dir the training curves of its log.jsonl
 
@@ -43,7 +43,7 @@ from cli import UsageError, UserError, at_least, command_line, non_empty, positi
 from data.records import read_jsonl
 
 COUNTS = {"n", "queries", "tokens", "bytes", "labels_skipped"}  # in metrics, but not scores to compare
-LOWER_IS_BETTER = {"loss", "perplexity", "bits_per_byte"}
+LOWER_IS_BETTER = {"loss", "perplexity", "bits_per_byte", "invalid_transitions"}
 TOP = 5  # records shown among the largest gains and the largest losses
 
 
@@ -71,7 +71,7 @@ def load_results(path):
 
 def item_key(task, item):
     """What identifies a record in a results file: its line number and its truth."""
-    fields = ("answer", "answers", "reference", "query_id", "doc_id", "relevance", "tokens", "bytes")
+    fields = ("answer", "answers", "reference", "query_id", "doc_id", "relevance", "tokens", "bytes", "words", "tags")
     return (str(item.get("line", "")).rpartition(":")[2],) + tuple(item.get(f) for f in fields)
 
 
@@ -88,6 +88,9 @@ def check_pair(base, tuned, base_path, tuned_path):
         where = next((k for k, (a, b) in enumerate(zip(*keys)) if a != b), min(map(len, keys)))
         raise UserError(f"{tuned_path} and {base_path} hold other records ({len(keys[1])} and {len(keys[0])} "
                         f"items; first difference at item {where + 1})")
+    if base["task"] == "tag" and base.get("labels") != tuned.get("labels"):
+        raise UserError(f"{tuned_path} and {base_path} come from tag heads with other labels "
+                        f"({','.join(tuned.get('labels') or [])[:80]} against {','.join(base.get('labels') or [])[:80]})")
     fingerprint = base["checkpoint"].get("weights_fingerprint")
     if fingerprint is not None and fingerprint == tuned["checkpoint"].get("weights_fingerprint"):
         raise UserError(f"{tuned_path} and {base_path} have the same weights fingerprint {fingerprint}: the "
@@ -96,8 +99,11 @@ def check_pair(base, tuned, base_path, tuned_path):
 
 def task_of(results):
     """The tasks.py task that recomputes the results' metrics (classify's label count from the items;
-    a classification head's results carry "labels" and "multilabel": tasks.HeadClassify)."""
+    a classification head's results carry "labels" and "multilabel": tasks.HeadClassify; a tag
+    head's "labels": tasks.Tag)."""
     items = results["items"]
+    if results["task"] == "tag":
+        return tasks.Tag(tasks.Options(labels=None), results["labels"])
     labels = results.get("labels") or [str(k) for k in range(len(items[0].get("probabilities", [0, 0])))]
     if "multilabel" in results:
         return tasks.HeadClassify(tasks.Options(labels=labels), labels, results["multilabel"])
@@ -173,10 +179,11 @@ def summary(base, tuned, d, resamples):
 # Per record: what each record scored (higher is better), and the records that changed most
 
 
-def record_scores(task, items):
+def record_scores(task, items, labels=()):
     """[(record label, score)]: choice correct (0/1), classify the truth's probability (multilabel:
     the mean over labels of the probability of each label's truth, on or off), generate ROUGE-L,
-    perplexity minus the loss per token; rank: one entry per query, its P@10."""
+    perplexity minus the loss per token, tag the share of the sentence's scored words (truth one of
+    the labels: not ignored) tagged right; rank: one entry per query, its P@10."""
     if task == "rank":
         ranked = tasks.ranked_queries(items)
         grades = {(i["query_id"], i["doc_id"]): i["relevance"] for i in items}
@@ -188,8 +195,15 @@ def record_scores(task, items):
     score = {"choice": lambda i: float(i["prediction"] == i["answer"]),
              "classify": truth_probability,
              "generate": lambda i: tasks.rouge_fmeasures(i["reference"], i["completion"])[2],
-             "perplexity": lambda i: -i["nll"] / max(i["tokens"], 1)}[task]
+             "perplexity": lambda i: -i["nll"] / max(i["tokens"], 1),
+             "tag": lambda i: words_right(i, set(labels))}[task]
     return [(str(i.get("line", k + 1)), score(i)) for k, i in enumerate(items)]
+
+
+def words_right(item, labels):
+    """A tag item's share of scored words (truth among labels) predicted right; 0 without any."""
+    scored = [t == p for t, p in zip(item["tags"], item["predicted"]) if t in labels]
+    return sum(scored) / len(scored) if scored else 0.0
 
 
 def truth_probability(item):
@@ -212,13 +226,14 @@ def changed_most(base, tuned, top=TOP):
     """The largest gains and losses: [{"record", "base", "tuned", "change", "prompt", "reference",
     "base_output", "tuned_output"}], gains first."""
     task = base["task"]
-    pairs = zip(record_scores(task, base["items"]), record_scores(task, tuned["items"]))
+    labels = base.get("labels") or ()
+    pairs = zip(record_scores(task, base["items"], labels), record_scores(task, tuned["items"], labels))
     rows = [{"record": label, "base": b, "tuned": t, "change": t - b, "index": k}
             for k, ((label, b), (_, t)) in enumerate(pairs)]
     rows.sort(key=lambda r: r["change"])
     gains = [r for r in reversed(rows[-top:]) if r["change"] > 0]
     losses = [r for r in rows[:top] if r["change"] < 0]
-    records = records_by_line(base["data"].get("path", "")) if task != "rank" else {}
+    records = records_by_line(base["data"].get("path", "")) if task not in ("rank", "tag") else {}  # tag: items say it
     for row in gains + losses:
         row.update(describe(task, base["items"], tuned["items"], row.pop("index"), records))
     return gains + losses
@@ -234,6 +249,9 @@ def describe(task, base_items, tuned_items, k, records):
     if task == "generate":
         return {"prompt": prompt, "reference": b["reference"], "base_output": b["completion"],
                 "tuned_output": t["completion"]}
+    if task == "tag":
+        return {"prompt": " ".join(b["words"]), "reference": " ".join(b["tags"]),
+                "base_output": " ".join(b["predicted"]), "tuned_output": " ".join(t["predicted"])}
     if task == "perplexity":
         return {"prompt": prompt, "base_output": f"loss {b['nll'] / max(b['tokens'], 1):.4f}",
                 "tuned_output": f"loss {t['nll'] / max(t['tokens'], 1):.4f}"}
@@ -360,8 +378,15 @@ def plot_distribution(base, tuned, out_dir, names):
     return [save(pyplot, fig, out_dir, name, xlabel)]
 
 
-PLOTS = {"classify": plot_classify, "choice": plot_choice, "rank": plot_rank, "generate": plot_distribution,
-         "perplexity": plot_distribution}
+def plot_tag(base, tuned, out_dir, names):
+    """Each entity type's f1 (the types of either side's per-type table)."""
+    tables = [r["metrics"].get("per_type") or {} for r in (base, tuned)]
+    groups = [(t, *(table.get(t, {}).get("f1", 0.0) for table in tables)) for t in sorted(set(tables[0]) | set(tables[1]))]
+    return plot_bars(base, tuned, out_dir, names, groups, "entity f1", "f1_per_type.png", "entity f1 per type")
+
+
+PLOTS = {"classify": plot_classify, "tag": plot_tag, "choice": plot_choice, "rank": plot_rank,
+         "generate": plot_distribution, "perplexity": plot_distribution}
 
 
 def plot_training(train_dir, out_dir):

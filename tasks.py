@@ -11,6 +11,10 @@ Tasks (records are JSONL, one per line, read by data/records.py):
     classify    {"text", "label"} with labels yes,no: accuracy, macro-F1, AUROC; on a model with a
                 classification head, its probabilities for {"text", "label"} or {"text", "labels":
                 [...]}, the labels the head's (heads.classification_metrics' metrics)
+    tag         on a model with a tag head: {"tokens": [words], "tags": [tags]} or CoNLL sentences, each
+                word's tag read at its first sub-word (data.prepare's encoding): seqeval's entity
+                precision, recall, f1 (micro), f1_strict (IOB2), macro_f1, per_type, token_accuracy,
+                invalid_transitions (tagging.tag_metrics)
     rank        {"query_id", "doc_id", "text", "relevance"}, one per (query, doc) pair (in qrels too):
                 P@10, NDCG@10, MRR, MAP (trec_eval's)
     generate    {"prompt", "reference"} (or instruction/input/output): ROUGE-1/2/L, corpus BLEU
@@ -25,11 +29,12 @@ Reading guide, top to bottom:
     options          Options: what tasks read besides records (eval.py's flags, or train.py's defaults)
     templates        check_template, render: prompts from record fields only
     scoring          continuation log-likelihoods, lm-evaluation-harness's way, one prompt cache per record
-    tasks            Task, Choice, Classify (HeadClassify for a head), Rank, Generate, Perplexity; REGISTRY and NAMES
+    tasks            Task, Choice, Classify (HeadClassify for a head), Tag (sentence_pieces, predict_tags:
+                     what tag.py calls too), Rank, Generate, Perplexity; REGISTRY and NAMES
     ranking          trec_eval's P@10, NDCG@10, reciprocal rank and average precision, by hand; qrels
                      and run files
     perplexity       windows over shards or JSONL texts, and their losses
-    evaluate         with_model (the task for the loaded model: classify's head), the units split
+    evaluate         with_model (the task for the loaded model: classify's head, tag's labels), the units split
                      across ranks, the results gathered back in unit order
     during training  check_training_flags and TrainingEval: what train.py calls
 """
@@ -49,8 +54,11 @@ import atomic
 import common
 import generate
 import heads
+import tagging
 from cli import UsageError, UserError
-from data.records import RecordError, is_table, label_field, label_names, need, read_jsonl, read_records
+from data import prepare
+from data.records import (RecordError, is_table, label_field, label_names, need, read_jsonl, read_records,
+                          tagged_words)
 from data.shards import DataLoader, validate
 
 CONTEXT_TEMPLATE = "Abstract: {context}\nQuestion: {question}\nAnswer:"  # PubMedQA, as lm-eval lays it out
@@ -85,6 +93,9 @@ class Options:
     label_separator: Optional[str] = None  # splits a label cell into a list (multilabel)
     max_len: Optional[int] = None  # tokens a document keeps (None: the model's context)
     truncate: Optional[str] = None  # a longer document keeps its start (None, "start") or its end ("end")
+    # tag: the words whose truth tag is one of these are left out of the metrics (data.prepare's --ignore_tags)
+    ignore_tags: tuple = ("IGN",)
+    columns: Optional[list] = None  # tag: [(field, JSON field or Parquet column)] (data.prepare's --columns)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -297,6 +308,8 @@ class Classify(Task):
     needs_model = True
 
     def for_model(self, model):
+        if model.args.n_labels and model.args.head_kind == "tag":
+            raise UsageError("this checkpoint's head is a tag head (one tag per token): score it with --task tag")
         if model.args.n_labels:
             return HeadClassify.of(model, self.opts)
         given = [name for name in ("text_column", "label_column", "label_separator", "max_len", "truncate")
@@ -426,6 +439,125 @@ class HeadClassify(Task):
         answers = [i["answers"] if self.multilabel else i["answer"] for i in items]
         return heads.classification_metrics([i["probabilities"] for i in items], answers, self.multilabel,
                                             self.labels)
+
+
+def sentence_pieces(tok, words, keep, where):
+    """The words as data.prepare encodes a tagged sentence: [(ids, [(position, word index)])], one
+    piece (BOS ... EOS) for the sentence, or several split at word boundaries where it is longer
+    than keep tokens (prepare's Tagging.pieces, its rule); each word's first sub-word position in
+    its piece, where its tag is read."""
+    try:
+        ids, word_of = prepare.encode_words(list(words), tok)
+    except ValueError as e:
+        raise RecordError(f"{where}: {e}") from None
+    doc = prepare.TaggedDoc(where, "tagged", tuple(words), ("O",) * len(words))
+    out, begin = [], 1  # each piece's first token in ids
+    for piece_ids, _ in prepare.Tagging(max_len=keep).pieces(doc, ids, word_of):
+        inner = len(piece_ids) - 2
+        firsts = [(1 + j - begin, int(word_of[j])) for j in range(begin, begin + inner)
+                  if j == begin or word_of[j] != word_of[j - 1]]
+        out.append(([int(i) for i in piece_ids], firsts))
+        begin += inner
+    return out
+
+
+@torch.inference_mode()
+def predict_tags(model, sentences):
+    """The head's most likely label index for every word of each sentence (sentence_pieces' output),
+    read at the word's first sub-word: all pieces as one right-padded batch (a causal model's logits
+    before the padding are those of the piece alone)."""
+    pieces = [p for sentence in sentences for p in sentence]
+    device = model.tok_embeddings.weight.device
+    tokens = torch.zeros(len(pieces), max(len(ids) for ids, _ in pieces), dtype=torch.long, device=device)
+    for i, (ids, _) in enumerate(pieces):
+        tokens[i, : len(ids)] = torch.tensor(ids)
+    best = model.tag(tokens).argmax(-1).tolist()
+    out, k = [], 0
+    for sentence in sentences:
+        words = {}
+        for ids, firsts in sentence:
+            words.update((word, best[k][position]) for position, word in firsts)
+            k += 1
+        out.append([words[w] for w in range(len(words))])
+    return out
+
+
+def tag_head_labels(model, task="--task tag"):
+    """A tag head's labels (unnamed in the checkpoint: 0, 1, ...); UsageError without one."""
+    args = model.args
+    if not args.n_labels or args.head_kind != "tag":
+        has = "a classification head (--task classify)" if args.n_labels else "no head"
+        raise UsageError(f"{task} needs a checkpoint with a tag head (train.py --head tag); this one has {has}")
+    return list(args.labels) if args.labels is not None else [str(k) for k in range(args.n_labels)]
+
+
+class Tag(Task):
+    """A tag head's prediction for every word of {"tokens": [words], "tags": [tags]} records (JSONL or
+    Parquet, opts.columns naming other fields) or CoNLL sentences, read as data.prepare reads them
+    (data.records: read_records, tagged_words):
+    tags are the head's label names, integers index them, and words tagged one of opts.ignore_tags
+    are scored by no metric. Each sentence is encoded as prepare encodes it and split where it is
+    longer than the model's context (or opts.max_len); a word's tag is read at its first sub-word.
+    Items: "words", "tags" (the truth's names), "predicted" (names). Metrics: tagging.tag_metrics.
+    Picked by for_model on a tag head; report.py makes one from a results file's "labels"."""
+    name = "tag"
+    batched = True
+    needs_model = True
+
+    def __init__(self, opts, labels=None):
+        super().__init__(opts)
+        self.labels = None if labels is None else list(labels)
+
+    def for_model(self, model):
+        labels = tag_head_labels(model)
+        both = [t for t in self.opts.ignore_tags if t in labels]
+        if both:  # data.prepare keeps ignored tags out of the vocabulary: the head cannot have learnt one
+            raise UsageError(f"--ignore_tags {both[0]} is one of the head's labels {','.join(labels[:20])}")
+        return Tag(self.opts, labels)
+
+    def header(self):
+        return {"labels": self.labels}
+
+    def units(self, data, tok=None, model=None):
+        context = model.args.max_seq_len
+        keep = min(self.opts.max_len or context, context)
+        records = itertools.islice(read_records(data, self.opts.columns, flag=self.opts.data_flag),
+                                   self.opts.max_examples)
+        units = []
+        for where, record in records:
+            unit = self.unit(record, where)
+            units.append({**unit, "where": where, "pieces": sentence_pieces(tok, unit["words"], keep, where)})
+        if not units:
+            raise RecordError(f"{data}: no sentences in it")
+        return units
+
+    def unit(self, record, where):
+        """{"words", "tags"}: the record checked (tagged_words), each tag a name of the head's labels,
+        an ignored tag, or an index into the labels."""
+        words, tags = tagged_words(record, where)
+        names = []
+        for tag in tags:
+            if isinstance(tag, int):
+                if not 0 <= tag < len(self.labels):
+                    raise RecordError(f"{where}: tag {tag} is no index into the head's {len(self.labels)} labels")
+                tag = self.labels[tag]
+            elif tag not in self.labels and tag not in self.opts.ignore_tags:
+                raise RecordError(f"{where}: tag {tag!r} is not one of the head's labels "
+                                  f"{','.join(self.labels[:20])}{', ...' if len(self.labels) > 20 else ''} "
+                                  f"(nor ignored: {','.join(self.opts.ignore_tags)})")
+            names.append(tag)
+        return {"words": list(words), "tags": names}
+
+    def score(self, model, tok, batch):
+        predicted = predict_tags(model, [u["pieces"] for u in batch])
+        return [{"words": u["words"], "tags": u["tags"], "predicted": [self.labels[k] for k in p]}
+                for u, p in zip(batch, predicted)]
+
+    def metrics(self, items):
+        """tagging.tag_metrics; the ignored words are those whose truth is none of the labels."""
+        known = set(self.labels)
+        ignored = {t for i in items for t in i["tags"] if t not in known}
+        return tagging.tag_metrics([i["tags"] for i in items], [i["predicted"] for i in items], ignored)
 
 
 class Rank(Task):
@@ -573,7 +705,7 @@ class Perplexity(Task):
                 "n": len(items)}
 
 
-REGISTRY = {task.name: task for task in (Choice, Classify, Rank, Generate, Perplexity)}
+REGISTRY = {task.name: task for task in (Choice, Classify, Tag, Rank, Generate, Perplexity)}
 NAMES = tuple(REGISTRY)
 
 
@@ -761,7 +893,7 @@ def check_training_flags(eval_task, eval_data):
     """train.py's --eval_task / --eval_data, checked when the run is configured, before anything
     loads; the records themselves are checked by TrainingEval, before the first step."""
     if eval_task is None and eval_data is not None:
-        raise UsageError("--eval_data needs --eval_task (choice, classify, rank, generate or perplexity)")
+        raise UsageError("--eval_data needs --eval_task (choice, classify, tag, rank, generate or perplexity)")
     if eval_task is not None and eval_data is None:
         raise UsageError(f"--eval_task {eval_task} needs --eval_data (the records to score)")
     if eval_data is not None and not os.path.exists(atomic.readable(eval_data)):
@@ -778,6 +910,8 @@ class TrainingEval:
         opts = Options(batch_size=batch_size, max_new_tokens=64, temperature=0.0, top_p=1.0, seq_len=seq_len,
                        data_flag="--eval_data", labels_from=f"the labels train.py --eval_task {task} scores:")
         self.task, self.tokenizer, self.rank, self.world = REGISTRY[task](opts), tokenizer, rank, world
+        if task == "tag":  # the labels are the model's tag head's
+            self.task = self.task.for_model(model)
         self.units = self.task.units(data, tokenizer, model)
 
     def __call__(self, model):

@@ -473,17 +473,19 @@ def drop_duplicates(docs, dropped):
         yield doc
 
 
-def encode_words(words):
+def encode_words(words, tok=None):
     """(ids, word_of) of a tagged sentence: BOS, the words joined by spaces, EOS, and each token's
     word (-1 for BOS and EOS). The words are encoded apart (tokenizer's encode_words) so that each
-    token's word is known exactly; their ids must be those of the joined text, or ValueError."""
-    pieces = _tok.encode_words(words)
+    token's word is known exactly; their ids must be those of the joined text, or ValueError.
+    tok: the tokenizer (None: this worker's; eval.py --task tag passes the checkpoint's)."""
+    tok = tok or _tok
+    pieces = tok.encode_words(words)
     ids = [i for piece in pieces for i in piece]
-    if ids != _tok.encode(" ".join(words), bos=False, eos=False):
+    if ids != tok.encode(" ".join(words), bos=False, eos=False):
         raise ValueError("this tokenizer encodes the words apart otherwise than the sentence (a token across "
                          "a word boundary); tagged data needs one that does not")
     word_of = np.repeat(np.arange(len(words), dtype=np.int32), [len(p) for p in pieces])
-    return [_tok.bos_id] + ids + [_tok.eos_id], np.r_[np.int32(-1), word_of, np.int32(-1)].astype(np.int32)
+    return [tok.bos_id] + ids + [tok.eos_id], np.r_[np.int32(-1), word_of, np.int32(-1)].astype(np.int32)
 
 
 def _encode_batch(docs, seed):
