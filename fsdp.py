@@ -69,8 +69,9 @@ def shard(model, device, cast=True):
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     # FSDP gathers the root's weights (embedding, norm, output, a head's score) in hooks around
-    # forward; --head calls classify instead, which must get the same hooks
+    # forward; --head calls classify (or tag) instead, which must get the same hooks
     register_fsdp_forward_method(model, "classify")
+    register_fsdp_forward_method(model, "tag")
     return model
 
 
@@ -100,7 +101,8 @@ def load(args, ckpt_dir, device, dtype, adapt, seed, quantize=None):
         _nf4_shardable(model, device)
     had_head = model.score is not None
     adapt(model)
-    fresh = {"score.weight"} if model.score is not None and not had_head else set()
+    fresh = {f"score.{name}" for name, _ in model.score.named_parameters()} if model.score is not None and not had_head \
+        else set()  # a tag head's bias too
     shard(model, device, cast=not quantize)
     model.to_empty(device=device)
     torch.manual_seed(seed)
@@ -224,7 +226,7 @@ def full_model(model):
     if getattr(model, "lora_config", None):
         adapter_fingerprint(model)
         state = {name: p.full_tensor().cpu() for name, p in model.named_parameters()
-                 if name.endswith((".lora_A", ".lora_B")) or name == "score.weight"}
+                 if name.endswith((".lora_A", ".lora_B")) or name in ("score.weight", "score.bias")}
     else:
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
