@@ -202,7 +202,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(tagged, base, tmp_path, u
 
 
 def test_two_ranks_equal_one_rank(tagged, base, tmp_path):
-    common = [*HEAD, "--data", tagged, "--ckpt_dir", base, "--lora_rank", "4", "--max_steps", "6",
+    unbatched = [a for i, a in enumerate(HEAD) if "--batch_size" not in HEAD[max(i - 1, 0):i + 1]]
+    common = [*unbatched, "--data", tagged, "--ckpt_dir", base, "--lora_rank", "4", "--max_steps", "6",
               "--eval_every", "3", "--class_weights", "balanced"]
     train(*common, "--out_dir", tmp_path / "one", "--batch_size", "4")
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
