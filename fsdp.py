@@ -101,8 +101,9 @@ def load(args, ckpt_dir, device, dtype, adapt, seed, quantize=None):
         _nf4_shardable(model, device)
     had_head = model.score is not None
     adapt(model)
-    fresh = {f"score.{name}" for name, _ in model.score.named_parameters()} if model.score is not None and not had_head \
-        else set()  # a tag head's bias too
+    # a new head's parameters (a tag head's bias too), in the order its nn.Linear draws them
+    fresh = [f"score.{name}" for name, _ in model.score.named_parameters()] if model.score is not None and not had_head \
+        else []
     shard(model, device, cast=not quantize)
     model.to_empty(device=device)
     torch.manual_seed(seed)
@@ -118,10 +119,14 @@ def load(args, ckpt_dir, device, dtype, adapt, seed, quantize=None):
 
 
 def _fill_head(param):
-    """A new head's weight: zeros, as heads.attach_head makes it. Its nn.Linear first draws the
-    usual init on the CPU, which the zeros replace; on the meta device nothing was drawn, so the
-    draw is replayed here: LoRA's A matrices, drawn next, then equal an unsharded run's."""
-    torch.nn.init.kaiming_uniform_(torch.empty(param.shape, dtype=torch.float32), a=math.sqrt(5))
+    """A new head's weight (or a tag head's bias): zeros, as heads.attach_head makes it. Its
+    nn.Linear first draws the usual init on the CPU, which the zeros replace; on the meta device
+    nothing was drawn, so the draw is replayed here: LoRA's A matrices, drawn next, then equal an
+    unsharded run's."""
+    if param.dim() == 1:  # nn.Linear's bias: uniform, as many draws as elements
+        torch.nn.init.uniform_(torch.empty(param.shape, dtype=torch.float32))
+    else:
+        torch.nn.init.kaiming_uniform_(torch.empty(param.shape, dtype=torch.float32), a=math.sqrt(5))
     param.to_local().zero_()
 
 

@@ -260,3 +260,34 @@ def test_a_head_on_shards_of_the_other_kind_is_one_line(tagged, tmp_path):
     _one_line_error(train(*HEAD, "--data", tagged, "--keep_best", "auroc", check=False),
                     "--keep_best auroc: not a validation metric of this tag head")
     _one_line_error(train(*HEAD, "--data", tagged, "--focal_alpha", "0.5", check=False), "--focal_alpha")
+
+
+@pytest.mark.parametrize("kind", ["full", "qlora"])
+def test_fsdp_equals_one_process(tagged, base, tmp_path, kind):
+    """2 FSDP ranks (gloo) x batch 2 against 1 process x batch 2 x 2 micro-steps: the same sentences
+    per step, so losses, validation losses and metrics agree to fp32 rounding, and the saved head too
+    (a full run's model, or a QLoRA run's adapter: score's weight and bias)."""
+    from test_fsdp import max_gap, torchrun
+
+    unbatched = [a for i, a in enumerate(HEAD) if "--batch_size" not in HEAD[max(i - 1, 0):i + 1]]
+    common = [*unbatched, "--data", tagged, "--ckpt_dir", base, "--max_steps", "6", "--eval_every", "3"]
+    if kind == "qlora":
+        common += ["--lora_rank", "4", "--quantize", "nf4"]
+    train(*common, "--out_dir", tmp_path / "one", "--batch_size", "2", "--grad_accum", "2")
+    torchrun(*common, "--out_dir", tmp_path / "fsdp", "--batch_size", "2", "--fsdp")
+    one, two = log(tmp_path / "one"), log(tmp_path / "fsdp")
+    assert max_gap([r["loss"] for r in two], [r["loss"] for r in one]) < 1e-5
+    evaluated = [(a, b) for a, b in zip(one, two) if "val_loss" in a]
+    assert [a["step"] for a, _ in evaluated] == [3, 6]
+    for a, b in evaluated:
+        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-5)
+        assert b["val_n"] == a["val_n"] and b["val_token_accuracy"] == pytest.approx(a["val_token_accuracy"])
+    name = "model" if kind == "full" else "adapter"
+    if kind == "full":
+        a, b = (checkpoint.load(tmp_path / run / name).state_dict() for run in ("one", "fsdp"))
+    else:
+        a, b = (lora.lora_state_dict(lora.load_adapter(checkpoint.load(base, quantize="nf4"), tmp_path / run / name))
+                for run in ("one", "fsdp"))
+    assert a.keys() == b.keys() and b["score.bias"].abs().sum() > 0
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key
