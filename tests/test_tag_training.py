@@ -291,3 +291,22 @@ def test_fsdp_equals_one_process(tagged, base, tmp_path, kind):
     assert a.keys() == b.keys() and b["score.bias"].abs().sum() > 0
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key
+
+
+def test_fsdp_lora_stops_and_resumes_exactly(tagged, base, tmp_path):
+    """SIGTERM to torchrun, then --resume on 2 FSDP ranks: the uninterrupted run's losses and
+    validation, exactly (the adapter's head, weight and bias, read back into the shards)."""
+    from test_fsdp import torchrun, torchrun_cmd
+
+    unbatched = [a for i, a in enumerate(HEAD) if "--batch_size" not in HEAD[max(i - 1, 0):i + 1]]
+    common = [*unbatched, "--data", tagged, "--ckpt_dir", base, "--max_steps", "30", "--eval_every", "10",
+              "--save_every", "1000", "--batch_size", "2", "--fsdp", "--lora_rank", "4"]
+    torchrun(*common, "--out_dir", tmp_path / "straight")
+    status, err = interrupt_after(torchrun_cmd(*common, "--out_dir", tmp_path / "cut"), tmp_path / "cut", 4,
+                                  signal.SIGTERM)
+    assert status != 0 and "continue with --resume" in err, err[-3000:]
+    torchrun(*common, "--out_dir", tmp_path / "cut", "--resume")
+    assert losses(tmp_path / "cut") == losses(tmp_path / "straight")
+    keys = ("val_loss", "val_f1", "val_token_accuracy")
+    assert [[r.get(k) for k in keys] for r in log(tmp_path / "cut")] == \
+        [[r.get(k) for k in keys] for r in log(tmp_path / "straight")]
