@@ -689,7 +689,7 @@ class Command:
                 holds the config keys the base must be built with: the export prints the Python that
                 loads it), hf (the merged model as config.json + model.safetensors +
                 generation_config.json, with tokenizer.json and tokenizer_config.json; with a head,
-                LlamaForSequenceClassification's config) or gguf (the merged model as model.gguf, for
+                LlamaForSequenceClassification's config, or LlamaForTokenClassification's) or gguf (the merged model as model.gguf, for
                 llama.cpp, tokenizer and chat template inside; the language model only: a head is
                 left out).
             base: peft's base_model_name_or_path: the hub name or HF-layout directory of the base

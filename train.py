@@ -108,7 +108,7 @@ class TrainConfig:
                            "labels), pooled at each document's last token; tag a tag head on tagged shards (tokens "
                            "and tags, or CoNLL), one prediction per word", one_of("classify", "tag"))
     class_weights: str = flag(None, "balanced weighs each class n / (K * count) by the train split's label counts "
-                                    "(--head)", one_of("balanced"))
+                                    "(--head; tag: the words of each tag)", one_of("balanced"))
     focal_gamma: float = flag(0.0, "focal loss exponent (--head; 0: plain cross-entropy or BCE)", at_least(0))
     focal_alpha: float = flag(None, "focal loss weight of the positive class (--head, binary or multilabel)",
                               interval("[0, 1]"))
@@ -413,8 +413,8 @@ def lr_at(step, cfg):
 
 
 # -----------------------------------------------------------------------------------------------
-# --head classify: the head on the model, its loss through DDP, its validation (the loss, and the
-# task's metrics over every rank's documents, gathered), --keep_best's metric, --epochs
+# --head classify|tag: the head on the model, its loss through DDP, its validation (the loss, and the
+# task's metrics over every rank's documents or sentences, gathered), --keep_best's metric, --epochs
 
 
 def fit_head(cfg, model, meta, source):
@@ -528,8 +528,9 @@ def head_loss_module(cfg, model, train_loader):
 @torch.no_grad()
 def evaluate_head(cfg, head_loss, loader, autocast):
     """One pass over the val split's documents, all ranks together: (val_loss, metrics). val_loss is
-    the mean loss over all of them, as training's (heads.loss_sum / loss_normaliser); metrics
-    {"val_<name>": value} the task's (val_metrics), on rank 0 ({} on the others)."""
+    the mean loss over all of them, as training's (heads.loss_sum / loss_normaliser; a tag head's
+    over their tagged words); metrics {"val_<name>": value} the task's (val_metrics), on rank 0 ({}
+    on the others)."""
     head_loss.eval()
     logits, labels, documents = (tag_val_logits if head_loss.tag else val_logits)(cfg, head_loss, loader, autocast)
     totals = torch.tensor([head_loss.loss_sum(logits, labels).item(), head_loss.normaliser(labels)],
@@ -559,7 +560,8 @@ def val_logits(cfg, head_loss, loader, autocast):
 def tag_val_logits(cfg, head_loss, loader, autocast):
     """val_logits for a tag head, one row per tagged token: (logits, tag ids, keys) of this rank's
     tagged tokens in epoch 0's sentences, key = document * seq_len + position in it (the order of
-    the sentences and of their words, which val_metrics sorts by)."""
+    the sentences and of their words, which val_metrics sorts by). A word is the token its tag is on
+    (its first sub-word; with --label_all_subwords shards, each sub-word counts as a word)."""
     loader.reset()
     parts = []
     for _ in range(math.ceil(len(loader.epoch_rows(0)) / (loader.batch_size * loader.world_size))):
@@ -599,7 +601,8 @@ def val_metrics(cfg, args, logits, labels, documents):
 
 def tag_val_metrics(cfg, args, logits, targets, keys):
     """heads.tag_metrics of every sentence's words (tag_val_logits' rows, gathered): each word's
-    predicted tag is the argmax at the token that carries its tag; all None for non-finite logits."""
+    predicted tag is the argmax at the token that carries its tag; val_n counts the sentences with a
+    tagged word; all None for non-finite logits."""
     if not torch.isfinite(logits).all():
         return {f"val_{name}": None for name in heads.TAG_METRICS}
     order = keys.argsort()

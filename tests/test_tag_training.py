@@ -160,7 +160,10 @@ def test_learns_a_synthetic_tagging_task_and_logs_seqevals_metrics(tagged, conll
     truth, predicted = val_tags(m, data)
     with _quiet():
         scores = seqeval_scores(truth, predicted)
+    print(f"\n{source}: held-out entity F1 {scores['f1']:.3f}, strict {scores['f1_strict']:.3f}")
     assert scores["f1"] > 0.8, scores  # chance (a random tag per word) is well under 0.1
+    rows = len(shards.TaggedLoader(str(data), "train", 4, 64, seed=1337).epoch_rows(0))
+    assert len(records) == -(-4 * rows // 4)  # --epochs 4
     assert records[-1]["val_n"] == len(truth)
     assert {k: records[-1][f"val_{k}"] for k in heads.TAG_METRICS} == pytest.approx(scores, abs=1e-9)
     best = torch.load(tmp_path / "best" / "train_state.pt", weights_only=False)["best"]
