@@ -340,7 +340,8 @@ def load_adapter(model, ckpt_dir):
     lora.check_base(ckpt_dir, cfg, model, fingerprint=fingerprint,
                     remedy=lora.RESUME_REMEDY)  # only train.py --resume loads a sharded adapter
     if cfg.get("head") and model.score is None:
-        raise lora.AdapterError(f"{ckpt_dir}: the adapter holds a classification head; --resume it with --head")
+        kind = cfg["head"].get("kind", "classify")
+        raise lora.AdapterError(f"{ckpt_dir}: the adapter holds a {kind} head; --resume it with --head {kind}")
     if cfg.get("head"):  # the model's head (train.py fit_head: the data's labels) must be the adapter's
         lora.fit_head(model, cfg["head"], ckpt_dir)
     weights = os.path.join(ckpt_dir, "adapter.safetensors")

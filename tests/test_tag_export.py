@@ -82,6 +82,8 @@ def test_adapter_records_the_tag_head(tag_base):
     heads.attach_head(classify, 5, False, TAGS, pad_id=tag_base["pad"])  # the same labels, the other kind
     with pytest.raises(lora.AdapterError, match="adapter's tag head is for labels"):
         lora.load_adapter(classify, tag_base["adapter"])
+    with pytest.raises(lora.AdapterError, match="head: kind 'ner' is not one of classify, tag"):
+        lora.check_head_config({**meta["head"], "kind": "ner"}, "adapter.json: head")
 
 
 def test_peft_export_loads_as_a_token_cls_adapter(tag_base, tmp_path, monkeypatch):

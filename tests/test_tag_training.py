@@ -226,9 +226,9 @@ def test_two_ranks_equal_one_rank(tagged, base, tmp_path):
 
 
 def test_balanced_weights_come_from_the_train_tag_counts(tagged, tmp_path):
-    """The first step's loss (a zero head: uniform p) is log K whatever the weights; the weighted mean
-    over the global batch's tagged words with heads.balanced_class_weights(tag_counts) is checked
-    with F.cross_entropy on the same batch."""
+    """balanced_class_weights of meta.json's train tag_counts; HeadLoss's weighted mean over a batch's
+    tagged words equals F.cross_entropy's (weight=, ignore_index=-100) on the same batch, and with
+    --focal_gamma heads.tag_loss's."""
     import train as train_module
 
     meta = shards.load_meta(tagged)
@@ -246,6 +246,11 @@ def test_balanced_weights_come_from_the_train_tag_counts(tagged, tmp_path):
     want = torch.nn.functional.cross_entropy(m.tag(batch.inputs, batch.positions).flatten(0, 1),
                                              batch.targets.flatten(), weight=weights, ignore_index=-100)
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    focal = train_module.HeadLoss(m, False, weights, focal_gamma=2.0, tag=True)  # --focal_gamma: heads.tag_loss's
+    got = focal(batch.inputs, batch.positions, batch.valid, batch.targets) / focal.normaliser(batch.targets)
+    want = heads.tag_loss(m.tag(batch.inputs, batch.positions), batch.targets, weights, focal_gamma=2.0)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6) and got.item() < loss(
+        batch.inputs, batch.positions, batch.valid, batch.targets).item() / loss.normaliser(batch.targets)
 
 
 def test_a_head_on_shards_of_the_other_kind_is_one_line(tagged, tmp_path):
