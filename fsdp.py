@@ -69,8 +69,9 @@ def shard(model, device, cast=True):
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     # FSDP gathers the root's weights (embedding, norm, output, a head's score) in hooks around
-    # forward; --head calls classify instead, which must get the same hooks
+    # forward; --head calls classify (or tag) instead, which must get the same hooks
     register_fsdp_forward_method(model, "classify")
+    register_fsdp_forward_method(model, "tag")
     return model
 
 
@@ -100,7 +101,9 @@ def load(args, ckpt_dir, device, dtype, adapt, seed, quantize=None):
         _nf4_shardable(model, device)
     had_head = model.score is not None
     adapt(model)
-    fresh = {"score.weight"} if model.score is not None and not had_head else set()
+    # a new head's parameters (a tag head's bias too), in the order its nn.Linear draws them
+    fresh = [f"score.{name}" for name, _ in model.score.named_parameters()] if model.score is not None and not had_head \
+        else []
     shard(model, device, cast=not quantize)
     model.to_empty(device=device)
     torch.manual_seed(seed)
@@ -116,10 +119,14 @@ def load(args, ckpt_dir, device, dtype, adapt, seed, quantize=None):
 
 
 def _fill_head(param):
-    """A new head's weight: zeros, as heads.attach_head makes it. Its nn.Linear first draws the
-    usual init on the CPU, which the zeros replace; on the meta device nothing was drawn, so the
-    draw is replayed here: LoRA's A matrices, drawn next, then equal an unsharded run's."""
-    torch.nn.init.kaiming_uniform_(torch.empty(param.shape, dtype=torch.float32), a=math.sqrt(5))
+    """A new head's weight (or a tag head's bias): zeros, as heads.attach_head makes it. Its
+    nn.Linear first draws the usual init on the CPU, which the zeros replace; on the meta device
+    nothing was drawn, so the draw is replayed here: LoRA's A matrices, drawn next, then equal an
+    unsharded run's."""
+    if param.dim() == 1:  # nn.Linear's bias: uniform, as many draws as elements
+        torch.nn.init.uniform_(torch.empty(param.shape, dtype=torch.float32))
+    else:
+        torch.nn.init.kaiming_uniform_(torch.empty(param.shape, dtype=torch.float32), a=math.sqrt(5))
     param.to_local().zero_()
 
 
@@ -224,7 +231,7 @@ def full_model(model):
     if getattr(model, "lora_config", None):
         adapter_fingerprint(model)
         state = {name: p.full_tensor().cpu() for name, p in model.named_parameters()
-                 if name.endswith((".lora_A", ".lora_B")) or name == "score.weight"}
+                 if name.endswith((".lora_A", ".lora_B")) or name in ("score.weight", "score.bias")}
     else:
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
@@ -333,7 +340,8 @@ def load_adapter(model, ckpt_dir):
     lora.check_base(ckpt_dir, cfg, model, fingerprint=fingerprint,
                     remedy=lora.RESUME_REMEDY)  # only train.py --resume loads a sharded adapter
     if cfg.get("head") and model.score is None:
-        raise lora.AdapterError(f"{ckpt_dir}: the adapter holds a classification head; --resume it with --head")
+        kind = cfg["head"].get("kind", "classify")
+        raise lora.AdapterError(f"{ckpt_dir}: the adapter holds a {kind} head; --resume it with --head {kind}")
     if cfg.get("head"):  # the model's head (train.py fit_head: the data's labels) must be the adapter's
         lora.fit_head(model, cfg["head"], ckpt_dir)
     weights = os.path.join(ckpt_dir, "adapter.safetensors")

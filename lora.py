@@ -19,7 +19,8 @@ Read top to bottom:
                       finds each link unchanged, check_foldable, fold_chain). PEFT cannot stack: export
                       --format peft refuses a chain, --format hf merges it whole
   export_peft         the same adapter in peft's names, for transformers' LlamaForCausalLM; with a head a
-                      SEQ_CLS adapter (score in modules_to_save) for LlamaForSequenceClassification,
+                      SEQ_CLS adapter (score in modules_to_save) for LlamaForSequenceClassification, or
+                      with a tag head a TOKEN_CLS one (score and its bias) for LlamaForTokenClassification,
                       whose config keys go into head_config.json (write_peft_head, peft_head_recipe)
   save_hf             a merged HF checkpoint (config.json + model.safetensors)
   Command             `python lora.py merge|export ...` (run by cli); --format gguf is gguf_export.py's
@@ -49,7 +50,7 @@ import jsonfile
 import tokenizer
 from checkpoint import CHECKPOINT_MARKERS, CheckpointError
 from cli import UsageError, UserError, non_empty, one_of, run
-from model import PROJECTIONS, NF4Linear, fingerprint_sample
+from model import HEAD_KINDS, PROJECTIONS, NF4Linear, fingerprint_sample
 
 
 class AdapterError(ValueError):
@@ -164,14 +165,15 @@ def merge_lora(model):
 
 def lora_state_dict(model) -> dict:
     """Only the adapter tensors: {'layers.0.attention.wq.lora_A': (r, in), ...lora_B: (out, r)},
-    and a classification head's 'score.weight' (n_labels, dim) where the model has one: the head is
-    trained in full beside the adapters (peft's modules_to_save), so it belongs to the adapter."""
+    and a classification head's 'score.weight' (n_labels, dim) where the model has one (a tag head's
+    'score.bias' (n_labels,) too): the head is trained in full beside the adapters (peft's
+    modules_to_save), so it belongs to the adapter."""
     sd = {}
     for name, lora in lora_modules(model):
         sd[f"{name}.lora_A"] = lora.lora_A.detach()
         sd[f"{name}.lora_B"] = lora.lora_B.detach()
     if getattr(_unwrap(model), "score", None) is not None:
-        sd["score.weight"] = _unwrap(model).score.weight.detach()
+        sd.update({f"score.{name}": p.detach() for name, p in _unwrap(model).score.named_parameters()})
     return sd
 
 
@@ -212,7 +214,8 @@ def base_fingerprint(model) -> str:
     inner = _unwrap(model)
     quantized = {name: m for name, m in inner.named_modules() if isinstance(m, NF4Linear)}
     weights = {name: t for name, t in inner.state_dict().items()
-               if not name.endswith(("lora_A", "lora_B", "score.weight")) and name.rpartition(".")[0] not in quantized}
+               if not name.endswith(("lora_A", "lora_B", "score.weight", "score.bias"))
+               and name.rpartition(".")[0] not in quantized}
     # An NF4 layer kept the sample of the full-precision weight it was quantized from: an adapter
     # trained on it belongs to that base, loaded quantized or not.
     weights.update({f"{name}.weight": m.weight_sample for name, m in quantized.items()})
@@ -272,9 +275,12 @@ def read_adapter_config(path) -> dict:
 
 def check_head_config(head, where):
     """adapter.json's "head" (heads.head_config): n_labels > 0, multilabel, labels (n_labels names
-    or null), pad_id (a token id or null); AdapterError naming where otherwise."""
+    or null), pad_id (a token id or null), kind (absent: classify; or tag); AdapterError naming where
+    otherwise."""
     n = jsonfile.field(head, "n_labels", int, where, AdapterError, positive=True)
     jsonfile.field(head, "multilabel", bool, where, AdapterError)
+    if jsonfile.field(head, "kind", str, where, AdapterError, "classify") not in HEAD_KINDS:
+        raise AdapterError(f"{where}: kind {head['kind']!r} is not one of {', '.join(HEAD_KINDS)}")
     labels = jsonfile.field(head, "labels", list, where, AdapterError, None)
     jsonfile.field(head, "pad_id", int, where, AdapterError, None)
     if labels is not None and (len(labels) != n or len(set(map(str, labels))) != n):
@@ -284,12 +290,14 @@ def check_head_config(head, where):
 def fit_head(model, head, path):
     """Give model the adapter's head (a fresh one, filled by copy_adapter), or check that the head
     it has is the same one: an adapter trained for other labels is refused, never scored wrongly."""
+    kind = head.get("kind", "classify")
     if model.args.n_labels == 0:
-        heads.attach_head(model, head["n_labels"], head["multilabel"], head["labels"], head["pad_id"])
+        heads.attach_head(model, head["n_labels"], head["multilabel"], head["labels"], head["pad_id"], kind=kind)
     elif {k: v for k, v in heads.head_config(model.args).items() if k != "pad_id"} != \
             {k: v for k, v in head.items() if k != "pad_id"}:
-        raise AdapterError(f"{path}: adapter's head is for labels {head['labels']} (multilabel "
-                           f"{head['multilabel']}); this model's for {heads.head_config(model.args)['labels']}")
+        raise AdapterError(f"{path}: adapter's {kind} head is for labels {head['labels']} (multilabel "
+                           f"{head['multilabel']}); this model's {model.args.head_kind} head for "
+                           f"{heads.head_config(model.args)['labels']}")
 
 
 # What a user can do about an adapter trained on another base, said by the command that refuses it.
@@ -527,7 +535,7 @@ def copy_adapter(model, tensors, weights, copy=torch.Tensor.copy_):
     copy(param, tensor) puts one in place (fsdp.py: this rank's rows of it)."""
     params, expected = dict(_unwrap(model).named_parameters()), set(lora_state_dict(model))
     if "score.weight" not in tensors:  # an adapter without a head, on a model with one: the head stays
-        expected.discard("score.weight")
+        expected -= {"score.weight", "score.bias"}
     if set(tensors) != expected:
         odd = sorted(set(tensors) ^ expected)
         raise AdapterError(f"{weights}: tensors do not match the model's adapters ({', '.join(odd[:3])} ...)")
@@ -551,13 +559,14 @@ def write_peft(model, out_dir, base_model_name_or_path=None):
     tensors = {}
     for name, t in lora_state_dict(model).items():
         module, _, which = name.rpartition(".")  # 'layers.0.attention.wq', 'lora_A'
-        if name == "score.weight":  # peft saves a modules_to_save module under its own name, not its copy's
-            tensors[f"base_model.model.{PEFT_HEAD}.weight"] = t.float().contiguous()
+        if module == "score":  # peft saves a modules_to_save module under its own name, not its copy's
+            tensors[f"base_model.model.{PEFT_HEAD}.{which}"] = t.float().contiguous()
             continue
         t = checkpoint.permute_qk(name, t, args, checkpoint.meta_to_hf_rope) if which == "lora_B" else t
         tensors[f"base_model.model.{checkpoint.hf_name(module)}.{which}.weight"] = t.contiguous()
     hf_targets = checkpoint.hf_modules(cfg["targets"])  # peft matches the ends of module names
-    config = {"peft_type": "LORA", "task_type": "SEQ_CLS" if args.n_labels else "CAUSAL_LM", "r": cfg["rank"],
+    config = {"peft_type": "LORA", "task_type": PEFT_TASKS[args.head_kind] if args.n_labels else "CAUSAL_LM",
+              "r": cfg["rank"],
               "lora_alpha": cfg["alpha"], "lora_dropout": cfg["dropout"], "target_modules": hf_targets,
               "use_rslora": cfg["use_rslora"], "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
               "init_lora_weights": True, "modules_to_save": [PEFT_HEAD] if args.n_labels else None,
@@ -574,6 +583,8 @@ def write_peft(model, out_dir, base_model_name_or_path=None):
 # base_model.model.score.weight, the key it loads back into the copy.
 PEFT_HEAD = checkpoint.hf_name("score")
 PEFT_HEAD_CONFIG = "head_config.json"
+PEFT_TASKS = {"classify": "SEQ_CLS", "tag": "TOKEN_CLS"}  # peft's task_type of each head kind
+AUTO_CLASSES = {"classify": "AutoModelForSequenceClassification", "tag": "AutoModelForTokenClassification"}
 
 
 def write_peft_head(args, out_dir):
@@ -584,15 +595,17 @@ def write_peft_head(args, out_dir):
     arguments to from_pretrained are set as they are, and would leave them strings):
         config = AutoConfig.from_pretrained(BASE)
         config = type(config).from_dict({**config.to_dict(), **json.load(open("OUT/head_config.json"))})
-        model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(BASE, config=config), OUT)"""
+        model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(BASE, config=config), OUT)
+    (a tag head: AutoModelForTokenClassification)."""
     checkpoint.write_json(os.path.join(out_dir, PEFT_HEAD_CONFIG), checkpoint.hf_head_config(args))
 
 
-def peft_head_recipe(base, out) -> str:
-    """The Python (one line) that loads a SEQ_CLS export in out onto base, as write_peft_head says."""
+def peft_head_recipe(base, out, kind="classify") -> str:
+    """The Python (one line) that loads a SEQ_CLS (kind "tag": TOKEN_CLS) export in out onto base, as
+    write_peft_head says."""
     return (f"c = AutoConfig.from_pretrained({str(base)!r}); c = type(c).from_dict({{**c.to_dict(), "
             f"**json.load(open({os.path.join(out, PEFT_HEAD_CONFIG)!r}))}}); model = PeftModel.from_pretrained("
-            f"AutoModelForSequenceClassification.from_pretrained({str(base)!r}, config=c), {str(out)!r})")
+            f"{AUTO_CLASSES[kind]}.from_pretrained({str(base)!r}, config=c), {str(out)!r})")
 
 
 def export_peft(model, out_dir, base_model_name_or_path=None):
@@ -671,11 +684,12 @@ class Command:
 
         Args:
             format: peft (adapter_config.json + adapter_model.safetensors, for transformers + peft;
-                an adapter with a head is a SEQ_CLS one, the head in modules_to_save, and head_config.json
+                an adapter with a head is a SEQ_CLS one (a tag head's: TOKEN_CLS, for
+                AutoModelForTokenClassification), the head in modules_to_save, and head_config.json
                 holds the config keys the base must be built with: the export prints the Python that
                 loads it), hf (the merged model as config.json + model.safetensors +
                 generation_config.json, with tokenizer.json and tokenizer_config.json; with a head,
-                LlamaForSequenceClassification's config) or gguf (the merged model as model.gguf, for
+                LlamaForSequenceClassification's config, or LlamaForTokenClassification's) or gguf (the merged model as model.gguf, for
                 llama.cpp, tokenizer and chat template inside; the language model only: a head is
                 left out).
             base: peft's base_model_name_or_path: the hub name or HF-layout directory of the base
@@ -730,8 +744,9 @@ class Command:
             if fmt == "peft":
                 write_peft(m, fresh, self.base)
                 if m.args.n_labels:
-                    print(f"lora.py: a SEQ_CLS adapter; load it with {peft_head_recipe(self.base, self.out)}",
-                          file=sys.stderr)
+                    kind = m.args.head_kind
+                    print(f"lora.py: a {PEFT_TASKS[kind]} adapter; load it with "
+                          f"{peft_head_recipe(self.base, self.out, kind)}", file=sys.stderr)
                 return
             if fmt == "gguf":
                 gguf_export.write_gguf(_unwrap(m), merged_state_dict(m), tok, os.path.join(fresh, "model.gguf"),

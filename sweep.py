@@ -78,9 +78,11 @@ KEYS = {"dir", "launcher", "flags", "grid", "optuna", "storage", "eval", "object
 TRAIN_FLAGS = {f.name for f in fields(train.TrainConfig) if f.init}
 OWN_FLAGS = ("out_dir", "resume", "overwrite")  # the sweep sets these itself
 LOG_KEYS = {"loss", "lr", "tokens", "target_tokens", "grad_norm", "tokens_per_s", "mfu", "val_loss", "val_ppl"}
-# --head classify runs log their validation metrics too (val_auroc, val_macro_auroc, ..., val_precision_at_K)
-HEAD_LOG_KEYS = {f"val_{name}" for n_labels, multilabel in ((2, False), (3, False), (5, True))
-                 for name in heads.metric_names(n_labels, multilabel) if name != "labels_skipped"}
+# --head classify and --head tag runs log their validation metrics too (val_auroc, ..., val_precision_at_K;
+# tags: val_f1, val_precision, val_recall, val_f1_strict, val_token_accuracy)
+HEAD_LOG_KEYS = {f"val_{name}" for n_labels, multilabel, kind in ((2, False, "classify"), (3, False, "classify"),
+                                                                  (5, True, "classify"), (3, False, "tag"))
+                 for name in heads.metric_names(n_labels, multilabel, kind=kind) if name != "labels_skipped"}
 DONE = ("FINISHED", "FAILED", "PRUNED")
 FAILURES_IN_A_ROW = 3  # then the sweep stops: every trial is likely to fail the same way
 POLL_SECONDS = 0.5

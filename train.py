@@ -105,9 +105,10 @@ class TrainConfig:
                          one_of("nf4"))
     # a classification head (heads.py): labels from labelled shards instead of the next token
     head: str = flag(None, "classify trains a classification head on labelled shards (python -m data.prepare with "
-                           "labels), pooled at each document's last token; tag: not yet", one_of("classify", "tag"))
+                           "labels), pooled at each document's last token; tag a tag head on tagged shards (tokens "
+                           "and tags, or CoNLL), one prediction per word", one_of("classify", "tag"))
     class_weights: str = flag(None, "balanced weighs each class n / (K * count) by the train split's label counts "
-                                    "(--head)", one_of("balanced"))
+                                    "(--head; tag: the words of each tag)", one_of("balanced"))
     focal_gamma: float = flag(0.0, "focal loss exponent (--head; 0: plain cross-entropy or BCE)", at_least(0))
     focal_alpha: float = flag(None, "focal loss weight of the positive class (--head, binary or multilabel)",
                               interval("[0, 1]"))
@@ -115,7 +116,8 @@ class TrainConfig:
                                 "(--head; --resume still continues the latest): val_loss (lowest), or a metric of the "
                                 "head's task (highest; the val_ prefix optional): binary accuracy, f1, auroc, auprc; "
                                 "multiclass accuracy, macro_f1, auroc, auroc_ovo; multilabel macro_auroc, "
-                                "micro_auroc, macro_f1, micro_f1, precision_at_5", non_empty)
+                                "micro_auroc, macro_f1, micro_f1, precision_at_5; tag f1, precision, recall, "
+                                "f1_strict, token_accuracy", non_empty)
     # the batch and the schedule
     max_steps: int = flag(1000, "optimizer steps", positive)
     epochs: int = flag(None, "passes over the training data instead of --max_steps: max_steps becomes "
@@ -225,17 +227,23 @@ class TrainConfig:
         if self.head is None:
             given = [f"--{name}" for name in ("class_weights", "focal_alpha", "keep_best") if getattr(self, name)]
             if given or self.focal_gamma:
-                raise UsageError(f"{(given or ['--focal_gamma'])[0]} needs --head classify")
+                raise UsageError(f"{(given or ['--focal_gamma'])[0]} needs --head classify or --head tag")
             return
-        if self.head == "tag":
-            raise UsageError("--head tag: not yet (--head classify is)")
         if self.fsdp and self.keep_best:  # every rank must take part in a sharded save; keep_if_best is rank 0's
             raise UsageError("--keep_best: not yet with --fsdp")
-        if meta is None or not meta.get("labels"):
+        if self.head == "tag" and self.focal_alpha is not None:
+            raise UsageError("--focal_alpha weighs a binary or multilabel head's positive class; for tags use "
+                             "--class_weights balanced")
+        tagged, labelled = bool(meta and meta.get("has_tags")), bool(meta and meta.get("labels"))
+        if self.head == "tag" and not tagged:
+            raise UserError(f"--head tag: --data {self.data} holds no tags (python -m data.prepare tagged records: "
+                            f"JSONL tokens/tags, or CoNLL)" + ("; its labels are for --head classify" if labelled else ""))
+        if self.head == "classify" and not labelled:
             raise UserError(f"--head classify: --data {self.data} holds no labels (python -m data.prepare labelled "
-                            f"records: JSONL label/labels, or --label_column)")
+                            f"records: JSONL label/labels, or --label_column)" +
+                            ("; its tags are for --head tag" if tagged else ""))
         if self.keep_best:
-            self.keep_best = best_metric(self.keep_best, meta)
+            self.keep_best = best_metric(self.keep_best, meta, self.head)
 
     @property
     def lora_target_names(self):
@@ -405,30 +413,38 @@ def lr_at(step, cfg):
 
 
 # -----------------------------------------------------------------------------------------------
-# --head classify: the head on the model, its loss through DDP, its validation (the loss, and the
-# task's metrics over every rank's documents, gathered), --keep_best's metric, --epochs
+# --head classify|tag: the head on the model, its loss through DDP, its validation (the loss, and the
+# task's metrics over every rank's documents or sentences, gathered), --keep_best's metric, --epochs
 
 
 def fit_head(cfg, model, meta, source):
     """The head for the shards' labels: a fresh one (heads.attach_head: zeros) on a pretrained or
     from-scratch model, or the one a resumed full run (or a head --ckpt_dir) has, if it is for the
     same labels. A LoRA run's head comes back on resume with its adapter (lora.load_adapter)."""
-    labels, multilabel = tuple(meta["labels"]), bool(meta["multilabel"])
+    labels, multilabel = head_labels(cfg, meta)
     if model.args.n_labels == 0:
-        heads.attach_head(model, len(labels), multilabel, labels, pad_id=meta["eos_id"])  # the loader's pad_id
-    elif (model.args.labels, model.args.multilabel) != (labels, multilabel):
-        raise UserError(f"{source}: its head is for labels {list(model.args.labels or [])[:8]} (multilabel "
-                        f"{model.args.multilabel}); --data {cfg.data} has {list(labels)[:8]} (multilabel {multilabel})")
+        heads.attach_head(model, len(labels), multilabel, labels, pad_id=meta["eos_id"], kind=cfg.head)  # the loader's pad_id
+    elif (model.args.labels, model.args.multilabel, model.args.head_kind) != (labels, multilabel, cfg.head):
+        raise UserError(f"{source}: its {model.args.head_kind} head is for labels {list(model.args.labels or [])[:8]} "
+                        f"(multilabel {model.args.multilabel}); --head {cfg.head} on --data {cfg.data} has "
+                        f"{list(labels)[:8]} (multilabel {multilabel})")
 
 
-def best_metric(name, meta):
+def head_labels(cfg, meta):
+    """(labels, multilabel) of --head's task: the shards' labels, or their tags (one per word)."""
+    if cfg.head == "tag":
+        return tuple(meta["tags"]), False
+    return tuple(meta["labels"]), bool(meta["multilabel"])
+
+
+def best_metric(name, meta, kind="classify"):
     """--keep_best's log.jsonl key ("val_loss", "val_auroc", ...) for name, with or without val_,
-    if the shards' task (meta: binary, multiclass or multilabel) has that metric."""
-    labels, multilabel = meta["labels"], bool(meta["multilabel"])
-    names = [m for m in heads.metric_names(len(labels), multilabel) if m != "labels_skipped"]  # a count, not a score
+    if the shards' task (meta: binary, multiclass or multilabel; kind "tag": tags) has that metric."""
+    labels, multilabel = (meta["tags"], False) if kind == "tag" else (meta["labels"], bool(meta["multilabel"]))
+    names = [m for m in heads.metric_names(len(labels), multilabel, kind=kind) if m != "labels_skipped"]  # a count
     bare = name[len("val_"):] if name.startswith("val_") else name
     if bare not in ["loss", *names]:
-        task = "multilabel" if multilabel else "binary" if len(labels) == 2 else "multiclass"
+        task = "tag" if kind == "tag" else "multilabel" if multilabel else "binary" if len(labels) == 2 else "multiclass"
         raise UsageError(f"--keep_best {name}: not a validation metric of this {task} head (--data's labels); "
                          f"choose val_loss or one of {', '.join(names)}")
     return "val_" + bare
@@ -438,7 +454,8 @@ def train_head_beside(cfg, model):
     """The head trains in full, beside LoRA's adapters (peft's modules_to_save) or the whole model.
     An untied LM output projection gets no gradient from the head's loss: it is frozen, since DDP
     refuses a trainable parameter that the loss does not reach (and the LM head stays as it was)."""
-    model.score.weight.requires_grad_(True)
+    for p in model.score.parameters():  # a tag head's bias too
+        p.requires_grad_(True)
     if not model.tied:
         model.output.weight.requires_grad_(False)
 
@@ -447,22 +464,27 @@ class HeadLoss(torch.nn.Module):
     """--head's training forward: the pooled logits of a LabelledLoader batch and their loss,
     summed over its documents (heads.loss_sum; train_step divides by the global batch's
     heads.loss_normaliser, so the step's loss is the mean over the whole global batch, class
-    weights included, for any number of ranks and micro-steps). DDP syncs the
+    weights included, for any number of ranks and micro-steps). A tag head (tag=True): the
+    logits of a TaggedLoader batch's every token, the loss summed over the tokens that carry a
+    tag (tagged: the others' targets are IGNORE_INDEX), as heads.tag_loss. DDP syncs the
     gradients of what its module's forward computes, so the loss must be this module's forward
     (DDP(HeadLoss(model))), not model.classify called beside the wrapper. Under --fsdp the model is
     sharded already (classify has FSDP's hooks, fsdp.shard) and HeadLoss is not wrapped: it passes
     train_step's gradient-sync switch on to the model."""
 
-    def __init__(self, model, multilabel, class_weights=None, focal_gamma=0.0, focal_alpha=None):
+    def __init__(self, model, multilabel, class_weights=None, focal_gamma=0.0, focal_alpha=None, tag=False):
         super().__init__()
-        self.model, self.multilabel, self.class_weights = model, multilabel, class_weights
+        self.model, self.multilabel, self.class_weights, self.tag = model, multilabel, class_weights, tag
         self.focal_gamma, self.focal_alpha = focal_gamma, focal_alpha
         if hasattr(model, "set_requires_gradient_sync"):  # --fsdp: train_step's switch reaches the model
             self.set_requires_gradient_sync = model.set_requires_gradient_sync
 
     def logits(self, inputs, positions, valid):
         """(n_docs, n_labels): classify pools each packed document, and also the padding that ends
-        a row (the loader makes it a document of its own, positions from 0): dropped here."""
+        a row (the loader makes it a document of its own, positions from 0): dropped here. A tag
+        head: (B, T, n_labels), every token's (positions keep packed sentences apart)."""
+        if self.tag:
+            return self.model.tag(inputs, positions)
         starts = positions == 0
         starts[:, 0] = True
         return self.model.classify(inputs, positions)[valid[starts]]
@@ -472,27 +494,45 @@ class HeadLoss(torch.nn.Module):
 
     def normaliser(self, labels):
         """What this batch adds to the divisor of the global batch's loss (heads.loss_normaliser)."""
+        if self.tag:
+            labels = labels[labels != shards.IGNORE_INDEX]
         return float(heads.loss_normaliser(labels, self.multilabel, self.class_weights, self.focal_alpha))
 
     def forward(self, inputs, positions, valid, labels):
-        return self.loss_sum(self.logits(inputs, positions, valid), labels)
+        logits = self.logits(inputs, positions, valid)
+        if self.tag:
+            logits, labels = tagged(logits, labels)
+        return self.loss_sum(logits, labels)
+
+
+def tagged(logits, targets):
+    """(logits (n, K), targets (n,)) of the tokens that carry a tag."""
+    keep = targets != shards.IGNORE_INDEX
+    return logits[keep], targets[keep]
+
+
+def head_targets(cfg, batch):
+    """What a --head batch's loss is against: a LabelBatch's labels, a TagBatch's per-token targets."""
+    return batch.targets if cfg.head == "tag" else batch.labels
 
 
 def head_loss_module(cfg, model, train_loader):
     weights = None
-    if cfg.class_weights == "balanced":  # from meta.json's train label counts
-        counts = shards.load_meta(cfg.data)["label_counts"]["train"]
+    if cfg.class_weights == "balanced":  # from meta.json's train label counts (tags: words of each tag)
+        meta = shards.load_meta(cfg.data)
+        counts = meta["tag_counts" if cfg.head == "tag" else "label_counts"]["train"]
         weights = heads.balanced_class_weights(counts, train_loader.n_documents, model.args.multilabel).to(cfg.device)
-    return HeadLoss(model, model.args.multilabel, weights, cfg.focal_gamma, cfg.focal_alpha)
+    return HeadLoss(model, model.args.multilabel, weights, cfg.focal_gamma, cfg.focal_alpha, tag=cfg.head == "tag")
 
 
 @torch.no_grad()
 def evaluate_head(cfg, head_loss, loader, autocast):
     """One pass over the val split's documents, all ranks together: (val_loss, metrics). val_loss is
-    the mean loss over all of them, as training's (heads.loss_sum / loss_normaliser); metrics
-    {"val_<name>": value} the task's (val_metrics), on rank 0 ({} on the others)."""
+    the mean loss over all of them, as training's (heads.loss_sum / loss_normaliser; a tag head's
+    over their tagged words); metrics {"val_<name>": value} the task's (val_metrics), on rank 0 ({}
+    on the others)."""
     head_loss.eval()
-    logits, labels, documents = val_logits(cfg, head_loss, loader, autocast)
+    logits, labels, documents = (tag_val_logits if head_loss.tag else val_logits)(cfg, head_loss, loader, autocast)
     totals = torch.tensor([head_loss.loss_sum(logits, labels).item(), head_loss.normaliser(labels)],
                           dtype=torch.float64, device=cfg.device)
     all_reduce_sum(totals, cfg.world)
@@ -517,6 +557,28 @@ def val_logits(cfg, head_loss, loader, autocast):
     return [torch.cat(column) for column in zip(*parts)]
 
 
+def tag_val_logits(cfg, head_loss, loader, autocast):
+    """val_logits for a tag head, one row per tagged token: (logits, tag ids, keys) of this rank's
+    tagged tokens in epoch 0's sentences, key = document * seq_len + position in it (the order of
+    the sentences and of their words, which val_metrics sorts by). A word is the token its tag is on
+    (its first sub-word; with --label_all_subwords shards, each sub-word counts as a word)."""
+    loader.reset()
+    parts = []
+    for _ in range(math.ceil(len(loader.epoch_rows(0)) / (loader.batch_size * loader.world_size))):
+        b = loader.next_batch()
+        with autocast:
+            logits = head_loss.logits(b.inputs.to(cfg.device), b.positions.to(cfg.device), b.valid.to(cfg.device))
+        # each token's document: the batch lists them row by row, left to right; a row's starts count them
+        starts = (b.positions == 0) & b.valid
+        per_row = torch.bincount(b.rows, minlength=len(b.inputs))
+        slot = (per_row.cumsum(0) - per_row)[:, None] + starts.long().cumsum(1) - 1
+        keep = (b.targets != shards.IGNORE_INDEX) & b.valid
+        keep &= b.epochs[slot.clamp(min=0)] == 0
+        keys = b.documents[slot[keep]] * loader.seq_len + b.positions[keep]
+        parts.append((logits.float()[keep.to(cfg.device)], b.targets[keep].to(cfg.device), keys.to(cfg.device)))
+    return [torch.cat(column) for column in zip(*parts)]
+
+
 def val_metrics(cfg, args, logits, labels, documents):
     """heads.classification_metrics of every rank's documents, gathered to every rank, computed once
     on rank 0 in document order (so any number of ranks gives the very same input), as
@@ -525,6 +587,8 @@ def val_metrics(cfg, args, logits, labels, documents):
     documents, logits, labels = (all_gather_rows(t, cfg.world) for t in (documents, logits.double(), labels))
     if cfg.rank != 0:
         return {}
+    if args.head_kind == "tag":
+        return tag_val_metrics(cfg, args, logits, labels, documents)
     order = documents.argsort()
     probs, labels = heads.probabilities(logits[order], args.multilabel).cpu(), labels[order].cpu()
     if not torch.isfinite(probs).all():
@@ -533,6 +597,21 @@ def val_metrics(cfg, args, logits, labels, documents):
     metrics = heads.classification_metrics(probs.numpy(), answers, args.multilabel,
                                            list(args.labels or range(args.n_labels)))
     return {f"val_{name}": value for name, value in metrics.items()}
+
+
+def tag_val_metrics(cfg, args, logits, targets, keys):
+    """heads.tag_metrics of every sentence's words (tag_val_logits' rows, gathered): each word's
+    predicted tag is the argmax at the token that carries its tag; val_n counts the sentences with a
+    tagged word; all None for non-finite logits."""
+    if not torch.isfinite(logits).all():
+        return {f"val_{name}": None for name in heads.TAG_METRICS}
+    order = keys.argsort()
+    keys, predicted, targets = keys[order].cpu(), logits[order].argmax(-1).cpu(), targets[order].cpu()
+    sentences = torch.unique_consecutive(keys // cfg.seq_len, return_counts=True)[1].tolist()
+    names = list(args.labels or range(args.n_labels))
+    truth = [[names[i] for i in part.tolist()] for part in targets.split(sentences)]
+    guess = [[names[i] for i in part.tolist()] for part in predicted.split(sentences)]
+    return {f"val_{name}": value for name, value in heads.tag_metrics(truth, guess).items()}
 
 
 def all_gather_rows(t, world):
@@ -554,7 +633,8 @@ def apply_epochs(cfg):
     """--epochs N: max_steps from the rows of one epoch (LabelledLoader: its first epoch's packed
     rows; token shards: their windows) and the global batch; warmup follows unless given."""
     if cfg.head:
-        rows = len(shards.LabelledLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed).epoch_rows(0))
+        Loader = shards.TaggedLoader if cfg.head == "tag" else shards.LabelledLoader
+        rows = len(Loader(cfg.data, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed).epoch_rows(0))
     else:
         rows = shards.DataLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len).n_windows
     cfg.max_steps = max(1, math.ceil(cfg.epochs * rows / (cfg.batch_size * cfg.grad_accum * cfg.world)))
@@ -608,7 +688,9 @@ def divisor(normaliser):
 def step_counts(cfg, model, batch):
     """(what the loss of this micro-batch is divided by, its target tokens or --head documents)."""
     if cfg.head:  # model: HeadLoss, maybe in DDP (.module) or compiled (which forwards the attribute)
-        return getattr(model, "module", model).normaliser(batch.labels), len(batch.labels)
+        labels = head_targets(cfg, batch)
+        n = int((labels != shards.IGNORE_INDEX).sum()) if cfg.head == "tag" else len(labels)  # tagged words
+        return getattr(model, "module", model).normaliser(labels), n
     n = int((batch.targets != -100).sum())
     return n, n
 
@@ -616,7 +698,7 @@ def step_counts(cfg, model, batch):
 def micro_loss(cfg, model, batch):
     """The summed loss of one micro-batch: over its target tokens, or (--head) its documents."""
     if cfg.head:  # model: HeadLoss, maybe in DDP
-        return model(*(t.to(cfg.device) for t in (batch.inputs, batch.positions, batch.valid, batch.labels)))
+        return model(*(t.to(cfg.device) for t in (batch.inputs, batch.positions, batch.valid, head_targets(cfg, batch))))
     x, y, pos = (t.to(cfg.device) for t in batch)
     return model(x, y, positions=pos if cfg.doc_mask else None, reduction="sum")
 
@@ -987,7 +1069,8 @@ def set_up(cfg):
                                        cfg.rank, cfg.world)
     if cfg.doc_mask is None:
         cfg.doc_mask = bool(data_meta.get("has_mask"))  # instruction / chat data
-    Loader = shards.LabelledLoader if cfg.head else shards.DataLoader  # --head: whole documents, packed
+    # --head: whole documents (sentences), packed
+    Loader = {"classify": shards.LabelledLoader, "tag": shards.TaggedLoader}.get(cfg.head, shards.DataLoader)
     train_loader = Loader(cfg.data, "train", cfg.batch_size, cfg.seq_len, cfg.rank, cfg.world, seed=cfg.seed)
     val_loader = Loader(cfg.data, "val", cfg.batch_size, cfg.seq_len, cfg.rank, cfg.world)
     head_loss = head_loss_module(cfg, model, train_loader) if cfg.head else None

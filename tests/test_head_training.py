@@ -153,7 +153,9 @@ def test_head_on_unlabelled_shards_and_unfinished_modes_are_one_line(labelled, t
     prepare(tmp_path / "notes.jsonl", tmp_path / "text", "--tokenizer", labelled / "tokenizer.model")
     _one_line_error(train(*HEAD, "--data", tmp_path / "text", "--out_dir", tmp_path / "o", check=False),
                     f"--data {tmp_path / 'text'} holds no labels")
-    _one_line_error(train(*TINY, "--head", "tag", "--data", labelled, check=False), "not yet")
+    _one_line_error(train(*TINY, "--head", "tag", "--data", labelled, check=False),
+                    f"--data {labelled} holds no tags (python -m data.prepare tagged records: JSONL tokens/tags, or "
+                    f"CoNLL); its labels are for --head classify")
     _one_line_error(train(*HEAD, "--data", labelled, "--fsdp", "--keep_best", "val_loss", check=False),
                     "--keep_best: not yet with --fsdp")
     _one_line_error(train(*TINY, "--data", labelled, "--class_weights", "balanced", check=False), "needs --head")

@@ -142,7 +142,8 @@ def test_bad_yaml_is_one_line_and_starts_nothing(tmp_path, spec, message):
 def test_a_heads_validation_metrics_are_objectives():
     """train.py --head classify logs val_<metric> for its task (train.evaluate_head): each one is an
     objective a sweep may name; a metric no head logs is not."""
-    for metric in ("val_auroc", "val_macro_auroc", "val_macro_f1", "val_auprc", "val_precision_at_5", "val_auroc_ovo"):
+    for metric in ("val_auroc", "val_macro_auroc", "val_macro_f1", "val_auprc", "val_precision_at_5", "val_auroc_ovo",
+                   "val_f1", "val_precision", "val_recall", "val_f1_strict", "val_token_accuracy"):  # and --head tag's
         assert sweep_module.objective("s.yaml", {"objective": {"metric": metric, "direction": "maximize"}}) == \
             (metric, "maximize", "log")
     for metric in ("val_labels_skipped", "val_aurc", "auroc"):
