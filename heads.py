@@ -17,9 +17,7 @@ Read top to bottom:
                           Heads contract names them
   metric_names, probabilities  which metrics a head's task has (train.py --keep_best), and the
                           probabilities its logits give (softmax, or sigmoid for multilabel)
-  tag_metrics             train.py's validation metrics of a tag head: entity-level precision,
-                          recall, F1 (seqeval's default mode, micro), f1_strict (IOB2), token accuracy,
-                          from the tags of each sentence's words (entities, strict_entities read them)
+  TAG_METRICS             the tag head's metric names (tagging.tag_metrics computes them)
 Every loss is a mean over the batch (a weighted mean where class weights weigh single-label
 documents, as F.cross_entropy's weight= does), in fp32: loss_sum / loss_normaliser.
 """
@@ -224,7 +222,7 @@ def classification_metrics(probabilities, answers, multilabel: bool, labels, k: 
 
 
 def metric_names(n_labels: int, multilabel: bool, k: int = 5, kind: str = "classify") -> tuple:
-    """The metrics classification_metrics (kind "tag": tag_metrics) gives a head of n_labels labels
+    """The metrics classification_metrics (kind "tag": tagging.tag_metrics) gives a head of n_labels labels
     (besides "n"), in its order."""
     if kind == "tag":
         return TAG_METRICS
@@ -240,72 +238,6 @@ def probabilities(logits, multilabel: bool) -> torch.Tensor:
     return logits.sigmoid() if multilabel else logits.softmax(-1)
 
 
-# -----------------------------------------------------------------------------------------------
-# Tag metrics: entities read from BIO tags as seqeval reads them (the tests compare with seqeval)
-
+# The tag head's metrics, as train.py logs them (val_f1, ...) and --keep_best names them; tagging.py
+# computes them (and macro_f1, per_type, invalid_transitions besides, for eval.py's results)
 TAG_METRICS = ("f1", "precision", "recall", "f1_strict", "token_accuracy")
-
-
-def _prefix_type(tag):
-    """("B", "DIS") of "B-DIS"; ("O", "_") of "O" (seqeval's default mode: a bare tag has type "_")."""
-    return tag[0], tag[1:].split("-", maxsplit=1)[-1] or "_"
-
-
-def entities(tags) -> set:
-    """{(type, first, last)} of one sentence's tags in seqeval's default mode (conlleval's rules):
-    an entity starts at B-X or S-X, or at an I-X/E-X that does not continue an entity of type X, and
-    ends before a B-, S- or O, after an E- or S-, or where the type changes."""
-    found, start, prev, prev_type = set(), None, "O", "_"
-    for i, tag in enumerate([*tags, "O"]):
-        prefix, type_ = _prefix_type(tag)
-        ends = (prev in "ES" or (prev in "BI" and prefix in "BSO") or (prev != "O" and prev_type != type_))
-        if start is not None and ends:
-            found.add((prev_type, start, i - 1))
-            start = None
-        begins = (prefix in "BS" or (prev in "ESO" and prefix in "IE") or (prefix != "O" and prev_type != type_))
-        if begins and prefix != "O":
-            start = i
-        prev, prev_type = prefix, type_
-    return found
-
-
-def strict_entities(tags):
-    """{(type, first, last)} in seqeval's strict IOB2 mode: B-X then I-X*; an I- that continues
-    nothing is no entity. None where a tag is not O, B-* or I-* (seqeval refuses such sequences)."""
-    found, start, current = set(), None, None
-    for i, tag in enumerate([*tags, "O"]):
-        prefix, type_ = _prefix_type(tag)
-        if prefix not in "BIO" or (prefix != "O" and len(tag) < 3):
-            return None
-        if start is not None and not (prefix == "I" and type_ == current):
-            found.add((current, start, i - 1))
-            start = None
-        if prefix == "B":
-            start, current = i, type_
-    return found
-
-
-def tag_metrics(truth, predicted) -> dict:
-    """TAG_METRICS and "n" over sentences: truth and predicted, one list of tag names per sentence
-    (the same lengths). precision, recall, f1: micro over the entities of every sentence (an entity
-    is right when its type, first and last word match; 0 where a denominator is 0, seqeval's
-    zero_division); f1_strict likewise in strict IOB2 mode (None where a tag has no IOB2 reading);
-    token_accuracy over every word."""
-    def scores(reader):
-        gold, guess = set(), set()
-        for k, (t, p) in enumerate(zip(truth, predicted)):
-            g, q = reader(t), reader(p)
-            if g is None or q is None:
-                return None
-            gold |= {(k, *e) for e in g}
-            guess |= {(k, *e) for e in q}
-        right = len(gold & guess)
-        precision, recall = right / len(guess) if guess else 0.0, right / len(gold) if gold else 0.0
-        return precision, recall, 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-
-    precision, recall, f1 = scores(entities)
-    strict = scores(strict_entities)
-    words = sum(len(t) for t in truth)
-    right = sum(a == b for t, p in zip(truth, predicted) for a, b in zip(t, p))
-    return {"f1": f1, "precision": precision, "recall": recall, "f1_strict": None if strict is None else strict[2],
-            "token_accuracy": right / words if words else None, "n": len(truth)}

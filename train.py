@@ -48,6 +48,7 @@ import fsdp
 import generate
 import heads
 import lora
+import tagging
 import tasks
 import tokenizer
 from model import PROJECTIONS, ModelArgs, Transformer, nf4_projections
@@ -600,7 +601,7 @@ def val_metrics(cfg, args, logits, labels, documents):
 
 
 def tag_val_metrics(cfg, args, logits, targets, keys):
-    """heads.tag_metrics of every sentence's words (tag_val_logits' rows, gathered): each word's
+    """tagging.tag_metrics of every sentence's words (tag_val_logits' rows, gathered): each word's
     predicted tag is the argmax at the token that carries its tag; val_n counts the sentences with a
     tagged word; all None for non-finite logits."""
     if not torch.isfinite(logits).all():
@@ -611,7 +612,8 @@ def tag_val_metrics(cfg, args, logits, targets, keys):
     names = list(args.labels or range(args.n_labels))
     truth = [[names[i] for i in part.tolist()] for part in targets.split(sentences)]
     guess = [[names[i] for i in part.tolist()] for part in predicted.split(sentences)]
-    return {f"val_{name}": value for name, value in heads.tag_metrics(truth, guess).items()}
+    metrics = tagging.tag_metrics(truth, guess)
+    return {f"val_{name}": metrics[name] for name in (*heads.TAG_METRICS, "n")}
 
 
 def all_gather_rows(t, world):

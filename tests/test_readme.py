@@ -241,6 +241,7 @@ def write_inputs(work):
             table.writerow([i, 100 + i % 5, "Nursing", f'{note(i % 24)}\nAssessment: "stable", afebrile.'])
     (work / "notes.txt").write_text("\n\n".join(note(i) for i in range(30)) + "\n")
     write_labelled_tables(work)
+    write_tagged_sentences(work)
     (work / "corpus").mkdir()
     for i in range(40):
         (work / "corpus" / f"doc_{i:02d}.txt").write_text("\n".join(note(i * 3 + j) for j in range(3)) + "\n")
@@ -263,6 +264,19 @@ def write_labelled_tables(work):
             for i in range(n):
                 text = f"Admission {split} {i}. " + note(i % 24)[:300]
                 table.writerow([i, text, ",".join(codes[k] for k in range(4) if (i >> k) & 1)])
+
+
+def write_tagged_sentences(work):
+    """MedMentions-style CoNLL files, made up: drugs and diseases in short clinical sentences."""
+    drugs, diseases = ["acetaminophen", "metformin", "heparin", "lisinopril"], ["fever", "sepsis", "diabetes mellitus"]
+    for split, n in (("train", 120), ("test", 12)):
+        with open(work / f"medmentions_{split}.conll", "w") as f:
+            f.write("-DOCSTART-\tO\n\n")
+            for i in range(n):
+                disease = diseases[i % 3].split()
+                words = ["Started", drugs[i % 4], "for", *disease, "on", f"day{i}", "."]
+                tags = ["O", "B-Chemical", "O", "B-Disease", *["I-Disease"] * (len(disease) - 1), "O", "O", "O"]
+                f.write("".join(f"{w}\t{t}\n" for w, t in zip(words, tags)) + "\n")
 
 
 def free_port():
