@@ -9,6 +9,7 @@ What it writes to --out_dir:
     log.jsonl            one JSON line per optimizer step (rank 0)
     model/               full or from-scratch runs: a Meta checkpoint (generate.py --ckpt_dir OUT/model)
     adapter/             LoRA runs: the adapter (generate.py --ckpt_dir BASE --adapter OUT/adapter)
+    best/                --keep_best METRIC: the checkpoint with the best validation value so far
     .lock                held by the running process: one run per --out_dir
 Both model/ and adapter/ also hold the tokenizer (tokenizer.model, or tokenizer.json where the run's
 tokenizer is one) and train_state.pt (optimizer, step, loader
@@ -18,7 +19,9 @@ step from --seed, rank and step, so there is no RNG state to carry).
 Reading guide, top to bottom:
     TrainConfig          every flag, its default and its meaning; the demo's settings
     set-up               the out_dir lock, torchrun, the model and the data, the optimizer
-    one step             train_step: forward/backward over the micro-batches, DDP, token weighting
+    --head               a classification or tag head: the head on the model (adapt), HeadLoss (its loss
+                         through DDP), its validation metrics gathered from every rank, --keep_best, --epochs
+    one step             train_step: forward/backward over the micro-batches, DDP, token (or document) weighting
     checkpoints          save_checkpoint (one atomic.write_dir call) and restore_checkpoint
     logging              the step line, log.jsonl, mlflow; FLOPs and MFU
     the run              main -> set_up -> loop -> finish
