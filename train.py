@@ -247,7 +247,7 @@ class TrainConfig:
                             f"records: JSONL label/labels, or --label_column)" +
                             ("; its tags are for --head tag" if tagged else ""))
         if self.keep_best:
-            self.keep_best = best_metric(self.keep_best, meta, self.head)
+            self.keep_best = best_metric(self.keep_best, *head_labels(self, meta), kind=self.head)
 
     @property
     def lora_target_names(self):
@@ -441,10 +441,9 @@ def head_labels(cfg, meta):
     return tuple(meta["labels"]), bool(meta["multilabel"])
 
 
-def best_metric(name, meta, kind="classify"):
+def best_metric(name, labels, multilabel, kind="classify"):
     """--keep_best's log.jsonl key ("val_loss", "val_auroc", ...) for name, with or without val_,
-    if the shards' task (meta: binary, multiclass or multilabel; kind "tag": tags) has that metric."""
-    labels, multilabel = (meta["tags"], False) if kind == "tag" else (meta["labels"], bool(meta["multilabel"]))
+    if the head's task (head_labels: binary, multiclass or multilabel; kind "tag": tags) has that metric."""
     names = [m for m in heads.metric_names(len(labels), multilabel, kind=kind) if m != "labels_skipped"]  # a count
     bare = name[len("val_"):] if name.startswith("val_") else name
     if bare not in ["loss", *names]:
