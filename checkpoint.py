@@ -5,8 +5,8 @@ Read top to bottom:
   replace_checkpoint       atomic.write_dir for checkpoints: tokenizer and other files carried over;
                            which files make a checkpoint (CHECKPOINT_FILES, CHECKPOINT_MARKERS, INPUT_FILES)
   load                     either layout into a Transformer, one tensor at a time, the files
-                           memory-mapped (read, for fsdp.py too); the default dtype
-                           (resolve_dtype, cpu_native_dtypes); the config's values checked as read
+                           memory-mapped (read, for fsdp.py too); the default dtypes of weights
+                           and compute (resolve_dtype; cpu_paths.py on a CPU); the config's values checked as read
                            (model_args), its sizes against the weights' shapes and the RoPE table
                            against the machine's memory before anything is built (check_sizes,
                            check_context), each weight as it lands (check_shape, check_complete: the
@@ -39,6 +39,7 @@ from safetensors.torch import save_file
 
 import jsonfile
 from atomic import readable, write_dir
+import cpu_paths
 from model import PROJECTIONS, ModelArgs, NF4Linear, Transformer, nf4_projections
 
 
@@ -116,46 +117,33 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat
            "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
-def resolve_dtype(dtype, device, stored: Optional[torch.dtype] = None) -> torch.dtype:
-    """The dtype to compute in: dtype if given (a torch dtype or a name like 'bf16'), else the default.
+def resolve_dtype(dtype, device, stored: Optional[torch.dtype] = None):
+    """(the dtype the weights are held in, the dtype to compute in): dtype for both if given (a torch
+    dtype or a name like 'bf16'), else the default.
 
-    The default is bf16 on CUDA. On the CPU it is the checkpoint's stored dtype when the CPU computes
-    in it natively, fp32 otherwise: decoding reads every weight once per token, so it runs at the
-    speed of reading them, and a bf16 weight is half the bytes of an fp32 one. Converting a bf16
-    checkpoint to fp32 costs a copy at load and half the speed after; emulating bf16 on a CPU
-    without it costs more than that.
+    The default is bf16 on CUDA. On a CPU it is cpu_paths.plan's: the weights as stored wherever a
+    fast path reads them (decoding reads every weight once per token, so a bf16 weight decodes twice
+    as fast as its fp32 copy, and a weight used where it lies in the file costs nothing to load),
+    computed in the stored dtype where the CPU multiplies it fast, else in fp32.
     """
     if dtype is None:
         if torch.device(device).type == "cuda":
-            return torch.bfloat16
-        return stored if stored in cpu_native_dtypes() else torch.float32
+            return torch.bfloat16, torch.bfloat16
+        return cpu_paths.plan(stored or torch.float32)
     if isinstance(dtype, torch.dtype):
-        return dtype
+        return dtype, dtype
     if str(dtype) not in _DTYPES:
         raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
-    return _DTYPES[str(dtype)]
-
-
-def cpu_native_dtypes() -> set:
-    """The half-precision dtypes this CPU has matrix instructions for (fp32 always works): bf16 with
-    AVX-512 BF16 or AMX on x86 and the BF16 extension on Arm; fp16 with AMX-FP16 on x86 and FP16
-    arithmetic on Arm. Not AVX-512 FP16 alone: on such a CPU (this project's test machine) PyTorch
-    2.13's fp16 matrix-vector product read its weights 3x slower than fp32's, so fp32 decodes faster."""
-    caps = torch.cpu.get_capabilities()
-    native = set()
-    if any(caps.get(k) for k in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")):
-        native.add(torch.bfloat16)
-    if any(caps.get(k) for k in ("amx_fp16", "fp16_arith")):
-        native.add(torch.float16)
-    return native
+    return _DTYPES[str(dtype)], _DTYPES[str(dtype)]
 
 
 def load(ckpt_dir, device="cpu", dtype=None, quantize: Optional[str] = None,
          max_seq_len: Optional[int] = None) -> Transformer:
     """A Transformer from a Meta (params.json + consolidated.NN.pth) or HF (config.json +
-    safetensors) checkpoint directory. dtype: None is bf16 on CUDA; on a CPU the checkpoint's
-    own dtype where the CPU computes it natively (bf16 on AVX-512 BF16 / AMX), else fp32; or a torch
-    dtype, or a name ("bf16"); quantize: None, or "nf4" to hold the projections (PROJECTIONS) in NF4,
+    safetensors) checkpoint directory. dtype: None is bf16 on CUDA; on a CPU the weights stay in the
+    checkpoint's own dtype and the model computes in it, or in fp32 where this CPU multiplies that
+    faster (model.compute_dtype; see resolve_dtype); or a torch dtype, or a name ("bf16"), for both;
+    quantize: None, or "nf4" to hold the projections (PROJECTIONS) in NF4,
     quantized as they are read, the model computing in dtype; max_seq_len: the context to build for,
     default the checkpoint's.
 
@@ -170,6 +158,7 @@ def load(ckpt_dir, device="cpu", dtype=None, quantize: Optional[str] = None,
         raise ValueError(f"quantize {quantize!r}: expected None or 'nf4'")
     ckpt_dir = os.path.expanduser(str(ckpt_dir))
     args, tensors, tied, config_path = read(ckpt_dir)
+    compute = None
     if max_seq_len:
         args.max_seq_len = max_seq_len
         check_context(args, "max_seq_len")
@@ -183,8 +172,8 @@ def load(ckpt_dir, device="cpu", dtype=None, quantize: Optional[str] = None,
     for name, t in tensors:
         if name not in expected:
             continue  # stray keys such as rope.freqs or rotary_emb.inv_freq
-        if not isinstance(dtype, torch.dtype):
-            dtype = resolve_dtype(dtype, device, stored=t.dtype)  # the first weight says how they are stored
+        if compute is None:  # the first weight says how they are stored
+            dtype, compute = resolve_dtype(dtype, device, stored=t.dtype)
         check_shape(config_path, name, t.shape, expected[name].shape)
         if quantize and name.split(".")[-2] in PROJECTIONS:
             quantized[name] = NF4Linear(t.to(device))  # the NF4 layer that replaces this weight's nn.Linear
@@ -198,6 +187,7 @@ def load(ckpt_dir, device="cpu", dtype=None, quantize: Optional[str] = None,
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
         model.tie_weights()
+    model.compute_dtype = compute if compute != dtype else None
     return model.eval()
 
 

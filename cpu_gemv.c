@@ -1,4 +1,5 @@
-/* One token's projection on a CPU: y = W x with W (N, K) and x (K) in bf16, y (N) in bf16.
+/* One token's projection on a CPU: y = W x with W (N, K) in bf16, fp16 or fp32 (as the checkpoint
+ * stores it), x (K) in bf16 or fp32, y (N) in bf16 or fp32 (the activations' dtype).
  *
  * Decoding at batch 1 reads every weight once per token and does two flops per weight read, so it
  * is bound by how fast a core pulls weights out of memory, not by arithmetic. Three things set that
@@ -8,11 +9,12 @@
  *     their pages' translations) are on their way before the loads that need them;
  *   - LANES running sums per row, one per column modulo LANES, added together once at the row's
  *     end: the compiler turns them into vector registers, and no sum crosses lanes inside the loop.
- * Products are summed in fp32 and rounded to bf16 once, as torch.mv's bf16 kernel does; the order
- * of the sums is fixed by this code (no -ffast-math), so a result never depends on the build.
+ * Each weight is widened to fp32 as it is loaded (exact for all three types), products are summed in
+ * fp32 and a bf16 y is rounded once, as torch.mv's bf16 kernel does; the order of the sums is fixed
+ * by this code (no -ffast-math), so a result never depends on the build.
  *
- * Plain C, vectorised by the compiler (cpu_gemv.py builds it with -O3 -march=native); OpenMP splits
- * the rows between the threads torch uses.
+ * Plain C, vectorised by the compiler (cpu_gemv.py builds it with -O3 -march=native: AVX2 or AVX-512
+ * on x86, NEON on Arm, from this one source); OpenMP splits the rows between the threads torch uses.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -23,6 +25,9 @@
 
 #define ROWS 4    /* rows summed together */
 #define LANES 32  /* running sums per row: 64 bytes of bf16, one cache line, per step */
+
+enum { W_BF16 = 0, W_F16 = 1, W_F32 = 2 };  /* the weight's type, as cpu_gemv.py names it */
+static const int64_t BYTES[] = {2, 2, 4};
 
 static inline float bf16_to_float(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;  /* bf16 is the top half of an fp32 */
@@ -39,40 +44,85 @@ static inline uint16_t float_to_bf16(float f) {
     return (uint16_t)(bits >> 16);
 }
 
+/* fp16 without branches, so that the compiler vectorises it on every CPU (it does not vectorise
+ * _Float16's own conversion on x86 without AVX-512 FP16): the exponent and mantissa bits moved into
+ * fp32's places read as a number 2^112 too small, normal or subnormal alike, and one multiply
+ * rebiases it; infinity and NaN (exponent all ones) are put back by a select. */
+static inline float f16_to_float(uint16_t h) {
+    uint32_t magnitude = (uint32_t)(h & 0x7fffu) << 13, sign = (uint32_t)(h & 0x8000u) << 16, bits;
+    float f;
+    memcpy(&f, &magnitude, 4);
+    f *= 0x1p112f;
+    memcpy(&bits, &f, 4);
+    bits = (h & 0x7c00u) == 0x7c00u ? 0x7f800000u | magnitude : bits;
+    bits |= sign;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* Weight i of W as fp32. `type` is a constant wherever this is inlined (see rows_of_y), so the
+ * switch folds away and each loop is compiled for one type. */
+static inline __attribute__((always_inline)) float weight(const void *W, int type, int64_t i) {
+    switch (type) {
+    case W_BF16: return bf16_to_float(((const uint16_t *)W)[i]);
+    case W_F16: return f16_to_float(((const uint16_t *)W)[i]);
+    default: return ((const float *)W)[i];
+    }
+}
+
 /* One row's sum from its LANES running sums and the columns past the last whole step. */
-static float row_total(const float *lanes, const uint16_t *w, const float *x, int64_t from, int64_t K) {
+static inline __attribute__((always_inline)) float row_total(const float *lanes, const void *w, int type,
+                                                             const float *x, int64_t from, int64_t K) {
     float total = 0.0f;
     for (int l = 0; l < LANES; l++) total += lanes[l];
-    for (int64_t k = from; k < K; k++) total += bf16_to_float(w[k]) * x[k];
+    for (int64_t k = from; k < K; k++) total += weight(w, type, k) * x[k];
     return total;
 }
 
-/* Rows [first, last) of y; x already in fp32. */
-static void rows_of_y(const uint16_t *W, const float *x, uint16_t *y, int64_t K, int64_t first, int64_t last) {
+/* Rows [first, last) of W x into y (fp32); x already in fp32. */
+static inline __attribute__((always_inline)) void rows_of_y(const void *W, int type, const float *x, float *y,
+                                                            int64_t K, int64_t first, int64_t last) {
     static const float zeros[LANES];
-    int64_t steps_end = K / LANES * LANES;
+    const char *bytes = (const char *)W;
+    int64_t steps_end = K / LANES * LANES, row_bytes = K * BYTES[type];
     int64_t n = first;
     for (; n + ROWS <= last; n += ROWS) {
-        const uint16_t *w = W + n * K;
+        const void *w = bytes + n * row_bytes;
         int prefetch = n + 2 * ROWS <= last;  /* the next group is this thread's too */
         float lanes[ROWS][LANES] = {{0}};
         for (int64_t k0 = 0; k0 < steps_end; k0 += LANES) {
             for (int r = 0; r < ROWS; r++) {
-                if (prefetch) __builtin_prefetch(w + (ROWS + r) * K + k0, 0, 3);
-                for (int l = 0; l < LANES; l++) lanes[r][l] += bf16_to_float(w[r * K + k0 + l]) * x[k0 + l];
+                if (prefetch) __builtin_prefetch(bytes + (n + ROWS + r) * row_bytes + k0 * BYTES[type], 0, 3);
+                for (int l = 0; l < LANES; l++) lanes[r][l] += weight(w, type, r * K + k0 + l) * x[k0 + l];
             }
         }
-        for (int r = 0; r < ROWS; r++) y[n + r] = float_to_bf16(row_total(lanes[r], w + r * K, x, steps_end, K));
+        for (int r = 0; r < ROWS; r++)
+            y[n + r] = row_total(lanes[r], bytes + (n + r) * row_bytes, type, x, steps_end, K);
     }
     for (; n < last; n++)  /* the rows left over, one column at a time */
-        y[n] = float_to_bf16(row_total(zeros, W + n * K, x, 0, K));
+        y[n] = row_total(zeros, bytes + n * row_bytes, type, x, 0, K);
 }
 
-/* y = W x on `threads` threads, each taking one contiguous band of rows. Returns 0, or -1 if out of memory. */
-int gemv_bf16(const uint16_t *W, const uint16_t *x, uint16_t *y, int64_t N, int64_t K, int threads) {
-    float *xf = malloc((size_t)K * sizeof(float));
-    if (!xf) return -1;
-    for (int64_t k = 0; k < K; k++) xf[k] = bf16_to_float(x[k]);
+/* One copy of the loops per weight type, each compiled with its type known. */
+static void rows_bf16(const void *W, const float *x, float *y, int64_t K, int64_t a, int64_t b) { rows_of_y(W, W_BF16, x, y, K, a, b); }
+static void rows_f16(const void *W, const float *x, float *y, int64_t K, int64_t a, int64_t b) { rows_of_y(W, W_F16, x, y, K, a, b); }
+static void rows_f32(const void *W, const float *x, float *y, int64_t K, int64_t a, int64_t b) { rows_of_y(W, W_F32, x, y, K, a, b); }
+
+/* y = W x on `threads` threads, each taking one contiguous band of rows. w_type: W_BF16, W_F16 or
+ * W_F32; x_bf16 / y_bf16: 1 if x / y are bf16, 0 if fp32. Returns 0, -1 if out of memory, -2 for
+ * an unknown w_type. */
+int gemv(const void *W, int w_type, const void *x, int x_bf16, void *y, int y_bf16, int64_t N, int64_t K,
+         int threads) {
+    void (*rows)(const void *, const float *, float *, int64_t, int64_t, int64_t) =
+        w_type == W_BF16 ? rows_bf16 : w_type == W_F16 ? rows_f16 : w_type == W_F32 ? rows_f32 : NULL;
+    if (!rows) return -2;
+    float *xf = malloc((size_t)K * sizeof(float)), *yf = y_bf16 ? malloc((size_t)N * sizeof(float)) : (float *)y;
+    if (!xf || !yf) {
+        free(xf);
+        if (y_bf16) free(yf);
+        return -1;
+    }
+    for (int64_t k = 0; k < K; k++) xf[k] = x_bf16 ? bf16_to_float(((const uint16_t *)x)[k]) : ((const float *)x)[k];
     int64_t groups = (N + ROWS - 1) / ROWS;
     #pragma omp parallel num_threads(threads)
     {
@@ -82,8 +132,11 @@ int gemv_bf16(const uint16_t *W, const uint16_t *x, uint16_t *y, int64_t N, int6
 #endif
         int64_t per = (groups + T - 1) / T * ROWS;  /* whole groups per thread */
         int64_t first = t * per < N ? t * per : N, last = first + per < N ? first + per : N;
-        rows_of_y(W, xf, y, K, first, last);
+        rows(W, xf, yf, K, first, last);
+        if (y_bf16)
+            for (int64_t n = first; n < last; n++) ((uint16_t *)y)[n] = float_to_bf16(yf[n]);
     }
     free(xf);
+    if (y_bf16) free(yf);
     return 0;
 }

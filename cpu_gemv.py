@@ -1,16 +1,19 @@
-"""One token's bf16 projection on a CPU by a kernel of our own (cpu_gemv.c), built on first use.
+"""One token's projection on a CPU by a kernel of our own (cpu_gemv.c), built on first use.
 
 Read top to bottom:
-  mv(W, x)     y = W x for a contiguous bf16 W (N, K) and x (K), on torch's threads; None where the
-               kernel cannot run, and model.Linear then calls torch.mv
+  mv(W, x)     y = W x for a contiguous W (N, K) in bf16, fp16 or fp32 (as stored) and x (K) in bf16
+               or fp32 (the activations), on torch's threads; y in x's dtype; None where the kernel
+               cannot run, and model.Linear then calls torch.mv
+  available()  whether it runs (cpu_paths keeps narrow weights as stored only where it does)
   status()     what the process runs, in words: the kernel, or torch.mv and why
   _build()     cpu_gemv.c compiled with the system's C compiler (CC, else cc, gcc or clang) and
                -march=native, once per source, compiler and CPU, into ~/.cache/llama-trainer
                (XDG_CACHE_HOME; the temporary directory where that is read-only), written
                atomically so that ranks starting together never load a half-written library
 
-Why: decoding at batch 1 is bound by reading the weights, and torch.mv's bf16 kernel reads them
-slower than this one does (BENCHMARKS.md, bench.py decode). LLAMA_KERNELS=torch turns it off, as it
+Why: decoding at batch 1 is bound by reading the weights, and torch.mv's kernels read them slower
+than this one does (BENCHMARKS.md, bench.py decode and cpu); nor can torch.mv read a bf16 or fp16
+weight into fp32 activations without first copying the weight to fp32. LLAMA_KERNELS=torch turns it off, as it
 turns off the Triton kernels.
 
 The kernel's OpenMP threads must be torch's own: a second OpenMP runtime would keep a second set of
@@ -42,16 +45,28 @@ _kernel = None  # the loaded function, once built
 _why_not = None  # why it cannot run, once that is known
 
 
+WEIGHT_TYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}  # cpu_gemv.c's W_BF16, W_F16, W_F32
+X_TYPES = (torch.bfloat16, torch.float32)
+
+
 def mv(W: torch.Tensor, x: torch.Tensor):
-    """W (N, K) @ x (K) -> (N,), all bf16 on the CPU, or None where the kernel cannot run."""
+    """W (N, K) @ x (K) -> (N,) in x's dtype, on the CPU, or None where the kernel cannot run."""
+    if W.dtype not in WEIGHT_TYPES or x.dtype not in X_TYPES or W.device.type != "cpu" or x.device.type != "cpu":
+        return None
     kernel = _load()
     if kernel is None or not (W.is_contiguous() and x.is_contiguous()):
         return None
     N, K = W.shape
-    y = torch.empty(N, dtype=torch.bfloat16)
-    if kernel(W.data_ptr(), x.data_ptr(), y.data_ptr(), N, K, torch.get_num_threads()) != 0:
-        raise MemoryError(f"cpu_gemv: no memory for {K} floats")
+    y, bf16 = torch.empty(N, dtype=x.dtype), int(x.dtype == torch.bfloat16)
+    if kernel(W.data_ptr(), WEIGHT_TYPES[W.dtype], x.data_ptr(), bf16, y.data_ptr(), bf16, N, K,
+              torch.get_num_threads()) != 0:
+        raise MemoryError(f"cpu_gemv: no memory for {N + K} floats")
     return y
+
+
+def available() -> bool:
+    """Whether mv runs the kernel (built, and not turned off by LLAMA_KERNELS=torch)."""
+    return (os.environ.get("LLAMA_KERNELS") or "").strip().lower() != "torch" and _load() is not None
 
 
 def status() -> str:
@@ -73,9 +88,9 @@ def _load():
                 brought = _loaded_openmp() - before
                 if brought:
                     raise OSError(f"its OpenMP runtime would not be torch's ({', '.join(sorted(brought))})")
-                kernel = library.gemv_bf16
+                kernel = library.gemv
                 kernel.restype = ctypes.c_int
-                kernel.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+                kernel.argtypes = [ctypes.c_void_p, ctypes.c_int] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
                 _kernel = kernel
             except (OSError, subprocess.SubprocessError) as e:
                 _why_not = str(e)

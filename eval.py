@@ -280,8 +280,9 @@ def main(task: str, data: str, ckpt_dir: str = None, adapter: str = None, out: s
         max_seq_len: the context to build the model for; default the checkpoint's.
         tokenizer: a tokenizer.model to use instead of the one in ckpt_dir.
         device: cuda or cpu (default: cuda when available).
-        dtype: bf16, fp16 or fp32 (default bf16 on CUDA; on a CPU the checkpoint's own dtype
-            where the CPU computes it natively, else fp32).
+        dtype: bf16, fp16 or fp32, for the weights and the compute (default bf16 on CUDA; on a
+            CPU the weights as the checkpoint stores them, computed in that dtype where the CPU is
+            fast at it, else in fp32: cpu_paths.py).
         quantize: nf4 holds the base's projections in 4 bits (as a QLoRA run trained them).
         force: apply --adapter even to a base other than the one it was trained on.
         mlflow: log the metrics to mlflow ($MLFLOW_TRACKING_URI or sqlite:///mlflow.db).

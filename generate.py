@@ -18,6 +18,7 @@ import torch
 import atomic
 import checkpoint
 import common
+import cpu_paths
 import lora
 from cli import UsageError, UserError, interval, non_empty, one_of, positive, run, torch_device
 from data import records
@@ -87,7 +88,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.6, top_p=0.9, stop_id
             if cur - prev == 1:  # one token: a tensor position keeps a compiled step from specialising
                 logits = decode_step(tokens[:, prev:cur], torch.tensor(prev, device=device))[:, -1]
             else:
-                logits = model.decode(tokens[:, prev:cur], prev)[:, -1]
+                logits = model.decode(tokens[:, prev:cur], prev, last_only=True)[:, -1]
             chosen = next_token(logits[:, :n_words], temperature, top_p, generator)
             chosen = torch.where(is_prompt[:, cur], tokens[:, cur], chosen)
             new = ~is_prompt[:, cur] & ~done
@@ -311,8 +312,9 @@ def main(ckpt_dir: str = None, prompt: str = None, prompts_file: str = None, ada
         seed: makes sampling reproducible.
         tokenizer: a tokenizer.model to use instead of the one in ckpt_dir.
         device: cuda or cpu (default: cuda when available).
-        dtype: bf16, fp16 or fp32 (default bf16 on CUDA; on a CPU the checkpoint's own dtype
-            where the CPU computes it natively, else fp32).
+        dtype: bf16, fp16 or fp32, for the weights and the compute (default bf16 on CUDA; on a
+            CPU the weights as the checkpoint stores them, computed in that dtype where the CPU is
+            fast at it, else in fp32: cpu_paths.py).
         quantize: nf4 holds the projections in 4-bit NF4 (QLoRA's format; a quarter of the memory).
         compile: torch.compile the decode step (and capture it as a CUDA graph on GPU): slower to
             start, faster per token.
@@ -322,8 +324,9 @@ def main(ckpt_dir: str = None, prompt: str = None, prompts_file: str = None, ada
     device = device or common.default_device()
     t0 = time.perf_counter()
     model, tok = load_for_sampling(ckpt_dir, tokenizer, adapter, device, dtype, max_seq_len, force, quantize)
-    print(f"loaded {ckpt_dir} in {time.perf_counter() - t0:.1f}s ({device}, "
-          f"{model.tok_embeddings.weight.dtype})", file=sys.stderr)
+    weights = model.tok_embeddings.weight.dtype
+    how = cpu_paths.describe(weights, model.compute_dtype or weights) if device == "cpu" else str(weights)
+    print(f"loaded {ckpt_dir} in {time.perf_counter() - t0:.1f}s ({device}, {how})", file=sys.stderr)
     prompts = encode_prompts(tok, texts, chat, system)
     generator = None
     if seed is not None:

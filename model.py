@@ -4,7 +4,8 @@ Read top to bottom:
   ModelArgs        the hyper-parameters, named as in Meta's params.json; derived sizes resolved once;
                    the head's labels (n_labels 0: none) and kind (head_kind: classify | tag)
   RMSNorm, RoPE    normalisation and rotary position embedding (with Llama 3.1 frequency scaling)
-  Linear           a projection without bias (one token's product on a CPU: a matrix-vector kernel)
+  Linear           a projection without bias (one token's product on a CPU: a matrix-vector kernel;
+                   a weight stored narrower than the activations widened as used: linear)
   Attention        grouped-query attention; KVCache holds its keys and values while decoding
   FeedForward      SwiGLU
   Transformer      the stack: forward() trains and scores (logits, or the mean cross-entropy),
@@ -18,7 +19,7 @@ Read top to bottom:
                    nf4_projections (a model's projections swapped for them)
   Fused kernels    Triton twins of rms_norm, apply_rope, swiglu, linear_cross_entropy and
                    nf4_dequantize, switched in at the file's last lines (on CUDA, or when
-                   LLAMA_KERNELS=triton); and cpu_mv's, a C kernel for one token's bf16
+                   LLAMA_KERNELS=triton); and cpu_mv's, a C kernel for one token's
                    projection on a CPU (cpu_gemv.py builds it)
 """
 
@@ -221,22 +222,39 @@ def flex_attention(q, k, v, block_mask, enable_gqa):
 
 
 class Linear(nn.Linear):
-    """A Llama projection: nn.Linear without bias. One token's product on a CPU (decoding at batch 1)
-    is a matrix-vector product, bound by reading the weight: cpu_mv, at the file's end, runs it."""
+    """A Llama projection: nn.Linear, without bias but for the tag head's. One token's product on a
+    CPU (decoding at batch 1) is a matrix-vector product, bound by reading the weight: cpu_mv, at the
+    file's end, runs it. The weight may be stored narrower than the activations (see linear)."""
 
-    def __init__(self, in_features, out_features):
-        super().__init__(in_features, out_features, bias=False)
+    def __init__(self, in_features, out_features, bias=False):
+        super().__init__(in_features, out_features, bias=bias)
 
     def forward(self, x):
-        if x.device.type == "cpu" and x.numel() == x.shape[-1] and x.dtype == self.weight.dtype:
-            return cpu_mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight)
+        if x.device.type == "cpu" and x.numel() == x.shape[-1]:
+            y = cpu_mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
+        else:
+            y = linear(x, self.weight)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+# A weight widened for a product of several tokens goes this many bytes at a time.
+WIDEN_BYTES = 32 << 20
+
+
+def linear(x, weight):
+    """x @ weight.T in x's dtype. A weight stored narrower than the activations (bf16 or fp16 kept as
+    the checkpoint stores them, on a CPU that computes in fp32: cpu_paths.py) is widened a block of
+    rows at a time as the product uses it, so that no full-precision copy of it is ever made."""
+    if weight.dtype == x.dtype:
+        return F.linear(x, weight)
+    rows = max(1, WIDEN_BYTES // (weight.shape[1] * x.element_size()))
+    return torch.cat([F.linear(x, block.to(x.dtype)) for block in weight.split(rows)], dim=-1)
 
 
 def cpu_mv(weight, x):
-    """weight (N, K) @ x (K): one token's projection on a CPU. The PyTorch twin of cpu_gemv.c's
-    kernel, which takes over bf16 products at the file's end."""
-    return torch.mv(weight, x)
+    """weight (N, K) @ x (K) in x's dtype: one token's projection on a CPU. The PyTorch twin of
+    cpu_gemv.c's kernel, which takes over outside autograd at the file's end."""
+    return torch.mv(weight.to(x.dtype), x)
 
 
 class KVCache(nn.Module):
@@ -325,7 +343,7 @@ def linear_cross_entropy(h, weight, targets, ignore_index: int = -100, reduction
     """
     _check_reduction(reduction)
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-    loss = F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=ignore_index, reduction="sum")
+    loss = F.cross_entropy(linear(h, weight).float(), targets, ignore_index=ignore_index, reduction="sum")
     return loss if reduction == "sum" else loss / (targets != ignore_index).sum().clamp(min=1)
 
 
@@ -357,11 +375,11 @@ def last_tokens(starts, real=None):
 
 def head_layer(args: ModelArgs):
     """The head's `score` (None without one): a classification head is a projection without bias
-    (transformers' LlamaForSequenceClassification), a tag head an nn.Linear with one (its
+    (transformers' LlamaForSequenceClassification), a tag head one with a bias (its
     LlamaForTokenClassification)."""
     if not args.n_labels:
         return None
-    return nn.Linear(args.dim, args.n_labels) if args.head_kind == "tag" else Linear(args.dim, args.n_labels)
+    return Linear(args.dim, args.n_labels, bias=args.head_kind == "tag")
 
 
 def _check_reduction(reduction):
@@ -384,6 +402,9 @@ class Transformer(nn.Module):
         # Not a state-dict entry: rebuilt from args wherever the model lands.
         self.register_buffer("rope", rope_table(args), persistent=False)
         self.activation_checkpointing = False
+        # The activations' dtype where it differs from the weights' (bf16 weights computed in fp32 on
+        # a CPU: checkpoint.load sets it from cpu_paths.plan); None: the weights' own.
+        self.compute_dtype = None
 
     def tie_weights(self):
         """Llama 3.2 1B/3B share the embedding with the output projection."""
@@ -480,10 +501,12 @@ class Transformer(nn.Module):
                              f"{self.args.head_kind!r}")
         return self.score(self.hidden(tokens, positions)).float()
 
-    def decode(self, tokens, start_pos):
+    def decode(self, tokens, start_pos, last_only=False):
         """Decoding with the KV cache (setup_cache first): tokens (B, T) at positions start_pos ..
         start_pos+T-1 (a prompt chunk, then one token at a time) -> float logits (B, T, vocab).
-        start_pos: an int, or a 0-d tensor so that a compiled step is not specialised to each one."""
+        start_pos: an int, or a 0-d tensor so that a compiled step is not specialised to each one.
+        last_only: the logits of the last position alone, (B, 1, vocab): a prompt's pass needs no
+        others, and the output layer over every position is a fifth of a 1B model's work."""
         cache = self.layers[0].attention.cache
         if cache is None:
             raise RuntimeError("decode() needs setup_cache() first")
@@ -494,11 +517,13 @@ class Transformer(nn.Module):
         # query at position p sees cache slots 0..p: its own prefix, never the unwritten slots
         mask = torch.arange(length, device=tokens.device)[None, :] <= positions[:, None]
         h = self._blocks(tokens, self._rope(tokens.device)[positions], mask, positions)
-        return self.output(h).float()
+        return self.output(h[:, -1:] if last_only else h).float()
 
     def _blocks(self, tokens, rope, mask, cache_positions=None):
         """Embedding, every block, final norm: the hidden states before the output layer."""
         h = self.tok_embeddings(tokens)
+        if self.compute_dtype is not None:
+            h = h.to(self.compute_dtype)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
                 # keep only each layer's input; recompute its insides during backward
@@ -524,7 +549,7 @@ class Transformer(nn.Module):
             raise ValueError(f"cache length {length} exceeds max_seq_len {self.args.max_seq_len}")
         shape, w = (max_batch_size, self.args.n_kv_heads, length, self.args.head_dim), self.tok_embeddings.weight
         for layer in self.layers:
-            layer.attention.cache = KVCache(shape, w.dtype, w.device)
+            layer.attention.cache = KVCache(shape, self.compute_dtype or w.dtype, w.device)
 
     def clear_cache(self):
         for layer in self.layers:
@@ -1061,12 +1086,11 @@ nf4_dequantize = _kernel_or_twin(nf4_dequantize, _nf4_dequantize_kernel)
 
 
 def _cpu_kernel_or_twin(twin):
-    """cpu_gemv.c's kernel for bf16 outside autograd (it has no backward), unless LLAMA_KERNELS=torch;
-    the twin otherwise, and where the kernel cannot be built (cpu_gemv.status() says why)."""
+    """cpu_gemv.c's kernel outside autograd (it has no backward), unless LLAMA_KERNELS=torch; the twin
+    otherwise, and where the kernel cannot be built (cpu_gemv.status() says why)."""
     @functools.wraps(twin)
     def dispatch(weight, x):
-        if (x.dtype == torch.bfloat16 and _KERNELS != "torch"
-                and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        if _KERNELS != "torch" and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
             y = cpu_gemv.mv(weight, x)
             if y is not None:
                 return y
@@ -1078,5 +1102,5 @@ cpu_mv = _cpu_kernel_or_twin(cpu_mv)
 
 
 def cpu_mv_kernel() -> str:
-    """What runs one token's bf16 product on a CPU, in words."""
+    """What runs one token's product on a CPU, in words."""
     return "torch.mv (LLAMA_KERNELS=torch)" if _KERNELS == "torch" else cpu_gemv.status()

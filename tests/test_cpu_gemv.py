@@ -28,15 +28,15 @@ def bf16_ulp(v: torch.Tensor) -> torch.Tensor:
 
 
 def assert_rounded_fp32_sum(y, W, x):
-    """y is a bf16 rounding of a float32 sum of W x: within the float32 summation bound of the exact
-    value, plus half a bf16 step of where that sum can lie."""
+    """y is a float32 sum of W x, rounded to x's dtype: within the float32 summation bound of the
+    exact value, plus (for bf16) half a bf16 step of where that sum can lie."""
     products = W.double() * x.double()
     exact = products.sum(1)
     K = W.shape[1]
     summation = (K + 1) * 2.0 ** -24 * products.abs().sum(1)  # fp32 sums in any order: |error| <= K u sum|wx|
-    allowed = summation + 0.5 * bf16_ulp(exact.abs() + summation)
+    allowed = summation + (0.5 * bf16_ulp(exact.abs() + summation) if x.dtype == torch.bfloat16 else 0)
     error = (y.double() - exact).abs()
-    assert y.dtype == torch.bfloat16 and y.shape == (W.shape[0],)
+    assert y.dtype == x.dtype and y.shape == (W.shape[0],)
     assert bool((error <= allowed).all()), f"worst row {int((error / allowed).argmax())}: {error.max():.3g}"
 
 
@@ -51,6 +51,30 @@ def test_kernel_equals_the_float64_product_rounded(N, K):
     assert_rounded_fp32_sum(y, W, x)
     # and as close as torch.mv's own bf16 kernel: both sum in fp32, so they differ by a bf16 step at most
     assert bool(((y.double() - torch.mv(W, x).double()).abs() <= bf16_ulp(torch.mv(W.double(), x.double()))).all())
+
+
+@needs_kernel
+@pytest.mark.parametrize("weights", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("activations", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("N,K", [(1, 1), (5, 33), (9, 2049), (1000, 999)])
+def test_every_stored_dtype_into_bf16_or_fp32_activations(weights, activations, N, K):
+    """A weight as the checkpoint stores it, widened exactly as it is read: W x summed in fp32 and
+    given in the activations' dtype, as torch.mv gives it from a widened copy of W."""
+    g = torch.Generator().manual_seed(N + K)
+    W = torch.randn(N, K, generator=g).to(weights)
+    x = torch.randn(K, generator=g).to(activations)
+    y = cpu_gemv.mv(W, x)
+    assert_rounded_fp32_sum(y, W, x)
+    if activations == torch.float32:  # equal to torch's fp32 product up to the order of the sums
+        torch.testing.assert_close(y, torch.mv(W.float(), x), rtol=1e-5, atol=1e-5 * math.sqrt(K))
+
+
+@needs_kernel
+def test_every_fp16_value_is_widened_exactly():
+    """All 65,536 fp16 bit patterns, subnormals, infinities and NaNs included, one per row of W."""
+    W = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16).view(-1, 1)
+    y, want = cpu_gemv.mv(W, torch.ones(1)), W[:, 0].float()
+    assert torch.equal(y.isnan(), want.isnan()) and torch.equal(y[~want.isnan()], want[~want.isnan()])
 
 
 @needs_kernel
@@ -127,9 +151,12 @@ def test_twin_runs_where_the_kernel_steps_aside(monkeypatch):
         assert model.cpu_mv_kernel() == "torch.mv (LLAMA_KERNELS=torch)"
     finally:
         model.set_kernels(previous)
-    with torch.no_grad():  # fp32 always takes torch.mv
-        layer32 = model.Linear(48, 16)
-        assert torch.equal(layer32(x.float()), torch.mv(layer32.weight, x.reshape(-1).float()).view(1, 1, 16))
+    previous = model.set_kernels("torch")
+    try:  # the twin reads a weight narrower than the activations by widening it first
+        with torch.no_grad():
+            assert torch.equal(layer(x.float()), torch.mv(layer.weight.float(), x.reshape(-1).float()).view(1, 1, 16))
+    finally:
+        model.set_kernels(previous)
 
 
 def test_no_compiler_means_torch_mv(monkeypatch, tmp_path):

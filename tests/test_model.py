@@ -416,25 +416,54 @@ def test_changing_the_loaded_model_never_writes_the_checkpoint(tmp_path, layout)
     assert torch.equal(again.layers[1].feed_forward.w2.weight, sd["layers.1.feed_forward.w2.weight"])
 
 
-@pytest.mark.parametrize("caps, stored, expected", [
-    ({"avx512_bf16": True}, torch.bfloat16, torch.bfloat16),   # AVX-512 BF16: keep the checkpoint's bf16
-    ({"amx_bf16": True}, torch.bfloat16, torch.bfloat16),
-    ({"bf16": True}, torch.bfloat16, torch.bfloat16),          # Arm's BF16 extension
-    ({"avx2": True}, torch.bfloat16, torch.float32),           # emulated bf16 would be slower: fp32
-    ({}, torch.bfloat16, torch.float32),
-    ({"avx512_bf16": True}, torch.float16, torch.float32),     # bf16 instructions do not compute fp16
-    ({"avx512_fp16": True}, torch.float16, torch.float32),     # PyTorch's fp16 matvec is slow there
-    ({"amx_fp16": True}, torch.float16, torch.float16),
-    ({"avx512_bf16": True, "avx512_fp16": True}, torch.float32, torch.float32),
+B16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
+
+
+@pytest.mark.parametrize("caps, faster, kernel, stored, weights, compute", [
+    ({"avx512_bf16": True}, True, True, B16, B16, B16),   # AVX-512 BF16 that measures fast: bf16 throughout
+    ({"avx512_bf16": True}, False, True, B16, B16, F32),  # the instructions, but a slow product: fp32 compute
+    ({"amx_bf16": True}, True, True, B16, B16, B16),
+    ({"bf16": True}, True, True, B16, B16, B16),          # Arm's BF16 extension
+    ({"avx2": True}, True, True, B16, B16, F32),          # AVX2: bf16 emulated, never measured; weights kept
+    ({"avx2": True}, True, False, B16, F32, F32),         # ... and widened at load where the C kernel cannot run
+    ({}, True, True, B16, B16, F32),
+    ({"avx512_bf16": True}, True, True, F16, F16, F32),   # bf16 instructions do not compute fp16
+    ({"avx512_fp16": True}, True, True, F16, F16, F32),   # nor do AVX-512 FP16's, for PyTorch's products
+    ({"amx_fp16": True}, True, True, F16, F16, F16),
+    ({"fp16_arith": True}, False, True, F16, F16, F32),
+    ({"avx512_bf16": True, "avx512_fp16": True}, True, True, F32, F32, F32),  # fp32 stays fp32
 ])
-def test_cpu_default_dtype_follows_the_checkpoint_and_the_cpu(tmp_path, monkeypatch, caps, stored, expected):
+def test_cpu_default_keeps_the_stored_weights_and_computes_where_the_cpu_is_fast(
+        tmp_path, monkeypatch, caps, faster, kernel, stored, weights, compute):
+    import cpu_gemv
+    import cpu_paths
+
+    measured = []
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
-    path, _ = _checkpoint("hf", stored, tmp_path / "hf")
+    monkeypatch.setattr(cpu_paths, "_measured_faster", lambda dtype: measured.append(dtype) or faster)
+    monkeypatch.setattr(cpu_gemv, "available", lambda: kernel)
+    path, sd = _checkpoint("hf", stored, tmp_path / "hf")
     m = checkpoint.load(path)
-    assert {p.dtype for p in m.parameters()} == {expected}
+    assert {p.dtype for p in m.parameters()} == {weights}
+    assert (m.compute_dtype or weights) == compute
+    has = stored != F32 and any(caps.get(name) for name in cpu_paths.INSTRUCTIONS[stored])
+    assert measured == ([stored] if has else [])  # measured only where the instructions exist
+    tokens = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.no_grad():  # whatever the plan, the model computes what the weights it holds give
+        want = checkpoint.load(path, dtype=compute)
+        want.load_state_dict({k: v.to(compute) for k, v in m.state_dict().items()})
+        m.setup_cache(1, 8)
+        want.setup_cache(1, 8)
+        tol = 1e-5 if compute == F32 else 2e-2
+        for start, end in ((0, 3), (3, 4), (4, 5)):  # the prompt's pass, then one token at a time (cpu_gemv.c)
+            got, ref = (x.decode(tokens[:, start:end], start) for x in (m, want))
+            assert got.dtype == torch.float32 and m.layers[0].attention.cache.k.dtype == compute
+            torch.testing.assert_close(got, ref, rtol=tol, atol=tol * ref.abs().max().item())
     assert checkpoint.load(path, dtype="fp32").tok_embeddings.weight.dtype == torch.float32  # --dtype decides
+    loaded = checkpoint.load(path, dtype="fp32")
+    assert loaded.compute_dtype is None
     from checkpoint import resolve_dtype
-    assert resolve_dtype(None, "cuda", stored=torch.float32) == torch.bfloat16  # CUDA's default is unchanged
+    assert resolve_dtype(None, "cuda", stored=torch.float32) == (B16, B16)  # CUDA's default is unchanged
 
 
 def test_bad_safetensors_files_are_one_line(tmp_path):

@@ -1,0 +1,82 @@
+"""How a checkpoint runs on this CPU: the dtype its weights stay in and the dtype it computes in,
+decided once per process for checkpoint.load's default (no --dtype).
+
+The weights stay as the checkpoint stores them (bf16, fp16 or fp32), used where they lie in the
+file's mapping with no copy at load, wherever a fast path reads them. Each phase then takes its own:
+  decode    one token's products read every weight once and are bound by memory: cpu_gemv.c reads
+            bf16, fp16 and fp32 weights alike (half the bytes of fp32 for the first two), into bf16
+            or fp32 activations (model.cpu_mv)
+  prefill   a prompt's products are bound by arithmetic: F.linear in the compute dtype, a weight
+            stored narrower than that widened a block of rows at a time as it is used (model.linear)
+The compute dtype (the activations', the KV cache's) is the stored one where this CPU multiplies it
+fast, else fp32. A capability list says where it cannot (no AVX-512 BF16 or AMX: PyTorch then
+emulates bf16, and its bf16 matrix product on an AVX2 CPU ran 6x slower than its fp32 one), but not
+that it can: where the instructions exist, a short measurement (a prompt-sized product each way,
+about 0.1 s, once) decides. Where the C kernel cannot be built, a narrow weight is widened at load
+instead, as torch.mv cannot read it into wider activations.
+
+Read top to bottom: plan (what checkpoint.load asks), native (capabilities, then the measurement),
+describe (the plan in words, for generate.py's and bench.py's lines).
+"""
+
+import functools
+import time
+
+import torch
+
+import cpu_gemv
+
+HALF = (torch.bfloat16, torch.float16)
+# The instructions without which PyTorch has no fast matrix product in that dtype (torch.cpu names).
+INSTRUCTIONS = {torch.bfloat16: ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16"),
+                torch.float16: ("amx_fp16", "fp16_arith")}
+MARGIN = 1.25  # the half dtype must be this much faster to be chosen: timing noise never flips a close call
+
+
+def plan(stored: torch.dtype):
+    """(the dtype the weights stay in, the dtype to compute in) for weights stored in `stored`."""
+    if stored not in HALF:
+        return torch.float32, torch.float32
+    if native(stored):
+        return stored, stored
+    if cpu_gemv.available():
+        return stored, torch.float32  # widened as used: decode reads half the bytes
+    return torch.float32, torch.float32  # widened once, at load
+
+
+def native(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies dtype matrices faster than fp32 ones: it has the instructions,
+    and a measured product says so."""
+    caps = torch.cpu.get_capabilities()
+    if not any(caps.get(name) for name in INSTRUCTIONS.get(dtype, ())):
+        return False
+    return _measured_faster(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_faster(dtype: torch.dtype) -> bool:
+    """A prompt-sized product, (128, 1024) @ (1024, 2048), in dtype against the same in fp32 with
+    the weight widened first (the other path's cost): the best of three each, after a warm-up."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(128, 1024, generator=g), torch.randn(2048, 1024, generator=g).to(dtype)
+    half = x.to(dtype)
+    return seconds(lambda: torch.nn.functional.linear(x, w.float())) > MARGIN * seconds(
+        lambda: torch.nn.functional.linear(half, w))
+
+
+def seconds(fn, runs=3):
+    fn()
+    best = float("inf")
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def describe(weights: torch.dtype, compute: torch.dtype) -> str:
+    """'bf16 weights as stored, computing in fp32; one token's products by cpu_gemv.c', or so."""
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    kept = f"{name.get(weights, weights)} weights" + (f", computing in {name.get(compute, compute)}"
+                                                      if compute != weights else "")
+    return f"{kept}; one token's products by {cpu_gemv.status()}"
