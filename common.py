@@ -3,7 +3,8 @@ ranks fail together, how long it has left, what its steps cost, and its record i
 train.py, eval.py, generate.py and bench.py take these from here; none of them from another.
 
 Reading guide, top to bottom:
-    where it runs    default_device, setup_distributed, teardown, and `ranks` (all three as one block)
+    where it runs    default_device, setup_distributed, teardown, and `ranks` (all three as one block;
+                     a finished rank that cannot leave is ended after LEAVE_S, saying where it hung)
     failing together watch, stop, failed, exit_quietly: under torchrun, one rank's error stops every
                      rank within seconds and is printed once
     time left        format_eta, Progress
@@ -18,6 +19,7 @@ collective, and other nodes' agents are not told at all. So a daemon thread per 
 process group's store (which every node shares) and ends its rank once another rank has failed.
 """
 
+import faulthandler
 import logging
 import os
 import pathlib
@@ -70,11 +72,19 @@ def teardown():
         dist.destroy_process_group()
 
 
+# Seconds a finished rank may take to leave (teardown, then the interpreter's exit) before it is
+# ended: its work is saved by then, and a rank stuck in leaving would hold the job up forever.
+LEAVE_S = 120
+
+
 @contextmanager
 def ranks(world):
     """The body of an entry point under torchrun: its ranks watched, so that one rank's error ends
     them all and is printed once (by the first rank to fail; the others leave quietly); the process
-    group torn down once the body is done. A failed rank does not wait on the others to tear down."""
+    group torn down once the body is done. A failed rank does not wait on the others to tear down.
+    A rank that has not left LEAVE_S seconds after its body finished prints where each of its
+    threads waits and exits with status 1 (faulthandler's watchdog, a C thread that needs no GIL):
+    leaving a gloo group has been seen to hang, rarely, after a run had saved everything."""
     watch()
     try:
         yield
@@ -82,6 +92,9 @@ def ranks(world):
         if world > 1 and not failed():
             exit_quietly()  # another rank failed first and its error is printed
         raise
+    if world > 1:
+        sys.stderr.flush()
+        faulthandler.dump_traceback_later(LEAVE_S, exit=True)  # never cancelled: it ends with the process
     teardown()
 
 

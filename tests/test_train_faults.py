@@ -277,3 +277,27 @@ else:
         waiting.kill()
     assert waiting.returncode != 0 and time.time() - start < 30, err[-2000:]
     assert "local_rank: 0" in err and "exitcode  : 1" in err, err[-2000:]
+
+
+def test_a_finished_rank_that_cannot_leave_says_where_it_hangs_and_exits(tmp_path):
+    """A rank whose body has finished but whose leaving hangs (seen, rarely, in gloo's teardown) is
+    ended by common.ranks' watchdog after LEAVE_S, with every thread's stack printed, instead of
+    holding the job up for ever."""
+    script = tmp_path / "stuck.py"
+    script.write_text(f"""import sys, time
+sys.path.insert(0, {ROOT!r})
+import common
+common.LEAVE_S = 3
+rank, world, _ = common.setup_distributed("cpu")
+def hang_in_teardown():
+    time.sleep(300)
+common.teardown = hang_in_teardown
+with common.ranks(world):
+    print("body done", rank, flush=True)
+""")
+    start = time.time()
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                          str(script)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and time.time() - start < 60, out.stderr[-2000:]
+    assert "body done 0" in out.stdout and "body done 1" in out.stdout
+    assert "Timeout (0:00:03)!" in out.stderr and "in hang_in_teardown" in out.stderr, out.stderr[-2000:]
