@@ -4,7 +4,7 @@ train.py, eval.py, generate.py and bench.py take these from here; none of them f
 
 Reading guide, top to bottom:
     where it runs    default_device, setup_distributed, teardown, and `ranks` (all three as one block;
-                     a finished rank that cannot leave is ended after LEAVE_S, saying where it hung)
+                     leave_within: a finished rank that cannot leave is ended, saying where it hung)
     failing together watch, stop, failed, exit_quietly: under torchrun, one rank's error stops every
                      rank within seconds and is printed once
     time left        format_eta, Progress
@@ -73,7 +73,7 @@ def teardown():
 
 
 # Seconds a finished rank may take to leave (teardown, then the interpreter's exit) before it is
-# ended: its work is saved by then, and a rank stuck in leaving would hold the job up forever.
+# ended: its work is saved by then, and a rank stuck in leaving would hold the job up for ever.
 LEAVE_S = 120
 
 
@@ -82,9 +82,7 @@ def ranks(world):
     """The body of an entry point under torchrun: its ranks watched, so that one rank's error ends
     them all and is printed once (by the first rank to fail; the others leave quietly); the process
     group torn down once the body is done. A failed rank does not wait on the others to tear down.
-    A rank that has not left LEAVE_S seconds after its body finished prints where each of its
-    threads waits and exits with status 1 (faulthandler's watchdog, a C thread that needs no GIL):
-    leaving a gloo group has been seen to hang, rarely, after a run had saved everything."""
+    A finished rank that cannot leave is ended after LEAVE_S (leave_within)."""
     watch()
     try:
         yield
@@ -93,9 +91,24 @@ def ranks(world):
             exit_quietly()  # another rank failed first and its error is printed
         raise
     if world > 1:
-        sys.stderr.flush()
-        faulthandler.dump_traceback_later(LEAVE_S, exit=True)  # never cancelled: it ends with the process
+        leave_within(LEAVE_S)
     teardown()
+
+
+def leave_within(seconds):
+    """End this process `seconds` from now if it is still there, saying where each of its threads
+    waits, with status 0: its body has finished and saved everything. Leaving a gloo group has been
+    seen to hang, rarely, after a run was complete. Should that thread never get the GIL, faulthandler's
+    watchdog (a C thread) ends the process a minute later, with status 1."""
+    def end():
+        time.sleep(seconds)
+        print(f"finished and saved, but leaving the process group has hung for {seconds} s; ending this "
+              f"rank. Where each thread waits:", file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(all_threads=True)
+        exit_quietly(0)
+
+    threading.Thread(target=end, daemon=True, name="leave").start()
+    faulthandler.dump_traceback_later(seconds + 60, exit=True)  # never cancelled: it ends with the process
 
 
 # -----------------------------------------------------------------------------------------------

@@ -282,7 +282,7 @@ else:
 def test_a_finished_rank_that_cannot_leave_says_where_it_hangs_and_exits(tmp_path):
     """A rank whose body has finished but whose leaving hangs (seen, rarely, in gloo's teardown) is
     ended by common.ranks' watchdog after LEAVE_S, with every thread's stack printed, instead of
-    holding the job up for ever."""
+    holding the job up for ever; with status 0, since all it had to do is done."""
     script = tmp_path / "stuck.py"
     script.write_text(f"""import sys, time
 sys.path.insert(0, {ROOT!r})
@@ -298,6 +298,7 @@ with common.ranks(world):
     start = time.time()
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                           str(script)], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0 and time.time() - start < 60, out.stderr[-2000:]
+    assert out.returncode == 0 and time.time() - start < 60, out.stderr[-2000:]
     assert "body done 0" in out.stdout and "body done 1" in out.stdout
-    assert "Timeout (0:00:03)!" in out.stderr and "in hang_in_teardown" in out.stderr, out.stderr[-2000:]
+    said = "finished and saved, but leaving the process group has hung for 3 s; ending this rank."
+    assert out.stderr.count(said) == 2 and "in hang_in_teardown" in out.stderr, out.stderr[-2000:]
