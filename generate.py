@@ -62,6 +62,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.6, top_p=0.9, stop_id
     tokenizer has rows that no text decodes to. A prompt that is empty or does not fit the model's
     context raises ValueError.
     """
+    eager = decode_step is None  # model.decode itself, which attends over the written slots alone given an int
     decode_step = model.decode if decode_step is None else decode_step
     B, context, lens = len(prompts), model.args.max_seq_len, [len(p) for p in prompts]
     _check_lengths(lens, context)
@@ -86,7 +87,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.6, top_p=0.9, stop_id
                 sync()
                 timings["first_step"] = time.perf_counter() - t0 - timings["prefill"]
             if cur - prev == 1:  # one token: a tensor position keeps a compiled step from specialising
-                logits = decode_step(tokens[:, prev:cur], torch.tensor(prev, device=device))[:, -1]
+                logits = decode_step(tokens[:, prev:cur], prev if eager else torch.tensor(prev, device=device))[:, -1]
             else:
                 logits = model.decode(tokens[:, prev:cur], prev, last_only=True)[:, -1]
             chosen = next_token(logits[:, :n_words], temperature, top_p, generator)

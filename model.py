@@ -285,15 +285,17 @@ class Attention(nn.Module):
         self.wo = Linear(args.n_heads * self.head_dim, args.dim)
         self.cache = None  # a KVCache while decoding (Transformer.setup_cache)
 
-    def forward(self, x, rope, mask=None, cache_positions=None):
+    def forward(self, x, rope, mask=None, cache_positions=None, keys=None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
-        if cache_positions is not None:  # decoding: attend over the whole cache, behind the mask
+        if cache_positions is not None:  # decoding: the whole cache behind the mask, or its first `keys` slots
             k, v = self.cache.update(cache_positions, k, v)
+            if keys is not None:
+                k, v = k[:, :, :keys], v[:, :, :keys]
 
         # Grouped-query attention: each group of n_heads/n_kv_heads query heads shares one key/value
         # head; SDPA broadcasts them (enable_gqa) instead of us copying k and v.
@@ -328,8 +330,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, rope, mask=None, cache_positions=None):
-        h = x + self.attention(self.attention_norm(x), rope, mask, cache_positions)
+    def forward(self, x, rope, mask=None, cache_positions=None, keys=None):
+        h = x + self.attention(self.attention_norm(x), rope, mask, cache_positions, keys)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -514,12 +516,15 @@ class Transformer(nn.Module):
         if isinstance(start_pos, int) and start_pos + T > length:
             raise ValueError(f"positions up to {start_pos + T} exceed the KV cache of {length}")
         positions = start_pos + torch.arange(T, device=tokens.device)
-        # query at position p sees cache slots 0..p: its own prefix, never the unwritten slots
-        mask = torch.arange(length, device=tokens.device)[None, :] <= positions[:, None]
-        h = self._blocks(tokens, self._rope(tokens.device)[positions], mask, positions)
+        if isinstance(start_pos, int):  # eager: attend over the slots written so far, not the whole cache
+            keys = start_pos + T  # (a mask over every slot cost more than the attention of a one-token step)
+            mask = None if start_pos == 0 or T == 1 else torch.arange(keys, device=tokens.device) <= positions[:, None]
+        else:  # a compiled step: one shape for every position, the unwritten slots behind the mask
+            keys, mask = None, torch.arange(length, device=tokens.device)[None, :] <= positions[:, None]
+        h = self._blocks(tokens, self._rope(tokens.device)[positions], mask, positions, keys)
         return self.output(h[:, -1:] if last_only else h).float()
 
-    def _blocks(self, tokens, rope, mask, cache_positions=None):
+    def _blocks(self, tokens, rope, mask, cache_positions=None, keys=None):
         """Embedding, every block, final norm: the hidden states before the output layer."""
         h = self.tok_embeddings(tokens)
         if self.compute_dtype is not None:
@@ -529,7 +534,7 @@ class Transformer(nn.Module):
                 # keep only each layer's input; recompute its insides during backward
                 h = torch.utils.checkpoint.checkpoint(layer, h, rope, mask, cache_positions, use_reentrant=False)
             else:
-                h = layer(h, rope, mask, cache_positions)
+                h = layer(h, rope, mask, cache_positions, keys)
         return self.norm(h)
 
     def _rope(self, device):
