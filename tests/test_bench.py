@@ -79,9 +79,9 @@ def test_decode(tmp_path):
                            "--warmup", "0", "--iters", "1", "--dtypes", "default,fp32")
     import torch
 
-    import checkpoint
+    import cpu_paths
 
-    ours = "bfloat16" if torch.bfloat16 in checkpoint.cpu_native_dtypes() else "float32"  # the checkpoint is bf16
+    ours = "bfloat16" if cpu_paths.plan(torch.bfloat16)[0] == torch.bfloat16 else "float32"  # the checkpoint is bf16
     cases = [row["case"].split(", ")[1] for row in record["rows"]]
     assert cases[0] == cases[1] and cases[0].startswith(f"each tool's default ({ours}")
     assert cases[2:] == ["fp32 (float32)"] * 2
