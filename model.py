@@ -480,9 +480,10 @@ class Transformer(nn.Module):
                              f"{self.args.head_kind!r}")
         return self.score(self.hidden(tokens, positions)).float()
 
-    def decode(self, tokens, start_pos):
+    def decode(self, tokens, start_pos, last_only=False):
         """Decoding with the KV cache (setup_cache first): tokens (B, T) at positions start_pos ..
-        start_pos+T-1 (a prompt chunk, then one token at a time) -> float logits (B, T, vocab).
+        start_pos+T-1 (a prompt chunk, then one token at a time) -> float logits (B, T, vocab), or
+        (B, 1, vocab) with last_only: the output layer run on the last position alone.
         start_pos: an int, or a 0-d tensor so that a compiled step is not specialised to each one."""
         cache = self.layers[0].attention.cache
         if cache is None:
@@ -494,6 +495,8 @@ class Transformer(nn.Module):
         # query at position p sees cache slots 0..p: its own prefix, never the unwritten slots
         mask = torch.arange(length, device=tokens.device)[None, :] <= positions[:, None]
         h = self._blocks(tokens, self._rope(tokens.device)[positions], mask, positions)
+        if last_only:  # a prompt's pass needs only its last position's logits
+            h = h[:, -1:]
         return self.output(h).float()
 
     def _blocks(self, tokens, rope, mask, cache_positions=None):
