@@ -180,18 +180,19 @@ def prefill(model, prompts, device):
             tokens[i, : len(p)] = torch.tensor(p)
         model.decode(tokens, 0, last_only=True)  # only the cache is wanted; the one position is cheap
     caches = [layer.attention.cache for layer in model.layers]
-    kept = [(c.k[: len(prompts)].clone(), c.v[: len(prompts)].clone()) for c in caches]
+    kept = [(c.k[: len(prompts), :, :longest].clone(), c.v[: len(prompts), :, :longest].clone()) for c in caches]
     return [[(k[i : i + 1], v[i : i + 1]) for k, v in kept] for i in range(len(prompts))]
 
 
 def answer_logprobs(model, prompt, continuations, kv, device):
-    """One prompt's continuations as one batch, from its last token, over copies of its cache row kv."""
-    longest = max(map(len, continuations))
+    """One prompt's continuations as one batch, from its last token, over copies of its cache row kv
+    (its keys and values at the positions before that token)."""
+    longest, kept = max(map(len, continuations)), kv[0][0].shape[2]
     n = len(continuations) if longest > 1 else 1  # one-token answers share their only input: the last token
     for layer, (k, v) in zip(model.layers, kv):
         cache = layer.attention.cache
-        cache.k[:n].copy_(k.expand(n, -1, -1, -1))
-        cache.v[:n].copy_(v.expand(n, -1, -1, -1))
+        cache.k[:n, :, :kept].copy_(k.expand(n, -1, -1, -1))
+        cache.v[:n, :, :kept].copy_(v.expand(n, -1, -1, -1))
     inputs = torch.full((n, longest), prompt[-1], dtype=torch.long, device=device)  # padding is never read
     targets = torch.zeros(len(continuations), longest, dtype=torch.long, device=device)
     for i, c in enumerate(continuations):
