@@ -271,8 +271,9 @@ def main(task: str, data: str, ckpt_dir: str = None, adapter: str = None, out: s
             {field}s: attributes, indexes, !conversions and :format specs are refused.
         chat: lay each prompt out as a user turn in the tokenizer's chat format (instruct models).
         max_examples: only the first N records.
-        batch_size: prompts per batch for generate, windows for perplexity, documents for a head (choice,
-            classify and rank run each record's answers as one batch over one shared prompt cache).
+        batch_size: prompts per batch for generate, windows for perplexity, documents for a head, records
+            for choice, classify and rank (their prompts decoded as one batch, then each record's answers
+            as one batch from its prompt's cache).
         max_new_tokens, temperature, top_p, seed: generate: sampling as generate.py (default greedy).
         seq_len: perplexity: tokens per window (default the model's context).
         qrels: rank: a TREC qrels file to take relevance from instead of the records.

@@ -28,7 +28,8 @@ maps the names to them: a new task is a class here and a line in REGISTRY.
 Reading guide, top to bottom:
     options          Options: what tasks read besides records (eval.py's flags, or train.py's defaults)
     templates        check_template, render: prompts from record fields only
-    scoring          continuation log-likelihoods, lm-evaluation-harness's way, one prompt cache per record
+    scoring          continuation log-likelihoods, lm-evaluation-harness's way: a batch of records'
+                     prompts decoded at once, then each one's answers as one batch from its cache row
     tasks            Task, Choice, Classify (HeadClassify for a head), Tag (sentence_pieces, predict_tags:
                      what tag.py calls too), Rank, Generate, Perplexity; REGISTRY and NAMES
     ranking          trec_eval's P@10, NDCG@10, reciprocal rank and average precision, by hand; qrels
@@ -149,35 +150,68 @@ def encode_pair(tok, context, continuation, chat):
 
 
 @torch.inference_mode()
-def continuation_logprobs(model, prompt, continuations):
-    """Per-token log-probabilities of each continuation after the prompt (lists of token ids).
+def continuation_logprobs(model, pairs):
+    """Per-token log-probabilities of continuations after prompts (token ids): pairs is a list of
+    (prompt, [continuation, ..]); the result is, per pair, one list per continuation.
 
-    The prompt goes through the model once, into row 0 of the KV cache; that row is copied to one
-    row per continuation, and all continuations then run as one batch from the prompt's end.
-    A long prompt with four short answers costs about one forward pass, not four."""
-    n, longest, start = len(continuations), max(map(len, continuations)), len(prompt)
+    Every prompt but its last token goes through the model at once, right-padded, prompt i into row
+    i of the KV cache. A row's padding slots hold garbage, but decode's mask lets position p see
+    slots <= p only, and the row's continuations overwrite those slots from its own prompt's end.
+    Then, per pair, its row is copied to one row per continuation and they run as one batch from
+    the prompt's last token (whose logits predict each first token): a long prompt with four short
+    answers costs about one forward pass, not four, and the output layer runs on no prompt position."""
     device = model.tok_embeddings.weight.device
-    model.setup_cache(n, start + longest)
+    rows = max(len(pairs), max(len(conts) for _, conts in pairs))
+    model.setup_cache(rows, max(len(p) + max(map(len, conts)) - 1 for p, conts in pairs))
     try:
-        last = model.decode(torch.tensor([prompt], device=device), 0)[:, -1:]  # predicts each first token
-        for layer in model.layers:
-            cache = layer.attention.cache
-            cache.k[1:n].copy_(cache.k[:1].expand(n - 1, -1, -1, -1))
-            cache.v[1:n].copy_(cache.v[:1].expand(n - 1, -1, -1, -1))
-        rows = torch.zeros(n, longest, dtype=torch.long, device=device)  # padding after a row is never read
-        for i, c in enumerate(continuations):
-            rows[i, : len(c)] = torch.tensor(c)
-        logits = model.decode(rows, start)[:, :-1] if longest > 1 else last.new_empty(n, 0, last.shape[-1])
+        prompts = prefill(model, [p[:-1] for p, _ in pairs], device)
+        return [answer_logprobs(model, p, conts, kv, device) for (p, conts), kv in zip(pairs, prompts)]
     finally:
         model.clear_cache()
-    logprobs = torch.cat([last.expand(n, -1, -1), logits.float()], dim=1).log_softmax(-1)
-    picked = logprobs.gather(-1, rows.unsqueeze(-1)).squeeze(-1)
+
+
+def prefill(model, prompts, device):
+    """The prompts decoded right-padded as one batch; each one's (keys, values) per layer, kept
+    apart from the cache rows the continuations reuse."""
+    longest = max(map(len, prompts))
+    if longest:
+        tokens = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = torch.tensor(p)
+        model.decode(tokens, 0, last_only=True)  # only the cache is wanted; the one position is cheap
+    caches = [layer.attention.cache for layer in model.layers]
+    kept = [(c.k[: len(prompts), :, :longest].clone(), c.v[: len(prompts), :, :longest].clone()) for c in caches]
+    return [[(k[i : i + 1], v[i : i + 1]) for k, v in kept] for i in range(len(prompts))]
+
+
+def answer_logprobs(model, prompt, continuations, kv, device):
+    """One prompt's continuations as one batch, from its last token, over copies of its cache row kv
+    (its keys and values at the positions before that token)."""
+    longest, kept = max(map(len, continuations)), kv[0][0].shape[2]
+    n = len(continuations) if longest > 1 else 1  # one-token answers share their only input: the last token
+    for layer, (k, v) in zip(model.layers, kv):
+        cache = layer.attention.cache
+        cache.k[:n, :, :kept].copy_(k.expand(n, -1, -1, -1))
+        cache.v[:n, :, :kept].copy_(v.expand(n, -1, -1, -1))
+    inputs = torch.full((n, longest), prompt[-1], dtype=torch.long, device=device)  # padding is never read
+    targets = torch.zeros(len(continuations), longest, dtype=torch.long, device=device)
+    for i, c in enumerate(continuations):
+        targets[i, : len(c)] = torch.tensor(c)
+        if i < n:
+            inputs[i, 1 : len(c)] = torch.tensor(c[:-1])
+    logprobs = model.decode(inputs, len(prompt) - 1).log_softmax(-1).expand(len(continuations), -1, -1)
+    picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return [picked[i, : len(c)].tolist() for i, c in enumerate(continuations)]
 
 
-def score_choices(model, tok, example, chat):
-    """The summed log-likelihood of " " + each choice after the example's prompt."""
-    context = model.args.max_seq_len
+def score_choices(model, tok, examples, chat):
+    """Per example, the summed log-likelihood of " " + each choice after its prompt."""
+    pairs = [choice_pair(tok, e, chat, model.args.max_seq_len) for e in examples]
+    return [[sum(lp) for lp in lps] for lps in continuation_logprobs(model, pairs)]
+
+
+def choice_pair(tok, example, chat, context):
+    """(prompt ids, [each choice's ids]), checked to add tokens and fit the model's context."""
     pairs = [encode_pair(tok, example["prompt"], " " + choice, chat) for choice in example["choices"]]
     prompt = pairs[0][0]
     for (_, cont), choice in zip(pairs, example["choices"]):
@@ -186,14 +220,16 @@ def score_choices(model, tok, example, chat):
         if len(prompt) + len(cont) > context:
             raise RecordError(f"{example['where']}: prompt and choice are {len(prompt) + len(cont)} tokens, "
                               f"over the model's context of {context} (--max_seq_len)")
-    return [sum(lp) for lp in continuation_logprobs(model, prompt, [cont for _, cont in pairs])]
+    return prompt, [cont for _, cont in pairs]
 
 
-def label_scores(model, tok, example, chat):
-    """classify / rank: each label's log-likelihood, their softmax and the most likely label."""
-    lls = score_choices(model, tok, example, chat)
-    probs = torch.tensor(lls, dtype=torch.float64).softmax(0).tolist()
-    return {"loglikelihoods": lls, "probabilities": probs, "prediction": argmax(lls)}
+def label_scores(model, tok, examples, chat):
+    """classify / rank, per example: each label's log-likelihood, their softmax and the most likely label."""
+    results = []
+    for lls in score_choices(model, tok, examples, chat):
+        probs = torch.tensor(lls, dtype=torch.float64).softmax(0).tolist()
+        results.append({"loglikelihoods": lls, "probabilities": probs, "prediction": argmax(lls)})
+    return results
 
 
 def argmax(values):
@@ -253,6 +289,7 @@ class Task:
 class Choice(Task):
     """Multiple choice, scored as lm-evaluation-harness does: acc and acc_norm."""
     name = "choice"
+    batched = True  # opts.batch_size records' prompts at once (continuation_logprobs)
     template = "Question: {question}\nAnswer:"  # lm-evaluation-harness's default for question + choices
 
     def unit(self, record, where):
@@ -286,8 +323,7 @@ class Choice(Task):
 
     def score(self, model, tok, batch):
         results = []
-        for example in batch:
-            lls = score_choices(model, tok, example, self.opts.chat)
+        for example, lls in zip(batch, score_choices(model, tok, batch, self.opts.chat)):
             normed = [ll / len(c) for ll, c in zip(lls, example["choices"])]  # lm-eval: characters, no delimiter
             results.append({"loglikelihoods": lls, "prediction": argmax(lls), "prediction_norm": argmax(normed),
                             "answer": example["answer"]})
@@ -304,6 +340,7 @@ class Classify(Task):
     A model with a classification head is scored by its head instead (HeadClassify), so the records
     are read once the model is loaded and known."""
     name = "classify"
+    batched = True
     template = "{text}\nAnswer:"
     needs_model = True
 
@@ -331,7 +368,8 @@ class Classify(Task):
         return {"prompt": prompt, "choices": labels, "answer": labels.index(label)}
 
     def score(self, model, tok, batch):
-        return [{**label_scores(model, tok, e, self.opts.chat), "answer": e["answer"]} for e in batch]
+        scores = label_scores(model, tok, batch, self.opts.chat)
+        return [{**s, "answer": e["answer"]} for e, s in zip(batch, scores)]
 
     def metrics(self, items):
         from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
@@ -564,6 +602,7 @@ class Rank(Task):
     """Each (query, doc) scored by the probability of the first label: trec_eval's measures over the
     ranking that gives, relevance from the records or from opts.qrels."""
     name = "rank"
+    batched = True
     template = "{text}\nRelevant:"
 
     def __init__(self, opts):
@@ -590,8 +629,7 @@ class Rank(Task):
 
     def score(self, model, tok, batch):
         results = []
-        for e in batch:
-            scores = label_scores(model, tok, e, self.opts.chat)
+        for e, scores in zip(batch, label_scores(model, tok, batch, self.opts.chat)):
             results.append({**scores, "query_id": e["query_id"], "doc_id": e["doc_id"],
                             "score": scores["probabilities"][0], "relevance": e["relevance"]})
         return results

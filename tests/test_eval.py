@@ -76,7 +76,7 @@ def test_choice_loglikelihoods_equal_transformers(tiny, ours, context, choices):
     hf, _ = tiny
     m, tok = ours
     example = {"prompt": context, "choices": choices, "answer": 0, "where": "t:1"}
-    got = tasks.score_choices(m, tok, example, chat=False)
+    got = tasks.score_choices(m, tok, [example], chat=False)[0]
     for ll, choice in zip(got, choices):
         want = reference_loglikelihood(hf, tok, context.rstrip(), context[len(context.rstrip()):] + " " + choice)
         assert abs(ll - want) < 1e-4, (choice, ll, want)
@@ -95,11 +95,76 @@ def test_chat_prompt_ends_in_an_open_assistant_turn(tiny, ours):
     prompt, cont = tasks.encode_pair(tok, "Is it benign?", " yes", chat=True)
     assert prompt == tok.encode_dialog([{"role": "user", "content": "Is it benign?"}])
     assert cont == tok.encode("yes", False, False)
-    got = tasks.continuation_logprobs(m, prompt, [cont])[0]
+    got = tasks.continuation_logprobs(m, [(prompt, [cont])])[0][0]
     with torch.no_grad():
         logits = hf(torch.tensor([prompt + cont])).logits[0].double().log_softmax(-1)
     want = [logits[len(prompt) - 1 + i, t].item() for i, t in enumerate(cont)]
     assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4
+
+
+MIXED = [  # one batch: prompts of different lengths, answers of one token and of several
+    ("Q:", ["x", "yy"]),
+    ("Question: 2+2=?\nAnswer:", ["4", "22", "four", "3.9999"]),
+    ("Note: " + "fever and cough for three days, " * 4 + "\nDx:", ["flu", "a common cold", "asthma"]),
+    ("Is aspirin an NSAID? ", ["yes", "no"]),
+]
+
+
+def assert_rel(got, want, rel=1e-5):
+    got, want = torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64)
+    assert got.shape == want.shape and ((got - want).abs() <= rel * want.abs()).all(), (got, want)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_batched_records_equal_one_at_a_time_and_transformers(tiny, ours, chat):
+    """Records' prompts decoded as one right-padded batch: each answer's per-token log-probabilities
+    equal the record's scored alone (a batch of one; fp32, rel 1e-5) and transformers' (one plain
+    forward over prompt + answer)."""
+    hf, _ = tiny
+    m, tok = ours
+    pairs = [tasks.choice_pair(tok, {"prompt": p, "choices": c, "where": "t:1"}, chat, ARGS.max_seq_len)
+             for p, c in MIXED]
+    assert len({len(prompt) for prompt, _ in pairs}) == len(pairs)  # every row padded differently
+    batched = tasks.continuation_logprobs(m, pairs)
+    for (prompt, conts), got in zip(pairs, batched):
+        alone = tasks.continuation_logprobs(m, [(prompt, conts)])[0]
+        for cont, g, a in zip(conts, got, alone):
+            assert len(g) == len(cont)
+            assert_rel(g, a)
+            with torch.no_grad():
+                logits = hf(torch.tensor([prompt + cont])).logits[0].double().log_softmax(-1)
+            assert_rel(g, [logits[len(prompt) - 1 + i, t].item() for i, t in enumerate(cont)], rel=1e-4)
+
+
+BATCHED_TASKS = {
+    "choice": [{"question": q, "choices": c, "answer": 0} for q, c in MIXED],
+    "classify": [{"text": t, "label": label} for t, label in [("fever", "yes"), ("no complaints at all today", "no"),
+                                                              ("cough, " * 6, "yes"), ("rash", "no")]],
+    "rank": [{"query_id": "q1", "doc_id": d, "text": t, "relevance": r}
+             for d, t, r in [("a", "fever and cough", 1), ("b", "broken arm after a fall from a ladder", 0),
+                             ("c", "chest pain", 1), ("d", "headache", 0)]],
+}
+
+
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize("name", list(BATCHED_TASKS))
+def test_tasks_score_batches_of_records_as_one_at_a_time(ours, name, chat):
+    """choice, classify and rank with --batch_size 3 (a full batch and one of one) write the items and
+    metrics of --batch_size 1."""
+    m, tok = ours
+    runs = []
+    for batch_size in (1, 3):
+        task = tasks.REGISTRY[name](tasks.Options(batch_size=batch_size, chat=chat))
+        assert task.batched
+        units = [{**task.unit(r, f"t:{i}"), "where": f"t:{i}"} for i, r in enumerate(BATCHED_TASKS[name])]
+        runs.append(tasks.evaluate(task, m, tok, units, show_progress=False))
+    (metrics1, items1), (metrics3, items3) = runs
+    for one, three in zip(items1, items3, strict=True):
+        assert_rel(three.pop("loglikelihoods"), one.pop("loglikelihoods"))
+        assert three.pop("probabilities", 0) == pytest.approx(one.pop("probabilities", 0), rel=1e-5)
+        assert three.pop("score", 0) == pytest.approx(one.pop("score", 0), rel=1e-5)
+        assert three == one
+    assert metrics3 == pytest.approx(metrics1, rel=1e-6)
 
 
 def test_medqa_options_are_listed_and_letters_chosen():

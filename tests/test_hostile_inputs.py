@@ -200,7 +200,7 @@ def test_template_with_fields_and_escaped_braces_is_used(llama3_ckpt, tmp_path):
     tok = tokenizer.load(llama3_ckpt)
     m = checkpoint.load(llama3_ckpt)
     example = {"prompt": "{note 3} fever\nLabel:", "choices": ["yes", "no"], "where": "x"}
-    assert item["loglikelihoods"] == pytest.approx(tasks.score_choices(m, tok, example, False), abs=1e-5)
+    assert item["loglikelihoods"] == pytest.approx(tasks.score_choices(m, tok, [example], False)[0], abs=1e-5)
 
 
 # -- ranking: one judgement per (query, doc) -------------------------------------------------------------
