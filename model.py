@@ -300,13 +300,27 @@ class Attention(nn.Module):
         # Grouped-query attention: each group of n_heads/n_kv_heads query heads shares one key/value
         # head; SDPA broadcasts them (enable_gqa) instead of us copying k and v.
         gqa = self.n_kv_heads != self.n_heads
-        if mask is None:
+        if mask is None and T == 1 and q.device.type == "cpu" and q.dtype != torch.float32:
+            out = one_query_attention(q, k, v)
+        elif mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         elif isinstance(mask, torch.Tensor):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         else:  # a FlexAttention BlockMask (packed documents on CUDA)
             out = flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def one_query_attention(q, k, v):
+    """A decoding step's attention, one query position (B, n_heads, 1, head_dim) over keys and values
+    (B, n_kv_heads, L, head_dim), by hand: scores and weights in fp32, as SDPA keeps them. On a CPU,
+    PyTorch's fused kernel takes 6x as long as this for one bf16 query (0.52 ms against 0.08 ms per
+    layer at 300 positions; BENCHMARKS.md, "CPU inference")."""
+    B, H, _, D = q.shape
+    n_kv = k.shape[1]
+    q = q.view(B, n_kv, H // n_kv, D).float()  # each key/value head with its group of query heads
+    scores = q @ k.float().transpose(-1, -2) * D ** -0.5  # (B, n_kv, group, L)
+    return (scores.softmax(-1) @ v.float()).to(v.dtype).view(B, H, 1, D)
 
 
 class FeedForward(nn.Module):

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import checkpoint
 import model
@@ -491,3 +492,18 @@ def test_loading_does_not_import_the_compiler(tmp_path):
                          env={**os.environ, "PYTHONPATH": ROOT})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n_heads,n_kv_heads,length", [(32, 8, 300), (4, 4, 1), (6, 2, 37)])
+def test_one_query_attention_equals_sdpa_in_float64(dtype, n_heads, n_kv_heads, length):
+    """The decoding step's attention on a CPU (by hand, for bf16 and fp16): the float64 SDPA's result,
+    rounded once to the activations' dtype, and as close to it as SDPA's own in that dtype."""
+    g = torch.Generator().manual_seed(n_heads + length)
+    q, k, v = (torch.randn(2, h, n, 16, generator=g).to(dtype) for h, n in
+               ((n_heads, 1), (n_kv_heads, length), (n_kv_heads, length)))
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=True)
+    got = model.one_query_attention(q, k, v)
+    assert got.dtype == dtype and got.shape == want.shape
+    step = {torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11, torch.float32: 1e-6}[dtype]  # fp32: sums of L terms
+    assert (got.double() - want).abs().max() <= step * want.abs().max() + 1e-7
