@@ -62,8 +62,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.6, top_p=0.9, stop_id
     tokenizer has rows that no text decodes to. A prompt that is empty or does not fit the model's
     context raises ValueError.
     """
-    eager = decode_step is None  # model.decode itself, which attends over the written slots alone given an int
-    decode_step = model.decode if decode_step is None else decode_step
+    eager, decode_step = decode_step is None, decode_step or model.decode  # eager: attends over written slots
     B, context, lens = len(prompts), model.args.max_seq_len, [len(p) for p in prompts]
     _check_lengths(lens, context)
     total = min(context, max(lens) + max_new_tokens)
@@ -138,6 +137,12 @@ def _prompt_rows(prompts, total, device):
         tokens[i, : len(p)] = torch.tensor(p[:total], dtype=torch.long)
         is_prompt[i, : len(p)] = True
     return tokens, is_prompt
+
+
+def loaded_as(model, device):
+    """The dtypes the model holds and computes in, and on a CPU what runs one token's products."""
+    weights = model.tok_embeddings.weight.dtype
+    return cpu_paths.describe(weights, model.compute_dtype or weights) if device == "cpu" else str(weights)
 
 
 def compile_decode_step(model):
@@ -325,9 +330,7 @@ def main(ckpt_dir: str = None, prompt: str = None, prompts_file: str = None, ada
     device = device or common.default_device()
     t0 = time.perf_counter()
     model, tok = load_for_sampling(ckpt_dir, tokenizer, adapter, device, dtype, max_seq_len, force, quantize)
-    weights = model.tok_embeddings.weight.dtype
-    how = cpu_paths.describe(weights, model.compute_dtype or weights) if device == "cpu" else str(weights)
-    print(f"loaded {ckpt_dir} in {time.perf_counter() - t0:.1f}s ({device}, {how})", file=sys.stderr)
+    print(f"loaded {ckpt_dir} in {time.perf_counter() - t0:.1f}s ({device}, {loaded_as(model, device)})", file=sys.stderr)
     prompts = encode_prompts(tok, texts, chat, system)
     generator = None
     if seed is not None:
