@@ -27,7 +27,7 @@ def bench(tmp_path, *argv, env=None):
     columns = header.split()
     assert columns[:3] == ["case", "metric", "ours"] and columns[-1] == "ratio" and "reference" in columns
     assert {"subcommand", "command", "device", "versions", "date", "claims", "rows", "notes"} <= set(record)
-    measures_the_cpu = argv[0] in ("prepare", "load", "decode", "save", "classify")  # the others exist for the GPU
+    measures_the_cpu = argv[0] in ("prepare", "load", "decode", "save", "classify", "cpu")  # the others exist for the GPU
     assert record["subcommand"] == argv[0] and record["claims"] is measures_the_cpu
     assert record["rows"] and all(ROW_KEYS <= set(row) for row in record["rows"])
     for row in record["rows"]:  # each row is printed, naming its reference stack
