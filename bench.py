@@ -49,6 +49,7 @@ import torch.nn.functional as F
 import atomic
 import checkpoint
 import common
+import cpu_paths
 import generate
 import gguf_export
 import heads
@@ -1271,7 +1272,7 @@ def ours_sampler(path, prompt, new_tokens):
     """(sample, dtype): the model loaded with checkpoint.load's defaults, as generate.py and eval.py
     load it; sample() -> {"prefill", "decode"} seconds of one greedy generation."""
     m = checkpoint.load(path)
-    return (lambda: generate_timings(m, prompt, new_tokens)), dtype_name(m.tok_embeddings.weight.dtype)
+    return (lambda: generate_timings(m, prompt, new_tokens)), dtype_name(m.compute_dtype or m.tok_embeddings.weight.dtype)
 
 
 def llama_cpp_sampler(llama_cpp, gguf_path, prompt, new_tokens, threads):
@@ -1417,8 +1418,9 @@ def cpu_notes(args, llama_cpp, loaded):
              f"medians of {args.iters} samples after {args.warmup} warm-up(s), the tools sampled in turn; load + "
              f"forward: a fresh process per sample (bench.load_once: load, then one forward of 16 tokens, imports "
              f"not counted), in turn; weights in memory: {'; '.join(loaded)}.",
-             f"ours multiplies one token's bf16 products with {model.cpu_mv_kernel()}; checkpoint.cpu_native_dtypes(): "
-             f"{sorted(dtype_name(d) for d in checkpoint.cpu_native_dtypes()) or 'none'}."]
+             "ours on this CPU (cpu_paths.plan): " + "; ".join(
+                 f"{name} checkpoint: {cpu_paths.describe(*cpu_paths.plan(CPU_STORAGE[name][0]))}"
+                 for name in args.storage.split(",") if name) + "."]
     if llama_cpp is not None:
         notes.append(f"llama.cpp system info: {llama_cpp.llama_print_system_info().decode(errors='replace').strip()}")
     return notes
