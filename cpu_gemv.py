@@ -60,7 +60,7 @@ def mv(W: torch.Tensor, x: torch.Tensor):
     y, bf16 = torch.empty(N, dtype=x.dtype), int(x.dtype == torch.bfloat16)
     if kernel(W.data_ptr(), WEIGHT_TYPES[W.dtype], x.data_ptr(), bf16, y.data_ptr(), bf16, N, K,
               torch.get_num_threads()) != 0:
-        raise MemoryError(f"cpu_gemv: no memory for {N + K} floats")
+        raise MemoryError(f"cpu_gemv: no memory for {N} floats")
     return y
 
 
