@@ -7,7 +7,7 @@
  *   - one row at a time, read front to back, while each line of the next row is prefetched into
  *     L2 (not L1): the core's own stream prefetcher follows the row, and the next row's lines, and
  *     their pages' translations, are on their way before the loads that need them. Measured on an
- *     AMD EPYC (Zen 4), 2 threads: 35 GB/s for bf16 and fp32 alike, where four rows at once with
+ *     AMD EPYC with AVX-512 BF16, 2 threads: 35 GB/s for bf16 and fp32 alike, where four rows with
  *     the next four prefetched into L1 read 27 GB/s (BENCHMARKS.md, "CPU inference");
  *   - LANES running sums, one per column modulo LANES, added together once at the row's end: the
  *     compiler turns them into vector registers, and no sum crosses lanes inside the loop.
