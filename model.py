@@ -6,15 +6,18 @@ Read top to bottom:
   RMSNorm, RoPE    normalisation and rotary position embedding (with Llama 3.1 frequency scaling)
   Linear           a projection without bias (one token's product on a CPU: a matrix-vector kernel;
                    a weight stored narrower than the activations widened as used: linear)
-  Attention        grouped-query attention; KVCache holds its keys and values while decoding
+  Attention        grouped-query attention; KVCache holds its keys and values while decoding;
+                   one_query_attention: a half-precision decoding step's attention on a CPU
   FeedForward      SwiGLU
   Transformer      the stack: forward() trains and scores (logits, or the mean cross-entropy),
                    classify() pools the classification head's logits (score) at each document's
                    last token, padded or packed (left_padding_positions, last_tokens);
                    tag() the tag head's logits at every token (head_layer: score with bias);
-                   decode() runs prompt chunks and single tokens against the KV cache; it keeps
-                   its RoPE table itself (rebuilt where the model lands, or when extend_context
-                   grows the context); init_weights for training from scratch
+                   decode() runs prompt chunks and single tokens against the KV cache (eager: over
+                   the slots written so far; last_only: a prompt's last logits); it keeps its RoPE
+                   table itself (rebuilt where the model lands, or when extend_context grows the
+                   context); compute_dtype: activations wider than the weights (cpu_paths.py);
+                   init_weights for training from scratch
   NF4              QLoRA's 4-bit frozen projections, bitsandbytes' format: nf4_quantize, NF4Linear,
                    nf4_projections (a model's projections swapped for them)
   Fused kernels    Triton twins of rms_norm, apply_rope, swiglu, linear_cross_entropy and
