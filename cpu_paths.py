@@ -12,7 +12,7 @@ The compute dtype (the activations', the KV cache's) is the stored one where thi
 fast, else fp32. A capability list says where it cannot (no AVX-512 BF16 or AMX: PyTorch then
 emulates bf16, and its bf16 matrix product on an AVX2 CPU ran 6x slower than its fp32 one), but not
 that it can: where the instructions exist, a short measurement (a prompt-sized product each way,
-about 10 ms, once per process) decides. Where the C kernel cannot be built, a narrow weight is widened at load
+about 20 ms, once per process) decides. Where the C kernel cannot be built, a narrow weight is widened at load
 instead, as torch.mv cannot read it into wider activations.
 
 Read top to bottom: plan (what checkpoint.load asks), native (capabilities, then the measurement),
@@ -57,7 +57,7 @@ def native(dtype: torch.dtype) -> bool:
 def _measured_faster(dtype: torch.dtype) -> bool:
     """A prompt-sized product, (64, 1024) @ (1024, 1024), in dtype against the same in fp32 with the
     weight widened first (the other path's cost): the best of three each, after a warm-up. About
-    10 ms, paid by every process that loads a half-precision checkpoint on such a CPU; the margins
+    20 ms (measured), paid by every process that loads a half-precision checkpoint on such a CPU; the margins
     it decides between are wide (bf16 2.8x faster than fp32 on AVX-512 BF16 here, 2.3x slower with
     PyTorch held to AVX2), so a small product is enough."""
     g = torch.Generator().manual_seed(0)
