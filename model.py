@@ -156,13 +156,15 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     return torch.where(wavelen < old_len / high, freqs, scaled)  # high frequencies
 
 
-def rope_table(args: ModelArgs, device=None) -> torch.Tensor:
-    """cos and sin of position * frequency, (max_seq_len, head_dim/2, 2), fp32."""
+def rope_table(args: ModelArgs, device=None, length: Optional[int] = None) -> torch.Tensor:
+    """cos and sin of position * frequency, (length, head_dim/2, 2), fp32: positions 0 .. length-1,
+    by default all args.max_seq_len of them. A row's values do not depend on the table's length."""
+    length = args.max_seq_len if length is None else length
     if (torch.get_default_device() if device is None else torch.device(device)).type == "meta":
         # a model built to receive a checkpoint: the table is computed where the model lands
-        return torch.empty(args.max_seq_len, args.head_dim // 2, 2, device="meta", dtype=torch.float32)
+        return torch.empty(length, args.head_dim // 2, 2, device="meta", dtype=torch.float32)
     freqs = rope_frequencies(args).to(device)
-    t = torch.arange(args.max_seq_len, device=device, dtype=torch.float32)
+    t = torch.arange(length, device=device, dtype=torch.float32)
     angles = torch.outer(t, freqs)
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
@@ -406,6 +408,9 @@ def _check_reduction(reduction):
         raise ValueError(f"reduction {reduction!r}: expected 'mean' or 'sum'")
 
 
+ROPE_ROWS = 4096  # the fewest positions a RoPE table rebuilt on demand covers (Transformer._rope)
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -453,7 +458,7 @@ class Transformer(nn.Module):
         """Make room for sequences of max_seq_len tokens (a run training longer than the checkpoint's
         context): args.max_seq_len grows to it, and the RoPE table with it."""
         self.args.max_seq_len = max(self.args.max_seq_len, max_seq_len)
-        self._rope(self.tok_embeddings.weight.device)
+        self._rope(self.tok_embeddings.weight.device, self.args.max_seq_len)
 
     def to_empty(self, *, device, recurse: bool = True):
         """nn.Module.to_empty, then the RoPE table computed on device: it is no weight that a
@@ -481,9 +486,9 @@ class Transformer(nn.Module):
         if positions is None:
             if T > self.args.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.args.max_seq_len}")
-            rope, mask = self._rope(tokens.device)[:T], None
+            rope, mask = self._rope(tokens.device, T)[:T], None
         else:
-            rope = self._rope(tokens.device)[positions]  # (B, T, head_dim/2, 2): each document from 0
+            rope = self._rope(tokens.device, T)[positions]  # (B, T, head_dim/2, 2): each document from 0
             mask = document_mask(positions)
         return self._blocks(tokens, rope, mask)
 
@@ -538,7 +543,7 @@ class Transformer(nn.Module):
             mask = None if start_pos == 0 or T == 1 else torch.arange(keys, device=tokens.device) <= positions[:, None]
         else:  # a compiled step: one shape for every position, the unwritten slots behind the mask
             keys, mask = None, torch.arange(length, device=tokens.device)[None, :] <= positions[:, None]
-        h = self._blocks(tokens, self._rope(tokens.device)[positions], mask, positions, keys)
+        h = self._blocks(tokens, self._rope(tokens.device, length)[positions], mask, positions, keys)
         return self.output(h[:, -1:] if last_only else h).float()
 
     def _blocks(self, tokens, rope, mask, cache_positions=None, keys=None):
@@ -554,14 +559,16 @@ class Transformer(nn.Module):
                 h = layer(h, rope, mask, cache_positions, keys)
         return self.norm(h)
 
-    def _rope(self, device):
-        """The RoPE table, rebuilt on the weights' device where it no longer fits: built on the meta
-        device (a model made to receive a checkpoint), left on another device, cast by .to(dtype)
-        (it stays fp32), or shorter than args.max_seq_len."""
+    def _rope(self, device, length: int):
+        """The RoPE table of at least `length` positions, rebuilt on the weights' device where it no
+        longer fits: built on the meta device (a model made to receive a checkpoint), left on another
+        device, cast by .to(dtype) (it stays fp32), or too short. A rebuilt table covers the next power
+        of two (at least ROPE_ROWS), not all of args.max_seq_len: Llama 3.1's 131072 positions take
+        50 ms to compute on a CPU, a tenth of loading a 1B model and scoring its first prompt."""
         rope = self.rope
-        if (rope.is_meta or rope.device != device or rope.dtype != torch.float32
-                or rope.shape[0] < self.args.max_seq_len):
-            self.rope = rope_table(self.args, device=self.tok_embeddings.weight.device)
+        if (rope.is_meta or rope.device != device or rope.dtype != torch.float32 or rope.shape[0] < length):
+            rows = min(max(ROPE_ROWS, 1 << (max(length, 1) - 1).bit_length()), max(self.args.max_seq_len, length))
+            self.rope = rope_table(self.args, device=self.tok_embeddings.weight.device, length=rows)
         return self.rope
 
     def setup_cache(self, max_batch_size: int, max_seq_len: Optional[int] = None):

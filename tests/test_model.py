@@ -121,6 +121,30 @@ def test_the_model_keeps_its_rope_table(tmp_path):
     assert torch.equal(empty.rope, model.rope_table(m.args))
 
 
+def test_a_table_built_on_demand_covers_what_is_asked(tmp_path):
+    """A model made on the meta device (as checkpoint.load makes one) computes only the positions its
+    calls reach, rounded up to a power of two (at least ROPE_ROWS), not all of Llama 3.1's 131072:
+    every row equal to the full table's, and the logits equal to a model holding the full table."""
+    args = model.ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=50, multiple_of=16, max_seq_len=131072,
+                           use_scaled_rope=True, rope_theta=500000.0)
+    full = _small_model(0)
+    full.args = args
+    full.rope = model.rope_table(args)
+    with torch.device("meta"):
+        lazy = model.Transformer(args)
+    lazy.load_state_dict(full.state_dict(), assign=True)
+    tokens = torch.randint(0, 50, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(lazy(tokens), full(tokens), rtol=0, atol=0)
+    assert lazy.rope.shape[0] == model.ROPE_ROWS and torch.equal(lazy.rope, full.rope[: model.ROPE_ROWS])
+    lazy.setup_cache(1, 5000)  # decoding asks for the cache's length: 5000 -> 8192 rows
+    with torch.no_grad():
+        lazy.decode(tokens, 0)
+    assert lazy.rope.shape[0] == 8192 and torch.equal(lazy.rope, full.rope[:8192])
+    lazy.extend_context(131072)
+    assert torch.equal(lazy.rope, full.rope)
+
+
 def test_save_replaces_the_checkpoint_whole(tmp_path):
     """checkpoint.save over a directory: the new weights and params.json arrive together, stale shards and
     trainer state go, files that are not part of a checkpoint (tokenizer, notes) are carried over."""
