@@ -161,14 +161,19 @@ ROWS_FOR(rows_f32_bf16, W_F32, 1)
 static const rows_fn ROWS_OF[3][2] = {{rows_bf16_f32, ROWS_BF16_BF16}, {rows_f16_f32, rows_f16_bf16},
                                       {rows_f32_f32, rows_f32_bf16}};
 
-/* y = W x on `threads` threads, each taking one contiguous band of rows. w_type: W_BF16, W_F16 or
- * W_F32; x_bf16 / y_bf16: 1 if x / y are bf16, 0 if fp32. Returns 0, -1 if out of memory, -2 for
- * an unknown w_type. */
-int gemv(const void *W, int w_type, const void *x, int x_bf16, void *y, int y_bf16, int64_t N, int64_t K,
-         int threads) {
+/* y = W x for `count` weights W[0], W[1], ... of N[0], N[1], ... rows and K columns each, their
+ * products one after another in y, on `threads` threads: the threads split all the rows between them
+ * at once, each taking one contiguous band, so that the projections of one input (a block's wq, wk
+ * and wv; its w1 and w3) cost one parallel region, not three. w_type: W_BF16, W_F16 or W_F32, the
+ * same for all; x_bf16 / y_bf16: 1 if x / y are bf16, 0 if fp32. Returns 0, -1 if out of memory,
+ * -2 for an unknown w_type. */
+int gemv_many(int count, const void *const *W, const int64_t *N, int w_type, const void *x, int x_bf16, void *y,
+              int y_bf16, int64_t K, int threads) {
     if (w_type < W_BF16 || w_type > W_F32) return -2;
     rows_fn rows = ROWS_OF[w_type][x_bf16 ? 1 : 0];
-    float *yf = y_bf16 ? malloc((size_t)N * sizeof(float)) : (float *)y;
+    int64_t total = 0;
+    for (int i = 0; i < count; i++) total += N[i];
+    float *yf = y_bf16 ? malloc((size_t)(total ? total : 1) * sizeof(float)) : (float *)y;
     if (!yf) return -1;
     #pragma omp parallel num_threads(threads)
     {
@@ -176,12 +181,21 @@ int gemv(const void *W, int w_type, const void *x, int x_bf16, void *y, int y_bf
 #ifdef _OPENMP
         t = omp_get_thread_num(), T = omp_get_num_threads();
 #endif
-        int64_t per = (N + T - 1) / T;
-        int64_t first = t * per < N ? t * per : N, last = first + per < N ? first + per : N;
-        rows(W, x, yf, K, first, last);
+        int64_t per = (total + T - 1) / T;
+        int64_t first = t * per < total ? t * per : total, last = first + per < total ? first + per : total;
+        for (int64_t i = 0, start = 0; i < count; start += N[i], i++) {  /* this band's rows of each weight */
+            int64_t a = first > start ? first : start, b = last < start + N[i] ? last : start + N[i];
+            if (a < b) rows(W[i], x, yf + start, K, a - start, b - start);
+        }
         if (y_bf16)
             for (int64_t n = first; n < last; n++) ((uint16_t *)y)[n] = float_to_bf16(yf[n]);
     }
     if (y_bf16) free(yf);
     return 0;
+}
+
+/* y = W x for one weight W (N, K): gemv_many with one. */
+int gemv(const void *W, int w_type, const void *x, int x_bf16, void *y, int y_bf16, int64_t N, int64_t K,
+         int threads) {
+    return gemv_many(1, &W, &N, w_type, x, x_bf16, y, y_bf16, K, threads);
 }

@@ -4,6 +4,8 @@ Read top to bottom:
   mv(W, x)     y = W x for a contiguous W (N, K) in bf16, fp16 or fp32 (as stored) and x (K) in bf16
                or fp32 (the activations), on torch's threads; y in x's dtype; None where the kernel
                cannot run, and model.Linear then calls torch.mv
+  mv_many(Ws, x)  the products of several weights with one x, one after another in one y, in one
+               parallel region (model.projections: a block's wq, wk, wv; its w1, w3)
   available()  whether it runs (cpu_paths keeps narrow weights as stored only where it does)
   status()     what the process runs, in words: the kernel, or torch.mv and why
   _build()     cpu_gemv.c compiled with the system's C compiler (CC, else cc, gcc or clang) and
@@ -51,16 +53,26 @@ X_TYPES = (torch.bfloat16, torch.float32)
 
 def mv(W: torch.Tensor, x: torch.Tensor):
     """W (N, K) @ x (K) -> (N,) in x's dtype, on the CPU, or None where the kernel cannot run."""
-    if W.dtype not in WEIGHT_TYPES or x.dtype not in X_TYPES or W.device.type != "cpu" or x.device.type != "cpu":
+    return mv_many((W,), x)
+
+
+def mv_many(weights, x: torch.Tensor):
+    """torch.cat([W @ x for W in weights]) in x's dtype, on the CPU, or None where the kernel cannot
+    run: every W (N_i, K) contiguous, of one dtype, x (K) contiguous."""
+    first = weights[0]
+    if (first.dtype not in WEIGHT_TYPES or x.dtype not in X_TYPES or x.device.type != "cpu" or not x.is_contiguous()
+            or any(W.dtype != first.dtype or W.device.type != "cpu" or W.dim() != 2 or W.shape[1] != x.shape[0]
+                   or not W.is_contiguous() for W in weights)):
         return None
     kernel = _load()
-    if kernel is None or not (W.is_contiguous() and x.is_contiguous()):
+    if kernel is None:
         return None
-    N, K = W.shape
-    y, bf16 = torch.empty(N, dtype=x.dtype), int(x.dtype == torch.bfloat16)
-    if kernel(W.data_ptr(), WEIGHT_TYPES[W.dtype], x.data_ptr(), bf16, y.data_ptr(), bf16, N, K,
+    count, rows = len(weights), [W.shape[0] for W in weights]
+    y, bf16 = torch.empty(sum(rows), dtype=x.dtype), int(x.dtype == torch.bfloat16)
+    pointers, sizes = (ctypes.c_void_p * count)(*[W.data_ptr() for W in weights]), (ctypes.c_int64 * count)(*rows)
+    if kernel(count, pointers, sizes, WEIGHT_TYPES[first.dtype], x.data_ptr(), bf16, y.data_ptr(), bf16, x.shape[0],
               torch.get_num_threads()) != 0:
-        raise MemoryError(f"cpu_gemv: no memory for {N} floats")
+        raise MemoryError(f"cpu_gemv: no memory for {sum(rows)} floats")
     return y
 
 
@@ -88,9 +100,10 @@ def _load():
                 brought = _loaded_openmp() - before
                 if brought:
                     raise OSError(f"its OpenMP runtime would not be torch's ({', '.join(sorted(brought))})")
-                kernel = library.gemv
+                kernel = library.gemv_many
                 kernel.restype = ctypes.c_int
-                kernel.argtypes = [ctypes.c_void_p, ctypes.c_int] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+                kernel.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                                   ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int]
                 _kernel = kernel
             except (OSError, subprocess.SubprocessError) as e:
                 _why_not = str(e)

@@ -102,6 +102,53 @@ def test_kernel_on_views_threads_and_special_values():
     assert cpu_gemv.mv(big.t(), x) is None  # not row-major: the caller's torch.mv takes it
 
 
+@needs_kernel
+@pytest.mark.parametrize("weights", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("activations", [torch.bfloat16, torch.float32])
+def test_several_weights_in_one_call_equal_one_at_a_time(weights, activations):
+    """mv_many: the rows of every weight, split between the threads as one band, each row's sum as mv
+    computes it alone (bit for bit); a weight of another dtype or shape sends the caller to the twin."""
+    g = torch.Generator().manual_seed(3)
+    Ws = [torch.randn(N, 67, generator=g).to(weights) for N in (5, 1, 33, 12)]
+    x = torch.randn(67, generator=g).to(activations)
+    for threads in (1, 2, 3):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            y = cpu_gemv.mv_many(Ws, x)
+        finally:
+            torch.set_num_threads(previous)
+        assert torch.equal(y, torch.cat([cpu_gemv.mv(W, x) for W in Ws]))
+    assert_rounded_fp32_sum(y, torch.cat(Ws), x)
+    assert cpu_gemv.mv_many([Ws[0], Ws[1].double()], x) is None
+    assert cpu_gemv.mv_many([Ws[0], torch.randn(3, 66).to(weights)], x) is None
+
+
+@needs_kernel
+def test_projections_share_one_call_only_for_plain_layers(monkeypatch):
+    """model.projections: one token on a CPU, plain Linear layers in one kernel call, each output equal
+    to the layer's own; a layer of another kind (LoRA's) or a prompt of several tokens, one at a time."""
+    import lora
+
+    torch.manual_seed(0)
+    layers = [model.Linear(48, n).to(torch.bfloat16) for n in (32, 8, 8)]
+    x = torch.randn(1, 1, 48, dtype=torch.bfloat16)
+    calls = []
+    real = cpu_gemv.mv_many
+    monkeypatch.setattr(cpu_gemv, "mv_many", lambda Ws, x: calls.append(len(Ws)) or real(Ws, x))
+    with torch.no_grad():
+        together = model.projections(x, *layers)
+        assert calls == [3]
+        for y, layer in zip(together, layers):
+            assert y.shape == (1, 1, layer.out_features) and torch.equal(y, layer(x))
+        calls.clear()
+        model.projections(torch.randn(1, 4, 48, dtype=torch.bfloat16), *layers)
+        assert calls == []
+        adapted = lora.LoRALinear(layers[0], rank=2, alpha=4.0)
+        model.projections(x, adapted, *layers[1:])
+        assert calls == [1, 1, 1]  # each layer alone (the adapter's base through the kernel)
+
+
 @pytest.fixture(scope="module")
 def bf16_pair(tmp_path_factory):
     """transformers' model and ours, both in bf16, from one bf16 checkpoint."""
@@ -114,16 +161,17 @@ def bf16_pair(tmp_path_factory):
 @needs_kernel
 def test_bf16_decoding_runs_the_kernel_and_matches_transformers(bf16_pair, monkeypatch):
     hf, m = bf16_pair
-    calls = []
-    real = cpu_gemv.mv
-    monkeypatch.setattr(cpu_gemv, "mv", lambda W, x: calls.append(W.shape) or real(W, x))
+    calls, weights = [], []
+    real = cpu_gemv.mv_many
+    monkeypatch.setattr(cpu_gemv, "mv_many", lambda Ws, x: calls.append(len(Ws)) or weights.extend(Ws) or real(Ws, x))
     prompt = [5, 17, 99, 3, 250, 42, 7]
     with torch.no_grad():
         m.setup_cache(1, 32)
         m.decode(torch.tensor([prompt]), 0)
         ours = m.decode(torch.tensor([[11]]), len(prompt))[0, -1]
         ref = hf(torch.tensor([prompt + [11]])).logits[0, -1].float()
-    assert len(calls) == 7 * len(m.layers) + 1  # every projection of the one-token step, and the output
+    # every projection of the one-token step, and the output; wq, wk, wv in one call, w1 and w3 in one
+    assert len(weights) == 7 * len(m.layers) + 1 and calls == [3, 1, 2, 1] * len(m.layers) + [1]
     # both in bf16 from here: the gap is bf16 rounding through the layers, not a wrong product
     assert (ours - ref).abs().max() <= 0.02 * ref.abs().max()
     tokens = generate.generate(m, [prompt], max_new_tokens=12, temperature=0)[0]
