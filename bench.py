@@ -1275,6 +1275,67 @@ def ours_sampler(path, prompt, new_tokens):
     return (lambda: generate_timings(m, prompt, new_tokens)), dtype_name(m.compute_dtype or m.tok_embeddings.weight.dtype)
 
 
+def llama_cpp_process_sampler(gguf_path, prompt, new_tokens, threads):
+    """(sample, None): llama_cpp_sampler where llama_cpp is imported afresh (a SamplerProcess's child)."""
+    import llama_cpp
+
+    return llama_cpp_sampler(llama_cpp, gguf_path, prompt, new_tokens, threads), None
+
+
+def _sampler_child(build, args, threads, conn):
+    """A SamplerProcess's child: build(*args) -> (sample, dtype) on the parent's number of threads,
+    then one sample per "sample" sent, until "stop". Errors go back as text, for the parent to raise."""
+    try:
+        torch.set_num_threads(threads)
+        sample, dtype = build(*args)
+        conn.send(("ok", dtype))
+        while conn.recv() == "sample":
+            conn.send(("ok", sample()))
+    except Exception as e:  # the parent says it, as one line
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        conn.close()
+
+
+class SamplerProcess:
+    """A sampler built and run in a process of its own: calling it takes one sample there. On a CPU
+    the tools must not share one: llama.cpp's OpenMP threads, waiting beside ours in one process,
+    slowed our decoding steps by about a tenth (109 ms against 97 with each tool in its own process,
+    the same minutes), which no user running one of them meets. build: a function of this module
+    returning (sample, dtype); the child is spawned, not forked, since a forked OpenMP runtime hangs."""
+
+    def __init__(self, name, build, *args):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self.name, (self.conn, child) = name, context.Pipe()
+        self.process = context.Process(target=_sampler_child, args=(build, args, torch.get_num_threads(), child),
+                                       daemon=True)
+        self.process.start()
+        child.close()
+        self.dtype = self._answer()
+
+    def _answer(self):
+        try:
+            status, value = self.conn.recv()
+        except EOFError:
+            raise BenchError(f"{self.name}: its process ended without a word (exit {self.process.exitcode})") from None
+        if status != "ok":
+            raise BenchError(f"{self.name}: {value}")
+        return value
+
+    def __call__(self):
+        self.conn.send("sample")
+        return self._answer()
+
+    def close(self):
+        with contextlib.suppress(OSError, BrokenPipeError):
+            self.conn.send("stop")
+        self.process.join(timeout=60)
+        if self.process.is_alive():
+            self.process.kill()
+
+
 def llama_cpp_sampler(llama_cpp, gguf_path, prompt, new_tokens, threads):
     """sample() -> {"prefill", "decode"} seconds: the prompt in one llm.eval, then new_tokens - 1
     one-token evals (ours makes its first new token from the prompt's pass too). The tokens fed are
@@ -1352,18 +1413,22 @@ def seconds_row(case, metric, ours, vs, reference):
 
 def cpu_storage_rows(args, dev, storage, path, gguf_path, prompt, llama_cpp, missing):
     """The rows of one stored dtype: the fresh-process loads first (nothing big held here), then the
-    three tools loaded side by side and sampled in turn."""
+    three tools loaded side by side, each in a process of its own (SamplerProcess), sampled in turn."""
     P, N, threads = prompt.shape[1], args.new_tokens, torch.get_num_threads()
     loads = load_medians(args, path, missing["transformers"])
-    samplers, dtypes = {}, {}
-    samplers["ours"], dtypes["ours"] = ours_sampler(path, prompt, N)
-    if gguf_path:
-        samplers["llama.cpp"] = llama_cpp_sampler(llama_cpp, gguf_path, prompt, N, threads)
-    if not missing["transformers"]:
-        samplers["transformers"], dtypes["transformers"] = hf_sampler(path, prompt, N, dev)
-    medians = alternating_medians(samplers, args.warmup, args.iters)
-    samplers = None
-    free_memory(dev)
+    samplers = {}
+    try:
+        samplers["ours"] = SamplerProcess("ours", ours_sampler, path, prompt, N)
+        if gguf_path:
+            samplers["llama.cpp"] = SamplerProcess("llama.cpp", llama_cpp_process_sampler, gguf_path, prompt, N,
+                                                   threads)
+        if not missing["transformers"]:
+            samplers["transformers"] = SamplerProcess("transformers", hf_sampler, path, prompt, N, dev)
+        medians = alternating_medians(samplers, args.warmup, args.iters)
+    finally:
+        for sampler in samplers.values():
+            sampler.close()
+    dtypes = {name: sampler.dtype for name, sampler in samplers.items()}
     got = {name: rates(times, P, N) for name, times in medians.items()}
     case = f"{args.model}, stored {storage} (ours computes {dtypes['ours']}), {threads} threads"
     refs = {"llama.cpp": f"llama.cpp, GGUF {CPU_STORAGE[storage][1]}",
@@ -1415,8 +1480,8 @@ def cpu_notes(args, llama_cpp, loaded):
              f"prompt; transformers: one forward with logits_to_keep=1). decode: {args.new_tokens - 1} one-token "
              f"steps after it (ours: generate's decode timing, greedy; llama.cpp: llm.eval([token]) each; "
              f"transformers: static-cache generate, time({args.new_tokens} new) - time(1 new)).",
-             f"medians of {args.iters} samples after {args.warmup} warm-up(s), the tools sampled in turn; load + "
-             f"forward: a fresh process per sample (bench.load_once: load, then one forward of 16 tokens, imports "
+             f"medians of {args.iters} samples after {args.warmup} warm-up(s), each tool in a process of its own, "
+             f"sampled in turn; load + forward: a fresh process per sample (bench.load_once: load, then one forward of 16 tokens, imports "
              f"not counted), in turn; weights in memory: {'; '.join(loaded)}.",
              "ours on this CPU (cpu_paths.plan): " + "; ".join(
                  f"{name} checkpoint: {cpu_paths.describe(*cpu_paths.plan(CPU_STORAGE[name][0]))}"

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROW_KEYS = {"case", "metric", "ours", "vs", "reference", "ratio"}
 HF = all(importlib.util.find_spec(m) is not None for m in ("transformers", "peft"))
@@ -222,6 +224,34 @@ def test_cpu_without_references(tmp_path):
     assert [row["reference"] for row in record["rows"]] == ["not run (--no_reference)"] * 5
     assert record["rows"][0]["case"] == "tiny, stored fp32 (ours computes float32), " \
         f"{record['rows'][0]['case'].rsplit(', ', 1)[1]}"
+
+
+def test_a_sampler_in_its_own_process_samples_and_says_why_it_failed(tmp_path):
+    """bench.SamplerProcess: each tool's sampler runs in a spawned process of its own; a sample comes
+    back as the sampler's dict, and a failure there as one BenchError naming the tool."""
+    import torch
+
+    import bench as bench_module
+    import checkpoint
+    import model
+
+    args = model.ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=64, multiple_of=16, max_seq_len=64)
+    torch.manual_seed(0)
+    m = model.Transformer(args)
+    m.init_weights()
+    checkpoint.save(m, str(tmp_path / "ckpt"))
+    sampler = bench_module.SamplerProcess("ours", bench_module.ours_sampler, str(tmp_path / "ckpt"),
+                                          torch.tensor([[1, 2, 3]]), 3)
+    try:
+        times = sampler()
+        assert set(times) >= {"prefill", "decode"} and all(t > 0 for t in times.values())
+        assert sampler.dtype == "float32"
+    finally:
+        sampler.close()
+    assert not sampler.process.is_alive()
+    with pytest.raises(bench_module.BenchError, match=r"^ours: CheckpointError: .*missing"):
+        bench_module.SamplerProcess("ours", bench_module.ours_sampler, str(tmp_path / "missing"),
+                                    torch.tensor([[1]]), 2)
 
 
 def test_cpu_kind_names_the_extensions_that_matter(monkeypatch):
