@@ -5,7 +5,8 @@ Read top to bottom:
                    the head's labels (n_labels 0: none) and kind (head_kind: classify | tag)
   RMSNorm, RoPE    normalisation and rotary position embedding (with Llama 3.1 frequency scaling)
   Linear           a projection without bias (one token's product on a CPU: a matrix-vector kernel;
-                   a weight stored narrower than the activations widened as used: linear)
+                   a weight stored narrower than the activations widened as used: linear);
+                   projections: several of one input, one token's in one kernel call on a CPU
   Attention        grouped-query attention; KVCache holds its keys and values while decoding;
                    one_query_attention: a half-precision decoding step's attention on a CPU
   FeedForward      SwiGLU
@@ -15,15 +16,15 @@ Read top to bottom:
                    tag() the tag head's logits at every token (head_layer: score with bias);
                    decode() runs prompt chunks and single tokens against the KV cache (eager: over
                    the slots written so far; last_only: a prompt's last logits); it keeps its RoPE
-                   table itself (rebuilt where the model lands, or when extend_context grows the
-                   context); compute_dtype: activations wider than the weights (cpu_paths.py);
+                   table itself (rebuilt where the model lands, to the positions asked for, or when
+                   extend_context grows the context); compute_dtype: activations wider than the weights (cpu_paths.py);
                    init_weights for training from scratch
   NF4              QLoRA's 4-bit frozen projections, bitsandbytes' format: nf4_quantize, NF4Linear,
                    nf4_projections (a model's projections swapped for them)
   Fused kernels    Triton twins of rms_norm, apply_rope, swiglu, linear_cross_entropy and
                    nf4_dequantize, switched in at the file's last lines (on CUDA, or when
-                   LLAMA_KERNELS=triton); and cpu_mv's, a C kernel for one token's
-                   projection on a CPU (cpu_gemv.py builds it)
+                   LLAMA_KERNELS=triton); and cpu_mv's and cpu_mv_many's, a C kernel for one
+                   token's projections on a CPU (cpu_gemv.py builds it)
 """
 
 import functools
