@@ -17,8 +17,8 @@ Read top to bottom:
                    decode() runs prompt chunks and single tokens against the KV cache (eager: over
                    the slots written so far; last_only: a prompt's last logits); it keeps its RoPE
                    table itself (rebuilt where the model lands, to the positions asked for, or when
-                   extend_context grows the context); compute_dtype: activations wider than the weights (cpu_paths.py);
-                   init_weights for training from scratch
+                   extend_context grows the context); compute_dtype: activations wider than the
+                   weights (cpu_paths.py); init_weights for training from scratch
   NF4              QLoRA's 4-bit frozen projections, bitsandbytes' format: nf4_quantize, NF4Linear,
                    nf4_projections (a model's projections swapped for them)
   Fused kernels    Triton twins of rms_norm, apply_rope, swiglu, linear_cross_entropy and
