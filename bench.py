@@ -1481,8 +1481,8 @@ def cpu_notes(args, llama_cpp, loaded):
              f"steps after it (ours: generate's decode timing, greedy; llama.cpp: llm.eval([token]) each; "
              f"transformers: static-cache generate, time({args.new_tokens} new) - time(1 new)).",
              f"medians of {args.iters} samples after {args.warmup} warm-up(s), each tool in a process of its own, "
-             f"sampled in turn; load + forward: a fresh process per sample (bench.load_once: load, then one forward of 16 tokens, imports "
-             f"not counted), in turn; weights in memory: {'; '.join(loaded)}.",
+             f"sampled in turn; load + forward: a fresh process per sample (bench.load_once: load, then one forward "
+             f"of 16 tokens, imports not counted), in turn; weights in memory: {'; '.join(loaded)}.",
              "ours on this CPU (cpu_paths.plan): " + "; ".join(
                  f"{name} checkpoint: {cpu_paths.describe(*cpu_paths.plan(CPU_STORAGE[name][0]))}"
                  for name in args.storage.split(",") if name) + "."]

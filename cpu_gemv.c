@@ -116,9 +116,10 @@ static inline __attribute__((always_inline)) void rows_of_y(const void *W, int t
  * then two FMAs). Widened, the plain loop keeps a core busy enough to fall behind memory when memory
  * is fast: over a 1B model's weights in decoding order, on an AMD EPYC with 2 threads, in a minute
  * when a loop that only reads them ran at 48.2 GB/s, the plain loop read 41.0 and this one 47.2 (in
- * slow minutes all three sit at the same 33). The products of two bf16 are exact in fp32, so only the order of the fp32 sums
- * differs from the plain loop; the instruction treats subnormal inputs as zero, which no trained
- * weight or activation near 1e-38 notices. Two sums, each a line per step, hide its latency. */
+ * slow minutes all three sit at the same 33). The products of two bf16 are exact in fp32, so only
+ * the order of the fp32 sums differs from the plain loop; the instruction treats subnormal inputs as
+ * zero, which no trained weight or activation near 1e-38 notices. Two sums, each a line per step,
+ * hide its latency. */
 static void rows_bf16_bf16_dot(const void *W, const void *x, float *y, int64_t K, int64_t first, int64_t last) {
     const uint16_t *xs = (const uint16_t *)x;
     int64_t steps_end = K / 64 * 64;
