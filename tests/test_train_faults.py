@@ -293,12 +293,12 @@ def hang_in_teardown():
     time.sleep(300)
 common.teardown = hang_in_teardown
 with common.ranks(world):
-    print("body done", rank, flush=True)
+    open(f"{{sys.argv[1]}}/body done {{rank}}", "w").close()  # a file each: the ranks share one stdout
 """)
     start = time.time()
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                          str(script)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          str(script), str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and time.time() - start < 60, out.stderr[-2000:]
-    assert "body done 0" in out.stdout and "body done 1" in out.stdout
+    assert (tmp_path / "body done 0").exists() and (tmp_path / "body done 1").exists()
     said = "finished and saved, but leaving the process group has hung for 3 s; ending this rank."
     assert out.stderr.count(said) == 2 and "in hang_in_teardown" in out.stderr, out.stderr[-2000:]
