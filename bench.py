@@ -1411,7 +1411,7 @@ def seconds_row(case, metric, ours, vs, reference):
     return r
 
 
-def cpu_storage_rows(args, dev, storage, path, gguf_path, prompt, llama_cpp, missing):
+def cpu_storage_rows(args, dev, storage, path, gguf_path, prompt, missing):
     """The rows of one stored dtype: the fresh-process loads first (nothing big held here), then the
     three tools loaded side by side, each in a process of its own (SamplerProcess), sampled in turn."""
     P, N, threads = prompt.shape[1], args.new_tokens, torch.get_num_threads()
@@ -1459,7 +1459,7 @@ def cmd_cpu(args, dev):
     for storage in storages:  # one at a time, its files removed before the next: a 1B fp32 set is 10 GB
         with tempfile.TemporaryDirectory(dir=args.tmp_dir) as tmp:
             path, gguf_path = same_weights(a, args.model in TIED, storage, tmp, llama_cpp is not None)
-            storage_rows, dtypes = cpu_storage_rows(args, dev, storage, path, gguf_path, prompt, llama_cpp, missing)
+            storage_rows, dtypes = cpu_storage_rows(args, dev, storage, path, gguf_path, prompt, missing)
         rows += storage_rows
         loaded.append(dtypes)
     report(args, dev, "CPU inference: ours vs llama.cpp and transformers, same weights", rows,

@@ -236,7 +236,7 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
 
     def forward(self, x):
-        if x.device.type == "cpu" and x.numel() == x.shape[-1]:
+        if one_cpu_token(x):
             y = cpu_mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
         else:
             y = linear(x, self.weight)
@@ -257,6 +257,12 @@ def linear(x, weight):
     return torch.cat([F.linear(x, block.to(x.dtype)) for block in weight.split(rows)], dim=-1)
 
 
+def one_cpu_token(x) -> bool:
+    """Whether x is one token's activations on a CPU (decoding at batch 1): its products are then
+    matrix-vector products, bound by reading the weights, which cpu_mv's kernel runs."""
+    return x.device.type == "cpu" and x.numel() == x.shape[-1]
+
+
 def cpu_mv(weight, x):
     """weight (N, K) @ x (K) in x's dtype: one token's projection on a CPU. The PyTorch twin of
     cpu_gemv.c's kernel, which takes over outside autograd at the file's end."""
@@ -273,8 +279,7 @@ def projections(x, *layers):
     w3). One token on a CPU, plain Linear layers go through one call of cpu_gemv.c, which splits all
     their rows between the threads at once: one parallel region and one call's overhead, not three,
     in a step whose small costs add up to a tenth of its time."""
-    if (x.device.type == "cpu" and x.numel() == x.shape[-1]
-            and all(type(layer) is Linear and layer.bias is None for layer in layers)):
+    if one_cpu_token(x) and all(type(layer) is Linear and layer.bias is None for layer in layers):
         y = cpu_mv_many([layer.weight for layer in layers], x.reshape(-1))
         return y.view(*x.shape[:-1], -1).split([layer.out_features for layer in layers], dim=-1)
     return tuple(layer(x) for layer in layers)
