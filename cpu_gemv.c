@@ -200,3 +200,156 @@ int gemv(const void *W, int w_type, const void *x, int x_bf16, void *y, int y_bf
          int threads) {
     return gemv_many(1, &W, &N, w_type, x, x_bf16, y, y_bf16, K, threads);
 }
+
+/* -----------------------------------------------------------------------------------------------
+ * A whole decoding step's blocks for one token at batch 1: model.Transformer._blocks' loop in one call.
+ *
+ * Around its products, a block's step is some eighty small PyTorch operations (two norms, RoPE, the
+ * cache writes, one query's attention, SwiGLU, the residual adds, casts and views), each a few
+ * microseconds of dispatch for almost no arithmetic: 7-11 ms of a 1B model's 65 ms step on a CPU.
+ * Here they are a few loops between the same products. The arithmetic is the PyTorch path's, in
+ * its order where an order is given, and every value is rounded to the activations' dtype (bf16 or
+ * fp32) exactly where that path rounds it: after each norm's scaling and again after its weight,
+ * after each projection, after RoPE, after the attention, after SiLU, after the gate's product and
+ * after each residual add. Sums (the norm's mean of squares, the dot products, the softmax's total)
+ * run in fp32 in this code's order, so a bf16 result can differ from PyTorch's by one rounding
+ * where a sum lands next to a bf16 boundary; an fp32 one by a few units in the last place.
+ * Compiled with -ffp-contract=off (cpu_gemv.py), so that a*b - c*d is two products and a
+ * difference, as PyTorch's vectorised operations compute it, never a fused multiply-add.
+ */
+#include <math.h>
+
+static inline __attribute__((always_inline)) void set_activation(void *x, int x_bf16, int64_t k, float v) {
+    if (x_bf16) ((uint16_t *)x)[k] = float_to_bf16(v);
+    else ((float *)x)[k] = v;
+}
+
+/* v rounded to the activations' dtype and read back: what storing it in a tensor of that dtype does. */
+static inline float rounded(int x_bf16, float v) { return x_bf16 ? bf16_to_float(float_to_bf16(v)) : v; }
+
+/* model.rms_norm: x / sqrt(mean(x^2) + eps), rounded, times the weight (of type w_type), rounded. */
+static void rms_norm_row(const void *x, int x_bf16, const void *w, int w_type, void *out, int64_t n, float eps) {
+    float lanes[LANES] = {0}, squares = 0.0f;
+    int64_t steps_end = n / LANES * LANES;
+    for (int64_t k0 = 0; k0 < steps_end; k0 += LANES)
+        for (int l = 0; l < LANES; l++) {
+            float v = activation(x, x_bf16, k0 + l);
+            lanes[l] += v * v;
+        }
+    for (int l = 0; l < LANES; l++) squares += lanes[l];
+    for (int64_t k = steps_end; k < n; k++) squares += activation(x, x_bf16, k) * activation(x, x_bf16, k);
+    float scale = 1.0f / sqrtf(squares / (float)n + eps);
+    for (int64_t k = 0; k < n; k++)
+        set_activation(out, x_bf16, k, rounded(x_bf16, activation(x, x_bf16, k) * scale) * weight(w, w_type, k));
+}
+
+/* model.apply_rope on `heads` heads of head_dim values each, in place: each pair (x0, x1) turned by
+ * the position's angle, whose cos and sin lie side by side in `rope` (head_dim/2 pairs). */
+static void rope_heads(void *x, int x_bf16, const float *rope, int64_t heads, int64_t head_dim) {
+    for (int64_t h = 0; h < heads; h++)
+        for (int64_t i = 0; i < head_dim / 2; i++) {
+            int64_t k = h * head_dim + 2 * i;
+            float x0 = activation(x, x_bf16, k), x1 = activation(x, x_bf16, k + 1), c = rope[2 * i], s = rope[2 * i + 1];
+            set_activation(x, x_bf16, k, x0 * c - x1 * s);
+            set_activation(x, x_bf16, k + 1, x0 * s + x1 * c);
+        }
+}
+
+/* One query head's attention over `keys` positions of its key/value head (rows of head_dim in the
+ * cache): scores q.k times scale, softmax (exp(s - max), times 1/sum, as PyTorch's softmax), then
+ * the weighted sum of the values, rounded once. `scores` holds `keys` floats. */
+static void attend_head(const void *q, const void *k, const void *v, void *out, int x_bf16, int64_t head_dim,
+                        int64_t keys, float scale, float *scores) {
+    float qf[head_dim], acc[head_dim], top = -INFINITY, total = 0.0f;
+    for (int64_t d = 0; d < head_dim; d++) qf[d] = activation(q, x_bf16, d), acc[d] = 0.0f;
+    for (int64_t t = 0; t < keys; t++) {
+        float lanes[16] = {0}, dot = 0.0f;
+        int64_t d = 0;
+        for (; d + 16 <= head_dim; d += 16)
+            for (int l = 0; l < 16; l++) lanes[l] += qf[d + l] * activation(k, x_bf16, t * head_dim + d + l);
+        for (int l = 0; l < 16; l++) dot += lanes[l];
+        for (; d < head_dim; d++) dot += qf[d] * activation(k, x_bf16, t * head_dim + d);
+        scores[t] = dot * scale;
+        top = scores[t] > top ? scores[t] : top;
+    }
+    for (int64_t t = 0; t < keys; t++) total += (scores[t] = expf(scores[t] - top));
+    float inverse = 1.0f / total;
+    for (int64_t t = 0; t < keys; t++) {
+        float p = scores[t] * inverse;
+        for (int64_t d = 0; d < head_dim; d++) acc[d] += p * activation(v, x_bf16, t * head_dim + d);
+    }
+    for (int64_t d = 0; d < head_dim; d++) set_activation(out, x_bf16, d, acc[d]);
+}
+
+/* The pointers of one block, in this order, in decode_blocks' `block` array. */
+enum { P_ATTENTION_NORM, P_WQ, P_WK, P_WV, P_WO, P_FFN_NORM, P_W1, P_W2, P_W3, P_CACHE_K, P_CACHE_V, P_COUNT };
+
+/* x (dim), one token's hidden state in bf16 or fp32 (x_bf16), through n_layers blocks in place, at
+ * position pos. block: P_COUNT pointers per layer (above): its weights, all of w_type but for the
+ * norms' (norm_type), and its KV cache's first row, (n_kv_heads, cache_len, head_dim) in x's dtype,
+ * into whose slot pos the token's key and value are written; attention runs over slots 0..pos.
+ * rope: the position's (head_dim/2, 2) cos and sin. Returns 0, -1 if out of memory, -2 for an
+ * unknown w_type or norm_type. */
+int decode_blocks(int n_layers, const void *const *block, int w_type, int norm_type, int x_bf16, void *x,
+                  const float *rope, int64_t pos, int64_t cache_len, int64_t dim, int64_t n_heads, int64_t n_kv_heads,
+                  int64_t head_dim, int64_t hidden, float eps, float scale, int threads) {
+    if (w_type < W_BF16 || w_type > W_F32 || norm_type < W_BF16 || norm_type > W_F32) return -2;
+    int64_t q_size = n_heads * head_dim, kv_size = n_kv_heads * head_dim, keys = pos + 1, group = n_heads / n_kv_heads;
+    size_t element = x_bf16 ? 2 : 4;
+    /* scratch, in 4-byte units: the normed x, q k v, the attention's output, the block's output, w1 x and
+     * w3 x, the gate; then each head's scores */
+    int64_t sizes[] = {dim, q_size + 2 * kv_size, q_size, dim, 2 * hidden, hidden, n_heads * keys};
+    int64_t total = 0;
+    for (int i = 0; i < 7; i++) total += sizes[i];
+    float *scratch = malloc((size_t)total * sizeof(float));
+    if (!scratch) return -1;
+    void *normed = scratch, *qkv = (float *)normed + dim, *attended = (float *)qkv + sizes[1],
+         *out = (float *)attended + q_size, *up = (float *)out + dim, *gate = (float *)up + 2 * hidden;
+    float *scores = (float *)gate + hidden;
+    int status = 0;
+    for (int layer = 0; layer < n_layers && status == 0; layer++) {
+        const void *const *p = block + (int64_t)layer * P_COUNT;
+        char *cache_k = (char *)p[P_CACHE_K], *cache_v = (char *)p[P_CACHE_V];
+
+        /* attention: norm, the three projections, RoPE on q and k, k and v into the cache */
+        rms_norm_row(x, x_bf16, p[P_ATTENTION_NORM], norm_type, normed, dim, eps);
+        const void *wqkv[3] = {p[P_WQ], p[P_WK], p[P_WV]};
+        int64_t rows[3] = {q_size, kv_size, kv_size};
+        status = gemv_many(3, wqkv, rows, w_type, normed, x_bf16, qkv, x_bf16, dim, threads);
+        if (status) break;
+        rope_heads(qkv, x_bf16, rope, n_heads + n_kv_heads, head_dim);
+        for (int64_t g = 0; g < n_kv_heads; g++) {
+            size_t slot = (size_t)((g * cache_len + pos) * head_dim) * element, row = (size_t)head_dim * element;
+            memcpy(cache_k + slot, (char *)qkv + (q_size + g * head_dim) * element, row);
+            memcpy(cache_v + slot, (char *)qkv + (q_size + kv_size + g * head_dim) * element, row);
+        }
+        /* each query head against its group's key/value head, over slots 0..pos; heads split between threads */
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t h = 0; h < n_heads; h++) {
+            size_t kv_head = (size_t)((h / group) * cache_len * head_dim) * element;
+            attend_head((char *)qkv + h * head_dim * element, cache_k + kv_head, cache_v + kv_head,
+                        (char *)attended + h * head_dim * element, x_bf16, head_dim, keys, scale, scores + h * keys);
+        }
+        status = gemv_many(1, &p[P_WO], &dim, w_type, attended, x_bf16, out, x_bf16, q_size, threads);
+        if (status) break;
+        for (int64_t k = 0; k < dim; k++)
+            set_activation(x, x_bf16, k, activation(x, x_bf16, k) + activation(out, x_bf16, k));
+
+        /* feed-forward: norm, w1 and w3, silu(w1 x) * w3 x (each rounded), w2, the residual */
+        rms_norm_row(x, x_bf16, p[P_FFN_NORM], norm_type, normed, dim, eps);
+        const void *w13[2] = {p[P_W1], p[P_W3]};
+        int64_t hidden_rows[2] = {hidden, hidden};
+        status = gemv_many(2, w13, hidden_rows, w_type, normed, x_bf16, up, x_bf16, dim, threads);
+        if (status) break;
+        for (int64_t k = 0; k < hidden; k++) {
+            float a = activation(up, x_bf16, k);
+            set_activation(gate, x_bf16, k, rounded(x_bf16, a / (1.0f + expf(-a))) * activation(up, x_bf16, hidden + k));
+        }
+        status = gemv_many(1, &p[P_W2], &dim, w_type, gate, x_bf16, out, x_bf16, hidden, threads);
+        if (status) break;
+        for (int64_t k = 0; k < dim; k++)
+            set_activation(x, x_bf16, k, activation(x, x_bf16, k) + activation(out, x_bf16, k));
+    }
+    free(scratch);
+    return status;
+}

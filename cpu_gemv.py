@@ -40,10 +40,12 @@ import torch
 import atomic
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_gemv.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]  # -march=native: the host's vectors
+# -march=native: the host's vectors; -ffp-contract=off: a*b + c stays a product and a sum, as PyTorch computes it
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared"]
 
 _lock = threading.Lock()
-_kernel = None  # the loaded function, once built
+_kernel = None  # the loaded gemv_many, once built
+_blocks = None  # the loaded decode_blocks
 _why_not = None  # why it cannot run, once that is known
 
 
@@ -76,6 +78,44 @@ def mv_many(weights, x: torch.Tensor):
     return y
 
 
+# decode_blocks' pointers per block, in cpu_gemv.c's order (P_ATTENTION_NORM .. P_CACHE_V)
+BLOCK_POINTERS = ("attention_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3", "cache_k", "cache_v")
+
+
+def decode_blocks(blocks, x: torch.Tensor, rope: torch.Tensor, pos: int, n_heads: int, n_kv_heads: int,
+                  eps: float):
+    """One token's hidden state x (dim) through every block of a decoding step at position pos, in
+    place: blocks is one tuple of tensors per block, named as BLOCK_POINTERS (the projections' weights
+    (out, in), the norms' (dim), the KV cache's first row (n_kv_heads, length, head_dim)); rope the
+    position's (head_dim/2, 2) fp32 cos and sin. Returns x, or None where the kernel cannot run: x
+    neither bf16 nor fp32, a cache not of x's dtype, weights not of one dtype, anything not contiguous
+    or not on the CPU, a norm's weight wider than x (PyTorch would widen the activations)."""
+    dim, head_dim = x.shape[0], rope.shape[0] * 2
+    first, norm = blocks[0][1], blocks[0][0]
+    if (x.dtype not in X_TYPES or first.dtype not in WEIGHT_TYPES or norm.dtype not in WEIGHT_TYPES
+            or (x.dtype == torch.bfloat16 and norm.dtype != torch.bfloat16) or rope.dtype != torch.float32
+            or not (x.is_contiguous() and rope.is_contiguous()) or x.device.type != "cpu" or rope.device.type != "cpu"):
+        return None
+    length, hidden = blocks[0][9].shape[1], blocks[0][6].shape[0]
+    shapes = ((dim,), (n_heads * head_dim, dim), (n_kv_heads * head_dim, dim), (n_kv_heads * head_dim, dim),
+              (dim, n_heads * head_dim), (dim,), (hidden, dim), (dim, hidden), (hidden, dim),
+              (n_kv_heads, length, head_dim), (n_kv_heads, length, head_dim))
+    dtypes = (norm.dtype,) + (first.dtype,) * 4 + (norm.dtype,) + (first.dtype,) * 3 + (x.dtype,) * 2
+    for tensors in blocks:
+        for t, shape, dtype in zip(tensors, shapes, dtypes):
+            if t.dtype != dtype or tuple(t.shape) != shape or t.device.type != "cpu" or not t.is_contiguous():
+                return None
+    if not 0 <= pos < length or _load() is None or _blocks is None:
+        return None
+    pointers = (ctypes.c_void_p * (len(blocks) * len(BLOCK_POINTERS)))(*[t.data_ptr() for b in blocks for t in b])
+    status = _blocks(len(blocks), pointers, WEIGHT_TYPES[first.dtype], WEIGHT_TYPES[norm.dtype],
+                     int(x.dtype == torch.bfloat16), x.data_ptr(), rope.data_ptr(), pos, length, dim, n_heads,
+                     n_kv_heads, head_dim, hidden, eps, head_dim ** -0.5, torch.get_num_threads())
+    if status != 0:
+        raise MemoryError(f"cpu_gemv: decode_blocks failed ({status})")
+    return x
+
+
 def available() -> bool:
     """Whether mv runs the kernel (built, and not turned off by LLAMA_KERNELS=torch)."""
     return (os.environ.get("LLAMA_KERNELS") or "").strip().lower() != "torch" and _load() is not None
@@ -89,7 +129,7 @@ def status() -> str:
 
 
 def _load():
-    global _kernel, _why_not
+    global _kernel, _blocks, _why_not
     if _kernel is not None or _why_not is not None:
         return _kernel
     with _lock:
@@ -104,7 +144,12 @@ def _load():
                 kernel.restype = ctypes.c_int
                 kernel.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                    ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int]
-                _kernel = kernel
+                blocks = library.decode_blocks
+                blocks.restype = ctypes.c_int
+                blocks.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                   ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 7 + [
+                                   ctypes.c_float, ctypes.c_float, ctypes.c_int]
+                _kernel, _blocks = kernel, blocks
             except (OSError, subprocess.SubprocessError) as e:
                 _why_not = str(e)
     return _kernel

@@ -14,7 +14,7 @@ import checkpoint
 import cpu_gemv
 import generate
 import model
-from ckpt_utils import hf_model, meta_params_for, meta_state_dict, write_meta
+from ckpt_utils import hf_model, meta_params_for, meta_state_dict, rel_err, write_meta
 
 needs_kernel = pytest.mark.skipif(cpu_gemv.mv(torch.zeros(1, 1, dtype=torch.bfloat16),
                                               torch.zeros(1, dtype=torch.bfloat16)) is None,
@@ -164,20 +164,140 @@ def test_bf16_decoding_runs_the_kernel_and_matches_transformers(bf16_pair, monke
     calls, weights = [], []
     real = cpu_gemv.mv_many
     monkeypatch.setattr(cpu_gemv, "mv_many", lambda Ws, x: calls.append(len(Ws)) or weights.extend(Ws) or real(Ws, x))
+    blocks, real_blocks = [], cpu_gemv.decode_blocks
+    monkeypatch.setattr(cpu_gemv, "decode_blocks", lambda b, *a: blocks.append(len(b)) or real_blocks(b, *a))
     prompt = [5, 17, 99, 3, 250, 42, 7]
     with torch.no_grad():
         m.setup_cache(1, 32)
         m.decode(torch.tensor([prompt]), 0)
+        calls.clear(), weights.clear()  # the prompt's products are matrix products; its last token's output a mv
         ours = m.decode(torch.tensor([[11]]), len(prompt))[0, -1]
         ref = hf(torch.tensor([prompt + [11]])).logits[0, -1].float()
-    # every projection of the one-token step, and the output; wq, wk, wv in one call, w1 and w3 in one
-    assert len(weights) == 7 * len(m.layers) + 1 and calls == [3, 1, 2, 1] * len(m.layers) + [1]
+    # the one-token step's blocks in one decode_blocks call, then the output layer through mv
+    assert blocks == [len(m.layers)] and len(weights) == 1 and weights[0] is m.output.weight and calls == [1]
     # both in bf16 from here: the gap is bf16 rounding through the layers, not a wrong product
     assert (ours - ref).abs().max() <= 0.02 * ref.abs().max()
     tokens = generate.generate(m, [prompt], max_new_tokens=12, temperature=0)[0]
     with torch.no_grad():
         want = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12, pad_token_id=0)[0, len(prompt):]
     assert tokens == want.tolist()
+
+
+def _decoding_model(weights, n_kv_heads, seed=0):
+    """A small random model in `weights` with norms far from 1 (their rounding then shows)."""
+    torch.manual_seed(seed)
+    m = model.Transformer(model.ModelArgs(dim=128, n_layers=3, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=300,
+                                          multiple_of=32, max_seq_len=64))
+    m.init_weights(std=0.05)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(1.0, 0.3)
+    return m.to(weights).eval()
+
+
+def _steps(m, tokens, prompt=5):
+    """Logits of a prompt's pass, then of one-token steps to the end, and the caches after them."""
+    m.setup_cache(1, 64)
+    with torch.inference_mode():
+        logits = [m.decode(tokens[:, :prompt], 0)[:, -1]]
+        logits += [m.decode(tokens[:, t:t + 1], t)[:, -1] for t in range(prompt, tokens.shape[1])]
+    caches = [torch.cat([layer.attention.cache.k, layer.attention.cache.v]) for layer in m.layers]
+    return torch.cat(logits).double(), torch.stack(caches).double()
+
+
+@needs_kernel
+@pytest.mark.parametrize("weights,compute", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_a_decoding_step_in_one_call_equals_the_blocks_one_by_one(weights, compute, n_kv_heads, monkeypatch):
+    """decode_blocks (every block of a one-token step in C) against model.py's own loop over the blocks
+    (the same products, PyTorch around them): fp32 to fp32 accuracy, and also against the same model in
+    float64; bf16 activations equal but for a rounding here and there (sums in another order), on 1 and
+    2 threads, grouped-query and not, the KV cache's contents included."""
+    m = _decoding_model(weights, n_kv_heads)
+    m.compute_dtype = None if compute == weights else compute  # bf16 weights, fp32 activations: cpu_paths' AVX2 plan
+    tokens = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(1))
+    called, real = [], cpu_gemv.decode_blocks
+    monkeypatch.setattr(cpu_gemv, "decode_blocks", lambda *a: called.append(1) or real(*a))
+    previous = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runs.append(_steps(m, tokens))
+    finally:
+        torch.set_num_threads(previous)
+    assert len(called) == 2 * 19
+    with monkeypatch.context() as patch:
+        patch.setattr(model.Transformer, "_cpu_step", lambda self, h, rope, pos: None)
+        loop = _steps(m, tokens)
+    for (logits, caches), (want_logits, want_caches) in zip(runs, [loop, loop]):
+        if compute == torch.float32:
+            assert rel_err(logits, want_logits) < 1e-5 and rel_err(caches, want_caches) < 1e-5
+        else:  # bf16 steps: most values bit for bit, the rest within a few bf16 roundings
+            assert (logits == want_logits).float().mean() > 0.9 and (caches == want_caches).float().mean() > 0.95
+            assert (logits - want_logits).abs().max() <= 0.03 * want_logits.abs().max()
+    if compute == torch.float32:
+        wide = _decoding_model(torch.float64, n_kv_heads)
+        wide.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
+        assert rel_err(runs[0][0], _steps(wide, tokens)[0]) < 1e-5
+
+
+@needs_kernel
+def test_a_decoding_step_goes_block_by_block_where_the_kernel_cannot_take_it(monkeypatch):
+    """The PyTorch loop, and the same logits, for a LoRA block, a hook, autograd on trainable weights,
+    two rows, fp16 activations and LLAMA_KERNELS=torch; the kernel for a plain model."""
+    import lora
+
+    tokens = torch.randint(0, 300, (1, 10), generator=torch.Generator().manual_seed(2))
+    called, real = [], cpu_gemv.decode_blocks
+
+    def kernel(*args):
+        done = real(*args)
+        if done is not None:
+            called.append(1)
+        return done
+
+    monkeypatch.setattr(cpu_gemv, "decode_blocks", kernel)
+
+    def by_blocks(m, rows=tokens):
+        """(logits through decode, logits with _cpu_step turned off); whether the kernel ran."""
+        called.clear()
+        m.setup_cache(rows.shape[0], 16)
+        with torch.no_grad():
+            m.decode(rows[:, :4], 0)
+            got = m.decode(rows[:, 4:5], 4)
+        ran = bool(called)
+        with monkeypatch.context() as patch:
+            patch.setattr(model.Transformer, "_cpu_step", lambda self, h, rope, pos: None)
+            m.setup_cache(rows.shape[0], 16)
+            with torch.no_grad():
+                m.decode(rows[:, :4], 0)
+                want = m.decode(rows[:, 4:5], 4)
+        return torch.equal(got, want), ran
+
+    m = _decoding_model(torch.float32, 2)
+    assert by_blocks(m)[1]  # plain: the kernel runs
+    adapted = _decoding_model(torch.float32, 2)
+    adapted.layers[1].feed_forward.w2 = lora.LoRALinear(adapted.layers[1].feed_forward.w2, rank=2, alpha=4.0)
+    assert by_blocks(adapted) == (True, False)
+    hooked = _decoding_model(torch.float32, 2)
+    seen = []
+    hooked.layers[2].attention.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    assert by_blocks(hooked) == (True, False) and seen
+    assert by_blocks(_decoding_model(torch.float32, 2), tokens.repeat(2, 1)) == (True, False)
+    assert by_blocks(_decoding_model(torch.float16, 2)) == (True, False)
+    trainable = _decoding_model(torch.float32, 2).train()
+    called.clear()
+    trainable.setup_cache(1, 16)
+    trainable.decode(tokens[:, :1], 0).sum().backward()  # autograd: no kernel, and a gradient
+    assert not called and trainable.layers[0].attention.wq.weight.grad is not None
+    previous = model.set_kernels("torch")
+    try:
+        assert by_blocks(_decoding_model(torch.float32, 2)) == (True, False)
+    finally:
+        model.set_kernels(previous)
 
 
 def test_twin_runs_where_the_kernel_steps_aside(monkeypatch):
