@@ -78,41 +78,50 @@ def mv_many(weights, x: torch.Tensor):
     return y
 
 
-# decode_blocks' pointers per block, in cpu_gemv.c's order (P_ATTENTION_NORM .. P_CACHE_V)
-BLOCK_POINTERS = ("attention_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3", "cache_k", "cache_v")
+# The tensors of each block that decode_blocks reads, in cpu_gemv.c's order (P_ATTENTION_NORM .. P_CACHE_V)
+BLOCK_TENSORS = ("attention_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3", "cache_k", "cache_v")
 
 
-def decode_blocks(blocks, x: torch.Tensor, rope: torch.Tensor, pos: int, n_heads: int, n_kv_heads: int,
-                  eps: float):
-    """One token's hidden state x (dim) through every block of a decoding step at position pos, in
-    place: blocks is one tuple of tensors per block, named as BLOCK_POINTERS (the projections' weights
-    (out, in), the norms' (dim), the KV cache's first row (n_kv_heads, length, head_dim)); rope the
-    position's (head_dim/2, 2) fp32 cos and sin. Returns x, or None where the kernel cannot run: x
-    neither bf16 nor fp32, a cache not of x's dtype, weights not of one dtype, anything not contiguous
-    or not on the CPU, a norm's weight wider than x (PyTorch would widen the activations)."""
-    dim, head_dim = x.shape[0], rope.shape[0] * 2
-    first, norm = blocks[0][1], blocks[0][0]
-    if (x.dtype not in X_TYPES or first.dtype not in WEIGHT_TYPES or norm.dtype not in WEIGHT_TYPES
-            or (x.dtype == torch.bfloat16 and norm.dtype != torch.bfloat16) or rope.dtype != torch.float32
-            or not (x.is_contiguous() and rope.is_contiguous()) or x.device.type != "cpu" or rope.device.type != "cpu"):
+def block_plan(tensors, n_heads: int, n_kv_heads: int, eps: float):
+    """What decode_blocks needs, checked once: tensors, BLOCK_TENSORS' 11 per block one block after
+    another (the projections' weights (out, in), the norms' (dim), the KV cache's whole k and v (rows,
+    n_kv_heads, length, head_dim)). A plain tuple (no pointer kept beyond the call that checks it), or
+    None where the kernel cannot take them: activations (the cache's dtype) neither bf16 nor fp32,
+    projections of mixed or other dtypes, a norm's weight wider than bf16 activations (PyTorch would
+    widen them), anything not contiguous or not on the CPU."""
+    count = len(BLOCK_TENSORS)
+    norm, first, cache = tensors[0], tensors[1], tensors[9]
+    if (len(tensors) % count or cache.dim() != 4 or cache.dtype not in X_TYPES or first.dtype not in WEIGHT_TYPES
+            or norm.dtype not in WEIGHT_TYPES or (cache.dtype == torch.bfloat16 and norm.dtype != torch.bfloat16)):
         return None
-    length, hidden = blocks[0][9].shape[1], blocks[0][6].shape[0]
+    dim, (_, _, length, head_dim), hidden = norm.shape[0], cache.shape, tensors[6].shape[0]
     shapes = ((dim,), (n_heads * head_dim, dim), (n_kv_heads * head_dim, dim), (n_kv_heads * head_dim, dim),
-              (dim, n_heads * head_dim), (dim,), (hidden, dim), (dim, hidden), (hidden, dim),
-              (n_kv_heads, length, head_dim), (n_kv_heads, length, head_dim))
-    dtypes = (norm.dtype,) + (first.dtype,) * 4 + (norm.dtype,) + (first.dtype,) * 3 + (x.dtype,) * 2
-    for tensors in blocks:
-        for t, shape, dtype in zip(tensors, shapes, dtypes):
-            if t.dtype != dtype or tuple(t.shape) != shape or t.device.type != "cpu" or not t.is_contiguous():
-                return None
-    if not 0 <= pos < length or _load() is None or _blocks is None:
+              (dim, n_heads * head_dim), (dim,), (hidden, dim), (dim, hidden), (hidden, dim))
+    dtypes = (norm.dtype,) + (first.dtype,) * 4 + (norm.dtype,) + (first.dtype,) * 3
+    for i, t in enumerate(tensors):
+        shape, dtype = (shapes[i % count], dtypes[i % count]) if i % count < 9 else (cache.shape[1:], cache.dtype)
+        if t.dtype != dtype or tuple(t.shape[-len(shape):]) != shape or t.device.type != "cpu" or not t.is_contiguous():
+            return None
+    return (tuple(t.data_ptr() for t in tensors), WEIGHT_TYPES[first.dtype], WEIGHT_TYPES[norm.dtype], cache.dtype,
+            length, dim, n_heads, n_kv_heads, head_dim, hidden, float(eps))
+
+
+def decode_blocks(plan, x: torch.Tensor, rope: torch.Tensor, pos: int):
+    """One token's hidden state x (dim) through every block of a decoding step at position pos, in
+    place, by the tensors block_plan checked (still alive, unmoved: the caller makes sure); rope the
+    position's (head_dim/2, 2) fp32 cos and sin. The token's key and value go into slot pos of each
+    cache's first row, and attention runs over slots 0..pos. Returns x, or None where the kernel
+    cannot run (not built, x not of the cache's dtype, pos outside the cache)."""
+    pointers, w_type, norm_type, dtype, length, dim, n_heads, n_kv_heads, head_dim, hidden, eps = plan
+    if (x.dtype != dtype or x.shape != (dim,) or not x.is_contiguous() or x.device.type != "cpu"
+            or rope.dtype != torch.float32 or rope.shape != (head_dim // 2, 2) or not rope.is_contiguous()
+            or not 0 <= pos < length or _load() is None or _blocks is None):
         return None
-    pointers = (ctypes.c_void_p * (len(blocks) * len(BLOCK_POINTERS)))(*[t.data_ptr() for b in blocks for t in b])
-    status = _blocks(len(blocks), pointers, WEIGHT_TYPES[first.dtype], WEIGHT_TYPES[norm.dtype],
-                     int(x.dtype == torch.bfloat16), x.data_ptr(), rope.data_ptr(), pos, length, dim, n_heads,
+    status = _blocks(len(pointers) // len(BLOCK_TENSORS), (ctypes.c_void_p * len(pointers))(*pointers), w_type,
+                     norm_type, int(dtype == torch.bfloat16), x.data_ptr(), rope.data_ptr(), pos, length, dim, n_heads,
                      n_kv_heads, head_dim, hidden, eps, head_dim ** -0.5, torch.get_num_threads())
     if status != 0:
-        raise MemoryError(f"cpu_gemv: decode_blocks failed ({status})")
+        raise MemoryError(f"cpu_gemv: decode_blocks found no memory for its scratch ({status})")
     return x
 
 
