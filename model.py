@@ -472,6 +472,7 @@ class Transformer(nn.Module):
         # The activations' dtype where it differs from the weights' (bf16 weights computed in fp32 on
         # a CPU: checkpoint.load sets it from cpu_paths.plan); None: the weights' own.
         self.compute_dtype = None
+        self._cpu_plan = None  # (where its tensors lay, cpu_gemv.block_plan of them): _cpu_step's
 
     def tie_weights(self):
         """Llama 3.2 1B/3B share the embedding with the output projection."""
@@ -624,7 +625,7 @@ class Transformer(nn.Module):
             return None
         # Checked once for these tensors where they lie: a step only compares where they are now.
         where = tuple(t.data_ptr() for t in tensors)
-        plan = getattr(self, "_cpu_plan", None)
+        plan = self._cpu_plan
         if plan is None or plan[0] != where:
             eps = {layer.attention_norm.eps for layer in self.layers} | {layer.ffn_norm.eps for layer in self.layers}
             plan = self._cpu_plan = (where, cpu_gemv.block_plan(tensors, self.args.n_heads, self.args.n_kv_heads,

@@ -165,7 +165,8 @@ def test_bf16_decoding_runs_the_kernel_and_matches_transformers(bf16_pair, monke
     real = cpu_gemv.mv_many
     monkeypatch.setattr(cpu_gemv, "mv_many", lambda Ws, x: calls.append(len(Ws)) or weights.extend(Ws) or real(Ws, x))
     blocks, real_blocks = [], cpu_gemv.decode_blocks
-    monkeypatch.setattr(cpu_gemv, "decode_blocks", lambda b, *a: blocks.append(len(b)) or real_blocks(b, *a))
+    monkeypatch.setattr(cpu_gemv, "decode_blocks",
+                        lambda plan, *a: blocks.append(len(plan[0]) // len(cpu_gemv.BLOCK_TENSORS)) or real_blocks(plan, *a))
     prompt = [5, 17, 99, 3, 250, 42, 7]
     with torch.no_grad():
         m.setup_cache(1, 32)
@@ -298,6 +299,22 @@ def test_a_decoding_step_goes_block_by_block_where_the_kernel_cannot_take_it(mon
         assert by_blocks(_decoding_model(torch.float32, 2)) == (True, False)
     finally:
         model.set_kernels(previous)
+
+
+@needs_kernel
+def test_a_decoding_step_follows_weights_that_moved(monkeypatch):
+    """The checked plan is of tensors where they lay: weights replaced by others (load_state_dict with
+    assign) or moved (.to) are read where they are now, never where they were."""
+    tokens = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(4))
+    m, other = _decoding_model(torch.float32, 2, seed=0), _decoding_model(torch.float32, 2, seed=1)
+    first = _steps(m, tokens)[0]
+    m.load_state_dict({k: v.clone() for k, v in other.state_dict().items()}, assign=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(model.Transformer, "_cpu_step", lambda self, h, rope, pos: None)
+        want = _steps(other, tokens)[0]
+    assert rel_err(_steps(m, tokens)[0], want) < 1e-5 and rel_err(first, want) > 0.1
+    m.to(torch.bfloat16)
+    assert rel_err(_steps(m, tokens)[0], want) < 0.05
 
 
 def test_twin_runs_where_the_kernel_steps_aside(monkeypatch):
