@@ -1,5 +1,6 @@
 /* One token's projection on a CPU: y = W x with W (N, K) in bf16, fp16 or fp32 (as the checkpoint
- * stores it), x (K) in bf16 or fp32, y (N) in bf16 or fp32 (the activations' dtype).
+ * stores it), x (K) in bf16 or fp32, y (N) in bf16 or fp32 (the activations' dtype). At the end of
+ * the file, decode_blocks: a whole one-token decoding step's blocks around these products.
  *
  * Decoding at batch 1 reads every weight once per token and does two flops per weight read, so it
  * is bound by how fast a core pulls weights out of memory, not by arithmetic. Two things set that
@@ -15,8 +16,8 @@
  * L1, and the weight's lines evict it; a bf16 x is half that, and w2 reads at 33 GB/s, not 26.5.
  * Each weight is widened to fp32 as it is loaded (exact for all three types), products are summed in
  * fp32 and a bf16 y is rounded once, as torch.mv's bf16 kernel does; the order of the sums is fixed
- * by this code (no -ffast-math), so a result depends on the kind of CPU (the AVX-512 BF16 loop sums
- * in its own order), never on the compiler.
+ * by this code (no -ffast-math, and -ffp-contract=off: no product fused into a sum), so a result
+ * depends on the kind of CPU (the AVX-512 BF16 loop sums in its own order), never on the compiler.
  *
  * Plain C, vectorised by the compiler (cpu_gemv.py builds it with -O3 -march=native: AVX2 or AVX-512
  * on x86, NEON on Arm, from this one source), but for one loop written with intrinsics where the CPU

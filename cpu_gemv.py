@@ -1,4 +1,5 @@
-"""One token's projection on a CPU by a kernel of our own (cpu_gemv.c), built on first use.
+"""One token's projections on a CPU by a kernel of our own (cpu_gemv.c), built on first use; and a whole
+one-token decoding step's blocks by the same library.
 
 Read top to bottom:
   mv(W, x)     y = W x for a contiguous W (N, K) in bf16, fp16 or fp32 (as stored) and x (K) in bf16
@@ -6,6 +7,9 @@ Read top to bottom:
                cannot run, and model.Linear then calls torch.mv
   mv_many(Ws, x)  the products of several weights with one x, one after another in one y, in one
                parallel region (model.projections: a block's wq, wk, wv; its w1, w3)
+  block_plan, decode_blocks  a one-token decoding step's blocks in one call (model.Transformer._cpu_step):
+               their tensors checked once, then norms, RoPE, the KV cache, one query's attention and
+               SwiGLU in C around the same products
   available()  whether it runs (cpu_paths keeps narrow weights as stored only where it does)
   status()     what the process runs, in words: the kernel, or torch.mv and why
   _build()     cpu_gemv.c compiled with the system's C compiler (CC, else cc, gcc or clang) and

@@ -15,7 +15,8 @@ Read top to bottom:
                    last token, padded or packed (left_padding_positions, last_tokens);
                    tag() the tag head's logits at every token (head_layer: score with bias);
                    decode() runs prompt chunks and single tokens against the KV cache (eager: over
-                   the slots written so far; last_only: a prompt's last logits); it keeps its RoPE
+                   the slots written so far; last_only: a prompt's last logits; one token at batch 1
+                   on a CPU: every plain block in one C call, _cpu_step); it keeps its RoPE
                    table itself (rebuilt where the model lands, to the positions asked for, or when
                    extend_context grows the context); compute_dtype: activations wider than the
                    weights (cpu_paths.py); init_weights for training from scratch

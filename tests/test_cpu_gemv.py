@@ -1,6 +1,7 @@
-"""cpu_gemv.c, the one-token bf16 projection on a CPU: against a float64 reference, row by row, at
-the shapes that reach its edges; in a decoding step against transformers' bf16 model; and the ways
-it steps aside (no compiler, autograd, LLAMA_KERNELS=torch, a second OpenMP runtime)."""
+"""cpu_gemv.c, one token's projections on a CPU: against a float64 reference, row by row, at the
+shapes that reach its edges; its decode_blocks (a whole step's blocks) against model.py's loop over
+them and a float64 model; in a decoding step against transformers' bf16 model; and the ways it steps
+aside (no compiler, autograd, LLAMA_KERNELS=torch, a second OpenMP runtime, a block not plain)."""
 
 import importlib
 import math
