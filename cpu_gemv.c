@@ -220,16 +220,49 @@ int gemv(const void *W, int w_type, const void *x, int x_bf16, void *y, int y_bf
  */
 #include <math.h>
 
-static inline __attribute__((always_inline)) void set_activation(void *x, int x_bf16, int64_t k, float v) {
+/* Every helper below takes x_bf16 (the activations' dtype) as an argument and is inlined where it is
+ * a constant: decode_blocks runs one copy of its loop for bf16 activations and one for fp32, each
+ * compiled with the dtype known, so that the loops are vectorised instead of testing it per value. */
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE void set_activation(void *x, int x_bf16, int64_t k, float v) {
     if (x_bf16) ((uint16_t *)x)[k] = float_to_bf16(v);
     else ((float *)x)[k] = v;
 }
 
 /* v rounded to the activations' dtype and read back: what storing it in a tensor of that dtype does. */
-static inline float rounded(int x_bf16, float v) { return x_bf16 ? bf16_to_float(float_to_bf16(v)) : v; }
+INLINE float rounded(int x_bf16, float v) { return x_bf16 ? bf16_to_float(float_to_bf16(v)) : v; }
+
+/* e^x for fp32 without branches, so that loops over it vectorise (the C library's expf does not):
+ * x = n ln2 + r with |r| <= ln2/2 (ln2 in two parts, so that n ln2 is exact), e^r by its Taylor
+ * series to r^7 (the first term left out is under 6e-9 of the result, a tenth of fp32's step), and
+ * 2^n put into the exponent bits. Within 2 units in the last place of the correctly rounded e^x
+ * (tests/test_cpu_gemv.py checks all of [-87, 88] against float64), as PyTorch's own vectorised exp
+ * is within 1; below -87.3 it is 0, above 88.7 infinity; NaN stays NaN. */
+INLINE float exp_f32(float x) {
+    float clamped = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
+    /* n = clamped / ln2 rounded to the nearest integer: adding and taking away 1.5 * 2^23 does it in
+     * the default rounding mode, and vectorises where roundevenf does not */
+    float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = (clamped - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
+    float p = 1.0f / 5040;
+    p = p * r + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    float e = p * scale;
+    e = x < -87.3f ? 0.0f : (x > 88.7f ? INFINITY : e);
+    return x != x ? x : e;
+}
 
 /* model.rms_norm: x / sqrt(mean(x^2) + eps), rounded, times the weight (of type w_type), rounded. */
-static void rms_norm_row(const void *x, int x_bf16, const void *w, int w_type, void *out, int64_t n, float eps) {
+INLINE void rms_norm_row(const void *x, int x_bf16, const void *w, int w_type, void *out, int64_t n, float eps) {
     float lanes[LANES] = {0}, squares = 0.0f;
     int64_t steps_end = n / LANES * LANES;
     for (int64_t k0 = 0; k0 < steps_end; k0 += LANES)
@@ -246,7 +279,7 @@ static void rms_norm_row(const void *x, int x_bf16, const void *w, int w_type, v
 
 /* model.apply_rope on `heads` heads of head_dim values each, in place: each pair (x0, x1) turned by
  * the position's angle, whose cos and sin lie side by side in `rope` (head_dim/2 pairs). */
-static void rope_heads(void *x, int x_bf16, const float *rope, int64_t heads, int64_t head_dim) {
+INLINE void rope_heads(void *x, int x_bf16, const float *rope, int64_t heads, int64_t head_dim) {
     for (int64_t h = 0; h < heads; h++)
         for (int64_t i = 0; i < head_dim / 2; i++) {
             int64_t k = h * head_dim + 2 * i;
@@ -256,63 +289,100 @@ static void rope_heads(void *x, int x_bf16, const float *rope, int64_t heads, in
         }
 }
 
-/* One query head's attention over `keys` positions of its key/value head (rows of head_dim in the
- * cache): scores q.k times scale, softmax (exp(s - max), times 1/sum, as PyTorch's softmax), then
- * the weighted sum of the values, rounded once. `scores` holds `keys` floats. */
-static void attend_head(const void *q, const void *k, const void *v, void *out, int x_bf16, int64_t head_dim,
-                        int64_t keys, float scale, float *scores) {
-    float qf[head_dim], acc[head_dim], top = -INFINITY, total = 0.0f;
-    for (int64_t d = 0; d < head_dim; d++) qf[d] = activation(q, x_bf16, d), acc[d] = 0.0f;
+/* One key/value head's attention for its group of query heads (`group` heads of head_dim, one after
+ * another in q and out) over `keys` positions (rows of head_dim in the cache): scores q.k times scale,
+ * softmax (e^(s - max), times 1/sum, as PyTorch's softmax), then the weighted sum of the values,
+ * rounded once. Each key and value row is widened once for the whole group (Llama 3's four query
+ * heads a key/value head: a quarter of the reads). scratch: group (keys + 2 head_dim) + 2 head_dim
+ * floats. */
+INLINE void attend_group(const void *q, const void *k, const void *v, void *out, int x_bf16, int64_t group,
+                         int64_t head_dim, int64_t keys, float scale, float *scratch) {
+    float *qf = scratch, *acc = qf + group * head_dim, *row = acc + group * head_dim, *scores = row + head_dim;
+    for (int64_t d = 0; d < group * head_dim; d++) qf[d] = activation(q, x_bf16, d), acc[d] = 0.0f;
     for (int64_t t = 0; t < keys; t++) {
-        float lanes[16] = {0}, dot = 0.0f;
-        int64_t d = 0;
-        for (; d + 16 <= head_dim; d += 16)
-            for (int l = 0; l < 16; l++) lanes[l] += qf[d + l] * activation(k, x_bf16, t * head_dim + d + l);
-        for (int l = 0; l < 16; l++) dot += lanes[l];
-        for (; d < head_dim; d++) dot += qf[d] * activation(k, x_bf16, t * head_dim + d);
-        scores[t] = dot * scale;
-        top = scores[t] > top ? scores[t] : top;
+        for (int64_t d = 0; d < head_dim; d++) row[d] = activation(k, x_bf16, t * head_dim + d);
+        for (int64_t j = 0; j < group; j++) {
+            float lanes[16] = {0}, dot = 0.0f;
+            const float *qj = qf + j * head_dim;
+            int64_t d = 0;
+            for (; d + 16 <= head_dim; d += 16)
+                for (int l = 0; l < 16; l++) lanes[l] += qj[d + l] * row[d + l];
+            for (int half = 8; half > 0; half /= 2)  /* the lanes in pairs: 4 dependent adds, not 16 */
+                for (int l = 0; l < half; l++) lanes[l] += lanes[l + half];
+            dot = lanes[0];
+            for (; d < head_dim; d++) dot += qj[d] * row[d];
+            scores[j * keys + t] = dot * scale;
+        }
     }
-    for (int64_t t = 0; t < keys; t++) total += (scores[t] = expf(scores[t] - top));
-    float inverse = 1.0f / total;
+    for (int64_t j = 0; j < group; j++) {
+        float *s = scores + j * keys, top = -INFINITY, total = 0.0f;
+        for (int64_t t = 0; t < keys; t++) top = s[t] > top ? s[t] : top;
+        for (int64_t t = 0; t < keys; t++) s[t] = exp_f32(s[t] - top);
+        for (int64_t t = 0; t < keys; t++) total += s[t];
+        float inverse = 1.0f / total;
+        for (int64_t t = 0; t < keys; t++) s[t] *= inverse;
+    }
     for (int64_t t = 0; t < keys; t++) {
-        float p = scores[t] * inverse;
-        for (int64_t d = 0; d < head_dim; d++) acc[d] += p * activation(v, x_bf16, t * head_dim + d);
+        for (int64_t d = 0; d < head_dim; d++) row[d] = activation(v, x_bf16, t * head_dim + d);
+        for (int64_t j = 0; j < group; j++) {
+            float p = scores[j * keys + t], *a = acc + j * head_dim;
+            for (int64_t d = 0; d < head_dim; d++) a[d] += p * row[d];
+        }
     }
-    for (int64_t d = 0; d < head_dim; d++) set_activation(out, x_bf16, d, acc[d]);
+    for (int64_t d = 0; d < group * head_dim; d++) set_activation(out, x_bf16, d, acc[d]);
+}
+
+/* Every key/value head with its group of query heads, the key/value heads split between the threads.
+ * Not inlined: OpenMP outlines its region before the dtype is known, so the dtype is chosen by which
+ * copy of attend_group is passed. */
+typedef void (*attend_fn)(const void *, const void *, const void *, void *, int64_t, int64_t, int64_t, float,
+                          float *);
+static void attend_bf16(const void *q, const void *k, const void *v, void *o, int64_t g, int64_t d, int64_t n,
+                        float s, float *w) {
+    attend_group(q, k, v, o, 1, g, d, n, s, w);
+}
+static void attend_f32(const void *q, const void *k, const void *v, void *o, int64_t g, int64_t d, int64_t n,
+                       float s, float *w) {
+    attend_group(q, k, v, o, 0, g, d, n, s, w);
+}
+static void attend_heads(attend_fn attend, const char *q, const char *cache_k, const char *cache_v, char *out,
+                         size_t element, int64_t n_kv_heads, int64_t group, int64_t head_dim, int64_t cache_len,
+                         int64_t keys, float scale, float *scratch, int threads) {
+    int64_t per_head = group * (keys + 2 * head_dim) + 2 * head_dim;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t g = 0; g < n_kv_heads; g++) {
+        size_t kv_head = (size_t)(g * cache_len * head_dim) * element, at = (size_t)(g * group * head_dim) * element;
+        attend(q + at, cache_k + kv_head, cache_v + kv_head, out + at, group, head_dim, keys, scale,
+               scratch + g * per_head);
+    }
 }
 
 /* The pointers of one block, in this order, in decode_blocks' `block` array. */
 enum { P_ATTENTION_NORM, P_WQ, P_WK, P_WV, P_WO, P_FFN_NORM, P_W1, P_W2, P_W3, P_CACHE_K, P_CACHE_V, P_COUNT };
 
-/* x (dim), one token's hidden state in bf16 or fp32 (x_bf16), through n_layers blocks in place, at
- * position pos. block: P_COUNT pointers per layer (above): its weights, all of w_type but for the
- * norms' (norm_type), and its KV cache's first row, (n_kv_heads, cache_len, head_dim) in x's dtype,
- * into whose slot pos the token's key and value are written; attention runs over slots 0..pos.
- * rope: the position's (head_dim/2, 2) cos and sin. Returns 0, -1 if out of memory, -2 for an
- * unknown w_type or norm_type. */
-int decode_blocks(int n_layers, const void *const *block, int w_type, int norm_type, int x_bf16, void *x,
-                  const float *rope, int64_t pos, int64_t cache_len, int64_t dim, int64_t n_heads, int64_t n_kv_heads,
-                  int64_t head_dim, int64_t hidden, float eps, float scale, int threads) {
-    if (w_type < W_BF16 || w_type > W_F32 || norm_type < W_BF16 || norm_type > W_F32) return -2;
+INLINE int blocks_of(int n_layers, const void *const *block, int w_type, int norm_type, const int x_bf16, void *x,
+                     const float *rope, int64_t pos, int64_t cache_len, int64_t dim, int64_t n_heads,
+                     int64_t n_kv_heads, int64_t head_dim, int64_t hidden, float eps, float scale, int threads) {
     int64_t q_size = n_heads * head_dim, kv_size = n_kv_heads * head_dim, keys = pos + 1, group = n_heads / n_kv_heads;
     size_t element = x_bf16 ? 2 : 4;
     /* scratch, in 4-byte units: the normed x, q k v, the attention's output, the block's output, w1 x and
-     * w3 x, the gate; then each head's scores */
-    int64_t sizes[] = {dim, q_size + 2 * kv_size, q_size, dim, 2 * hidden, hidden, n_heads * keys};
+     * w3 x, the gate; then each head's attention scratch */
+    int64_t sizes[] = {dim, q_size + 2 * kv_size, q_size, dim, 2 * hidden, hidden,
+                       n_kv_heads * (group * (keys + 2 * head_dim) + 2 * head_dim)};
     int64_t total = 0;
     for (int i = 0; i < 7; i++) total += sizes[i];
     float *scratch = malloc((size_t)total * sizeof(float));
     if (!scratch) return -1;
     void *normed = scratch, *qkv = (float *)normed + dim, *attended = (float *)qkv + sizes[1],
          *out = (float *)attended + q_size, *up = (float *)out + dim, *gate = (float *)up + 2 * hidden;
-    float *scores = (float *)gate + hidden;
+    float *heads = (float *)gate + hidden;
     int status = 0;
     for (int layer = 0; layer < n_layers && status == 0; layer++) {
         const void *const *p = block + (int64_t)layer * P_COUNT;
         char *cache_k = (char *)p[P_CACHE_K], *cache_v = (char *)p[P_CACHE_V];
 
-        /* attention: norm, the three projections, RoPE on q and k, k and v into the cache */
+        /* attention: norm, the three projections, RoPE on q and k, k and v into the cache, each query
+         * head over slots 0..pos, wo, the residual */
         rms_norm_row(x, x_bf16, p[P_ATTENTION_NORM], norm_type, normed, dim, eps);
         const void *wqkv[3] = {p[P_WQ], p[P_WK], p[P_WV]};
         int64_t rows[3] = {q_size, kv_size, kv_size};
@@ -324,13 +394,8 @@ int decode_blocks(int n_layers, const void *const *block, int w_type, int norm_t
             memcpy(cache_k + slot, (char *)qkv + (q_size + g * head_dim) * element, row);
             memcpy(cache_v + slot, (char *)qkv + (q_size + kv_size + g * head_dim) * element, row);
         }
-        /* each query head against its group's key/value head, over slots 0..pos; heads split between threads */
-        #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t h = 0; h < n_heads; h++) {
-            size_t kv_head = (size_t)((h / group) * cache_len * head_dim) * element;
-            attend_head((char *)qkv + h * head_dim * element, cache_k + kv_head, cache_v + kv_head,
-                        (char *)attended + h * head_dim * element, x_bf16, head_dim, keys, scale, scores + h * keys);
-        }
+        attend_heads(x_bf16 ? attend_bf16 : attend_f32, qkv, cache_k, cache_v, attended, element, n_kv_heads, group,
+                     head_dim, cache_len, keys, scale, heads, threads);
         status = gemv_many(1, &p[P_WO], &dim, w_type, attended, x_bf16, out, x_bf16, q_size, threads);
         if (status) break;
         for (int64_t k = 0; k < dim; k++)
@@ -344,7 +409,7 @@ int decode_blocks(int n_layers, const void *const *block, int w_type, int norm_t
         if (status) break;
         for (int64_t k = 0; k < hidden; k++) {
             float a = activation(up, x_bf16, k);
-            set_activation(gate, x_bf16, k, rounded(x_bf16, a / (1.0f + expf(-a))) * activation(up, x_bf16, hidden + k));
+            set_activation(gate, x_bf16, k, rounded(x_bf16, a / (1.0f + exp_f32(-a))) * activation(up, x_bf16, hidden + k));
         }
         status = gemv_many(1, &p[P_W2], &dim, w_type, gate, x_bf16, out, x_bf16, hidden, threads);
         if (status) break;
@@ -353,4 +418,26 @@ int decode_blocks(int n_layers, const void *const *block, int w_type, int norm_t
     }
     free(scratch);
     return status;
+}
+
+/* x (dim), one token's hidden state in bf16 or fp32 (x_bf16), through n_layers blocks in place, at
+ * position pos. block: P_COUNT pointers per layer (above): its weights, all of w_type but for the
+ * norms' (norm_type), and its KV cache's first row, (n_kv_heads, cache_len, head_dim) in x's dtype,
+ * into whose slot pos the token's key and value are written; attention runs over slots 0..pos.
+ * rope: the position's (head_dim/2, 2) cos and sin. Returns 0, -1 if out of memory, -2 for an
+ * unknown w_type or norm_type. */
+int decode_blocks(int n_layers, const void *const *block, int w_type, int norm_type, int x_bf16, void *x,
+                  const float *rope, int64_t pos, int64_t cache_len, int64_t dim, int64_t n_heads, int64_t n_kv_heads,
+                  int64_t head_dim, int64_t hidden, float eps, float scale, int threads) {
+    if (w_type < W_BF16 || w_type > W_F32 || norm_type < W_BF16 || norm_type > W_F32) return -2;
+    if (x_bf16)
+        return blocks_of(n_layers, block, w_type, norm_type, 1, x, rope, pos, cache_len, dim, n_heads, n_kv_heads,
+                         head_dim, hidden, eps, scale, threads);
+    return blocks_of(n_layers, block, w_type, norm_type, 0, x, rope, pos, cache_len, dim, n_heads, n_kv_heads,
+                     head_dim, hidden, eps, scale, threads);
+}
+
+/* e^x for each of n values (exp_f32, for tests/test_cpu_gemv.py to check against float64). */
+void exp_many(const float *x, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = exp_f32(x[i]);
 }

@@ -303,6 +303,27 @@ def test_a_decoding_step_goes_block_by_block_where_the_kernel_cannot_take_it(mon
 
 
 @needs_kernel
+def test_the_steps_exp_is_within_two_units_in_the_last_place():
+    """exp_f32 (softmax's and SiLU's e^x in decode_blocks) over every 97th fp32 in [-87, 88] and the
+    edges: within 2 ulp of float64's e^x rounded; 0 far below, infinity far above, NaN kept."""
+    import ctypes
+
+    library = ctypes.CDLL(cpu_gemv._build())
+    library.exp_many.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    low, high = (torch.tensor([v], dtype=torch.float32).view(torch.int32).item() for v in (-87.0, 88.0))
+    positive = torch.arange(0, high, 97, dtype=torch.int32).view(torch.float32)
+    negative = torch.arange(0, low + (1 << 31), 97, dtype=torch.int32).view(torch.float32).neg()
+    x = torch.cat([negative, positive, torch.tensor([-1e4, -88.0, 89.0, 1e4, float("nan"), 0.0, -0.0])])
+    y = torch.empty_like(x)
+    library.exp_many(x.data_ptr(), y.data_ptr(), x.numel())
+    exact = x.double().exp()
+    inside = (x >= -87.0) & (x <= 88.0)
+    ulp = (exact[inside].float().nextafter(torch.tensor(float("inf"))) - exact[inside].float()).double()
+    assert ((y[inside].double() - exact[inside]).abs() <= 2 * ulp).all()
+    assert y[-7:-3].tolist() == [0.0, 0.0, float("inf"), float("inf")] and math.isnan(y[-3]) and y[-2:].tolist() == [1, 1]
+
+
+@needs_kernel
 def test_a_decoding_step_follows_weights_that_moved(monkeypatch):
     """The checked plan is of tensors where they lay: weights replaced by others (load_state_dict with
     assign) or moved (.to) are read where they are now, never where they were."""
