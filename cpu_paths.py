@@ -7,7 +7,8 @@ file's mapping with no copy at load, wherever a fast path reads them. Each phase
             bf16, fp16 and fp32 weights alike (half the bytes of fp32 for the first two), into bf16
             or fp32 activations (model.cpu_mv)
   prefill   a prompt's products are bound by arithmetic: F.linear in the compute dtype, a weight
-            stored narrower than that widened a block of rows at a time as it is used (model.linear)
+            stored narrower than that widened a block of rows at a time as it is used (model.linear);
+            in fp32, oneDNN's product instead where it is measured faster (fp32_products)
 The compute dtype (the activations', the KV cache's) is the stored one where this CPU multiplies it
 fast, else fp32. A capability list says where it cannot (no AVX-512 BF16 or AMX: PyTorch then
 emulates bf16, and its bf16 matrix product on an AVX2 CPU ran 6x slower than its fp32 one), but not
@@ -16,7 +17,8 @@ about 20 ms, once per process) decides. Where the C kernel cannot be built, a na
 instead, as torch.mv cannot read it into wider activations.
 
 Read top to bottom: plan (what checkpoint.load asks), native (capabilities, then the measurement),
-describe (the plan in words, for generate.py's and bench.py's lines).
+fp32_products (which library multiplies a prompt's fp32 matrices), describe (the plan in words, for
+generate.py's and bench.py's lines).
 """
 
 import functools
@@ -31,6 +33,7 @@ HALF = (torch.bfloat16, torch.float16)
 INSTRUCTIONS = {torch.bfloat16: ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16"),
                 torch.float16: ("amx_fp16", "fp16_arith")}
 MARGIN = 1.25  # the half dtype must be this much faster to be chosen: timing noise never flips a close call
+FP32_MARGIN = 1.1  # oneDNN's fp32 product must be this much faster than F.linear's to be used
 
 
 def plan(stored: torch.dtype):
@@ -65,6 +68,36 @@ def _measured_faster(dtype: torch.dtype) -> bool:
     half = x.to(dtype)
     return seconds(lambda: torch.nn.functional.linear(x, w.float())) > MARGIN * seconds(
         lambda: torch.nn.functional.linear(half, w))
+
+
+def onednn_linear(x, weight):
+    """x @ weight.T by oneDNN's matrix product, the weight read as it lies (no packed copy): the op
+    PyTorch's own compiler calls for a CPU's linear layers."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+@functools.lru_cache(maxsize=None)
+def fp32_products():
+    """What multiplies several tokens' fp32 activations by an fp32 weight on this CPU: onednn_linear
+    where a short measurement finds it faster than F.linear by FP32_MARGIN, else F.linear (MKL's sgemm
+    in this torch). On AMD CPUs MKL takes a path without AVX-512; on an AMD EPYC with 2 threads its
+    products ran at 141-163 GFLOP/s over a 1B layer's seven, oneDNN's at 205-215 (BENCHMARKS.md,
+    "CPU inference against llama.cpp"). On an Intel CPU the two may tie, and either is right. The
+    measurement, about 30 ms once per process: (128, 1024) @ (1024, 1024) each way, the best of
+    three, after oneDNN's result is checked against F.linear's (fp32 accuracy: it also warms both);
+    where the op is missing or fails, F.linear."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(128, 1024, generator=g), torch.randn(1024, 1024, generator=g)
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return torch.nn.functional.linear
+        want, got = torch.nn.functional.linear(x, w), onednn_linear(x, w)
+        if ((got - want).norm() / want.norm()).item() > 1e-5:
+            return torch.nn.functional.linear
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return torch.nn.functional.linear
+    faster = seconds(lambda: torch.nn.functional.linear(x, w)) > FP32_MARGIN * seconds(lambda: onednn_linear(x, w))
+    return onednn_linear if faster else torch.nn.functional.linear
 
 
 def seconds(fn, runs=3):

@@ -491,6 +491,58 @@ def test_cpu_default_keeps_the_stored_weights_and_computes_where_the_cpu_is_fast
     assert resolve_dtype(None, "cuda", stored=torch.float32) == (B16, B16)  # CUDA's default is unchanged
 
 
+def test_fp32_products_take_the_faster_library_and_keep_fp32_accuracy(monkeypatch):
+    """cpu_paths.fp32_products: oneDNN's product where it measures faster and agrees with F.linear,
+    F.linear where it is slower, missing, failing or wrong; model.product uses the choice for fp32 on
+    a CPU outside autograd, and its result agrees with float64 whichever is chosen."""
+    import cpu_paths
+
+    def chosen(**patches):
+        with monkeypatch.context() as patch:
+            for name, value in patches.items():
+                patch.setattr(*value) if isinstance(value, tuple) else patch.setattr(cpu_paths, name, value)
+            cpu_paths.fp32_products.cache_clear()
+            try:
+                return cpu_paths.fp32_products()
+            finally:
+                cpu_paths.fp32_products.cache_clear()
+
+    F_linear, onednn = torch.nn.functional.linear, cpu_paths.onednn_linear
+    timings = iter([])
+    fast_onednn = lambda fn, runs=3: next(timings)  # noqa: E731 - F.linear's time first, then oneDNN's
+    timings = iter([2.0, 1.0])
+    assert chosen(seconds=fast_onednn) is onednn
+    timings = iter([1.05, 1.0])  # within the margin: the default stays
+    assert chosen(seconds=fast_onednn) is F_linear
+    timings = iter([2.0, 1.0])
+    assert chosen(seconds=fast_onednn, mkldnn=(torch.backends.mkldnn, "is_available", lambda: False)) is F_linear
+
+    def broken(x, w):
+        raise RuntimeError("no such op")
+
+    assert chosen(onednn_linear=broken) is F_linear
+    assert chosen(onednn_linear=lambda x, w: F_linear(x, w) * 1.001) is F_linear  # a wrong answer is never used
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 37, 96, generator=g), torch.randn(80, 96, generator=g)
+    exact = F_linear(x.double(), w.double())
+    for library in (onednn, F_linear):
+        monkeypatch.setattr(cpu_paths, "fp32_products", lambda: library)
+        with torch.no_grad():
+            assert rel_err(model.product(x, w), exact) < 1e-6
+    used = []
+    monkeypatch.setattr(cpu_paths, "fp32_products", lambda: lambda a, b: used.append(1) or onednn(a, b))
+    layer = model.Linear(96, 80)
+    with torch.no_grad():
+        layer(x)
+    assert used == [1]
+    layer(x).sum().backward()  # autograd: F.linear, and a gradient
+    assert used == [1] and layer.weight.grad is not None
+    with torch.no_grad():
+        layer.to(torch.bfloat16)(x.bfloat16())
+    assert used == [1]  # bf16 products are F.linear's (oneDNN's own, through PyTorch)
+
+
 def test_bad_safetensors_files_are_one_line(tmp_path):
     path, _ = _checkpoint("hf", torch.float32, tmp_path / "hf")
     weights = path / "model.safetensors"
