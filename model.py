@@ -5,7 +5,8 @@ Read top to bottom:
                    the head's labels (n_labels 0: none) and kind (head_kind: classify | tag)
   RMSNorm, RoPE    normalisation and rotary position embedding (with Llama 3.1 frequency scaling)
   Linear           a projection without bias (one token's product on a CPU: a matrix-vector kernel;
-                   a weight stored narrower than the activations widened as used: linear);
+                   a weight stored narrower than the activations widened as used: linear; fp32 on a
+                   CPU by the library cpu_paths measured faster: product);
                    projections: several of one input, one token's in one kernel call on a CPU
   Attention        grouped-query attention; KVCache holds its keys and values while decoding;
                    one_query_attention: a half-precision decoding step's attention on a CPU
