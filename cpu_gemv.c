@@ -292,26 +292,32 @@ INLINE void rope_heads(void *x, int x_bf16, const float *rope, int64_t heads, in
 /* One key/value head's attention for its group of query heads (`group` heads of head_dim, one after
  * another in q and out) over `keys` positions (rows of head_dim in the cache): scores q.k times scale,
  * softmax (e^(s - max), times 1/sum, as PyTorch's softmax), then the weighted sum of the values,
- * rounded once. Each key and value row is widened once for the whole group (Llama 3's four query
- * heads a key/value head: a quarter of the reads). scratch: group (keys + 2 head_dim) + 2 head_dim
- * floats. */
+ * rounded once. The keys go KEY_BLOCK at a time, widened to fp32 and turned on their side (side[d]:
+ * the block's d-th values, one vector), so that a block's scores are one vector, with no sum across
+ * a vector's lanes; a block serves the whole group (Llama 3's four query heads a key/value head).
+ * scratch: ATTEND_SCRATCH floats, 64-byte aligned. */
+enum { KEY_BLOCK = 16 };
+typedef float key_block __attribute__((vector_size(KEY_BLOCK * sizeof(float))));  /* GCC's and clang's vectors */
+#define ATTEND_SCRATCH(group, head_dim, keys) \
+    (((head_dim) * KEY_BLOCK + (group) * ((keys) + 2 * (head_dim)) + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK)
+
 INLINE void attend_group(const void *q, const void *k, const void *v, void *out, int x_bf16, int64_t group,
                          int64_t head_dim, int64_t keys, float scale, float *scratch) {
-    float *qf = scratch, *acc = qf + group * head_dim, *row = acc + group * head_dim, *scores = row + head_dim;
+    key_block *side = (key_block *)scratch;
+    float *qf = scratch + head_dim * KEY_BLOCK, *acc = qf + group * head_dim, *scores = acc + group * head_dim;
     for (int64_t d = 0; d < group * head_dim; d++) qf[d] = activation(q, x_bf16, d), acc[d] = 0.0f;
-    for (int64_t t = 0; t < keys; t++) {
-        for (int64_t d = 0; d < head_dim; d++) row[d] = activation(k, x_bf16, t * head_dim + d);
+    for (int64_t t0 = 0; t0 < keys; t0 += KEY_BLOCK) {
+        int64_t block = keys - t0 < KEY_BLOCK ? keys - t0 : KEY_BLOCK;
+        for (int64_t b = 0; b < KEY_BLOCK; b++)  /* a short last block is padded with zeros */
+            for (int64_t d = 0; d < head_dim; d++)
+                side[d][b] = b < block ? activation(k, x_bf16, (t0 + b) * head_dim + d) : 0.0f;
         for (int64_t j = 0; j < group; j++) {
-            float lanes[16] = {0}, dot = 0.0f;
             const float *qj = qf + j * head_dim;
-            int64_t d = 0;
-            for (; d + 16 <= head_dim; d += 16)
-                for (int l = 0; l < 16; l++) lanes[l] += qj[d + l] * row[d + l];
-            for (int half = 8; half > 0; half /= 2)  /* the lanes in pairs: 4 dependent adds, not 16 */
-                for (int l = 0; l < half; l++) lanes[l] += lanes[l + half];
-            dot = lanes[0];
-            for (; d < head_dim; d++) dot += qj[d] * row[d];
-            scores[j * keys + t] = dot * scale;
+            key_block sums[4] = {{0}}, dots;  /* four running sums, d modulo 4: one would wait on each add */
+            for (int64_t d = 0; d < head_dim; d += 4)  /* head_dim is a multiple of 4 (decode_blocks) */
+                for (int i = 0; i < 4; i++) sums[i] += qj[d + i] * side[d + i];
+            dots = (sums[0] + sums[1]) + (sums[2] + sums[3]);
+            for (int64_t b = 0; b < block; b++) scores[j * keys + t0 + b] = dots[b] * scale;
         }
     }
     for (int64_t j = 0; j < group; j++) {
@@ -322,6 +328,7 @@ INLINE void attend_group(const void *q, const void *k, const void *v, void *out,
         float inverse = 1.0f / total;
         for (int64_t t = 0; t < keys; t++) s[t] *= inverse;
     }
+    float *row = scratch;
     for (int64_t t = 0; t < keys; t++) {
         for (int64_t d = 0; d < head_dim; d++) row[d] = activation(v, x_bf16, t * head_dim + d);
         for (int64_t j = 0; j < group; j++) {
@@ -348,7 +355,7 @@ static void attend_f32(const void *q, const void *k, const void *v, void *o, int
 static void attend_heads(attend_fn attend, const char *q, const char *cache_k, const char *cache_v, char *out,
                          size_t element, int64_t n_kv_heads, int64_t group, int64_t head_dim, int64_t cache_len,
                          int64_t keys, float scale, float *scratch, int threads) {
-    int64_t per_head = group * (keys + 2 * head_dim) + 2 * head_dim;
+    int64_t per_head = ATTEND_SCRATCH(group, head_dim, keys);
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t g = 0; g < n_kv_heads; g++) {
         size_t kv_head = (size_t)(g * cache_len * head_dim) * element, at = (size_t)(g * group * head_dim) * element;
@@ -367,15 +374,15 @@ INLINE int blocks_of(int n_layers, const void *const *block, int w_type, int nor
     size_t element = x_bf16 ? 2 : 4;
     /* scratch, in 4-byte units: the normed x, q k v, the attention's output, the block's output, w1 x and
      * w3 x, the gate; then each head's attention scratch */
-    int64_t sizes[] = {dim, q_size + 2 * kv_size, q_size, dim, 2 * hidden, hidden,
-                       n_kv_heads * (group * (keys + 2 * head_dim) + 2 * head_dim)};
+    int64_t sizes[] = {n_kv_heads * ATTEND_SCRATCH(group, head_dim, keys), dim, q_size + 2 * kv_size, q_size, dim,
+                       2 * hidden, hidden};
     int64_t total = 0;
     for (int i = 0; i < 7; i++) total += sizes[i];
-    float *scratch = malloc((size_t)total * sizeof(float));
+    float *scratch = aligned_alloc(64, (size_t)(total + KEY_BLOCK) / KEY_BLOCK * KEY_BLOCK * sizeof(float));
     if (!scratch) return -1;
-    void *normed = scratch, *qkv = (float *)normed + dim, *attended = (float *)qkv + sizes[1],
+    float *heads = scratch;  /* first: each attention's scratch starts on a 64-byte boundary */
+    void *normed = heads + sizes[0], *qkv = (float *)normed + dim, *attended = (float *)qkv + sizes[2],
          *out = (float *)attended + q_size, *up = (float *)out + dim, *gate = (float *)up + 2 * hidden;
-    float *heads = (float *)gate + hidden;
     int status = 0;
     for (int layer = 0; layer < n_layers && status == 0; layer++) {
         const void *const *p = block + (int64_t)layer * P_COUNT;
@@ -425,11 +432,11 @@ INLINE int blocks_of(int n_layers, const void *const *block, int w_type, int nor
  * norms' (norm_type), and its KV cache's first row, (n_kv_heads, cache_len, head_dim) in x's dtype,
  * into whose slot pos the token's key and value are written; attention runs over slots 0..pos.
  * rope: the position's (head_dim/2, 2) cos and sin. Returns 0, -1 if out of memory, -2 for an
- * unknown w_type or norm_type. */
+ * unknown w_type or norm_type or a head_dim not a multiple of 4. */
 int decode_blocks(int n_layers, const void *const *block, int w_type, int norm_type, int x_bf16, void *x,
                   const float *rope, int64_t pos, int64_t cache_len, int64_t dim, int64_t n_heads, int64_t n_kv_heads,
                   int64_t head_dim, int64_t hidden, float eps, float scale, int threads) {
-    if (w_type < W_BF16 || w_type > W_F32 || norm_type < W_BF16 || norm_type > W_F32) return -2;
+    if (w_type < W_BF16 || w_type > W_F32 || norm_type < W_BF16 || norm_type > W_F32 || head_dim % 4) return -2;
     if (x_bf16)
         return blocks_of(n_layers, block, w_type, norm_type, 1, x, rope, pos, cache_len, dim, n_heads, n_kv_heads,
                          head_dim, hidden, eps, scale, threads);

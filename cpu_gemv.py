@@ -99,6 +99,8 @@ def block_plan(tensors, n_heads: int, n_kv_heads: int, eps: float):
             or norm.dtype not in WEIGHT_TYPES or (cache.dtype == torch.bfloat16 and norm.dtype != torch.bfloat16)):
         return None
     dim, (_, _, length, head_dim), hidden = norm.shape[0], cache.shape, tensors[6].shape[0]
+    if head_dim % 4:  # the kernel's attention sums four columns at a time (every Llama's is 64 or 128)
+        return None
     shapes = ((dim,), (n_heads * head_dim, dim), (n_kv_heads * head_dim, dim), (n_kv_heads * head_dim, dim),
               (dim, n_heads * head_dim), (dim,), (hidden, dim), (dim, hidden), (hidden, dim))
     dtypes = (norm.dtype,) + (first.dtype,) * 4 + (norm.dtype,) + (first.dtype,) * 3

@@ -290,6 +290,11 @@ def test_a_decoding_step_goes_block_by_block_where_the_kernel_cannot_take_it(mon
     assert by_blocks(hooked) == (True, False) and seen
     assert by_blocks(_decoding_model(torch.float32, 2), tokens.repeat(2, 1)) == (True, False)
     assert by_blocks(_decoding_model(torch.float16, 2)) == (True, False)
+    torch.manual_seed(0)  # a head_dim of 6: the kernel's attention takes multiples of 4
+    odd = model.Transformer(model.ModelArgs(dim=24, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300,
+                                            multiple_of=8, max_seq_len=64))
+    odd.init_weights()
+    assert by_blocks(odd.eval()) == (True, False)
     trainable = _decoding_model(torch.float32, 2).train()
     called.clear()
     trainable.setup_cache(1, 16)
