@@ -163,10 +163,21 @@ ROWS_FOR(rows_f32_bf16, W_F32, 1)
 static const rows_fn ROWS_OF[3][2] = {{rows_bf16_f32, ROWS_BF16_BF16}, {rows_f16_f32, rows_f16_bf16},
                                       {rows_f32_f32, rows_f32_bf16}};
 
+enum { MAX_THREADS = 256, CHUNK_BYTES = 128 << 10 };
+
+/* Rows [first, last) of the weights laid end to end (W[0]'s N[0] rows, then W[1]'s, ...) into yf. */
+static void rows_of_weights(rows_fn rows, int count, const void *const *W, const int64_t *N, const void *x, float *yf,
+                            int64_t K, int64_t first, int64_t last) {
+    for (int64_t i = 0, start = 0; i < count; start += N[i], i++) {
+        int64_t a = first > start ? first : start, b = last < start + N[i] ? last : start + N[i];
+        if (a < b) rows(W[i], x, yf + start, K, a - start, b - start);
+    }
+}
+
 /* y = W x for `count` weights W[0], W[1], ... of N[0], N[1], ... rows and K columns each, their
  * products one after another in y, on `threads` threads: the threads split all the rows between them
- * at once, each taking one contiguous band, so that the projections of one input (a block's wq, wk
- * and wv; its w1 and w3) cost one parallel region, not three. w_type: W_BF16, W_F16 or W_F32, the
+ * at once (a band each, shared out in chunks below), so that the projections of one input (a block's
+ * wq, wk and wv; its w1 and w3) cost one parallel region, not three. w_type: W_BF16, W_F16 or W_F32, the
  * same for all; x_bf16 / y_bf16: 1 if x / y are bf16, 0 if fp32. Returns 0, -1 if out of memory,
  * -2 for an unknown w_type. */
 int gemv_many(int count, const void *const *W, const int64_t *N, int w_type, const void *x, int x_bf16, void *y,
@@ -177,20 +188,32 @@ int gemv_many(int count, const void *const *W, const int64_t *N, int w_type, con
     for (int i = 0; i < count; i++) total += N[i];
     float *yf = y_bf16 ? malloc((size_t)(total ? total : 1) * sizeof(float)) : (float *)y;
     if (!yf) return -1;
-    #pragma omp parallel num_threads(threads)
+    /* Each thread owns a band of rows and takes it a chunk (about CHUNK_BYTES of weights) at a time;
+     * a thread done with its band takes the chunks left in the others'. Bands alone left one thread
+     * idle while the other finished, 4-9 ms of a 1B model's 85 ms bf16 step (65 calls) on an AMD EPYC
+     * VM whose two cores do not get memory evenly. */
+    int bands = threads < 1 ? 1 : (threads < MAX_THREADS ? threads : MAX_THREADS);
+    int64_t chunk = CHUNK_BYTES / (K * BYTES[w_type]), per = (total + bands - 1) / bands, next[MAX_THREADS];
+    chunk = chunk < 1 ? 1 : chunk;
+    for (int b = 0; b < bands; b++) next[b] = b * per < total ? b * per : total;
+    #pragma omp parallel num_threads(bands)
     {
-        int64_t t = 0, T = 1;
+        int t = 0, T = 1;
 #ifdef _OPENMP
-        t = omp_get_thread_num(), T = omp_get_num_threads();
+        t = omp_get_thread_num(), T = omp_get_num_threads();  /* fewer than asked, if OpenMP says so */
 #endif
-        int64_t per = (total + T - 1) / T;
-        int64_t first = t * per < total ? t * per : total, last = first + per < total ? first + per : total;
-        for (int64_t i = 0, start = 0; i < count; start += N[i], i++) {  /* this band's rows of each weight */
-            int64_t a = first > start ? first : start, b = last < start + N[i] ? last : start + N[i];
-            if (a < b) rows(W[i], x, yf + start, K, a - start, b - start);
+        for (int i = 0; i < bands; i++) {  /* its own band first, then the others' */
+            int band = (t + i) % bands;
+            int64_t end = (band + 1) * per < total ? (band + 1) * per : total, first;
+            while ((first = __atomic_fetch_add(&next[band], chunk, __ATOMIC_RELAXED)) < end)
+                rows_of_weights(rows, count, W, N, x, yf, K, first, first + chunk < end ? first + chunk : end);
         }
-        if (y_bf16)
+        if (y_bf16) {  /* once every row is done, each thread rounds a share of y */
+            #pragma omp barrier
+            int64_t share = (total + T - 1) / T, first = t * share < total ? t * share : total;
+            int64_t last = first + share < total ? first + share : total;
             for (int64_t n = first; n < last; n++) ((uint16_t *)y)[n] = float_to_bf16(yf[n]);
+        }
     }
     if (y_bf16) free(yf);
     return 0;
