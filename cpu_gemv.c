@@ -91,14 +91,16 @@ static inline __attribute__((always_inline)) float row_total(const float *lanes,
     return total;
 }
 
-/* Rows [first, last) of W x into y (fp32). */
+/* Rows [first, last) of W x into y (fp32); the rows before `ahead` are worth prefetching (this
+ * thread's next chunk is likely to start where this one ends). */
 static inline __attribute__((always_inline)) void rows_of_y(const void *W, int type, const void *x, int x_bf16,
-                                                            float *y, int64_t K, int64_t first, int64_t last) {
+                                                            float *y, int64_t K, int64_t first, int64_t last,
+                                                            int64_t ahead) {
     const char *bytes = (const char *)W;
     int64_t steps_end = K / LANES * LANES, row_bytes = K * BYTES[type], step_bytes = LANES * BYTES[type];
     for (int64_t n = first; n < last; n++) {
         const char *w = bytes + n * row_bytes, *next = w + row_bytes;
-        int prefetch = n + 1 < last;  /* the next row is this thread's too */
+        int prefetch = n + 1 < ahead;
         float lanes[LANES] = {0};
         for (int64_t k0 = 0; k0 < steps_end; k0 += LANES) {
             if (prefetch)
@@ -121,12 +123,13 @@ static inline __attribute__((always_inline)) void rows_of_y(const void *W, int t
  * the order of the fp32 sums differs from the plain loop; the instruction treats subnormal inputs as
  * zero, which no trained weight or activation near 1e-38 notices. Two sums, each a line per step,
  * hide its latency. */
-static void rows_bf16_bf16_dot(const void *W, const void *x, float *y, int64_t K, int64_t first, int64_t last) {
+static void rows_bf16_bf16_dot(const void *W, const void *x, float *y, int64_t K, int64_t first, int64_t last,
+                               int64_t ahead) {
     const uint16_t *xs = (const uint16_t *)x;
     int64_t steps_end = K / 64 * 64;
     for (int64_t n = first; n < last; n++) {
         const uint16_t *w = (const uint16_t *)W + n * K, *next = w + K;
-        int prefetch = n + 1 < last;
+        int prefetch = n + 1 < ahead;
         __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
         for (int64_t k = 0; k < steps_end; k += 64) {
             if (prefetch) {
@@ -148,11 +151,11 @@ static void rows_bf16_bf16_dot(const void *W, const void *x, float *y, int64_t K
 #endif
 
 /* One copy of the loops per weight type and activation type, each compiled with both known. */
-typedef void (*rows_fn)(const void *, const void *, float *, int64_t, int64_t, int64_t);
+typedef void (*rows_fn)(const void *, const void *, float *, int64_t, int64_t, int64_t, int64_t);
 #define ROWS_FOR(name, w_type, x_bf16) \
     static __attribute__((unused)) void name(const void *W, const void *x, float *y, int64_t K, int64_t a, \
-                                             int64_t b) { \
-        rows_of_y(W, w_type, x, x_bf16, y, K, a, b); \
+                                             int64_t b, int64_t ahead) { \
+        rows_of_y(W, w_type, x, x_bf16, y, K, a, b, ahead); \
     }
 ROWS_FOR(rows_bf16_f32, W_BF16, 0)
 ROWS_FOR(rows_bf16_bf16, W_BF16, 1)
@@ -165,12 +168,14 @@ static const rows_fn ROWS_OF[3][2] = {{rows_bf16_f32, ROWS_BF16_BF16}, {rows_f16
 
 enum { MAX_THREADS = 256, CHUNK_BYTES = 128 << 10 };
 
-/* Rows [first, last) of the weights laid end to end (W[0]'s N[0] rows, then W[1]'s, ...) into yf. */
+/* Rows [first, last) of the weights laid end to end (W[0]'s N[0] rows, then W[1]'s, ...) into yf,
+ * prefetching up to row `ahead` (the end of the band). */
 static void rows_of_weights(rows_fn rows, int count, const void *const *W, const int64_t *N, const void *x, float *yf,
-                            int64_t K, int64_t first, int64_t last) {
+                            int64_t K, int64_t first, int64_t last, int64_t ahead) {
     for (int64_t i = 0, start = 0; i < count; start += N[i], i++) {
         int64_t a = first > start ? first : start, b = last < start + N[i] ? last : start + N[i];
-        if (a < b) rows(W[i], x, yf + start, K, a - start, b - start);
+        int64_t c = ahead < start + N[i] ? ahead : start + N[i];
+        if (a < b) rows(W[i], x, yf + start, K, a - start, b - start, c - start);
     }
 }
 
@@ -206,7 +211,7 @@ int gemv_many(int count, const void *const *W, const int64_t *N, int w_type, con
             int band = (t + i) % bands;
             int64_t end = (band + 1) * per < total ? (band + 1) * per : total, first;
             while ((first = __atomic_fetch_add(&next[band], chunk, __ATOMIC_RELAXED)) < end)
-                rows_of_weights(rows, count, W, N, x, yf, K, first, first + chunk < end ? first + chunk : end);
+                rows_of_weights(rows, count, W, N, x, yf, K, first, first + chunk < end ? first + chunk : end, end);
         }
         if (y_bf16) {  /* once every row is done, each thread rounds a share of y */
             #pragma omp barrier
