@@ -1373,18 +1373,28 @@ def hf_sampler(path, prompt, new_tokens, dev):
     return sample, dtype_name(hf.model.embed_tokens.weight.dtype)
 
 
-def alternating_medians(samplers, warmup, iters):
-    """{name: {key: median seconds}} of each sampler's samples ({key: seconds}), the samplers taken in
-    turn (one sample each, round after round) so that a busy moment on the machine hits all alike."""
+def alternating_samples(samplers, warmup, iters):
+    """{name: {key: [seconds, one a round]}}: each sampler's samples ({key: seconds}), the samplers taken
+    in turn, one sample each a round, the order reversed every other round: a busy moment hits all
+    alike, and a machine whose memory speeds up or slows down over a minute (this VM's does, by a
+    third) favours none of them."""
+    names = list(samplers)
     for _ in range(warmup):
-        for sample in samplers.values():
-            sample()
-    seen = {name: {} for name in samplers}
-    for _ in range(iters):
-        for name, sample in samplers.items():
-            for key, seconds in sample().items():
+        for name in names:
+            samplers[name]()
+    seen = {name: {} for name in names}
+    for r in range(iters):
+        for name in names if r % 2 == 0 else names[::-1]:
+            for key, seconds in samplers[name]().items():
                 seen[name].setdefault(key, []).append(seconds)
-    return {name: {key: statistics.median(v) for key, v in keys.items()} for name, keys in seen.items()}
+    return seen
+
+
+def paired_ratio(ours, reference):
+    """The median over rounds of ours / reference in that round (the two sampled side by side in
+    time), or None where no round has both as numbers."""
+    pairs = [a / b for a, b in zip(ours, reference) if isinstance(a, float) and isinstance(b, float) and b]
+    return statistics.median(pairs) if pairs else None
 
 
 def load_medians(args, path, hf_missing):
@@ -1424,18 +1434,22 @@ def cpu_storage_rows(args, dev, storage, path, gguf_path, prompt, missing):
                                                    threads)
         if not missing["transformers"]:
             samplers["transformers"] = SamplerProcess("transformers", hf_sampler, path, prompt, N, dev)
-        medians = alternating_medians(samplers, args.warmup, args.iters)
+        samples = alternating_samples(samplers, args.warmup, args.iters)
     finally:
         for sampler in samplers.values():
             sampler.close()
     dtypes = {name: sampler.dtype for name, sampler in samplers.items()}
-    got = {name: rates(times, P, N) for name, times in medians.items()}
+    got = {name: rates({key: statistics.median(v) for key, v in times.items()}, P, N) for name, times in samples.items()}
+    each = {name: [rates(dict(zip(times, one)), P, N) for one in zip(*times.values())] for name, times in samples.items()}
     case = f"{args.model}, stored {storage} (ours computes {dtypes['ours']}), {threads} threads"
     refs = {"llama.cpp": f"llama.cpp, GGUF {CPU_STORAGE[storage][1]}",
             "transformers": f"transformers ({dtypes.get('transformers', 'default dtype')})"}
-    rows = [row(case, metric, got["ours"][i], vs, got[name][i] if name in got else missing[name])
-            for i, metric in enumerate((f"prefill tokens/s ({P})", f"decode tokens/s ({N - 1})"))
-            for name, vs in refs.items()]
+    rows = []
+    for i, metric in enumerate((f"prefill tokens/s ({P})", f"decode tokens/s ({N - 1})")):
+        for name, vs in refs.items():
+            rows.append(row(case, metric, got["ours"][i], vs, got[name][i] if name in got else missing[name]))
+            paired = paired_ratio([r[i] for r in each["ours"]], [r[i] for r in each[name]]) if name in got else None
+            rows[-1]["ratio"] = paired if paired is not None else rows[-1]["ratio"]
     ref = loads.get("transformers")
     rows.append(seconds_row(case, "load + forward s", loads["ours"][0], "transformers from_pretrained",
                             ref[0] if ref else missing["transformers"]))
@@ -1480,8 +1494,10 @@ def cpu_notes(args, llama_cpp, loaded):
              f"prompt; transformers: one forward with logits_to_keep=1). decode: {args.new_tokens - 1} one-token "
              f"steps after it (ours: generate's decode timing, greedy; llama.cpp: llm.eval([token]) each; "
              f"transformers: static-cache generate, time({args.new_tokens} new) - time(1 new)).",
-             f"medians of {args.iters} samples after {args.warmup} warm-up(s), each tool in a process of its own, "
-             f"sampled in turn; load + forward: a fresh process per sample (bench.load_once: load, then one forward "
+             f"medians of {args.iters} rounds after {args.warmup} warm-up round(s), each tool in a process of its "
+             f"own, one sample each a round, in turn (the order reversed every other round); a tokens/s row's ratio is "
+             f"the median over rounds of that round's two rates (sampled side by side in time), so it can differ from "
+             f"the ratio of the medians shown; load + forward: a fresh process per sample (bench.load_once: load, then one forward "
              f"of 16 tokens, imports not counted), in turn; weights in memory: {'; '.join(loaded)}.",
              "ours on this CPU (cpu_paths.plan): " + "; ".join(
                  f"{name} checkpoint: {cpu_paths.describe(*cpu_paths.plan(CPU_STORAGE[name][0]))}"

@@ -226,6 +226,22 @@ def test_cpu_without_references(tmp_path):
         f"{record['rows'][0]['case'].rsplit(', ', 1)[1]}"
 
 
+def test_tools_take_turns_in_both_orders_and_ratios_pair_the_rounds():
+    """alternating_samples: one sample of each tool a round, the order reversed every other round (a
+    machine speeding up or slowing down favours no tool), warm-up rounds dropped; paired_ratio: the
+    median of each round's ratio, rounds where either side is not a number left out."""
+    import bench as bench_module
+
+    order = []
+    samplers = {name: (lambda name=name: order.append(name) or {"t": float(len(order))}) for name in "abc"}
+    seen = bench_module.alternating_samples(samplers, 1, 3)
+    assert "".join(order) == "abc" + "abc" + "cba" + "abc"
+    assert seen == {"a": {"t": [4.0, 9.0, 10.0]}, "b": {"t": [5.0, 8.0, 11.0]}, "c": {"t": [6.0, 7.0, 12.0]}}
+    assert bench_module.paired_ratio([2.0, 4.0, 9.0], [1.0, 4.0, 3.0]) == 2.0  # rounds 2x, 1x, 3x
+    assert bench_module.paired_ratio([1.0, "n/a"], [2.0, 1.0]) == 0.5
+    assert bench_module.paired_ratio(["n/a"], [1.0]) is None
+
+
 def test_a_sampler_in_its_own_process_samples_and_says_why_it_failed(tmp_path):
     """bench.SamplerProcess: each tool's sampler runs in a spawned process of its own; a sample comes
     back as the sampler's dict, and a failure there as one BenchError naming the tool."""
