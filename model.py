@@ -637,8 +637,9 @@ class Transformer(nn.Module):
             tensors += block
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return None
-        # Checked once for these tensors where they lie: a step only compares where they are now.
-        where = tuple(t.data_ptr() for t in tensors)
+        # Checked once for these tensors as they lie: a step only compares where and how they lie now (a
+        # cache made again for another length can land at the old one's address).
+        where = tuple((t.data_ptr(), t.dtype, t.shape, t.stride()) for t in tensors)
         plan = self._cpu_plan
         if plan is None or plan[0] != where:
             eps = {layer.attention_norm.eps for layer in self.layers} | {layer.ffn_norm.eps for layer in self.layers}

@@ -330,8 +330,9 @@ def test_the_steps_exp_is_within_two_units_in_the_last_place():
 
 @needs_kernel
 def test_a_decoding_step_follows_weights_that_moved(monkeypatch):
-    """The checked plan is of tensors where they lay: weights replaced by others (load_state_dict with
-    assign) or moved (.to) are read where they are now, never where they were."""
+    """The checked plan is of tensors as they lay: weights replaced by others (load_state_dict with
+    assign) or moved (.to) are read where they are now, never where they were, and a cache of another
+    length at the old one's address is read in its own layout."""
     tokens = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(4))
     m, other = _decoding_model(torch.float32, 2, seed=0), _decoding_model(torch.float32, 2, seed=1)
     first = _steps(m, tokens)[0]
@@ -342,6 +343,27 @@ def test_a_decoding_step_follows_weights_that_moved(monkeypatch):
     assert rel_err(_steps(m, tokens)[0], want) < 1e-5 and rel_err(first, want) > 0.1
     m.to(torch.bfloat16)
     assert rel_err(_steps(m, tokens)[0], want) < 0.05
+    # a cache of another length at the same address: each layer's k and v, cut to 16 slots in place
+    m = _decoding_model(torch.float32, 2, seed=0)
+    short = []
+    for patched in (False, True):
+        with monkeypatch.context() as patch:
+            if patched:
+                patch.setattr(model.Transformer, "_cpu_step", lambda self, h, rope, pos: None)
+            m.setup_cache(1, 64)
+            with torch.inference_mode():
+                m.decode(tokens[:, :3], 0)
+                m.decode(tokens[:, 3:4], 3)  # the plan made for a cache of 64 slots
+                for layer in m.layers:
+                    cache = layer.attention.cache
+                    for name in ("k", "v"):
+                        full = getattr(cache, name)
+                        kept, cut = full[:, :, :16].clone(), full[:, :, :16].numel()
+                        setattr(cache, name, full.flatten()[:cut].view(1, 2, 16, -1))
+                        getattr(cache, name).copy_(kept)
+                        full.flatten()[cut:] = float("nan")  # where the old layout's second head lay
+                short.append(torch.cat([m.decode(tokens[:, t:t + 1], t)[:, -1] for t in range(4, 12)]))
+    assert rel_err(short[0], short[1]) < 1e-5
 
 
 def test_twin_runs_where_the_kernel_steps_aside(monkeypatch):
