@@ -141,11 +141,10 @@ def attach_head(model, n_labels: int, multilabel: bool, labels=None, pad_id=None
 
     model.args = dataclasses.replace(model.args, n_labels=n_labels, multilabel=multilabel,
                                      labels=None if labels is None else tuple(labels), pad_id=pad_id, head_kind=kind)
-    if kind == "tag":
-        model.score = torch.nn.Linear(model.args.dim, n_labels)
-    else:
-        Linear = type(model.output)  # model.Linear, without heads.py importing model.py (test_structure)
-        model.score = Linear(model.args.dim, n_labels)
+    # model.Linear, as model.head_layer builds the head a checkpoint loads into (the same products,
+    # bit for bit), without heads.py importing model.py (test_structure)
+    Linear = type(model.output)
+    model.score = Linear(model.args.dim, n_labels, bias=kind == "tag")
     model.score.to(device=model.norm.weight.device, dtype=torch.float32)
     for p in model.score.parameters():
         torch.nn.init.zeros_(p)
