@@ -32,6 +32,7 @@
 #endif
 
 #define LANES 32  /* running sums per row: 64 bytes of bf16, one cache line, per step */
+#define INLINE static inline __attribute__((always_inline))  /* compiled into each caller, constants and all */
 
 enum { W_BF16 = 0, W_F16 = 1, W_F32 = 2 };  /* the weight's type, as cpu_gemv.py names it */
 static const int64_t BYTES[] = {2, 2, 4};
@@ -69,7 +70,7 @@ static inline float f16_to_float(uint16_t h) {
 
 /* Weight i of W as fp32. `type` is a constant wherever this is inlined (see rows_of_y), so the
  * switch folds away and each loop is compiled for one type. */
-static inline __attribute__((always_inline)) float weight(const void *W, int type, int64_t i) {
+INLINE float weight(const void *W, int type, int64_t i) {
     switch (type) {
     case W_BF16: return bf16_to_float(((const uint16_t *)W)[i]);
     case W_F16: return f16_to_float(((const uint16_t *)W)[i]);
@@ -78,13 +79,13 @@ static inline __attribute__((always_inline)) float weight(const void *W, int typ
 }
 
 /* Activation k of x (bf16 or fp32) as fp32; x_bf16 is a constant wherever this is inlined. */
-static inline __attribute__((always_inline)) float activation(const void *x, int x_bf16, int64_t k) {
+INLINE float activation(const void *x, int x_bf16, int64_t k) {
     return x_bf16 ? bf16_to_float(((const uint16_t *)x)[k]) : ((const float *)x)[k];
 }
 
 /* One row's sum from its LANES running sums and the columns past the last whole step. */
-static inline __attribute__((always_inline)) float row_total(const float *lanes, const void *w, int type,
-                                                             const void *x, int x_bf16, int64_t from, int64_t K) {
+INLINE float row_total(const float *lanes, const void *w, int type, const void *x, int x_bf16, int64_t from,
+                       int64_t K) {
     float total = 0.0f;
     for (int l = 0; l < LANES; l++) total += lanes[l];
     for (int64_t k = from; k < K; k++) total += weight(w, type, k) * activation(x, x_bf16, k);
@@ -93,9 +94,8 @@ static inline __attribute__((always_inline)) float row_total(const float *lanes,
 
 /* Rows [first, last) of W x into y (fp32); the rows before `ahead` are worth prefetching (this
  * thread's next chunk is likely to start where this one ends). */
-static inline __attribute__((always_inline)) void rows_of_y(const void *W, int type, const void *x, int x_bf16,
-                                                            float *y, int64_t K, int64_t first, int64_t last,
-                                                            int64_t ahead) {
+INLINE void rows_of_y(const void *W, int type, const void *x, int x_bf16, float *y, int64_t K, int64_t first,
+                      int64_t last, int64_t ahead) {
     const char *bytes = (const char *)W;
     int64_t steps_end = K / LANES * LANES, row_bytes = K * BYTES[type], step_bytes = LANES * BYTES[type];
     for (int64_t n = first; n < last; n++) {
@@ -251,7 +251,6 @@ int gemv(const void *W, int w_type, const void *x, int x_bf16, void *y, int y_bf
 /* Every helper below takes x_bf16 (the activations' dtype) as an argument and is inlined where it is
  * a constant: decode_blocks runs one copy of its loop for bf16 activations and one for fp32, each
  * compiled with the dtype known, so that the loops are vectorised instead of testing it per value. */
-#define INLINE static inline __attribute__((always_inline))
 
 INLINE void set_activation(void *x, int x_bf16, int64_t k, float v) {
     if (x_bf16) ((uint16_t *)x)[k] = float_to_bf16(v);
@@ -303,6 +302,11 @@ INLINE void rms_norm_row(const void *x, int x_bf16, const void *w, int w_type, v
     float scale = 1.0f / sqrtf(squares / (float)n + eps);
     for (int64_t k = 0; k < n; k++)
         set_activation(out, x_bf16, k, rounded(x_bf16, activation(x, x_bf16, k) * scale) * weight(w, w_type, k));
+}
+
+/* x += out, rounded: a residual add. */
+INLINE void add_into(void *x, const void *out, int x_bf16, int64_t n) {
+    for (int64_t k = 0; k < n; k++) set_activation(x, x_bf16, k, activation(x, x_bf16, k) + activation(out, x_bf16, k));
 }
 
 /* model.apply_rope on `heads` heads of head_dim values each, in place: each pair (x0, x1) turned by
@@ -433,8 +437,7 @@ INLINE int blocks_of(int n_layers, const void *const *block, int w_type, int nor
                      head_dim, cache_len, keys, scale, heads, threads);
         status = gemv_many(1, &p[P_WO], &dim, w_type, attended, x_bf16, out, x_bf16, q_size, threads);
         if (status) break;
-        for (int64_t k = 0; k < dim; k++)
-            set_activation(x, x_bf16, k, activation(x, x_bf16, k) + activation(out, x_bf16, k));
+        add_into(x, out, x_bf16, dim);
 
         /* feed-forward: norm, w1 and w3, silu(w1 x) * w3 x (each rounded), w2, the residual */
         rms_norm_row(x, x_bf16, p[P_FFN_NORM], norm_type, normed, dim, eps);
@@ -448,8 +451,7 @@ INLINE int blocks_of(int n_layers, const void *const *block, int w_type, int nor
         }
         status = gemv_many(1, &p[P_W2], &dim, w_type, gate, x_bf16, out, x_bf16, hidden, threads);
         if (status) break;
-        for (int64_t k = 0; k < dim; k++)
-            set_activation(x, x_bf16, k, activation(x, x_bf16, k) + activation(out, x_bf16, k));
+        add_into(x, out, x_bf16, dim);
     }
     free(scratch);
     return status;
